@@ -1,0 +1,1 @@
+"""comkd: ComKD-CLIP knowledge distillation for CLIP models."""
