@@ -1,0 +1,37 @@
+"""Models: backbones, prompts, teacher, student, projector and EduAttention."""
+
+from .backbones import (
+    TINY_STUDENT,
+    TINY_TEACHER,
+    LoadedModel,
+    ModelError,
+    PreprocessSpec,
+    load_clip,
+    register_tiny_configs,
+    save_clip_weights,
+)
+from .edu_attention import EduAttention
+from .projector import Projector
+from .prompts import PromptedTextEncoder, PromptedVisionTower
+from .student import Student, StudentOutput, create_student
+from .teacher import Teacher, create_teacher
+
+__all__ = [
+    "TINY_STUDENT",
+    "TINY_TEACHER",
+    "EduAttention",
+    "LoadedModel",
+    "ModelError",
+    "PreprocessSpec",
+    "Projector",
+    "PromptedTextEncoder",
+    "PromptedVisionTower",
+    "Student",
+    "StudentOutput",
+    "Teacher",
+    "create_student",
+    "create_teacher",
+    "load_clip",
+    "register_tiny_configs",
+    "save_clip_weights",
+]

@@ -1,0 +1,135 @@
+"""The ComKD-CLIP objective (METHOD.md sections 3 and 5) and its ablations.
+
+``ComKDLoss`` returns a dict of named terms: ``loss`` (what is back-propagated), ``kd`` (weighted
+logit KL), ``align`` (unweighted IFAlign), and for the feature baselines ``feature``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IFALIGN_STATS = ("per_channel", "per_sample")
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """τ² · Σ KL(softmax(q_t/τ) ‖ softmax(q_s/τ)) / (B·N), unweighted (PromptKD's reduction).
+
+    Both logits ``[B, N]``; the teacher's carry no gradient.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"kd_kl: student logits {list(student_logits.shape)} and teacher logits "
+            f"{list(teacher_logits.shape)} differ"
+        )
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    return kl * (t * t) / student_logits.numel()
+
+
+def ifalign(
+    student_features: torch.Tensor, teacher_features: torch.Tensor, stats: str = "per_channel"
+) -> torch.Tensor:
+    """L_align = mean_c |μ_s − μ_t| + mean_c |σ²_s − σ²_t| (biased variance).
+
+    ``per_channel`` (default): statistics over the batch, one per channel.
+    ``per_sample``: statistics over the channels of each sample, averaged over the batch.
+    """
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(
+            f"ifalign: student features {list(student_features.shape)} and teacher features "
+            f"{list(teacher_features.shape)} differ"
+        )
+    if stats not in IFALIGN_STATS:
+        raise ValueError(f"ifalign: stats must be one of {IFALIGN_STATS}, got {stats!r}")
+    dim = 0 if stats == "per_channel" else 1
+    s, t = student_features.float(), teacher_features.detach().float()
+    mu_s, mu_t = s.mean(dim), t.mean(dim)
+    var_s, var_t = s.var(dim, unbiased=False), t.var(dim, unbiased=False)
+    return (mu_s - mu_t).abs().mean() + (var_s - var_t).abs().mean()
+
+
+class ComKDLoss(nn.Module):
+    """L_total = w_kd · L_kd + λ_align · L_align (+ a feature term for the baselines).
+
+    Args:
+        kd_weight: w_kd (1000; 200 for FGVCAircraft, Flowers102, DTD).
+        temperature: τ.
+        align_weight: λ_align.
+        use_ifalign: False drops L_align from the total (``no_ifalign``, PromptKD).
+        ifalign_stats: ``per_channel`` or ``per_sample``.
+        feature_loss: None, ``l1`` or ``mse``: feature-distillation baselines between the projected
+            student features and the teacher's image features.
+        use_kd: False drops the logit KL (the feature baselines use only the feature term).
+        feature_weight: weight of the feature term.
+    """
+
+    def __init__(
+        self,
+        kd_weight: float = 1000.0,
+        temperature: float = 1.0,
+        align_weight: float = 1.0,
+        use_ifalign: bool = True,
+        ifalign_stats: str = "per_channel",
+        feature_loss: str | None = None,
+        use_kd: bool = True,
+        feature_weight: float = 1.0,
+    ):
+        super().__init__()
+        if feature_loss not in (None, "l1", "mse"):
+            raise ValueError(f"feature_loss must be None, 'l1' or 'mse', got {feature_loss!r}")
+        if ifalign_stats not in IFALIGN_STATS:
+            raise ValueError(f"ifalign_stats must be one of {IFALIGN_STATS}, got {ifalign_stats!r}")
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self.align_weight, self.use_ifalign, self.ifalign_stats = align_weight, use_ifalign, ifalign_stats
+        self.feature_loss, self.use_kd, self.feature_weight = feature_loss, use_kd, feature_weight
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        student_features: torch.Tensor,
+        teacher_features: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Logits ``[B, N]``; features ``[B, d]`` (u_s and u_t). Returns the named terms."""
+        zero = student_logits.new_zeros((), dtype=torch.float32)
+        kd = self.kd_weight * kd_kl(student_logits, teacher_logits, self.temperature) if self.use_kd else zero
+        align = ifalign(student_features, teacher_features, self.ifalign_stats)
+        total = kd + (self.align_weight * align if self.use_ifalign else 0.0)
+        out = {"kd": kd, "align": align}
+        if self.feature_loss is not None:
+            fn = F.l1_loss if self.feature_loss == "l1" else F.mse_loss
+            feat = fn(student_features.float(), teacher_features.detach().float())
+            total = total + self.feature_weight * feat
+            out["feature"] = feat
+        out["loss"] = total
+        return out
+
+
+# Distillation methods selectable by name: (loss switches, student switches).
+METHODS: dict[str, dict] = {
+    "comkd": {"loss": {"use_ifalign": True}, "edu_attention": True},
+    "promptkd": {"loss": {"use_ifalign": False}, "edu_attention": False},
+    "no-ifalign": {"loss": {"use_ifalign": False}, "edu_attention": True},
+    "no-eduattention": {"loss": {"use_ifalign": True}, "edu_attention": False},
+    "feature-l1": {"loss": {"use_ifalign": False, "use_kd": False, "feature_loss": "l1"}, "edu_attention": False},
+    "feature-mse": {"loss": {"use_ifalign": False, "use_kd": False, "feature_loss": "mse"}, "edu_attention": False},
+}
+
+
+def method_spec(name: str) -> dict:
+    """Switches of a distillation method; unknown names list the valid ones."""
+    key = name.replace("_", "-").lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown distillation method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[key]
+
+
+def build_loss(method: str, **overrides) -> ComKDLoss:
+    """The ``ComKDLoss`` for a named method, with recipe values (kd_weight, ...) as overrides."""
+    kwargs = dict(method_spec(method)["loss"])
+    kwargs.update(overrides)
+    return ComKDLoss(**kwargs)

@@ -1,0 +1,285 @@
+"""Backbones: any open_clip model (or a timm image backbone) with weights from an open_clip tag,
+an ``hf-hub:`` id, or a local checkpoint file, plus the tiny configs this package registers.
+
+Weights are validated before they are loaded, so a wrong file fails early with an error that
+names the key and both shapes instead of a long PyTorch traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_TEACHER = "comkd-tiny-teacher"
+TINY_STUDENT = "comkd-tiny-student"
+
+_registered = False
+
+
+class ModelError(ValueError):
+    """A model name, weight file or size that does not fit; the message names the culprit."""
+
+
+def register_tiny_configs() -> None:
+    """Register the package's tiny model configs (``comkd-tiny-*``) with open_clip once."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass
+class PreprocessSpec:
+    """What a backbone expects of its input images."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+
+@dataclass
+class LoadedModel:
+    """A backbone as loaded: the module, how to feed it, and where it came from."""
+
+    model: nn.Module
+    name: str
+    pretrained: str | None
+    preprocess: PreprocessSpec
+    tokenizer: Any | None = None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def is_timm(self) -> bool:
+        return self.name.startswith("timm:")
+
+
+def _preprocess_from(model: nn.Module, image_size: int) -> PreprocessSpec:
+    cfg = getattr(getattr(model, "visual", model), "preprocess_cfg", None) or {}
+    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    interp = cfg.get("interpolation", "bicubic") or "bicubic"
+    return PreprocessSpec(image_size=image_size, mean=mean, std=std, interpolation=interp)
+
+
+def _resolve_name(model_name: str) -> str:
+    """A path to a model-config JSON becomes a registered open_clip name."""
+    if model_name.endswith(".json"):
+        path = Path(model_name)
+        if not path.is_file():
+            raise ModelError(f"model config file not found: {model_name}")
+        open_clip.add_model_config(path)
+        return path.stem
+    return model_name
+
+
+def _is_local_file(pretrained: str | None) -> bool:
+    return bool(pretrained) and (os.sep in pretrained or os.path.exists(pretrained)) and not pretrained.startswith(
+        "hf-hub:"
+    )
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
+    """Read a weight file. Returns (state_dict, metadata, is_openai_style).
+
+    OpenAI-style means the original CLIP release format (a TorchScript archive or a state dict
+    carrying ``input_resolution``/``context_length``/``vocab_size``), whose towers use QuickGELU.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint file not found: {path}")
+    meta: dict[str, str] = {}
+    openai_style = False
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        sd = load_file(str(path))
+    else:
+        try:
+            obj = torch.jit.load(str(path), map_location="cpu")
+            sd = obj.state_dict()
+            openai_style = True
+        except (RuntimeError, ValueError):
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
+                raise ModelError(f"cannot read checkpoint {path}: {e}") from e
+            if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+                meta = {k: str(v) for k, v in obj.get("meta", {}).items()} if isinstance(obj.get("meta"), dict) else {}
+                obj = obj["state_dict"]
+            if not isinstance(obj, dict):
+                raise ModelError(f"{path} holds a {type(obj).__name__}, not a state dict") from None
+            sd = obj
+    if any(k in sd for k in ("input_resolution", "context_length", "vocab_size")):
+        openai_style = True
+        sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    if sd and next(iter(sd)).startswith("module."):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd, meta, openai_style
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ModelError naming the keys whose presence or shape disagrees with ``model``."""
+    own = model.state_dict()
+    problems = []
+    for k, v in sd.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape) and k != "positional_embedding" and not k.endswith(
+            "visual.positional_embedding"
+        ):
+            problems.append(f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}")
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if problems or missing or unexpected:
+        lines = problems[:5]
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): {missing[:5]}")
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): {unexpected[:5]}")
+        raise ModelError(f"weights in {source} do not fit the model:\n  " + "\n  ".join(lines))
+
+
+def load_local_weights(model: nn.Module, path: str | Path, model_cfg: dict, model_name: str) -> None:
+    """Load a local checkpoint into an open_clip model after checking that it fits."""
+    from open_clip.factory import convert_state_dict
+    from open_clip.model import resize_pos_embed
+
+    sd, meta, openai_style = read_state_dict(path)
+    if openai_style and not model_cfg.get("quick_gelu", False):
+        raise ModelError(
+            f"{path} is an OpenAI-style CLIP file (QuickGELU activations) but model '{model_name}' uses GELU; "
+            f"use '{model_name}-quickgelu' or quick_gelu=True"
+        )
+    if "comkd.quick_gelu" in meta and (meta["comkd.quick_gelu"] == "True") != bool(model_cfg.get("quick_gelu", False)):
+        raise ModelError(
+            f"{path} was trained with quick_gelu={meta['comkd.quick_gelu']} but model '{model_name}' has "
+            f"quick_gelu={bool(model_cfg.get('quick_gelu', False))}"
+        )
+    if "comkd.embed_dim" in meta and int(meta["comkd.embed_dim"]) != int(model_cfg.get("embed_dim", -1)):
+        raise ModelError(
+            f"{path} has embedding size {meta['comkd.embed_dim']} but model '{model_name}' has "
+            f"{model_cfg.get('embed_dim')}"
+        )
+    sd = convert_state_dict(model, sd)
+    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    check_state_dict(model, sd, str(path))
+    resize_pos_embed(sd, model)
+    model.load_state_dict(sd, strict=True)
+
+
+def save_clip_weights(model: nn.Module, path: str | Path, model_name: str, model_cfg: dict) -> None:
+    """Save open_clip weights as safetensors with the metadata ``load_clip`` checks (atomic write)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "comkd.model_name": model_name,
+        "comkd.embed_dim": str(model_cfg.get("embed_dim")),
+        "comkd.quick_gelu": str(bool(model_cfg.get("quick_gelu", False))),
+        "comkd.model_cfg": json.dumps(model_cfg),
+    }
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_clip(
+    model_name: str,
+    pretrained: str | None = None,
+    *,
+    image_size: int | None = None,
+    quick_gelu: bool | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Build an open_clip CLIP (or a timm image backbone) and load its weights.
+
+    Args:
+        model_name: an open_clip model name (``ViT-B-16``), a registered tiny config
+            (``comkd-tiny-teacher``), a path to a model-config JSON, ``hf-hub:org/repo``, or
+            ``timm:<name>`` for an image-only timm backbone (student only).
+        pretrained: an open_clip tag (``openai``, ``laion2b_s34b_b88k``), a local weight file
+            (``.pt``/``.bin``/``.safetensors``, OpenAI-style or open_clip state dict), or None
+            for random weights.
+        image_size: override the config's image size.
+        quick_gelu: force QuickGELU (needed for OpenAI-style weight files).
+    """
+    register_tiny_configs()
+    if model_name.startswith("timm:"):
+        return _load_timm(model_name, pretrained, image_size=image_size, device=device)
+    model_name = _resolve_name(model_name)
+    local = _is_local_file(pretrained)
+    is_hub = model_name.startswith(("hf-hub:", "local-dir:"))
+    if not is_hub and open_clip.get_model_config(model_name) is None:
+        known = [m for m in open_clip.list_models() if m.startswith("comkd-")]
+        raise ModelError(
+            f"unknown model '{model_name}'; use an open_clip name (open_clip.list_models()), a config .json, "
+            f"'hf-hub:org/repo', 'timm:<name>' or one of {known}"
+        )
+    kwargs: dict[str, Any] = {}
+    if image_size is not None:
+        kwargs["force_image_size"] = image_size
+    if quick_gelu:
+        kwargs["force_quick_gelu"] = True
+    model_cfg = dict(open_clip.get_model_config(model_name) or {}) if not is_hub else {}
+    if quick_gelu:
+        model_cfg["quick_gelu"] = True
+    try:
+        model = open_clip.create_model(
+            model_name, pretrained=None if local else pretrained, device=device, **kwargs
+        )
+    except RuntimeError as e:
+        raise ModelError(f"cannot create '{model_name}' with pretrained={pretrained!r}: {e}") from e
+    if local:
+        load_local_weights(model, pretrained, model_cfg, model_name)
+    model.eval()
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return LoadedModel(
+        model=model,
+        name=model_name,
+        pretrained=pretrained,
+        preprocess=_preprocess_from(model, size),
+        tokenizer=tokenizer,
+        config=model_cfg,
+    )
+
+
+def _load_timm(model_name: str, pretrained: str | None, *, image_size: int | None, device) -> LoadedModel:
+    import timm
+
+    name = model_name[len("timm:") :]
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    if pretrained:
+        if not _is_local_file(pretrained):
+            raise ModelError(f"timm backbone '{name}': pretrained must be a local weight file, got {pretrained!r}")
+        sd, _, _ = read_state_dict(pretrained)
+        sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "classifier."))}
+        check_state_dict(model, sd, str(pretrained))
+        model.load_state_dict(sd, strict=True)
+    model.to(device).eval()
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    size = image_size or int(data_cfg["input_size"][-1])
+    spec = PreprocessSpec(
+        image_size=size,
+        mean=tuple(data_cfg["mean"]),
+        std=tuple(data_cfg["std"]),
+        interpolation=data_cfg.get("interpolation", "bicubic"),
+    )
+    return LoadedModel(model=model, name=model_name, pretrained=pretrained, preprocess=spec, config={})

@@ -1,0 +1,184 @@
+"""Deep prompts around open_clip towers, without editing open_clip.
+
+* ``PromptedVisionTower``: ``n_tokens`` learnable visual prompt tokens appended after the patch
+  tokens at the input; before each of the next ``depth - 1`` transformer blocks the previous
+  prompt tokens are replaced by that layer's own (VPT-deep / IVLP / PromptSRC). ``depth = 0``
+  or ``n_tokens = 0`` switches prompts off and reproduces ``visual(x)`` exactly.
+* ``PromptedTextEncoder``: the class prompt ``"X X X X {class}."`` whose ``n_ctx`` placeholder
+  embeddings are learnable context vectors (initialised from ``ctx_init``), plus deep text prompts
+  that replace the same positions before each of the next ``depth - 1`` blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip.transformer import VisionTransformer, text_global_pool
+from torch import nn
+
+from .backbones import ModelError
+
+
+def _run_blocks(transformer: nn.Module, x: torch.Tensor, hook, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run an open_clip ``Transformer``'s blocks on batch-first ``x``; ``hook(i, x)`` may edit
+    the tokens before block ``i``."""
+    batch_first = getattr(transformer, "batch_first", True)
+    for i, block in enumerate(transformer.resblocks):
+        x = hook(i, x)
+        if batch_first:
+            x = block(x, attn_mask=attn_mask)
+        else:
+            x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+    return x
+
+
+class PromptedVisionTower(nn.Module):
+    """An open_clip ViT image tower with deep visual prompts.
+
+    Input ``[B, 3, H, W]`` images; output ``[B, D]`` un-normalised image embeddings (``D`` the
+    tower's output size). Only ``prompts`` (``[depth, n_tokens, width]``) is meant to be trained.
+    """
+
+    def __init__(self, visual: nn.Module, n_tokens: int = 4, depth: int = 9, init_std: float = 0.02):
+        super().__init__()
+        if not isinstance(visual, VisionTransformer):
+            raise ModelError(
+                f"deep visual prompts need an open_clip VisionTransformer tower, got {type(visual).__name__}; "
+                "set the prompt depth to 0 for this backbone"
+            )
+        layers = len(visual.transformer.resblocks)
+        if depth > layers:
+            raise ModelError(f"visual prompt depth {depth} exceeds the tower's {layers} layers")
+        if n_tokens < 0 or depth < 0:
+            raise ModelError(f"prompt tokens and depth must be >= 0, got n_tokens={n_tokens}, depth={depth}")
+        self.visual = visual
+        self.n_tokens = n_tokens if depth > 0 else 0
+        self.depth = depth if n_tokens > 0 else 0
+        width = visual.transformer.width
+        if self.n_tokens:
+            self.prompts = nn.Parameter(torch.randn(self.depth, self.n_tokens, width) * init_std)
+        else:
+            self.register_parameter("prompts", None)
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.visual.output_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)
+        n = self.n_tokens
+        if n:
+            x = torch.cat([x, self.prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        x = v.ln_pre(x)
+
+        def inject(i: int, t: torch.Tensor) -> torch.Tensor:
+            if n and 0 < i < self.depth:
+                t = torch.cat([t[:, :-n], self.prompts[i].to(t.dtype).expand(t.shape[0], -1, -1)], dim=1)
+            return t
+
+        x = _run_blocks(v.transformer, x, inject)
+        if n:
+            x = x[:, :-n]
+        pooled, _ = v._pool(x)
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return pooled
+
+
+class _TextParts:
+    """The pieces of an open_clip text tower, for both ``CLIP`` and ``CustomTextCLIP``."""
+
+    def __init__(self, clip: nn.Module):
+        owner = clip.text if hasattr(clip, "text") else clip
+        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+        if not all(hasattr(owner, a) for a in needed) or getattr(owner, "cls_emb", None) is not None:
+            raise ModelError(
+                f"text prompts need an open_clip transformer text tower; {type(owner).__name__} is not supported"
+            )
+        self.owner = owner
+        self.pool_type = getattr(clip, "text_pool_type", getattr(owner, "pool_type", "argmax"))
+        self.eos_id = getattr(clip, "text_eos_id", getattr(owner, "eos_id", None))
+
+    @property
+    def attn_mask(self) -> torch.Tensor | None:
+        return getattr(self.owner, "attn_mask", None)
+
+
+class PromptedTextEncoder(nn.Module):
+    """An open_clip text tower with learnable context and deep text prompts.
+
+    ``forward(tokens)`` maps ``[N, L]`` token ids to ``[N, D]`` un-normalised text embeddings;
+    ``prompted=False`` runs the plain tower (equal to ``clip.encode_text``).
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer,
+        n_ctx: int = 4,
+        depth: int = 9,
+        ctx_init: str | None = "a photo of a",
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.parts = _TextParts(clip)
+        self.tokenizer = tokenizer
+        owner = self.parts.owner
+        layers = len(owner.transformer.resblocks)
+        if depth > layers:
+            raise ModelError(f"text prompt depth {depth} exceeds the text tower's {layers} layers")
+        self.n_ctx = n_ctx if depth > 0 else 0
+        self.depth = depth if n_ctx > 0 else 0
+        width = owner.transformer.width
+        if self.n_ctx:
+            ctx = torch.randn(self.n_ctx, width) * init_std
+            if ctx_init:
+                ids = tokenizer([ctx_init])[0]
+                body = ids[1 : int(ids.argmax())]  # between SOT and EOT
+                if len(body) == self.n_ctx:
+                    with torch.no_grad():
+                        ctx = owner.token_embedding(body.to(owner.token_embedding.weight.device)).float().cpu()
+            self.ctx = nn.Parameter(ctx)
+            self.deep = nn.Parameter(torch.randn(max(self.depth - 1, 0), self.n_ctx, width) * init_std)
+        else:
+            self.register_parameter("ctx", None)
+            self.register_parameter("deep", None)
+
+    def prompt_texts(self, classnames: list[str]) -> list[str]:
+        """The strings behind the learnable prompts: ``"X X X X {class}."``."""
+        prefix = " ".join(["X"] * self.n_ctx)
+        return [f"{prefix} {c}." if prefix else f"{c}." for c in classnames]
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def forward(self, tokens: torch.Tensor, prompted: bool = True) -> torch.Tensor:
+        o = self.parts.owner
+        dtype = o.transformer.get_cast_dtype() if hasattr(o.transformer, "get_cast_dtype") else torch.float32
+        tokens = tokens.to(o.token_embedding.weight.device)
+        x = o.token_embedding(tokens).to(dtype)
+        n = self.n_ctx if prompted else 0
+        if n:
+            x = torch.cat([x[:, :1], self.ctx.to(dtype).expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
+        x = x + o.positional_embedding[: x.shape[1]].to(dtype)
+        attn_mask = self.parts.attn_mask
+        if attn_mask is not None:
+            attn_mask = attn_mask[: x.shape[1], : x.shape[1]]
+
+        def inject(i: int, t: torch.Tensor) -> torch.Tensor:
+            if n and 0 < i < self.depth:
+                deep = self.deep[i - 1].to(t.dtype).expand(t.shape[0], -1, -1)
+                t = torch.cat([t[:, :1], deep, t[:, 1 + n :]], dim=1)
+            return t
+
+        x = _run_blocks(o.transformer, x, inject, attn_mask=attn_mask)
+        x = o.ln_final(x)
+        pooled = text_global_pool(x, tokens, self.parts.pool_type, eos_token_id=self.parts.eos_id)
+        proj = o.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return pooled

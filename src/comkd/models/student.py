@@ -1,0 +1,181 @@
+"""The student: a small frozen image tower with deep visual prompts, a projector to the teacher's
+embedding size, EduAttention over the teacher's stored class text features W, and the gate α.
+
+It never runs a text encoder: W (``[N, d]``) is stored in the student (a buffer, saved with its
+weights) and reused at training and at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from .backbones import LoadedModel, ModelError, load_clip
+from .edu_attention import EduAttention
+from .projector import Projector
+from .prompts import PromptedVisionTower
+
+
+@dataclass
+class StudentOutput:
+    """Outputs of one student forward pass.
+
+    Attributes:
+        features: u_s = norm(P(f_img(x))), ``[B, d]``.
+        fused: f_e = u_s + α·FC_o(f_att), ``[B, d]`` (equal to u_s without EduAttention).
+        logits: q_s = s · norm(f_e) · Wᵀ, ``[B, N]`` or ``[B, |subset|]``.
+    """
+
+    features: torch.Tensor
+    fused: torch.Tensor
+    logits: torch.Tensor
+
+
+class Student(nn.Module):
+    """Frozen image tower + deep visual prompts + projector + EduAttention (+ α)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        teacher_dim: int,
+        *,
+        vision_tokens: int = 4,
+        vision_depth: int | None = None,
+        edu_attention: bool = True,
+        edu_heads: int = 1,
+        edu_attn_dim: int | None = None,
+        edu_shared_fc: bool = False,
+        attend: str = "all",
+        logit_scale: float | None = None,
+    ):
+        super().__init__()
+        if attend not in ("all", "subset"):
+            raise ModelError(f"attend must be 'all' or 'subset', got {attend!r}")
+        self.model_name = loaded.name
+        self.preprocess = loaded.preprocess
+        tower = loaded.model if loaded.is_timm else loaded.model.visual
+        for p in tower.parameters():
+            p.requires_grad_(False)
+        if isinstance(tower, VisionTransformer):
+            layers = len(tower.transformer.resblocks)
+            depth = (min(9, layers) if vision_tokens else 0) if vision_depth is None else vision_depth
+            self.visual = PromptedVisionTower(tower, vision_tokens, depth)
+            out_dim = self.visual.output_dim
+        else:
+            if vision_tokens and vision_depth:
+                raise ModelError(
+                    f"student '{loaded.name}' is not a ViT ({type(tower).__name__}): deep visual prompts are "
+                    "not available; set vision_tokens=0"
+                )
+            self.visual = tower
+            out_dim = int(getattr(tower, "output_dim", 0) or getattr(tower, "num_features", 0))
+            if not out_dim:
+                raise ModelError(f"cannot tell the output size of student tower {type(tower).__name__}")
+        self.projector = Projector(out_dim, teacher_dim)
+        self.edu_attention = (
+            EduAttention(teacher_dim, edu_attn_dim, edu_heads, edu_shared_fc) if edu_attention else None
+        )
+        self.attend = attend
+        if logit_scale is None:
+            if loaded.is_timm:
+                raise ModelError("a timm student has no CLIP logit scale; pass logit_scale (e.g. the teacher's)")
+            logit_scale = float(loaded.model.logit_scale.detach().exp().reshape(()))
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.register_buffer("text_features", torch.zeros(0, teacher_dim))
+        self.classnames: list[str] = []
+        self.teacher_dim = teacher_dim
+
+    # -- class text features W --------------------------------------------------------------
+    def set_text_features(self, text_features: torch.Tensor, classnames: list[str] | None = None) -> None:
+        """Store the teacher's W (``[N, d]``); it is part of the student's state from then on."""
+        if text_features.ndim != 2 or text_features.shape[1] != self.teacher_dim:
+            raise ModelError(
+                f"text features must be [N, {self.teacher_dim}] (the teacher's size), got {list(text_features.shape)}"
+            )
+        if classnames is not None and len(classnames) != text_features.shape[0]:
+            raise ModelError(f"{len(classnames)} class names for {text_features.shape[0]} text features")
+        self.text_features = text_features.detach().clone().to(self.logit_scale.device)
+        self.classnames = list(classnames) if classnames is not None else []
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # -- forward -----------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """u_s = norm(P(f_img(x))): ``[B, 3, H, W]`` → ``[B, d]``."""
+        return F.normalize(self.projector(self.visual(images)), dim=-1)
+
+    def forward(self, images: torch.Tensor, class_subset: torch.Tensor | list[int] | None = None) -> StudentOutput:
+        """Student features, fused features and logits against the stored W.
+
+        ``class_subset``: indices into W; logits are sliced to those classes (base-to-novel
+        evaluation). With ``attend='subset'`` EduAttention also only sees those classes.
+        """
+        w = self.text_features
+        if w.shape[0] == 0:
+            raise ModelError("the student has no class text features; call set_text_features(W) first")
+        if class_subset is not None:
+            class_subset = torch.as_tensor(class_subset, device=w.device, dtype=torch.long)
+        u_s = self.encode(images)
+        if self.edu_attention is not None:
+            w_att = w[class_subset] if (class_subset is not None and self.attend == "subset") else w
+            f_e = self.edu_attention(u_s, w_att.to(u_s.dtype))
+        else:
+            f_e = u_s
+        w_out = w if class_subset is None else w[class_subset]
+        logits = self.logit_scale * F.normalize(f_e, dim=-1) @ w_out.to(f_e.dtype).t()
+        return StudentOutput(features=u_s, fused=f_e, logits=logits)
+
+    def train(self, mode: bool = True) -> Student:
+        super().train(mode)
+        self.visual.eval()  # the tower is frozen: keep its norms/dropout in inference mode
+        return self
+
+
+def create_student(
+    model_name: str = "ViT-B-16",
+    pretrained: str | None = None,
+    *,
+    teacher_dim: int,
+    vision_tokens: int = 4,
+    vision_depth: int | None = None,
+    edu_attention: bool = True,
+    edu_heads: int = 1,
+    edu_attn_dim: int | None = None,
+    edu_shared_fc: bool = False,
+    attend: str = "all",
+    logit_scale: float | None = None,
+    image_size: int | None = None,
+    quick_gelu: bool | None = None,
+    device: str | torch.device = "cpu",
+) -> Student:
+    """Build a student for a teacher whose joint embedding size is ``teacher_dim``.
+
+    ``model_name`` is any open_clip model (its image tower is used) or ``timm:<name>``.
+    Non-ViT towers (open_clip ResNets, timm convnets) need ``vision_tokens=0``.
+    ``logit_scale``: s; default the student CLIP's own exp(log-scale) (PromptKD's choice).
+    """
+    loaded = load_clip(model_name, pretrained, image_size=image_size, quick_gelu=quick_gelu, device=device)
+    tower = loaded.model if loaded.is_timm else loaded.model.visual
+    if not isinstance(tower, VisionTransformer) and vision_depth is None:
+        vision_tokens = 0
+    student = Student(
+        loaded,
+        teacher_dim,
+        vision_tokens=vision_tokens,
+        vision_depth=vision_depth,
+        edu_attention=edu_attention,
+        edu_heads=edu_heads,
+        edu_attn_dim=edu_attn_dim,
+        edu_shared_fc=edu_shared_fc,
+        attend=attend,
+        logit_scale=logit_scale,
+    )
+    return student.to(device)

@@ -1,0 +1,183 @@
+"""The teacher: a frozen CLIP with deep prompts in both towers (PromptSRC/IVLP style).
+
+Its class text features W (``[N, d]``, L2-normalised) are computed once per class list and
+cached; the cache is keyed on the class names and on the version of every weight, so loading new
+prompt weights (or anything else) after W was computed invalidates the stale W.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import LoadedModel, ModelError, load_clip
+from .prompts import PromptedTextEncoder, PromptedVisionTower
+
+
+def _default_depth(requested: int | None, layers: int, n: int) -> int:
+    if n == 0:
+        return 0
+    return min(9, layers) if requested is None else requested
+
+
+class Teacher(nn.Module):
+    """A frozen CLIP whose only trainable parameters are its prompts.
+
+    Attributes:
+        clip: the open_clip model (frozen).
+        visual: ``PromptedVisionTower`` over ``clip.visual``.
+        text: ``PromptedTextEncoder`` over the text tower.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        text_ctx: int = 4,
+        text_depth: int | None = None,
+        ctx_init: str | None = "a photo of a",
+        vision_tokens: int = 4,
+        vision_depth: int | None = None,
+    ):
+        super().__init__()
+        if loaded.is_timm:
+            raise ModelError(f"the teacher must be a CLIP with a text tower; '{loaded.name}' is image-only")
+        self.clip = loaded.model
+        self.model_name = loaded.name
+        self.preprocess = loaded.preprocess
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        vlayers = len(self.clip.visual.transformer.resblocks) if hasattr(self.clip.visual, "transformer") else 0
+        tower = self.clip.text if hasattr(self.clip, "text") else self.clip
+        tlayers = len(tower.transformer.resblocks)
+        self.visual = PromptedVisionTower(
+            self.clip.visual, vision_tokens, _default_depth(vision_depth, vlayers, vision_tokens)
+        )
+        self.text = PromptedTextEncoder(
+            self.clip, loaded.tokenizer, text_ctx, _default_depth(text_depth, tlayers, text_ctx), ctx_init
+        )
+        self._w_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # -- sizes and scales -------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self.visual.output_dim)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """s_t = exp(learned log-scale), a detached scalar."""
+        return self.clip.logit_scale.detach().exp().reshape(())
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.visual.prompts, self.text.ctx, self.text.deep) if p is not None]
+
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        """Just the learned prompts (what stage 1 produces)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    def load_prompts(self, state: dict[str, torch.Tensor] | str | Path) -> None:
+        """Load prompts saved by ``prompt_state_dict`` (a dict or a safetensors/torch file)."""
+        if not isinstance(state, dict):
+            from .backbones import read_state_dict
+
+            state, _, _ = read_state_dict(state)
+            state = {k[len("teacher."):] if k.startswith("teacher.") else k: v for k, v in state.items()}
+        own = self.prompt_state_dict()
+        for k, v in state.items():
+            if k not in own:
+                raise ModelError(f"prompt weights: unexpected key '{k}' (teacher has {sorted(own)})")
+            if own[k].shape != v.shape:
+                raise ModelError(f"prompt weights: '{k}' has shape {list(v.shape)}, teacher expects {list(own[k].shape)}")
+        missing = set(own) - set(state)
+        if missing:
+            raise ModelError(f"prompt weights: missing keys {sorted(missing)}")
+        self.load_state_dict(state, strict=False)
+
+    # -- encoders ---------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, prompted: bool = True) -> torch.Tensor:
+        """``[B, 3, H, W]`` → L2-normalised ``[B, d]`` (u_t)."""
+        feats = self.visual(images) if prompted else self.clip.visual(images)
+        return F.normalize(feats, dim=-1)
+
+    def encode_text(self, classnames: list[str], prompted: bool = True) -> torch.Tensor:
+        """Class names → L2-normalised ``[N, d]`` text features from the learnable prompt."""
+        if prompted:
+            tokens = self.text.tokenize(self.text.prompt_texts(classnames))
+        else:
+            tokens = self.text.tokenize([f"a photo of a {c}." for c in classnames])
+        return F.normalize(self.text(tokens, prompted=prompted), dim=-1)
+
+    @torch.no_grad()
+    def encode_templates(self, classnames: list[str], templates: list[str]) -> torch.Tensor:
+        """Frozen (un-prompted) text features averaged over templates, renormalised: ``[N, d]``."""
+        feats = []
+        for t in templates:
+            tokens = self.text.tokenize([t.format(c) for c in classnames])
+            feats.append(F.normalize(self.text(tokens, prompted=False), dim=-1))
+        return F.normalize(torch.stack(feats).mean(0), dim=-1)
+
+    def _weights_version(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in self.parameters())
+
+    @torch.no_grad()
+    def class_text_features(self, classnames: list[str]) -> torch.Tensor:
+        """W ``[N, d]`` for ``classnames``: computed once, reused until the weights change."""
+        key = (tuple(classnames), self._weights_version())
+        if self._w_cache is None or self._w_cache[0] != key:
+            was_training = self.training
+            self.eval()
+            w = self.encode_text(list(classnames), prompted=True)
+            self.train(was_training)
+            self._w_cache = (key, w)
+        return self._w_cache[1]
+
+    def forward(self, images: torch.Tensor, classnames: list[str]) -> torch.Tensor:
+        """Teacher logits q_t = s_t · u_t · Wᵀ, ``[B, N]`` (no gradient)."""
+        with torch.no_grad():
+            return self.logit_scale * self.encode_image(images) @ self.class_text_features(classnames).t()
+
+    def train(self, mode: bool = True) -> Teacher:
+        super().train(mode)
+        self.clip.eval()  # frozen: no dropout, no batch-norm updates, whatever the stage
+        return self
+
+
+def create_teacher(
+    model_name: str = "ViT-L-14",
+    pretrained: str | None = None,
+    *,
+    text_ctx: int = 4,
+    text_depth: int | None = None,
+    ctx_init: str | None = "a photo of a",
+    vision_tokens: int = 4,
+    vision_depth: int | None = None,
+    prompts: str | Path | None = None,
+    image_size: int | None = None,
+    quick_gelu: bool | None = None,
+    device: str | torch.device = "cpu",
+) -> Teacher:
+    """Build a frozen, prompted teacher CLIP.
+
+    Args:
+        model_name: open_clip name, tiny config (``comkd-tiny-teacher``), config .json or ``hf-hub:`` id.
+        pretrained: open_clip tag, local weight file, or None (random weights).
+        text_ctx, text_depth, ctx_init: learnable text context tokens, deep text prompt depth
+            (default min(9, layers)), and the phrase that initialises the context.
+        vision_tokens, vision_depth: deep visual prompts (default depth min(9, layers)).
+        prompts: a file of learned prompts (from ``comkd train-teacher``) to load.
+    """
+    loaded = load_clip(model_name, pretrained, image_size=image_size, quick_gelu=quick_gelu, device=device)
+    teacher = Teacher(
+        loaded,
+        text_ctx=text_ctx,
+        text_depth=text_depth,
+        ctx_init=ctx_init,
+        vision_tokens=vision_tokens,
+        vision_depth=vision_depth,
+    ).to(device)
+    if prompts is not None:
+        teacher.load_prompts(prompts)
+    return teacher.eval()
