@@ -1,0 +1,260 @@
+"""Datasets for ComKD-CLIP: CoOp datasets, image folders, CSV files and the embedded digits.
+
+Entry points:
+
+* ``load_splits(name, root, **options) -> DatasetSplits``: every split and the class list.
+* ``build_dataset(name, root, split, transform, ...) -> ImageDataset``: one split, optionally
+  few-shot (``num_shots``) and base/novel (``subsample``), ready for a DataLoader.
+
+``DATASETS`` maps each registered name to its loader ``(root, *, split_file, skip_bad, **options)``;
+add your own with ``@register_dataset("name")``. Every bad input raises ``DataError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .builtin import DEFAULT_SIZE, DIGITS_FRACTIONS, load_digits_splits
+from .coop import (
+    COOP_SPECS,
+    load_coop_json,
+    load_fgvc_aircraft,
+    load_imagenet,
+    load_imagenet_variant,
+    read_split_file,
+)
+from .dataset import ImageDataset, derive_view_seed
+from .errors import DataError
+from .folder import FOLDER_FRACTIONS, load_csv, load_image_folder
+from .records import SPLIT_NAMES, DatasetSplits, Datum
+from .splits import base_novel_split, few_shot, split_per_class, subsample_classes
+from .transforms import CLIP_MEAN, CLIP_STD, build_transform, transform_fingerprint
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DATASETS",
+    "DataError",
+    "DatasetSplits",
+    "Datum",
+    "ImageDataset",
+    "base_novel_split",
+    "build_dataset",
+    "build_transform",
+    "derive_view_seed",
+    "few_shot",
+    "load_splits",
+    "read_split_file",
+    "register_dataset",
+    "split_per_class",
+    "subsample_classes",
+    "transform_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[..., DatasetSplits]
+DATASETS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Decorator registering ``loader(root, *, split_file=None, skip_bad=False, **options) -> DatasetSplits``."""
+
+    def deco(fn: Loader) -> Loader:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+def _no_split_file(name: str, split_file: str | None) -> None:
+    if split_file is not None:
+        raise DataError(f"dataset {name!r} does not read a split file (got split_file={split_file!r})")
+
+
+def _make_coop_loader(name: str) -> Loader:
+    def loader(root: str | None, *, split_file: str | None = None, skip_bad: bool = False) -> DatasetSplits:
+        return load_coop_json(COOP_SPECS[name], root, split_file)  # type: ignore[arg-type]
+
+    loader.__name__ = f"load_{name}"
+    loader.__doc__ = f"CoOp dataset {name!r} from its split file (see comkd.data.coop)."
+    return loader
+
+
+for _name in (
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
+):
+    register_dataset(_name)(_make_coop_loader(_name))
+
+
+@register_dataset("imagenet")
+def _imagenet(
+    root: str, *, split_file: str | None = None, skip_bad: bool = False, classnames_file: str | None = None
+) -> DatasetSplits:
+    _no_split_file("imagenet", split_file)
+    return load_imagenet(root, classnames_file, skip_bad)
+
+
+@register_dataset("fgvc_aircraft")
+def _aircraft(root: str, *, split_file: str | None = None, skip_bad: bool = False) -> DatasetSplits:
+    _no_split_file("fgvc_aircraft", split_file)
+    return load_fgvc_aircraft(root)
+
+
+def _make_variant_loader(name: str) -> Loader:
+    def loader(
+        root: str,
+        *,
+        split_file: str | None = None,
+        skip_bad: bool = False,
+        classnames_file: str | None = None,
+        imagenet_label_space: bool = False,
+    ) -> DatasetSplits:
+        _no_split_file(name, split_file)
+        return load_imagenet_variant(name, root, classnames_file, skip_bad, imagenet_label_space)
+
+    loader.__name__ = f"load_{name}"
+    return loader
+
+
+for _name in ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
+    register_dataset(_name)(_make_variant_loader(_name))
+
+
+@register_dataset("imagefolder")
+def _imagefolder(
+    root: str,
+    *,
+    split_file: str | None = None,
+    skip_bad: bool = False,
+    subdir: str | None = None,
+    classes_file: str | None = None,
+    fractions: Sequence[float] = FOLDER_FRACTIONS,
+    split_seed: int = 0,
+    templates: Sequence[str] = ("a photo of a {}.",),
+) -> DatasetSplits:
+    return load_image_folder(
+        root,
+        subdir,
+        classes_file=classes_file,
+        split_file=split_file,
+        fractions=fractions,
+        split_seed=split_seed,
+        skip_bad=skip_bad,
+        templates=templates,
+    )
+
+
+@register_dataset("csv")
+def _csv(
+    root: str,
+    *,
+    split_file: str | None = None,
+    skip_bad: bool = False,
+    classes_file: str | None = None,
+    fractions: Sequence[float] = FOLDER_FRACTIONS,
+    split_seed: int = 0,
+    templates: Sequence[str] = ("a photo of a {}.",),
+) -> DatasetSplits:
+    _no_split_file("csv", split_file)
+    return load_csv(
+        root, classes_file=classes_file, fractions=fractions, split_seed=split_seed, templates=templates
+    )
+
+
+@register_dataset("digits")
+def _digits(
+    root: str | None = None,
+    *,
+    split_file: str | None = None,
+    skip_bad: bool = False,
+    fractions: Sequence[float] = DIGITS_FRACTIONS,
+    split_seed: int = 0,
+) -> DatasetSplits:
+    _no_split_file("digits", split_file)
+    return load_digits_splits(fractions, split_seed)
+
+
+def load_splits(name: str, root: str | None = None, **kw: Any) -> DatasetSplits:
+    """Load every split of dataset ``name`` (a key of ``DATASETS``); ``kw`` go to its loader."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
+    try:
+        return DATASETS[name](root, **kw)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise DataError(f"dataset {name!r}: {exc}") from exc
+        raise
+
+
+def build_dataset(
+    name: str,
+    root: str | None = None,
+    split: str = "train",
+    transform: Callable[..., Any] | None = None,
+    *,
+    split_file: str | None = None,
+    num_shots: int | None = None,
+    subsample: str = "all",
+    seed: int = 1,
+    skip_bad: bool = False,
+    unlabelled: bool = False,
+    train_transform: Callable[..., Any] | None = None,
+    view_seed: int | None = None,
+    digits_size: int = DEFAULT_SIZE,
+    **kw: Any,
+) -> ImageDataset:
+    """One split of a registered dataset as an ``ImageDataset``.
+
+    Steps, in CoOp's order: load all splits (``load_splits(name, root, split_file=..., **kw)``);
+    take ``split``; if ``num_shots`` is set, sample that many items per class with ``seed`` for
+    ``pretrain``/``train`` and ``min(num_shots, 4)`` for ``val`` (``test`` is never subsampled);
+    then keep the ``subsample`` classes ("all", "base" or "novel"), relabelled from 0. The result
+    carries ``full_classnames`` and ``class_indices`` (the original label of each class) so
+    callers can slice teacher text features, and ``parent_class_indices`` for ImageNet-A/-R.
+    An empty result raises ``DataError``; files are checked as described in ``ImageDataset``.
+    """
+    if split not in SPLIT_NAMES:
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLIT_NAMES)}")
+    splits = load_splits(name, root, split_file=split_file, skip_bad=skip_bad, **kw)
+    data: list[Datum] = list(splits.split(split))
+    if num_shots is not None and split != "test":
+        shots = min(int(num_shots), 4) if split == "val" else int(num_shots)
+        data = list(few_shot(data, shots, seed))
+    data, classnames, idx = base_novel_split(data, splits.classnames, subsample)  # type: ignore[arg-type]
+    if not data:
+        raise DataError(
+            f"split {split!r} of dataset {name!r} is empty (subsample={subsample!r}, num_shots={num_shots})"
+        )
+    ds = ImageDataset(
+        data,
+        classnames,
+        transform,
+        unlabelled=unlabelled,
+        skip_bad=skip_bad,
+        train_transform=train_transform,
+        view_seed=view_seed,
+        name=name,
+        templates=splits.templates,
+        digits_size=digits_size,
+        source=f"dataset {name!r}, split {split!r}",
+        class_indices=idx,
+        full_classnames=splits.classnames,
+        parent_class_indices=[splits.class_indices[i] for i in idx]
+        if splits.class_indices is not None
+        else None,
+    )
+    ds.skipped[:0] = splits.skipped
+    return ds

@@ -1,0 +1,82 @@
+"""The embedded default dataset "digits": scikit-learn's handwritten digits, no download needed.
+
+``sklearn.datasets.load_digits()`` ships 1797 real 8x8 grey images (values 0..16) with labels 0-9.
+They become RGB PIL images in memory: values scaled to 0..255, upsampled with bicubic
+interpolation to ``size`` (default 32), grey copied to 3 channels. Items have virtual paths
+``digits://<index>`` (index into ``load_digits()``), resolved by ``load_digit``.
+
+Splits are made per class with ``split_per_class`` (seed 0 by default), fractions
+pretrain/train/val/test = 0.4/0.3/0.05/0.25, so the parts are disjoint and class-balanced.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+from .records import DatasetSplits, Datum
+from .splits import split_per_class
+
+SCHEME = "digits://"
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGITS_TEMPLATE = "a photo of the digit {}."
+DIGITS_FRACTIONS = (0.4, 0.3, 0.05, 0.25)
+DEFAULT_SIZE = 32
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images.astype(np.float32), d.target.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _digit_images(size: int) -> tuple[Image.Image, ...]:
+    images, _ = _raw_digits()
+    out = []
+    for im in images:
+        grey = Image.fromarray(np.clip(np.rint(im * (255.0 / 16.0)), 0, 255).astype(np.uint8), mode="L")
+        if size != grey.width:
+            grey = grey.resize((size, size), Image.Resampling.BICUBIC)
+        out.append(grey.convert("RGB"))
+    return tuple(out)
+
+
+def is_digits_path(path: str) -> bool:
+    """True for virtual paths ``digits://<index>``."""
+    return path.startswith(SCHEME)
+
+
+def load_digit(path: str, size: int = DEFAULT_SIZE) -> Image.Image:
+    """Resolve ``digits://<index>`` to an RGB PIL image of ``size`` x ``size`` (a copy)."""
+    key = path[len(SCHEME) :] if is_digits_path(path) else ""
+    if not key.isdigit():
+        raise DataError(f"bad digits path {path!r}: expected 'digits://<index>'")
+    images = _digit_images(int(size))
+    idx = int(key)
+    if idx >= len(images):
+        raise DataError(f"digits path {path!r}: index out of range (0..{len(images) - 1})")
+    return images[idx].copy()
+
+
+def load_digits_splits(fractions: Sequence[float] = DIGITS_FRACTIONS, seed: int = 0) -> DatasetSplits:
+    """All 1797 digits as ``DatasetSplits`` with disjoint per-class pretrain/train/val/test parts."""
+    _, labels = _raw_digits()
+    data = [Datum(f"{SCHEME}{i}", int(y), DIGIT_NAMES[int(y)]) for i, y in enumerate(labels)]
+    parts = split_per_class(data, fractions, seed)
+    key = lambda d: int(d.path[len(SCHEME) :])  # noqa: E731
+    return DatasetSplits(
+        name="digits",
+        classnames=list(DIGIT_NAMES),
+        train=sorted(parts["train"], key=key),
+        val=sorted(parts["val"], key=key),
+        test=sorted(parts["test"], key=key),
+        pretrain=sorted(parts["pretrain"], key=key),
+        templates=[DIGITS_TEMPLATE],
+    )

@@ -1,0 +1,480 @@
+"""Readers for the CoOp dataset layout and its ``split_zhou_*.json`` split files.
+
+Layout under ``root`` (CoOp's DATASETS.md; ``root`` may also *be* the dataset folder, e.g. a
+folder holding ``images/`` and a split file passed as ``split_file=``):
+
+==================  ======================  =================================  ==================================
+name                dataset folder          image folder                       split
+==================  ======================  =================================  ==================================
+imagenet            imagenet                images/{train,val}/<wnid>/          folders + classnames.txt
+caltech101          caltech-101             101_ObjectCategories               split_zhou_Caltech101.json
+oxford_pets         oxford_pets             images                             split_zhou_OxfordPets.json
+stanford_cars       stanford_cars           (the dataset folder)               split_zhou_StanfordCars.json
+oxford_flowers      oxford_flowers          jpg                                split_zhou_OxfordFlowers.json
+food101             food-101                images                             split_zhou_Food101.json
+fgvc_aircraft       fgvc_aircraft           images                             images_variant_{split}.txt
+sun397              sun397                  SUN397                             split_zhou_SUN397.json
+dtd                 dtd                     images                             split_zhou_DescribableTextures.json
+eurosat             eurosat                 2750                               split_zhou_EuroSAT.json
+ucf101              ucf101                  UCF-101-midframes                  split_zhou_UCF101.json
+imagenet_v2         imagenetv2              imagenetv2-matched-frequency-      folders 0..999 + classnames.txt
+                                            format-val
+imagenet_sketch     imagenet-sketch         images                             folders <wnid> + classnames.txt
+imagenet_a          imagenet-adversarial    imagenet-a                         200 folders <wnid> + classnames.txt
+imagenet_r          imagenet-rendition      imagenet-r                         200 folders <wnid> + classnames.txt
+==================  ======================  =================================  ==================================
+
+Conventions:
+
+* Class names come from the split file (they already hold CoOp's renames, e.g. EuroSAT's
+  "Annual Crop Land", Caltech101 without BACKGROUND_Google/Faces_easy). Underscores become spaces
+  (CoOp does this when it builds prompts). Flowers-102 names are taken from ``cat_to_name.json``
+  (keyed by 1-based label) when that file is in the dataset folder. When the dataset folder holds
+  a ``classes.tsv`` (subset copies), it gives the class list and label range.
+* ImageNet: ``classnames.txt`` lines ``<wnid> <name>``; label = line index. CoOp has no separate
+  val split for ImageNet; as in CoOp, ``val`` is the test (``images/val``) split.
+* DG targets (ImageNet-V2/-Sketch/-A/-R) are test-only datasets: ``train``, ``val`` and ``test``
+  all hold every image (the distillation protocol is transductive on them). ``classnames.txt`` is
+  looked for in the target's folder (where CoOp copies it), then in ``root/imagenet``.
+  ImageNet-A/-R use the 200 class folders present, labelled 0..199 in sorted-wnid order as in
+  CoOp; ``class_indices`` gives each class's ImageNet-1k label. With
+  ``imagenet_label_space=True`` labels stay ImageNet-1k labels and the class list has all 1000.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from .errors import DataError
+from .records import DEFAULT_TEMPLATE, DatasetSplits, Datum
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class CoopSpec:
+    """Where a CoOp dataset lives (relative to ``root``) and its prompt template."""
+
+    name: str
+    dataset_dir: str
+    image_dir: str
+    split_file: str | None
+    template: str = DEFAULT_TEMPLATE
+
+
+COOP_SPECS: dict[str, CoopSpec] = {
+    s.name: s
+    for s in [
+        CoopSpec("imagenet", "imagenet", "images", None),
+        CoopSpec("caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+        CoopSpec(
+            "oxford_pets",
+            "oxford_pets",
+            "images",
+            "split_zhou_OxfordPets.json",
+            "a photo of a {}, a type of pet.",
+        ),
+        CoopSpec("stanford_cars", "stanford_cars", "", "split_zhou_StanfordCars.json"),
+        CoopSpec(
+            "oxford_flowers",
+            "oxford_flowers",
+            "jpg",
+            "split_zhou_OxfordFlowers.json",
+            "a photo of a {}, a type of flower.",
+        ),
+        CoopSpec(
+            "food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."
+        ),
+        CoopSpec("fgvc_aircraft", "fgvc_aircraft", "images", None, "a photo of a {}, a type of aircraft."),
+        CoopSpec("sun397", "sun397", "SUN397", "split_zhou_SUN397.json"),
+        CoopSpec("dtd", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
+        CoopSpec(
+            "eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."
+        ),
+        CoopSpec(
+            "ucf101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."
+        ),
+        CoopSpec("imagenet_v2", "imagenetv2", "imagenetv2-matched-frequency-format-val", None),
+        CoopSpec("imagenet_sketch", "imagenet-sketch", "images", None),
+        CoopSpec("imagenet_a", "imagenet-adversarial", "imagenet-a", None),
+        CoopSpec("imagenet_r", "imagenet-rendition", "imagenet-r", None),
+    ]
+}
+
+
+def clean_classname(name: str) -> str:
+    """Class name as used in prompts: underscores become spaces, surrounding blanks stripped."""
+    return name.replace("_", " ").strip()
+
+
+def list_images(folder: str) -> list[str]:
+    """Sorted absolute paths of the image files directly inside ``folder`` (hidden files ignored)."""
+    with os.scandir(folder) as it:
+        names = [
+            e.name
+            for e in it
+            if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return [os.path.join(folder, n) for n in sorted(names)]
+
+
+def list_class_dirs(folder: str) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``folder``."""
+    if not os.path.isdir(folder):
+        raise DataError(f"image folder not found: {folder}")
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+# -- split files ---------------------------------------------------------------------------------
+def read_split_file(path: str, image_dir: str) -> dict[str, list[Datum]]:
+    """Parse a CoOp split file ``{"train"|"val"|"test": [[relpath, label, classname], ...]}``.
+
+    Paths become ``join(image_dir, relpath)`` (absolute); class names are cleaned with
+    ``clean_classname``. Files are not checked for existence here (``ImageDataset`` does that).
+    Raises ``DataError`` naming the file, key and entry for a missing file, bad JSON, a bad entry
+    or a label that maps to two different class names.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"split file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"split file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise DataError(
+            f"split file {path}: expected an object with keys train/val/test, got {type(raw).__name__}"
+        )
+    unknown = sorted(set(raw) - {"train", "val", "test"})
+    if unknown:
+        raise DataError(f"split file {path}: unknown key(s) {unknown}; expected train, val, test")
+    image_dir = os.path.abspath(image_dir)
+    names: dict[int, str] = {}
+    out: dict[str, list[Datum]] = {}
+    for key in ("train", "val", "test"):
+        entries = raw.get(key, [])
+        if not isinstance(entries, list):
+            raise DataError(f"split file {path}: key {key!r} must hold a list of [relpath, label, classname]")
+        items = []
+        for i, e in enumerate(entries):
+            if (
+                not isinstance(e, list | tuple)
+                or len(e) != 3
+                or not isinstance(e[0], str)
+                or isinstance(e[1], bool)
+                or not isinstance(e[1], int)
+                or not isinstance(e[2], str)
+            ):
+                raise DataError(
+                    f"split file {path}: {key}[{i}] = {e!r} is not [relpath, int label, classname]"
+                )
+            if e[1] < 0:
+                raise DataError(f"split file {path}: {key}[{i}] has negative label {e[1]}")
+            name = clean_classname(e[2])
+            if names.setdefault(e[1], name) != name:
+                raise DataError(
+                    f"split file {path}: {key}[{i}] gives label {e[1]} the name {name!r}, "
+                    f"but an earlier entry named it {names[e[1]]!r}"
+                )
+            items.append(Datum(os.path.join(image_dir, e[0]), e[1], name))
+        out[key] = items
+    return out
+
+
+def read_classes_tsv(path: str) -> tuple[list[str], dict[str, int]]:
+    """Read a class table: ``index<TAB>name`` or ``index<TAB>id<TAB>name`` (optional header row).
+
+    With a header, columns are found by name (``index``/``label``; ``name``/``classname``;
+    ``wnid``/``id``/``folder``); other columns are ignored. Returns the class names in index order
+    (underscores become spaces) and a map id -> index (empty without an id column).
+    """
+    with open(path, encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    if not rows:
+        raise DataError(f"class table {path} is empty")
+    i_idx, i_id, i_name = 0, None, None
+    if not rows[0][0].strip().lstrip("-").isdigit():
+        header = [h.strip().lower() for h in rows.pop(0)]
+
+        def col(*cands: str) -> int | None:
+            return next((header.index(c) for c in cands if c in header), None)
+
+        i_idx = col("index", "label", "idx")
+        i_name = col("name", "classname", "class_name", "class")
+        i_id = col("wnid", "id", "folder", "dir")
+        if i_idx is None or i_name is None:
+            raise DataError(f"class table {path}: header {header} needs an 'index' and a 'name' column")
+    else:
+        width = len(rows[0])
+        if width == 2:
+            i_name = 1
+        elif width == 3:
+            i_id, i_name = 1, 2
+        else:
+            raise DataError(f"class table {path}: expected 2 or 3 tab-separated columns, got {width}")
+    table: dict[int, str] = {}
+    ids: dict[str, int] = {}
+    for n, r in enumerate(rows, start=1):
+        try:
+            idx = int(r[i_idx])
+            name = r[i_name]
+            ident = r[i_id].strip() if i_id is not None else None
+        except (ValueError, IndexError):
+            raise DataError(f"class table {path}: malformed row {n}: {r!r}") from None
+        if idx in table:
+            raise DataError(f"class table {path}: index {idx} appears twice")
+        table[idx] = clean_classname(name)
+        if ident is not None:
+            ids[ident] = idx
+    if sorted(table) != list(range(len(table))):
+        raise DataError(f"class table {path}: indices must be 0..{len(table) - 1} without gaps")
+    return [table[i] for i in range(len(table))], ids
+
+
+def classnames_from_items(splits: dict[str, list[Datum]], source: str) -> list[str]:
+    """Class list from the ``(label, classname)`` pairs of all splits; gaps raise ``DataError``."""
+    names: dict[int, str] = {}
+    for items in splits.values():
+        for d in items:
+            names.setdefault(d.label, d.classname)
+    if not names:
+        raise DataError(f"{source}: no items in any split")
+    missing = sorted(set(range(max(names) + 1)) - set(names))
+    if missing:
+        raise DataError(
+            f"{source}: labels {missing[:10]}{'...' if len(missing) > 10 else ''} never appear, so their class "
+            "names are unknown (put a classes.tsv next to the images to give the full class list)"
+        )
+    return [names[i] for i in range(len(names))]
+
+
+def check_labels(splits: dict[str, list[Datum]], classnames: Sequence[str], source: str) -> None:
+    """Raise ``DataError`` naming ``source``, the split key and the path for a label outside the class list."""
+    n = len(classnames)
+    for key, items in splits.items():
+        for i, d in enumerate(items):
+            if not 0 <= d.label < n:
+                raise DataError(
+                    f"{source}: {key}[{i}] ({d.path}) has label {d.label}, outside the class list "
+                    f"({n} classes, valid labels 0..{n - 1})"
+                )
+
+
+def _relabel_names(splits: dict[str, list[Datum]], classnames: Sequence[str]) -> dict[str, list[Datum]]:
+    return {
+        k: [d if d.classname == classnames[d.label] else replace(d, classname=classnames[d.label]) for d in v]
+        for k, v in splits.items()
+    }
+
+
+# -- dataset folders -----------------------------------------------------------------------------
+def resolve_dataset_dir(spec: CoopSpec, root: str) -> str:
+    """``root/<dataset folder>`` if it exists, else ``root`` itself when it holds the image folder."""
+    if root is None:
+        raise DataError(f"dataset {spec.name!r} needs root= (the folder that holds {spec.dataset_dir}/)")
+    root = os.path.abspath(os.path.expanduser(root))
+    cand = os.path.join(root, spec.dataset_dir)
+    if os.path.isdir(cand):
+        return cand
+    if spec.image_dir and os.path.isdir(os.path.join(root, spec.image_dir)):
+        return root
+    if not spec.image_dir and os.path.isdir(root):
+        return root
+    raise DataError(
+        f"dataset {spec.name!r} not found: neither {cand} nor {os.path.join(root, spec.image_dir)} exists "
+        f"(expected CoOp layout root/{spec.dataset_dir}/{spec.image_dir})"
+    )
+
+
+def _find_split_file(spec: CoopSpec, ddir: str, split_file: str | None) -> str:
+    if split_file is not None:
+        p = split_file if os.path.isabs(split_file) else os.path.join(ddir, split_file)
+        if not os.path.isfile(p):
+            raise DataError(f"split file not found: {p} (given as split_file={split_file!r})")
+        return p
+    p = os.path.join(ddir, spec.split_file or "")
+    if not os.path.isfile(p):
+        raise DataError(
+            f"split file not found: {p} (dataset {spec.name!r} expects {spec.split_file} in its folder; "
+            "pass split_file= to use another)"
+        )
+    return p
+
+
+def load_coop_json(spec: CoopSpec, root: str, split_file: str | None = None) -> DatasetSplits:
+    """Load a dataset described by a CoOp split file (all CoOp datasets except ImageNet/Aircraft/DG)."""
+    ddir = resolve_dataset_dir(spec, root)
+    sfile = _find_split_file(spec, ddir, split_file)
+    image_dir = os.path.join(ddir, spec.image_dir) if spec.image_dir else ddir
+    splits = read_split_file(sfile, image_dir)
+    tsv = os.path.join(ddir, "classes.tsv")
+    classnames = read_classes_tsv(tsv)[0] if os.path.isfile(tsv) else classnames_from_items(splits, sfile)
+    check_labels(splits, classnames, f"split file {sfile}")
+    c2n = os.path.join(ddir, "cat_to_name.json")
+    if spec.name == "oxford_flowers" and os.path.isfile(c2n):
+        with open(c2n, encoding="utf-8") as f:
+            cat = json.load(f)
+        try:
+            classnames = [clean_classname(cat[str(i + 1)]) for i in range(len(classnames))]
+        except KeyError as exc:
+            raise DataError(f"{c2n}: no name for 1-based label {exc}") from None
+    splits = _relabel_names(splits, classnames)
+    return DatasetSplits(
+        spec.name, classnames, splits["train"], splits["val"], splits["test"], templates=[spec.template]
+    )
+
+
+def read_imagenet_classnames(path: str) -> tuple[list[str], list[str]]:
+    """Read ImageNet's ``classnames.txt`` (``<wnid> <class name>`` per line) -> (wnids, names)."""
+    if not os.path.isfile(path):
+        raise DataError(f"ImageNet class-name file not found: {path}")
+    wnids, names = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().split(" ", 1)
+            if len(parts) != 2:
+                raise DataError(f"{path}: line {n} is not '<wnid> <class name>': {line.strip()!r}")
+            wnids.append(parts[0])
+            names.append(clean_classname(parts[1]))
+    if len(set(wnids)) != len(wnids):
+        raise DataError(f"{path}: duplicate wnids")
+    return wnids, names
+
+
+def _folder_items(
+    image_dir: str,
+    folder_label: dict[str, int],
+    classnames: Sequence[str],
+    source: str,
+    skipped: list[tuple[str, str]],
+    skip_bad: bool,
+) -> list[Datum]:
+    items: list[Datum] = []
+    for folder in list_class_dirs(image_dir):
+        if folder not in folder_label:
+            raise DataError(
+                f"{source}: class folder {os.path.join(image_dir, folder)} is not in the class list"
+            )
+        files = list_images(os.path.join(image_dir, folder))
+        if not files:
+            msg = f"class folder has no images: {os.path.join(image_dir, folder)}"
+            if not skip_bad:
+                raise DataError(msg)
+            skipped.append((os.path.join(image_dir, folder), "class folder has no images"))
+            continue
+        y = folder_label[folder]
+        items.extend(Datum(p, y, classnames[y]) for p in files)
+    if not items:
+        raise DataError(f"{source}: no images found under {image_dir}")
+    return items
+
+
+def _imagenet_classnames_file(ddir: str, root: str, classnames_file: str | None) -> str:
+    if classnames_file:
+        return classnames_file
+    cands = [
+        os.path.join(ddir, "classnames.txt"),
+        os.path.join(os.path.abspath(root), "imagenet", "classnames.txt"),
+    ]
+    return next((c for c in cands if os.path.isfile(c)), cands[0])
+
+
+def load_imagenet(root: str, classnames_file: str | None = None, skip_bad: bool = False) -> DatasetSplits:
+    """ImageNet-1k from ``imagenet/images/{train,val}/<wnid>/`` and ``imagenet/classnames.txt``."""
+    spec = COOP_SPECS["imagenet"]
+    ddir = resolve_dataset_dir(spec, root)
+    wnids, names = read_imagenet_classnames(classnames_file or os.path.join(ddir, "classnames.txt"))
+    f2l = {w: i for i, w in enumerate(wnids)}
+    skipped: list[tuple[str, str]] = []
+    img = os.path.join(ddir, spec.image_dir)
+    train = _folder_items(os.path.join(img, "train"), f2l, names, "imagenet train", skipped, skip_bad)
+    test = _folder_items(os.path.join(img, "val"), f2l, names, "imagenet val", skipped, skip_bad)
+    return DatasetSplits(
+        "imagenet", names, train, list(test), test, templates=[spec.template], skipped=skipped
+    )
+
+
+def load_fgvc_aircraft(root: str) -> DatasetSplits:
+    """FGVC-Aircraft from ``variants.txt`` and ``images_variant_{train,val,test}.txt``."""
+    spec = COOP_SPECS["fgvc_aircraft"]
+    ddir = resolve_dataset_dir(spec, root)
+    vfile = os.path.join(ddir, "variants.txt")
+    if not os.path.isfile(vfile):
+        raise DataError(f"class list not found: {vfile}")
+    with open(vfile, encoding="utf-8") as f:
+        classnames = [line.strip() for line in f if line.strip()]
+    c2l = {c: i for i, c in enumerate(classnames)}
+    splits: dict[str, list[Datum]] = {}
+    for key in ("train", "val", "test"):
+        sfile = os.path.join(ddir, f"images_variant_{key}.txt")
+        if not os.path.isfile(sfile):
+            raise DataError(f"split file not found: {sfile}")
+        items = []
+        with open(sfile, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                parts = line.strip().split(" ", 1)
+                if not line.strip():
+                    continue
+                if len(parts) != 2 or parts[1] not in c2l:
+                    raise DataError(f"{sfile}: line {n} {line.strip()!r} names no variant listed in {vfile}")
+                y = c2l[parts[1]]
+                items.append(Datum(os.path.join(ddir, spec.image_dir, parts[0] + ".jpg"), y, classnames[y]))
+        splits[key] = items
+    return DatasetSplits(
+        "fgvc_aircraft", classnames, splits["train"], splits["val"], splits["test"], templates=[spec.template]
+    )
+
+
+def load_imagenet_variant(
+    name: str,
+    root: str,
+    classnames_file: str | None = None,
+    skip_bad: bool = False,
+    imagenet_label_space: bool = False,
+) -> DatasetSplits:
+    """A domain-generalisation target (imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r); test-only."""
+    spec = COOP_SPECS[name]
+    ddir = resolve_dataset_dir(spec, root)
+    wnids, names = read_imagenet_classnames(_imagenet_classnames_file(ddir, root, classnames_file))
+    img = os.path.join(ddir, spec.image_dir)
+    skipped: list[tuple[str, str]] = []
+    class_indices: list[int] | None = None
+    if name == "imagenet_v2":
+        f2l = {str(i): i for i in range(len(wnids))}
+        classnames = names
+    elif name == "imagenet_sketch" or imagenet_label_space:
+        f2l = {w: i for i, w in enumerate(wnids)}
+        classnames = names
+    else:
+        w2i = {w: i for i, w in enumerate(wnids)}
+        present = list_class_dirs(img)
+        unknown = [w for w in present if w not in w2i]
+        if unknown:
+            raise DataError(
+                f"{name}: class folder(s) {unknown[:5]} under {img} are not ImageNet wnids in classnames.txt"
+            )
+        if len(present) != 200:
+            log.warning("%s: expected 200 class folders under %s, found %d", name, img, len(present))
+        class_indices = [w2i[w] for w in present]
+        f2l = {w: i for i, w in enumerate(present)}
+        classnames = [names[w2i[w]] for w in present]
+    items = _folder_items(img, f2l, classnames, name, skipped, skip_bad)
+    return DatasetSplits(
+        name,
+        classnames,
+        items,
+        list(items),
+        list(items),
+        templates=[spec.template],
+        class_indices=class_indices,
+        skipped=skipped,
+    )

@@ -1,0 +1,222 @@
+"""``ImageDataset``: a torch Dataset over a list of ``Datum`` with validated files and replayable views."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+from .builtin import DEFAULT_SIZE, is_digits_path, load_digit
+from .errors import DataError
+from .records import DEFAULT_TEMPLATE, Datum
+
+log = logging.getLogger(__name__)
+
+_MASK63 = (1 << 63) - 1
+_TRUNCATED_LOCK = threading.Lock()
+
+
+def derive_view_seed(base_seed: int, epoch: int, index: int) -> int:
+    """Seed of the augmented view of item ``index`` in ``epoch`` (stable across runs and platforms)."""
+    x = (int(base_seed) * 1_000_003 + int(epoch)) & _MASK63
+    return (x * 2_654_435_761 + int(index) * 40_503 + 97) & _MASK63
+
+
+def _decode(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def load_image_file(path: str) -> Image.Image:
+    """Open and fully decode an image file as RGB; truncated or unreadable files raise ``DataError``.
+
+    Truncated files are always errors: if some other code set PIL's global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES``, it is switched off (under a lock) for this load.
+    """
+    try:
+        if not ImageFile.LOAD_TRUNCATED_IMAGES:
+            return _decode(path)
+        with _TRUNCATED_LOCK:
+            prev, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+            try:
+                return _decode(path)
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = prev
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+class ImageDataset(Dataset):
+    """Images and labels for training or evaluation.
+
+    ``__getitem__(i)`` returns ``(image, label, i)``: ``image`` is ``transform(pil_image)`` (a tensor
+    ``[3, S, S]`` for the transforms of ``build_transform``) or the PIL image when ``transform`` is
+    None; ``label`` is an int, or -1 when ``unlabelled=True`` (labels withheld, as in distillation).
+
+    At construction every label is checked against ``classnames`` and every file for existence.
+    Decoding is checked when an image is loaded. With ``skip_bad=True`` missing and undecodable
+    files are dropped at construction instead (every image is decoded once up front) and listed in
+    ``skipped`` as ``(path, reason)``.
+
+    Reproducible views: ``get_view(i, seed)`` applies the train transform with a
+    ``torch.Generator`` seeded with ``seed``. With ``view_seed`` set, ``__getitem__`` itself uses
+    ``get_view(i, derive_view_seed(view_seed, epoch, i))`` (call ``set_epoch`` each epoch), so a
+    teacher-output cache can replay any view later.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Datum],
+        classnames: Sequence[str],
+        transform: Callable[..., Any] | None = None,
+        *,
+        unlabelled: bool = False,
+        skip_bad: bool = False,
+        train_transform: Callable[..., Any] | None = None,
+        view_seed: int | None = None,
+        name: str = "",
+        templates: Sequence[str] = (DEFAULT_TEMPLATE,),
+        class_indices: Sequence[int] | None = None,
+        full_classnames: Sequence[str] | None = None,
+        parent_class_indices: Sequence[int] | None = None,
+        digits_size: int = DEFAULT_SIZE,
+        source: str = "",
+    ) -> None:
+        self.name = name
+        self.classnames = list(classnames)
+        self.transform = transform
+        self.train_transform = train_transform
+        self.unlabelled = bool(unlabelled)
+        self.view_seed = view_seed
+        self.epoch = 0
+        self.templates = list(templates)
+        #: original label of each class in ``full_classnames`` (identity unless base/novel subsampled)
+        self.class_indices = (
+            list(class_indices) if class_indices is not None else list(range(len(self.classnames)))
+        )
+        self.full_classnames = list(full_classnames) if full_classnames is not None else list(self.classnames)
+        #: label of each class in a parent label space (ImageNet-1k for ImageNet-A/-R), else None
+        self.parent_class_indices = list(parent_class_indices) if parent_class_indices is not None else None
+        self.digits_size = int(digits_size)
+        self.skipped: list[tuple[str, str]] = []
+        where = f" ({source})" if source else ""
+        n = len(self.classnames)
+        for d in data:
+            if not isinstance(d.label, int) or not 0 <= d.label < n:
+                raise DataError(
+                    f"label {d.label!r} of {d.path}{where} is outside the class list of {name or 'the dataset'} "
+                    f"({n} classes, valid labels 0..{n - 1})"
+                )
+        kept = self._check_files(list(data), skip_bad, where)
+        if skip_bad:
+            kept = self._check_decodable(kept)
+            if self.skipped:
+                log.warning(
+                    "%s: skipped %d of %d items (missing or unreadable), %d remain",
+                    name or "dataset",
+                    len(self.skipped),
+                    len(data),
+                    len(kept),
+                )
+        self.data: list[Datum] = kept
+
+    def _check_files(self, data: list[Datum], skip_bad: bool, where: str) -> list[Datum]:
+        missing = [d for d in data if not is_digits_path(d.path) and not os.path.isfile(d.path)]
+        if not missing:
+            return data
+        if not skip_bad:
+            shown = ", ".join(d.path for d in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise DataError(
+                f"{len(missing)} listed image file(s) do not exist{where}: {shown}{more} "
+                "(pass skip_bad=True to drop them and report them in dataset.skipped)"
+            )
+        bad = {d.path for d in missing}
+        self.skipped.extend((p, "file does not exist") for p in sorted(bad))
+        return [d for d in data if d.path not in bad]
+
+    def _check_decodable(self, data: list[Datum]) -> list[Datum]:
+        def check(d: Datum) -> str | None:
+            try:
+                self._load(d.path)
+            except DataError as exc:
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            reasons = list(pool.map(check, data))
+        kept = []
+        for d, r in zip(data, reasons, strict=True):
+            if r is None:
+                kept.append(d)
+            else:
+                self.skipped.append((d.path, r))
+        return kept
+
+    # -- loading -----------------------------------------------------------------------------
+    def _load(self, path: str) -> Image.Image:
+        if is_digits_path(path):
+            return load_digit(path, self.digits_size)
+        return load_image_file(path)
+
+    def load_image(self, index: int) -> Image.Image:
+        """The decoded RGB PIL image of item ``index`` (raises ``DataError`` naming the file)."""
+        return self._load(self.data[index].path)
+
+    @property
+    def labels(self) -> list[int]:
+        """The true labels of all items (available even when ``unlabelled``; callers decide)."""
+        return [d.label for d in self.data]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used to derive per-item view seeds (only matters when ``view_seed`` is set)."""
+        self.epoch = int(epoch)
+
+    def _view_transform(self) -> Callable[..., Any]:
+        t = self.train_transform or self.transform
+        if t is None or not getattr(t, "train", False):
+            raise DataError(
+                f"get_view needs a seedable train transform (from build_transform(..., train=True)); "
+                f"{self.name or 'this dataset'} has transform={self.transform!r}, train_transform={self.train_transform!r}"
+            )
+        return t
+
+    def get_view(self, index: int, seed: int) -> torch.Tensor:
+        """The train-augmented view of item ``index`` drawn with a generator seeded with ``seed``."""
+        t = self._view_transform()
+        g = torch.Generator()
+        g.manual_seed(int(seed) & _MASK63)
+        return t(self.load_image(index), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        d = self.data[index]
+        if self.view_seed is not None:
+            image: Any = self.get_view(index, derive_view_seed(self.view_seed, self.epoch, index))
+        else:
+            image = self.load_image(index)
+            if self.transform is not None:
+                image = self.transform(image)
+        return image, (-1 if self.unlabelled else d.label), index
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, items={len(self)}, classes={self.num_classes}, "
+            f"unlabelled={self.unlabelled}, skipped={len(self.skipped)})"
+        )

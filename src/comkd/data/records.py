@@ -1,0 +1,58 @@
+"""Plain records shared by every dataset reader: one labelled image and the splits of a dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One image: an absolute file path (or a virtual path such as ``digits://123``), its label and
+    the class name of that label."""
+
+    path: str
+    label: int
+    classname: str
+
+
+@dataclass
+class DatasetSplits:
+    """All splits of one dataset.
+
+    ``classnames[i]`` is the name of label ``i``. ``pretrain`` is only filled for datasets that
+    carry data for stage-0 contrastive pre-training (the embedded digits, split image folders).
+    ``class_indices``, when set, maps each label to its index in a parent label space (for
+    ImageNet-A/-R: the ImageNet-1k index of each of the 200 classes), so a caller holding text
+    features for the parent classes can slice them. ``skipped`` lists ``(path, reason)`` for
+    inputs dropped while reading (only with ``skip_bad=True``, e.g. empty class folders).
+    """
+
+    name: str
+    classnames: list[str]
+    train: list[Datum]
+    val: list[Datum]
+    test: list[Datum]
+    pretrain: list[Datum] = field(default_factory=list)
+    templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
+    class_indices: list[int] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Datum]:
+        """Return the split called ``name`` (``pretrain``, ``train``, ``val`` or ``test``)."""
+        from .errors import DataError
+
+        if name not in SPLIT_NAMES:
+            raise DataError(
+                f"unknown split {name!r} for dataset {self.name!r}; valid: {', '.join(SPLIT_NAMES)}"
+            )
+        return getattr(self, name)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of ``classnames``)."""
+        return len(self.classnames)
+
+
+SPLIT_NAMES = ("pretrain", "train", "val", "test")
