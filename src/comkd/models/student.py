@@ -38,6 +38,8 @@ class StudentOutput:
 class Student(nn.Module):
     """Frozen image tower + deep visual prompts + projector + EduAttention (+ α)."""
 
+    frozen_prefixes = ("visual.",)  # the frozen tower; its prompts are trainable and kept
+
     def __init__(
         self,
         loaded: LoadedModel,

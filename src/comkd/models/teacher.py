@@ -74,9 +74,11 @@ class Teacher(nn.Module):
     def prompt_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.visual.prompts, self.text.ctx, self.text.deep) if p is not None]
 
+    frozen_prefixes = ("clip.", "visual.visual.")
+
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """Just the learned prompts (what stage 1 produces)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
 
     def load_prompts(self, state: dict[str, torch.Tensor] | str | Path) -> None:
         """Load prompts saved by ``prompt_state_dict`` (a dict or a safetensors/torch file)."""
@@ -178,6 +180,6 @@ def create_teacher(
         vision_tokens=vision_tokens,
         vision_depth=vision_depth,
     ).to(device)
-    if prompts is not None:
+    if prompts:
         teacher.load_prompts(prompts)
     return teacher.eval()

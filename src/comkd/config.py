@@ -1,0 +1,310 @@
+"""Run configuration: typed sections, strict validation, YAML presets.
+
+Precedence: built-in defaults < YAML file (``--config``, which may name a ``preset``) <
+command-line flags (including ``--set section.key=value``). Unknown keys and bad values are
+rejected with the key's dotted name and the allowed values. The resolved config is saved as
+``config.yaml`` in the run folder and is enough to re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed; the message names the dotted key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    root: str | None = None
+    split_file: str | None = None
+    subdir: str | None = None
+    num_shots: int = 16
+    image_size: int | None = None  # default: the student's input size
+    num_workers: int = 0
+    skip_bad: bool = False
+    eval_batch_size: int = 256
+    classes_file: str | None = None  # image folders / CSV: class names file
+    fractions: list[float] | None = None  # image folders / CSV / digits: pretrain, train, val, test
+    split_seed: int = 0  # seed of that per-class split (independent of the run seed)
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "ViT-L-14"
+    pretrained: str | None = None
+    prompts: str | None = None  # learned prompts from stage 1
+    text_ctx: int = 4
+    text_depth: int | None = None  # None: min(9, layers)
+    ctx_init: str | None = "a photo of a"
+    vision_tokens: int = 4
+    vision_depth: int | None = None
+    quick_gelu: bool = False
+
+
+@dataclass
+class StudentConfig:
+    model: str = "ViT-B-16"
+    pretrained: str | None = None
+    vision_tokens: int = 4
+    vision_depth: int | None = None
+    edu_heads: int = 1
+    edu_attn_dim: int | None = None
+    edu_shared_fc: bool = False
+    attend: Literal["all", "subset"] = "all"
+    logit_scale: float | None = None  # None: the student CLIP's own (PromptKD)
+    quick_gelu: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule of one stage. ``sgd``: cosine per epoch after a constant warm-up
+    (PromptKD); ``adamw``: per-step one-cycle cosine with linear warm-up (stage 0)."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 20
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    warmup_frac: float = 0.1  # adamw only
+    batch_size: int = 8
+    grad_accum: int = 1
+    amp: Literal["auto", "on", "off"] = "auto"
+    grad_clip: float | None = None
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 0: contrastive CLIP training on labelled images with class-name captions."""
+
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=15, batch_size=64)
+    )
+    teacher_lr: float | None = None  # per-tower override of optim.lr
+    student_lr: float | None = None
+    split: str = "pretrain"
+    enabled: bool = False  # ``comkd run``: pre-train both CLIPs first (offline presets)
+    eval_split: str = "test"
+
+
+@dataclass
+class TeacherTrainConfig:
+    """Stage 1: PromptSRC prompt learning on labelled few-shot base classes."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    text_l1_weight: float = 25.0
+    image_l1_weight: float = 10.0
+    kl_weight: float = 1.0
+    subsample: Literal["base", "all"] = "base"
+
+
+@dataclass
+class DistillConfig:
+    """Stage 2: distillation on unlabelled images."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: Literal["comkd", "promptkd", "no-ifalign", "no-eduattention", "feature-l1", "feature-mse"] = "comkd"
+    kd_weight: float = 1000.0
+    temperature: float = 1.0
+    align_weight: float = 1.0
+    ifalign_stats: Literal["per_channel", "per_sample"] = "per_channel"
+    feature_weight: float = 1.0
+    split: str = "train"
+    select: Literal["last", "promptkd"] = "last"
+    teacher_cache: str | None = None
+
+
+@dataclass
+class RunConfig:
+    seed: int = 1
+    device: str = "auto"
+    output_dir: str = "runs/comkd"
+    protocol: Literal["base2novel", "cross", "dg", "all"] = "base2novel"
+    log_every: int = 10
+    ckpt_every: int = 0  # also checkpoint every N optimiser steps (0: at epoch ends only)
+    tensorboard: bool = False
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# -- conversion ------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (coercing strings from the command line)."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}")
+            _merge(current, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+    _validate(obj, prefix)
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    if isinstance(obj, OptimConfig):
+        for name in ("lr", "epochs", "batch_size", "grad_accum"):
+            if getattr(obj, name) <= 0:
+                raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(obj, name)}")
+        if obj.warmup_epochs < 0 or obj.warmup_epochs >= max(obj.epochs, 1) and obj.warmup_epochs:
+            raise ConfigError(f"{prefix}warmup_epochs: must be in [0, epochs), got {obj.warmup_epochs}")
+    if isinstance(obj, DataConfig) and obj.num_shots <= 0:
+        raise ConfigError(f"{prefix}num_shots: must be > 0, got {obj.num_shots}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        cand = PRESET_DIR / f"{path}.yaml"
+        if cand.is_file():
+            p = cand
+        else:
+            raise ConfigError(f"config file not found: {path} (presets: {', '.join(list_presets())})")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    base = data.pop("preset", None)
+    if base:
+        merged = _read_yaml(base)
+        _deep_update(merged, data)
+        data = merged
+    return data
+
+
+def _deep_update(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["distill.optim.lr=0.01", "seed=2"]`` → nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    config: str | Path | None = None, overrides: dict | None = None, sets: list[str] | None = None
+) -> RunConfig:
+    """Defaults < ``config`` (a YAML path or preset name) < ``overrides`` (flags) < ``sets``."""
+    cfg = RunConfig()
+    if config:
+        _merge(cfg, _read_yaml(config))
+    if overrides:
+        _merge(cfg, overrides)
+    if sets:
+        _merge(cfg, parse_overrides(sets))
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,363 @@
+"""One training loop for every stage (pre-training, teacher prompts, distillation).
+
+A stage is a ``Task``: it owns its modules and turns a batch into named losses. ``fit`` adds what
+every stage needs: deterministic data order and augmented views (from one seed), SGD/AdamW with
+the schedule of METHOD.md, AMP where it works, gradient accumulation, DDP under torchrun,
+JSONL metrics, progress bars, atomic checkpoints, exact mid-epoch resume, and a stop on a
+non-finite loss that keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config import OptimConfig
+from .utils import (
+    all_reduce_sum,
+    amp_context,
+    atomic_torch_save,
+    barrier,
+    is_main,
+    rank,
+    world_size,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the checkpoint kept."""
+
+
+class Task(Protocol):
+    """A training stage: modules to train and how a batch becomes named losses."""
+
+    name: str
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Modules whose trainable state is checkpointed (and wrapped by DDP when distributed)."""
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimiser parameter groups (``{"params": [...], "lr": ...}``; lr optional)."""
+
+    def step(self, batch: Any, epoch: int) -> dict[str, torch.Tensor]:
+        """Named losses of one batch; ``loss`` is back-propagated."""
+
+
+# -- schedule ----------------------------------------------------------------------------------
+def lr_at(cfg: OptimConfig, base_lr: float, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """The learning rate of a step, derived from the position alone (nothing to checkpoint).
+
+    ``sgd``: constant ``warmup_lr`` for ``warmup_epochs``, then cosine over all epochs, stepped per
+    epoch (Dassl/PromptKD's ConstantWarmup + CosineAnnealingLR). ``adamw``: per-step linear warm-up
+    over ``warmup_frac`` of the steps, then cosine to zero (one-cycle).
+    """
+    if cfg.optimizer == "sgd":
+        if epoch < cfg.warmup_epochs:
+            return cfg.warmup_lr
+        return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    total = cfg.epochs * steps_per_epoch
+    t = epoch * steps_per_epoch + step_in_epoch
+    warm = max(1, int(cfg.warmup_frac * total))
+    if t < warm:
+        return base_lr * (t + 1) / warm
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+
+
+# -- data order --------------------------------------------------------------------------------
+class EpochBatchSampler(Sampler[list[int]]):
+    """Seeded per-epoch shuffling into global batches; each rank takes its slice of every batch.
+
+    The order depends only on (seed, epoch), so a resumed run skips ``start_batch`` batches and
+    sees exactly the batches an uninterrupted run would. Global batches are ``batch_size`` items
+    (the last, short batch is dropped, as PromptKD's loader does) split evenly over the ranks.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True):
+        ws = world_size()
+        if batch_size % ws:
+            raise ValueError(f"global batch size {batch_size} is not divisible by the {ws} processes")
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
+        self.epoch, self.start_batch = 0, 0
+        self.rank, self.world = rank(), ws
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def num_batches(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches() - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.batch_size // self.world
+        for b in range(self.start_batch, self.num_batches()):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank] if len(batch) == self.batch_size else batch
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state a checkpoint needs: everything except the frozen parts a module declares in
+    ``frozen_prefixes`` (trainable parameters under those prefixes, such as prompts, are kept)."""
+    frozen = tuple(getattr(module, "frozen_prefixes", ()))
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {
+        k: v.detach().cpu().clone()
+        for k, v in module.state_dict().items()
+        if not (frozen and k.startswith(frozen)) or k in trainable
+    }
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    checkpoint: Path | None = None
+    resumed_from: dict | None = None
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    for g in groups:
+        g.setdefault("lr", cfg.lr)
+        g["base_lr"] = g["lr"]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+def fit(
+    task: Task,
+    dataset: Dataset,
+    cfg: OptimConfig,
+    *,
+    out_dir: str | Path,
+    seed: int,
+    device: torch.device,
+    metrics=None,
+    resume: bool = False,
+    log_every: int = 10,
+    ckpt_every: int = 0,
+    progress: bool = True,
+    num_workers: int = 0,
+    on_epoch_end: Callable[[int], dict] | None = None,
+    stop_after_steps: int | None = None,
+) -> FitResult:
+    """Train ``task`` on ``dataset`` for ``cfg.epochs`` epochs.
+
+    Checkpoints go to ``out_dir/checkpoint.pt`` (atomic; every epoch end and every ``ckpt_every``
+    optimiser steps). With ``resume`` the run continues from that file mid-epoch, and its final
+    state equals an uninterrupted run's with the same seed. ``on_epoch_end(epoch)`` may return
+    evaluation metrics, logged with the epoch record. ``stop_after_steps`` ends the run early (tests).
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+    mods = task.modules()
+    ddp_mods: dict[str, nn.Module] = {}
+    if world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        for k, m in mods.items():
+            if any(p.requires_grad for p in m.parameters()):
+                ddp_mods[k] = DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
+        task.wrap(ddp_mods)
+    optimizer = _build_optimizer(cfg, task.parameter_groups())
+    autocast, use_scaler = amp_context(device, cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size * cfg.grad_accum, seed)
+    steps_per_epoch = sampler.num_batches()
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{task.name}: {len(dataset)} training images are fewer than one batch of "
+            f"{cfg.batch_size * cfg.grad_accum}; lower the batch size"
+        )
+    result = FitResult()
+    start_epoch, start_batch, global_step = 0, 0, 0
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state.get("task") != task.name:
+            raise ValueError(f"{ckpt_path} belongs to stage {state.get('task')!r}, not {task.name!r}")
+        for k, m in mods.items():
+            m.load_state_dict(state["modules"][k], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["global_step"]
+        result.history = state["history"]
+        result.resumed_from = {"epoch": start_epoch, "batch": start_batch, "global_step": global_step}
+        if metrics is not None:
+            metrics.truncate_after(task.name, global_step)
+        if start_batch >= steps_per_epoch:
+            start_epoch, start_batch = start_epoch + 1, 0
+        log.info("%s: resumed from %s at epoch %d batch %d", task.name, ckpt_path, start_epoch, start_batch)
+
+    def save(epoch: int, batch: int) -> None:
+        if is_main():
+            atomic_torch_save(
+                {
+                    "task": task.name,
+                    "modules": {k: trainable_state(m) for k, m in mods.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                    "epoch": epoch,
+                    "batch": batch,
+                    "global_step": global_step,
+                    "history": result.history,
+                },
+                ckpt_path,
+            )
+        barrier()
+
+    set_epoch = getattr(dataset, "set_epoch", None)
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+        if set_epoch is not None:
+            set_epoch(epoch)
+        for m in mods.values():
+            m.train()
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        bar = _progress(len(sampler), f"{task.name} {epoch + 1}/{cfg.epochs}", progress and is_main())
+        t0 = time.perf_counter()
+        batch_idx = sampler.start_batch
+        for batch in loader:
+            lr_scale = None
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(cfg, g["base_lr"], epoch, batch_idx, steps_per_epoch)
+                lr_scale = g["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            micro = _split(batch, cfg.grad_accum)
+            for mb in micro:
+                mb = _to_device(mb, device)
+                with autocast:
+                    losses = task.step(mb, epoch)
+                loss = losses["loss"] / len(micro)
+                scaler.scale(loss).backward()
+                finite = torch.isfinite(losses["loss"].detach())
+                bad_step = torch.where((~finite) & (bad_step < 0), torch.full_like(bad_step, global_step), bad_step)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() / len(micro)
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            batch_idx += 1
+            count += 1
+            if bar is not None:
+                bar.update(1)
+            at_log = global_step % log_every == 0
+            at_ckpt = ckpt_every and global_step % ckpt_every == 0
+            if at_log or at_ckpt or batch_idx == steps_per_epoch:
+                _check_finite(bad_step, task.name, epoch, ckpt_path)
+            if at_log and metrics is not None and is_main():
+                rec = {"stage": task.name, "epoch": epoch, "step": global_step, "lr": lr_scale}
+                rec.update({k: float(v) / count for k, v in sums.items()})
+                rec.update(task.extra_metrics() if hasattr(task, "extra_metrics") else {})
+                metrics.log(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if at_ckpt and batch_idx < steps_per_epoch:
+                save(epoch, batch_idx)
+            if stop_after_steps is not None and global_step >= stop_after_steps:
+                if bar is not None:
+                    bar.close()
+                return result
+        if bar is not None:
+            bar.close()
+        n = all_reduce_sum(torch.tensor(float(count), device=device))
+        epoch_rec = {"stage": task.name, "type": "epoch", "epoch": epoch, "step": global_step}
+        for k, v in sums.items():
+            epoch_rec[k] = float(all_reduce_sum(v.to(device)) / n) if count else float("nan")
+        epoch_rec["time_s"] = time.perf_counter() - t0
+        epoch_rec.update(task.extra_metrics() if hasattr(task, "extra_metrics") else {})
+        if on_epoch_end is not None:
+            epoch_rec.update(on_epoch_end(epoch) or {})
+        result.history.append(epoch_rec)
+        if metrics is not None and is_main():
+            metrics.log(epoch_rec)
+        save(epoch + 1, 0)
+        start_batch = 0
+    result.checkpoint = ckpt_path
+    return result
+
+
+def _check_finite(bad_step: torch.Tensor, name: str, epoch: int, ckpt_path: Path) -> None:
+    """Raise if any micro-step since the last check had a non-finite loss (one sync per check)."""
+    step = int(bad_step.item())
+    if world_size() > 1:
+        any_bad = all_reduce_sum(torch.tensor(float(step >= 0), device=bad_step.device))
+        if float(any_bad) > 0 and step < 0:
+            step = -2
+    if step != -1:
+        kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        where = f"optimiser step {step + 1}" if step >= 0 else "another process"
+        raise NonFiniteLossError(f"{name}: the loss became NaN/inf at {where} (epoch {epoch + 1}); {kept}")
+
+
+def _split(batch: Any, parts: int) -> list[Any]:
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, (list, tuple)):
+        chunks = [torch.chunk(b, parts) if torch.is_tensor(b) else [b] * parts for b in batch]
+        return [type(batch)(c[i] for c in chunks) for i in range(parts)]
+    return list(torch.chunk(batch, parts))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch

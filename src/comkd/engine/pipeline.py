@@ -1,0 +1,388 @@
+"""Stage runners: each takes a resolved ``RunConfig`` and a run folder, and writes the folder's
+files (``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``, weights, ``results.json``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import RunConfig, save_config
+from ..data import build_dataset, build_transform
+from ..data.dataset import ImageDataset
+from ..losses import build_loss, method_spec
+from ..models import (
+    PreprocessSpec,
+    Student,
+    Teacher,
+    create_student,
+    create_teacher,
+    load_clip,
+    save_clip_weights,
+)
+from .loop import fit
+from .tasks import (
+    DistillTask,
+    PretrainTask,
+    TeacherOutputs,
+    TeacherPromptTask,
+    accuracy,
+    harmonic_mean,
+    predict,
+)
+from .utils import MetricsLog, init_distributed, is_main, resolve_device, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+TEACHER_CLIP = "teacher_clip.safetensors"
+STUDENT_CLIP = "student_clip.safetensors"
+TEACHER_PROMPTS = "teacher_prompts.safetensors"
+STUDENT_FILE = "student.safetensors"
+
+
+# -- builders ----------------------------------------------------------------------------------
+def build_teacher(cfg: RunConfig, device: torch.device, prompts: str | None = None) -> Teacher:
+    t = cfg.teacher
+    return create_teacher(
+        t.model,
+        t.pretrained,
+        text_ctx=t.text_ctx,
+        text_depth=t.text_depth,
+        ctx_init=t.ctx_init,
+        vision_tokens=t.vision_tokens,
+        vision_depth=t.vision_depth,
+        prompts=prompts if prompts is not None else t.prompts,
+        image_size=cfg.data.image_size,
+        quick_gelu=t.quick_gelu or None,
+        device=device,
+    )
+
+
+def build_student(cfg: RunConfig, teacher_dim: int, device: torch.device, method: str | None = None) -> Student:
+    s = cfg.student
+    spec = method_spec(method or cfg.distill.method)
+    return create_student(
+        s.model,
+        s.pretrained,
+        teacher_dim=teacher_dim,
+        vision_tokens=s.vision_tokens,
+        vision_depth=s.vision_depth,
+        edu_attention=spec["edu_attention"],
+        edu_heads=s.edu_heads,
+        edu_attn_dim=s.edu_attn_dim,
+        edu_shared_fc=s.edu_shared_fc,
+        attend=s.attend,
+        logit_scale=s.logit_scale,
+        image_size=cfg.data.image_size,
+        quick_gelu=s.quick_gelu or None,
+        device=device,
+    )
+
+
+def _transforms(spec: PreprocessSpec):
+    kw = {"image_size": spec.image_size, "mean": spec.mean, "std": spec.std, "interpolation": spec.interpolation}
+    return build_transform(train=True, **kw), build_transform(train=False, **kw)
+
+
+def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.data
+    kw: dict[str, Any] = {"split_file": d.split_file, "skip_bad": d.skip_bad}
+    if d.dataset in ("imagefolder", "csv"):
+        kw.update(subdir=d.subdir, classes_file=d.classes_file) if d.dataset == "imagefolder" else kw.update(
+            classes_file=d.classes_file
+        )
+    if d.fractions is not None:
+        kw["fractions"] = d.fractions
+    if d.dataset in ("imagefolder", "csv", "digits"):
+        kw["split_seed"] = d.split_seed
+    if d.dataset == "digits":
+        kw["digits_size"] = d.image_size or 32
+        kw.pop("split_file")
+    return kw
+
+
+def make_dataset(
+    cfg: RunConfig, split: str, spec: PreprocessSpec, *, train: bool, subsample: str = "all", shots: bool = False,
+    unlabelled: bool = False,
+) -> ImageDataset:
+    """A split of the configured dataset with the backbone's transforms; train splits draw
+    reproducible views from the run seed."""
+    train_tf, test_tf = _transforms(spec)
+    ds = build_dataset(
+        cfg.data.dataset,
+        cfg.data.root,
+        split,
+        test_tf if not train else None,
+        num_shots=cfg.data.num_shots if shots else None,
+        subsample=subsample,
+        seed=cfg.seed,
+        unlabelled=unlabelled,
+        train_transform=train_tf if train else None,
+        view_seed=cfg.seed if train else None,
+        **_dataset_kwargs(cfg),
+    )
+    if ds.skipped:
+        log.warning("%s/%s: %d bad images skipped (skip_bad=true)", cfg.data.dataset, split, len(ds.skipped))
+    return ds
+
+
+def _loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
+    return DataLoader(
+        ds,
+        batch_size=cfg.data.eval_batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _start(cfg: RunConfig, out_dir: str | Path) -> tuple[Path, torch.device, MetricsLog]:
+    init_distributed()
+    out = Path(out_dir)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    tb = out / "tensorboard" if cfg.tensorboard else None
+    return out, device, MetricsLog(out / "metrics.jsonl", enabled=is_main(), tensorboard_dir=tb)
+
+
+def _fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: MetricsLog, resume: bool) -> dict:
+    return {
+        "out_dir": out,
+        "seed": cfg.seed,
+        "device": device,
+        "metrics": metrics,
+        "resume": resume,
+        "log_every": cfg.log_every,
+        "ckpt_every": cfg.ckpt_every,
+        "progress": cfg.progress,
+        "num_workers": cfg.data.num_workers,
+    }
+
+
+# -- stage 0 -----------------------------------------------------------------------------------
+@torch.no_grad()
+def clip_zero_shot(model, tokenizer, ds: ImageDataset, templates: list[str], loader, device) -> float:
+    """Zero-shot accuracy of an open_clip model on ``ds`` (template-averaged class prompts)."""
+    model.eval()
+    feats = []
+    for t in templates:
+        tok = tokenizer([t.format(c) for c in ds.classnames]).to(device)
+        feats.append(torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1))
+    w = torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
+    preds, labels = predict(lambda x: model.encode_image(x).float() @ w.t(), loader, device)
+    return accuracy(preds, labels)
+
+
+def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] = ("teacher", "student"),
+                 resume: bool = False) -> dict[str, Any]:
+    """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
+    Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
+    accuracy on ``pretrain.eval_split``."""
+    out, device, metrics = _start(cfg, out_dir)
+    results: dict[str, Any] = {}
+    for role in which:
+        mcfg = cfg.teacher if role == "teacher" else cfg.student
+        loaded = load_clip(mcfg.model, mcfg.pretrained, image_size=cfg.data.image_size,
+                           quick_gelu=mcfg.quick_gelu or None, device=device)
+        sub = out / role
+        ds = make_dataset(cfg, cfg.pretrain.split, loaded.preprocess, train=True)
+        lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
+        task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr)
+        task.name = f"pretrain_{role}"
+        seed_everything(cfg.seed)
+        fit(task, ds, cfg.pretrain.optim, **_fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub})
+        path = out / (TEACHER_CLIP if role == "teacher" else STUDENT_CLIP)
+        if is_main():
+            save_clip_weights(loaded.model, path, loaded.name, loaded.config)
+        test = make_dataset(cfg, cfg.pretrain.eval_split, loaded.preprocess, train=False)
+        acc = clip_zero_shot(loaded.model, loaded.tokenizer, test, ds.templates, _loader(cfg, test, device), device)
+        results[role] = {"weights": str(path), "zero_shot_acc": acc}
+        metrics.log({"stage": task.name, "type": "eval", "split": cfg.pretrain.eval_split, "acc": acc})
+        log.info("pretrain %s: zero-shot %s acc %.2f%%", role, cfg.pretrain.eval_split, acc)
+    if is_main():
+        write_json(out / "results.json", {"stage": "pretrain", **results})
+    return results
+
+
+# -- stage 1 -----------------------------------------------------------------------------------
+def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Stage 1: PromptSRC prompt learning on ``num_shots`` labelled shots of the base classes
+    (``teacher_train.subsample``). Writes ``teacher_prompts.safetensors``."""
+    from safetensors.torch import save_file
+
+    out, device, metrics = _start(cfg, out_dir)
+    teacher = build_teacher(cfg, device, prompts="")
+    tt = cfg.teacher_train
+    ds = make_dataset(cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True)
+    task = TeacherPromptTask(teacher, ds.classnames, ds.templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight)
+    fit(task, ds, tt.optim, **_fit_kwargs(cfg, out, device, metrics, resume))
+    path = out / TEACHER_PROMPTS
+    if is_main():
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in teacher.prompt_state_dict().items()}, str(tmp),
+                  metadata={"comkd.teacher_model": cfg.teacher.model})
+        tmp.replace(path)
+    return {"prompts": str(path), "train_images": len(ds), "classes": ds.classnames}
+
+
+# -- stage 2 -----------------------------------------------------------------------------------
+def save_student(student: Student, path: str | Path, cfg: RunConfig, method: str) -> None:
+    """The deployable student: all weights (tower included), the stored W and class names, and
+    the config to rebuild it, in one safetensors file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {
+        "comkd.student_config": json.dumps({
+            "model": cfg.student.model, "method": method, "teacher_dim": student.teacher_dim,
+            "vision_tokens": student.visual.n_tokens if hasattr(student.visual, "n_tokens") else 0,
+            "vision_depth": student.visual.depth if hasattr(student.visual, "depth") else 0,
+            "edu_heads": cfg.student.edu_heads, "edu_attn_dim": cfg.student.edu_attn_dim,
+            "edu_shared_fc": cfg.student.edu_shared_fc, "attend": student.attend,
+            "image_size": student.preprocess.image_size, "quick_gelu": cfg.student.quick_gelu,
+        }),
+        "comkd.classnames": json.dumps(student.classnames),
+        "comkd.preprocess": json.dumps(student.preprocess.__dict__),
+    }
+    sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
+    """Rebuild a student saved by ``save_student`` (no teacher, no text encoder needed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..models.backbones import ModelError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"student file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "comkd.student_config" not in meta:
+        raise ModelError(f"{path} is not a comkd student file (no comkd.student_config metadata)")
+    c = json.loads(meta["comkd.student_config"])
+    spec = method_spec(c["method"])
+    student = create_student(
+        c["model"], None, teacher_dim=c["teacher_dim"], vision_tokens=c["vision_tokens"],
+        vision_depth=c["vision_depth"], edu_attention=spec["edu_attention"], edu_heads=c["edu_heads"],
+        edu_attn_dim=c["edu_attn_dim"], edu_shared_fc=c["edu_shared_fc"], attend=c["attend"],
+        logit_scale=1.0, image_size=c["image_size"], quick_gelu=c["quick_gelu"] or None, device=device,
+    )
+    sd = load_file(str(path))
+    student.set_text_features(sd["text_features"], json.loads(meta["comkd.classnames"]))
+    student.load_state_dict(sd, strict=True)
+    return student.eval()
+
+
+def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
+                eval_fn=None) -> dict[str, Any]:
+    """Stage 2: distil the prompted teacher into the student on unlabelled ``distill.split``
+    images of all classes. Writes ``student.safetensors``."""
+    out, device, metrics = _start(cfg, out_dir)
+    d = cfg.distill
+    teacher = build_teacher(cfg, device)
+    student = build_student(cfg, teacher.embed_dim, device)
+    ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True)
+    w = teacher.class_text_features(ds.full_classnames)
+    student.set_text_features(w, ds.full_classnames)
+    if d.teacher_cache:
+        from .cache import CachedTeacherOutputs
+
+        outputs = CachedTeacherOutputs.open(d.teacher_cache, teacher=teacher, dataset=ds, device=device)
+    else:
+        outputs = TeacherOutputs(teacher, student.preprocess)
+    loss = build_loss(
+        d.method, kd_weight=d.kd_weight, temperature=d.temperature, align_weight=d.align_weight,
+        ifalign_stats=d.ifalign_stats, feature_weight=d.feature_weight,
+    )
+    task = DistillTask(student, outputs, w, float(teacher.logit_scale), loss)
+    best: dict[str, Any] = {"score": -1.0}
+
+    def on_epoch_end(epoch: int) -> dict:
+        if eval_fn is None:
+            return {}
+        student.eval()
+        res = eval_fn(student)
+        if res["score"] > best["score"]:
+            best.update(score=res["score"], epoch=epoch,
+                        state={k: v.detach().cpu().clone() for k, v in student.state_dict().items()})
+        return {k: v for k, v in res.items() if isinstance(v, (int, float))}
+
+    fit_res = fit(task, ds, d.optim, **_fit_kwargs(cfg, out, device, metrics, resume),
+                  on_epoch_end=on_epoch_end if (d.select == "promptkd" and eval_fn is not None) else None)
+    if d.select == "promptkd" and "state" in best:
+        student.load_state_dict(best["state"])
+    path = out / STUDENT_FILE
+    if is_main():
+        save_student(student, path, cfg, d.method)
+    alpha = float(student.edu_attention.alpha) if student.edu_attention is not None else None
+    return {"student": str(path), "alpha": alpha, "train_images": len(ds), "history": fit_res.history,
+            "selected_epoch": best.get("epoch") if d.select == "promptkd" else None}
+
+
+# -- evaluation --------------------------------------------------------------------------------
+def evaluate_student(cfg: RunConfig, student: Student, split: str = "test") -> dict[str, Any]:
+    """Base/novel/HM (``protocol: base2novel``) or plain accuracy, for a student with stored W."""
+    device = next(student.parameters()).device
+    student.eval()
+    if cfg.protocol == "base2novel":
+        res: dict[str, Any] = {"protocol": "base2novel", "dataset": cfg.data.dataset}
+        for part in ("base", "novel"):
+            ds = make_dataset(cfg, split, student.preprocess, train=False, subsample=part)
+            idx = ds.class_indices
+            preds, labels = predict(lambda x, i=idx: student(x, class_subset=i).logits, _loader(cfg, ds, device), device)
+            res[part] = {"acc": accuracy(preds, labels), "classes": len(idx), "images": len(ds)}
+        res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
+        return res
+    ds = make_dataset(cfg, split, student.preprocess, train=False)
+    idx = ds.class_indices
+    preds, labels = predict(lambda x: student(x, class_subset=idx).logits, _loader(cfg, ds, device), device)
+    return {"protocol": cfg.protocol, "dataset": cfg.data.dataset, "acc": accuracy(preds, labels), "images": len(ds)}
+
+
+def evaluate_teacher(cfg: RunConfig, teacher: Teacher, split: str = "test") -> dict[str, Any]:
+    """The prompted teacher's accuracy, split as ``evaluate_student`` does."""
+    device = next(teacher.parameters()).device
+    teacher.eval()
+
+    def run(subsample: str) -> dict:
+        ds = make_dataset(cfg, split, teacher.preprocess, train=False, subsample=subsample)
+        w = teacher.class_text_features(ds.full_classnames)[ds.class_indices]
+        preds, labels = predict(lambda x: teacher.encode_image(x) @ w.t(), _loader(cfg, ds, device), device)
+        return {"acc": accuracy(preds, labels), "classes": len(ds.classnames), "images": len(ds)}
+
+    if cfg.protocol == "base2novel":
+        res = {"protocol": "base2novel", "dataset": cfg.data.dataset, "base": run("base"), "novel": run("novel")}
+        res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
+        return res
+    return {"protocol": cfg.protocol, "dataset": cfg.data.dataset, **run("all")}
+
+
+def evaluate_clip_zero_shot(cfg: RunConfig, role: str, split: str = "test") -> dict[str, Any]:
+    """Zero-shot accuracy of the plain (undistilled) CLIP of ``role`` with its own text tower."""
+    mcfg = cfg.teacher if role == "teacher" else cfg.student
+    device = resolve_device(cfg.device)
+    loaded = load_clip(mcfg.model, mcfg.pretrained, image_size=cfg.data.image_size,
+                       quick_gelu=mcfg.quick_gelu or None, device=device)
+
+    def run(subsample: str) -> dict:
+        ds = make_dataset(cfg, split, loaded.preprocess, train=False, subsample=subsample)
+        acc = clip_zero_shot(loaded.model, loaded.tokenizer, ds, ds.templates, _loader(cfg, ds, device), device)
+        return {"acc": acc, "classes": len(ds.classnames), "images": len(ds)}
+
+    if cfg.protocol == "base2novel":
+        res = {"protocol": "base2novel", "dataset": cfg.data.dataset, "base": run("base"), "novel": run("novel")}
+        res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
+        return res
+    return {"protocol": cfg.protocol, "dataset": cfg.data.dataset, **run("all")}

@@ -1,0 +1,198 @@
+"""The three training stages as ``Task``s for ``engine.loop.fit``, and evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import ComKDLoss
+from ..models import PreprocessSpec, Student, Teacher
+
+
+class TaskBase:
+    """Common plumbing: DDP-wrapped modules replace the plain ones in ``step``."""
+
+    name = "task"
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, nn.Module] = {}
+
+    def wrap(self, wrapped: dict[str, nn.Module]) -> None:
+        self._wrapped = wrapped
+
+    def _m(self, key: str, module: nn.Module) -> nn.Module:
+        return self._wrapped.get(key, module)
+
+
+def adapt_images(images: torch.Tensor, src: PreprocessSpec, dst: PreprocessSpec) -> torch.Tensor:
+    """Re-express a batch normalised for ``src`` (size, mean/std) as ``dst`` expects it, so the
+    teacher sees the same augmented view as the student even when their preprocessing differs."""
+    if src.mean != dst.mean or src.std != dst.std:
+        m_s = images.new_tensor(src.mean).view(1, 3, 1, 1)
+        s_s = images.new_tensor(src.std).view(1, 3, 1, 1)
+        m_d = images.new_tensor(dst.mean).view(1, 3, 1, 1)
+        s_d = images.new_tensor(dst.std).view(1, 3, 1, 1)
+        images = (images * s_s + m_s - m_d) / s_d
+    if images.shape[-1] != dst.image_size or images.shape[-2] != dst.image_size:
+        images = F.interpolate(images, size=(dst.image_size, dst.image_size), mode="bicubic", align_corners=False)
+    return images
+
+
+# -- stage 0 -----------------------------------------------------------------------------------
+class PretrainTask(TaskBase):
+    """Contrastive CLIP training with class-name captions: cross-entropy of each image's
+    similarities to the captions of all classes (one random template per class and step)."""
+
+    name = "pretrain"
+
+    def __init__(self, clip: nn.Module, tokenizer, classnames: list[str], templates: list[str], lr: float | None = None):
+        super().__init__()
+        self.clip, self.lr = clip, lr
+        self.tokens = torch.stack([tokenizer([t.format(c) for c in classnames]) for t in templates])  # [T, N, L]
+        self.gen = torch.Generator().manual_seed(0)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"clip": self.clip}
+
+    def parameter_groups(self) -> list[dict]:
+        g = {"params": [p for p in self.clip.parameters() if p.requires_grad]}
+        if self.lr is not None:
+            g["lr"] = self.lr
+        return [g]
+
+    def step(self, batch, epoch: int) -> dict[str, torch.Tensor]:
+        images, labels, _ = batch
+        clip = self._m("clip", self.clip)
+        t = torch.randint(len(self.tokens), (self.tokens.shape[1],), generator=self.gen)
+        tokens = self.tokens[t, torch.arange(self.tokens.shape[1])].to(images.device)
+        img, txt, scale = clip(images, tokens)[:3]
+        logits = scale * img @ txt.t()
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(-1) == labels).float().mean()
+        return {"loss": loss, "acc": acc}
+
+
+# -- stage 1 -----------------------------------------------------------------------------------
+class TeacherPromptTask(TaskBase):
+    """PromptSRC prompt learning: CE on labelled shots plus the self-regularisers (L1 to frozen
+    text features averaged over templates, L1 to frozen image features, KL to frozen zero-shot
+    logits)."""
+
+    name = "train_teacher"
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        classnames: list[str],
+        templates: list[str],
+        text_l1_weight: float = 25.0,
+        image_l1_weight: float = 10.0,
+        kl_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.teacher, self.classnames = teacher, list(classnames)
+        self.w_text, self.w_img, self.w_kl = text_l1_weight, image_l1_weight, kl_weight
+        self.frozen_text = teacher.encode_templates(self.classnames, templates)  # [N, d]
+        for p in teacher.prompt_parameters():
+            p.requires_grad_(True)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher}
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": self.teacher.prompt_parameters()}]
+
+    def step(self, batch, epoch: int) -> dict[str, torch.Tensor]:
+        images, labels, _ = batch
+        t = self.teacher
+        scale = t.logit_scale
+        text = t.encode_text(self.classnames, prompted=True)
+        img = t.encode_image(images, prompted=True)
+        logits = scale * img @ text.t()
+        ce = F.cross_entropy(logits, labels)
+        with torch.no_grad():
+            frozen_img = t.encode_image(images, prompted=False)
+            zs_logits = scale * frozen_img @ self.frozen_text.t()
+        l_text = F.l1_loss(text, self.frozen_text.to(text.dtype)) * self.w_text
+        l_img = F.l1_loss(img, frozen_img) * self.w_img
+        kl = F.kl_div(
+            F.log_softmax(logits, dim=-1), F.log_softmax(zs_logits, dim=-1), reduction="sum", log_target=True
+        ) / logits.numel()
+        loss = ce + l_text + l_img + self.w_kl * kl
+        acc = (logits.argmax(-1) == labels).float().mean()
+        return {"loss": loss, "ce": ce, "text_l1": l_text, "image_l1": l_img, "kl": kl, "acc": acc}
+
+
+# -- stage 2 -----------------------------------------------------------------------------------
+class TeacherOutputs:
+    """Teacher image features u_t for a batch, online (running the frozen teacher)."""
+
+    def __init__(self, teacher: Teacher, student_spec: PreprocessSpec):
+        self.teacher, self.spec = teacher, student_spec
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        return self.teacher.encode_image(adapt_images(images, self.spec, self.teacher.preprocess))
+
+
+class DistillTask(TaskBase):
+    """Stage 2: the student learns from the teacher's image features and logits on unlabelled
+    images (labels in the batch are never read)."""
+
+    name = "distill"
+
+    def __init__(
+        self,
+        student: Student,
+        teacher_outputs,
+        text_features: torch.Tensor,
+        teacher_logit_scale: float,
+        loss: ComKDLoss,
+    ):
+        super().__init__()
+        self.student, self.teacher_outputs, self.loss = student, teacher_outputs, loss
+        self.w = text_features
+        self.s_t = float(teacher_logit_scale)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": self.student.trainable_parameters()}]
+
+    def step(self, batch, epoch: int) -> dict[str, torch.Tensor]:
+        images, _, indices = batch  # labels withheld by design
+        u_t = self.teacher_outputs(images, indices, epoch).to(images.device)
+        w = self.w.to(device=images.device)
+        q_t = self.s_t * u_t.float() @ w.float().t()
+        out = self._m("student", self.student)(images)
+        return self.loss(out.logits, q_t, out.features, u_t)
+
+    def extra_metrics(self) -> dict[str, float]:
+        edu = self.student.edu_attention
+        return {"alpha": float(edu.alpha.detach())} if edu is not None else {}
+
+
+# -- evaluation --------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(
+    fn, loader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``fn(images) -> logits`` over a loader; returns (predictions, labels) on the CPU."""
+    preds, labels = [], []
+    for images, y, _ in loader:
+        logits = fn(images.to(device, non_blocking=True))
+        preds.append(logits.argmax(-1).cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(preds), torch.cat(labels)
+
+
+def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * float((preds == labels).float().mean()) if len(labels) else float("nan")
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """HM = 2BN/(B+N)."""
+    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0

@@ -1,0 +1,153 @@
+"""Small engine utilities: seeding, devices, distributed helpers, atomic files, metrics logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for Python, NumPy and torch (data order and views derive from it too)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA (this rank's GPU under torchrun), then MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def amp_context(device: torch.device, mode: str):
+    """Autocast where it works: CUDA (bf16 if supported, else fp16); off on CPU/MPS unless ``on``."""
+    enabled = mode == "on" or (mode == "auto" and device.type == "cuda")
+    if not enabled:
+        return nullcontext(), False
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype == torch.float16
+    return torch.autocast(device.type, dtype=torch.bfloat16), False
+
+
+# -- distributed -------------------------------------------------------------------------------
+def init_distributed() -> bool:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -- files -----------------------------------------------------------------------------------
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """Write with ``torch.save`` to a temp file, fsync, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class MetricsLog:
+    """Append-only JSONL metrics (rank 0 only); ``truncate_after`` drops lines written after the
+    checkpoint a resumed run restarts from, so the log equals an uninterrupted run's."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard_dir: str | Path | None = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard_dir is not None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as e:  # pragma: no cover - optional extra
+                    raise ImportError("tensorboard logging needs `pip install comkd[tb]`") from e
+                self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{record.get('stage', 'train')}/{k}", v, record["step"])
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("stage") == stage and rec.get("step", -1) > step:
+                continue
+            keep.append(line)
+        atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
