@@ -161,7 +161,7 @@ def load_local_weights(model: nn.Module, path: str | Path, model_cfg: dict, mode
     if openai_style and not model_cfg.get("quick_gelu", False):
         raise ModelError(
             f"{path} is an OpenAI-style CLIP file (QuickGELU activations) but model '{model_name}' uses GELU; "
-            f"use '{model_name}-quickgelu' or quick_gelu=True"
+            "pass quick_gelu=True (flag/config `quick_gelu: true`, or an open_clip '-quickgelu' model name)"
         )
     if "comkd.quick_gelu" in meta and (meta["comkd.quick_gelu"] == "True") != bool(model_cfg.get("quick_gelu", False)):
         raise ModelError(

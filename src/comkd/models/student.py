@@ -103,6 +103,13 @@ class Student(nn.Module):
         self.text_features = text_features.detach().clone().to(self.logit_scale.device)
         self.classnames = list(classnames) if classnames is not None else []
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # W is saved with the student; size the buffer to the saved W before loading it.
+        w = state_dict.get(prefix + "text_features")
+        if w is not None and w.ndim == 2 and w.shape[1] == self.teacher_dim:
+            self.text_features = torch.empty_like(w, device=self.logit_scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

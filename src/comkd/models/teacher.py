@@ -53,9 +53,12 @@ class Teacher(nn.Module):
         vlayers = len(self.clip.visual.transformer.resblocks) if hasattr(self.clip.visual, "transformer") else 0
         tower = self.clip.text if hasattr(self.clip, "text") else self.clip
         tlayers = len(tower.transformer.resblocks)
-        self.visual = PromptedVisionTower(
-            self.clip.visual, vision_tokens, _default_depth(vision_depth, vlayers, vision_tokens)
-        )
+        if vlayers or vision_tokens:
+            self.visual = PromptedVisionTower(
+                self.clip.visual, vision_tokens, _default_depth(vision_depth, vlayers, vision_tokens)
+            )
+        else:  # a non-ViT tower (open_clip ResNet) without visual prompts
+            self.visual = self.clip.visual
         self.text = PromptedTextEncoder(
             self.clip, loaded.tokenizer, text_ctx, _default_depth(text_depth, tlayers, text_ctx), ctx_init
         )
@@ -64,7 +67,7 @@ class Teacher(nn.Module):
     # -- sizes and scales -------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
-        return int(self.visual.output_dim)
+        return int(self.clip.visual.output_dim)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -72,13 +75,16 @@ class Teacher(nn.Module):
         return self.clip.logit_scale.detach().exp().reshape(())
 
     def prompt_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.visual.prompts, self.text.ctx, self.text.deep) if p is not None]
+        prompts = getattr(self.visual, "prompts", None) if isinstance(self.visual, PromptedVisionTower) else None
+        return [p for p in (prompts, self.text.ctx, self.text.deep) if p is not None]
 
-    frozen_prefixes = ("clip.", "visual.visual.")
+    frozen_prefixes = ("clip.", "visual.")  # checkpoints keep only what trains: the prompts
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """Just the learned prompts (what stage 1 produces)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
+        ids = {id(p) for p in self.prompt_parameters()}
+        names = {n for n, p in self.named_parameters() if id(p) in ids}
+        return {k: v for k, v in self.state_dict().items() if k in names}
 
     def load_prompts(self, state: dict[str, torch.Tensor] | str | Path) -> None:
         """Load prompts saved by ``prompt_state_dict`` (a dict or a safetensors/torch file)."""
