@@ -87,12 +87,21 @@ class OptimConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Train augmentation: RandomResizedCrop(scale=(crop_scale_min, 1)) + horizontal flip."""
+
+    crop_scale_min: float = 0.08
+    hflip: float = 0.5
+
+
+@dataclass
 class PretrainConfig:
     """Stage 0: contrastive CLIP training on labelled images with class-name captions."""
 
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=15, batch_size=64)
     )
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher_lr: float | None = None  # per-tower override of optim.lr
     student_lr: float | None = None
     split: str = "pretrain"
@@ -105,6 +114,7 @@ class TeacherTrainConfig:
     """Stage 1: PromptSRC prompt learning on labelled few-shot base classes."""
 
     optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     text_l1_weight: float = 25.0
     image_l1_weight: float = 10.0
     kl_weight: float = 1.0
@@ -116,8 +126,9 @@ class DistillConfig:
     """Stage 2: distillation on unlabelled images."""
 
     optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     method: Literal["comkd", "promptkd", "no-ifalign", "no-eduattention", "feature-l1", "feature-mse"] = "comkd"
-    kd_weight: float = 1000.0
+    kd_weight: float | None = None  # None: the paper's per-dataset value (1000; 200 for aircraft/flowers/dtd)
     temperature: float = 1.0
     align_weight: float = 1.0
     ifalign_stats: Literal["per_channel", "per_sample"] = "per_channel"
@@ -232,6 +243,8 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(obj, name)}")
         if obj.warmup_epochs < 0 or obj.warmup_epochs >= max(obj.epochs, 1) and obj.warmup_epochs:
             raise ConfigError(f"{prefix}warmup_epochs: must be in [0, epochs), got {obj.warmup_epochs}")
+    if isinstance(obj, AugmentConfig) and not (0 < obj.crop_scale_min <= 1 and 0 <= obj.hflip <= 1):
+        raise ConfigError(f"{prefix}crop_scale_min must be in (0, 1] and hflip in [0, 1]")
     if isinstance(obj, DataConfig) and obj.num_shots <= 0:
         raise ConfigError(f"{prefix}num_shots: must be > 0, got {obj.num_shots}")
 

@@ -109,6 +109,15 @@ class ComKDLoss(nn.Module):
         return out
 
 
+# Datasets whose paper recipe uses w_kd = 200 (the rest use 1000).
+LOW_KD_WEIGHT_DATASETS = frozenset({"fgvc_aircraft", "oxford_flowers", "dtd"})
+
+
+def paper_kd_weight(dataset: str) -> float:
+    """w_kd of the paper's recipe: 200 for FGVCAircraft, Flowers102 and DTD, else 1000."""
+    return 200.0 if dataset in LOW_KD_WEIGHT_DATASETS else 1000.0
+
+
 # Distillation methods selectable by name: (loss switches, student switches).
 METHODS: dict[str, dict] = {
     "comkd": {"loss": {"use_ifalign": True}, "edu_attention": True},

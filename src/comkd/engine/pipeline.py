@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import RunConfig, save_config
+from ..config import AugmentConfig, RunConfig, save_config
 from ..data import build_dataset, build_transform
 from ..data.dataset import ImageDataset
-from ..losses import build_loss, method_spec
+from ..losses import build_loss, method_spec, paper_kd_weight
 from ..models import (
     PreprocessSpec,
     Student,
@@ -83,9 +83,11 @@ def build_student(cfg: RunConfig, teacher_dim: int, device: torch.device, method
     )
 
 
-def _transforms(spec: PreprocessSpec):
+def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
     kw = {"image_size": spec.image_size, "mean": spec.mean, "std": spec.std, "interpolation": spec.interpolation}
-    return build_transform(train=True, **kw), build_transform(train=False, **kw)
+    aug = augment or AugmentConfig()
+    train = build_transform(train=True, scale=(aug.crop_scale_min, 1.0), hflip=aug.hflip, **kw)
+    return train, build_transform(train=False, **kw)
 
 
 def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -107,11 +109,11 @@ def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 def make_dataset(
     cfg: RunConfig, split: str, spec: PreprocessSpec, *, train: bool, subsample: str = "all", shots: bool = False,
-    unlabelled: bool = False,
+    unlabelled: bool = False, augment: AugmentConfig | None = None,
 ) -> ImageDataset:
     """A split of the configured dataset with the backbone's transforms; train splits draw
     reproducible views from the run seed."""
-    train_tf, test_tf = _transforms(spec)
+    train_tf, test_tf = _transforms(spec, augment)
     ds = build_dataset(
         cfg.data.dataset,
         cfg.data.root,
@@ -192,7 +194,7 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
         loaded = load_clip(mcfg.model, mcfg.pretrained, image_size=cfg.data.image_size,
                            quick_gelu=mcfg.quick_gelu or None, device=device)
         sub = out / role
-        ds = make_dataset(cfg, cfg.pretrain.split, loaded.preprocess, train=True)
+        ds = make_dataset(cfg, cfg.pretrain.split, loaded.preprocess, train=True, augment=cfg.pretrain.augment)
         lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
         task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr)
         task.name = f"pretrain_{role}"
@@ -220,7 +222,8 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     out, device, metrics = _start(cfg, out_dir)
     teacher = build_teacher(cfg, device, prompts="")
     tt = cfg.teacher_train
-    ds = make_dataset(cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True)
+    ds = make_dataset(cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True,
+                      augment=tt.augment)
     task = TeacherPromptTask(teacher, ds.classnames, ds.templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight)
     fit(task, ds, tt.optim, **_fit_kwargs(cfg, out, device, metrics, resume))
     path = out / TEACHER_PROMPTS
@@ -293,7 +296,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     d = cfg.distill
     teacher = build_teacher(cfg, device)
     student = build_student(cfg, teacher.embed_dim, device)
-    ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True)
+    ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
     w = teacher.class_text_features(ds.full_classnames)
     student.set_text_features(w, ds.full_classnames)
     if d.teacher_cache:
@@ -302,8 +305,9 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         outputs = CachedTeacherOutputs.open(d.teacher_cache, teacher=teacher, dataset=ds, device=device)
     else:
         outputs = TeacherOutputs(teacher, student.preprocess)
+    kd_weight = d.kd_weight if d.kd_weight is not None else paper_kd_weight(cfg.data.dataset)
     loss = build_loss(
-        d.method, kd_weight=d.kd_weight, temperature=d.temperature, align_weight=d.align_weight,
+        d.method, kd_weight=kd_weight, temperature=d.temperature, align_weight=d.align_weight,
         ifalign_stats=d.ifalign_stats, feature_weight=d.feature_weight,
     )
     task = DistillTask(student, outputs, w, float(teacher.logit_scale), loss)
@@ -332,23 +336,27 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def evaluate_student(cfg: RunConfig, student: Student, split: str = "test") -> dict[str, Any]:
-    """Base/novel/HM (``protocol: base2novel``) or plain accuracy, for a student with stored W."""
+def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float:
+    """Student accuracy on ``ds``, logits sliced from W to the dataset's classes."""
     device = next(student.parameters()).device
     student.eval()
+    idx = ds.class_indices
+    preds, labels = predict(lambda x: student(x, class_subset=idx).logits, _loader(cfg, ds, device), device)
+    return accuracy(preds, labels)
+
+
+def evaluate_student(cfg: RunConfig, student: Student, split: str = "test") -> dict[str, Any]:
+    """Base/novel/HM (``protocol: base2novel``) or plain accuracy, for a student with stored W."""
     if cfg.protocol == "base2novel":
         res: dict[str, Any] = {"protocol": "base2novel", "dataset": cfg.data.dataset}
         for part in ("base", "novel"):
             ds = make_dataset(cfg, split, student.preprocess, train=False, subsample=part)
-            idx = ds.class_indices
-            preds, labels = predict(lambda x, i=idx: student(x, class_subset=i).logits, _loader(cfg, ds, device), device)
-            res[part] = {"acc": accuracy(preds, labels), "classes": len(idx), "images": len(ds)}
+            res[part] = {"acc": evaluate_subset(student, ds, cfg), "classes": len(ds.classnames), "images": len(ds)}
         res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
         return res
     ds = make_dataset(cfg, split, student.preprocess, train=False)
-    idx = ds.class_indices
-    preds, labels = predict(lambda x: student(x, class_subset=idx).logits, _loader(cfg, ds, device), device)
-    return {"protocol": cfg.protocol, "dataset": cfg.data.dataset, "acc": accuracy(preds, labels), "images": len(ds)}
+    return {"protocol": cfg.protocol, "dataset": cfg.data.dataset, "acc": evaluate_subset(student, ds, cfg),
+            "images": len(ds)}
 
 
 def evaluate_teacher(cfg: RunConfig, teacher: Teacher, split: str = "test") -> dict[str, Any]:

@@ -1,0 +1,292 @@
+"""The ``comkd`` command line (typer). Every command takes ``--config`` (a YAML file or preset
+name) and ``--set section.key=value``; named flags override both."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import ConfigError, RunConfig, list_presets, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Distil a large CLIP teacher into a small, fast student with ComKD-CLIP.",
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file or preset name.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: output_dir).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")]
+
+
+def _overrides(**flags) -> dict:
+    """Map named flags (only those given) to nested config keys."""
+    paths = {
+        "seed": "seed", "device": "device", "dataset": "data.dataset", "root": "data.root",
+        "split_file": "data.split_file", "image_size": "data.image_size", "num_shots": "data.num_shots",
+        "teacher": "teacher.model", "teacher_pretrained": "teacher.pretrained", "teacher_prompts": "teacher.prompts",
+        "student": "student.model", "student_pretrained": "student.pretrained", "method": "distill.method",
+        "kd_weight": "distill.kd_weight", "align_weight": "distill.align_weight",
+        "temperature": "distill.temperature", "teacher_cache": "distill.teacher_cache",
+        "select": "distill.select", "protocol": "protocol", "num_workers": "data.num_workers",
+    }
+    out: dict = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = paths[name].split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def _stage_optim(section: str, epochs: int | None, lr: float | None, batch_size: int | None) -> dict:
+    o = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
+    return {section: {"optim": o}} if o else {}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            _merge(a[k], v)
+        else:
+            a[k] = v
+    return a
+
+
+def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path | None) -> RunConfig:
+    try:
+        cfg = load_config(config, overrides, sets)
+    except ConfigError as e:
+        typer.secho(f"config error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if out is not None:
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("comkd").setLevel(logging.INFO)
+    logging.getLogger().handlers[0].setLevel(logging.INFO if verbose else logging.WARNING)
+    for noisy in ("root", "open_clip", "timm"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _run(fn):
+    """Run a command body; expected user errors become one red line and exit code 1."""
+    from .data import DataError
+    from .engine.loop import NonFiniteLossError
+    from .models import ModelError
+
+    try:
+        return fn()
+    except (ConfigError, DataError, ModelError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def pretrain(
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (comkd.data.DATASETS).")] = None,
+    root: Annotated[Path | None, typer.Option(help="Dataset root folder.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher open_clip model.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student open_clip model.")] = None,
+    which: Annotated[str, typer.Option(help="teacher, student or both.")] = "both",
+    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+    seed: int | None = None, device: str | None = None,
+) -> None:
+    """Stage 0: contrastive CLIP pre-training (offline teachers and students)."""
+    _setup_logging()
+    ov = _merge(_overrides(dataset=dataset, root=root, teacher=teacher, student=student, seed=seed, device=device),
+                _stage_optim("pretrain", epochs, lr, batch_size))
+    cfg = _cfg(config, sets, ov, out)
+    roles = ("teacher", "student") if which == "both" else (which,)
+    from .engine.pipeline import run_pretrain
+
+    _print_json(_run(lambda: run_pretrain(cfg, cfg.output_dir, which=roles, resume=resume)))
+
+
+@app.command("train-teacher")
+def train_teacher(
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
+    dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
+    teacher: str | None = None, teacher_pretrained: str | None = None, num_shots: int | None = None,
+    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+    seed: int | None = None, device: str | None = None,
+) -> None:
+    """Stage 1: PromptSRC prompt learning on labelled few-shot base classes."""
+    _setup_logging()
+    ov = _merge(_overrides(dataset=dataset, root=root, split_file=split_file, teacher=teacher,
+                           teacher_pretrained=teacher_pretrained, num_shots=num_shots, seed=seed, device=device),
+                _stage_optim("teacher_train", epochs, lr, batch_size))
+    cfg = _cfg(config, sets, ov, out)
+    from .engine.pipeline import run_train_teacher
+
+    _print_json(_run(lambda: run_train_teacher(cfg, cfg.output_dir, resume=resume)))
+
+
+@app.command()
+def distill(
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
+    method: Annotated[str | None, typer.Option(
+        help="comkd | promptkd | no-ifalign | no-eduattention | feature-l1 | feature-mse")] = None,
+    dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
+    teacher: str | None = None, teacher_pretrained: str | None = None,
+    teacher_prompts: Annotated[str | None, typer.Option(help="Prompts from train-teacher.")] = None,
+    student: str | None = None, student_pretrained: str | None = None,
+    teacher_cache: Annotated[str | None, typer.Option(help="Cache from cache-teacher.")] = None,
+    kd_weight: float | None = None, align_weight: float | None = None, temperature: float | None = None,
+    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+    seed: int | None = None, device: str | None = None, evaluate: bool = True,
+) -> None:
+    """Stage 2: distil the teacher into the student on unlabelled images."""
+    _setup_logging()
+    ov = _merge(_overrides(method=method, dataset=dataset, root=root, split_file=split_file, teacher=teacher,
+                           teacher_pretrained=teacher_pretrained, teacher_prompts=teacher_prompts, student=student,
+                           student_pretrained=student_pretrained, teacher_cache=teacher_cache, kd_weight=kd_weight,
+                           align_weight=align_weight, temperature=temperature, seed=seed, device=device),
+                _stage_optim("distill", epochs, lr, batch_size))
+    cfg = _cfg(config, sets, ov, out)
+    from .engine import pipeline as P
+
+    def body():
+        info = P.run_distill(cfg, cfg.output_dir, resume=resume)
+        info.pop("history", None)
+        if evaluate:
+            student_m = P.load_student(info["student"], P.resolve_device(cfg.device))
+            res = P.evaluate_student(cfg, student_m)
+            P.write_json(Path(cfg.output_dir) / "results.json", res)
+            info["results"] = res
+        return info
+
+    _print_json(_run(body))
+
+
+@app.command()
+def evaluate(
+    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None,
+    dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
+    protocol: str | None = None, split: str = "test", device: str | None = None,
+) -> None:
+    """Accuracy of a distilled student (base/novel/HM for base2novel), written to results.json."""
+    _setup_logging()
+    cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, protocol=protocol,
+                                        device=device), out)
+    from .engine import pipeline as P
+
+    def body():
+        student = P.load_student(student_file, P.resolve_device(cfg.device))
+        res = P.evaluate_student(cfg, student, split=split)
+        if out is not None:
+            P.write_json(Path(cfg.output_dir) / "results.json", res)
+        return res
+
+    _print_json(_run(body))
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
+    protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg")] = None,
+    dataset: Annotated[list[str] | None, typer.Option(help="Dataset(s); repeat the flag.")] = None,
+    root: Path | None = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds; repeat the flag.")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--methods", help="Methods; repeat the flag.")] = None,
+    source: Annotated[str, typer.Option(help="cross/dg: the teacher's source dataset.")] = "imagenet",
+    select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
+    device: str | None = None,
+) -> None:
+    """All stages for datasets × seeds × methods, then one results table (report.md)."""
+    _setup_logging()
+    cfg = _cfg(config, sets, _overrides(protocol=protocol, root=root, select=select, device=device), out)
+    from .protocols.runner import run_protocol
+
+    res = _run(lambda: run_protocol(cfg, cfg.output_dir, datasets=dataset, seeds=_seeds(seeds), methods=methods,
+                                    resume=resume, source=source))
+    typer.echo((Path(cfg.output_dir) / "report.md").read_text())
+    return res
+
+
+def _seeds(seeds: list[int] | None) -> list[int] | None:
+    return seeds or None
+
+
+@app.command()
+def demo(
+    out: OutOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, resume: ResumeOpt = False,
+) -> None:
+    """The main job on the embedded digits data: pre-train a tiny teacher and student, prompt-tune
+    the teacher on base classes, distil with PromptKD and ComKD, evaluate, write report.md."""
+    _setup_logging()
+    cfg = _cfg(config or "demo", sets, {}, out)
+    from .protocols.demo import run_demo
+
+    t0 = time.perf_counter()
+    res = _run(lambda: run_demo(cfg, Path(cfg.output_dir), resume=resume))
+    typer.echo((Path(cfg.output_dir) / "report.md").read_text())
+    typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {cfg.output_dir}/results.json")
+    return res
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None,
+    views: Annotated[int, typer.Option(help="Augmented views per image (K).")] = 20,
+    dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
+    dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
+    teacher: str | None = None, teacher_pretrained: str | None = None, teacher_prompts: str | None = None,
+    student: str | None = None, seed: int | None = None, device: str | None = None,
+) -> None:
+    """Store the teacher's image features for K augmented views of every training image."""
+    _setup_logging()
+    cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, teacher=teacher,
+                                        teacher_pretrained=teacher_pretrained, teacher_prompts=teacher_prompts,
+                                        student=student, seed=seed, device=device), out)
+    from .engine.pipeline import run_cache_teacher
+
+    _print_json(_run(lambda: run_cache_teacher(cfg, cfg.output_dir, views=views, dtype=dtype)))
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write.")] = Path("bench.json"),
+    quick: Annotated[bool, typer.Option(help="A < 1 minute smoke run.")] = False,
+) -> None:
+    """Speed and memory benchmarks (JSON with machine and versions)."""
+    _setup_logging()
+    from .bench import run_bench
+
+    _print_json(run_bench(out, quick=quick))
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in config presets."""
+    for p in list_presets():
+        typer.echo(p)
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m comkd.cli` / `torchrun -m comkd.cli`
+    main()

@@ -1,0 +1,190 @@
+"""The paper's three protocols, chained over datasets and seeds (METHOD.md section 6).
+
+Folder layout of a protocol run ``OUT``::
+
+    OUT/config.yaml, results.json, report.md, plots/
+    OUT/<dataset>/pretrain/                  stage 0 (offline presets only; once per dataset)
+    OUT/<dataset>/seed<k>/teacher/           stage 1 (base2novel; cross/dg: OUT/source/seed<k>/teacher)
+    OUT/<dataset>/seed<k>/<method>/          stage 2 + its results.json
+
+``results.json``: ``{"protocol", "selection", "datasets": {dataset: {method: {"base": [per seed],
+"novel": [...], "hm": [...]}}}}`` for base2novel (``{"acc": [...]}`` otherwise), with methods
+including ``teacher`` and ``student_zeroshot``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig, save_config
+from ..engine import pipeline as P
+from ..engine.utils import read_metrics, write_json
+
+log = logging.getLogger(__name__)
+
+BASE2NOVEL_DATASETS = [
+    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+]
+CROSS_TARGETS = [d for d in BASE2NOVEL_DATASETS if d != "imagenet"]
+DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+
+
+def _for_dataset(cfg: RunConfig, dataset: str | None) -> RunConfig:
+    c = copy.deepcopy(cfg)
+    if dataset is not None and dataset != c.data.dataset:
+        c.data.dataset = dataset
+        c.data.split_file = None  # a split file belongs to one dataset
+    return c
+
+
+def _eval_fn(cfg: RunConfig):
+    """Checkpoint selection ``promptkd``: score each epoch on base-test (b2n) or test accuracy."""
+    def fn(student) -> dict:
+        if cfg.protocol == "base2novel":
+            ds = P.make_dataset(cfg, "test", student.preprocess, train=False, subsample="base")
+            acc = P.evaluate_subset(student, ds, cfg)
+            return {"score": acc, "select_base_test_acc": acc}
+        res = P.evaluate_student(cfg, student)
+        return {"score": res["acc"], "select_test_acc": res["acc"]}
+    return fn
+
+
+def _scores(res: dict) -> dict[str, float]:
+    if "base" in res:
+        return {"base": res["base"]["acc"], "novel": res["novel"]["acc"], "hm": res["hm"]}
+    return {"acc": res["acc"]}
+
+
+def _append(table: dict, dataset: str, method: str, scores: dict[str, float]) -> None:
+    row = table.setdefault(dataset, {}).setdefault(method, {})
+    for k, v in scores.items():
+        row.setdefault(k, []).append(v)
+
+
+def _pretrain_if_enabled(cfg: RunConfig, root: Path, resume: bool) -> RunConfig:
+    if not cfg.pretrain.enabled:
+        return cfg
+    out = root / "pretrain"
+    done = out / P.STUDENT_CLIP
+    if not (resume and done.exists() and (out / P.TEACHER_CLIP).exists()):
+        P.run_pretrain(cfg, out, resume=resume)
+    cfg = copy.deepcopy(cfg)
+    cfg.teacher.pretrained = str(out / P.TEACHER_CLIP)
+    cfg.student.pretrained = str(out / P.STUDENT_CLIP)
+    return cfg
+
+
+def _teacher_stage(cfg: RunConfig, out: Path, resume: bool) -> RunConfig:
+    prompts = out / P.TEACHER_PROMPTS
+    if not (resume and prompts.exists()):
+        P.run_train_teacher(cfg, out, resume=resume)
+    cfg = copy.deepcopy(cfg)
+    cfg.teacher.prompts = str(prompts)
+    return cfg
+
+
+def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> dict:
+    c = copy.deepcopy(cfg)
+    c.distill.method = method
+    done = out / "results.json"
+    if resume and done.exists():
+        import json
+
+        return json.loads(done.read_text())
+    info = P.run_distill(c, out, resume=resume, eval_fn=_eval_fn(c) if c.distill.select == "promptkd" else None)
+    student = P.load_student(info["student"], P.resolve_device(c.device))
+    res = P.evaluate_student(c, student, split="test")
+    res.update(method=method, alpha=info["alpha"], selection=c.distill.select,
+               selected_epoch=info["selected_epoch"], train_images=info["train_images"])
+    write_json(done, res)
+    return res
+
+
+def run_protocol(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    datasets: list[str] | None = None,
+    seeds: list[int] | None = None,
+    methods: list[str] | None = None,
+    resume: bool = False,
+    source: str = "imagenet",
+) -> dict[str, Any]:
+    """Run ``cfg.protocol`` for datasets × seeds × methods; write results.json and report.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    seeds = seeds or [cfg.seed]
+    methods = methods or ["promptkd", "comkd"]
+    protocol = cfg.protocol
+    if datasets is None:
+        datasets = {"base2novel": [cfg.data.dataset], "cross": CROSS_TARGETS, "dg": DG_TARGETS}[protocol]
+    table: dict[str, dict] = {}
+    curves: dict[str, dict[str, list[dict]]] = {}
+    if protocol == "base2novel":
+        for ds_name in datasets:
+            dcfg = _pretrain_if_enabled(_for_dataset(cfg, ds_name), out / ds_name, resume)
+            zs = P.evaluate_clip_zero_shot(dcfg, "student")
+            for seed in seeds:
+                scfg = copy.deepcopy(dcfg)
+                scfg.seed = seed
+                sdir = out / ds_name / f"seed{seed}"
+                tcfg = _teacher_stage(scfg, sdir / "teacher", resume)
+                teacher = P.build_teacher(tcfg, P.resolve_device(tcfg.device))
+                _append(table, ds_name, "teacher", _scores(P.evaluate_teacher(tcfg, teacher)))
+                del teacher
+                _append(table, ds_name, "student_zeroshot", _scores(zs))
+                for m in methods:
+                    res = _distill_and_eval(tcfg, m, sdir / m, resume)
+                    _append(table, ds_name, m, _scores(res))
+                    curves.setdefault(ds_name, {}).setdefault(m, []).append(
+                        [r for r in read_metrics(sdir / m / "metrics.jsonl") if r.get("type") == "epoch"])
+    else:
+        # cross / dg: one teacher per seed, prompt-tuned on all classes of the source dataset
+        scfg0 = _pretrain_if_enabled(_for_dataset(cfg, source), out / source, resume)
+        for seed in seeds:
+            scfg = copy.deepcopy(scfg0)
+            scfg.seed = seed
+            scfg.teacher_train.subsample = "all"
+            tcfg = _teacher_stage(scfg, out / source / f"seed{seed}" / "teacher", resume)
+            for ds_name in datasets:
+                dcfg = _for_dataset(tcfg, ds_name)
+                if protocol == "dg":
+                    dcfg.distill.split = "test"  # transductive: distilled on the target images
+                teacher = P.build_teacher(dcfg, P.resolve_device(dcfg.device))
+                _append(table, ds_name, "teacher", _scores(P.evaluate_teacher(dcfg, teacher)))
+                del teacher
+                _append(table, ds_name, "student_zeroshot", _scores(P.evaluate_clip_zero_shot(dcfg, "student")))
+                for m in methods:
+                    res = _distill_and_eval(dcfg, m, out / ds_name / f"seed{seed}" / m, resume)
+                    _append(table, ds_name, m, _scores(res))
+    results = {"protocol": protocol, "selection": cfg.distill.select, "seeds": seeds, "datasets": table}
+    if protocol == "base2novel" and len(table) > 1:
+        results["average"] = average_base2novel(table)
+    write_json(out / "results.json", results)
+    from .report import write_report
+
+    write_report(results, out, curves=curves)
+    return results
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def average_base2novel(table: dict) -> dict:
+    """Across datasets: mean base and novel accuracy, and the HM of those means (the paper's)."""
+    out: dict[str, dict] = {}
+    methods = set.intersection(*(set(v) for v in table.values()))
+    for m in sorted(methods):
+        base = sum(mean_std(table[d][m]["base"])[0] for d in table) / len(table)
+        novel = sum(mean_std(table[d][m]["novel"])[0] for d in table) / len(table)
+        out[m] = {"base": base, "novel": novel, "hm": 2 * base * novel / (base + novel) if base + novel else 0.0}
+    return out
