@@ -214,6 +214,10 @@ def fit(
         )
     result = FitResult()
     start_epoch, start_batch, global_step = 0, 0, 0
+    # running sums of the epoch in progress: checkpointed so a resumed epoch's metrics equal an
+    # uninterrupted run's (they average every batch of the epoch, not only those after the resume)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state.get("task") != task.name:
@@ -223,6 +227,10 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
+        if hasattr(task, "load_state_dict") and state.get("task_state") is not None:
+            task.load_state_dict(state["task_state"])
+        sums = {k: v.to(device) for k, v in state.get("sums", {}).items()}
+        count = state.get("count", 0)
         start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["global_step"]
         result.history = state["history"]
         result.resumed_from = {"epoch": start_epoch, "batch": start_batch, "global_step": global_step}
@@ -241,6 +249,9 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "rng": _rng_state(),
+                    "task_state": task.state_dict() if hasattr(task, "state_dict") else None,
+                    "sums": {k: v.detach().cpu() for k, v in sums.items()} if batch else {},
+                    "count": count if batch else 0,
                     "epoch": epoch,
                     "batch": batch,
                     "global_step": global_step,
@@ -263,9 +274,12 @@ def fit(
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
+            # own generator: creating the iterator must not draw from the global torch RNG, or a
+            # resumed run (one extra iterator per resume) would see a shifted RNG stream
+            generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
         )
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
+        if epoch != start_epoch or start_batch == 0:
+            sums, count = {}, 0
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
         bar = _progress(len(sampler), f"{task.name} {epoch + 1}/{cfg.epochs}", progress and is_main())
         t0 = time.perf_counter()
@@ -301,9 +315,12 @@ def fit(
             at_ckpt = ckpt_every and global_step % ckpt_every == 0
             if at_log or at_ckpt or batch_idx == steps_per_epoch:
                 _check_finite(bad_step, task.name, epoch, ckpt_path)
+            if at_log:
+                # running means of the epoch so far, averaged over the ranks (all ranks take part)
+                means = {k: float(all_reduce_sum(v.to(device))) / (count * world_size()) for k, v in sums.items()}
             if at_log and metrics is not None and is_main():
                 rec = {"stage": task.name, "epoch": epoch, "step": global_step, "lr": lr_scale}
-                rec.update({k: float(v) / count for k, v in sums.items()})
+                rec.update(means)
                 rec.update(task.extra_metrics() if hasattr(task, "extra_metrics") else {})
                 metrics.log(rec)
                 if bar is not None:
@@ -317,7 +334,7 @@ def fit(
         if bar is not None:
             bar.close()
         n = all_reduce_sum(torch.tensor(float(count), device=device))
-        epoch_rec = {"stage": task.name, "type": "epoch", "epoch": epoch, "step": global_step}
+        epoch_rec = {"stage": task.name, "type": "epoch", "epoch": epoch, "step": global_step, "world_size": world_size()}
         for k, v in sums.items():
             epoch_rec[k] = float(all_reduce_sum(v.to(device)) / n) if count else float("nan")
         epoch_rec["time_s"] = time.perf_counter() - t0

@@ -1,0 +1,179 @@
+"""Config: defaults < --config YAML < flags (< --set); strict keys and values; the resolved
+config.yaml in the run folder re-runs the same run on its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from comkd import cli
+from comkd.config import ConfigError, RunConfig, load_config, save_config, to_dict
+
+TINY_ARGS = [
+    "--teacher",
+    "comkd-tiny-teacher",
+    "--student",
+    "comkd-tiny-student",
+    "--set",
+    "data.image_size=16",
+    "--set",
+    "progress=false",
+]
+
+
+def test_precedence_defaults_yaml_flags_sets(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text(
+        yaml.safe_dump({"seed": 5, "distill": {"optim": {"lr": 0.1, "epochs": 7}, "temperature": 2.0}})
+    )
+    assert load_config().seed == 1 and load_config().distill.optim.lr == 0.005
+    c = load_config(y)
+    assert (c.seed, c.distill.optim.lr, c.distill.optim.epochs, c.distill.temperature) == (5, 0.1, 7, 2.0)
+    assert c.distill.optim.momentum == 0.9  # untouched keys keep their defaults
+    c = load_config(y, overrides={"distill": {"optim": {"lr": 0.2}}})
+    assert (c.seed, c.distill.optim.lr, c.distill.optim.epochs) == (5, 0.2, 7)
+    c = load_config(y, overrides={"distill": {"optim": {"lr": 0.2}}}, sets=["distill.optim.lr=0.3", "seed=9"])
+    assert (c.seed, c.distill.optim.lr, c.distill.optim.epochs) == (9, 0.3, 7)
+
+
+def test_yaml_preset_chain(tmp_path):
+    y = tmp_path / "child.yaml"
+    y.write_text("preset: demo\nseed: 11\n")
+    demo = load_config("demo")
+    c = load_config(y)
+    assert c.seed == 11 and c.teacher.model == demo.teacher.model and c.data == demo.data
+
+
+def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
+    """Through the real command: --config < named flags < --set."""
+    from comkd.engine import pipeline
+
+    seen: dict = {}
+
+    def fake_run_distill(cfg, out_dir, resume=False, eval_fn=None):
+        seen["cfg"], seen["resume"] = cfg, resume
+        return {"student": "-"}
+
+    monkeypatch.setattr(pipeline, "run_distill", fake_run_distill)
+    y = tmp_path / "c.yaml"
+    y.write_text(
+        yaml.safe_dump({"seed": 5, "distill": {"method": "promptkd", "optim": {"lr": 0.1, "epochs": 7}}})
+    )
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "distill",
+            "--config",
+            str(y),
+            "--lr",
+            "0.2",
+            "--seed",
+            "6",
+            "--no-evaluate",
+            "--set",
+            "distill.optim.epochs=3",
+            "--out",
+            str(tmp_path / "o"),
+            "--resume",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    c = seen["cfg"]
+    assert (c.seed, c.distill.optim.lr, c.distill.optim.epochs, c.distill.method) == (6, 0.2, 3, "promptkd")
+    assert c.output_dir == str(tmp_path / "o") and seen["resume"] is True
+
+
+@pytest.mark.parametrize(
+    "sets, needles",
+    [
+        (["distill.optim.foo=1"], ["'distill.optim.foo'", "lr", "momentum", "warmup_epochs"]),
+        (["nonsense=1"], ["'nonsense'", "distill", "seed"]),
+        (["distill.method=bad"], ["distill.method", "'bad'", "comkd", "promptkd", "feature-mse"]),
+        (["distill.optim.amp=maybe"], ["distill.optim.amp", "auto", "on", "off"]),
+        (["distill.optim.optimizer=adam"], ["distill.optim.optimizer", "sgd", "adamw"]),
+        (["seed=abc"], ["seed", "integer", "'abc'"]),
+        (["distill.optim.lr=-1"], ["distill.optim.lr", "> 0"]),
+        (["distill.optim.grad_accum=0"], ["distill.optim.grad_accum", "> 0"]),
+        (["distill.optim.warmup_epochs=20"], ["distill.optim.warmup_epochs", "[0, epochs)"]),
+        (["progress=maybe"], ["progress", "true/false"]),
+        (["data.fractions=[0.1,x]"], ["data.fractions[1]", "number"]),
+        (["distill.optim=3"], ["distill.optim", "mapping", "lr"]),
+    ],
+)
+def test_bad_keys_and_values_name_the_key_and_the_allowed_values(sets, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(sets=sets)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_bad_yaml_key_is_rejected_and_the_cli_exits_2(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("distill:\n  optim:\n    learning_rate: 0.1\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'distill.optim.learning_rate'; allowed keys here: .*lr"
+    ):
+        load_config(y)
+    r = CliRunner().invoke(cli.app, ["distill", "--config", str(y)])
+    assert r.exit_code == 2 and "distill.optim.learning_rate" in r.output
+    r = CliRunner().invoke(cli.app, ["distill", "--method", "bogus"])
+    assert r.exit_code == 2 and "choose one of comkd, promptkd" in r.output
+    r = CliRunner().invoke(cli.app, ["distill", "--config", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "config file not found" in r.output and "demo" in r.output
+
+
+def test_validation_applies_to_the_final_config_not_each_layer():
+    # the flags make epochs=1 (invalid with the default warmup_epochs=1); --set then fixes it
+    c = load_config(overrides={"distill": {"optim": {"epochs": 1}}}, sets=["distill.optim.warmup_epochs=0"])
+    assert (c.distill.optim.epochs, c.distill.optim.warmup_epochs) == (1, 0)
+
+
+def test_saved_config_roundtrips_exactly(tmp_path):
+    c = load_config("demo", sets=["seed=4", "distill.kd_weight=250", "data.fractions=[0.5,0.2,0.1,0.2]"])
+    save_config(c, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert isinstance(again, RunConfig) and to_dict(again) == to_dict(c)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_run_is_reproduced_from_its_config_yaml_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "distill",
+            *TINY_ARGS,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--seed",
+            "8",
+            "--method",
+            "promptkd",
+            "--set",
+            "distill.optim.lr=0.01",
+            "--out",
+            str(first),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert saved["seed"] == 8 and saved["distill"]["method"] == "promptkd"
+    assert saved["distill"]["optim"]["lr"] == 0.01 and saved["output_dir"] == str(first)
+    assert saved["teacher"]["model"] == "comkd-tiny-teacher" and saved["data"]["image_size"] == 16
+    assert set(saved) == set(to_dict(RunConfig()))  # every key, resolved
+
+    second = tmp_path / "second"
+    r = CliRunner().invoke(cli.app, ["distill", "--config", str(first / "config.yaml"), "--out", str(second)])
+    assert r.exit_code == 0, r.output
+    a, b = load_file(str(first / "student.safetensors")), load_file(str(second / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (first / "results.json").read_text() == (second / "results.json").read_text()
+    resaved = yaml.safe_load((second / "config.yaml").read_text())
+    assert {**resaved, "output_dir": None} == {**saved, "output_dir": None}

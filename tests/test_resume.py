@@ -1,0 +1,236 @@
+"""Checkpoints and resume: a killed run continues mid-epoch to the same final state and metrics
+as an uninterrupted run; a NaN/inf loss stops the run naming the step and keeps the last good
+checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from comkd.config import OptimConfig
+from comkd.engine.loop import NonFiniteLossError, fit
+from comkd.engine.utils import MetricsLog, read_metrics
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+DISTILL = [
+    sys.executable,
+    "-m",
+    "comkd.cli",
+    "distill",
+    "--teacher",
+    "comkd-tiny-teacher",
+    "--student",
+    "comkd-tiny-student",
+    "--epochs",
+    "2",
+    "--seed",
+    "3",
+    "--set",
+    "data.image_size=16",
+    "--set",
+    "progress=false",
+    "--set",
+    "ckpt_every=5",
+    "--set",
+    "log_every=1",
+]
+
+
+# -- a toy task (no batch statistics; uses the global RNG like dropout) -----------------------
+class ToyData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64, dim: int = 5):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+        self.y = self.x.sum(-1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i], i
+
+
+class ToyTask:
+    name = "toy"
+
+    def __init__(self, nan_at_call: int | None = None):
+        g = torch.Generator().manual_seed(1)
+        self.model = nn.Linear(5, 1).double()
+        with torch.no_grad():
+            self.model.weight.copy_(torch.randn(1, 5, generator=g, dtype=torch.float64))
+            self.model.bias.zero_()
+        self.nan_at_call, self.calls = nan_at_call, 0
+
+    def modules(self):
+        return {"model": self.model}
+
+    def parameter_groups(self):
+        return [{"params": list(self.model.parameters())}]
+
+    def step(self, batch, epoch):
+        x, y, _ = batch
+        self.calls += 1
+        pred = self.model(x).squeeze(-1) * (1 + 0.1 * torch.rand(len(x), dtype=x.dtype))  # global RNG
+        loss = ((pred - y) ** 2).mean()
+        if self.nan_at_call is not None and self.calls >= self.nan_at_call:
+            loss = loss + float("nan")
+        return {"loss": loss}
+
+
+def _toy_fit(out: Path, task: ToyTask, **kw):
+    torch.manual_seed(0)
+    cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
+    kw.setdefault("log_every", 1)
+    return fit(
+        task,
+        ToyData(),
+        cfg,
+        out_dir=out,
+        seed=5,
+        device=torch.device("cpu"),
+        progress=False,
+        metrics=MetricsLog(out / "metrics.jsonl"),
+        **kw,
+    )
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+def test_in_process_resume_mid_epoch_matches_uninterrupted(tmp_path):
+    """Stop after step 13 (checkpoint at 12, epoch 2 batch 4 of 8), resume in a fresh task whose
+    global RNG was reseeded: weights, RNG stream, history and metrics equal an uninterrupted run."""
+    ref = ToyTask()
+    ref_res = _toy_fit(tmp_path / "ref", ref)
+    rng_after_ref = torch.get_rng_state()
+    cut = ToyTask()
+    _toy_fit(tmp_path / "cut", cut, ckpt_every=4, stop_after_steps=13)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["batch"], state["global_step"]) == (1, 4, 12)
+    resumed = ToyTask()
+    res = _toy_fit(tmp_path / "cut", resumed, ckpt_every=4, resume=True)
+    rng_after_resume = torch.get_rng_state()
+    assert res.resumed_from == {"epoch": 1, "batch": 4, "global_step": 12}
+    assert resumed.calls == 24 - 12
+    assert torch.equal(ref.model.weight, resumed.model.weight) and torch.equal(
+        ref.model.bias, resumed.model.bias
+    )
+    assert torch.equal(rng_after_resume, rng_after_ref)  # the global RNG stream continued exactly
+    assert _strip(res.history) == _strip(ref_res.history)
+    assert _strip(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == _strip(
+        read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    )
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError) as e:
+        _toy_fit(out, ToyTask(nan_at_call=11), ckpt_every=4, log_every=100)
+    msg = str(e.value)
+    assert "optimiser step 11" in msg and "toy" in msg and "epoch 2" in msg
+    assert str(out / "checkpoint.pt") in msg
+    state = torch.load(out / "checkpoint.pt", weights_only=False)  # intact and loadable
+    assert state["global_step"] == 8  # the check before saving step 12 caught the NaN of step 11
+    assert all(torch.isfinite(v).all() for v in state["modules"]["model"].values())
+    # and the run resumes from it
+    res = _toy_fit(out, ToyTask(), ckpt_every=4, resume=True)
+    assert res.resumed_from["global_step"] == 8 and len(res.history) == 3
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path):
+    with pytest.raises(
+        NonFiniteLossError, match=r"optimiser step 1 \(epoch 1\); no checkpoint was written yet"
+    ):
+        _toy_fit(tmp_path, ToyTask(nan_at_call=1), log_every=1)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# -- the real command, killed with SIGKILL -----------------------------------------------------
+def _ckpt_step(path: Path) -> int:
+    if not path.exists():
+        return -1
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:  # noqa: BLE001 - not written yet (the rename makes it all-or-nothing)
+        return -1
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    from safetensors.torch import load_file
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    cmd = [*DISTILL, "--batch-size", "16"]  # 539 images: 33 steps an epoch, 66 in all; a checkpoint every 5
+    ref = subprocess.Popen(
+        [*cmd, "--out", str(full)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    victim = subprocess.Popen(
+        [*cmd, "--out", str(cut)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # kill once a mid-epoch checkpoint of the 2nd epoch exists
+            if victim.poll() is not None:
+                pytest.fail("the run finished before it could be killed")
+            if _ckpt_step(cut / "checkpoint.pt") >= 40:
+                break
+            time.sleep(0.2)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+    state = torch.load(cut / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1 and 0 < state["batch"] < 33, "not killed mid-epoch"
+    assert not (cut / "student.safetensors").exists() and not (cut / "results.json").exists()
+    # the log may hold steps written after the checkpoint; the resume must drop them
+    resumed = subprocess.run(
+        [*cmd, "--out", str(cut), "--resume"], env=ENV, capture_output=True, text=True, timeout=240
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out, err = ref.communicate(timeout=240)
+    assert ref.returncode == 0, err[-3000:]
+
+    a, b = load_file(str(full / "student.safetensors")), load_file(str(cut / "student.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = _strip(read_metrics(full / "metrics.jsonl")), _strip(read_metrics(cut / "metrics.jsonl"))
+    assert len(ma) == 66 + 2 and ma == mb
+    assert json.loads((full / "results.json").read_text()) == json.loads((cut / "results.json").read_text())
+    assert [f for f in os.listdir(cut) if "tmp" in f] == []
+
+
+@pytest.mark.slow
+def test_cli_nan_loss_names_the_step_and_keeps_the_checkpoint(tmp_path):
+    """Train to a checkpoint, then resume with ``kd_weight=nan``: the first resumed step is
+    non-finite; the command fails with a one-line error naming that step, and the checkpoint it
+    started from is untouched and loadable."""
+    from typer.testing import CliRunner
+
+    from comkd.cli import app
+
+    args = DISTILL[3:] + ["--out", str(tmp_path), "--no-evaluate", "--batch-size", "32"]
+    r = CliRunner().invoke(app, [*args, "--set", "ckpt_every=0"])
+    assert r.exit_code == 0, r.output
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    step = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["global_step"]
+    assert step == 32  # 2 epochs of 16 steps
+    # one more epoch from the finished checkpoint, with a NaN loss weight
+    r = CliRunner().invoke(app, [*args, "--epochs", "3", "--resume", "--set", "distill.kd_weight=nan"])
+    assert r.exit_code == 1
+    assert f"loss became NaN/inf at optimiser step {step + 1} (epoch 3)" in r.output
+    assert "last good checkpoint kept at" in r.output and "Traceback" not in r.output
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["global_step"] == step
