@@ -171,7 +171,8 @@ def distill(
         if evaluate:
             student_m = P.load_student(info["student"], P.resolve_device(cfg.device))
             res = P.evaluate_student(cfg, student_m)
-            P.write_json(Path(cfg.output_dir) / "results.json", res)
+            if P.is_main():
+                P.write_json(Path(cfg.output_dir) / "results.json", res)
             info["results"] = res
         return info
 

@@ -233,7 +233,15 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             _merge(current, v, key + ".")
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _validate_tree(obj: Any, prefix: str = "") -> None:
+    """Validate the merged config once, so a later layer can fix what an earlier one set."""
     _validate(obj, prefix)
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _validate_tree(v, f"{prefix}{f.name}.")
 
 
 def _validate(obj: Any, prefix: str) -> None:
@@ -312,6 +320,7 @@ def load_config(
         _merge(cfg, overrides)
     if sets:
         _merge(cfg, parse_overrides(sets))
+    _validate_tree(cfg)
     return cfg
 
 

@@ -34,7 +34,15 @@ from .tasks import (
     harmonic_mean,
     predict,
 )
-from .utils import MetricsLog, init_distributed, is_main, resolve_device, seed_everything, write_json
+from .utils import (
+    MetricsLog,
+    barrier,
+    init_distributed,
+    is_main,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +150,7 @@ def _loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
     )
 
 
-def _start(cfg: RunConfig, out_dir: str | Path) -> tuple[Path, torch.device, MetricsLog]:
+def _start(cfg: RunConfig, out_dir: str | Path, resume: bool) -> tuple[Path, torch.device, MetricsLog]:
     init_distributed()
     out = Path(out_dir)
     seed_everything(cfg.seed)
@@ -150,6 +158,8 @@ def _start(cfg: RunConfig, out_dir: str | Path) -> tuple[Path, torch.device, Met
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        if not resume:  # a fresh run does not inherit an earlier run's records
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     tb = out / "tensorboard" if cfg.tensorboard else None
     return out, device, MetricsLog(out / "metrics.jsonl", enabled=is_main(), tensorboard_dir=tb)
 
@@ -187,7 +197,7 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
     """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
     Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
     accuracy on ``pretrain.eval_split``."""
-    out, device, metrics = _start(cfg, out_dir)
+    out, device, metrics = _start(cfg, out_dir, resume)
     results: dict[str, Any] = {}
     for role in which:
         mcfg = cfg.teacher if role == "teacher" else cfg.student
@@ -203,6 +213,7 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
         path = out / (TEACHER_CLIP if role == "teacher" else STUDENT_CLIP)
         if is_main():
             save_clip_weights(loaded.model, path, loaded.name, loaded.config)
+        barrier()
         test = make_dataset(cfg, cfg.pretrain.eval_split, loaded.preprocess, train=False)
         acc = clip_zero_shot(loaded.model, loaded.tokenizer, test, ds.templates, _loader(cfg, test, device), device)
         results[role] = {"weights": str(path), "zero_shot_acc": acc}
@@ -219,7 +230,7 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     (``teacher_train.subsample``). Writes ``teacher_prompts.safetensors``."""
     from safetensors.torch import save_file
 
-    out, device, metrics = _start(cfg, out_dir)
+    out, device, metrics = _start(cfg, out_dir, resume)
     teacher = build_teacher(cfg, device, prompts="")
     tt = cfg.teacher_train
     ds = make_dataset(cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True,
@@ -232,6 +243,7 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
         save_file({k: v.contiguous().cpu() for k, v in teacher.prompt_state_dict().items()}, str(tmp),
                   metadata={"comkd.teacher_model": cfg.teacher.model})
         tmp.replace(path)
+    barrier()
     return {"prompts": str(path), "train_images": len(ds), "classes": ds.classnames}
 
 
@@ -292,7 +304,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 eval_fn=None) -> dict[str, Any]:
     """Stage 2: distil the prompted teacher into the student on unlabelled ``distill.split``
     images of all classes. Writes ``student.safetensors``."""
-    out, device, metrics = _start(cfg, out_dir)
+    out, device, metrics = _start(cfg, out_dir, resume)
     d = cfg.distill
     teacher = build_teacher(cfg, device)
     student = build_student(cfg, teacher.embed_dim, device)
@@ -330,7 +342,8 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     path = out / STUDENT_FILE
     if is_main():
         save_student(student, path, cfg, d.method)
-    alpha = float(student.edu_attention.alpha) if student.edu_attention is not None else None
+    barrier()  # the other ranks may read the file next (evaluation, later stages)
+    alpha = float(student.edu_attention.alpha.detach()) if student.edu_attention is not None else None
     return {"student": str(path), "alpha": alpha, "train_images": len(ds), "history": fit_res.history,
             "selected_epoch": best.get("epoch") if d.select == "promptkd" else None}
 

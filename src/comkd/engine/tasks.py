@@ -55,6 +55,12 @@ class PretrainTask(TaskBase):
     def modules(self) -> dict[str, nn.Module]:
         return {"clip": self.clip}
 
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}  # the template draws, so a resumed run is exact
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+
     def parameter_groups(self) -> list[dict]:
         g = {"params": [p for p in self.clip.parameters() if p.requires_grad]}
         if self.lr is not None:
