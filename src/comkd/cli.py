@@ -250,7 +250,7 @@ def demo(
 @app.command("cache-teacher")
 def cache_teacher(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None,
-    views: Annotated[int, typer.Option(help="Augmented views per image (K).")] = 20,
+    views: Annotated[int | None, typer.Option(help="Augmented views per image (K; default: distill epochs).")] = None,
     dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
     dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
     teacher: str | None = None, teacher_pretrained: str | None = None, teacher_prompts: str | None = None,
@@ -270,12 +270,14 @@ def cache_teacher(
 def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write.")] = Path("bench.json"),
     quick: Annotated[bool, typer.Option(help="A < 1 minute smoke run.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
 ) -> None:
     """Speed and memory benchmarks (JSON with machine and versions)."""
     _setup_logging()
     from .bench import run_bench
 
-    _print_json(run_bench(out, quick=quick))
+    _print_json(run_bench(out, quick=quick, device=device, threads=threads))
 
 
 @app.command()
@@ -291,3 +293,41 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover - `python -m comkd.cli` / `torchrun -m comkd.cli`
     main()
+
+
+# -- results page (issue 6) --------------------------------------------------------------------
+@app.command()
+def collect(
+    runs: Annotated[list[str], typer.Argument(help="LABEL=RUN_DIR of `comkd run` folders (one dataset each).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write.")] = Path("docs/results.json"),
+    curves: Annotated[Path | None, typer.Option(help="Companion JSON (curves, setup, attention); "
+                                                     "default: curves.json next to --out.")] = None,
+    attention: Annotated[bool, typer.Option(help="Measure EduAttention on the saved students.")] = True,
+) -> None:
+    """Gather run folders into docs/results.json (+ docs/curves.json) for `comkd results-page`."""
+    _setup_logging()
+    pairs = {}
+    for item in runs:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = Path(item).name, item
+        pairs[label] = Path(path)
+    from .protocols.results_page import collect_runs
+
+    curves_path = curves or out.with_name("curves.json")
+    _run(lambda: collect_runs(pairs, out, curves_path, attention=attention))
+    typer.echo(f"wrote {out} and {curves_path}")
+
+
+@app.command("results-page")
+def results_page(
+    results: Annotated[Path, typer.Option(help="results.json ({dataset: {method: {base, novel, hm}}}).")] = Path(
+        "docs/results.json"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Markdown page to write (plots/ next to it).")] = Path(
+        "docs/results.md"),
+) -> None:
+    """Write the results page (tables, plots, analysis) from results.json and curves.json."""
+    from .protocols.results_page import write_results_page
+
+    path = _run(lambda: write_results_page(results, out))
+    typer.echo(f"wrote {path}")

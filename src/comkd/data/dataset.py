@@ -98,6 +98,8 @@ class ImageDataset(Dataset):
         self.train_transform = train_transform
         self.unlabelled = bool(unlabelled)
         self.view_seed = view_seed
+        #: teacher-output cache of K views: epoch e draws the view of epoch e % K (None: no cycling)
+        self.view_period: int | None = None
         self.epoch = 0
         self.templates = list(templates)
         #: original label of each class in ``full_classnames`` (identity unless base/novel subsampled)
@@ -208,7 +210,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         d = self.data[index]
         if self.view_seed is not None:
-            image: Any = self.get_view(index, derive_view_seed(self.view_seed, self.epoch, index))
+            epoch = self.epoch % self.view_period if self.view_period else self.epoch
+            image: Any = self.get_view(index, derive_view_seed(self.view_seed, epoch, index))
         else:
             image = self.load_image(index)
             if self.transform is not None:

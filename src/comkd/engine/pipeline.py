@@ -306,23 +306,36 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     images of all classes. Writes ``student.safetensors``."""
     out, device, metrics = _start(cfg, out_dir, resume)
     d = cfg.distill
-    teacher = build_teacher(cfg, device)
-    student = build_student(cfg, teacher.embed_dim, device)
-    ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
-    w = teacher.class_text_features(ds.full_classnames)
-    student.set_text_features(w, ds.full_classnames)
-    if d.teacher_cache:
-        from .cache import CachedTeacherOutputs
+    if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
+        from .cache import CachedTeacherOutputs, read_cache_info
 
-        outputs = CachedTeacherOutputs.open(d.teacher_cache, teacher=teacher, dataset=ds, device=device)
+        info = read_cache_info(d.teacher_cache)
+        want = Path(cfg.teacher.model).stem if cfg.teacher.model.endswith(".json") else cfg.teacher.model
+        if info.header["teacher"]["model"] != want:
+            raise ValueError(
+                f"teacher cache {d.teacher_cache} is for teacher {info.header['teacher']['model']!r}, "
+                f"the config says {want!r}"
+            )
+        student = build_student(cfg, int(info.header["dim"]), device)
+        ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
+        outputs = CachedTeacherOutputs.open(d.teacher_cache, dataset=ds, device=device,
+                                            student_spec=student.preprocess)
+        if outputs.classnames != ds.full_classnames:
+            raise ValueError(f"teacher cache {d.teacher_cache}: its W is for other class names")
+        w, s_t = outputs.text_features, float(outputs.logit_scale)
     else:
+        teacher = build_teacher(cfg, device)
+        student = build_student(cfg, teacher.embed_dim, device)
+        ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
+        w, s_t = teacher.class_text_features(ds.full_classnames), float(teacher.logit_scale)
         outputs = TeacherOutputs(teacher, student.preprocess)
+    student.set_text_features(w, ds.full_classnames)
     kd_weight = d.kd_weight if d.kd_weight is not None else paper_kd_weight(cfg.data.dataset)
     loss = build_loss(
         d.method, kd_weight=kd_weight, temperature=d.temperature, align_weight=d.align_weight,
         ifalign_stats=d.ifalign_stats, feature_weight=d.feature_weight,
     )
-    task = DistillTask(student, outputs, w, float(teacher.logit_scale), loss)
+    task = DistillTask(student, outputs, w, s_t, loss)
     best: dict[str, Any] = {"score": -1.0}
 
     def on_epoch_end(epoch: int) -> dict:
@@ -346,6 +359,27 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     alpha = float(student.edu_attention.alpha.detach()) if student.edu_attention is not None else None
     return {"student": str(path), "alpha": alpha, "train_images": len(ds), "history": fit_res.history,
             "selected_epoch": best.get("epoch") if d.select == "promptkd" else None}
+
+
+def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, views: int | None = None,
+                      dtype: str = "float16") -> dict[str, Any]:
+    """Store the teacher's image features for ``views`` augmented views (default: one per
+    distillation epoch) of every ``distill.split`` image in ``out_dir/teacher_cache.bin``; then
+    ``distill --teacher-cache`` with the same seed never runs the teacher."""
+    from .cache import build_teacher_cache
+
+    out, device, _ = _start(cfg, out_dir, resume=False)
+    teacher = build_teacher(cfg, device)
+    student = build_student(cfg, teacher.embed_dim, device)
+    ds = make_dataset(cfg, cfg.distill.split, student.preprocess, train=True, unlabelled=True,
+                      augment=cfg.distill.augment)
+    k = views or cfg.distill.optim.epochs
+    path = build_teacher_cache(
+        teacher, ds, out / "teacher_cache.bin", views=k, seed=cfg.seed, batch_size=cfg.data.eval_batch_size,
+        device=device, dtype=getattr(torch, dtype), student_spec=student.preprocess,
+        num_workers=cfg.data.num_workers,
+    )
+    return {"cache": str(path), "views": k, "images": len(ds), "seed": cfg.seed}
 
 
 # -- evaluation --------------------------------------------------------------------------------

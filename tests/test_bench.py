@@ -1,0 +1,26 @@
+"""Smoke test of the benchmark suite: ``run_bench(quick=True)`` writes every figure as a finite number."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from comkd.bench import FIGURES, STAGES, finite_figures, run_bench
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_all_figures(tmp_path):
+    res = run_bench(tmp_path / "bench.json", quick=True, device="cpu", threads=1, progress=False)
+    on_disk = json.loads((tmp_path / "bench.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    for key in FIGURES:
+        assert isinstance(on_disk[key], (int, float)) and math.isfinite(on_disk[key]), key
+    assert set(on_disk["peak_memory_mb"]) == set(STAGES)
+    assert set(on_disk["epoch_time_s"]) == {"1x", "2x", "4x"}
+    assert finite_figures(on_disk)
+    assert all(v > 0 for v in on_disk["epoch_time_s"].values())
+    m = on_disk["machine"]
+    assert {"platform", "cpu_count", "torch", "open_clip", "device"} <= set(m)
+    assert on_disk["quick"] is True and on_disk["flops_ratio_tiny_pair"] > 4

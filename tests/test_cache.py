@@ -1,0 +1,297 @@
+"""Tests for comkd.engine.cache: the text-feature cache (W) and the teacher image-feature cache (u_t).
+
+Tiny models on CPU, the embedded digits (a 48-item slice of the train split, so a cache builds
+in about a second).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from comkd.config import OptimConfig
+from comkd.data import build_dataset, build_transform, derive_view_seed
+from comkd.data.dataset import ImageDataset
+from comkd.engine import cache as cache_mod
+from comkd.engine.cache import (
+    CachedTeacherOutputs,
+    StaleCacheError,
+    build_teacher_cache,
+    load_or_compute_text_features,
+    read_cache_info,
+    teacher_key,
+    text_features_key,
+)
+from comkd.engine.loop import fit
+from comkd.engine.tasks import DistillTask, TeacherOutputs
+from comkd.losses import build_loss
+from comkd.models import TINY_STUDENT, TINY_TEACHER, create_student, create_teacher
+
+ITEMS = 48
+SEED = 1
+
+
+def digits(
+    split: str = "train", image_size: int = 32, view_seed: int | None = SEED, items: int = ITEMS
+) -> ImageDataset:
+    ds = build_dataset(
+        "digits",
+        split=split,
+        train_transform=build_transform(image_size, train=True),
+        view_seed=view_seed,
+        unlabelled=True,
+    )
+    ds.data = ds.data[:items]
+    return ds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread, and far steadier on a busy shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return create_teacher(TINY_TEACHER)
+
+
+@pytest.fixture(scope="module")
+def student_spec():
+    return create_student(TINY_STUDENT, teacher_dim=128).preprocess
+
+
+@pytest.fixture(scope="module")
+def built(teacher, student_spec, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cache") / "teacher.tcache"
+    return build_teacher_cache(
+        teacher,
+        digits(),
+        path,
+        views=2,
+        seed=SEED,
+        batch_size=16,
+        device="cpu",
+        student_spec=student_spec,
+        progress=False,
+    )
+
+
+def batch_of(ds: ImageDataset, epoch: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    ds.set_epoch(epoch)
+    items = [ds[i] for i in range(ds.__len__() - n, ds.__len__())]
+    return torch.stack([x for x, _, _ in items]), torch.tensor([i for _, _, i in items])
+
+
+# -- u_t cache ---------------------------------------------------------------------------------
+def test_cached_features_equal_online_teacher(teacher, student_spec, built):
+    ds = digits()
+    cached = CachedTeacherOutputs.open(
+        built, teacher=teacher, dataset=ds, device="cpu", student_spec=student_spec
+    )
+    online = TeacherOutputs(teacher, student_spec)
+    assert (cached.views, cached.items, cached.dim) == (2, ITEMS, 128)
+    for epoch in (0, 1, 2):  # epoch 2 replays view 0: the dataset was told to cycle by open()
+        images, idx = batch_of(ds, epoch)
+        expect_seed = derive_view_seed(SEED, epoch % 2, int(idx[0]))
+        assert torch.equal(images[0], ds.get_view(int(idx[0]), expect_seed))
+        u_c, u_o = cached(images, idx, epoch), online(images, idx, epoch)
+        assert u_c.dtype == torch.float32 and u_c.shape == (16, 128)
+        torch.testing.assert_close(u_c, u_o, rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(u_c.norm(dim=-1), torch.ones(16), rtol=0, atol=2e-3)
+    # the whole-view-in-memory path (default on accelerators) reads the same rows
+    preloaded = CachedTeacherOutputs.open(
+        built, teacher=teacher, dataset=digits(), device="cpu", preload_view=True
+    )
+    assert preloaded.preload_view and not cached.preload_view
+    for epoch in (0, 1, 2):
+        images, idx = batch_of(ds, epoch)
+        assert torch.equal(preloaded(images, idx, epoch), cached(images, idx, epoch))
+    # the other view really is another view
+    images, idx = batch_of(ds, 0)
+    assert not torch.allclose(cached(images, idx, 0), cached(images, idx, 1), atol=1e-2)
+
+
+def test_header_and_teacher_free_use(teacher, built):
+    info = read_cache_info(built)
+    h = info.header
+    assert info.shape == (2, ITEMS, 128) and info.dtype == "float16"
+    assert h["seed"] == SEED and h["teacher"]["model"] == TINY_TEACHER
+    assert h["transform"] == build_transform(32, train=True).fingerprint
+    assert h["dataset"]["items"] == ITEMS and "labels" not in h["dataset"]
+    # no teacher needed: the key is enough to check identity, W and s_t come from the file
+    cached = CachedTeacherOutputs.open(
+        built, teacher_key=teacher_key(teacher), dataset=digits(), device="cpu"
+    )
+    w = teacher.class_text_features(digits().full_classnames)
+    torch.testing.assert_close(cached.text_features, w.float())
+    assert cached.classnames == digits().full_classnames
+    assert cached.logit_scale == pytest.approx(float(teacher.logit_scale))
+    assert cached.teacher_key == h["teacher"]["key"] == teacher_key(teacher)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])
+def test_other_storage_dtypes(teacher, student_spec, tmp_path, dtype, atol):
+    ds = digits(items=16)
+    p = build_teacher_cache(
+        teacher,
+        ds,
+        tmp_path / "c",
+        views=1,
+        seed=SEED,
+        batch_size=8,
+        device="cpu",
+        dtype=dtype,
+        progress=False,
+    )
+    images, idx = batch_of(ds, 0, n=8)
+    u = CachedTeacherOutputs.open(p, teacher=teacher, dataset=ds, device="cpu")(images, idx, 0)
+    torch.testing.assert_close(u, TeacherOutputs(teacher, student_spec)(images, idx, 0), rtol=0, atol=atol)
+
+
+STALE_CASES = {
+    "teacher weights": "other teacher weights",
+    "teacher prompts": "other teacher prompts",
+    "teacher key": "other teacher (key)",
+    "data: other split": "other data",
+    "data: fewer items": "other data (items)",
+    "transform: other image size": "other transform",
+    "seed": "other seed",
+    "no view seed": "other seed",
+}
+
+
+@pytest.mark.parametrize("case", list(STALE_CASES))
+def test_stale_cache_is_refused(teacher, built, case):
+    t, ds, key = teacher, digits(), None
+    if case == "teacher weights":
+        t = copy.deepcopy(teacher)
+        with torch.no_grad():
+            t.clip.visual.conv1.weight.add_(1e-3)
+    elif case == "teacher prompts":
+        t = copy.deepcopy(teacher)
+        with torch.no_grad():
+            t.visual.prompts.mul_(1.5)
+    elif case == "teacher key":
+        t, key = None, "0" * 64
+    elif case == "data: other split":
+        ds = digits(split="val")
+    elif case == "data: fewer items":
+        ds = digits(items=ITEMS - 1)
+    elif case == "transform: other image size":
+        ds = digits(image_size=24)
+    elif case == "seed":
+        ds = digits(view_seed=SEED + 1)
+    elif case == "no view seed":
+        ds = digits(view_seed=None)
+    with pytest.raises(StaleCacheError, match=STALE_CASES[case].replace("(", r"\(").replace(")", r"\)")) as e:
+        CachedTeacherOutputs.open(built, teacher=t, teacher_key=key, dataset=ds, device="cpu")
+    assert isinstance(e.value, ValueError) and "rebuild" in str(e.value)
+
+
+def test_missing_truncated_and_foreign_files(built, tmp_path):
+    with pytest.raises(FileNotFoundError, match="comkd cache-teacher"):
+        read_cache_info(tmp_path / "nope.tcache")
+    cut = tmp_path / "cut.tcache"
+    cut.write_bytes(built.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        CachedTeacherOutputs.open(cut, dataset=digits(), device="cpu")
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match="not a comkd teacher cache"):
+        read_cache_info(other)
+    assert not list(built.parent.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_failed_build_leaves_no_file(teacher, tmp_path):
+    ds = digits(items=8)
+    ds.data[3] = type(ds.data[3])("digits://999999", 0, "zero")  # unreadable item
+    with pytest.raises(Exception, match="out of range"):
+        build_teacher_cache(
+            teacher, ds, tmp_path / "c", views=1, seed=SEED, batch_size=4, device="cpu", progress=False
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- W cache -----------------------------------------------------------------------------------
+def test_text_features_reused_on_same_key_and_recomputed_after_prompt_change(teacher, tmp_path, monkeypatch):
+    t = copy.deepcopy(teacher)
+    names = digits().full_classnames
+    w1 = load_or_compute_text_features(t, names, tmp_path)
+    key = text_features_key(t, names)
+    assert (tmp_path / f"text_features-{key}.safetensors").is_file()
+    torch.testing.assert_close(w1, t.class_text_features(names))
+
+    calls = []
+    real = cache_mod._compute_text_features
+    monkeypatch.setattr(cache_mod, "_compute_text_features", lambda *a: calls.append(a) or real(*a))
+    w2 = load_or_compute_text_features(t, names, tmp_path)
+    assert calls == [] and torch.equal(w1, w2)
+
+    with torch.no_grad():
+        t.text.ctx.add_(0.1)  # new prompts: new key, W recomputed
+    key2 = text_features_key(t, names)
+    assert key2 != key
+    w3 = load_or_compute_text_features(t, names, tmp_path)
+    assert len(calls) == 1 and not torch.allclose(w1, w3)
+    assert (tmp_path / f"text_features-{key2}.safetensors").is_file()
+
+    # other class names, templates and frozen weights each change the key
+    assert text_features_key(t, names[:5]) != key2
+    assert text_features_key(t, names, ["a photo of the digit {}."]) != key2
+    with torch.no_grad():
+        t.clip.ln_final.weight.mul_(1.01)
+    assert text_features_key(t, names) != key2
+
+
+def test_text_features_file_with_wrong_key_is_recomputed(teacher, tmp_path):
+    names = digits().full_classnames
+    w = load_or_compute_text_features(teacher, names, tmp_path)
+    (f,) = tmp_path.glob("text_features-*.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"text_features": torch.zeros_like(w)}, str(f), metadata={"comkd.key": "bad"})
+    torch.testing.assert_close(load_or_compute_text_features(teacher, names, tmp_path), w)
+
+
+def test_template_features_cached(teacher, tmp_path):
+    names, tpl = digits().full_classnames, ["a photo of the digit {}.", "a {}."]
+    w = load_or_compute_text_features(teacher, names, tmp_path, templates=tpl)
+    torch.testing.assert_close(w, teacher.encode_templates(names, tpl))
+
+
+# -- distillation through fit ------------------------------------------------------------------
+def _distill(teacher, outputs_for, tmp: Path, epochs: int) -> list[dict]:
+    torch.manual_seed(3)
+    student = create_student(TINY_STUDENT, teacher_dim=teacher.embed_dim)
+    ds = digits()
+    w = teacher.class_text_features(ds.full_classnames)
+    student.set_text_features(w, ds.full_classnames)
+    outputs = outputs_for(ds, student)
+    task = DistillTask(student, outputs, w, float(teacher.logit_scale), build_loss("comkd"))
+    cfg = OptimConfig(epochs=epochs, warmup_epochs=0, batch_size=16, lr=0.05, amp="off")
+    return fit(task, ds, cfg, out_dir=tmp, seed=SEED, device=torch.device("cpu"), progress=False).history
+
+
+def test_distillation_with_cache_matches_online(teacher, built, tmp_path):
+    def online(ds, student):
+        cache_mod.replay_cached_views(ds, 2)  # same views as the cached run, epoch 2 = view 0
+        return TeacherOutputs(teacher, student.preprocess)
+
+    def cached(ds, student):
+        return CachedTeacherOutputs.open(built, teacher=teacher, dataset=ds, device="cpu")
+
+    h_on = _distill(teacher, online, tmp_path / "on", epochs=3)
+    h_ca = _distill(teacher, cached, tmp_path / "ca", epochs=3)
+    assert len(h_on) == len(h_ca) == 3
+    for a, b in zip(h_on, h_ca, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-4)
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-3, abs=1e-4)
+        assert a["align"] == pytest.approx(b["align"], rel=1e-3, abs=1e-5)

@@ -1,0 +1,84 @@
+"""End-to-end: the `comkd` command line on the embedded digits data (tiny models, few epochs)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from comkd import cli
+
+FAST = [
+    "--set", "pretrain.optim.epochs=2",
+    "--set", "teacher_train.optim.epochs=2",
+    "--set", "distill.optim.epochs=2",
+    "--set", "progress=false",
+]
+
+
+def test_presets_listed() -> None:
+    r = CliRunner().invoke(cli.app, ["presets"])
+    assert r.exit_code == 0 and "demo" in r.output.split()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_writes_results_report_and_a_usable_student(tmp_path) -> None:
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(cli.app, ["demo", "--out", str(out), *FAST])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"teacher", "student_zeroshot", "promptkd", "comkd"}
+    for m, v in res.items():
+        assert set(v) == {"base", "novel", "hm"}, m
+        assert all(0.0 <= v[k] <= 100.0 for k in v), (m, v)
+        b, n = v["base"], v["novel"]
+        assert math.isclose(v["hm"], 2 * b * n / (b + n) if b + n else 0.0, rel_tol=1e-9)
+    report = (out / "report.md").read_text()
+    assert "ComKD-CLIP" in report and "PromptKD" in report and "plots/accuracy.png" in report
+    assert (out / "plots" / "accuracy.png").stat().st_size > 0
+    assert (out / "plots" / "training_curves.png").stat().st_size > 0
+    run = out / "run" / "digits" / "seed1"
+    for stage in ("teacher", "promptkd", "comkd"):
+        assert (run / stage / "config.yaml").exists() and (run / stage / "metrics.jsonl").exists()
+    # the shipped student evaluates on its own (no teacher) to the numbers the demo reported
+    r = CliRunner().invoke(
+        cli.app,
+        ["evaluate", str(run / "comkd" / "student.safetensors"), "--config", "demo", "--protocol", "base2novel"],
+    )
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.output[r.output.index("{"):])
+    assert math.isclose(ev["base"]["acc"], res["comkd"]["base"], abs_tol=1e-6)
+    assert math.isclose(ev["novel"]["acc"], res["comkd"]["novel"], abs_tol=1e-6)
+
+
+def test_unknown_method_is_refused_with_the_allowed_names(tmp_path) -> None:
+    r = CliRunner().invoke(cli.app, ["distill", "--method", "kd-magic", "--out", str(tmp_path)])
+    assert r.exit_code == 2
+    assert "kd-magic" in r.output and "promptkd" in r.output
+
+
+def test_missing_student_file_is_a_clear_error(tmp_path) -> None:
+    r = CliRunner().invoke(cli.app, ["evaluate", str(tmp_path / "nope.safetensors")])
+    assert r.exit_code == 1
+    assert "nope.safetensors" in r.output
+
+
+@pytest.mark.slow
+def test_cache_teacher_then_distill_without_the_teacher(tmp_path) -> None:
+    common = ["--config", "demo", "--set", "progress=false", "--set", "distill.optim.epochs=2",
+              "--set", "teacher.text_depth=1", "--set", "teacher.vision_depth=1"]
+    r = CliRunner().invoke(cli.app, ["cache-teacher", "--out", str(tmp_path / "cache"), *common])
+    assert r.exit_code == 0, r.output
+    cache = tmp_path / "cache" / "teacher_cache.bin"
+    assert cache.exists()
+    r = CliRunner().invoke(cli.app, ["distill", "--method", "comkd", "--teacher-cache", str(cache),
+                                     "--out", str(tmp_path / "student"), *common])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "student" / "results.json").read_text())
+    assert 0.0 <= res["hm"] <= 100.0
+    # another seed means other views: the cache is refused, naming the seed
+    r = CliRunner().invoke(cli.app, ["distill", "--teacher-cache", str(cache), "--seed", "7",
+                                     "--out", str(tmp_path / "s7"), *common])
+    assert r.exit_code == 1 and "seed" in r.output
