@@ -739,3 +739,33 @@ def test_resnet_clip_teacher_without_visual_prompts() -> None:
     torch.testing.assert_close(t.encode_image(x), torch.nn.functional.normalize(t.clip.visual(x), dim=-1))
     with pytest.raises(ModelError, match="VisionTransformer"):
         create_teacher("comkd-tiny-resnet-student", vision_tokens=4)
+
+
+def test_edu_attention_inference_reuses_keys_values_until_w_or_weights_change() -> None:
+    torch.manual_seed(43)
+    edu = EduAttention(16, heads=2)
+    with torch.no_grad():
+        edu.alpha.fill_(0.7)
+    u, w = torch.randn(3, 16), torch.randn(5, 16)
+    with torch.no_grad():
+        first = edu(u, w)
+        cached = edu._kv_cache
+        assert torch.equal(edu(u, w), first) and edu._kv_cache is cached  # reused
+        w.mul_(2.0)  # W changed in place: recomputed
+        torch.testing.assert_close(edu(u, w), _independent_edu(edu, u, w))
+        edu.fc_k.weight.add_(0.1)  # weights changed: recomputed
+        torch.testing.assert_close(edu(u, w), _independent_edu(edu, u, w))
+    torch.testing.assert_close(edu(u, w), _independent_edu(edu, u, w))  # training path unchanged
+
+
+def _independent_edu(edu: EduAttention, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    h, c = edu.heads, edu.attn_dim
+    q = u @ edu.fc_q.weight.t() + edu.fc_q.bias
+    k = w @ edu.fc_k.weight.t() + edu.fc_k.bias
+    v = w @ edu.fc_v.weight.t() + edu.fc_v.bias
+    outs = []
+    for i in range(h):
+        sl = slice(i * c // h, (i + 1) * c // h)
+        a = torch.softmax(q[:, sl] @ k[:, sl].t() / (c // h) ** 0.5, dim=-1)
+        outs.append(a @ v[:, sl])
+    return u + edu.alpha * torch.cat(outs, dim=1)

@@ -33,6 +33,18 @@ class EduAttention(nn.Module):
         self.fc_v = self.fc_q if shared_fc else nn.Linear(dim, attn_dim)
         self.fc_o = nn.Identity() if attn_dim == dim else nn.Linear(attn_dim, dim)
         self.alpha = nn.Parameter(torch.zeros(()))
+        self._kv_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def _keys_values(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FC_k(W), FC_v(W). Without autograd (inference) they are computed once per W and weights:
+        a deployed student then pays for EduAttention's key/value projections only once."""
+        if torch.is_grad_enabled():
+            return self.fc_k(text_features), self.fc_v(text_features)
+        key = (text_features.data_ptr(), text_features._version, tuple(text_features.shape), text_features.dtype,
+               *((p.data_ptr(), p._version) for p in (*self.fc_k.parameters(), *self.fc_v.parameters())))
+        if self._kv_cache is None or self._kv_cache[0] != key:
+            self._kv_cache = (key, self.fc_k(text_features), self.fc_v(text_features))
+        return self._kv_cache[1], self._kv_cache[2]
 
     def attend(self, image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``FC_o(f_att)`` ``[B, d]`` and the attention weights ``[B, h, N]``."""
@@ -49,8 +61,9 @@ class EduAttention(nn.Module):
         b, n, h = image_features.shape[0], text_features.shape[0], self.heads
         hd = self.attn_dim // h
         q = self.fc_q(image_features).view(b, h, hd).transpose(0, 1)  # [h, B, hd]
-        k = self.fc_k(text_features).view(n, h, hd).transpose(0, 1)  # [h, N, hd]
-        v = self.fc_v(text_features).view(n, h, hd).transpose(0, 1)  # [h, N, hd]
+        k, v = self._keys_values(text_features)
+        k = k.view(n, h, hd).transpose(0, 1)  # [h, N, hd]
+        v = v.view(n, h, hd).transpose(0, 1)  # [h, N, hd]
         attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd), dim=-1)  # [h, B, N]
         out = (attn @ v).transpose(0, 1).reshape(b, self.attn_dim)  # [B, C]
         return self.fc_o(out), attn.transpose(0, 1)
