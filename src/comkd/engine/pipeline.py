@@ -330,6 +330,9 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         w, s_t = teacher.class_text_features(ds.full_classnames), float(teacher.logit_scale)
         outputs = TeacherOutputs(teacher, student.preprocess)
     student.set_text_features(w, ds.full_classnames)
+    n_train = student.num_trainable()
+    log.info("distill %s: student %s has %d trainable parameters (%.3f M)", d.method, cfg.student.model, n_train,
+             n_train / 1e6)
     kd_weight = d.kd_weight if d.kd_weight is not None else paper_kd_weight(cfg.data.dataset)
     loss = build_loss(
         d.method, kd_weight=kd_weight, temperature=d.temperature, align_weight=d.align_weight,
@@ -357,7 +360,8 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         save_student(student, path, cfg, d.method)
     barrier()  # the other ranks may read the file next (evaluation, later stages)
     alpha = float(student.edu_attention.alpha.detach()) if student.edu_attention is not None else None
-    return {"student": str(path), "alpha": alpha, "train_images": len(ds), "history": fit_res.history,
+    return {"student": str(path), "alpha": alpha, "train_images": len(ds), "trainable_params": n_train,
+            "history": fit_res.history,
             "selected_epoch": best.get("epoch") if d.select == "promptkd" else None}
 
 

@@ -100,7 +100,8 @@ def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> d
     student = P.load_student(info["student"], P.resolve_device(c.device))
     res = P.evaluate_student(c, student, split="test")
     res.update(method=method, alpha=info["alpha"], selection=c.distill.select,
-               selected_epoch=info["selected_epoch"], train_images=info["train_images"])
+               selected_epoch=info["selected_epoch"], train_images=info["train_images"],
+               trainable_params=info["trainable_params"])
     write_json(done, res)
     return res
 
