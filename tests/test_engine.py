@@ -350,3 +350,25 @@ def test_one_seed_gives_identical_runs_and_jsonl_metrics(tmp_path):
         0.5 * 0.005 * (1 + math.cos(math.pi / 2))
     )
     assert (tmp_path / "a" / "config.yaml").is_file() and (tmp_path / "a" / "checkpoint.pt").is_file()
+
+
+def test_edu_attention_learns_at_a_scaled_rate_through_the_whole_schedule():
+    from comkd.config import OptimConfig
+    from comkd.engine.loop import _build_optimizer, lr_at
+    from comkd.engine.tasks import DistillTask
+    from comkd.losses import build_loss
+    from comkd.models import create_student
+
+    s = create_student("comkd-tiny-student", teacher_dim=32, image_size=16)
+    task = DistillTask(s, None, torch.zeros(3, 32), 10.0, build_loss("comkd"), edu_lr_scale=0.01)
+    cfg = OptimConfig()
+    opt = _build_optimizer(cfg, task.parameter_groups())
+    rest, edu = opt.param_groups
+    assert {id(p) for p in edu["params"]} == {id(p) for p in s.edu_attention.parameters()}
+    assert len(rest["params"]) + len(edu["params"]) == len(s.trainable_parameters())
+    assert edu["base_lr"] == pytest.approx(cfg.lr * 0.01) and rest["base_lr"] == pytest.approx(cfg.lr)
+    for epoch in (0, 1, 7):
+        ratio = lr_at(cfg, edu["base_lr"], epoch, 0, 10) / lr_at(cfg, rest["base_lr"], epoch, 0, 10)
+        assert ratio == pytest.approx(0.01)
+    # scale 1.0 keeps PromptKD's single group
+    assert len(DistillTask(s, None, torch.zeros(3, 32), 10.0, build_loss("comkd")).parameter_groups()) == 1

@@ -133,6 +133,9 @@ class DistillConfig:
     align_weight: float = 1.0
     ifalign_stats: Literal["per_channel", "per_sample"] = "per_channel"
     feature_weight: float = 1.0
+    # EduAttention and α learn at optim.lr × edu_lr_scale. The paper gives no value; at 1.0 the unbounded
+    # gate α receives gradients scaled by w_kd · s (1000 · s) and diverges (see README, "Our readings").
+    edu_lr_scale: float = 0.01
     split: str = "train"
     select: Literal["last", "promptkd"] = "last"
     teacher_cache: str | None = None

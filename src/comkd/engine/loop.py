@@ -65,8 +65,8 @@ def lr_at(cfg: OptimConfig, base_lr: float, epoch: int, step_in_epoch: int, step
     over ``warmup_frac`` of the steps, then cosine to zero (one-cycle).
     """
     if cfg.optimizer == "sgd":
-        if epoch < cfg.warmup_epochs:
-            return cfg.warmup_lr
+        if epoch < cfg.warmup_epochs:  # a group with its own lr scales the warm-up value with it
+            return cfg.warmup_lr * base_lr / cfg.lr
         return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
     total = cfg.epochs * steps_per_epoch
     t = epoch * steps_per_epoch + step_in_epoch
@@ -151,7 +151,7 @@ def _set_rng_state(st: dict) -> None:
 
 def _build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
     for g in groups:
-        g.setdefault("lr", cfg.lr)
+        g.setdefault("lr", cfg.lr * g.pop("lr_scale", 1.0))
         g["base_lr"] = g["lr"]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

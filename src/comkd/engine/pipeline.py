@@ -338,7 +338,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         d.method, kd_weight=kd_weight, temperature=d.temperature, align_weight=d.align_weight,
         ifalign_stats=d.ifalign_stats, feature_weight=d.feature_weight,
     )
-    task = DistillTask(student, outputs, w, s_t, loss)
+    task = DistillTask(student, outputs, w, s_t, loss, edu_lr_scale=d.edu_lr_scale)
     best: dict[str, Any] = {"score": -1.0}
 
     def on_epoch_end(epoch: int) -> dict:

@@ -155,9 +155,11 @@ class DistillTask(TaskBase):
         text_features: torch.Tensor,
         teacher_logit_scale: float,
         loss: ComKDLoss,
+        edu_lr_scale: float = 1.0,
     ):
         super().__init__()
         self.student, self.teacher_outputs, self.loss = student, teacher_outputs, loss
+        self.edu_lr_scale = edu_lr_scale
         self.w = text_features
         self.s_t = float(teacher_logit_scale)
 
@@ -165,7 +167,12 @@ class DistillTask(TaskBase):
         return {"student": self.student}
 
     def parameter_groups(self) -> list[dict]:
-        return [{"params": self.student.trainable_parameters()}]
+        edu = self.student.edu_attention
+        if edu is None or self.edu_lr_scale == 1.0:
+            return [{"params": self.student.trainable_parameters()}]
+        edu_ids = {id(p) for p in edu.parameters()}
+        rest = [p for p in self.student.trainable_parameters() if id(p) not in edu_ids]
+        return [{"params": rest}, {"params": list(edu.parameters()), "lr_scale": self.edu_lr_scale}]
 
     def step(self, batch, epoch: int) -> dict[str, torch.Tensor]:
         images, _, indices = batch  # labels withheld by design
