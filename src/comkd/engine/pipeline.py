@@ -102,9 +102,9 @@ def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.data
     kw: dict[str, Any] = {"split_file": d.split_file, "skip_bad": d.skip_bad}
     if d.dataset in ("imagefolder", "csv"):
-        kw.update(subdir=d.subdir, classes_file=d.classes_file) if d.dataset == "imagefolder" else kw.update(
-            classes_file=d.classes_file
-        )
+        kw["classes_file"] = d.classes_file
+    if d.dataset == "imagefolder":
+        kw["subdir"] = d.subdir
     if d.fractions is not None:
         kw["fractions"] = d.fractions
     if d.dataset in ("imagefolder", "csv", "digits"):
@@ -396,36 +396,38 @@ def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float
     return accuracy(preds, labels)
 
 
-def evaluate_student(cfg: RunConfig, student: Student, split: str = "test") -> dict[str, Any]:
-    """Base/novel/HM (``protocol: base2novel``) or plain accuracy, for a student with stored W."""
+def _evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn) -> dict[str, Any]:
+    """``results.json`` of one model: base/novel/HM for ``protocol: base2novel`` (each half
+    relabelled from 0, logits sliced from W), else accuracy on all classes. ``acc_fn(ds)`` scores
+    one dataset."""
+    def part(subsample: str) -> dict:
+        ds = make_dataset(cfg, split, spec, train=False, subsample=subsample)
+        return {"acc": acc_fn(ds), "classes": len(ds.classnames), "images": len(ds)}
+
+    res: dict[str, Any] = {"protocol": cfg.protocol, "dataset": cfg.data.dataset}
     if cfg.protocol == "base2novel":
-        res: dict[str, Any] = {"protocol": "base2novel", "dataset": cfg.data.dataset}
-        for part in ("base", "novel"):
-            ds = make_dataset(cfg, split, student.preprocess, train=False, subsample=part)
-            res[part] = {"acc": evaluate_subset(student, ds, cfg), "classes": len(ds.classnames), "images": len(ds)}
+        res.update(base=part("base"), novel=part("novel"))
         res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
         return res
-    ds = make_dataset(cfg, split, student.preprocess, train=False)
-    return {"protocol": cfg.protocol, "dataset": cfg.data.dataset, "acc": evaluate_subset(student, ds, cfg),
-            "images": len(ds)}
+    return {**res, **part("all")}
+
+
+def evaluate_student(cfg: RunConfig, student: Student, split: str = "test") -> dict[str, Any]:
+    """The distilled student (its stored W; no teacher, no text encoder)."""
+    return _evaluate(cfg, student.preprocess, split, lambda ds: evaluate_subset(student, ds, cfg))
 
 
 def evaluate_teacher(cfg: RunConfig, teacher: Teacher, split: str = "test") -> dict[str, Any]:
-    """The prompted teacher's accuracy, split as ``evaluate_student`` does."""
+    """The prompted teacher, split as ``evaluate_student`` does."""
     device = next(teacher.parameters()).device
     teacher.eval()
 
-    def run(subsample: str) -> dict:
-        ds = make_dataset(cfg, split, teacher.preprocess, train=False, subsample=subsample)
+    def acc(ds: ImageDataset) -> float:
         w = teacher.class_text_features(ds.full_classnames)[ds.class_indices]
         preds, labels = predict(lambda x: teacher.encode_image(x) @ w.t(), _loader(cfg, ds, device), device)
-        return {"acc": accuracy(preds, labels), "classes": len(ds.classnames), "images": len(ds)}
+        return accuracy(preds, labels)
 
-    if cfg.protocol == "base2novel":
-        res = {"protocol": "base2novel", "dataset": cfg.data.dataset, "base": run("base"), "novel": run("novel")}
-        res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
-        return res
-    return {"protocol": cfg.protocol, "dataset": cfg.data.dataset, **run("all")}
+    return _evaluate(cfg, teacher.preprocess, split, acc)
 
 
 def evaluate_clip_zero_shot(cfg: RunConfig, role: str, split: str = "test") -> dict[str, Any]:
@@ -434,14 +436,5 @@ def evaluate_clip_zero_shot(cfg: RunConfig, role: str, split: str = "test") -> d
     device = resolve_device(cfg.device)
     loaded = load_clip(mcfg.model, mcfg.pretrained, image_size=cfg.data.image_size,
                        quick_gelu=mcfg.quick_gelu or None, device=device)
-
-    def run(subsample: str) -> dict:
-        ds = make_dataset(cfg, split, loaded.preprocess, train=False, subsample=subsample)
-        acc = clip_zero_shot(loaded.model, loaded.tokenizer, ds, ds.templates, _loader(cfg, ds, device), device)
-        return {"acc": acc, "classes": len(ds.classnames), "images": len(ds)}
-
-    if cfg.protocol == "base2novel":
-        res = {"protocol": "base2novel", "dataset": cfg.data.dataset, "base": run("base"), "novel": run("novel")}
-        res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
-        return res
-    return {"protocol": cfg.protocol, "dataset": cfg.data.dataset, **run("all")}
+    return _evaluate(cfg, loaded.preprocess, split, lambda ds: clip_zero_shot(
+        loaded.model, loaded.tokenizer, ds, ds.templates, _loader(cfg, ds, device), device))
