@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from comkd import cli
@@ -82,3 +83,26 @@ def test_cache_teacher_then_distill_without_the_teacher(tmp_path) -> None:
     r = CliRunner().invoke(cli.app, ["distill", "--teacher-cache", str(cache), "--seed", "7",
                                      "--out", str(tmp_path / "s7"), *common])
     assert r.exit_code == 1 and "seed" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["cross", "dg"])
+def test_cross_dataset_and_domain_generalisation_protocols_run(tmp_path, protocol) -> None:
+    args = ["run", "--config", "demo", "--protocol", protocol, "--source", "digits", "--dataset", "digits",
+            "--methods", "promptkd", "--out", str(tmp_path), "--set", "progress=false",
+            "--set", "pretrain.enabled=false", "--set", "teacher_train.optim.epochs=1",
+            "--set", "teacher_train.optim.warmup_epochs=0", "--set", "distill.optim.epochs=1",
+            "--set", "distill.optim.warmup_epochs=0", "--set", "distill.optim.batch_size=32"]
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["protocol"] == protocol
+    row = res["datasets"]["digits"]
+    assert set(row) == {"teacher", "student_zeroshot", "promptkd"}
+    assert all(len(v["acc"]) == 1 and 0 <= v["acc"][0] <= 100 for v in row.values())
+    # the teacher is prompt-tuned once on the source (all classes), the student on the target
+    assert (tmp_path / "digits" / "seed1" / "teacher" / "teacher_prompts.safetensors").exists()
+    student_res = json.loads((tmp_path / "digits" / "seed1" / "promptkd" / "results.json").read_text())
+    cfg = yaml.safe_load((tmp_path / "digits" / "seed1" / "promptkd" / "config.yaml").read_text())
+    assert cfg["distill"]["split"] == {"cross": "train", "dg": "test"}[protocol]  # dg is transductive
+    assert student_res["acc"] == row["promptkd"]["acc"][0]
