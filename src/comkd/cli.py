@@ -291,9 +291,6 @@ def main() -> None:  # pragma: no cover
     app(sys.argv[1:])
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m comkd.cli` / `torchrun -m comkd.cli`
-    main()
-
 
 # -- results page (issue 6) --------------------------------------------------------------------
 @app.command()
@@ -331,3 +328,7 @@ def results_page(
 
     path = _run(lambda: write_results_page(results, out))
     typer.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m comkd.cli` / `torchrun -m comkd.cli`
+    main()

@@ -83,11 +83,11 @@ def plot_curves(curves: dict[str, dict[str, list[list[dict]]]], path: Path) -> b
     terms = ["kd", "align", "alpha"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, term in zip(axes, terms, strict=True):
-        for ds, m, recs in rows:
+        for i, (ds, m, recs) in enumerate(rows):
             xs = [r["epoch"] + 1 for r in recs if term in r]
             ys = [r[term] for r in recs if term in r]
-            if xs:
-                ax.plot(xs, ys, marker="o", ms=3, label=f"{ds}/{m}")
+            if xs:  # one colour per run in every panel, so the single legend fits them all
+                ax.plot(xs, ys, marker="o", ms=3, label=f"{ds}/{m}", color=f"C{i % 10}")
         ax.set_title({"kd": "KD term (w_kd · KL)", "align": "IFAlign term", "alpha": "EduAttention α"}[term])
         ax.set_xlabel("epoch")
     axes[0].legend(fontsize=7)

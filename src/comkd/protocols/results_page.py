@@ -1,0 +1,486 @@
+"""The published results page (``docs/results.md``) from two JSON files.
+
+* ``docs/results.json``: ``{dataset: {method: {"base": [per seed], "novel": [...], "hm": [...]}}}``,
+  methods including ``teacher`` and ``student_zeroshot`` (accuracies in percent).
+* ``docs/curves.json`` (optional, next to it): what the accuracies do not hold, collected from the
+  run folders by ``collect_runs``: per-epoch training records of each distillation run
+  (``curves``), the run setup (split sizes, model sizes, epochs, wall time: ``setup``) and
+  EduAttention statistics of the saved students (``attention``).
+* ``docs/supplement.json`` (optional): ``{"title", "note", "results", "extra"}``, another collected run
+  (``results``/``extra`` as above) shown as a supplementary table with its own analysis.
+* ``docs/analysis.md`` (optional): hand-written prose appended at the end (no figures in it).
+
+Every number on the page is read from those files; ``write_results_page`` types none in.
+Regenerate with ``comkd results-page --results docs/results.json --out docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..engine.utils import atomic_write_text, read_metrics, write_json
+from .report import LABELS, _ordered, plot_accuracy, plot_curves, results_table
+from .runner import average_base2novel, mean_std
+
+DISTILL_METHODS = ["promptkd", "comkd", "no-ifalign", "no-eduattention"]
+REQUIRED = ["teacher", "student_zeroshot", *DISTILL_METHODS]
+REGEN = "comkd results-page --results docs/results.json --out docs/results.md"
+CURVE_KEYS = ("epoch", "loss", "kd", "align", "alpha", "time_s", "feature")
+
+
+# -- collecting run folders --------------------------------------------------------------------
+def _count_params(module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def _model_sizes(name: str, image_size: int | None) -> dict[str, Any]:
+    from ..models import load_clip
+
+    loaded = load_clip(name, None, image_size=image_size)
+    m = loaded.model
+    vcfg = (loaded.config or {}).get("vision_cfg", {}) if isinstance(loaded.config, dict) else {}
+    return {"model": name, "params": _count_params(m), "vision_params": _count_params(m.visual),
+            "vision_width": vcfg.get("width"), "vision_layers": vcfg.get("layers"),
+            "patch_size": vcfg.get("patch_size"), "embed_dim": (loaded.config or {}).get("embed_dim")}
+
+
+def _split_sizes(cfg) -> dict[str, int]:
+    from ..data import load_splits
+    from ..engine.pipeline import _dataset_kwargs
+
+    kw = _dataset_kwargs(cfg)
+    kw.pop("digits_size", None)
+    s = load_splits(cfg.data.dataset, cfg.data.root, **kw)
+    return {k: len(s.split(k)) for k in ("pretrain", "train", "val", "test")}
+
+
+def _epoch_records(path: Path) -> list[dict]:
+    return [{k: r[k] for k in CURVE_KEYS if k in r} for r in read_metrics(path) if r.get("type") == "epoch"]
+
+
+def _step_records(path: Path) -> list[dict]:
+    return [{k: r[k] for k in ("epoch", "step", "kd", "align", "alpha", "loss") if k in r}
+            for r in read_metrics(path) if "type" not in r and "step" in r]
+
+
+def plot_step_curves(steps: dict[str, dict[str, list[dict]]], path: Path) -> bool:
+    """KD term and α per logged optimiser step (first seed) of each distillation method."""
+    rows = [(ds, m, recs) for ds, ms in steps.items() for m, recs in ms.items() if recs]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, term, title in zip(axes, ("kd", "alpha"), ("KD term (w_kd · KL) per step", "EduAttention α per step"),
+                               strict=True):
+        for i, (ds, m, recs) in enumerate(rows):  # fixed colour per run: the legend is on the first panel
+            xs = [r["step"] for r in recs if r.get(term) is not None]
+            if xs:
+                ax.plot(xs, [r[term] for r in recs if r.get(term) is not None], label=f"{ds}/{m}", lw=1.2,
+                        color=f"C{i % 10}", ls="-" if i < 10 else "--")
+        ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _last_epoch(path: Path, stage: str, key: str) -> float | None:
+    recs = [r for r in read_metrics(path) if r.get("type") == "epoch" and r.get("stage") == stage and key in r]
+    return float(recs[-1][key]) * (100.0 if key == "acc" else 1.0) if recs else None
+
+
+def _stage_seconds(path: Path, stage_prefix: str = "") -> float:
+    return float(sum(r.get("time_s", 0.0) for r in read_metrics(path)
+                     if r.get("type") == "epoch" and str(r.get("stage", "")).startswith(stage_prefix)))
+
+
+def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[str, float]:
+    """EduAttention on the test images of a saved student: normalised entropy of the weights over
+    the N classes (1 = uniform, 0 = one class), the mean largest weight, how often the most
+    attended class is the student's own prediction, |α·FC_o(f_att)| / |u_s|, and the mean cosine
+    of each image's FC_o(f_att) to their mean (1 = the same vector for every image)."""
+    import torch
+
+    from ..engine import pipeline as P
+
+    student = P.load_student(student_path, "cpu")
+    ea = student.edu_attention
+    ds = P.make_dataset(cfg, "test", student.preprocess, train=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False, num_workers=0)
+    w = student.text_features
+    ent, top, agree, ratio, n = 0.0, 0.0, 0.0, 0.0, 0
+    deltas, preds = [], []
+    with torch.no_grad():
+        for images, *_ in loader:
+            pred = student(images).logits.argmax(-1)
+            preds.append(pred)
+            n += len(images)
+            if ea is None:
+                if n >= max_images:
+                    break
+                continue
+            u = student.encode(images)
+            delta, attn = ea.attend(u, w.to(u.dtype))
+            a = attn.mean(1)  # [B, N], averaged over heads
+            ent += float((-(a.clamp_min(1e-12).log() * a).sum(-1) / math.log(a.shape[-1])).sum())
+            top += float(a.max(-1).values.sum())
+            agree += float((a.argmax(-1) == pred).float().sum())
+            ratio += float(((ea.alpha * delta).norm(dim=-1) / u.norm(dim=-1)).sum())
+            deltas.append(delta)
+            if n >= max_images:
+                break
+    p = torch.cat(preds)
+    modal = 100 * float(torch.bincount(p).max()) / len(p)
+    if ea is None:
+        return {"modal_class_share": modal, "images": n, "classes": int(w.shape[0])}
+    with torch.no_grad():
+        d = torch.cat(deltas)
+        same = float(torch.nn.functional.cosine_similarity(d, d.mean(0, keepdim=True)).mean())
+    return {"alpha": float(ea.alpha.detach()), "entropy": ent / n, "max_weight": top / n, "argmax_is_prediction": 100 * agree / n,
+            "delta_over_u": ratio / n, "delta_cos_to_mean": same, "modal_class_share": modal, "images": n, "classes": int(w.shape[0])}
+
+
+def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curves: str | Path | None = None,
+                 *, attention: bool = True) -> tuple[dict, dict]:
+    """Gather ``comkd run`` folders (``{label: run_dir}``) into ``out_results`` (results.json in the
+    page's format, datasets renamed to ``label``) and ``out_curves`` (training curves, setup,
+    EduAttention statistics). A run folder holds one base2novel dataset."""
+    from ..config import load_config
+
+    results: dict[str, dict] = {}
+    extra: dict[str, Any] = {"curves": {}, "steps": {}, "setup": {}, "attention": {}}
+    for label, run_dir in runs.items():
+        run_dir = Path(run_dir)
+        res = json.loads((run_dir / "results.json").read_text())
+        if res.get("protocol") != "base2novel" or len(res["datasets"]) != 1:
+            raise ValueError(f"{run_dir}: expected a base2novel run over one dataset")
+        (ds_key, table), = res["datasets"].items()
+        results[label] = table
+        cfg = load_config(run_dir / "config.yaml")
+        seeds = res.get("seeds") or []
+        ds_dir = run_dir / ds_key
+        curves: dict[str, list] = {}
+        distill_s: dict[str, list[float]] = {}
+        for m in table:
+            if m in ("teacher", "student_zeroshot"):
+                continue
+            curves[m] = [_epoch_records(ds_dir / f"seed{s}" / m / "metrics.jsonl") for s in seeds]
+            distill_s[m] = [_stage_seconds(ds_dir / f"seed{s}" / m / "metrics.jsonl") for s in seeds]
+        extra["curves"][label] = curves
+        extra["steps"][label] = {m: _step_records(ds_dir / f"seed{seeds[0]}" / m / "metrics.jsonl")
+                                 for m in curves} if seeds else {}
+        pre = ds_dir / "pretrain"
+        pre_res = json.loads((pre / "results.json").read_text()) if (pre / "results.json").exists() else {}
+        wall = json.loads((run_dir / "wall_time.json").read_text()) if (run_dir / "wall_time.json").exists() else {}
+        extra["setup"][label] = {
+            "run_dir": str(run_dir), "dataset": cfg.data.dataset, "root": cfg.data.root,
+            "split_file": cfg.data.split_file, "subdir": cfg.data.subdir, "fractions": cfg.data.fractions,
+            "split_seed": cfg.data.split_seed, "image_size": cfg.data.image_size, "num_shots": cfg.data.num_shots,
+            "splits": _split_sizes(cfg), "pretrain_split": cfg.pretrain.split, "distill_split": cfg.distill.split,
+            "seeds": seeds,
+            "teacher": _model_sizes(cfg.teacher.model, cfg.data.image_size),
+            "student": _model_sizes(cfg.student.model, cfg.data.image_size),
+            "pretrain": {"epochs": cfg.pretrain.optim.epochs, "batch_size": cfg.pretrain.optim.batch_size,
+                         "teacher_lr": cfg.pretrain.teacher_lr or cfg.pretrain.optim.lr,
+                         "student_lr": cfg.pretrain.student_lr or cfg.pretrain.optim.lr,
+                         "teacher_zero_shot": pre_res.get("teacher", {}).get("zero_shot_acc"),
+                         "student_zero_shot": pre_res.get("student", {}).get("zero_shot_acc"),
+                         "teacher_train_acc": _last_epoch(pre / "metrics.jsonl", "pretrain_teacher", "acc"),
+                         "student_train_acc": _last_epoch(pre / "metrics.jsonl", "pretrain_student", "acc"),
+                         "teacher_s": _stage_seconds(pre / "metrics.jsonl", "pretrain_teacher"),
+                         "student_s": _stage_seconds(pre / "metrics.jsonl", "pretrain_student")},
+            "teacher_train": {"epochs": cfg.teacher_train.optim.epochs, "batch_size": cfg.teacher_train.optim.batch_size,
+                              "lr": cfg.teacher_train.optim.lr,
+                              "seconds": [_stage_seconds(ds_dir / f"seed{s}" / "teacher" / "metrics.jsonl")
+                                          for s in seeds]},
+            "distill": {"epochs": cfg.distill.optim.epochs, "batch_size": cfg.distill.optim.batch_size,
+                        "lr": cfg.distill.optim.lr, "warmup_epochs": cfg.distill.optim.warmup_epochs,
+                        "kd_weight": _kd_weight(cfg), "align_weight": cfg.distill.align_weight,
+                        "temperature": cfg.distill.temperature, "seconds": distill_s,
+                        # None when the run's saved config predates the key (the plain rate, 1.0)
+                        "edu_lr_scale": (yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+                        .get("distill", {}).get("edu_lr_scale")},
+            "wall_time_s": wall.get("seconds"), "wall_time": wall,
+        }
+        if attention:
+            att: dict[str, list] = {}
+            for m in table:
+                if m in ("teacher", "student_zeroshot"):
+                    continue
+                paths = [ds_dir / f"seed{s}" / m / "student.safetensors" for s in seeds]
+                stats = [attention_stats(p, cfg) for p in paths if p.exists()]
+                if stats:
+                    att[m] = stats
+            extra["attention"][label] = att
+    write_json(out_results, results)
+    if out_curves is not None:
+        write_json(out_curves, extra)
+    return results, extra
+
+
+def _kd_weight(cfg) -> float:
+    from ..losses import paper_kd_weight
+
+    return cfg.distill.kd_weight if cfg.distill.kd_weight is not None else paper_kd_weight(cfg.data.dataset)
+
+
+# -- the page ----------------------------------------------------------------------------------
+def _f(x: float | None, nd: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _mean(xs: list[float]) -> float:
+    return mean_std(xs)[0]
+
+
+def _setup_section(setup: dict) -> list[str]:
+    if not setup:
+        return ["(No `curves.json` with the run setup next to results.json.)", ""]
+    lines = ["| | " + " | ".join(setup) + " |", "|---|" + "---|" * len(setup)]
+
+    def row(name: str, fn) -> None:
+        vals = []
+        for s in setup.values():
+            try:
+                vals.append(fn(s))
+            except (KeyError, TypeError):
+                vals.append("n/a")
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+
+    row("dataset loader / root", lambda s: f"`{s['dataset']}` `{s['root']}`"
+        + (f" subdir `{s['subdir']}`" if s.get("subdir") else "")
+        + (f" split file `{s['split_file']}`" if s.get("split_file") else ""))
+    row("per-class split fractions (split_seed)", lambda s: f"{s['fractions']} ({s['split_seed']})"
+        if s.get("fractions") else ("CoOp split file" if s.get("split_file") else "loader default"))
+    row("images: pretrain / train / val / test", lambda s: " / ".join(str(s["splits"][k])
+                                                                       for k in ("pretrain", "train", "val", "test")))
+    row("stage 0 pre-trains on (labelled)", lambda s: f"`{s['pretrain_split']}` ({s['splits'][s['pretrain_split']]} images)")
+    row("stage 1: shots per base class", lambda s: f"{s['num_shots']} (from `train`)")
+    row("stage 2 distils on (unlabelled)", lambda s: f"`{s['distill_split']}` ({s['splits'][s['distill_split']]} images)")
+    row("evaluation", lambda s: f"`test` ({s['splits']['test']} images), base / novel halves of the classes")
+    row("image size", lambda s: f"{s['image_size']} px")
+    for role in ("teacher", "student"):
+        row(f"{role} CLIP", lambda s, r=role: f"`{s[r]['model']}`: ViT width {s[r]['vision_width']}, "
+            f"{s[r]['vision_layers']} layers, patch {s[r]['patch_size']}; {s[r]['vision_params'] / 1e6:.2f} M image-tower "
+            f"/ {s[r]['params'] / 1e6:.2f} M total parameters")
+    row("stage 0 epochs, batch, lr (teacher / student)", lambda s: f"{s['pretrain']['epochs']}, {s['pretrain']['batch_size']}, "
+        f"{s['pretrain']['teacher_lr']:g} / {s['pretrain']['student_lr']:g} (AdamW, one-cycle)")
+    row("stage 0 zero-shot test acc, all classes (teacher / student)",
+        lambda s: f"{_f(s['pretrain']['teacher_zero_shot'])} / {_f(s['pretrain']['student_zero_shot'])} %")
+    row("stage 0 training accuracy on its own images, last epoch (teacher / student)",
+        lambda s: f"{_f(s['pretrain']['teacher_train_acc'])} / {_f(s['pretrain']['student_train_acc'])} %")
+    row("stage 1 epochs, batch, lr", lambda s: f"{s['teacher_train']['epochs']}, {s['teacher_train']['batch_size']}, "
+        f"{s['teacher_train']['lr']:g} (SGD)")
+    row("stage 2 epochs, batch, lr, warm-up epochs", lambda s: f"{s['distill']['epochs']}, {s['distill']['batch_size']}, "
+        f"{s['distill']['lr']:g}, {s['distill']['warmup_epochs']} (SGD)")
+    row("stage 2 w_kd, λ_align, temperature", lambda s: f"{s['distill']['kd_weight']:g}, {s['distill']['align_weight']:g}, "
+        f"{s['distill']['temperature']:g}")
+    row("stage 2 EduAttention + α learning-rate scale (× lr)",
+        lambda s: "1 (the code predates the setting)" if s["distill"].get("edu_lr_scale") is None
+        else f"{s['distill']['edu_lr_scale']:g}")
+    row("seeds", lambda s: ", ".join(map(str, s["seeds"])))
+    row("training time: stage 0 (teacher + student)", lambda s: f"{s['pretrain']['teacher_s'] + s['pretrain']['student_s']:.0f} s")
+    row("training time: stage 1, all seeds", lambda s: f"{sum(s['teacher_train']['seconds']):.0f} s")
+    row("training time: stage 2, one run (mean over methods × seeds)",
+        lambda s: f"{_mean([x for v in s['distill']['seconds'].values() for x in v]):.0f} s")
+    def wall(s: dict) -> str:
+        if not s.get("wall_time_s"):
+            return "n/a"
+        w = s.get("wall_time") or {}
+        parts = (f" (stage 0 {w['stage0_seconds'] / 60:.1f} + stages 1-2 {w['stages12_seconds'] / 60:.1f})"
+                 if "stage0_seconds" in w and "stages12_seconds" in w else "")
+        return f"{s['wall_time_s'] / 60:.1f} min{parts}"
+
+    row("measured wall time of the whole run, incl. evaluation", wall)
+    lines.append("")
+    walls = [s["wall_time_s"] for s in setup.values() if s.get("wall_time_s")]
+    notes = sorted({(s.get("wall_time") or {}).get("note", "") for s in setup.values()} - {""})
+    if walls:
+        lines += [f"The datasets ran in parallel, so the evidence run took about {max(walls) / 60:.1f} min of wall "
+                  "time" + (f" ({'; '.join(notes)})" if notes else "") + ".", ""]
+    return lines
+
+
+def _verdict(table: dict, a: str, b: str) -> str | None:
+    """One sentence comparing method ``a`` with ``b`` on HM, from the per-seed numbers."""
+    if a not in table or b not in table:
+        return None
+    ha, hb = table[a]["hm"], table[b]["hm"]
+    ma, sa = mean_std(ha)
+    mb, sb = mean_std(hb)
+    d = ma - mb
+    paired = [x - y for x, y in zip(ha, hb, strict=False)]
+    wins = sum(x > 0 for x in paired)
+    noise = max(sa, sb)
+    if abs(d) <= noise:
+        word = "within the seed-to-seed spread (no measurable difference)"
+    elif d > 0:
+        word = "higher, by more than the seed-to-seed spread"
+    else:
+        word = "lower, by more than the seed-to-seed spread"
+    return (f"{LABELS.get(a, a)} HM {ma:.2f} vs {LABELS.get(b, b)} {mb:.2f}: Δ = {d:+.2f} points, {word} "
+            f"(largest std {noise:.2f}); {a} is ahead on {wins} of {len(paired)} seeds "
+            f"(per-seed Δ: {', '.join(f'{x:+.2f}' for x in paired)}).")
+
+
+def _analysis(results: dict, extra: dict) -> list[str]:
+    lines: list[str] = []
+    curves = extra.get("curves", {})
+    attention = extra.get("attention", {})
+    for ds, table in results.items():
+        lines += [f"**{ds}.**", ""]
+        if "teacher" in table and "student_zeroshot" in table:
+            t, s = mean_std(table["teacher"]["hm"])[0], mean_std(table["student_zeroshot"]["hm"])[0]
+            lines.append(f"- Gap to distil: prompted teacher HM {t:.2f} vs undistilled student {s:.2f} "
+                         f"({t - s:+.2f} points).")
+            if t > s:
+                closed = [f"{LABELS[m]} {100 * (_mean(table[m]['hm']) - s) / (t - s):.0f}%"
+                          for m in DISTILL_METHODS if m in table]
+                if closed:
+                    lines.append("- HM gain over the undistilled student as a share of that gap (100% = the "
+                                 f"teacher's HM reached, negative = worse than not distilling): {', '.join(closed)}.")
+        for a, b in (("comkd", "promptkd"), ("no-ifalign", "promptkd"), ("no-eduattention", "promptkd"),
+                     ("comkd", "no-ifalign"), ("comkd", "no-eduattention")):
+            v = _verdict(table, a, b)
+            if v:
+                lines.append(f"- {v}")
+        cur = curves.get(ds, {})
+        if cur.get("comkd"):
+            alphas = [runs[-1]["alpha"] for runs in cur["comkd"] if runs and "alpha" in runs[-1]]
+            if alphas:
+                lines.append(f"- EduAttention α at the end of training (comkd, per seed): "
+                             f"{', '.join(f'{a:.3f}' for a in alphas)} (it starts at 0).")
+            st = [r for r in extra.get("steps", {}).get(ds, {}).get("comkd", []) if r.get("alpha") is not None]
+            if st:
+                peak = max(st, key=lambda r: abs(r["alpha"]))
+                lines.append(f"- α per logged step (comkd, first seed): {st[0]['alpha']:.3f} at step {st[0]['step']}, "
+                             f"largest |α| {abs(peak['alpha']):.3f} at step {peak['step']}, {st[-1]['alpha']:.3f} "
+                             f"at the last logged step {st[-1]['step']}.")
+            kd = [runs[-1]["kd"] for runs in cur["comkd"] if runs and "kd" in runs[-1]]
+            al = [runs[-1]["align"] for runs in cur["comkd"] if runs and "align" in runs[-1]]
+            if kd and al:
+                lines.append(f"- Loss scale (comkd, last epoch, mean over seeds): KD term {_mean(kd):.3g} "
+                             f"(w_kd × KL) vs IFAlign term {_mean(al):.3g} (λ_align × align); the align term "
+                             f"is {100 * _mean(al) / _mean(kd):.2g}% of the KD term.")
+        shares = {m: _mean([x["modal_class_share"] for x in st]) for m, st in attention.get(ds, {}).items()
+                  if st and all("modal_class_share" in x for x in st)}
+        if shares:
+            lines.append("- Share of test images (all classes) given the single most frequent predicted class, mean over "
+                         "seeds: " + ", ".join(f"{LABELS.get(m, m)} {v:.1f}%" for m, v in shares.items())
+                         + f" (balanced test set: 100/N = {100 / attention[ds][next(iter(shares))][0]['classes']:.0f}%).")
+        for m, stats in attention.get(ds, {}).items():
+            if stats and "entropy" in stats[0]:
+                lines.append(
+                    f"- EduAttention of the saved {m} students on the test images (mean over seeds): normalised "
+                    f"entropy {_mean([x['entropy'] for x in stats]):.3f} (1 = uniform over the "
+                    f"{stats[0]['classes']} classes), largest weight {_mean([x['max_weight'] for x in stats]):.3f}, "
+                    f"most-attended class = the student's prediction for "
+                    f"{_mean([x['argmax_is_prediction'] for x in stats]):.1f}% of images, "
+                    f"|α·FC_o(f_att)| / |u_s| = {_mean([x['delta_over_u'] for x in stats]):.3f}, cosine of each "
+                    f"image's FC_o(f_att) to their mean {_mean([x['delta_cos_to_mean'] for x in stats]):.3f} "
+                    f"(1 = the same vector added to every image).")
+        lines.append("")
+    return lines
+
+
+def _alpha_zero(curves: dict) -> dict:
+    """Epoch records with α = 0 filled in for methods without EduAttention (f_e = u_s, the same
+    as α = 0), so that ``plot_curves`` draws every run in every panel and its one legend keeps the
+    colours of all three panels in step."""
+    out: dict = {}
+    for ds, ms in curves.items():
+        out[ds] = {}
+        for m, runs in ms.items():
+            out[ds][m] = [[r if "alpha" in r else {**r, "alpha": 0.0} for r in recs] for recs in runs]
+    return out
+
+
+def write_results_page(results_json: str | Path, out_md: str | Path, curves_json: str | Path | None = None,
+                       notes_md: str | Path | None = None) -> Path:
+    """``out_md`` and ``out_md.parent/plots/`` from ``results_json`` (+ ``curves.json`` next to it,
+    + a hand-written ``notes_md``, default ``analysis.md`` next to the results, appended verbatim:
+    prose only, no figures)."""
+    results_json, out_md = Path(results_json), Path(out_md)
+    results: dict[str, dict] = json.loads(results_json.read_text())
+    if "datasets" in results and isinstance(results["datasets"], dict) and "protocol" in results:
+        results = results["datasets"]  # a runner results.json also works
+    curves_path = Path(curves_json) if curves_json else results_json.with_name("curves.json")
+    extra = json.loads(curves_path.read_text()) if curves_path.exists() else {}
+    plots = out_md.parent / "plots"
+    plot_accuracy(results, plots / "accuracy.png")
+    has_curves = plot_curves(_alpha_zero(extra.get("curves", {})), plots / "training_curves.png")
+    has_steps = plot_step_curves(extra.get("steps", {}), plots / "step_curves.png")
+    rel = lambda p: Path("plots") / p  # noqa: E731
+
+    lines = [
+        f"# comkd results: base-to-novel on {', '.join(results)} with tiny CLIPs",
+        "",
+        f"Regenerate this page: `{REGEN}` (numbers from `{results_json.name}`"
+        + (f" and `{curves_path.name}`" if extra else "") + "; the JSON files come from "
+        "`comkd collect`, see below).",
+        "",
+        "Every figure on this page is read from those JSON files. Accuracies are percentages, mean ± sample std "
+        "over seeds; HM is the harmonic mean of base and novel accuracy (per seed, then averaged).",
+        "",
+        "## Setup",
+        "",
+        *_setup_section(extra.get("setup", {})),
+        "Reproduce (from the repository root, since the presets' data roots are relative to it, e.g. "
+        "`../shared/data/cifar10`; `--root` overrides): `bash experiments/run_evidence.sh`, which runs "
+        "`comkd run --config cifar10_tiny` and `comkd run --config dtd10_tiny` (seeds 1, 2, 3; methods promptkd, "
+        "comkd, no-ifalign, no-eduattention) in parallel with one thread each, then "
+        "`comkd collect cifar10=runs/evidence/cifar10 dtd10=runs/evidence/dtd10 --out docs/results.json` "
+        "(writes results.json and curves.json) and the `comkd results-page` command above. Stage 0 runs once per "
+        "dataset and is shared by the seeds, like a public pretrained CLIP; the run seed drives stage 1's shots, "
+        "stage 1 and stage 2.",
+        "",
+        "## Results",
+        "",
+        results_table(results),
+    ]
+    missing = {ds: [m for m in REQUIRED if m not in t] for ds, t in results.items()}
+    if any(missing.values()):
+        lines += ["Not run (absent from the results file): "
+                  + "; ".join(f"{ds}: {', '.join(ms)}" for ds, ms in missing.items() if ms) + ".", ""]
+    if len(results) > 1:
+        common = set.intersection(*(set(t) for t in results.values()))
+        if common:
+            avg = average_base2novel({d: {m: t[m] for m in common} for d, t in results.items()})
+            lines += ["### Average over datasets (HM of the averaged base and novel)", "",
+                      "| method | base | novel | HM |", "|---|---|---|---|"]
+            for m in _ordered(avg):
+                a = avg[m]
+                lines.append(f"| {LABELS.get(m, m)} | {a['base']:.2f} | {a['novel']:.2f} | {a['hm']:.2f} |")
+            lines.append("")
+    lines += [f"![accuracy, mean ± std over seeds]({rel('accuracy.png')})", ""]
+    if has_curves:
+        lines += [f"![KD term, IFAlign term and α per epoch (first seed)]({rel('training_curves.png')})", "",
+                  "Per-epoch means of the first seed; methods without EduAttention are drawn at α = 0 (their fused "
+                  "feature is u_s itself). The IFAlign term is logged for every method but only enters the loss "
+                  "of `comkd` and `no-eduattention`.", ""]
+    if has_steps:
+        lines += [f"![KD term and α per logged step (first seed)]({rel('step_curves.png')})", ""]
+    lines += ["## What the numbers say", "", *_analysis(results, extra)]
+    supp_path = results_json.with_name("supplement.json")
+    if supp_path.exists():
+        supp = json.loads(supp_path.read_text())
+        lines += [f"## Supplement: {supp['title']}", "", supp.get("note", ""), "",
+                  f"(Numbers from `{supp_path.name}`, written by `comkd collect` on those run folders.)", "",
+                  results_table(supp["results"]), *_analysis(supp["results"], supp.get("extra", {}))]
+    notes_md = Path(notes_md) if notes_md else results_json.with_name("analysis.md")
+    if notes_md.exists():
+        lines += [notes_md.read_text().rstrip(), ""]
+    atomic_write_text(out_md, "\n".join(lines))
+    return out_md

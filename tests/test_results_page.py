@@ -1,0 +1,124 @@
+"""The results page (docs/results.md) from a small synthetic results.json (+ curves.json)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from typer.testing import CliRunner
+
+from comkd import cli
+from comkd.protocols.results_page import write_results_page
+
+METHODS = ["teacher", "student_zeroshot", "promptkd", "comkd", "no-ifalign", "no-eduattention"]
+
+
+def _hm(b: float, n: float) -> float:
+    return 2 * b * n / (b + n)
+
+
+def _synthetic(drop: dict[str, list[str]] | None = None) -> dict:
+    drop = drop or {}
+    out: dict = {}
+    for d, off in (("cifar10", 0.0), ("dtd10", -20.0)):
+        out[d] = {}
+        for i, m in enumerate(METHODS):
+            if m in drop.get(d, []):
+                continue
+            base = [60.0 + off + i + s * 1.5 for s in range(3)]
+            novel = [50.0 + off + i - s * 0.7 for s in range(3)]
+            out[d][m] = {"base": base, "novel": novel, "hm": [_hm(b, n) for b, n in zip(base, novel, strict=True)]}
+    return out
+
+
+def _curves() -> dict:
+    recs = [{"epoch": e, "kd": 10.0 - e, "align": 0.1, "alpha": 0.01 * e, "loss": 10.1 - e} for e in range(3)]
+    return {"curves": {"cifar10": {"comkd": [recs, recs, recs], "promptkd": [[{"epoch": 0, "kd": 9.0}]] * 3}},
+            "setup": {}, "attention": {}}
+
+
+def test_page_shows_independently_computed_mean_and_std(tmp_path) -> None:
+    res = _synthetic()
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    page = write_results_page(tmp_path / "results.json", tmp_path / "results.md").read_text()
+    for d, table in res.items():
+        for m, v in table.items():
+            for k in ("base", "novel", "hm"):
+                cell = f"{statistics.mean(v[k]):.2f} ± {statistics.stdev(v[k]):.2f}"
+                assert cell in page, (d, m, k, cell)
+    assert "comkd results-page" in page.splitlines()[2]  # the regenerating command is at the top
+    assert "### cifar10 (3 seeds)" in page and "### dtd10 (3 seeds)" in page
+    assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
+    assert not (tmp_path / "plots" / "training_curves.png").exists()  # no curves.json: no curve plot
+    # the analysis compares ComKD with PromptKD from the same numbers
+    hm_c, hm_p = statistics.mean(res["cifar10"]["comkd"]["hm"]), statistics.mean(res["cifar10"]["promptkd"]["hm"])
+    assert f"ComKD-CLIP HM {hm_c:.2f} vs PromptKD {hm_p:.2f}" in page
+
+
+def test_curves_plot_alpha_and_analysis_from_curves_json(tmp_path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(_synthetic()))
+    (tmp_path / "curves.json").write_text(json.dumps(_curves()))
+    (tmp_path / "analysis.md").write_text("### Hand-written notes\n\nProse only.\n")
+    page = write_results_page(tmp_path / "results.json", tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "plots" / "training_curves.png").stat().st_size > 0
+    assert "plots/training_curves.png" in page
+    assert "0.000, 0.020, 0.020" not in page and "0.020, 0.020, 0.020" in page  # final α per seed
+    assert "Hand-written notes" in page
+    supp = {"title": "plain α rate", "note": "An earlier run.", "results": {"cifar10": _synthetic()["dtd10"]}}
+    (tmp_path / "supplement.json").write_text(json.dumps(supp))
+    page = write_results_page(tmp_path / "results.json", tmp_path / "out" / "results.md").read_text()
+    tail = page.split("## Supplement: plain α rate")[1]
+    hm = supp["results"]["cifar10"]["comkd"]["hm"]
+    assert f"{statistics.mean(hm):.2f} ± {statistics.stdev(hm):.2f}" in tail and "An earlier run." in tail
+
+
+def test_missing_methods_are_reported_not_fatal(tmp_path) -> None:
+    res = _synthetic(drop={"dtd10": ["no-ifalign", "no-eduattention"], "cifar10": ["comkd"]})
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    r = CliRunner().invoke(cli.app, ["results-page", "--results", str(tmp_path / "results.json"),
+                                     "--out", str(tmp_path / "page.md")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "page.md").read_text()
+    assert "Not run" in page and "dtd10: no-ifalign, no-eduattention" in page and "cifar10: comkd" in page
+    assert "ComKD w/o IFAlign" in page  # still shown for cifar10
+    assert (tmp_path / "plots" / "accuracy.png").exists()
+    # the average table only uses methods present on every dataset
+    avg = page.split("### Average over datasets")[1].split("![")[0]
+    assert "PromptKD" in avg and "ComKD-CLIP |" not in avg and "w/o IFAlign" not in avg
+
+
+def test_runner_results_json_is_accepted(tmp_path) -> None:
+    res = {"protocol": "base2novel", "selection": "last", "seeds": [1, 2, 3], "datasets": _synthetic()}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    page = write_results_page(tmp_path / "results.json", tmp_path / "r.md").read_text()
+    assert "### dtd10 (3 seeds)" in page
+
+
+def test_collect_reads_run_folders_into_page_format(tmp_path) -> None:
+    from comkd.config import load_config, save_config
+    from comkd.protocols.results_page import collect_runs
+
+    run = tmp_path / "run"
+    save_config(load_config("demo"), run / "config.yaml")
+    table = _synthetic()["cifar10"]
+    (run / "results.json").write_text(json.dumps({"protocol": "base2novel", "selection": "last", "seeds": [1, 2, 3],
+                                                  "datasets": {"digits": table}}))
+    for s in (1, 2, 3):
+        for m in METHODS[2:]:
+            d = run / "digits" / f"seed{s}" / m
+            d.mkdir(parents=True)
+            recs = [{"stage": "distill", "epoch": 0, "step": 5, "kd": 1.0},
+                    {"stage": "distill", "type": "epoch", "epoch": 0, "kd": 2.0, "align": 0.5, "alpha": 0.1 * s,
+                     "time_s": 3.0}]
+            (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (run / "wall_time.json").write_text(json.dumps({"seconds": 120}))
+    res, extra = collect_runs({"digits16": run}, tmp_path / "docs" / "results.json",
+                              tmp_path / "docs" / "curves.json", attention=False)
+    assert res == {"digits16": table}
+    assert json.loads((tmp_path / "docs" / "results.json").read_text()) == res
+    assert extra["curves"]["digits16"]["comkd"][2] == [{"epoch": 0, "kd": 2.0, "align": 0.5, "alpha": 0.30000000000000004,
+                                                        "time_s": 3.0}]
+    setup = extra["setup"]["digits16"]
+    assert setup["splits"]["test"] > 0 and setup["wall_time_s"] == 120 and setup["distill"]["seconds"]["comkd"] == [3.0] * 3
+    page = write_results_page(tmp_path / "docs" / "results.json", tmp_path / "docs" / "results.md").read_text()
+    assert "2.0 min" in page and "comkd-tiny-teacher" in page
