@@ -285,10 +285,9 @@ def fit(
         t0 = time.perf_counter()
         batch_idx = sampler.start_batch
         for batch in loader:
-            lr_scale = None
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, g["base_lr"], epoch, batch_idx, steps_per_epoch)
-                lr_scale = g["lr"]
+            lr_now = optimizer.param_groups[0]["lr"]  # the main group's (others may be scaled)
             optimizer.zero_grad(set_to_none=True)
             micro = _split(batch, cfg.grad_accum)
             for mb in micro:
@@ -319,7 +318,7 @@ def fit(
                 # running means of the epoch so far, averaged over the ranks (all ranks take part)
                 means = {k: float(all_reduce_sum(v.to(device))) / (count * world_size()) for k, v in sums.items()}
             if at_log and metrics is not None and is_main():
-                rec = {"stage": task.name, "epoch": epoch, "step": global_step, "lr": lr_scale}
+                rec = {"stage": task.name, "epoch": epoch, "step": global_step, "lr": lr_now}
                 rec.update(means)
                 rec.update(task.extra_metrics() if hasattr(task, "extra_metrics") else {})
                 metrics.log(rec)
