@@ -430,3 +430,17 @@ def test_fgvc_aircraft_and_imagenet_v2_layouts(tmp_path: Path):
     (v2 / "classnames.txt").write_text("".join(f"n{i:08d} class_{i}\n" for i in range(1000)))
     ds = build_dataset("imagenet_v2", str(tmp_path), split="test")
     assert len(ds.classnames) == 1000 and ds.labels == [3] and ds.classnames[3] == "class 3"
+
+
+def test_relative_class_file_resolves_against_the_dataset_folder(tmp_path) -> None:
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "names.txt").write_text("apple\nbanana\n")
+    splits = load_splits("imagefolder", str(tmp_path), classes_file="names.txt", fractions=(0, 1, 0, 0))
+    assert splits.classnames == ["apple", "banana"]
+    with pytest.raises(DataError, match="missing.txt"):
+        load_splits("imagefolder", str(tmp_path), classes_file="missing.txt")

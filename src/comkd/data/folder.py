@@ -101,6 +101,15 @@ def _assemble(
     )
 
 
+def _resolve(path: str | None, base: str) -> str | None:
+    """A relative file name resolves against the dataset folder first (as split files do), then
+    against the working directory."""
+    if path is None or os.path.isabs(path):
+        return path
+    inside = os.path.join(base, path)
+    return inside if os.path.exists(inside) else path
+
+
 def load_image_folder(
     root: str,
     subdir: str | None = None,
@@ -120,7 +129,7 @@ def load_image_folder(
     image_dir = os.path.join(root, subdir) if subdir else root
     if not os.path.isdir(image_dir):
         raise DataError(f"image folder not found: {image_dir}")
-    cfile = classes_file or find_class_file(image_dir, root)
+    cfile = _resolve(classes_file, root) or find_class_file(image_dir, root)
     if cfile is not None and not os.path.isfile(cfile):
         raise DataError(f"class-name file not found: {cfile}")
     if split_file is not None:
@@ -177,7 +186,7 @@ def load_csv(
         )
     if not rows:
         raise DataError(f"CSV {path} has no rows")
-    cfile = classes_file or find_class_file(base)
+    cfile = _resolve(classes_file, base) or find_class_file(base)
     names_from_file = read_class_file(cfile)[0] if cfile else None
     if "label" in cols:
         labels = []
