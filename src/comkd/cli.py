@@ -219,14 +219,10 @@ def run(
     cfg = _cfg(config, sets, _overrides(protocol=protocol, root=root, select=select, device=device), out)
     from .protocols.runner import run_protocol
 
-    res = _run(lambda: run_protocol(cfg, cfg.output_dir, datasets=dataset, seeds=_seeds(seeds), methods=methods,
+    res = _run(lambda: run_protocol(cfg, cfg.output_dir, datasets=dataset, seeds=seeds or None, methods=methods,
                                     resume=resume, source=source))
     typer.echo((Path(cfg.output_dir) / "report.md").read_text())
     return res
-
-
-def _seeds(seeds: list[int] | None) -> list[int] | None:
-    return seeds or None
 
 
 @app.command()
