@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.dataset import derive_view_seed
 from ..models import PreprocessSpec, Teacher
+from ..models.backbones import weights_version
 from .tasks import adapt_images
 from .utils import amp_context
 
@@ -87,10 +88,6 @@ def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 _WEIGHT_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weights_version(module: torch.nn.Module) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in module.state_dict(keep_vars=True).values())
-
-
 def teacher_digests(teacher: Teacher) -> dict[str, Any]:
     """The teacher's identity: model name, preprocessing, SHA-256 of its frozen CLIP weights and of
     its prompts, and ``key`` (a SHA-256 of all of them).
@@ -100,7 +97,7 @@ def teacher_digests(teacher: Teacher) -> dict[str, Any]:
     autograd-visible ops (``load_state_dict``, ``copy_``, optimiser steps). Edits through ``.data``
     bypass PyTorch's version counter and are not seen.
     """
-    version = _weights_version(teacher.clip)
+    version = weights_version(teacher.clip)
     hit = _WEIGHT_DIGESTS.get(teacher)
     if hit is not None and hit[0] == version:
         weights = hit[1]

@@ -31,6 +31,13 @@ class ModelError(ValueError):
     """A model name, weight file or size that does not fit; the message names the culprit."""
 
 
+def weights_version(module: nn.Module) -> tuple:
+    """A cheap key that changes when any parameter or buffer of ``module`` is replaced or changed
+    in place through autograd-visible ops (``load_state_dict``, ``copy_``, optimiser steps); edits
+    through ``.data`` bypass PyTorch's version counter and are not seen."""
+    return tuple((t.data_ptr(), t._version) for t in module.state_dict(keep_vars=True).values())
+
+
 def register_tiny_configs() -> None:
     """Register the package's tiny model configs (``comkd-tiny-*``) with open_clip once."""
     global _registered

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import LoadedModel, ModelError, load_clip
+from .backbones import LoadedModel, ModelError, load_clip, weights_version
 from .prompts import PromptedTextEncoder, PromptedVisionTower
 
 
@@ -127,13 +127,10 @@ class Teacher(nn.Module):
             feats.append(F.normalize(self.text(tokens, prompted=False), dim=-1))
         return F.normalize(torch.stack(feats).mean(0), dim=-1)
 
-    def _weights_version(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in self.parameters())
-
     @torch.no_grad()
     def class_text_features(self, classnames: list[str]) -> torch.Tensor:
         """W ``[N, d]`` for ``classnames``: computed once, reused until the weights change."""
-        key = (tuple(classnames), self._weights_version())
+        key = (tuple(classnames), weights_version(self))
         if self._w_cache is None or self._w_cache[0] != key:
             was_training = self.training
             self.eval()
