@@ -619,7 +619,7 @@ def test_comkd_with_alpha_zero_equals_promptkd(teacher) -> None:
 # -- backbone loading --------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is tried first on .pt files
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_save_and_reload_weights(tmp_path) -> None:
     torch.manual_seed(26)
     loaded = load_clip(TINY_TEACHER)

@@ -115,7 +115,7 @@ def test_in_process_resume_mid_epoch_matches_uninterrupted(tmp_path):
     rng_after_ref = torch.get_rng_state()
     cut = ToyTask()
     _toy_fit(tmp_path / "cut", cut, ckpt_every=4, stop_after_steps=13)
-    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["global_step"]) == (1, 4, 12)
     resumed = ToyTask()
     res = _toy_fit(tmp_path / "cut", resumed, ckpt_every=4, resume=True)
@@ -139,7 +139,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     msg = str(e.value)
     assert "optimiser step 11" in msg and "toy" in msg and "epoch 2" in msg
     assert str(out / "checkpoint.pt") in msg
-    state = torch.load(out / "checkpoint.pt", weights_only=False)  # intact and loadable
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # intact and loadable
     assert state["global_step"] == 8  # the check before saving step 12 caught the NaN of step 11
     assert all(torch.isfinite(v).all() for v in state["modules"]["model"].values())
     # and the run resumes from it
@@ -160,7 +160,7 @@ def _ckpt_step(path: Path) -> int:
     if not path.exists():
         return -1
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
     except Exception:  # noqa: BLE001 - not written yet (the rename makes it all-or-nothing)
         return -1
 
@@ -191,7 +191,7 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
         if victim.poll() is None:
             victim.kill()
     assert victim.returncode == -signal.SIGKILL
-    state = torch.load(cut / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(cut / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and 0 < state["batch"] < 33, "not killed mid-epoch"
     assert not (cut / "student.safetensors").exists() and not (cut / "results.json").exists()
     # the log may hold steps written after the checkpoint; the resume must drop them
@@ -225,7 +225,7 @@ def test_cli_nan_loss_names_the_step_and_keeps_the_checkpoint(tmp_path):
     r = CliRunner().invoke(app, [*args, "--set", "ckpt_every=0"])
     assert r.exit_code == 0, r.output
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    step = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["global_step"]
+    step = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"]
     assert step == 32  # 2 epochs of 16 steps
     # one more epoch from the finished checkpoint, with a NaN loss weight
     r = CliRunner().invoke(app, [*args, "--epochs", "3", "--resume", "--set", "distill.kd_weight=nan"])
@@ -233,4 +233,4 @@ def test_cli_nan_loss_names_the_step_and_keeps_the_checkpoint(tmp_path):
     assert f"loss became NaN/inf at optimiser step {step + 1} (epoch 3)" in r.output
     assert "last good checkpoint kept at" in r.output and "Traceback" not in r.output
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["global_step"] == step
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == step

@@ -115,6 +115,28 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely; the message names the file."""
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a training checkpoint as data only (``weights_only=True``: tensors, numbers, strings,
+    containers). A file that would need code to unpickle, or a truncated/empty one, is refused
+    with a one-line error naming it; nothing in it is executed."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure becomes one line naming the file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot resume from {path}: not a readable comkd checkpoint (loaded as data only, "
+            f"nothing executed): {first[:200]}"
+        ) from None
+    if not isinstance(state, dict) or "task" not in state:
+        raise CheckpointError(f"cannot resume from {path}: not a comkd training checkpoint")
+    return state
+
+
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state a checkpoint needs: everything except the frozen parts a module declares in
     ``frozen_prefixes`` (trainable parameters under those prefixes, such as prompts, are kept)."""
@@ -135,7 +157,15 @@ class FitResult:
 
 
 def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors and plain Python values, so checkpoints load with
+    ``weights_only=True`` (no pickled NumPy objects)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -143,7 +173,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -219,7 +250,7 @@ def fit(
     sums: dict[str, torch.Tensor] = {}
     count = 0
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path)
         if state.get("task") != task.name:
             raise ValueError(f"{ckpt_path} belongs to stage {state.get('task')!r}, not {task.name!r}")
         for k, m in mods.items():

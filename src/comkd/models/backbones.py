@@ -97,11 +97,22 @@ def _is_local_file(pretrained: str | None) -> bool:
     )
 
 
+def _is_torchscript_archive(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``constants.pkl`` record (PyTorch's own test)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
     """Read a weight file. Returns (state_dict, metadata, is_openai_style).
 
-    OpenAI-style means the original CLIP release format (a TorchScript archive or a state dict
-    carrying ``input_resolution``/``context_length``/``vocab_size``), whose towers use QuickGELU.
+    OpenAI-style means a state dict of the original CLIP release format (carrying
+    ``input_resolution``/``context_length``/``vocab_size``), whose towers use QuickGELU. Files are
+    read as data only: TorchScript archives and pickles that need code are refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -116,21 +127,24 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             meta = dict(f.metadata() or {})
         sd = load_file(str(path))
     else:
+        if _is_torchscript_archive(path):
+            raise ModelError(
+                f"{path} is a TorchScript archive; comkd never runs code from weight files. Convert it once, "
+                "where you trust the file, to a state dict: python -c \"import torch; "
+                f"torch.save(torch.jit.load('{path.name}').state_dict(), '{path.stem}-state.pt')\" "
+                "(or use open_clip's 'openai' tag, which loads the same weights)"
+            )
         try:
-            obj = torch.jit.load(str(path), map_location="cpu")
-            sd = obj.state_dict()
-            openai_style = True
-        except (RuntimeError, ValueError):
-            try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
-                raise ModelError(f"cannot read checkpoint {path}: {e}") from e
-            if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-                meta = {k: str(v) for k, v in obj.get("meta", {}).items()} if isinstance(obj.get("meta"), dict) else {}
-                obj = obj["state_dict"]
-            if not isinstance(obj, dict):
-                raise ModelError(f"{path} holds a {type(obj).__name__}, not a state dict") from None
-            sd = obj
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"cannot read checkpoint {path} as weights (data only): {first[:200]}") from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            meta = {k: str(v) for k, v in obj.get("meta", {}).items()} if isinstance(obj.get("meta"), dict) else {}
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+            raise ModelError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors") from None
+        sd = obj
     if any(k in sd for k in ("input_resolution", "context_length", "vocab_size")):
         openai_style = True
         sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}

@@ -1,0 +1,124 @@
+"""Files a user hands us are data, never code: a crafted checkpoint or weight file must not run."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comkd.engine.loop import CheckpointError, load_checkpoint
+from comkd.models import create_teacher
+from comkd.models.backbones import TINY_TEACHER, ModelError, load_clip
+
+
+class _Exploit:
+    """Unpickling this object calls ``open(path, "w")``: creates the marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _write_exploit(path, marker) -> None:
+    # torch.save writes a zip whose data.pkl holds the payload: the format --resume reads
+    torch.save({"task": "distill", "payload": _Exploit(str(marker))}, path)
+
+
+def test_crafted_checkpoint_does_not_execute_and_names_file(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "checkpoint.pt"
+    _write_exploit(ckpt, marker)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="checkpoint.pt"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+    # a legacy (non-zip) pickle too
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(pickle.dumps({"task": "distill", "x": _Exploit(str(marker))}, protocol=2))
+    with pytest.raises(CheckpointError, match="legacy.pt"):
+        load_checkpoint(legacy)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated"])
+def test_empty_or_truncated_checkpoint_is_one_line_error(tmp_path, content) -> None:
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(content)
+    with pytest.raises(CheckpointError, match="checkpoint.pt") as err:
+        load_checkpoint(ckpt)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_resume_from_crafted_checkpoint_through_the_cli(tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "pwned"
+    _write_exploit(out / "checkpoint.pt", marker)
+    cmd = [
+        sys.executable,
+        "-m",
+        "comkd.cli",
+        "distill",
+        "--teacher",
+        "comkd-tiny-teacher",
+        "--student",
+        "comkd-tiny-student",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--resume",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "progress=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0
+    assert not marker.exists(), "unpickling the checkpoint executed code"
+    assert "checkpoint.pt" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_weights_are_refused_without_running_them(tmp_path) -> None:
+    # torch.jit.load would run this archive's __setstate__ (arbitrary TorchScript code)
+    class Boom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return x + self.w
+
+        @torch.jit.export
+        def __getstate__(self):
+            return (self.w, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[torch.Tensor, bool]):
+            self.w = state[0]
+            self.training = state[1]
+
+    path = tmp_path / "ViT-B-16.pt"
+    torch.jit.save(torch.jit.script(Boom()), str(path))
+    with pytest.raises(ModelError, match="TorchScript") as err:
+        create_teacher(TINY_TEACHER, pretrained=str(path))
+    assert "ViT-B-16.pt" in str(err.value) and "state_dict" in str(err.value)
+
+
+def test_pickled_weight_file_is_refused(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "weights.pt"
+    _write_exploit(path, marker)
+    with pytest.raises(ModelError, match="weights.pt"):
+        load_clip(TINY_TEACHER, str(path))
+    assert not marker.exists()
