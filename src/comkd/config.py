@@ -65,6 +65,11 @@ class StudentConfig:
     attend: Literal["all", "subset"] = "all"
     logit_scale: float | None = None  # None: the student CLIP's own (PromptKD)
     quick_gelu: bool = False
+    # METHOD.md section 8; the first value of each is the paper's reading
+    edu_mode: Literal["paper", "cosine"] = "paper"
+    projector: Literal["mlp", "linear"] = "mlp"
+    projector_bn: Literal["train", "frozen"] = "train"
+    scope: Literal["prompts", "full"] = "prompts"  # full: the tower's weights learn too
 
 
 @dataclass
@@ -139,6 +144,11 @@ class DistillConfig:
     split: str = "train"
     select: Literal["last", "promptkd"] = "last"
     teacher_cache: str | None = None
+    # METHOD.md section 8; the first value of each is the paper's reading
+    ifalign_on: Literal["features", "projected"] = "features"  # u_s, or P(f) before normalisation
+    projector_init: Literal["random", "ridge"] = "random"  # ridge: closed-form fit to u_t before step 1
+    ridge_lambda: float = 1e-3
+    tower_lr_scale: float = 0.1  # student.scope=full: the tower learns at optim.lr × this
 
 
 @dataclass
@@ -147,6 +157,7 @@ class RunConfig:
     device: str = "auto"
     output_dir: str = "runs/comkd"
     protocol: Literal["base2novel", "cross", "dg", "all"] = "base2novel"
+    eval_split: str = "test"  # the split protocol runs report; `val` to choose settings without test images
     log_every: int = 10
     ckpt_every: int = 0  # also checkpoint every N optimiser steps (0: at epoch ends only)
     tensorboard: bool = False
@@ -256,6 +267,10 @@ def _validate(obj: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}warmup_epochs: must be in [0, epochs), got {obj.warmup_epochs}")
     if isinstance(obj, AugmentConfig) and not (0 < obj.crop_scale_min <= 1 and 0 <= obj.hflip <= 1):
         raise ConfigError(f"{prefix}crop_scale_min must be in (0, 1] and hflip in [0, 1]")
+    if isinstance(obj, DistillConfig):
+        for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale"):
+            if not getattr(obj, name) > 0:
+                raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(obj, name)}")
     if isinstance(obj, DataConfig) and obj.num_shots <= 0:
         raise ConfigError(f"{prefix}num_shots: must be > 0, got {obj.num_shots}")
 

@@ -93,11 +93,15 @@ class ComKDLoss(nn.Module):
         teacher_logits: torch.Tensor,
         student_features: torch.Tensor,
         teacher_features: torch.Tensor,
+        align_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Logits ``[B, N]``; features ``[B, d]`` (u_s and u_t). Returns the named terms."""
+        """Logits ``[B, N]``; features ``[B, d]`` (u_s and u_t). ``align_features`` ``[B, d]``: the
+        student features IFAlign matches to u_t's statistics instead of u_s (e.g. the projector
+        output before normalisation). Returns the named terms."""
         zero = student_logits.new_zeros((), dtype=torch.float32)
         kd = self.kd_weight * kd_kl(student_logits, teacher_logits, self.temperature) if self.use_kd else zero
-        align = ifalign(student_features, teacher_features, self.ifalign_stats)
+        a_s = student_features if align_features is None else align_features
+        align = ifalign(a_s, teacher_features, self.ifalign_stats)
         total = kd + (self.align_weight * align if self.use_ifalign else 0.0)
         out = {"kd": kd, "align": align}
         if self.feature_loss is not None:

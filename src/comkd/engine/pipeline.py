@@ -85,6 +85,10 @@ def build_student(cfg: RunConfig, teacher_dim: int, device: torch.device, method
         edu_shared_fc=s.edu_shared_fc,
         attend=s.attend,
         logit_scale=s.logit_scale,
+        edu_mode=s.edu_mode,
+        projector=s.projector,
+        projector_bn=s.projector_bn,
+        scope=s.scope,
         image_size=cfg.data.image_size,
         quick_gelu=s.quick_gelu or None,
         device=device,
@@ -262,6 +266,8 @@ def save_student(student: Student, path: str | Path, cfg: RunConfig, method: str
             "edu_heads": cfg.student.edu_heads, "edu_attn_dim": cfg.student.edu_attn_dim,
             "edu_shared_fc": cfg.student.edu_shared_fc, "attend": student.attend,
             "image_size": student.preprocess.image_size, "quick_gelu": cfg.student.quick_gelu,
+            "edu_mode": student.edu_attention.mode if student.edu_attention is not None else "paper",
+            "projector": student.projector_kind, "projector_bn": student.projector_bn, "scope": student.scope,
         }),
         "comkd.classnames": json.dumps(student.classnames),
         "comkd.preprocess": json.dumps(student.preprocess.__dict__),
@@ -293,6 +299,8 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
         vision_depth=c["vision_depth"], edu_attention=spec["edu_attention"], edu_heads=c["edu_heads"],
         edu_attn_dim=c["edu_attn_dim"], edu_shared_fc=c["edu_shared_fc"], attend=c["attend"],
         logit_scale=1.0, image_size=c["image_size"], quick_gelu=c["quick_gelu"] or None, device=device,
+        edu_mode=c.get("edu_mode", "paper"), projector=c.get("projector", "mlp"),
+        projector_bn=c.get("projector_bn", "train"), scope=c.get("scope", "prompts"),
     )
     sd = load_file(str(path))
     student.set_text_features(sd["text_features"], json.loads(meta["comkd.classnames"]))
@@ -300,10 +308,32 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     return student.eval()
 
 
+@torch.no_grad()
+def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: torch.device) -> int:
+    """Fit the projector in closed form (ridge, no labels) from the student tower's features to the
+    teacher's image features u_t over the first epoch's views of the distillation images (read
+    from the teacher cache when there is one). Returns the number of images used."""
+    from ..models.projector import fit_projector
+
+    if hasattr(ds, "set_epoch"):
+        ds.set_epoch(0)
+    student.eval()
+    feats, targets = [], []
+    for images, _, idx in _loader(cfg, ds, device):
+        images = images.to(device)
+        feats.append(student.visual(images).float().cpu())
+        targets.append(outputs(images, idx, 0).float().cpu())
+    fit_projector(student.projector, torch.cat(feats).to(device), torch.cat(targets).to(device),
+                  cfg.distill.ridge_lambda)
+    return sum(len(f) for f in feats)
+
+
 def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
-                eval_fn=None) -> dict[str, Any]:
+                eval_fn=None, step0_fn=None) -> dict[str, Any]:
     """Stage 2: distil the prompted teacher into the student on unlabelled ``distill.split``
-    images of all classes. Writes ``student.safetensors``."""
+    images of all classes. Writes ``student.safetensors``. ``step0_fn(student)``, when given, is
+    called on the initialised student before the first step (after the warm start) and its result
+    returned as ``step0``."""
     out, device, metrics = _start(cfg, out_dir, resume)
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
@@ -338,7 +368,15 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         d.method, kd_weight=kd_weight, temperature=d.temperature, align_weight=d.align_weight,
         ifalign_stats=d.ifalign_stats, feature_weight=d.feature_weight,
     )
-    task = DistillTask(student, outputs, w, s_t, loss, edu_lr_scale=d.edu_lr_scale)
+    fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
+    if d.projector_init == "ridge" and fresh:  # a resumed run restores the fitted projector instead
+        n_fit = warm_start_projector(student, ds, outputs, cfg, device)
+        log.info("distill %s: projector fitted by ridge regression on %d images", d.method, n_fit)
+    step0 = None
+    if step0_fn is not None and fresh:
+        step0 = step0_fn(student)
+    task = DistillTask(student, outputs, w, s_t, loss, edu_lr_scale=d.edu_lr_scale, ifalign_on=d.ifalign_on,
+                       tower_lr_scale=d.tower_lr_scale)
     best: dict[str, Any] = {"score": -1.0}
 
     def on_epoch_end(epoch: int) -> dict:
@@ -361,7 +399,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     barrier()  # the other ranks may read the file next (evaluation, later stages)
     alpha = float(student.edu_attention.alpha.detach()) if student.edu_attention is not None else None
     return {"student": str(path), "alpha": alpha, "train_images": len(ds), "trainable_params": n_train,
-            "history": fit_res.history,
+            "history": fit_res.history, "step0": step0,
             "selected_epoch": best.get("epoch") if d.select == "promptkd" else None}
 
 

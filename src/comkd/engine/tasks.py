@@ -156,10 +156,15 @@ class DistillTask(TaskBase):
         teacher_logit_scale: float,
         loss: ComKDLoss,
         edu_lr_scale: float = 1.0,
+        ifalign_on: str = "features",
+        tower_lr_scale: float = 1.0,
     ):
         super().__init__()
         self.student, self.teacher_outputs, self.loss = student, teacher_outputs, loss
-        self.edu_lr_scale = edu_lr_scale
+        self.edu_lr_scale, self.tower_lr_scale = edu_lr_scale, tower_lr_scale
+        if ifalign_on not in ("features", "projected"):
+            raise ValueError(f"ifalign_on must be 'features' or 'projected', got {ifalign_on!r}")
+        self.ifalign_on = ifalign_on
         self.w = text_features
         self.s_t = float(teacher_logit_scale)
 
@@ -167,12 +172,18 @@ class DistillTask(TaskBase):
         return {"student": self.student}
 
     def parameter_groups(self) -> list[dict]:
+        """The main group (prompts, projector), then EduAttention at ``edu_lr_scale`` and the tower
+        (``scope: full``) at ``tower_lr_scale`` where those scales are not 1."""
         edu = self.student.edu_attention
-        if edu is None or self.edu_lr_scale == 1.0:
-            return [{"params": self.student.trainable_parameters()}]
-        edu_ids = {id(p) for p in edu.parameters()}
-        rest = [p for p in self.student.trainable_parameters() if id(p) not in edu_ids]
-        return [{"params": rest}, {"params": list(edu.parameters()), "lr_scale": self.edu_lr_scale}]
+        scaled = []
+        if edu is not None and self.edu_lr_scale != 1.0:
+            scaled.append((list(edu.parameters()), self.edu_lr_scale))
+        tower = self.student.tower_parameters()
+        if tower and self.tower_lr_scale != 1.0:
+            scaled.append((tower, self.tower_lr_scale))
+        taken = {id(p) for ps, _ in scaled for p in ps}
+        rest = [p for p in self.student.trainable_parameters() if id(p) not in taken]
+        return [{"params": rest}, *({"params": ps, "lr_scale": sc} for ps, sc in scaled)]
 
     def step(self, batch, epoch: int) -> dict[str, torch.Tensor]:
         images, _, indices = batch  # labels withheld by design
@@ -180,7 +191,8 @@ class DistillTask(TaskBase):
         w = self.w.to(device=images.device)
         q_t = self.s_t * u_t.float() @ w.float().t()
         out = self._m("student", self.student)(images)
-        return self.loss(out.logits, q_t, out.features, u_t)
+        align = out.projected if self.ifalign_on == "projected" else None
+        return self.loss(out.logits, q_t, out.features, u_t, align_features=align)
 
     def extra_metrics(self) -> dict[str, float]:
         edu = self.student.edu_attention

@@ -1,8 +1,11 @@
-"""The student's projector P (METHOD.md section 2)."""
+"""The student's projector P (METHOD.md section 2) and its closed-form warm start (section 8)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+PROJECTORS = ("mlp", "linear")
 
 
 class Projector(nn.Sequential):
@@ -16,3 +19,65 @@ class Projector(nn.Sequential):
             nn.Linear(out_dim, out_dim),
         )
         self.in_dim, self.out_dim = in_dim, out_dim
+
+
+class LinearProjector(nn.Sequential):
+    """One Linear(d_s→d): ``[B, d_s]`` to ``[B, d]`` (a projector the ridge fit sets entirely)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, out_dim))
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Sequential:
+    if kind not in PROJECTORS:
+        raise ValueError(f"projector must be one of {PROJECTORS}, got {kind!r}")
+    return Projector(in_dim, out_dim) if kind == "mlp" else LinearProjector(in_dim, out_dim)
+
+
+def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form ridge regression with an unpenalised bias: argmin_{A,b} ‖x Aᵀ + b − y‖² + λ'‖A‖².
+
+    ``x`` ``[M, p]``, ``y`` ``[M, q]``; returns ``A`` ``[q, p]`` and ``b`` ``[q]``. λ' = λ · mean
+    diagonal of the centred Gram matrix, so ``lam`` does not depend on the features' scale.
+    Solved in float64 on the centred data (centring is what leaves the bias unpenalised).
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"ridge: x {list(x.shape)} and y {list(y.shape)} must be [M, p] and [M, q]")
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    gram = xc.t() @ xc
+    reg = lam * float(gram.diagonal().mean().clamp_min(1e-12))
+    a = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), xc.t() @ yc).t()
+    return a, my - mx @ a.t()
+
+
+@torch.no_grad()
+def fit_projector(
+    projector: nn.Sequential, features: torch.Tensor, targets: torch.Tensor, lam: float = 1e-3
+) -> None:
+    """Warm start: set ``projector`` so that ``projector(features) ≈ targets`` with no labels.
+
+    ``features`` ``[M, d_s]`` (student tower outputs), ``targets`` ``[M, d]`` (teacher image
+    features u_t of the same views). A linear projector is fitted entirely. For the MLP the first
+    Linear keeps its random weights, BatchNorm's running statistics are set to those of its input
+    over ``features`` (it must then stay frozen, in eval mode), and the last Linear is fitted on
+    the hidden activations.
+    """
+    layers = list(projector)
+    head = layers[-1]
+    if len(layers) > 1:
+        first, bn = layers[0], layers[1]
+        z = first(features.to(first.weight.dtype))
+        bn.running_mean.copy_(z.mean(0))
+        bn.running_var.copy_(z.var(0, unbiased=True))
+        was = bn.training
+        bn.eval()
+        hidden = nn.Sequential(*layers[:-1])(features.to(first.weight.dtype))
+        bn.train(was)
+    else:
+        hidden = features
+    a, b = ridge(hidden, targets, lam)
+    head.weight.copy_(a.to(head.weight.dtype))
+    head.bias.copy_(b.to(head.bias.dtype))

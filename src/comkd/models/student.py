@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbones import LoadedModel, ModelError, load_clip
 from .edu_attention import EduAttention
-from .projector import Projector
+from .projector import build_projector
 from .prompts import PromptedVisionTower
 
 
@@ -26,6 +26,7 @@ class StudentOutput:
 
     Attributes:
         features: u_s = norm(P(f_img(x))), ``[B, d]``.
+        projected: P(f_img(x)) before the normalisation, ``[B, d]``.
         fused: f_e = u_s + α·FC_o(f_att), ``[B, d]`` (equal to u_s without EduAttention).
         logits: q_s = s · norm(f_e) · Wᵀ, ``[B, N]`` or ``[B, |subset|]``.
     """
@@ -33,10 +34,17 @@ class StudentOutput:
     features: torch.Tensor
     fused: torch.Tensor
     logits: torch.Tensor
+    projected: torch.Tensor | None = None
 
 
 class Student(nn.Module):
-    """Frozen image tower + deep visual prompts + projector + EduAttention (+ α)."""
+    """Frozen image tower + deep visual prompts + projector + EduAttention (+ α).
+
+    ``projector``: ``mlp`` (the paper's) or ``linear``. ``projector_bn``: ``train`` (the paper's:
+    batch statistics in training) or ``frozen`` (running statistics always, needed after a warm
+    start). ``edu_mode``: EduAttention's ``paper`` or ``cosine`` reading. ``scope``: ``prompts``
+    (the paper: the tower is frozen) or ``full`` (the tower's weights are trainable too).
+    """
 
     frozen_prefixes = ("visual.",)  # the frozen tower; its prompts are trainable and kept
 
@@ -53,10 +61,18 @@ class Student(nn.Module):
         edu_shared_fc: bool = False,
         attend: str = "all",
         logit_scale: float | None = None,
+        edu_mode: str = "paper",
+        projector: str = "mlp",
+        projector_bn: str = "train",
+        scope: str = "prompts",
     ):
         super().__init__()
         if attend not in ("all", "subset"):
             raise ModelError(f"attend must be 'all' or 'subset', got {attend!r}")
+        if projector_bn not in ("train", "frozen"):
+            raise ModelError(f"projector_bn must be 'train' or 'frozen', got {projector_bn!r}")
+        if scope not in ("prompts", "full"):
+            raise ModelError(f"scope must be 'prompts' or 'full', got {scope!r}")
         self.model_name = loaded.name
         self.preprocess = loaded.preprocess
         tower = loaded.model if loaded.is_timm else loaded.model.visual
@@ -77,15 +93,24 @@ class Student(nn.Module):
             out_dim = int(getattr(tower, "output_dim", 0) or getattr(tower, "num_features", 0))
             if not out_dim:
                 raise ModelError(f"cannot tell the output size of student tower {type(tower).__name__}")
-        self.projector = Projector(out_dim, teacher_dim)
-        self.edu_attention = (
-            EduAttention(teacher_dim, edu_attn_dim, edu_heads, edu_shared_fc) if edu_attention else None
-        )
+        try:
+            self.projector = build_projector(projector, out_dim, teacher_dim)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+        self.projector_kind, self.projector_bn, self.scope = projector, projector_bn, scope
+        if scope == "full":
+            for p in tower.parameters():
+                p.requires_grad_(True)
         self.attend = attend
         if logit_scale is None:
             if loaded.is_timm:
                 raise ModelError("a timm student has no CLIP logit scale; pass logit_scale (e.g. the teacher's)")
             logit_scale = float(loaded.model.logit_scale.detach().exp().reshape(()))
+        self.edu_attention = (
+            EduAttention(teacher_dim, edu_attn_dim, edu_heads, edu_shared_fc, mode=edu_mode,
+                         init_temperature=float(logit_scale))
+            if edu_attention else None
+        )
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         self.register_buffer("text_features", torch.zeros(0, teacher_dim))
         self.classnames: list[str] = []
@@ -121,6 +146,11 @@ class Student(nn.Module):
         """u_s = norm(P(f_img(x))): ``[B, 3, H, W]`` → ``[B, d]``."""
         return F.normalize(self.projector(self.visual(images)), dim=-1)
 
+    def tower_parameters(self) -> list[nn.Parameter]:
+        """Trainable weights of the image tower itself (empty unless ``scope='full'``); prompts excluded."""
+        prompts = getattr(self.visual, "prompts", None)
+        return [p for p in self.visual.parameters() if p.requires_grad and p is not prompts]
+
     def forward(self, images: torch.Tensor, class_subset: torch.Tensor | list[int] | None = None) -> StudentOutput:
         """Student features, fused features and logits against the stored W.
 
@@ -132,7 +162,8 @@ class Student(nn.Module):
             raise ModelError("the student has no class text features; call set_text_features(W) first")
         if class_subset is not None:
             class_subset = torch.as_tensor(class_subset, device=w.device, dtype=torch.long)
-        u_s = self.encode(images)
+        projected = self.projector(self.visual(images))
+        u_s = F.normalize(projected, dim=-1)
         if self.edu_attention is not None:
             w_att = w[class_subset] if (class_subset is not None and self.attend == "subset") else w
             f_e = self.edu_attention(u_s, w_att.to(u_s.dtype))
@@ -140,11 +171,15 @@ class Student(nn.Module):
             f_e = u_s
         w_out = w if class_subset is None else w[class_subset]
         logits = self.logit_scale * F.normalize(f_e, dim=-1) @ w_out.to(f_e.dtype).t()
-        return StudentOutput(features=u_s, fused=f_e, logits=logits)
+        return StudentOutput(features=u_s, fused=f_e, logits=logits, projected=projected)
 
     def train(self, mode: bool = True) -> Student:
         super().train(mode)
-        self.visual.eval()  # the tower is frozen: keep its norms/dropout in inference mode
+        self.visual.eval()  # the tower is frozen (or fine-tuned gently): norms/dropout in inference mode
+        if self.projector_bn == "frozen":
+            for m in self.projector.modules():
+                if isinstance(m, nn.BatchNorm1d):
+                    m.eval()
         return self
 
 
@@ -161,6 +196,10 @@ def create_student(
     edu_shared_fc: bool = False,
     attend: str = "all",
     logit_scale: float | None = None,
+    edu_mode: str = "paper",
+    projector: str = "mlp",
+    projector_bn: str = "train",
+    scope: str = "prompts",
     image_size: int | None = None,
     quick_gelu: bool | None = None,
     device: str | torch.device = "cpu",
@@ -186,5 +225,9 @@ def create_student(
         edu_shared_fc=edu_shared_fc,
         attend=attend,
         logit_scale=logit_scale,
+        edu_mode=edu_mode,
+        projector=projector,
+        projector_bn=projector_bn,
+        scope=scope,
     )
     return student.to(device)

@@ -96,9 +96,12 @@ def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> d
         import json
 
         return json.loads(done.read_text())
-    info = P.run_distill(c, out, resume=resume, eval_fn=_eval_fn(c) if c.distill.select == "promptkd" else None)
+    info = P.run_distill(c, out, resume=resume, eval_fn=_eval_fn(c) if c.distill.select == "promptkd" else None,
+                         step0_fn=lambda s: _scores(P.evaluate_student(c, s, split=c.eval_split)))
     student = P.load_student(info["student"], P.resolve_device(c.device))
-    res = P.evaluate_student(c, student, split="test")
+    res = P.evaluate_student(c, student, split=c.eval_split)
+    res["split"] = c.eval_split
+    res["step0"] = info["step0"]
     res.update(method=method, alpha=info["alpha"], selection=c.distill.select,
                selected_epoch=info["selected_epoch"], train_images=info["train_images"],
                trainable_params=info["trainable_params"])
@@ -130,14 +133,14 @@ def run_protocol(
     if protocol == "base2novel":
         for ds_name in datasets:
             dcfg = _pretrain_if_enabled(_for_dataset(cfg, ds_name), out / ds_name, resume)
-            zs = P.evaluate_clip_zero_shot(dcfg, "student")
+            zs = P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)
             for seed in seeds:
                 scfg = copy.deepcopy(dcfg)
                 scfg.seed = seed
                 sdir = out / ds_name / f"seed{seed}"
                 tcfg = _teacher_stage(scfg, sdir / "teacher", resume)
                 teacher = P.build_teacher(tcfg, P.resolve_device(tcfg.device))
-                _append(table, ds_name, "teacher", _scores(P.evaluate_teacher(tcfg, teacher)))
+                _append(table, ds_name, "teacher", _scores(P.evaluate_teacher(tcfg, teacher, split=cfg.eval_split)))
                 del teacher
                 _append(table, ds_name, "student_zeroshot", _scores(zs))
                 for m in methods:
@@ -158,13 +161,15 @@ def run_protocol(
                 if protocol == "dg":
                     dcfg.distill.split = "test"  # transductive: distilled on the target images
                 teacher = P.build_teacher(dcfg, P.resolve_device(dcfg.device))
-                _append(table, ds_name, "teacher", _scores(P.evaluate_teacher(dcfg, teacher)))
+                _append(table, ds_name, "teacher", _scores(P.evaluate_teacher(dcfg, teacher, split=cfg.eval_split)))
                 del teacher
-                _append(table, ds_name, "student_zeroshot", _scores(P.evaluate_clip_zero_shot(dcfg, "student")))
+                _append(table, ds_name, "student_zeroshot",
+                        _scores(P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)))
                 for m in methods:
                     res = _distill_and_eval(dcfg, m, out / ds_name / f"seed{seed}" / m, resume)
                     _append(table, ds_name, m, _scores(res))
-    results = {"protocol": protocol, "selection": cfg.distill.select, "seeds": seeds, "datasets": table}
+    results = {"protocol": protocol, "selection": cfg.distill.select, "split": cfg.eval_split, "seeds": seeds,
+               "datasets": table}
     if protocol == "base2novel" and len(table) > 1:
         results["average"] = average_base2novel(table)
     write_json(out / "results.json", results)
