@@ -209,14 +209,15 @@ def test_distill_with_ridge_warm_start_step0_and_saved_settings(tmp_path) -> Non
     assert cfg.distill.projector_init == "ridge" and cfg.student.projector_bn == "frozen"
     seen = {}
 
-    def step0(student):
+    def step0(student):  # called before and after the warm start
         seen["head"] = student.projector[-1].weight.detach().clone()
         seen["bn_mean"] = student.projector[1].running_mean.detach().clone()
-        return {"hm": 1.0}
+        seen["calls"] = seen.get("calls", 0) + 1
+        return {"hm": float(seen["calls"])}
 
     torch.manual_seed(0)
     info = P.run_distill(cfg, tmp_path / "run", step0_fn=step0)
-    assert info["step0"] == {"hm": 1.0}
+    assert info["step0"] == {"hm": 2.0, "random_init": {"hm": 1.0}}
     # independent: the same features and teacher targets, fitted again from a fresh projector
     from comkd.engine.utils import seed_everything
 

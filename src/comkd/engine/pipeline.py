@@ -331,9 +331,9 @@ def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: 
 def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 eval_fn=None, step0_fn=None) -> dict[str, Any]:
     """Stage 2: distil the prompted teacher into the student on unlabelled ``distill.split``
-    images of all classes. Writes ``student.safetensors``. ``step0_fn(student)``, when given, is
-    called on the initialised student before the first step (after the warm start) and its result
-    returned as ``step0``."""
+    images of all classes. Writes ``student.safetensors``. ``step0_fn(student)``, when given, scores
+    the student before the first step; its result is returned as ``step0`` (after the warm start
+    when there is one, with the score of the random-init projector under ``step0["random_init"]``)."""
     out, device, metrics = _start(cfg, out_dir, resume)
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
@@ -369,12 +369,14 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         ifalign_stats=d.ifalign_stats, feature_weight=d.feature_weight,
     )
     fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
-    if d.projector_init == "ridge" and fresh:  # a resumed run restores the fitted projector instead
-        n_fit = warm_start_projector(student, ds, outputs, cfg, device)
-        log.info("distill %s: projector fitted by ridge regression on %d images", d.method, n_fit)
     step0 = None
     if step0_fn is not None and fresh:
         step0 = step0_fn(student)
+    if d.projector_init == "ridge" and fresh:  # a resumed run restores the fitted projector instead
+        n_fit = warm_start_projector(student, ds, outputs, cfg, device)
+        log.info("distill %s: projector fitted by ridge regression on %d images", d.method, n_fit)
+        if step0_fn is not None:
+            step0 = {**step0_fn(student), "random_init": step0}
     task = DistillTask(student, outputs, w, s_t, loss, edu_lr_scale=d.edu_lr_scale, ifalign_on=d.ifalign_on,
                        tower_lr_scale=d.tower_lr_scale)
     best: dict[str, Any] = {"score": -1.0}
