@@ -122,3 +122,36 @@ def test_collect_reads_run_folders_into_page_format(tmp_path) -> None:
     assert setup["splits"]["test"] > 0 and setup["wall_time_s"] == 120 and setup["distill"]["seconds"]["comkd"] == [3.0] * 3
     page = write_results_page(tmp_path / "docs" / "results.json", tmp_path / "docs" / "results.md").read_text()
     assert "2.0 min" in page and "comkd-tiny-teacher" in page
+
+
+def test_page_keeps_dated_earlier_results_and_shows_val_sweeps_and_step0(tmp_path) -> None:
+    import pytest
+
+    res = tmp_path / "results.json"
+    table = _synthetic()
+    table["cifar10"]["teacher"]["hm"] = [90.0, 91.0, 92.0]  # a teacher above the undistilled student
+    res.write_text(json.dumps(table))
+    curves = _curves()
+    curves["step0"] = {"cifar10": {"comkd": [{"hm": 56.0, "random_init": {"hm": 20.0}}] * 3}}
+    (tmp_path / "curves.json").write_text(json.dumps(curves))
+    old = _synthetic()
+    old["cifar10"]["promptkd"]["hm"] = [11.11, 22.22, 33.33]
+    (tmp_path / "results_2026-11.json").write_text(json.dumps(old))
+    sweep = {"preset": "demo", "split": "val", "seeds": [1, 2], "chosen": "b",
+             "variants": {v: {"sets": sets, **{m: [x, x + 2.0] for m in ("teacher", "student_zeroshot", "promptkd",
+                                                                          "comkd")}}
+                          for v, sets, x in (("a", [], 70.0), ("b", ["distill.optim.lr=0.1"], 80.0))}}
+    (tmp_path / "sweep_demo.json").write_text(json.dumps(sweep))
+    page = write_results_page(res, tmp_path / "results.md").read_text()
+    assert "## Earlier results (2026-11)" in page and "22.22" not in page.split("## Earlier results")[0]
+    assert f"{statistics.mean([11.11, 22.22, 33.33]):.2f}" in page.split("## Earlier results")[1]
+    assert "| b (chosen) | `distill.optim.lr=0.1` | 81.00 ± 1.41 |" in page
+    # step 0: teacher HM and undistilled HM of cifar10 from the synthetic table give the gap share
+    t = statistics.mean(table["cifar10"]["teacher"]["hm"])
+    s = statistics.mean(_synthetic()["cifar10"]["student_zeroshot"]["hm"])
+    assert f"random-init projector 20.00 ({100 * (20.0 - s) / (t - s):.0f}% of the gap)" in page
+    assert f"after the ridge warm start 56.00 ({100 * (56.0 - s) / (t - s):.0f}% of the gap)" in page
+    sweep["split"] = "test"
+    (tmp_path / "sweep_demo.json").write_text(json.dumps(sweep))
+    with pytest.raises(ValueError, match="val split"):
+        write_results_page(res, tmp_path / "results.md")

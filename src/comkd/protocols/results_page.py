@@ -109,7 +109,7 @@ def _stage_seconds(path: Path, stage_prefix: str = "") -> float:
 def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[str, float]:
     """EduAttention on the test images of a saved student: normalised entropy of the weights over
     the N classes (1 = uniform, 0 = one class), the mean largest weight, how often the most
-    attended class is the student's own prediction, |α·FC_o(f_att)| / |u_s|, and the mean cosine
+    attended class is the student's own prediction, |f_e − u_s| / |u_s|, and the mean cosine
     of each image's FC_o(f_att) to their mean (1 = the same vector for every image)."""
     import torch
 
@@ -137,7 +137,7 @@ def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[s
             ent += float((-(a.clamp_min(1e-12).log() * a).sum(-1) / math.log(a.shape[-1])).sum())
             top += float(a.max(-1).values.sum())
             agree += float((a.argmax(-1) == pred).float().sum())
-            ratio += float(((ea.alpha * delta).norm(dim=-1) / u.norm(dim=-1)).sum())
+            ratio += float(((ea(u, w.to(u.dtype)) - u).norm(dim=-1) / u.norm(dim=-1)).sum())
             deltas.append(delta)
             if n >= max_images:
                 break
@@ -148,7 +148,7 @@ def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[s
     with torch.no_grad():
         d = torch.cat(deltas)
         same = float(torch.nn.functional.cosine_similarity(d, d.mean(0, keepdim=True)).mean())
-    return {"alpha": float(ea.alpha.detach()), "entropy": ent / n, "max_weight": top / n, "argmax_is_prediction": 100 * agree / n,
+    return {"alpha": float(ea.alpha.detach()), "gate": float(ea.gate().detach()), "mode": ea.mode, "entropy": ent / n, "max_weight": top / n, "argmax_is_prediction": 100 * agree / n,
             "delta_over_u": ratio / n, "delta_cos_to_mean": same, "modal_class_share": modal, "images": n, "classes": int(w.shape[0])}
 
 
@@ -160,7 +160,7 @@ def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curve
     from ..config import load_config
 
     results: dict[str, dict] = {}
-    extra: dict[str, Any] = {"curves": {}, "steps": {}, "setup": {}, "attention": {}}
+    extra: dict[str, Any] = {"curves": {}, "steps": {}, "setup": {}, "attention": {}, "step0": {}}
     for label, run_dir in runs.items():
         run_dir = Path(run_dir)
         res = json.loads((run_dir / "results.json").read_text())
@@ -179,6 +179,13 @@ def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curve
             curves[m] = [_epoch_records(ds_dir / f"seed{s}" / m / "metrics.jsonl") for s in seeds]
             distill_s[m] = [_stage_seconds(ds_dir / f"seed{s}" / m / "metrics.jsonl") for s in seeds]
         extra["curves"][label] = curves
+        step0: dict[str, list] = {}
+        for m in curves:
+            per_seed = [json.loads(p.read_text()).get("step0") for p in
+                        (ds_dir / f"seed{s}" / m / "results.json" for s in seeds) if p.exists()]
+            if per_seed and all(per_seed):
+                step0[m] = per_seed
+        extra["step0"][label] = step0
         extra["steps"][label] = {m: _step_records(ds_dir / f"seed{seeds[0]}" / m / "metrics.jsonl")
                                  for m in curves} if seeds else {}
         pre = ds_dir / "pretrain"
@@ -208,6 +215,10 @@ def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curve
             "distill": {"epochs": cfg.distill.optim.epochs, "batch_size": cfg.distill.optim.batch_size,
                         "lr": cfg.distill.optim.lr, "warmup_epochs": cfg.distill.optim.warmup_epochs,
                         "kd_weight": _kd_weight(cfg), "align_weight": cfg.distill.align_weight,
+                        "optimizer": cfg.distill.optim.optimizer, "crop_scale_min": cfg.distill.augment.crop_scale_min,
+                        "edu_mode": cfg.student.edu_mode, "projector": cfg.student.projector,
+                        "projector_bn": cfg.student.projector_bn, "projector_init": cfg.distill.projector_init,
+                        "ifalign_on": cfg.distill.ifalign_on, "scope": cfg.student.scope,
                         "temperature": cfg.distill.temperature, "seconds": distill_s,
                         # None when the run's saved config predates the key (the plain rate, 1.0)
                         "edu_lr_scale": (yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
@@ -283,8 +294,13 @@ def _setup_section(setup: dict) -> list[str]:
         lambda s: f"{_f(s['pretrain']['teacher_train_acc'])} / {_f(s['pretrain']['student_train_acc'])} %")
     row("stage 1 epochs, batch, lr", lambda s: f"{s['teacher_train']['epochs']}, {s['teacher_train']['batch_size']}, "
         f"{s['teacher_train']['lr']:g} (SGD)")
-    row("stage 2 epochs, batch, lr, warm-up epochs", lambda s: f"{s['distill']['epochs']}, {s['distill']['batch_size']}, "
-        f"{s['distill']['lr']:g}, {s['distill']['warmup_epochs']} (SGD)")
+    row("stage 2 epochs, batch, lr, optimiser", lambda s: f"{s['distill']['epochs']}, {s['distill']['batch_size']}, "
+        f"{s['distill']['lr']:g}, " + (f"SGD ({s['distill']['warmup_epochs']} warm-up epochs)"
+                                        if s["distill"].get("optimizer", "sgd") == "sgd" else "AdamW (one-cycle)"))
+    row("stage 2 reading: EduAttention, projector (BN), projector init, IFAlign on, crop scale",
+        lambda s: f"{s['distill']['edu_mode']}, {s['distill']['projector']} ({s['distill']['projector_bn']}), "
+        f"{s['distill']['projector_init']}, {s['distill']['ifalign_on']}, {s['distill']['crop_scale_min']:g}"
+        if "edu_mode" in s["distill"] else "paper, mlp (train), random, features, 0.5 (the code predates the settings)")
     row("stage 2 w_kd, λ_align, temperature", lambda s: f"{s['distill']['kd_weight']:g}, {s['distill']['align_weight']:g}, "
         f"{s['distill']['temperature']:g}")
     row("stage 2 EduAttention + α learning-rate scale (× lr)",
@@ -351,6 +367,19 @@ def _analysis(results: dict, extra: dict) -> list[str]:
                 if closed:
                     lines.append("- HM gain over the undistilled student as a share of that gap (100% = the "
                                  f"teacher's HM reached, negative = worse than not distilling): {', '.join(closed)}.")
+                s0 = extra.get("step0", {}).get(ds, {})
+                if s0:
+                    def _share(v: list[dict], t: float = t, s: float = s) -> str:
+                        h = _mean([x["hm"] for x in v])
+                        return f"{h:.2f} ({100 * (h - s) / (t - s):.0f}% of the gap)"
+
+                    parts = []
+                    for m, v in s0.items():
+                        rnd = [x["random_init"] for x in v if x.get("random_init")]
+                        parts.append(f"{LABELS.get(m, m)} " + (f"random-init projector {_share(rnd)}, after the ridge "
+                                                               f"warm start {_share(v)}" if rnd else _share(v)))
+                    lines.append("- HM before the first step of stage 2 (step 0), mean over seeds: "
+                                 + "; ".join(parts) + ".")
         for a, b in (("comkd", "promptkd"), ("no-ifalign", "promptkd"), ("no-eduattention", "promptkd"),
                      ("comkd", "no-ifalign"), ("comkd", "no-eduattention")):
             v = _verdict(table, a, b)
@@ -382,13 +411,17 @@ def _analysis(results: dict, extra: dict) -> list[str]:
                          + f" (balanced test set: 100/N = {100 / attention[ds][next(iter(shares))][0]['classes']:.0f}%).")
         for m, stats in attention.get(ds, {}).items():
             if stats and "entropy" in stats[0]:
+                if "gate" in stats[0]:
+                    lines.append(f"- EduAttention reading of the saved {m} students: {stats[0].get('mode', 'paper')}; "
+                                 f"gate per seed (α, or tanh α when bounded): "
+                                 + ", ".join(f"{x['gate']:.3f}" for x in stats) + ".")
                 lines.append(
                     f"- EduAttention of the saved {m} students on the test images (mean over seeds): normalised "
                     f"entropy {_mean([x['entropy'] for x in stats]):.3f} (1 = uniform over the "
                     f"{stats[0]['classes']} classes), largest weight {_mean([x['max_weight'] for x in stats]):.3f}, "
                     f"most-attended class = the student's prediction for "
                     f"{_mean([x['argmax_is_prediction'] for x in stats]):.1f}% of images, "
-                    f"|α·FC_o(f_att)| / |u_s| = {_mean([x['delta_over_u'] for x in stats]):.3f}, cosine of each "
+                    f"|f_e − u_s| / |u_s| = {_mean([x['delta_over_u'] for x in stats]):.3f}, cosine of each "
                     f"image's FC_o(f_att) to their mean {_mean([x['delta_cos_to_mean'] for x in stats]):.3f} "
                     f"(1 = the same vector added to every image).")
         lines.append("")
@@ -405,6 +438,62 @@ def _alpha_zero(curves: dict) -> dict:
         for m, runs in ms.items():
             out[ds][m] = [[r if "alpha" in r else {**r, "alpha": 0.0} for r in recs] for recs in runs]
     return out
+
+
+def _sweep_section(paths: list[Path]) -> list[str]:
+    """Validation sweeps (``sweep_<preset>.json`` from experiments/sweep_recipe.py): how the stage-2
+    recipe was chosen, on the ``val`` split only."""
+    lines: list[str] = []
+    for path in paths:
+        sw = json.loads(path.read_text())
+        if sw.get("split") != "val":
+            raise ValueError(f"{path}: a recipe sweep must be scored on the val split, not {sw.get('split')!r}")
+        lines += [f"### `{sw['preset']}` preset, seeds {', '.join(map(str, sw['seeds']))} (from `{path.name}`)", "",
+                  "| variant | overrides on the preset | teacher | undistilled | PromptKD | ComKD-CLIP |",
+                  "|---|---|---|---|---|---|"]
+        for name, v in sw["variants"].items():
+            cells = []
+            for m in ("teacher", "student_zeroshot", "promptkd", "comkd"):
+                mu, sd = mean_std(v[m])
+                cells.append(f"{mu:.2f} ± {sd:.2f}")
+            mark = " (chosen)" if name == sw.get("chosen") else ""
+            sets = ", ".join(f"`{x}`" for x in v["sets"]) or "(the preset as it is)"
+            lines.append(f"| {name}{mark} | {sets} | " + " | ".join(cells) + " |")
+        lines += ["", f"Val HM, mean ± std over seeds. Chosen: the variant with the best mean ComKD-CLIP val HM "
+                      f"(`{sw.get('chosen')}`).", ""]
+    if lines:
+        lines = ["## How the stage-2 recipe was chosen (validation split only)", "",
+                 "`python experiments/sweep_recipe.py` reruns stage 2 (and stage 1) for each variant from the "
+                 "preset's stage-0 weights and scores every model on the `val` split; the test images play no part.",
+                 "", *lines]
+    return lines
+
+
+def _supplement_and_notes(supp_path: Path, notes_md: Path) -> list[str]:
+    lines: list[str] = []
+    if supp_path.exists():
+        supp = json.loads(supp_path.read_text())
+        lines += [f"## Supplement: {supp['title']}", "", supp.get("note", ""), "",
+                  f"(Numbers from `{supp_path.name}`, written by `comkd collect` on those run folders.)", "",
+                  results_table(supp["results"]), *_analysis(supp["results"], supp.get("extra", {}))]
+    if notes_md.exists():
+        lines += [notes_md.read_text().rstrip(), ""]
+    return lines
+
+
+def _earlier_section(path: Path, stem: str) -> list[str]:
+    """A dated earlier results file ``results_<date>.json`` (with ``curves_<date>.json``,
+    ``supplement_<date>.json`` and ``analysis_<date>.md`` beside it), kept as its own section."""
+    tag = path.stem[len(stem) + 1:]
+    results = json.loads(path.read_text())
+    curves = path.with_name(f"curves_{tag}.json")
+    extra = json.loads(curves.read_text()) if curves.exists() else {}
+    return ["", f"## Earlier results ({tag})", "",
+            f"Kept as they were published (numbers from `{path.name}`"
+            + (f" and `{curves.name}`" if extra else "") + "); the code and recipe of that date, see its setup "
+            "table.", "", "### Setup", "", *_setup_section(extra.get("setup", {})), "### Results", "",
+            results_table(results), "### What the numbers said", "", *_analysis(results, extra),
+            *_supplement_and_notes(path.with_name(f"supplement_{tag}.json"), path.with_name(f"analysis_{tag}.md"))]
 
 
 def write_results_page(results_json: str | Path, out_md: str | Path, curves_json: str | Path | None = None,
@@ -473,14 +562,10 @@ def write_results_page(results_json: str | Path, out_md: str | Path, curves_json
     if has_steps:
         lines += [f"![KD term and α per logged step (first seed)]({rel('step_curves.png')})", ""]
     lines += ["## What the numbers say", "", *_analysis(results, extra)]
-    supp_path = results_json.with_name("supplement.json")
-    if supp_path.exists():
-        supp = json.loads(supp_path.read_text())
-        lines += [f"## Supplement: {supp['title']}", "", supp.get("note", ""), "",
-                  f"(Numbers from `{supp_path.name}`, written by `comkd collect` on those run folders.)", "",
-                  results_table(supp["results"]), *_analysis(supp["results"], supp.get("extra", {}))]
-    notes_md = Path(notes_md) if notes_md else results_json.with_name("analysis.md")
-    if notes_md.exists():
-        lines += [notes_md.read_text().rstrip(), ""]
+    lines += _sweep_section(sorted(results_json.parent.glob("sweep_*.json")))
+    lines += _supplement_and_notes(results_json.with_name("supplement.json"),
+                                   Path(notes_md) if notes_md else results_json.with_name("analysis.md"))
+    for old in sorted(results_json.parent.glob(f"{results_json.stem}_*.json"), reverse=True):
+        lines += _earlier_section(old, results_json.stem)
     atomic_write_text(out_md, "\n".join(lines))
     return out_md

@@ -1,0 +1,95 @@
+"""Choose the stage-2 recipe on VALIDATION data (never the test images).
+
+    python experiments/sweep_recipe.py --preset demo --base runs/demo/run [--seeds 1 2 3]
+
+Each variant is a list of ``--set`` overrides on top of the preset. Stage 0 (and stage 1 per seed)
+is reused from ``--base`` (a finished run of the same preset: ``BASE/<dataset>/pretrain``), so only
+stage 1/2 run again; every variant's teacher, undistilled student and distilled students are
+evaluated on the ``val`` split (``eval_split=val``). Writes ``experiments/results/sweep_<preset>.json``
+with the per-seed val HMs of every variant and method (``--json-out``: also a copy for the results
+page, e.g. ``docs/sweep_demo.json``); the recipe is the variant with the best mean ComKD val HM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+VARIANTS: dict[str, list[str]] = {
+    # the recipe's pieces: bounded cosine EduAttention, frozen-BN projector warm-started by ridge,
+    # IFAlign on the projector output, AdamW with a small step
+    "mlp_lr1e-4": [],
+    "mlp_lr3e-4": ["distill.optim.lr=0.0003"],
+    "linear_lr1e-4": ["student.projector=linear"],
+    "linear_lr3e-4": ["student.projector=linear", "distill.optim.lr=0.0003"],
+    "mlp_lr1e-4_crop0.5": ["distill.augment.crop_scale_min=0.5"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", required=True)
+    ap.add_argument(
+        "--base", required=True, help="finished run folder of the same preset (its pretrain is reused)"
+    )
+    ap.add_argument("--out", default="runs/sweep")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1])
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument(
+        "--set", dest="sets", action="append", default=[], help="extra overrides for every variant"
+    )
+    args = ap.parse_args()
+    base = Path(args.base)
+    (ds_dir,) = [p for p in base.iterdir() if (p / "pretrain").is_dir()]
+    summary: dict = {"preset": args.preset, "split": "val", "seeds": args.seeds, "variants": {}}
+    for name in args.variants:
+        out = Path(args.out) / args.preset / name
+        if not (out / ds_dir.name / "pretrain").exists():
+            (out / ds_dir.name).mkdir(parents=True, exist_ok=True)
+            shutil.copytree(ds_dir / "pretrain", out / ds_dir.name / "pretrain")
+        cmd = [
+            sys.executable,
+            "-m",
+            "comkd.cli",
+            "run",
+            "--config",
+            args.preset,
+            "--out",
+            str(out),
+            "--resume",
+            "--methods",
+            "promptkd",
+            "--methods",
+            "comkd",
+            "--set",
+            "eval_split=val",
+            "--set",
+            "progress=false",
+        ]
+        for s in args.seeds:
+            cmd += ["--seeds", str(s)]
+        for s in [*VARIANTS[name], *args.sets]:
+            cmd += ["--set", s]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        res = json.loads((out / "results.json").read_text())
+        (table,) = res["datasets"].values()
+        assert res["split"] == "val"
+        summary["variants"][name] = {"sets": VARIANTS[name] + args.sets, **{m: table[m]["hm"] for m in table}}
+        row = {m: round(sum(v) / len(v), 2) for m, v in summary["variants"][name].items() if m != "sets"}
+        print(name, row, flush=True)
+    best = max(summary["variants"], key=lambda k: sum(summary["variants"][k]["comkd"]))
+    summary["chosen"] = best
+    path = Path("experiments/results") / f"sweep_{args.preset}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(summary, indent=1))
+    print("chosen on val:", best, "->", path)
+
+
+if __name__ == "__main__":
+    main()
