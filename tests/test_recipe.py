@@ -94,7 +94,7 @@ def test_cosine_gate_is_bounded_and_alpha_zero_is_promptkd() -> None:
     assert torch.equal(mod(u, w), u)  # α = 0: exactly u_s, step 0 is PromptKD
     with torch.no_grad():
         mod.alpha.fill_(1e6)  # any α: |f_e − u_s| ≤ 1
-    assert float((mod(u, w) - u).norm(dim=-1).max()) <= 1.0 + 1e-9
+    assert float((mod(u, w) - u).norm(dim=-1).max().detach()) <= 1.0 + 1e-9
 
 
 def test_cosine_fc_q_k_get_gradient_once_alpha_moves() -> None:
