@@ -56,13 +56,17 @@ def main() -> None:
         if not (out / ds_dir.name / "pretrain").exists():
             (out / ds_dir.name).mkdir(parents=True, exist_ok=True)
             shutil.copytree(ds_dir / "pretrain", out / ds_dir.name / "pretrain")
+        for s in args.seeds:  # stage 1 does not depend on the stage-2 variant: reuse it when the base has it
+            teacher = ds_dir / f"seed{s}" / "teacher"
+            if (teacher / "teacher_prompts.safetensors").exists() and not (out / ds_dir.name / f"seed{s}").exists():
+                shutil.copytree(teacher, out / ds_dir.name / f"seed{s}" / "teacher")
         cmd = [
             sys.executable,
             "-m",
             "comkd.cli",
             "run",
             "--config",
-            args.preset,
+            f"{args.preset}_paper" if name == "paper" else args.preset,
             "--out",
             str(out),
             "--resume",
