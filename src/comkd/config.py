@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A config key or value that is not allowed; the message names the dotted key."""
 
 
+# a key where the word ``none`` is a value of its own (``pretrained: none``: random weights on
+# purpose), not YAML's null (the key left unset)
+_NONE_IS_A_VALUE = {"none_is_a_value": True}
+
+
 @dataclass
 class DataConfig:
     dataset: str = "digits"
@@ -43,7 +48,7 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     model: str = "ViT-L-14"
-    pretrained: str | None = None
+    pretrained: str | None = field(default=None, metadata=_NONE_IS_A_VALUE)  # 'none': random weights
     prompts: str | None = None  # learned prompts from stage 1
     text_ctx: int = 4
     text_depth: int | None = None  # None: min(9, layers)
@@ -56,7 +61,7 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     model: str = "ViT-B-16"
-    pretrained: str | None = None
+    pretrained: str | None = field(default=None, metadata=_NONE_IS_A_VALUE)  # 'none': random weights
     vision_tokens: int = 4
     vision_depth: int | None = None
     edu_heads: int = 1
@@ -224,13 +229,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    names = set(fields)
     for k, v in updates.items():
         key = f"{prefix}{k}"
         if k not in names:
             raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(sorted(names))}")
         current = getattr(obj, k)
-        if dataclasses.is_dataclass(current):
+        if fields[k].metadata.get("none_is_a_value") and isinstance(v, str) and v.strip().lower() == "none":
+            setattr(obj, k, "none")
+        elif dataclasses.is_dataclass(current):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}")
             _merge(current, v, key + ".")

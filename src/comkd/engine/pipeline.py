@@ -16,6 +16,7 @@ from ..data import build_dataset, build_transform
 from ..data.dataset import ImageDataset
 from ..losses import build_loss, method_spec, paper_kd_weight
 from ..models import (
+    RANDOM_WEIGHTS,
     PreprocessSpec,
     Student,
     Teacher,
@@ -23,6 +24,7 @@ from ..models import (
     create_teacher,
     load_clip,
     save_clip_weights,
+    uses_quick_gelu,
 )
 from .loop import fit
 from .tasks import (
@@ -261,7 +263,7 @@ def save_student(student: Student, path: str | Path, cfg: RunConfig, method: str
             "vision_depth": student.visual.depth if hasattr(student.visual, "depth") else 0,
             "edu_heads": cfg.student.edu_heads, "edu_attn_dim": cfg.student.edu_attn_dim,
             "edu_shared_fc": cfg.student.edu_shared_fc, "attend": student.attend,
-            "image_size": student.preprocess.image_size, "quick_gelu": cfg.student.quick_gelu,
+            "image_size": student.preprocess.image_size, "quick_gelu": uses_quick_gelu(student.visual),
         }),
         "comkd.classnames": json.dumps(student.classnames),
         "comkd.preprocess": json.dumps(student.preprocess.__dict__),
@@ -289,7 +291,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     c = json.loads(meta["comkd.student_config"])
     spec = method_spec(c["method"])
     student = create_student(
-        c["model"], None, teacher_dim=c["teacher_dim"], vision_tokens=c["vision_tokens"],
+        c["model"], RANDOM_WEIGHTS, teacher_dim=c["teacher_dim"], vision_tokens=c["vision_tokens"],
         vision_depth=c["vision_depth"], edu_attention=spec["edu_attention"], edu_heads=c["edu_heads"],
         edu_attn_dim=c["edu_attn_dim"], edu_shared_fc=c["edu_shared_fc"], attend=c["attend"],
         logit_scale=1.0, image_size=c["image_size"], quick_gelu=c["quick_gelu"] or None, device=device,
