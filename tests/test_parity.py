@@ -87,3 +87,105 @@ def test_cli_refuses_the_paper_teacher_without_weights(tmp_path) -> None:
     r = CliRunner().invoke(cli.app, ["train-teacher", "--out", str(tmp_path), "--set", "progress=false"])
     assert r.exit_code == 1
     assert "ViT-L-14" in r.output and "none" in r.output and "Traceback" not in r.output
+
+
+# -- item 5: the cross-dataset / DG student ------------------------------------------------------
+def _record_protocol(monkeypatch, cfg, protocol, datasets):
+    """Run ``run_protocol`` with every stage replaced by a recorder of the config it gets."""
+    from comkd.protocols import report, runner
+
+    seen: dict[str, tuple] = {}
+
+    def distill(c, method, out, resume):
+        seen[c.data.dataset] = (c.student.vision_depth, c.distill.kd_weight)
+        return (
+            {"acc": 50.0}
+            if protocol != "base2novel"
+            else {"base": {"acc": 50.0}, "novel": {"acc": 40.0}, "hm": 44.4}
+        )
+
+    monkeypatch.setattr(runner, "_pretrain_if_enabled", lambda c, root, resume: c)
+    monkeypatch.setattr(runner, "_teacher_stage", lambda c, out, resume: c)
+    monkeypatch.setattr(runner, "_distill_and_eval", distill)
+    monkeypatch.setattr(runner, "read_metrics", lambda path: [])
+    monkeypatch.setattr(runner.P, "build_teacher", lambda c, device: None)
+    monkeypatch.setattr(runner.P, "evaluate_teacher", lambda c, t: distill(c, "teacher", None, False))
+    monkeypatch.setattr(runner.P, "evaluate_clip_zero_shot", lambda c, role: distill(c, "zs", None, False))
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: None)
+    cfg.protocol = protocol
+    runner.run_protocol(cfg, cfg.output_dir, datasets=datasets, methods=["comkd"], source="imagenet")
+    return seen
+
+
+@pytest.mark.parametrize("protocol", ["cross", "dg"])
+def test_cross_and_dg_use_promptkds_cross_dataset_student(monkeypatch, tmp_path, protocol) -> None:
+    # PromptKD's cross-dataset scripts: prompt depth 3 and w_kd 1000 for every target, including
+    # the three whose base-to-novel weight is 200
+    cfg = load_config(sets=[f"output_dir={tmp_path}"])
+    seen = _record_protocol(monkeypatch, cfg, protocol, ["fgvc_aircraft", "oxford_flowers", "dtd", "eurosat"])
+    assert seen == {d: (3, 1000.0) for d in ("fgvc_aircraft", "oxford_flowers", "dtd", "eurosat")}
+    assert cfg.student.vision_depth is None and cfg.distill.kd_weight is None  # the caller's cfg untouched
+
+
+def test_cross_keeps_what_the_user_set(monkeypatch, tmp_path) -> None:
+    cfg = load_config(sets=[f"output_dir={tmp_path}", "student.vision_depth=5", "distill.kd_weight=50"])
+    assert _record_protocol(monkeypatch, cfg, "cross", ["dtd"]) == {"dtd": (5, 50.0)}
+
+
+def test_base2novel_keeps_the_per_dataset_recipe(monkeypatch, tmp_path) -> None:
+    from comkd.losses import paper_kd_weight
+
+    cfg = load_config(sets=[f"output_dir={tmp_path}", "data.dataset=dtd"])
+    assert _record_protocol(monkeypatch, cfg, "base2novel", ["dtd"]) == {"dtd": (None, None)}
+    assert paper_kd_weight("dtd") == 200.0 and paper_kd_weight("eurosat") == 1000.0
+
+
+# -- item 9: settings that would silently do nothing -----------------------------------------------
+def test_select_promptkd_is_refused_without_an_evaluation_set(tmp_path) -> None:
+    r = CliRunner().invoke(
+        cli.app,
+        ["distill", "--config", "demo", "--set", "distill.select=promptkd", "--out", str(tmp_path / "d")],
+    )
+    assert r.exit_code == 1 and "distill.select" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "d").exists()  # refused before anything is written
+
+
+def test_protocol_all_is_not_accepted() -> None:
+    from comkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="protocol: 'all' is not allowed"):
+        load_config(sets=["protocol=all"])
+    r = CliRunner().invoke(cli.app, ["run", "--protocol", "all"])
+    assert r.exit_code == 2 and "protocol" in r.output and "KeyError" not in r.output
+
+
+# -- item 10: stage-0 choices do not look at test data ---------------------------------------------
+def test_pretrain_is_scored_on_val_where_the_dataset_has_one(tmp_path) -> None:
+    from comkd.engine.pipeline import pretrain_eval_split
+
+    assert load_config().pretrain.eval_split is None
+    assert pretrain_eval_split(load_config("demo")) == "val"  # digits: pretrain/train/val/test
+    assert pretrain_eval_split(load_config("demo", sets=["pretrain.eval_split=test"])) == "test"
+    for c in "ab":  # an image folder split without a val share
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            (tmp_path / c / f"{i}.png").write_bytes(b"")
+    cfg = load_config(
+        sets=["data.dataset=imagefolder", f"data.root={tmp_path}", "data.fractions=[0.5,0.5,0,0]"]
+    )
+    assert pretrain_eval_split(cfg) == "test"
+    cfg.data.fractions = [0.25, 0.25, 0.25, 0.25]
+    assert pretrain_eval_split(cfg) == "val"
+
+
+@pytest.mark.slow
+def test_pretrain_reports_the_split_it_was_scored_on(tmp_path) -> None:
+    from comkd.engine.pipeline import run_pretrain
+
+    cfg = load_config(
+        "demo", sets=["pretrain.optim.epochs=1", "pretrain.optim.warmup_epochs=0", "progress=false"]
+    )
+    res = run_pretrain(cfg, tmp_path, which=("student",))
+    assert res["student"]["eval_split"] == "val"
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["pretrain"]["eval_split"] is None

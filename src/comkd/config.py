@@ -111,7 +111,7 @@ class PretrainConfig:
     student_lr: float | None = None
     split: str = "pretrain"
     enabled: bool = False  # ``comkd run``: pre-train both CLIPs first (offline presets)
-    eval_split: str = "test"
+    eval_split: str | None = None  # None: 'val' where the dataset has one, else 'test' (stage-0 choices)
 
 
 @dataclass
@@ -151,7 +151,7 @@ class RunConfig:
     seed: int = 1
     device: str = "auto"
     output_dir: str = "runs/comkd"
-    protocol: Literal["base2novel", "cross", "dg", "all"] = "base2novel"
+    protocol: Literal["base2novel", "cross", "dg"] = "base2novel"
     log_every: int = 10
     ckpt_every: int = 0  # also checkpoint every N optimiser steps (0: at epoch ends only)
     tensorboard: bool = False

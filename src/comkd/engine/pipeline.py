@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import AugmentConfig, RunConfig, save_config
-from ..data import build_dataset, build_transform
+from ..config import AugmentConfig, ConfigError, RunConfig, save_config
+from ..data import build_dataset, build_transform, load_splits
 from ..data.dataset import ImageDataset
 from ..losses import build_loss, method_spec, paper_kd_weight
 from ..models import (
@@ -194,13 +194,26 @@ def clip_zero_shot(model, tokenizer, ds: ImageDataset, templates: list[str], loa
     return accuracy(preds, labels)
 
 
+def pretrain_eval_split(cfg: RunConfig) -> str:
+    """The split stage 0 is scored on: ``pretrain.eval_split`` if set, else ``val`` where the
+    dataset has one (choices made on stage 0 must not look at test data), else ``test``."""
+    if cfg.pretrain.eval_split:
+        return cfg.pretrain.eval_split
+    kw = {k: v for k, v in _dataset_kwargs(cfg).items() if k != "digits_size"}
+    if load_splits(cfg.data.dataset, cfg.data.root, **kw).val:
+        return "val"
+    log.warning("%s has no val split: stage 0 is scored on test", cfg.data.dataset)
+    return "test"
+
+
 def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] = ("teacher", "student"),
                  resume: bool = False) -> dict[str, Any]:
     """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
     Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
-    accuracy on ``pretrain.eval_split``."""
+    accuracy on ``pretrain_eval_split(cfg)``."""
     out, device, metrics = _start(cfg, out_dir, resume)
     results: dict[str, Any] = {}
+    eval_split = pretrain_eval_split(cfg)
     for role in which:
         mcfg = cfg.teacher if role == "teacher" else cfg.student
         loaded = load_clip(mcfg.model, mcfg.pretrained, image_size=cfg.data.image_size,
@@ -216,11 +229,11 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
         if is_main():
             save_clip_weights(loaded.model, path, loaded.name, loaded.config)
         barrier()
-        test = make_dataset(cfg, cfg.pretrain.eval_split, loaded.preprocess, train=False)
+        test = make_dataset(cfg, eval_split, loaded.preprocess, train=False)
         acc = clip_zero_shot(loaded.model, loaded.tokenizer, test, ds.templates, _loader(cfg, test, device), device)
-        results[role] = {"weights": str(path), "zero_shot_acc": acc}
-        metrics.log({"stage": task.name, "type": "eval", "split": cfg.pretrain.eval_split, "acc": acc})
-        log.info("pretrain %s: zero-shot %s acc %.2f%%", role, cfg.pretrain.eval_split, acc)
+        results[role] = {"weights": str(path), "zero_shot_acc": acc, "eval_split": eval_split}
+        metrics.log({"stage": task.name, "type": "eval", "split": eval_split, "acc": acc})
+        log.info("pretrain %s: zero-shot %s acc %.2f%%", role, eval_split, acc)
     if is_main():
         write_json(out / "results.json", {"stage": "pretrain", **results})
     return results
@@ -306,6 +319,11 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                 eval_fn=None) -> dict[str, Any]:
     """Stage 2: distil the prompted teacher into the student on unlabelled ``distill.split``
     images of all classes. Writes ``student.safetensors``."""
+    if cfg.distill.select == "promptkd" and eval_fn is None:
+        raise ConfigError(
+            "distill.select: 'promptkd' picks the epoch with the best test accuracy, which needs an "
+            "evaluation set; only `comkd run` has one. Use distill.select=last here"
+        )
     out, device, metrics = _start(cfg, out_dir, resume)
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache

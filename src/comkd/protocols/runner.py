@@ -32,6 +32,23 @@ BASE2NOVEL_DATASETS = [
 ]
 CROSS_TARGETS = [d for d in BASE2NOVEL_DATASETS if d != "imagenet"]
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+# PromptKD's cross-dataset / DG student (METHOD.md sections 2 and 6): prompt depth 3 and
+# w_kd = 1000 for every target, where the user has not set them
+CROSS_STUDENT_VISION_DEPTH = 3
+CROSS_KD_WEIGHT = 1000.0
+
+
+def protocol_recipe(cfg: RunConfig, protocol: str) -> RunConfig:
+    """``cfg`` with the protocol's student settings filled in where they are unset (None):
+    cross/dg get PromptKD's cross-dataset depth and w_kd; base2novel keeps the per-dataset
+    w_kd (``losses.paper_kd_weight``) and depth min(9, layers)."""
+    c = copy.deepcopy(cfg)
+    if protocol in ("cross", "dg"):
+        if c.student.vision_depth is None:
+            c.student.vision_depth = CROSS_STUDENT_VISION_DEPTH
+        if c.distill.kd_weight is None:
+            c.distill.kd_weight = CROSS_KD_WEIGHT
+    return c
 
 
 def _for_dataset(cfg: RunConfig, dataset: str | None) -> RunConfig:
@@ -154,7 +171,7 @@ def run_protocol(
             scfg.teacher_train.subsample = "all"
             tcfg = _teacher_stage(scfg, out / source / f"seed{seed}" / "teacher", resume)
             for ds_name in datasets:
-                dcfg = _for_dataset(tcfg, ds_name)
+                dcfg = protocol_recipe(_for_dataset(tcfg, ds_name), protocol)
                 if protocol == "dg":
                     dcfg.distill.split = "test"  # transductive: distilled on the target images
                 teacher = P.build_teacher(dcfg, P.resolve_device(dcfg.device))
