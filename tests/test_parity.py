@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import open_clip
 import pytest
 import yaml
@@ -137,6 +139,8 @@ def test_base2novel_keeps_the_per_dataset_recipe(monkeypatch, tmp_path) -> None:
 
     cfg = load_config(sets=[f"output_dir={tmp_path}", "data.dataset=dtd"])
     assert _record_protocol(monkeypatch, cfg, "base2novel", ["dtd"]) == {"dtd": (None, None)}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["hm_of_means"]["dtd"]["comkd"] == pytest.approx(2 * 50 * 40 / 90)  # item 7: the paper's HM
     assert paper_kd_weight("dtd") == 200.0 and paper_kd_weight("eurosat") == 1000.0
 
 
@@ -189,3 +193,27 @@ def test_pretrain_reports_the_split_it_was_scored_on(tmp_path) -> None:
     assert res["student"]["eval_split"] == "val"
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["pretrain"]["eval_split"] is None
+
+
+# -- item 7: both HM conventions, labelled ------------------------------------------------------
+def test_tables_report_the_papers_hm_of_means_next_to_the_mean_per_seed_hm(tmp_path) -> None:
+    from comkd.protocols.report import HM_OF_MEANS, HM_PER_SEED, results_table, write_report
+    from comkd.protocols.runner import average_base2novel
+
+    hm = [2 * b * n / (b + n) for b, n in ((90.0, 50.0), (50.0, 90.0))]  # 64.29 each seed
+    row = {"base": [90.0, 50.0], "novel": [50.0, 90.0], "hm": hm}
+    table = {"dtd": {"comkd": row}, "eurosat": {"comkd": {"base": [80.0], "novel": [60.0], "hm": [960 / 14]}}}
+    md = results_table(table)
+    line = next(x for x in md.splitlines() if x.startswith("| ComKD-CLIP") and "70.00" in x)
+    assert line.split(" | ")[3:5] == ["70.00", "64.29 ± 0.00 |"]  # paper HM(70, 70), then the per-seed mean
+    assert HM_OF_MEANS in md and HM_PER_SEED in md
+    avg = average_base2novel(table)["comkd"]
+    assert avg["hm"] == pytest.approx(2 * 75 * 65 / 140)  # HM of the averaged base and novel
+    assert avg["hm_per_seed"] == pytest.approx((hm[0] + 960 / 14) / 2)
+    results = {"protocol": "base2novel", "seeds": [1, 2], "datasets": table, "average": {"comkd": avg}}
+    report = write_report(results, tmp_path).read_text()
+    assert (
+        "(paper)" in report
+        and f"{avg['hm_per_seed']:.2f}" in report
+        and "HM(mean base, mean novel)" in report
+    )

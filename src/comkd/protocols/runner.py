@@ -182,6 +182,10 @@ def run_protocol(
                     res = _distill_and_eval(dcfg, m, out / ds_name / f"seed{seed}" / m, resume)
                     _append(table, ds_name, m, _scores(res))
     results = {"protocol": protocol, "selection": cfg.distill.select, "seeds": seeds, "datasets": table}
+    if protocol == "base2novel":  # the paper's HM (of the means over seeds); table's "hm": per seed
+        from .report import hm_of_means
+
+        results["hm_of_means"] = {d: {m: hm_of_means(row) for m, row in t.items()} for d, t in table.items()}
     if protocol == "base2novel" and len(table) > 1:
         results["average"] = average_base2novel(table)
     write_json(out / "results.json", results)
@@ -198,11 +202,14 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def average_base2novel(table: dict) -> dict:
-    """Across datasets: mean base and novel accuracy, and the HM of those means (the paper's)."""
+    """Across datasets: mean base and novel accuracy, the HM of those means (``hm``, the paper's),
+    and the mean over datasets of the mean per-seed HM (``hm_per_seed``)."""
     out: dict[str, dict] = {}
     methods = set.intersection(*(set(v) for v in table.values()))
     for m in sorted(methods):
         base = sum(mean_std(table[d][m]["base"])[0] for d in table) / len(table)
         novel = sum(mean_std(table[d][m]["novel"])[0] for d in table) / len(table)
-        out[m] = {"base": base, "novel": novel, "hm": 2 * base * novel / (base + novel) if base + novel else 0.0}
+        per_seed = sum(mean_std(table[d][m]["hm"])[0] for d in table) / len(table)
+        out[m] = {"base": base, "novel": novel, "hm": 2 * base * novel / (base + novel) if base + novel else 0.0,
+                  "hm_per_seed": per_seed}
     return out
