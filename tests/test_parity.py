@@ -217,3 +217,59 @@ def test_tables_report_the_papers_hm_of_means_next_to_the_mean_per_seed_hm(tmp_p
         and f"{avg['hm_per_seed']:.2f}" in report
         and "HM(mean base, mean novel)" in report
     )
+
+
+# -- item 8: PromptSRC's text regulariser target ------------------------------------------------
+def test_promptsrc_templates_are_shipped() -> None:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from comkd.data import promptsrc_templates
+
+    t = promptsrc_templates()
+    assert len(t) == len(set(t)) == 60  # PromptSRC's IMAGENET_TEMPLATES
+    assert t[0] == "a photo of a {}." and t[-1] == "itap of the {}."
+    assert set(t) <= {f("{}") for f in OPENAI_IMAGENET_TEMPLATES}  # all from CLIP's 80 ImageNet prompts
+
+
+def test_frozen_text_target_is_the_normalised_mean_of_unnormalised_features() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from comkd.models import create_teacher
+
+    torch.manual_seed(0)
+    teacher = create_teacher("comkd-tiny-teacher").eval()
+    names, templates = ["cat", "dog", "ship"], ["a photo of a {}.", "a sketch of the {}.", "itap of the {}."]
+    tok = open_clip.get_tokenizer("comkd-tiny-teacher")
+    with torch.no_grad():  # open_clip's own frozen text tower, not comkd's prompted encoder
+        raw = torch.stack(
+            [teacher.clip.encode_text(tok([t.format(c) for c in names])).float() for t in templates]
+        )
+    want = F.normalize(raw.mean(0), dim=-1)
+    got = teacher.encode_templates(names, templates)
+    assert torch.allclose(got, want, atol=1e-5)
+    one_template_each = F.normalize(F.normalize(raw, dim=-1).mean(0), dim=-1)
+    assert not torch.allclose(got, one_template_each, atol=1e-5)  # the old reading is a different target
+
+
+@pytest.mark.parametrize("choice", ["promptsrc", "dataset"])
+def test_stage1_regularises_towards_promptsrc_templates_by_default(monkeypatch, tmp_path, choice) -> None:
+    from comkd.data import promptsrc_templates
+    from comkd.data.builtin import DIGITS_TEMPLATE
+    from comkd.engine import pipeline as P
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def task(teacher, classnames, templates, *a):
+        seen["templates"] = list(templates)
+        raise Stop
+
+    monkeypatch.setattr(P, "TeacherPromptTask", task)
+    assert load_config().teacher_train.text_templates == "promptsrc"
+    cfg = load_config("demo", sets=[f"teacher_train.text_templates={choice}"])
+    with pytest.raises(Stop):
+        P.run_train_teacher(cfg, tmp_path)
+    assert seen["templates"] == (promptsrc_templates() if choice == "promptsrc" else [DIGITS_TEMPLATE])

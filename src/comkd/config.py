@@ -124,6 +124,9 @@ class TeacherTrainConfig:
     image_l1_weight: float = 10.0
     kl_weight: float = 1.0
     subsample: Literal["base", "all"] = "base"
+    # the text regulariser's templates: PromptSRC's 60 ImageNet templates, or the dataset's own
+    # (for CLIPs pre-trained here on the dataset's captions only)
+    text_templates: Literal["promptsrc", "dataset"] = "promptsrc"
 
 
 @dataclass

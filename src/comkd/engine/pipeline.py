@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import AugmentConfig, ConfigError, RunConfig, save_config
-from ..data import build_dataset, build_transform, load_splits
+from ..data import build_dataset, build_transform, load_splits, promptsrc_templates
 from ..data.dataset import ImageDataset
 from ..losses import build_loss, method_spec, paper_kd_weight
 from ..models import (
@@ -250,7 +250,8 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     tt = cfg.teacher_train
     ds = make_dataset(cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True,
                       augment=tt.augment)
-    task = TeacherPromptTask(teacher, ds.classnames, ds.templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight)
+    templates = promptsrc_templates() if tt.text_templates == "promptsrc" else ds.templates
+    task = TeacherPromptTask(teacher, ds.classnames, templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight)
     fit(task, ds, tt.optim, **_fit_kwargs(cfg, out, device, metrics, resume))
     path = out / TEACHER_PROMPTS
     if is_main():
