@@ -328,7 +328,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     out, device, metrics = _start(cfg, out_dir, resume)
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
-        from .cache import CachedTeacherOutputs, read_cache_info
+        from .cache import CachedTeacherOutputs, read_cache_info, teacher_sources
 
         info = read_cache_info(d.teacher_cache)
         want = Path(cfg.teacher.model).stem if cfg.teacher.model.endswith(".json") else cfg.teacher.model
@@ -340,7 +340,8 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         student = build_student(cfg, int(info.header["dim"]), device)
         ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
         outputs = CachedTeacherOutputs.open(d.teacher_cache, dataset=ds, device=device,
-                                            student_spec=student.preprocess)
+                                            student_spec=student.preprocess,
+                                            sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts))
         if outputs.classnames != ds.full_classnames:
             raise ValueError(f"teacher cache {d.teacher_cache}: its W is for other class names")
         w, s_t = outputs.text_features, float(outputs.logit_scale)
@@ -391,7 +392,7 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, views: int | None 
     """Store the teacher's image features for ``views`` augmented views (default: one per
     distillation epoch) of every ``distill.split`` image in ``out_dir/teacher_cache.bin``; then
     ``distill --teacher-cache`` with the same seed never runs the teacher."""
-    from .cache import build_teacher_cache
+    from .cache import build_teacher_cache, teacher_sources
 
     out, device, _ = _start(cfg, out_dir, resume=False)
     teacher = build_teacher(cfg, device)
@@ -402,14 +403,39 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, views: int | None 
     path = build_teacher_cache(
         teacher, ds, out / "teacher_cache.bin", views=k, seed=cfg.seed, batch_size=cfg.data.eval_batch_size,
         device=device, dtype=getattr(torch, dtype), student_spec=student.preprocess,
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.num_workers, sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts),
     )
     return {"cache": str(path), "views": k, "images": len(ds), "seed": cfg.seed}
 
 
 # -- evaluation --------------------------------------------------------------------------------
+def _preview(names: list[str], k: int = 4) -> str:
+    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
+
+
+def check_student_classes(student: Student, ds: ImageDataset) -> None:
+    """Raise a ``DataError`` when ``ds``'s classes differ from those stored in the student (its W)."""
+    from ..data import DataError
+
+    mine, theirs = list(student.classnames or []), list(ds.full_classnames)
+    if not mine:  # W stored without names (Python API): only its size can be checked
+        n = int(student.text_features.shape[0])
+        if n != len(theirs):
+            raise DataError(f"the student stores W for {n} classes but dataset {ds.name!r} has {len(theirs)}")
+        return
+    if mine != theirs:
+        first = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), min(len(mine), len(theirs)))
+        raise DataError(
+            f"the student stores {len(mine)} classes ({_preview(mine)}) but dataset {ds.name!r} has "
+            f"{len(theirs)} ({_preview(theirs)}); they first differ at class {first}: evaluate the student on "
+            "the dataset (and class names) it was distilled for"
+        )
+
+
 def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float:
-    """Student accuracy on ``ds``, logits sliced from W to the dataset's classes."""
+    """Student accuracy on ``ds``, logits sliced from W to the dataset's classes. A dataset whose
+    classes are not the ones stored in the student is refused, naming both."""
+    check_student_classes(student, ds)
     device = next(student.parameters()).device
     student.eval()
     idx = ds.class_indices

@@ -1,0 +1,115 @@
+"""Inputs that used to give a silently wrong result or a traceback (issue 9, items 12-19): each
+must now be a one-line error naming the file, key or value at fault, or be handled safely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from comkd import cli
+from comkd.config import load_config
+from comkd.data import DataError
+from comkd.engine import pipeline as P
+
+TINY = ["progress=false", "data.image_size=16"]
+
+
+def _one_line_error(r, *names: str, code: int = 1) -> None:
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    err = [x for x in r.output.splitlines() if x.startswith(("error:", "config error:"))]
+    assert err, r.output
+    for n in names:
+        assert n in err[0], (n, err[0])
+
+
+# -- item 12: a student evaluated on other classes ---------------------------------------------
+def _student_file(tmp_path, names: list[str]):
+    cfg = load_config("demo")
+    student = P.build_student(cfg, 32, "cpu")
+    student.set_text_features(torch.nn.functional.normalize(torch.randn(len(names), 32), dim=-1), names)
+    path = tmp_path / "student.safetensors"
+    P.save_student(student, path, cfg, "comkd")
+    return path, cfg
+
+
+@pytest.mark.parametrize("names", [[f"class {i}" for i in range(10)], [str(i) for i in range(5)]])
+def test_student_on_a_dataset_with_other_classes_is_refused(tmp_path, names) -> None:
+    path, cfg = _student_file(tmp_path, names)
+    student = P.load_student(path)
+    with pytest.raises(DataError) as err:
+        P.evaluate_student(cfg, student)
+    msg = str(err.value)
+    assert repr(names[0]) in msg and "'digits'" in msg and f"stores {len(names)} classes" in msg
+    r = CliRunner().invoke(cli.app, ["evaluate", str(path), "--config", "demo"])
+    _one_line_error(r, repr(names[0]), "digits")
+
+
+def test_student_on_its_own_classes_still_evaluates(tmp_path) -> None:
+    from comkd.data.builtin import load_digits_splits
+
+    names = load_digits_splits().classnames
+    path, cfg = _student_file(tmp_path, names)
+    res = P.evaluate_student(cfg, P.load_student(path))
+    assert 0 <= res["base"]["acc"] <= 100 and 0 <= res["novel"]["acc"] <= 100
+
+
+# -- item 13: a teacher cache from other teacher files --------------------------------------------
+def _teacher_files(tmp_path):
+    from comkd.models import create_teacher, load_clip, save_clip_weights
+
+    config = load_clip("comkd-tiny-teacher").config
+    out = {}
+    for tag, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        t = create_teacher("comkd-tiny-teacher", image_size=16)
+        out[f"weights_{tag}"] = tmp_path / f"teacher_{tag}.safetensors"
+        save_clip_weights(t.clip, out[f"weights_{tag}"], "comkd-tiny-teacher", config)
+        out[f"prompts_{tag}"] = tmp_path / f"prompts_{tag}.safetensors"
+        save_file({k: v.contiguous() for k, v in t.prompt_state_dict().items()}, str(out[f"prompts_{tag}"]))
+    return out
+
+
+def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path) -> None:
+    from comkd.engine.cache import StaleCacheError, read_cache_info
+
+    f = _teacher_files(tmp_path)
+    sets = [*TINY, "distill.optim.epochs=1", "distill.optim.warmup_epochs=0"]
+    cfg = load_config(
+        "demo", sets=[*sets, f"teacher.pretrained={f['weights_a']}", f"teacher.prompts={f['prompts_a']}"]
+    )
+    info = P.run_cache_teacher(cfg, tmp_path / "cache", views=1)
+    header = read_cache_info(info["cache"]).header
+    assert header["teacher_files"]["teacher.pretrained"].startswith("sha256:")
+    for key, other in (("teacher.pretrained", f["weights_b"]), ("teacher.prompts", f["prompts_b"])):
+        bad = load_config(
+            "demo",
+            sets=[
+                *sets,
+                f"teacher.pretrained={f['weights_a']}",
+                f"teacher.prompts={f['prompts_a']}",
+                f"{key}={other}",
+                f"distill.teacher_cache={info['cache']}",
+            ],
+        )
+        with pytest.raises(StaleCacheError) as err:
+            P.run_distill(bad, tmp_path / key)
+        assert key in str(err.value)
+        assert ("teacher.prompts" if key == "teacher.pretrained" else "teacher.pretrained") not in str(
+            err.value
+        )
+    # the same files under another path are the same teacher: accepted
+    copy = tmp_path / "moved.safetensors"
+    copy.write_bytes(f["prompts_a"].read_bytes())
+    ok = load_config(
+        "demo",
+        sets=[
+            *sets,
+            f"teacher.pretrained={f['weights_a']}",
+            f"teacher.prompts={copy}",
+            f"distill.teacher_cache={info['cache']}",
+        ],
+    )
+    assert P.run_distill(ok, tmp_path / "ok")["train_images"] > 0
