@@ -3,6 +3,8 @@ must now be a one-line error naming the file, key or value at fault, or be handl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -113,3 +115,91 @@ def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path
         ],
     )
     assert P.run_distill(ok, tmp_path / "ok")["train_images"] > 0
+
+
+# -- items 16, 17: damaged student and weight files -----------------------------------------------
+def _resave(src, dst, drop=(), meta_edit=None, keep_digest=True):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    sd = {k: v for k, v in load_file(str(src)).items() if k not in drop}
+    if meta_edit:
+        meta.update(meta_edit(meta))
+    if not keep_digest:
+        meta.pop(P.STUDENT_DIGEST_KEY)
+    save_file(sd, str(dst), metadata=meta)
+
+
+def _flip_last_bit(src, dst):
+    b = bytearray(src.read_bytes())
+    b[-3] ^= 0x01  # inside the last tensor's data
+    dst.write_bytes(bytes(b))
+
+
+def _edit_heads(meta):
+    c = json.loads(meta["comkd.student_config"])
+    c["edu_heads"] = 2
+    return {"comkd.student_config": json.dumps(c)}
+
+
+DAMAGED_STUDENTS = {
+    "flipped bit": (lambda s, d: _flip_last_bit(s, d), "corrupt or was edited"),
+    "edited metadata": (lambda s, d: _resave(s, d, meta_edit=_edit_heads), "corrupt or was edited"),
+    "missing tensor, no digest": (
+        lambda s, d: _resave(s, d, drop=("visual.visual.proj",), keep_digest=False),
+        "does not rebuild",
+    ),
+    "missing W, no digest": (
+        lambda s, d: _resave(s, d, drop=("text_features",), keep_digest=False),
+        "text_features",
+    ),
+    "truncated": (lambda s, d: d.write_bytes(s.read_bytes()[: s.stat().st_size // 2]), "not a readable"),
+    "empty": (lambda s, d: d.write_bytes(b""), "not a readable"),
+    "not safetensors": (lambda s, d: d.write_text("student = 'hello'\n"), "not a readable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_STUDENTS))
+def test_a_damaged_student_file_is_one_line_naming_it(tmp_path, case) -> None:
+    from comkd.data.builtin import load_digits_splits
+
+    src, _ = _student_file(tmp_path, load_digits_splits().classnames)
+    make, words = DAMAGED_STUDENTS[case]
+    bad = tmp_path / "bad_student.safetensors"
+    make(src, bad)
+    r = CliRunner().invoke(cli.app, ["evaluate", str(bad), "--config", "demo"])
+    _one_line_error(r, "bad_student.safetensors", words)
+
+
+def test_an_intact_student_file_verifies(tmp_path) -> None:
+    from safetensors import safe_open
+
+    from comkd.data.builtin import load_digits_splits
+
+    src, _ = _student_file(tmp_path, load_digits_splits().classnames)
+    with safe_open(str(src), framework="pt") as f:
+        assert len(f.metadata()[P.STUDENT_DIGEST_KEY]) == 64
+    assert P.load_student(src).classnames == load_digits_splits().classnames
+
+
+@pytest.mark.parametrize("content", [b"", b"not a weight file", b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":'])
+def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path, content) -> None:
+    bad = tmp_path / "teacher_bad.safetensors"
+    bad.write_bytes(content)
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "train-teacher",
+            "--config",
+            "demo",
+            "--teacher-pretrained",
+            str(bad),
+            "--out",
+            str(tmp_path / "t"),
+            "--set",
+            "progress=false",
+        ],
+    )
+    _one_line_error(r, "teacher_bad.safetensors")

@@ -283,9 +283,27 @@ def save_student(student: Student, path: str | Path, cfg: RunConfig, method: str
         "comkd.preprocess": json.dumps(student.preprocess.__dict__),
     }
     sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
+    meta[STUDENT_DIGEST_KEY] = _student_digest(sd, meta)
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+STUDENT_DIGEST_KEY = "comkd.sha256"
+_STUDENT_META = ("comkd.student_config", "comkd.classnames", "comkd.preprocess")
+
+
+def _student_digest(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and the metadata that rebuilds the
+    student, so a flipped bit or an edited field is caught at load."""
+    import hashlib
+
+    from .cache import tensor_digest
+
+    h = hashlib.sha256(tensor_digest(sorted(sd.items())).encode())
+    for k in _STUDENT_META:
+        h.update(f"\n{k}={meta.get(k)}".encode())
+    return h.hexdigest()
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
@@ -298,21 +316,39 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"student file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - truncated, empty or not safetensors at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is not a readable safetensors student file: {first[:200]}") from None
     if "comkd.student_config" not in meta:
         raise ModelError(f"{path} is not a comkd student file (no comkd.student_config metadata)")
-    c = json.loads(meta["comkd.student_config"])
-    spec = method_spec(c["method"])
-    student = create_student(
-        c["model"], RANDOM_WEIGHTS, teacher_dim=c["teacher_dim"], vision_tokens=c["vision_tokens"],
-        vision_depth=c["vision_depth"], edu_attention=spec["edu_attention"], edu_heads=c["edu_heads"],
-        edu_attn_dim=c["edu_attn_dim"], edu_shared_fc=c["edu_shared_fc"], attend=c["attend"],
-        logit_scale=1.0, image_size=c["image_size"], quick_gelu=c["quick_gelu"] or None, device=device,
-    )
-    sd = load_file(str(path))
-    student.set_text_features(sd["text_features"], json.loads(meta["comkd.classnames"]))
-    student.load_state_dict(sd, strict=True)
+    if STUDENT_DIGEST_KEY not in meta:
+        log.warning("%s has no %s digest (written by an older comkd): not verified", path, STUDENT_DIGEST_KEY)
+    elif meta[STUDENT_DIGEST_KEY] != _student_digest(sd, meta):
+        raise ModelError(
+            f"{path} is corrupt or was edited: its tensors or metadata do not match the sha256 stored in it "
+            f"({STUDENT_DIGEST_KEY}); re-copy or re-create the file"
+        )
+    try:
+        c = json.loads(meta["comkd.student_config"])
+        classnames = json.loads(meta.get("comkd.classnames", "[]"))
+        spec = method_spec(c["method"])
+        student = create_student(
+            c["model"], RANDOM_WEIGHTS, teacher_dim=c["teacher_dim"], vision_tokens=c["vision_tokens"],
+            vision_depth=c["vision_depth"], edu_attention=spec["edu_attention"], edu_heads=c["edu_heads"],
+            edu_attn_dim=c["edu_attn_dim"], edu_shared_fc=c["edu_shared_fc"], attend=c["attend"],
+            logit_scale=1.0, image_size=c["image_size"], quick_gelu=c["quick_gelu"] or None, device=device,
+        )
+        if "text_features" not in sd:
+            raise ModelError("no text_features tensor (the stored W)")
+        student.set_text_features(sd["text_features"], classnames)
+        student.load_state_dict(sd, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # edited metadata, missing/extra tensors
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+        raise ModelError(f"{path}: does not rebuild a student: {what}") from None
     return student.eval()
 
 

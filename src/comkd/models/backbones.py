@@ -125,9 +125,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        sd = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - truncated, empty or not safetensors: name the file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"cannot read weight file {path} as safetensors: {first[:200]}") from None
     else:
         if _is_torchscript_archive(path):
             raise ModelError(
