@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import AugmentConfig, ConfigError, RunConfig, save_config
-from ..data import build_dataset, build_transform, load_splits, promptsrc_templates
+from ..data import DataError, build_dataset, build_transform, load_splits, promptsrc_templates
 from ..data.dataset import ImageDataset
 from ..losses import build_loss, method_spec, paper_kd_weight
 from ..models import (
@@ -139,6 +139,14 @@ def make_dataset(
     )
     if ds.skipped:
         log.warning("%s/%s: %d bad images skipped (skip_bad=true)", cfg.data.dataset, split, len(ds.skipped))
+    # one class trains with a zero loss and fails at evaluation: refuse it up front
+    where = f"dataset {cfg.data.dataset!r}" + (f" ({cfg.data.root})" if cfg.data.root else "")
+    if len(ds.full_classnames) < 2:
+        raise DataError(f"{where} has {len(ds.full_classnames)} class {ds.full_classnames}; "
+                        "training and evaluation need at least 2")
+    if shots and len(ds.classnames) < 2:
+        raise DataError(f"the {subsample!r} classes of {where} are only {ds.classnames}; "
+                        "prompt learning needs at least 2")
     return ds
 
 
