@@ -279,3 +279,122 @@ def test_cli_names_the_csv_with_a_phantom_label(tmp_path) -> None:
         ],
     )
     _one_line_error(r, "labels.csv", "99")
+
+
+# -- item 15: settings that make training silently wrong -------------------------------------------
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("distill.optim.grad_clip=0", "distill.optim.grad_clip"),
+        ("teacher_train.optim.grad_clip=-1", "teacher_train.optim.grad_clip"),
+        ("distill.kd_weight=0", "distill.kd_weight"),
+        ("distill.kd_weight=-5", "distill.kd_weight"),
+        ("distill.temperature=0", "distill.temperature"),
+        ("distill.align_weight=-1", "distill.align_weight"),
+        ("log_every=0", "log_every"),
+        ("distill.optim.lr=.inf", "distill.optim.lr"),
+        ("distill.optim.lr=.nan", "distill.optim.lr"),
+        ("pretrain.optim.lr=1e39", "pretrain.optim.lr"),
+        ("device=foo", "device"),
+    ],
+)
+def test_settings_that_train_silently_wrong_are_refused(setting, key) -> None:
+    from comkd.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(sets=[setting])
+    assert str(err.value).startswith(key + ":")
+    r = CliRunner().invoke(cli.app, ["distill", "--set", setting])
+    _one_line_error(r, key, code=2)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["pretrain", "--config", "demo", "--which", "teachers"], ["--which", "teachers"]),
+        (["cache-teacher", "--config", "demo", "--views", "0"], ["--views", "0"]),
+        (["cache-teacher", "--config", "demo", "--dtype", "float8"], ["--dtype", "float8"]),
+        (["distill", "--config", "demo", "--device", "foo"], ["device", "foo"]),
+    ],
+)
+def test_bad_command_line_values_are_refused(tmp_path, args, words) -> None:
+    r = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "o")])
+    _one_line_error(r, *words, code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
+    import yaml
+
+    from comkd.config import ConfigError, save_config
+
+    cfg = load_config("demo")
+    save_config(cfg, tmp_path / "config.yaml")
+    before = (tmp_path / "config.yaml").read_text()
+    changed = load_config("demo", sets=["distill.optim.lr=0.05"])
+    with pytest.raises(ConfigError, match=r"distill\.optim\.lr is 0\.05 now .* started with 0\.005"):
+        P._start(changed, tmp_path, resume=True)
+    assert (tmp_path / "config.yaml").read_text() == before  # never claims a value not in effect
+    P._start(cfg, tmp_path, resume=True)  # the same settings resume
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["distill"]["optim"]["lr"] == 0.005
+
+
+def test_resume_checks_the_checkpoints_own_settings(tmp_path) -> None:
+    from comkd.config import OptimConfig
+    from comkd.engine.loop import CheckpointError, fit
+    from test_resume import ToyData, ToyTask
+
+    def run(**kw):
+        cfg = OptimConfig(epochs=2, batch_size=8, lr=kw.pop("lr", 0.05))
+        return fit(
+            ToyTask(),
+            ToyData(),
+            cfg,
+            out_dir=tmp_path,
+            seed=5,
+            device=torch.device("cpu"),
+            progress=False,
+            **kw,
+        )
+
+    run(stop_after_steps=9, ckpt_every=4)
+    with pytest.raises(CheckpointError, match=r"lr 0\.05 in the checkpoint, 0\.1 now"):
+        run(lr=0.1, resume=True)
+    assert run(resume=True).resumed_from["global_step"] == 8
+
+
+# -- item 18: NaN stops, half-written metrics, stray temp files ---------------------------------------
+def test_nan_stop_keeps_the_checkpoint_from_before_the_diverging_update(tmp_path) -> None:
+    from comkd.engine.loop import NonFiniteLossError
+    from test_resume import ToyTask, _toy_fit
+
+    with pytest.raises(NonFiniteLossError) as err:  # the loss of step 11 uses the weights after update 10
+        _toy_fit(tmp_path, ToyTask(nan_at_call=11), ckpt_every=1, log_every=100)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["global_step"] == 9  # not 10, whose weights already gave the NaN
+    assert "step 9" in str(err.value) and "before the diverging update" in str(err.value)
+    assert _toy_fit(tmp_path, ToyTask(), ckpt_every=1, resume=True).resumed_from["global_step"] == 9
+
+
+def test_nan_stop_with_a_single_suspect_checkpoint_says_so(tmp_path) -> None:
+    from comkd.engine.loop import NonFiniteLossError
+    from test_resume import ToyTask, _toy_fit
+
+    with pytest.raises(NonFiniteLossError, match="no good checkpoint was kept"):
+        _toy_fit(tmp_path, ToyTask(nan_at_call=5), ckpt_every=4, log_every=100)
+    assert not (tmp_path / "checkpoint.pt").exists() and (tmp_path / "checkpoint.diverged.pt").exists()
+
+
+def test_a_half_written_metrics_line_does_not_block_resume_and_stray_temps_go(tmp_path) -> None:
+    from comkd.engine.utils import read_metrics
+    from test_resume import ToyTask, _toy_fit
+
+    _toy_fit(tmp_path, ToyTask(), ckpt_every=4, stop_after_steps=10)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "toy", "epoch": 1, "st')  # killed mid-write
+    (tmp_path / ".checkpoint.pt.tmp4242").write_bytes(b"half a checkpoint")
+    res = _toy_fit(tmp_path, ToyTask(), ckpt_every=4, resume=True)
+    assert res.resumed_from["global_step"] == 8
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs if r.get("type") != "epoch"] == list(range(1, 25))
+    assert not list(tmp_path.glob(".checkpoint.pt.tmp*"))

@@ -21,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file or preset name.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: output_dir).")]
@@ -75,6 +76,11 @@ def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path 
     return cfg
 
 
+def _usage_error(msg: str) -> None:
+    typer.secho(f"config error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("comkd").setLevel(logging.INFO)
@@ -116,6 +122,8 @@ def pretrain(
     ov = _merge(_overrides(dataset=dataset, root=root, teacher=teacher, student=student, seed=seed, device=device),
                 _stage_optim("pretrain", epochs, lr, batch_size))
     cfg = _cfg(config, sets, ov, out)
+    if which not in ("teacher", "student", "both"):
+        _usage_error(f"--which: {which!r} is not allowed; choose one of teacher, student, both")
     roles = ("teacher", "student") if which == "both" else (which,)
     from .engine.pipeline import run_pretrain
 
@@ -247,7 +255,7 @@ def demo(
 def cache_teacher(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None,
     views: Annotated[int | None, typer.Option(help="Augmented views per image (K; default: distill epochs).")] = None,
-    dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
+    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32.")] = "float16",
     dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
     teacher: str | None = None, teacher_pretrained: str | None = None, teacher_prompts: str | None = None,
     student: str | None = None, seed: int | None = None, device: str | None = None,
@@ -257,6 +265,10 @@ def cache_teacher(
     cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, teacher=teacher,
                                         teacher_pretrained=teacher_pretrained, teacher_prompts=teacher_prompts,
                                         student=student, seed=seed, device=device), out)
+    if views is not None and views < 1:
+        _usage_error(f"--views: must be >= 1, got {views}")
+    if dtype not in CACHE_DTYPES:
+        _usage_error(f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(CACHE_DTYPES)}")
     from .engine.pipeline import run_cache_teacher
 
     _print_json(_run(lambda: run_cache_teacher(cfg, cfg.output_dir, views=views, dtype=dtype)))

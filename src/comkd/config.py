@@ -9,6 +9,7 @@ rejected with the key's dotted name and the allowed values. The resolved config 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -258,17 +259,57 @@ def _validate_tree(obj: Any, prefix: str = "") -> None:
             _validate_tree(v, f"{prefix}{f.name}.")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _positive_finite(value: float | None, key: str, allow_zero: bool = False) -> None:
+    """A learning rate, weight or scale: finite, within float32 and > 0 (>= 0 with ``allow_zero``)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ConfigError(f"{key}: must be a finite number within float32's range, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>=' if allow_zero else '>'} 0, got {value!r}")
+
+
 def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, OptimConfig):
         for name in ("lr", "epochs", "batch_size", "grad_accum"):
             if getattr(obj, name) <= 0:
                 raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(obj, name)}")
+        _positive_finite(obj.lr, f"{prefix}lr")
+        _positive_finite(obj.warmup_lr, f"{prefix}warmup_lr")
+        _positive_finite(obj.weight_decay, f"{prefix}weight_decay", allow_zero=True)
+        _positive_finite(obj.momentum, f"{prefix}momentum", allow_zero=True)
+        _positive_finite(obj.grad_clip, f"{prefix}grad_clip")  # None: no clipping; 0 would clip to nothing
         if obj.warmup_epochs < 0 or obj.warmup_epochs >= max(obj.epochs, 1) and obj.warmup_epochs:
             raise ConfigError(f"{prefix}warmup_epochs: must be in [0, epochs), got {obj.warmup_epochs}")
     if isinstance(obj, AugmentConfig) and not (0 < obj.crop_scale_min <= 1 and 0 <= obj.hflip <= 1):
         raise ConfigError(f"{prefix}crop_scale_min must be in (0, 1] and hflip in [0, 1]")
     if isinstance(obj, DataConfig) and obj.num_shots <= 0:
         raise ConfigError(f"{prefix}num_shots: must be > 0, got {obj.num_shots}")
+    if isinstance(obj, DistillConfig):
+        _positive_finite(obj.kd_weight, f"{prefix}kd_weight")
+        _positive_finite(obj.temperature, f"{prefix}temperature")
+        _positive_finite(obj.align_weight, f"{prefix}align_weight", allow_zero=True)
+        _positive_finite(obj.feature_weight, f"{prefix}feature_weight", allow_zero=True)
+    if isinstance(obj, RunConfig):
+        if obj.log_every < 1:
+            raise ConfigError(f"{prefix}log_every: must be >= 1, got {obj.log_every}")
+        if obj.ckpt_every < 0:
+            raise ConfigError(f"{prefix}ckpt_every: must be >= 0 (0: at epoch ends only), got {obj.ckpt_every}")
+        _check_device(obj.device, f"{prefix}device")
+
+
+def _check_device(name: str, key: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def to_dict(cfg: Any) -> dict:

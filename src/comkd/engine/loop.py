@@ -9,6 +9,7 @@ non-finite loss that keeps the last good checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -138,6 +139,29 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+# settings a resumed run must share with its checkpoint (amp may change with the device)
+_RESUME_FREE = ("amp",)
+
+
+def optim_settings(cfg: OptimConfig) -> dict[str, Any]:
+    """The optimiser and schedule settings a checkpoint records (plain values)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
+
+
+def check_resume_optim(saved: dict | None, cfg: OptimConfig, path: Path) -> None:
+    """Refuse to resume with optimiser or schedule settings other than the checkpoint's: the
+    resumed run would follow neither recipe while its config claimed one."""
+    if saved is None:  # a checkpoint from before the settings were recorded
+        return
+    now = optim_settings(cfg)
+    diff = [f"{k} {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise CheckpointError(
+            f"cannot resume from {path}: optimiser/schedule settings differ ({'; '.join(diff)}); "
+            "resume with the checkpoint's settings or start a new run in another folder"
+        )
+
+
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state a checkpoint needs: everything except the frozen parts a module declares in
     ``frozen_prefixes`` (trainable parameters under those prefixes, such as prompts, are kept)."""
@@ -224,6 +248,9 @@ def fit(
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoint.pt"
+    if is_main():  # temp files of a run killed mid-save
+        for stray in [*out_dir.glob(".checkpoint.pt.tmp*"), *out_dir.glob(".checkpoint.prev.pt.tmp*")]:
+            stray.unlink(missing_ok=True)
     mods = task.modules()
     ddp_mods: dict[str, nn.Module] = {}
     if world_size() > 1:
@@ -254,6 +281,7 @@ def fit(
         state = load_checkpoint(ckpt_path)
         if state.get("task") != task.name:
             raise ValueError(f"{ckpt_path} belongs to stage {state.get('task')!r}, not {task.name!r}")
+        check_resume_optim(state.get("optim"), cfg, ckpt_path)
         for k, m in mods.items():
             m.load_state_dict(state["modules"][k], strict=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -272,8 +300,14 @@ def fit(
             start_epoch, start_batch = start_epoch + 1, 0
         log.info("%s: resumed from %s at epoch %d batch %d", task.name, ckpt_path, start_epoch, start_batch)
 
+    # the last two checkpoints' steps: a NaN found at a check may come from the weights of the
+    # newest one (saved after the diverging update), so the one before it is kept too
+    saved_steps: list[int] = [global_step] if result.resumed_from else []
+    prev_path = ckpt_path.with_name("checkpoint.prev.pt")
+
     def save(epoch: int, batch: int) -> None:
         if is_main():
+            _link_previous(ckpt_path, prev_path)
             atomic_torch_save(
                 {
                     "task": task.name,
@@ -288,10 +322,20 @@ def fit(
                     "batch": batch,
                     "global_step": global_step,
                     "history": result.history,
+                    "optim": optim_settings(cfg),
                 },
                 ckpt_path,
             )
+        saved_steps[:] = [*saved_steps[-1:], global_step]
         barrier()
+
+    def check_finite() -> None:
+        step = _bad_step(bad_step)
+        if step == -1:
+            return
+        kept = _keep_good_checkpoint(ckpt_path, prev_path, saved_steps, step)
+        where = f"optimiser step {step + 1}" if step >= 0 else "another process"
+        raise NonFiniteLossError(f"{task.name}: the loss became NaN/inf at {where} (epoch {epoch + 1}); {kept}")
 
     set_epoch = getattr(dataset, "set_epoch", None)
     for epoch in range(start_epoch, cfg.epochs):
@@ -345,7 +389,7 @@ def fit(
             at_log = global_step % log_every == 0
             at_ckpt = ckpt_every and global_step % ckpt_every == 0
             if at_log or at_ckpt or batch_idx == steps_per_epoch:
-                _check_finite(bad_step, task.name, epoch, ckpt_path)
+                check_finite()
             if at_log:
                 # running means of the epoch so far, averaged over the ranks (all ranks take part)
                 means = {k: float(all_reduce_sum(v.to(device))) / (count * world_size()) for k, v in sums.items()}
@@ -381,17 +425,54 @@ def fit(
     return result
 
 
-def _check_finite(bad_step: torch.Tensor, name: str, epoch: int, ckpt_path: Path) -> None:
-    """Raise if any micro-step since the last check had a non-finite loss (one sync per check)."""
+def _bad_step(bad_step: torch.Tensor) -> int:
+    """The first step (0-based) since the last check whose loss was non-finite; -1 if none, -2 if
+    only another process saw one (one sync per check)."""
     step = int(bad_step.item())
     if world_size() > 1:
         any_bad = all_reduce_sum(torch.tensor(float(step >= 0), device=bad_step.device))
         if float(any_bad) > 0 and step < 0:
             step = -2
-    if step != -1:
-        kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-        where = f"optimiser step {step + 1}" if step >= 0 else "another process"
-        raise NonFiniteLossError(f"{name}: the loss became NaN/inf at {where} (epoch {epoch + 1}); {kept}")
+    return step
+
+
+def _link_previous(ckpt_path: Path, prev_path: Path) -> None:
+    """Keep the current checkpoint as ``prev_path`` (a hard link, else a copy) before it is replaced."""
+    import os
+    import shutil
+
+    if not ckpt_path.exists():
+        return
+    tmp = prev_path.with_name(f".{prev_path.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        shutil.copy2(ckpt_path, tmp)
+    os.replace(tmp, prev_path)
+
+
+def _keep_good_checkpoint(ckpt_path: Path, prev_path: Path, saved_steps: list[int], bad: int) -> str:
+    """After a non-finite loss at step ``bad`` (computed with the weights after ``bad`` updates),
+    keep a checkpoint whose weights came before the diverging update: the newest one if it was taken
+    before step ``bad``, else the one before it. Returns what was kept, for the message."""
+    newest = saved_steps[-1] if saved_steps else None
+    suspect = newest is not None and (bad < 0 or newest >= bad)  # bad < 0: the step is unknown
+    if is_main() and suspect:
+        if len(saved_steps) > 1 and prev_path.exists():
+            prev_path.replace(ckpt_path)
+        else:
+            ckpt_path.replace(ckpt_path.with_name("checkpoint.diverged.pt"))
+    barrier()
+    if suspect and len(saved_steps) > 1:
+        return (f"kept the checkpoint of step {saved_steps[-2]} at {ckpt_path}, taken before the diverging update "
+                f"(the one of step {newest} already held its result)")
+    if suspect:
+        return (f"the only checkpoint (step {newest}) was taken after the diverging update: moved to "
+                f"{ckpt_path.with_name('checkpoint.diverged.pt')}; no good checkpoint was kept")
+    if ckpt_path.exists():
+        return f"last good checkpoint kept at {ckpt_path}"
+    return "no checkpoint was written yet"
 
 
 def _split(batch: Any, parts: int) -> list[Any]:

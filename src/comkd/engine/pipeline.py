@@ -165,6 +165,8 @@ def _start(cfg: RunConfig, out_dir: str | Path, resume: bool) -> tuple[Path, tor
     out = Path(out_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    if resume:
+        _check_resume_config(cfg, out / "config.yaml")
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -172,6 +174,30 @@ def _start(cfg: RunConfig, out_dir: str | Path, resume: bool) -> tuple[Path, tor
             (out / "metrics.jsonl").unlink(missing_ok=True)
     tb = out / "tensorboard" if cfg.tensorboard else None
     return out, device, MetricsLog(out / "metrics.jsonl", enabled=is_main(), tensorboard_dir=tb)
+
+
+def _check_resume_config(cfg: RunConfig, path: Path) -> None:
+    """``--resume`` with optimiser/schedule settings other than the run's (its ``config.yaml``) is
+    refused before ``config.yaml`` is rewritten, so it never claims settings not in effect."""
+    import yaml
+
+    from .loop import optim_settings
+
+    if not path.is_file():
+        return
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
+    for section in ("pretrain", "teacher_train", "distill"):
+        saved = (old.get(section) or {}).get("optim") or {}
+        cur = optim_settings(getattr(cfg, section).optim)
+        for k, v in cur.items():
+            if k in saved and saved[k] != v:
+                raise ConfigError(
+                    f"--resume: {section}.optim.{k} is {v!r} now but the run in {path.parent} was started with "
+                    f"{saved[k]!r}; resume with the same settings or start a new run in another folder"
+                )
 
 
 def _fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: MetricsLog, resume: bool) -> dict:
@@ -438,12 +464,16 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, views: int | None 
     ``distill --teacher-cache`` with the same seed never runs the teacher."""
     from .cache import build_teacher_cache, teacher_sources
 
+    k = views if views is not None else cfg.distill.optim.epochs
+    if k < 1:
+        raise ConfigError(f"views: must be >= 1, got {k}")
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of float16, bfloat16, float32")
     out, device, _ = _start(cfg, out_dir, resume=False)
     teacher = build_teacher(cfg, device)
     student = build_student(cfg, teacher.embed_dim, device)
     ds = make_dataset(cfg, cfg.distill.split, student.preprocess, train=True, unlabelled=True,
                       augment=cfg.distill.augment)
-    k = views or cfg.distill.optim.epochs
     path = build_teacher_cache(
         teacher, ds, out / "teacher_cache.bin", views=k, seed=cfg.seed, batch_size=cfg.data.eval_batch_size,
         device=device, dtype=getattr(torch, dtype), student_spec=student.preprocess,
