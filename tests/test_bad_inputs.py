@@ -398,3 +398,92 @@ def test_a_half_written_metrics_line_does_not_block_resume_and_stray_temps_go(tm
     recs = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in recs if r.get("type") != "epoch"] == list(range(1, 25))
     assert not list(tmp_path.glob(".checkpoint.pt.tmp*"))
+
+
+# -- item 17: unreadable inputs and a full or read-only disk -----------------------------------------
+def test_a_yaml_parse_error_names_the_file_and_line(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill:\n  optim: {lr: 0.1\nseed: 2\n")
+    r = CliRunner().invoke(cli.app, ["distill", "--config", str(bad)])
+    _one_line_error(r, "bad.yaml", "line 3", "not valid YAML", code=2)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ('{"dtd": ', "not valid JSON"),
+        ("[1, 2]", "expected {dataset"),
+        ('{"dtd": {"comkd": {"base": "x"}}}', "not the expected content"),
+        (None, "not found"),
+    ],
+)
+def test_results_page_on_bad_input_is_one_line_naming_the_file(tmp_path, content, words) -> None:
+    path = tmp_path / "res.json"
+    if content is not None:
+        path.write_text(content)
+    r = CliRunner().invoke(cli.app, ["results-page", "--results", str(path), "--out", str(tmp_path / "p.md")])
+    _one_line_error(r, "res.json", words)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"), [("{oops", "not valid JSON"), ('{"protocol": "cross"}', "run1")]
+)
+def test_collect_on_bad_input_is_one_line_naming_the_folder(tmp_path, content, words) -> None:
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "results.json").write_text(content)
+    r = CliRunner().invoke(cli.app, ["collect", f"a={tmp_path / 'run1'}", "--out", str(tmp_path / "o.json")])
+    _one_line_error(r, "run1", words)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_resume_from_an_unreadable_checkpoint_is_one_line(tmp_path, damage) -> None:
+    from test_resume import ToyTask, _toy_fit
+
+    _toy_fit(tmp_path / "toy", ToyTask(), ckpt_every=4, stop_after_steps=5)
+    good = (tmp_path / "toy" / "checkpoint.pt").read_bytes()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"" if damage == "empty" else good[: len(good) // 2])
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "distill",
+            "--config",
+            "demo",
+            "--resume",
+            "--out",
+            str(out),
+            *sum((["--set", s] for s in TINY), []),
+        ],
+    )
+    _one_line_error(r, "checkpoint.pt", "cannot resume")
+
+
+def test_a_full_disk_says_so_and_prints_the_results_it_could_not_write(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from comkd.data.builtin import load_digits_splits
+
+    path, _ = _student_file(tmp_path, load_digits_splits().classnames)
+
+    def full(p, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(p))
+
+    monkeypatch.setattr(P, "write_json", full)
+    r = CliRunner().invoke(
+        cli.app, ["evaluate", str(path), "--config", "demo", "--out", str(tmp_path / "ev")]
+    )
+    _one_line_error(r, "disk full", "results.json")
+    printed = json.loads(r.output[r.output.index("{") : r.output.rindex("}") + 1])
+    assert set(printed) >= {"base", "novel", "hm"}  # the work is not lost
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch) -> None:
+    import errno
+
+    def read_only(cfg, p):
+        raise OSError(errno.EROFS, "Read-only file system", str(p))
+
+    monkeypatch.setattr(P, "save_config", read_only)
+    r = CliRunner().invoke(cli.app, ["train-teacher", "--config", "demo", "--out", str(tmp_path / "ro")])
+    _one_line_error(r, "read-only", "config.yaml")

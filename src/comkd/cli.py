@@ -90,7 +90,8 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _run(fn):
-    """Run a command body; expected user errors become one red line and exit code 1."""
+    """Run a command body; expected user errors become one red line and exit code 1, and so does
+    a full or read-only disk (named as such)."""
     from .data import DataError
     from .engine.loop import NonFiniteLossError
     from .models import ModelError
@@ -100,6 +101,59 @@ def _run(fn):
     except (ConfigError, DataError, ModelError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 - only disk errors are turned into a line; the rest re-raise
+        msg = _disk_error(e)
+        if msg is None:
+            raise
+        typer.secho(f"error: {msg}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def _disk_error(e: BaseException) -> str | None:
+    """'disk full' / 'read-only' for an exception from writing a file (torch and safetensors raise
+    their own types with the OS message inside), else None."""
+    import errno
+
+    code = e.errno if isinstance(e, OSError) else None
+    text = str(e)
+    where = f" while writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+    if code == errno.ENOSPC or "No space left on device" in text:
+        return f"disk full{where}; free some space and rerun (with --resume where the command has it)"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in text:
+        return f"cannot write{where or ' the output'}: {getattr(e, 'strerror', None) or text} (read-only or no permission)"
+    return None
+
+
+def _write_results(path: Path, res) -> None:
+    """Write ``results.json``; if the disk refuses, print the results first so they are not lost."""
+    from .engine import pipeline as P
+
+    try:
+        P.write_json(path, res)
+    except Exception as e:
+        if _disk_error(e) is not None:
+            typer.echo(json.dumps(res, indent=2, default=str))
+        raise
+
+
+def _read_json(path: Path, what: str):
+    """A user-given JSON file, or a one-line error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _shape_errors(path_desc: str, fn):
+    """Run ``fn``; a file of the wrong shape (KeyError, TypeError, ...) becomes a ValueError naming it."""
+    import yaml
+
+    try:
+        return fn()
+    except (KeyError, TypeError, AttributeError, IndexError, yaml.YAMLError) as e:
+        raise ValueError(f"{path_desc}: not the expected content ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _print_json(obj) -> None:
@@ -180,7 +234,7 @@ def distill(
             student_m = P.load_student(info["student"], P.resolve_device(cfg.device))
             res = P.evaluate_student(cfg, student_m)
             if P.is_main():
-                P.write_json(Path(cfg.output_dir) / "results.json", res)
+                _write_results(Path(cfg.output_dir) / "results.json", res)
             info["results"] = res
         return info
 
@@ -204,7 +258,7 @@ def evaluate(
         student = P.load_student(student_file, P.resolve_device(cfg.device))
         res = P.evaluate_student(cfg, student, split=split)
         if out is not None:
-            P.write_json(Path(cfg.output_dir) / "results.json", res)
+            _write_results(Path(cfg.output_dir) / "results.json", res)
         return res
 
     _print_json(_run(body))
@@ -320,7 +374,16 @@ def collect(
     from .protocols.results_page import collect_runs
 
     curves_path = curves or out.with_name("curves.json")
-    _run(lambda: collect_runs(pairs, out, curves_path, attention=attention))
+
+    def body():
+        for path in pairs.values():
+            res = _read_json(path / "results.json", "run results")
+            if not isinstance(res, dict):
+                raise ValueError(f"{path / 'results.json'}: expected a JSON object from `comkd run`")
+        return _shape_errors(f"run folders {', '.join(map(str, pairs.values()))}",
+                             lambda: collect_runs(pairs, out, curves_path, attention=attention))
+
+    _run(body)
     typer.echo(f"wrote {out} and {curves_path}")
 
 
@@ -334,7 +397,19 @@ def results_page(
     """Write the results page (tables, plots, analysis) from results.json and curves.json."""
     from .protocols.results_page import write_results_page
 
-    path = _run(lambda: write_results_page(results, out))
+    def body():
+        data = _read_json(results, "results file")
+        if isinstance(data, dict) and "protocol" in data and isinstance(data.get("datasets"), dict):
+            data = data["datasets"]  # a `comkd run` results.json
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"{results}: expected {{dataset: {{method: {{base, novel, hm}}}}}} (or a `comkd run` "
+                             f"results.json), got a {type(data).__name__} of other content")
+        curves = results.with_name("curves.json")
+        if curves.exists():
+            _read_json(curves, "curves file")
+        return _shape_errors(str(results), lambda: write_results_page(results, out))
+
+    path = _run(body)
     typer.echo(f"wrote {path}")
 
 

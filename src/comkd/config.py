@@ -328,8 +328,15 @@ def _read_yaml(path: str | Path) -> dict:
             p = cand
         else:
             raise ConfigError(f"config file not found: {path} (presets: {', '.join(list_presets())})")
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
     base = data.pop("preset", None)
