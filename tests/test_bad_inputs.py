@@ -487,3 +487,78 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(P, "save_config", read_only)
     r = CliRunner().invoke(cli.app, ["train-teacher", "--config", "demo", "--out", str(tmp_path / "ro")])
     _one_line_error(r, "read-only", "config.yaml")
+
+
+# -- item 19: output ------------------------------------------------------------------------------
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch) -> None:
+    import sys
+
+    from comkd.config import OptimConfig
+    from comkd.engine import loop
+    from test_resume import ToyData, ToyTask
+
+    cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
+    res = loop.fit(
+        ToyTask(), ToyData(), cfg, out_dir=tmp_path, seed=5, device=torch.device("cpu"), progress=True
+    )
+    assert len(res.history) == 3
+    err = capsys.readouterr().err
+    assert "\r" not in err and "toy 1/3" not in err  # a redirected log gets no bar redraws
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = loop._progress(3, "toy", True)
+    assert bar is not None
+    bar.close()
+    assert loop._progress(3, "toy", False) is None
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_cache_teacher_honours_progress(tmp_path, monkeypatch, progress) -> None:
+    import sys
+
+    from comkd.engine import cache
+
+    seen = {}
+
+    def build(*a, **kw):
+        seen.update(kw)
+        return tmp_path / "c.bin"
+
+    monkeypatch.setattr(cache, "build_teacher_cache", build)
+    monkeypatch.setattr(
+        sys.stderr, "isatty", lambda: True, raising=False
+    )  # a terminal: only the setting decides
+    cfg = load_config("demo", sets=[f"progress={str(progress).lower()}", "data.image_size=16"])
+    P.run_cache_teacher(cfg, tmp_path, views=1)
+    assert seen["progress"] is progress
+
+
+def test_every_command_has_quiet_verbose_and_the_cli_a_version() -> None:
+    import comkd
+
+    names = [c.name or c.callback.__name__.replace("_", "-") for c in cli.app.registered_commands]
+    assert len(names) >= 11
+    for name in names:
+        r = CliRunner().invoke(cli.app, [name, "--help"])
+        assert r.exit_code == 0 and "--quiet" in r.output and "--verbose" in r.output, name
+    r = CliRunner().invoke(cli.app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"comkd {comkd.__version__}"
+
+
+@pytest.mark.slow
+def test_quiet_hides_warnings_and_default_shows_them(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from comkd.data.builtin import load_digits_splits
+
+    src, _ = _student_file(tmp_path, load_digits_splits().classnames)
+    old = tmp_path / "old.safetensors"  # a file from before the digest: loads with a warning
+    _resave(src, old, keep_digest=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "comkd.cli", "evaluate", str(old), "--config", "demo"]
+    loud = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    quiet = subprocess.run([*base, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
+    assert "no comkd.sha256 digest" in loud.stderr and "WARNING" in loud.stderr
+    assert "WARNING" not in quiet.stderr and '"hm"' in quiet.stdout

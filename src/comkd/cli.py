@@ -28,6 +28,22 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"comkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                  help="Print the version and exit.")] = None,
+) -> None:
+    """Distil a large CLIP teacher into a small, fast student with ComKD-CLIP."""
+
+
 def _overrides(**flags) -> dict:
     """Map named flags (only those given) to nested config keys."""
     paths = {
@@ -73,6 +89,8 @@ def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path 
         raise typer.Exit(2) from None
     if out is not None:
         cfg.output_dir = str(out)
+    if _QUIET:
+        cfg.progress = False
     return cfg
 
 
@@ -81,10 +99,18 @@ def _usage_error(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no warnings, no progress bars.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also log each step's information.")]
+_QUIET = False
+
+
+def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    global _QUIET
+    _QUIET = quiet
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("comkd").setLevel(logging.INFO)
-    logging.getLogger().handlers[0].setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger().handlers[0].setLevel(level)
     for noisy in ("root", "open_clip", "timm"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -170,9 +196,10 @@ def pretrain(
     which: Annotated[str, typer.Option(help="teacher, student or both.")] = "both",
     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
     seed: int | None = None, device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Stage 0: contrastive CLIP pre-training (offline teachers and students)."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     ov = _merge(_overrides(dataset=dataset, root=root, teacher=teacher, student=student, seed=seed, device=device),
                 _stage_optim("pretrain", epochs, lr, batch_size))
     cfg = _cfg(config, sets, ov, out)
@@ -191,9 +218,10 @@ def train_teacher(
     teacher: str | None = None, teacher_pretrained: str | None = None, num_shots: int | None = None,
     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
     seed: int | None = None, device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Stage 1: PromptSRC prompt learning on labelled few-shot base classes."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     ov = _merge(_overrides(dataset=dataset, root=root, split_file=split_file, teacher=teacher,
                            teacher_pretrained=teacher_pretrained, num_shots=num_shots, seed=seed, device=device),
                 _stage_optim("teacher_train", epochs, lr, batch_size))
@@ -216,9 +244,10 @@ def distill(
     kd_weight: float | None = None, align_weight: float | None = None, temperature: float | None = None,
     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
     seed: int | None = None, device: str | None = None, evaluate: bool = True,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Stage 2: distil the teacher into the student on unlabelled images."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     ov = _merge(_overrides(method=method, dataset=dataset, root=root, split_file=split_file, teacher=teacher,
                            teacher_pretrained=teacher_pretrained, teacher_prompts=teacher_prompts, student=student,
                            student_pretrained=student_pretrained, teacher_cache=teacher_cache, kd_weight=kd_weight,
@@ -247,9 +276,10 @@ def evaluate(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None,
     dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
     protocol: str | None = None, split: str = "test", device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Accuracy of a distilled student (base/novel/HM for base2novel), written to results.json."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, protocol=protocol,
                                         device=device), out)
     from .engine import pipeline as P
@@ -275,9 +305,10 @@ def run(
     source: Annotated[str, typer.Option(help="cross/dg: the teacher's source dataset.")] = "imagenet",
     select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
     device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """All stages for datasets × seeds × methods, then one results table (report.md)."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     cfg = _cfg(config, sets, _overrides(protocol=protocol, root=root, select=select, device=device), out)
     from .protocols.runner import run_protocol
 
@@ -291,10 +322,11 @@ def run(
 def demo(
     out: OutOpt = None,
     config: ConfigOpt = None, sets: SetOpt = None, resume: ResumeOpt = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """The main job on the embedded digits data: pre-train a tiny teacher and student, prompt-tune
     the teacher on base classes, distil with PromptKD and ComKD, evaluate, write report.md."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     cfg = _cfg(config or "demo", sets, {}, out)
     from .protocols.demo import run_demo
 
@@ -313,9 +345,10 @@ def cache_teacher(
     dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
     teacher: str | None = None, teacher_pretrained: str | None = None, teacher_prompts: str | None = None,
     student: str | None = None, seed: int | None = None, device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Store the teacher's image features for K augmented views of every training image."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, teacher=teacher,
                                         teacher_pretrained=teacher_pretrained, teacher_prompts=teacher_prompts,
                                         student=student, seed=seed, device=device), out)
@@ -334,17 +367,19 @@ def bench(
     quick: Annotated[bool, typer.Option(help="A < 1 minute smoke run.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Speed and memory benchmarks (JSON with machine and versions)."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     from .bench import run_bench
 
     _print_json(run_bench(out, quick=quick, device=device, threads=threads))
 
 
 @app.command()
-def presets() -> None:
+def presets(quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """List the built-in config presets."""
+    _setup_logging(verbose, quiet)
     for p in list_presets():
         typer.echo(p)
 
@@ -362,9 +397,10 @@ def collect(
     curves: Annotated[Path | None, typer.Option(help="Companion JSON (curves, setup, attention); "
                                                      "default: curves.json next to --out.")] = None,
     attention: Annotated[bool, typer.Option(help="Measure EduAttention on the saved students.")] = True,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Gather run folders into docs/results.json (+ docs/curves.json) for `comkd results-page`."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     pairs = {}
     for item in runs:
         label, sep, path = item.partition("=")
@@ -393,8 +429,10 @@ def results_page(
         "docs/results.json"),
     out: Annotated[Path, typer.Option("--out", "-o", help="Markdown page to write (plots/ next to it).")] = Path(
         "docs/results.md"),
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Write the results page (tables, plots, analysis) from results.json and curves.json."""
+    _setup_logging(verbose, quiet)
     from .protocols.results_page import write_results_page
 
     def body():

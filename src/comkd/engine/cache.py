@@ -54,7 +54,7 @@ from ..data.dataset import derive_view_seed
 from ..models import PreprocessSpec, Teacher
 from ..models.backbones import weights_version
 from .tasks import adapt_images
-from .utils import amp_context
+from .utils import amp_context, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ def build_teacher_cache(
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     autocast, _ = amp_context(device, amp)
     bar = None
-    if progress:
+    if show_progress(progress):
         from tqdm.auto import tqdm
 
         bar = tqdm(

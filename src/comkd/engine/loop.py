@@ -32,6 +32,7 @@ from .utils import (
     barrier,
     is_main,
     rank,
+    show_progress,
     world_size,
 )
 
@@ -215,7 +216,7 @@ def _build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimi
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    if not show_progress(enabled):
         return None
     from tqdm.auto import tqdm
 

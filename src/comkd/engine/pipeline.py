@@ -478,6 +478,7 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, views: int | None 
         teacher, ds, out / "teacher_cache.bin", views=k, seed=cfg.seed, batch_size=cfg.data.eval_batch_size,
         device=device, dtype=getattr(torch, dtype), student_spec=student.preprocess,
         num_workers=cfg.data.num_workers, sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts),
+        progress=cfg.progress,
     )
     return {"cache": str(path), "views": k, "images": len(ds), "seed": cfg.seed}
 

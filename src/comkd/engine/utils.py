@@ -17,6 +17,14 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
+def show_progress(enabled: bool) -> bool:
+    """Progress bars only when asked for and stderr is a terminal (a redirected run's log gets no
+    carriage-return redraws)."""
+    import sys
+
+    return bool(enabled) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
 def seed_everything(seed: int) -> None:
     """One seed for Python, NumPy and torch (data order and views derive from it too)."""
     random.seed(seed)
