@@ -273,3 +273,11 @@ def test_stage1_regularises_towards_promptsrc_templates_by_default(monkeypatch, 
     with pytest.raises(Stop):
         P.run_train_teacher(cfg, tmp_path)
     assert seen["templates"] == (promptsrc_templates() if choice == "promptsrc" else [DIGITS_TEMPLATE])
+
+
+def test_cross_depth_is_capped_at_a_small_towers_layers() -> None:
+    from comkd.protocols.runner import protocol_recipe
+
+    tiny = protocol_recipe(load_config("demo"), "cross")  # comkd-tiny-student has 2 layers
+    assert (tiny.student.vision_depth, tiny.distill.kd_weight) == (2, 1000.0)
+    assert protocol_recipe(load_config(), "dg").student.vision_depth == 3  # ViT-B-16: 12 layers

@@ -38,14 +38,27 @@ CROSS_STUDENT_VISION_DEPTH = 3
 CROSS_KD_WEIGHT = 1000.0
 
 
+def _vision_layers(model: str) -> int | None:
+    """The image tower's layer count from the open_clip model config (None when unknown)."""
+    import open_clip
+
+    from ..models import register_tiny_configs
+
+    register_tiny_configs()
+    name = Path(model).stem if model.endswith(".json") else model
+    layers = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("layers")
+    return layers if isinstance(layers, int) else None
+
+
 def protocol_recipe(cfg: RunConfig, protocol: str) -> RunConfig:
     """``cfg`` with the protocol's student settings filled in where they are unset (None):
     cross/dg get PromptKD's cross-dataset depth and w_kd; base2novel keeps the per-dataset
     w_kd (``losses.paper_kd_weight``) and depth min(9, layers)."""
     c = copy.deepcopy(cfg)
     if protocol in ("cross", "dg"):
-        if c.student.vision_depth is None:
-            c.student.vision_depth = CROSS_STUDENT_VISION_DEPTH
+        if c.student.vision_depth is None:  # capped at the tower's layers, as the default min(9, layers)
+            layers = _vision_layers(c.student.model)
+            c.student.vision_depth = min(CROSS_STUDENT_VISION_DEPTH, layers or CROSS_STUDENT_VISION_DEPTH)
         if c.distill.kd_weight is None:
             c.distill.kd_weight = CROSS_KD_WEIGHT
     return c
