@@ -376,13 +376,26 @@ def test_nan_stop_keeps_the_checkpoint_from_before_the_diverging_update(tmp_path
     assert _toy_fit(tmp_path, ToyTask(), ckpt_every=1, resume=True).resumed_from["global_step"] == 9
 
 
+def test_nan_right_after_a_resume_falls_back_to_the_checkpoint_before(tmp_path) -> None:
+    from comkd.engine.loop import NonFiniteLossError
+    from test_resume import ToyTask, _toy_fit
+
+    _toy_fit(tmp_path, ToyTask(), ckpt_every=4, stop_after_steps=10)  # checkpoints of steps 4 and 8
+    with pytest.raises(NonFiniteLossError, match="kept the checkpoint of step 4"):
+        _toy_fit(tmp_path, ToyTask(nan_at_call=1), ckpt_every=4, log_every=100, resume=True)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
+
+
 def test_nan_stop_with_a_single_suspect_checkpoint_says_so(tmp_path) -> None:
     from comkd.engine.loop import NonFiniteLossError
     from test_resume import ToyTask, _toy_fit
 
-    with pytest.raises(NonFiniteLossError, match="no good checkpoint was kept"):
+    with pytest.raises(
+        NonFiniteLossError, match="the only checkpoint, of step 4, was taken after the diverging"
+    ):
         _toy_fit(tmp_path, ToyTask(nan_at_call=5), ckpt_every=4, log_every=100)
-    assert not (tmp_path / "checkpoint.pt").exists() and (tmp_path / "checkpoint.diverged.pt").exists()
+    # kept in place: a --resume must not silently start from scratch
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
 
 
 def test_a_half_written_metrics_line_does_not_block_resume_and_stray_temps_go(tmp_path) -> None:

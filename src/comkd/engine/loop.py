@@ -456,24 +456,29 @@ def _link_previous(ckpt_path: Path, prev_path: Path) -> None:
 def _keep_good_checkpoint(ckpt_path: Path, prev_path: Path, saved_steps: list[int], bad: int) -> str:
     """After a non-finite loss at step ``bad`` (computed with the weights after ``bad`` updates),
     keep a checkpoint whose weights came before the diverging update: the newest one if it was taken
-    before step ``bad``, else the one before it. Returns what was kept, for the message."""
+    before step ``bad``, else the one before it (``prev_path``). With no older one, the newest stays
+    in place (a resume must not silently start from scratch) and the message says what it holds.
+    Returns what was kept, for the message."""
     newest = saved_steps[-1] if saved_steps else None
-    suspect = newest is not None and (bad < 0 or newest >= bad)  # bad < 0: the step is unknown
-    if is_main() and suspect:
-        if len(saved_steps) > 1 and prev_path.exists():
-            prev_path.replace(ckpt_path)
-        else:
-            ckpt_path.replace(ckpt_path.with_name("checkpoint.diverged.pt"))
-    barrier()
-    if suspect and len(saved_steps) > 1:
-        return (f"kept the checkpoint of step {saved_steps[-2]} at {ckpt_path}, taken before the diverging update "
-                f"(the one of step {newest} already held its result)")
-    if suspect:
-        return (f"the only checkpoint (step {newest}) was taken after the diverging update: moved to "
-                f"{ckpt_path.with_name('checkpoint.diverged.pt')}; no good checkpoint was kept")
-    if ckpt_path.exists():
+    if newest is None or not ckpt_path.exists():
+        return f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+    if bad >= 0 and newest < bad:
         return f"last good checkpoint kept at {ckpt_path}"
-    return "no checkpoint was written yet"
+    older = saved_steps[-2] if len(saved_steps) > 1 else None
+    if older is None and prev_path.exists():  # resumed: the checkpoint before the one resumed from
+        try:
+            older = int(load_checkpoint(prev_path)["global_step"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            older = None
+    if older is not None and older < newest and prev_path.exists():
+        barrier()
+        if is_main():
+            prev_path.replace(ckpt_path)
+        barrier()
+        return (f"kept the checkpoint of step {older} at {ckpt_path}, taken before the diverging update "
+                f"(the one of step {newest} already held its result)")
+    return (f"the only checkpoint, of step {newest}, was taken after the diverging update (its weights may "
+            f"already be bad); kept at {ckpt_path}")
 
 
 def _split(batch: Any, parts: int) -> list[Any]:
