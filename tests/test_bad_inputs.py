@@ -333,10 +333,11 @@ def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
     before = (tmp_path / "config.yaml").read_text()
     changed = load_config("demo", sets=["distill.optim.lr=0.05"])
     with pytest.raises(ConfigError, match=r"distill\.optim\.lr is 0\.05 now .* started with 0\.005"):
-        P._start(changed, tmp_path, resume=True)
+        P._start(changed, tmp_path, resume=True, stage="distill")
     assert (tmp_path / "config.yaml").read_text() == before  # never claims a value not in effect
-    P._start(cfg, tmp_path, resume=True)  # the same settings resume
+    P._start(cfg, tmp_path, resume=True, stage="distill")  # the same settings resume
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["distill"]["optim"]["lr"] == 0.005
+    P._start(changed, tmp_path, resume=True, stage="teacher_train")  # another stage's settings: not checked
 
 
 def test_resume_checks_the_checkpoints_own_settings(tmp_path) -> None:

@@ -160,13 +160,14 @@ def _loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
     )
 
 
-def _start(cfg: RunConfig, out_dir: str | Path, resume: bool) -> tuple[Path, torch.device, MetricsLog]:
+def _start(cfg: RunConfig, out_dir: str | Path, resume: bool,
+           stage: str | None = None) -> tuple[Path, torch.device, MetricsLog]:
     init_distributed()
     out = Path(out_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    if resume:
-        _check_resume_config(cfg, out / "config.yaml")
+    if resume and stage is not None:
+        _check_resume_config(cfg, out / "config.yaml", stage)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -176,9 +177,10 @@ def _start(cfg: RunConfig, out_dir: str | Path, resume: bool) -> tuple[Path, tor
     return out, device, MetricsLog(out / "metrics.jsonl", enabled=is_main(), tensorboard_dir=tb)
 
 
-def _check_resume_config(cfg: RunConfig, path: Path) -> None:
-    """``--resume`` with optimiser/schedule settings other than the run's (its ``config.yaml``) is
-    refused before ``config.yaml`` is rewritten, so it never claims settings not in effect."""
+def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
+    """``--resume`` with optimiser/schedule settings of ``stage`` (a config section) other than the
+    run's (its ``config.yaml``) is refused before ``config.yaml`` is rewritten, so it never claims
+    settings not in effect."""
     import yaml
 
     from .loop import optim_settings
@@ -189,15 +191,13 @@ def _check_resume_config(cfg: RunConfig, path: Path) -> None:
         old = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
-    for section in ("pretrain", "teacher_train", "distill"):
-        saved = (old.get(section) or {}).get("optim") or {}
-        cur = optim_settings(getattr(cfg, section).optim)
-        for k, v in cur.items():
-            if k in saved and saved[k] != v:
-                raise ConfigError(
-                    f"--resume: {section}.optim.{k} is {v!r} now but the run in {path.parent} was started with "
-                    f"{saved[k]!r}; resume with the same settings or start a new run in another folder"
-                )
+    saved = (old.get(stage) or {}).get("optim") or {}
+    for k, v in optim_settings(getattr(cfg, stage).optim).items():
+        if k in saved and saved[k] != v:
+            raise ConfigError(
+                f"--resume: {stage}.optim.{k} is {v!r} now but the run in {path.parent} was started with "
+                f"{saved[k]!r}; resume with the same settings or start a new run in another folder"
+            )
 
 
 def _fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: MetricsLog, resume: bool) -> dict:
@@ -245,7 +245,7 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
     """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
     Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
     accuracy on ``pretrain_eval_split(cfg)``."""
-    out, device, metrics = _start(cfg, out_dir, resume)
+    out, device, metrics = _start(cfg, out_dir, resume, stage="pretrain")
     results: dict[str, Any] = {}
     eval_split = pretrain_eval_split(cfg)
     for role in which:
@@ -279,7 +279,7 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     (``teacher_train.subsample``). Writes ``teacher_prompts.safetensors``."""
     from safetensors.torch import save_file
 
-    out, device, metrics = _start(cfg, out_dir, resume)
+    out, device, metrics = _start(cfg, out_dir, resume, stage="teacher_train")
     teacher = build_teacher(cfg, device, prompts="")
     tt = cfg.teacher_train
     ds = make_dataset(cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True,
@@ -395,7 +395,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             "distill.select: 'promptkd' picks the epoch with the best test accuracy, which needs an "
             "evaluation set; only `comkd run` has one. Use distill.select=last here"
         )
-    out, device, metrics = _start(cfg, out_dir, resume)
+    out, device, metrics = _start(cfg, out_dir, resume, stage="distill")
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
         from .cache import CachedTeacherOutputs, read_cache_info, teacher_sources
