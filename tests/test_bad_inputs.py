@@ -576,3 +576,14 @@ def test_quiet_hides_warnings_and_default_shows_them(tmp_path) -> None:
     assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
     assert "no comkd.sha256 digest" in loud.stderr and "WARNING" in loud.stderr
     assert "WARNING" not in quiet.stderr and '"hm"' in quiet.stdout
+
+
+def test_a_fresh_run_never_falls_back_to_an_earlier_runs_checkpoint(tmp_path) -> None:
+    from comkd.engine.loop import NonFiniteLossError
+    from test_resume import ToyTask, _toy_fit
+
+    _toy_fit(tmp_path, ToyTask(), ckpt_every=4, stop_after_steps=10)  # an earlier run: steps 4 and 8
+    with pytest.raises(NonFiniteLossError, match="the only checkpoint, of step 4"):
+        _toy_fit(tmp_path, ToyTask(nan_at_call=5), ckpt_every=4, log_every=100)  # fresh, not --resume
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
+    assert not (tmp_path / "checkpoint.prev.pt").exists()

@@ -305,10 +305,13 @@ def fit(
     # newest one (saved after the diverging update), so the one before it is kept too
     saved_steps: list[int] = [global_step] if result.resumed_from else []
     prev_path = ckpt_path.with_name("checkpoint.prev.pt")
+    if not result.resumed_from and is_main():  # a fresh run keeps nothing of an earlier run's
+        prev_path.unlink(missing_ok=True)
 
     def save(epoch: int, batch: int) -> None:
         if is_main():
-            _link_previous(ckpt_path, prev_path)
+            if saved_steps:  # the current file is this run's: keep it as the previous one
+                _link_previous(ckpt_path, prev_path)
             atomic_torch_save(
                 {
                     "task": task.name,
@@ -465,7 +468,7 @@ def _keep_good_checkpoint(ckpt_path: Path, prev_path: Path, saved_steps: list[in
     if bad >= 0 and newest < bad:
         return f"last good checkpoint kept at {ckpt_path}"
     older = saved_steps[-2] if len(saved_steps) > 1 else None
-    if older is None and prev_path.exists():  # resumed: the checkpoint before the one resumed from
+    if older is None and prev_path.exists():  # resumed: the one before the checkpoint resumed from
         try:
             older = int(load_checkpoint(prev_path)["global_step"])
         except (CheckpointError, KeyError, TypeError, ValueError):
