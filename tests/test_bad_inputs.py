@@ -184,10 +184,27 @@ def test_an_intact_student_file_verifies(tmp_path) -> None:
     assert P.load_student(src).classnames == load_digits_splits().classnames
 
 
-@pytest.mark.parametrize("content", [b"", b"not a weight file", b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":'])
+def _weights_with_edited_metadata(path) -> None:
+    from comkd.models import create_teacher, load_clip, save_clip_weights
+
+    save_clip_weights(
+        create_teacher("comkd-tiny-teacher").clip,
+        path,
+        "comkd-tiny-teacher",
+        load_clip("comkd-tiny-teacher").config,
+    )
+    _resave(path, path, meta_edit=lambda m: {"comkd.embed_dim": "sixty-four"})
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a weight file", b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":', None]
+)
 def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path, content) -> None:
     bad = tmp_path / "teacher_bad.safetensors"
-    bad.write_bytes(content)
+    if content is None:  # edited metadata
+        _weights_with_edited_metadata(bad)
+    else:
+        bad.write_bytes(content)
     r = CliRunner().invoke(
         cli.app,
         [

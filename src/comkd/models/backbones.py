@@ -195,6 +195,8 @@ def load_local_weights(model: nn.Module, path: str | Path, model_cfg: dict, mode
             f"{path} was trained with quick_gelu={meta['comkd.quick_gelu']} but model '{model_name}' has "
             f"quick_gelu={bool(model_cfg.get('quick_gelu', False))}"
         )
+    if "comkd.embed_dim" in meta and not meta["comkd.embed_dim"].strip().isdigit():
+        raise ModelError(f"{path}: edited or corrupt metadata comkd.embed_dim={meta['comkd.embed_dim']!r}")
     if "comkd.embed_dim" in meta and int(meta["comkd.embed_dim"]) != int(model_cfg.get("embed_dim", -1)):
         raise ModelError(
             f"{path} has embedding size {meta['comkd.embed_dim']} but model '{model_name}' has "
