@@ -145,8 +145,10 @@ def _disk_error(e: BaseException) -> str | None:
     where = f" while writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
     if code == errno.ENOSPC or "No space left on device" in text:
         return f"disk full{where}; free some space and rerun (with --resume where the command has it)"
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in text:
-        return f"cannot write{where or ' the output'}: {getattr(e, 'strerror', None) or text} (read-only or no permission)"
+    if code == errno.EROFS or "Read-only file system" in text:
+        return f"cannot write{where or ' the output'}: read-only file system; choose another --out"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {e.filename}" if e.filename else f"permission denied ({text})"
     return None
 
 
