@@ -94,16 +94,27 @@ def test_default_optim_is_the_method_recipe():
     assert load_config().distill.optim == o
 
 
-def test_lr_at_sgd_constant_warmup_then_cosine_per_epoch():
+def test_lr_at_sgd_constant_warmup_then_cosine_restarting_per_epoch():
     cfg = OptimConfig(lr=0.005, epochs=20, warmup_epochs=1, warmup_lr=1e-5)
     for step in (0, 3, 99):
         assert lr_at(cfg, 0.005, 0, step, 100) == 1e-5
     for e in range(1, 20):
-        want = 0.5 * 0.005 * (1 + math.cos(math.pi * e / 20))
+        # Dassl's WARMUP_RECOUNT: the cosine restarts after the warm-up, cos(pi (e - w) / E)
+        want = 0.5 * 0.005 * (1 + math.cos(math.pi * (e - 1) / 20))
         # stepped per epoch: the same value at every step of the epoch
         assert lr_at(cfg, 0.005, e, 0, 100) == pytest.approx(want, rel=1e-12)
         assert lr_at(cfg, 0.005, e, 57, 100) == pytest.approx(want, rel=1e-12)
-    assert lr_at(cfg, 0.005, 1, 0, 10) < 0.005  # Dassl: epoch 1 already one cosine step in
+    assert lr_at(cfg, 0.005, 1, 0, 10) == pytest.approx(0.005)  # the first epoch after warm-up: full lr
+    # learning-rate area after warm-up: sum_{k=0}^{E-w-1} (1 + cos(pi k / E)) / 2, against the
+    # un-restarted cosine, which loses about 10% of it
+    area = sum(lr_at(cfg, 1.0, e, 0, 10) for e in range(1, 20))
+    closed = sum(0.5 * (1 + math.cos(math.pi * k / 20)) for k in range(19))
+    assert area == pytest.approx(closed, rel=1e-12)
+    assert closed / sum(0.5 * (1 + math.cos(math.pi * e / 20)) for e in range(1, 20)) > 1.09
+    w3 = OptimConfig(lr=0.01, epochs=10, warmup_epochs=3)
+    assert [lr_at(w3, 0.01, e, 0, 5) for e in (3, 4)] == pytest.approx(
+        [0.01, 0.005 * (1 + math.cos(math.pi / 10))]
+    )
     assert lr_at(cfg, 0.002, 5, 0, 10) == pytest.approx(
         0.4 * lr_at(cfg, 0.005, 5, 0, 10)
     )  # per-group base lr
@@ -347,7 +358,7 @@ def test_one_seed_gives_identical_runs_and_jsonl_metrics(tmp_path):
         assert r["stage"] == "distill" and {"loss", "kd", "align", "step", "epoch"} <= r.keys()
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
     assert steps[0]["lr"] == 1e-5 and steps[-1]["lr"] == pytest.approx(
-        0.5 * 0.005 * (1 + math.cos(math.pi / 2))
+        0.5 * 0.005 * (1 + math.cos(math.pi * (1 - 1) / 2))  # the cosine restarts after warm-up
     )
     assert (tmp_path / "a" / "config.yaml").is_file() and (tmp_path / "a" / "checkpoint.pt").is_file()
 

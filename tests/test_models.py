@@ -701,16 +701,16 @@ def test_unknown_model_and_config_file(tmp_path) -> None:
 @pytest.mark.slow
 def test_paper_pair_parameter_counts_and_one_step() -> None:
     torch.manual_seed(30)
-    teacher = create_teacher("ViT-L-14")
+    teacher = create_teacher("ViT-L-14", "none")
     assert teacher.embed_dim == 768
     assert teacher.visual.prompts.shape == (9, 4, 1024)
-    promptkd = create_student("ViT-B-16", teacher_dim=768, edu_attention=False)
+    promptkd = create_student("ViT-B-16", "none", teacher_dim=768, edu_attention=False)
     n_promptkd = promptkd.num_trainable()
     # 9·4·768 prompts + Linear(512→768) + BN(768) + Linear(768→768) = 1,013,760
     assert 950_000 <= n_promptkd <= 1_100_000, n_promptkd
     assert n_promptkd == 9 * 4 * 768 + (512 * 768 + 768) + 2 * 768 + (768 * 768 + 768)
     del promptkd
-    student = create_student("ViT-B-16", teacher_dim=768)
+    student = create_student("ViT-B-16", "none", teacher_dim=768)
     assert student.num_trainable() - n_promptkd == 3 * (768 * 768 + 768) + 1
     classes = ["cat", "dog", "car"]
     student.set_text_features(teacher.class_text_features(classes), classes)

@@ -397,12 +397,14 @@ def bench_inference_paper(sz: BenchSizes, device: torch.device) -> dict[str, flo
     Also times the teacher key (SHA-256 of all ViT-L/14 weights)."""
     size = sz.paper_image_size
     torch.manual_seed(0)
-    teacher = create_teacher(PAPER_TEACHER, image_size=size, device=device)
+    teacher = create_teacher(PAPER_TEACHER, "none", image_size=size, device=device)
     t0 = time.perf_counter()
     teacher_key(teacher)
     key_s = time.perf_counter() - t0
     gb = sum(t.numel() * t.element_size() for t in teacher.clip.state_dict().values()) / 1e9
-    student = create_student(PAPER_STUDENT, teacher_dim=teacher.embed_dim, image_size=size, device=device)
+    student = create_student(
+        PAPER_STUDENT, "none", teacher_dim=teacher.embed_dim, image_size=size, device=device
+    )
     w = torch.nn.functional.normalize(torch.randn(sz.paper_classes, teacher.embed_dim, device=device), dim=-1)
     student.set_text_features(w)
     r = _inference_pair(

@@ -21,10 +21,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file or preset name.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: output_dir).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"comkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                  help="Print the version and exit.")] = None,
+) -> None:
+    """Distil a large CLIP teacher into a small, fast student with ComKD-CLIP."""
 
 
 def _overrides(**flags) -> dict:
@@ -72,19 +89,35 @@ def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path 
         raise typer.Exit(2) from None
     if out is not None:
         cfg.output_dir = str(out)
+    if _QUIET:
+        cfg.progress = False
     return cfg
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _usage_error(msg: str) -> None:
+    typer.secho(f"config error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no warnings, no progress bars.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also log each step's information.")]
+_QUIET = False
+
+
+def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    global _QUIET
+    _QUIET = quiet
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("comkd").setLevel(logging.INFO)
-    logging.getLogger().handlers[0].setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger().handlers[0].setLevel(level)
     for noisy in ("root", "open_clip", "timm"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _run(fn):
-    """Run a command body; expected user errors become one red line and exit code 1."""
+    """Run a command body; expected user errors become one red line and exit code 1, and so does
+    a full or read-only disk (named as such)."""
     from .data import DataError
     from .engine.loop import NonFiniteLossError
     from .models import ModelError
@@ -94,6 +127,61 @@ def _run(fn):
     except (ConfigError, DataError, ModelError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 - only disk errors are turned into a line; the rest re-raise
+        msg = _disk_error(e)
+        if msg is None:
+            raise
+        typer.secho(f"error: {msg}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def _disk_error(e: BaseException) -> str | None:
+    """'disk full' / 'read-only' for an exception from writing a file (torch and safetensors raise
+    their own types with the OS message inside), else None."""
+    import errno
+
+    code = e.errno if isinstance(e, OSError) else None
+    text = str(e)
+    where = f" while writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+    if code == errno.ENOSPC or "No space left on device" in text:
+        return f"disk full{where}; free some space and rerun (with --resume where the command has it)"
+    if code == errno.EROFS or "Read-only file system" in text:
+        return f"cannot write{where or ' the output'}: read-only file system; choose another --out"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {e.filename}" if e.filename else f"permission denied ({text})"
+    return None
+
+
+def _write_results(path: Path, res) -> None:
+    """Write ``results.json``; if the disk refuses, print the results first so they are not lost."""
+    from .engine import pipeline as P
+
+    try:
+        P.write_json(path, res)
+    except Exception as e:
+        if _disk_error(e) is not None:
+            typer.echo(json.dumps(res, indent=2, default=str))
+        raise
+
+
+def _read_json(path: Path, what: str):
+    """A user-given JSON file, or a one-line error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _shape_errors(path_desc: str, fn):
+    """Run ``fn``; a file of the wrong shape (KeyError, TypeError, ...) becomes a ValueError naming it."""
+    import yaml
+
+    try:
+        return fn()
+    except (KeyError, TypeError, AttributeError, IndexError, yaml.YAMLError) as e:
+        raise ValueError(f"{path_desc}: not the expected content ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _print_json(obj) -> None:
@@ -110,12 +198,15 @@ def pretrain(
     which: Annotated[str, typer.Option(help="teacher, student or both.")] = "both",
     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
     seed: int | None = None, device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Stage 0: contrastive CLIP pre-training (offline teachers and students)."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     ov = _merge(_overrides(dataset=dataset, root=root, teacher=teacher, student=student, seed=seed, device=device),
                 _stage_optim("pretrain", epochs, lr, batch_size))
     cfg = _cfg(config, sets, ov, out)
+    if which not in ("teacher", "student", "both"):
+        _usage_error(f"--which: {which!r} is not allowed; choose one of teacher, student, both")
     roles = ("teacher", "student") if which == "both" else (which,)
     from .engine.pipeline import run_pretrain
 
@@ -129,9 +220,10 @@ def train_teacher(
     teacher: str | None = None, teacher_pretrained: str | None = None, num_shots: int | None = None,
     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
     seed: int | None = None, device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Stage 1: PromptSRC prompt learning on labelled few-shot base classes."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     ov = _merge(_overrides(dataset=dataset, root=root, split_file=split_file, teacher=teacher,
                            teacher_pretrained=teacher_pretrained, num_shots=num_shots, seed=seed, device=device),
                 _stage_optim("teacher_train", epochs, lr, batch_size))
@@ -154,9 +246,10 @@ def distill(
     kd_weight: float | None = None, align_weight: float | None = None, temperature: float | None = None,
     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
     seed: int | None = None, device: str | None = None, evaluate: bool = True,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Stage 2: distil the teacher into the student on unlabelled images."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     ov = _merge(_overrides(method=method, dataset=dataset, root=root, split_file=split_file, teacher=teacher,
                            teacher_pretrained=teacher_pretrained, teacher_prompts=teacher_prompts, student=student,
                            student_pretrained=student_pretrained, teacher_cache=teacher_cache, kd_weight=kd_weight,
@@ -172,7 +265,7 @@ def distill(
             student_m = P.load_student(info["student"], P.resolve_device(cfg.device))
             res = P.evaluate_student(cfg, student_m)
             if P.is_main():
-                P.write_json(Path(cfg.output_dir) / "results.json", res)
+                _write_results(Path(cfg.output_dir) / "results.json", res)
             info["results"] = res
         return info
 
@@ -185,9 +278,10 @@ def evaluate(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None,
     dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
     protocol: str | None = None, split: str = "test", device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Accuracy of a distilled student (base/novel/HM for base2novel), written to results.json."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, protocol=protocol,
                                         device=device), out)
     from .engine import pipeline as P
@@ -196,7 +290,7 @@ def evaluate(
         student = P.load_student(student_file, P.resolve_device(cfg.device))
         res = P.evaluate_student(cfg, student, split=split)
         if out is not None:
-            P.write_json(Path(cfg.output_dir) / "results.json", res)
+            _write_results(Path(cfg.output_dir) / "results.json", res)
         return res
 
     _print_json(_run(body))
@@ -213,9 +307,10 @@ def run(
     source: Annotated[str, typer.Option(help="cross/dg: the teacher's source dataset.")] = "imagenet",
     select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
     device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """All stages for datasets × seeds × methods, then one results table (report.md)."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     cfg = _cfg(config, sets, _overrides(protocol=protocol, root=root, select=select, device=device), out)
     from .protocols.runner import run_protocol
 
@@ -229,10 +324,11 @@ def run(
 def demo(
     out: OutOpt = None,
     config: ConfigOpt = None, sets: SetOpt = None, resume: ResumeOpt = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """The main job on the embedded digits data: pre-train a tiny teacher and student, prompt-tune
     the teacher on base classes, distil with PromptKD and ComKD, evaluate, write report.md."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     cfg = _cfg(config or "demo", sets, {}, out)
     from .protocols.demo import run_demo
 
@@ -247,16 +343,21 @@ def demo(
 def cache_teacher(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None,
     views: Annotated[int | None, typer.Option(help="Augmented views per image (K; default: distill epochs).")] = None,
-    dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
+    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32.")] = "float16",
     dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
     teacher: str | None = None, teacher_pretrained: str | None = None, teacher_prompts: str | None = None,
     student: str | None = None, seed: int | None = None, device: str | None = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Store the teacher's image features for K augmented views of every training image."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, teacher=teacher,
                                         teacher_pretrained=teacher_pretrained, teacher_prompts=teacher_prompts,
                                         student=student, seed=seed, device=device), out)
+    if views is not None and views < 1:
+        _usage_error(f"--views: must be >= 1, got {views}")
+    if dtype not in CACHE_DTYPES:
+        _usage_error(f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(CACHE_DTYPES)}")
     from .engine.pipeline import run_cache_teacher
 
     _print_json(_run(lambda: run_cache_teacher(cfg, cfg.output_dir, views=views, dtype=dtype)))
@@ -268,17 +369,19 @@ def bench(
     quick: Annotated[bool, typer.Option(help="A < 1 minute smoke run.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Speed and memory benchmarks (JSON with machine and versions)."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     from .bench import run_bench
 
     _print_json(run_bench(out, quick=quick, device=device, threads=threads))
 
 
 @app.command()
-def presets() -> None:
+def presets(quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """List the built-in config presets."""
+    _setup_logging(verbose, quiet)
     for p in list_presets():
         typer.echo(p)
 
@@ -296,9 +399,10 @@ def collect(
     curves: Annotated[Path | None, typer.Option(help="Companion JSON (curves, setup, attention); "
                                                      "default: curves.json next to --out.")] = None,
     attention: Annotated[bool, typer.Option(help="Measure EduAttention on the saved students.")] = True,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Gather run folders into docs/results.json (+ docs/curves.json) for `comkd results-page`."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     pairs = {}
     for item in runs:
         label, sep, path = item.partition("=")
@@ -308,7 +412,16 @@ def collect(
     from .protocols.results_page import collect_runs
 
     curves_path = curves or out.with_name("curves.json")
-    _run(lambda: collect_runs(pairs, out, curves_path, attention=attention))
+
+    def body():
+        for path in pairs.values():
+            res = _read_json(path / "results.json", "run results")
+            if not isinstance(res, dict):
+                raise ValueError(f"{path / 'results.json'}: expected a JSON object from `comkd run`")
+        return _shape_errors(f"run folders {', '.join(map(str, pairs.values()))}",
+                             lambda: collect_runs(pairs, out, curves_path, attention=attention))
+
+    _run(body)
     typer.echo(f"wrote {out} and {curves_path}")
 
 
@@ -318,11 +431,25 @@ def results_page(
         "docs/results.json"),
     out: Annotated[Path, typer.Option("--out", "-o", help="Markdown page to write (plots/ next to it).")] = Path(
         "docs/results.md"),
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Write the results page (tables, plots, analysis) from results.json and curves.json."""
+    _setup_logging(verbose, quiet)
     from .protocols.results_page import write_results_page
 
-    path = _run(lambda: write_results_page(results, out))
+    def body():
+        data = _read_json(results, "results file")
+        if isinstance(data, dict) and "protocol" in data and isinstance(data.get("datasets"), dict):
+            data = data["datasets"]  # a `comkd run` results.json
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"{results}: expected {{dataset: {{method: {{base, novel, hm}}}}}} (or a `comkd run` "
+                             f"results.json), got a {type(data).__name__} of other content")
+        curves = results.with_name("curves.json")
+        if curves.exists():
+            _read_json(curves, "curves file")
+        return _shape_errors(str(results), lambda: write_results_page(results, out))
+
+    path = _run(body)
     typer.echo(f"wrote {path}")
 
 

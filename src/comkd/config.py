@@ -9,6 +9,7 @@ rejected with the key's dotted name and the allowed values. The resolved config 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 class ConfigError(ValueError):
     """A config key or value that is not allowed; the message names the dotted key."""
+
+
+# a key where the word ``none`` is a value of its own (``pretrained: none``: random weights on
+# purpose), not YAML's null (the key left unset)
+_NONE_IS_A_VALUE = {"none_is_a_value": True}
 
 
 @dataclass
@@ -43,7 +49,7 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     model: str = "ViT-L-14"
-    pretrained: str | None = None
+    pretrained: str | None = field(default=None, metadata=_NONE_IS_A_VALUE)  # 'none': random weights
     prompts: str | None = None  # learned prompts from stage 1
     text_ctx: int = 4
     text_depth: int | None = None  # None: min(9, layers)
@@ -56,7 +62,7 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     model: str = "ViT-B-16"
-    pretrained: str | None = None
+    pretrained: str | None = field(default=None, metadata=_NONE_IS_A_VALUE)  # 'none': random weights
     vision_tokens: int = 4
     vision_depth: int | None = None
     edu_heads: int = 1
@@ -111,7 +117,7 @@ class PretrainConfig:
     student_lr: float | None = None
     split: str = "pretrain"
     enabled: bool = False  # ``comkd run``: pre-train both CLIPs first (offline presets)
-    eval_split: str = "test"
+    eval_split: str | None = None  # None: 'val' where the dataset has one, else 'test' (stage-0 choices)
 
 
 @dataclass
@@ -124,6 +130,9 @@ class TeacherTrainConfig:
     image_l1_weight: float = 10.0
     kl_weight: float = 1.0
     subsample: Literal["base", "all"] = "base"
+    # the text regulariser's templates: PromptSRC's 60 ImageNet templates, or the dataset's own
+    # (for CLIPs pre-trained here on the dataset's captions only)
+    text_templates: Literal["promptsrc", "dataset"] = "promptsrc"
 
 
 @dataclass
@@ -156,7 +165,7 @@ class RunConfig:
     seed: int = 1
     device: str = "auto"
     output_dir: str = "runs/comkd"
-    protocol: Literal["base2novel", "cross", "dg", "all"] = "base2novel"
+    protocol: Literal["base2novel", "cross", "dg"] = "base2novel"
     eval_split: str = "test"  # the split protocol runs report; `val` to choose settings without test images
     log_every: int = 10
     ckpt_every: int = 0  # also checkpoint every N optimiser steps (0: at epoch ends only)
@@ -235,13 +244,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    names = set(fields)
     for k, v in updates.items():
         key = f"{prefix}{k}"
         if k not in names:
             raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(sorted(names))}")
         current = getattr(obj, k)
-        if dataclasses.is_dataclass(current):
+        if fields[k].metadata.get("none_is_a_value") and isinstance(v, str) and v.strip().lower() == "none":
+            setattr(obj, k, "none")
+        elif dataclasses.is_dataclass(current):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}")
             _merge(current, v, key + ".")
@@ -258,21 +270,59 @@ def _validate_tree(obj: Any, prefix: str = "") -> None:
             _validate_tree(v, f"{prefix}{f.name}.")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _positive_finite(value: float | None, key: str, allow_zero: bool = False) -> None:
+    """A learning rate, weight or scale: finite, within float32 and > 0 (>= 0 with ``allow_zero``)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ConfigError(f"{key}: must be a finite number within float32's range, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>=' if allow_zero else '>'} 0, got {value!r}")
+
+
 def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, OptimConfig):
         for name in ("lr", "epochs", "batch_size", "grad_accum"):
             if getattr(obj, name) <= 0:
                 raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(obj, name)}")
+        _positive_finite(obj.lr, f"{prefix}lr")
+        _positive_finite(obj.warmup_lr, f"{prefix}warmup_lr")
+        _positive_finite(obj.weight_decay, f"{prefix}weight_decay", allow_zero=True)
+        _positive_finite(obj.momentum, f"{prefix}momentum", allow_zero=True)
+        _positive_finite(obj.grad_clip, f"{prefix}grad_clip")  # None: no clipping; 0 would clip to nothing
         if obj.warmup_epochs < 0 or obj.warmup_epochs >= max(obj.epochs, 1) and obj.warmup_epochs:
             raise ConfigError(f"{prefix}warmup_epochs: must be in [0, epochs), got {obj.warmup_epochs}")
     if isinstance(obj, AugmentConfig) and not (0 < obj.crop_scale_min <= 1 and 0 <= obj.hflip <= 1):
         raise ConfigError(f"{prefix}crop_scale_min must be in (0, 1] and hflip in [0, 1]")
-    if isinstance(obj, DistillConfig):
-        for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale"):
-            if not getattr(obj, name) > 0:
-                raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(obj, name)}")
     if isinstance(obj, DataConfig) and obj.num_shots <= 0:
         raise ConfigError(f"{prefix}num_shots: must be > 0, got {obj.num_shots}")
+    if isinstance(obj, DistillConfig):
+        for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale"):
+            _positive_finite(getattr(obj, name), f"{prefix}{name}")
+        _positive_finite(obj.kd_weight, f"{prefix}kd_weight")
+        _positive_finite(obj.temperature, f"{prefix}temperature")
+        _positive_finite(obj.align_weight, f"{prefix}align_weight", allow_zero=True)
+        _positive_finite(obj.feature_weight, f"{prefix}feature_weight", allow_zero=True)
+    if isinstance(obj, RunConfig):
+        if obj.log_every < 1:
+            raise ConfigError(f"{prefix}log_every: must be >= 1, got {obj.log_every}")
+        if obj.ckpt_every < 0:
+            raise ConfigError(f"{prefix}ckpt_every: must be >= 0 (0: at epoch ends only), got {obj.ckpt_every}")
+        _check_device(obj.device, f"{prefix}device")
+
+
+def _check_device(name: str, key: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -291,8 +341,15 @@ def _read_yaml(path: str | Path) -> dict:
             p = cand
         else:
             raise ConfigError(f"config file not found: {path} (presets: {', '.join(list_presets())})")
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
     base = data.pop("preset", None)

@@ -46,6 +46,7 @@ __all__ = [
     "derive_view_seed",
     "few_shot",
     "load_splits",
+    "promptsrc_templates",
     "read_split_file",
     "register_dataset",
     "split_per_class",
@@ -54,6 +55,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def promptsrc_templates() -> list[str]:
+    """PromptSRC's 60 text templates (``{}`` = class name), shipped in ``promptsrc_templates.txt``."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent / "promptsrc_templates.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
 
 Loader = Callable[..., DatasetSplits]
 DATASETS: dict[str, Loader] = {}

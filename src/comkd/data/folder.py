@@ -22,6 +22,7 @@ changes across seeds).
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Sequence
 
@@ -39,6 +40,8 @@ from .records import DEFAULT_TEMPLATE, SPLIT_NAMES, DatasetSplits, Datum
 from .splits import split_per_class
 
 FOLDER_FRACTIONS = (0.0, 0.6, 0.1, 0.3)
+
+log = logging.getLogger(__name__)
 
 
 def read_class_file(path: str) -> tuple[list[str], dict[str, int]]:
@@ -213,6 +216,29 @@ def load_csv(
             if c not in lookup:
                 raise DataError(f"CSV {path}: line {n} class name {r['classname']!r} is not in {cfile}")
             labels.append(lookup[c])
+    for n, y in enumerate(labels, start=2):
+        if not 0 <= y < len(classnames):
+            raise DataError(
+                f"CSV {path}: line {n} label {y} is outside the class list (0..{len(classnames) - 1})"
+            )
+    empty = sorted(set(range(len(classnames))) - set(labels))
+    if empty and names_from_file is None:  # labels with gaps would build phantom classes
+        raise DataError(
+            f"CSV {path}: labels must run 0..K-1 without gaps, but {len(empty)} label(s) have no rows "
+            f"({empty[:5]}{', ...' if len(empty) > 5 else ''}; largest label {max(labels)}); fix the labels "
+            "or name the classes in a classes.tsv / classnames.txt"
+        )
+    if empty:  # the names come from a file: a class without rows is dropped, with a warning
+        log.warning(
+            "CSV %s: %d class(es) of %s have no rows and are dropped: %s",
+            path,
+            len(empty),
+            cfile,
+            [classnames[i] for i in empty[:5]],
+        )
+        keep = [i for i in range(len(classnames)) if i not in set(empty)]
+        remap = {old: new for new, old in enumerate(keep)}
+        classnames, labels = [classnames[i] for i in keep], [remap[y] for y in labels]
     items: list[Datum] = []
     explicit: dict[str, list[Datum]] = {s: [] for s in SPLIT_NAMES}
     for n, (r, y) in enumerate(zip(rows, labels, strict=True), start=2):

@@ -54,7 +54,7 @@ from ..data.dataset import derive_view_seed
 from ..models import PreprocessSpec, Teacher
 from ..models.backbones import weights_version
 from .tasks import adapt_images
-from .utils import amp_context
+from .utils import amp_context, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,35 @@ def teacher_digests(teacher: Teacher) -> dict[str, Any]:
     }
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return ident
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_sources(pretrained: str | None, prompts: str | None) -> dict[str, str | None]:
+    """What the teacher was built from, as the config names it: ``teacher.pretrained`` and
+    ``teacher.prompts``, each the SHA-256 of the file for a local file, else the value itself
+    (an open_clip tag, ``none``, None). A run with a cache never loads the teacher, so these are
+    what it can compare."""
+    from ..models.backbones import _is_local_file
+
+    def ident(value: str | None, is_file: bool) -> str | None:
+        if not value or not is_file:
+            return value or None
+        if not Path(value).is_file():
+            raise FileNotFoundError(f"teacher file not found: {value}")
+        return "sha256:" + file_sha256(value)
+
+    return {
+        "teacher.pretrained": ident(pretrained, _is_local_file(pretrained)),
+        "teacher.prompts": ident(prompts, True),
+    }
 
 
 def teacher_key(teacher: Teacher) -> str:
@@ -336,6 +365,7 @@ def build_teacher_cache(
     text_cache_dir: str | Path | None = None,
     amp: str = "auto",
     progress: bool = True,
+    sources: dict[str, str | None] | None = None,
 ) -> Path:
     """Store the teacher's L2-normalised image features u_t for ``views`` augmented views of every
     item of ``dataset`` (an ``ImageDataset`` with the *student's* train transform).
@@ -358,6 +388,8 @@ def build_teacher_cache(
             W is only embedded in the cache).
         amp: autocast for the teacher, as in ``fit`` (``auto``: on CUDA only).
         progress: show a tqdm progress bar.
+        sources: ``teacher_sources(...)`` of the files the teacher was built from, recorded so a
+            run that never loads the teacher can refuse a cache built from other files.
 
     Returns the path written. The file also embeds W for ``dataset.full_classnames`` and the
     teacher's logit scale, so distillation from it needs no teacher.
@@ -404,6 +436,7 @@ def build_teacher_cache(
             "logit_scale": float(teacher.logit_scale),
             "embed_dim": d,
         },
+        "teacher_files": sources,
         "dataset": dataset_fingerprint(dataset),
         "transform": transform.fingerprint,
         "student_spec": _spec_dict(tf_spec),
@@ -425,7 +458,7 @@ def build_teacher_cache(
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     autocast, _ = amp_context(device, amp)
     bar = None
-    if progress:
+    if show_progress(progress):
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -539,6 +572,7 @@ class CachedTeacherOutputs:
         teacher_key: str | None = None,
         student_spec: PreprocessSpec | None = None,
         preload_view: bool | None = None,
+        sources: dict[str, str | None] | None = None,
     ) -> CachedTeacherOutputs:
         """Open a cache for distillation on ``dataset`` (the run's ``ImageDataset``, whose
         ``view_seed`` is the run seed) after checking that it is not stale.
@@ -547,7 +581,8 @@ class CachedTeacherOutputs:
         its ``view_seed`` against the cache's seed, ``student_spec`` if given, and the teacher —
         the full identity when ``teacher`` is given (model, preprocessing, weights, prompts), the
         key when only ``teacher_key`` is given (a run that never loads the teacher), nothing
-        when neither is. Raises ``StaleCacheError`` naming every stale field.
+        when neither is; ``sources`` (``teacher_sources``) against the files the cache was built
+        from. Raises ``StaleCacheError`` naming every stale field.
 
         ``preload_view``: keep the current epoch's view ``[n_items, d]`` on ``device`` (default: on
         accelerators when it fits in ``DEVICE_VIEW_BUDGET``); otherwise rows are read from the
@@ -575,6 +610,13 @@ class CachedTeacherOutputs:
             diff("teacher (key)", h["teacher"]["key"], teacher_key)
         else:
             log.info("teacher cache %s: teacher identity not checked (no teacher or teacher_key given)", path)
+        if sources is not None:
+            recorded = h.get("teacher_files")
+            if recorded is None:
+                stale.append("teacher files: the cache records none (built without `comkd cache-teacher`)")
+            else:
+                for field in sorted(sources):
+                    diff(f"{field} (file sha256, or the value)", recorded.get(field), sources[field])
         fp = dataset_fingerprint(dataset)
         cd = h["dataset"]
         for field in sorted(set(cd) | set(fp)):

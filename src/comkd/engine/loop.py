@@ -9,6 +9,7 @@ non-finite loss that keeps the last good checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -31,6 +32,7 @@ from .utils import (
     barrier,
     is_main,
     rank,
+    show_progress,
     world_size,
 )
 
@@ -60,14 +62,15 @@ class Task(Protocol):
 def lr_at(cfg: OptimConfig, base_lr: float, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
     """The learning rate of a step, derived from the position alone (nothing to checkpoint).
 
-    ``sgd``: constant ``warmup_lr`` for ``warmup_epochs``, then cosine over all epochs, stepped per
-    epoch (Dassl/PromptKD's ConstantWarmup + CosineAnnealingLR). ``adamw``: per-step linear warm-up
+    ``sgd``: constant ``warmup_lr`` for ``warmup_epochs`` (w), then cosine stepped per epoch that
+    restarts after the warm-up: epoch e >= w runs at ``½·lr·(1 + cos(π·(e − w)/E))``, E = ``epochs``
+    (Dassl/PromptKD's ConstantWarmup + CosineAnnealingLR with ``WARMUP_RECOUNT``). ``adamw``: per-step linear warm-up
     over ``warmup_frac`` of the steps, then cosine to zero (one-cycle).
     """
     if cfg.optimizer == "sgd":
         if epoch < cfg.warmup_epochs:  # a group with its own lr scales the warm-up value with it
             return cfg.warmup_lr * base_lr / cfg.lr
-        return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+        return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
     total = cfg.epochs * steps_per_epoch
     t = epoch * steps_per_epoch + step_in_epoch
     warm = max(1, int(cfg.warmup_frac * total))
@@ -137,6 +140,29 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+# settings a resumed run must share with its checkpoint (amp may change with the device)
+_RESUME_FREE = ("amp",)
+
+
+def optim_settings(cfg: OptimConfig) -> dict[str, Any]:
+    """The optimiser and schedule settings a checkpoint records (plain values)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
+
+
+def check_resume_optim(saved: dict | None, cfg: OptimConfig, path: Path) -> None:
+    """Refuse to resume with optimiser or schedule settings other than the checkpoint's: the
+    resumed run would follow neither recipe while its config claimed one."""
+    if saved is None:  # a checkpoint from before the settings were recorded
+        return
+    now = optim_settings(cfg)
+    diff = [f"{k} {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise CheckpointError(
+            f"cannot resume from {path}: optimiser/schedule settings differ ({'; '.join(diff)}); "
+            "resume with the checkpoint's settings or start a new run in another folder"
+        )
+
+
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state a checkpoint needs: everything except the frozen parts a module declares in
     ``frozen_prefixes`` (trainable parameters under those prefixes, such as prompts, are kept)."""
@@ -190,7 +216,7 @@ def _build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimi
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    if not show_progress(enabled):
         return None
     from tqdm.auto import tqdm
 
@@ -223,6 +249,9 @@ def fit(
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoint.pt"
+    if is_main():  # temp files of a run killed mid-save
+        for stray in [*out_dir.glob(".checkpoint.pt.tmp*"), *out_dir.glob(".checkpoint.prev.pt.tmp*")]:
+            stray.unlink(missing_ok=True)
     mods = task.modules()
     ddp_mods: dict[str, nn.Module] = {}
     if world_size() > 1:
@@ -253,6 +282,7 @@ def fit(
         state = load_checkpoint(ckpt_path)
         if state.get("task") != task.name:
             raise ValueError(f"{ckpt_path} belongs to stage {state.get('task')!r}, not {task.name!r}")
+        check_resume_optim(state.get("optim"), cfg, ckpt_path)
         for k, m in mods.items():
             m.load_state_dict(state["modules"][k], strict=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -271,8 +301,17 @@ def fit(
             start_epoch, start_batch = start_epoch + 1, 0
         log.info("%s: resumed from %s at epoch %d batch %d", task.name, ckpt_path, start_epoch, start_batch)
 
+    # the last two checkpoints' steps: a NaN found at a check may come from the weights of the
+    # newest one (saved after the diverging update), so the one before it is kept too
+    saved_steps: list[int] = [global_step] if result.resumed_from else []
+    prev_path = ckpt_path.with_name("checkpoint.prev.pt")
+    if not result.resumed_from and is_main():  # a fresh run keeps nothing of an earlier run's
+        prev_path.unlink(missing_ok=True)
+
     def save(epoch: int, batch: int) -> None:
         if is_main():
+            if saved_steps:  # the current file is this run's: keep it as the previous one
+                _link_previous(ckpt_path, prev_path)
             atomic_torch_save(
                 {
                     "task": task.name,
@@ -287,10 +326,20 @@ def fit(
                     "batch": batch,
                     "global_step": global_step,
                     "history": result.history,
+                    "optim": optim_settings(cfg),
                 },
                 ckpt_path,
             )
+        saved_steps[:] = [*saved_steps[-1:], global_step]
         barrier()
+
+    def check_finite() -> None:
+        step = _bad_step(bad_step)
+        if step == -1:
+            return
+        kept = _keep_good_checkpoint(ckpt_path, prev_path, saved_steps, step)
+        where = f"optimiser step {step + 1}" if step >= 0 else "another process"
+        raise NonFiniteLossError(f"{task.name}: the loss became NaN/inf at {where} (epoch {epoch + 1}); {kept}")
 
     set_epoch = getattr(dataset, "set_epoch", None)
     for epoch in range(start_epoch, cfg.epochs):
@@ -344,7 +393,7 @@ def fit(
             at_log = global_step % log_every == 0
             at_ckpt = ckpt_every and global_step % ckpt_every == 0
             if at_log or at_ckpt or batch_idx == steps_per_epoch:
-                _check_finite(bad_step, task.name, epoch, ckpt_path)
+                check_finite()
             if at_log:
                 # running means of the epoch so far, averaged over the ranks (all ranks take part)
                 means = {k: float(all_reduce_sum(v.to(device))) / (count * world_size()) for k, v in sums.items()}
@@ -380,17 +429,59 @@ def fit(
     return result
 
 
-def _check_finite(bad_step: torch.Tensor, name: str, epoch: int, ckpt_path: Path) -> None:
-    """Raise if any micro-step since the last check had a non-finite loss (one sync per check)."""
+def _bad_step(bad_step: torch.Tensor) -> int:
+    """The first step (0-based) since the last check whose loss was non-finite; -1 if none, -2 if
+    only another process saw one (one sync per check)."""
     step = int(bad_step.item())
     if world_size() > 1:
         any_bad = all_reduce_sum(torch.tensor(float(step >= 0), device=bad_step.device))
         if float(any_bad) > 0 and step < 0:
             step = -2
-    if step != -1:
-        kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-        where = f"optimiser step {step + 1}" if step >= 0 else "another process"
-        raise NonFiniteLossError(f"{name}: the loss became NaN/inf at {where} (epoch {epoch + 1}); {kept}")
+    return step
+
+
+def _link_previous(ckpt_path: Path, prev_path: Path) -> None:
+    """Keep the current checkpoint as ``prev_path`` (a hard link, else a copy) before it is replaced."""
+    import os
+    import shutil
+
+    if not ckpt_path.exists():
+        return
+    tmp = prev_path.with_name(f".{prev_path.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        shutil.copy2(ckpt_path, tmp)
+    os.replace(tmp, prev_path)
+
+
+def _keep_good_checkpoint(ckpt_path: Path, prev_path: Path, saved_steps: list[int], bad: int) -> str:
+    """After a non-finite loss at step ``bad`` (computed with the weights after ``bad`` updates),
+    keep a checkpoint whose weights came before the diverging update: the newest one if it was taken
+    before step ``bad``, else the one before it (``prev_path``). With no older one, the newest stays
+    in place (a resume must not silently start from scratch) and the message says what it holds.
+    Returns what was kept, for the message."""
+    newest = saved_steps[-1] if saved_steps else None
+    if newest is None or not ckpt_path.exists():
+        return f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+    if bad >= 0 and newest < bad:
+        return f"last good checkpoint kept at {ckpt_path}"
+    older = saved_steps[-2] if len(saved_steps) > 1 else None
+    if older is None and prev_path.exists():  # resumed: the one before the checkpoint resumed from
+        try:
+            older = int(load_checkpoint(prev_path)["global_step"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            older = None
+    if older is not None and older < newest and prev_path.exists():
+        barrier()
+        if is_main():
+            prev_path.replace(ckpt_path)
+        barrier()
+        return (f"kept the checkpoint of step {older} at {ckpt_path}, taken before the diverging update "
+                f"(the one of step {newest} already held its result)")
+    return (f"the only checkpoint, of step {newest}, was taken after the diverging update (its weights may "
+            f"already be bad); kept at {ckpt_path}")
 
 
 def _split(batch: Any, parts: int) -> list[Any]:

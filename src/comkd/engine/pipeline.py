@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import AugmentConfig, RunConfig, save_config
-from ..data import build_dataset, build_transform
+from ..config import AugmentConfig, ConfigError, RunConfig, save_config
+from ..data import DataError, build_dataset, build_transform, load_splits, promptsrc_templates
 from ..data.dataset import ImageDataset
 from ..losses import build_loss, method_spec, paper_kd_weight
 from ..models import (
+    RANDOM_WEIGHTS,
     PreprocessSpec,
     Student,
     Teacher,
@@ -23,6 +24,7 @@ from ..models import (
     create_teacher,
     load_clip,
     save_clip_weights,
+    uses_quick_gelu,
 )
 from .loop import fit
 from .tasks import (
@@ -141,6 +143,14 @@ def make_dataset(
     )
     if ds.skipped:
         log.warning("%s/%s: %d bad images skipped (skip_bad=true)", cfg.data.dataset, split, len(ds.skipped))
+    # one class trains with a zero loss and fails at evaluation: refuse it up front
+    where = f"dataset {cfg.data.dataset!r}" + (f" ({cfg.data.root})" if cfg.data.root else "")
+    if len(ds.full_classnames) < 2:
+        raise DataError(f"{where} has {len(ds.full_classnames)} class {ds.full_classnames}; "
+                        "training and evaluation need at least 2")
+    if shots and len(ds.classnames) < 2:
+        raise DataError(f"the {subsample!r} classes of {where} are only {ds.classnames}; "
+                        "prompt learning needs at least 2")
     return ds
 
 
@@ -154,11 +164,14 @@ def _loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
     )
 
 
-def _start(cfg: RunConfig, out_dir: str | Path, resume: bool) -> tuple[Path, torch.device, MetricsLog]:
+def _start(cfg: RunConfig, out_dir: str | Path, resume: bool,
+           stage: str | None = None) -> tuple[Path, torch.device, MetricsLog]:
     init_distributed()
     out = Path(out_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    if resume and stage is not None:
+        _check_resume_config(cfg, out / "config.yaml", stage)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -166,6 +179,29 @@ def _start(cfg: RunConfig, out_dir: str | Path, resume: bool) -> tuple[Path, tor
             (out / "metrics.jsonl").unlink(missing_ok=True)
     tb = out / "tensorboard" if cfg.tensorboard else None
     return out, device, MetricsLog(out / "metrics.jsonl", enabled=is_main(), tensorboard_dir=tb)
+
+
+def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
+    """``--resume`` with optimiser/schedule settings of ``stage`` (a config section) other than the
+    run's (its ``config.yaml``) is refused before ``config.yaml`` is rewritten, so it never claims
+    settings not in effect."""
+    import yaml
+
+    from .loop import optim_settings
+
+    if not path.is_file():
+        return
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
+    saved = (old.get(stage) or {}).get("optim") or {}
+    for k, v in optim_settings(getattr(cfg, stage).optim).items():
+        if k in saved and saved[k] != v:
+            raise ConfigError(
+                f"--resume: {stage}.optim.{k} is {v!r} now but the run in {path.parent} was started with "
+                f"{saved[k]!r}; resume with the same settings or start a new run in another folder"
+            )
 
 
 def _fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: MetricsLog, resume: bool) -> dict:
@@ -196,13 +232,26 @@ def clip_zero_shot(model, tokenizer, ds: ImageDataset, templates: list[str], loa
     return accuracy(preds, labels)
 
 
+def pretrain_eval_split(cfg: RunConfig) -> str:
+    """The split stage 0 is scored on: ``pretrain.eval_split`` if set, else ``val`` where the
+    dataset has one (choices made on stage 0 must not look at test data), else ``test``."""
+    if cfg.pretrain.eval_split:
+        return cfg.pretrain.eval_split
+    kw = {k: v for k, v in _dataset_kwargs(cfg).items() if k != "digits_size"}
+    if load_splits(cfg.data.dataset, cfg.data.root, **kw).val:
+        return "val"
+    log.warning("%s has no val split: stage 0 is scored on test", cfg.data.dataset)
+    return "test"
+
+
 def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] = ("teacher", "student"),
                  resume: bool = False) -> dict[str, Any]:
     """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
     Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
-    accuracy on ``pretrain.eval_split``."""
-    out, device, metrics = _start(cfg, out_dir, resume)
+    accuracy on ``pretrain_eval_split(cfg)``."""
+    out, device, metrics = _start(cfg, out_dir, resume, stage="pretrain")
     results: dict[str, Any] = {}
+    eval_split = pretrain_eval_split(cfg)
     for role in which:
         mcfg = cfg.teacher if role == "teacher" else cfg.student
         loaded = load_clip(mcfg.model, mcfg.pretrained, image_size=cfg.data.image_size,
@@ -218,11 +267,11 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
         if is_main():
             save_clip_weights(loaded.model, path, loaded.name, loaded.config)
         barrier()
-        test = make_dataset(cfg, cfg.pretrain.eval_split, loaded.preprocess, train=False)
+        test = make_dataset(cfg, eval_split, loaded.preprocess, train=False)
         acc = clip_zero_shot(loaded.model, loaded.tokenizer, test, ds.templates, _loader(cfg, test, device), device)
-        results[role] = {"weights": str(path), "zero_shot_acc": acc}
-        metrics.log({"stage": task.name, "type": "eval", "split": cfg.pretrain.eval_split, "acc": acc})
-        log.info("pretrain %s: zero-shot %s acc %.2f%%", role, cfg.pretrain.eval_split, acc)
+        results[role] = {"weights": str(path), "zero_shot_acc": acc, "eval_split": eval_split}
+        metrics.log({"stage": task.name, "type": "eval", "split": eval_split, "acc": acc})
+        log.info("pretrain %s: zero-shot %s acc %.2f%%", role, eval_split, acc)
     if is_main():
         write_json(out / "results.json", {"stage": "pretrain", **results})
     return results
@@ -234,12 +283,13 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     (``teacher_train.subsample``). Writes ``teacher_prompts.safetensors``."""
     from safetensors.torch import save_file
 
-    out, device, metrics = _start(cfg, out_dir, resume)
+    out, device, metrics = _start(cfg, out_dir, resume, stage="teacher_train")
     teacher = build_teacher(cfg, device, prompts="")
     tt = cfg.teacher_train
     ds = make_dataset(cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True,
                       augment=tt.augment)
-    task = TeacherPromptTask(teacher, ds.classnames, ds.templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight)
+    templates = promptsrc_templates() if tt.text_templates == "promptsrc" else ds.templates
+    task = TeacherPromptTask(teacher, ds.classnames, templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight)
     fit(task, ds, tt.optim, **_fit_kwargs(cfg, out, device, metrics, resume))
     path = out / TEACHER_PROMPTS
     if is_main():
@@ -265,7 +315,7 @@ def save_student(student: Student, path: str | Path, cfg: RunConfig, method: str
             "vision_depth": student.visual.depth if hasattr(student.visual, "depth") else 0,
             "edu_heads": cfg.student.edu_heads, "edu_attn_dim": cfg.student.edu_attn_dim,
             "edu_shared_fc": cfg.student.edu_shared_fc, "attend": student.attend,
-            "image_size": student.preprocess.image_size, "quick_gelu": cfg.student.quick_gelu,
+            "image_size": student.preprocess.image_size, "quick_gelu": uses_quick_gelu(student.visual),
             "edu_mode": student.edu_attention.mode if student.edu_attention is not None else "paper",
             "projector": student.projector_kind, "projector_bn": student.projector_bn, "scope": student.scope,
         }),
@@ -273,9 +323,27 @@ def save_student(student: Student, path: str | Path, cfg: RunConfig, method: str
         "comkd.preprocess": json.dumps(student.preprocess.__dict__),
     }
     sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
+    meta[STUDENT_DIGEST_KEY] = _student_digest(sd, meta)
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+STUDENT_DIGEST_KEY = "comkd.sha256"
+_STUDENT_META = ("comkd.student_config", "comkd.classnames", "comkd.preprocess")
+
+
+def _student_digest(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and the metadata that rebuilds the
+    student, so a flipped bit or an edited field is caught at load."""
+    import hashlib
+
+    from .cache import tensor_digest
+
+    h = hashlib.sha256(tensor_digest(sorted(sd.items())).encode())
+    for k in _STUDENT_META:
+        h.update(f"\n{k}={meta.get(k)}".encode())
+    return h.hexdigest()
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
@@ -288,23 +356,41 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"student file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - truncated, empty or not safetensors at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is not a readable safetensors student file: {first[:200]}") from None
     if "comkd.student_config" not in meta:
         raise ModelError(f"{path} is not a comkd student file (no comkd.student_config metadata)")
-    c = json.loads(meta["comkd.student_config"])
-    spec = method_spec(c["method"])
-    student = create_student(
-        c["model"], None, teacher_dim=c["teacher_dim"], vision_tokens=c["vision_tokens"],
-        vision_depth=c["vision_depth"], edu_attention=spec["edu_attention"], edu_heads=c["edu_heads"],
-        edu_attn_dim=c["edu_attn_dim"], edu_shared_fc=c["edu_shared_fc"], attend=c["attend"],
-        logit_scale=1.0, image_size=c["image_size"], quick_gelu=c["quick_gelu"] or None, device=device,
-        edu_mode=c.get("edu_mode", "paper"), projector=c.get("projector", "mlp"),
-        projector_bn=c.get("projector_bn", "train"), scope=c.get("scope", "prompts"),
-    )
-    sd = load_file(str(path))
-    student.set_text_features(sd["text_features"], json.loads(meta["comkd.classnames"]))
-    student.load_state_dict(sd, strict=True)
+    if STUDENT_DIGEST_KEY not in meta:
+        log.warning("%s has no %s digest (written by an older comkd): not verified", path, STUDENT_DIGEST_KEY)
+    elif meta[STUDENT_DIGEST_KEY] != _student_digest(sd, meta):
+        raise ModelError(
+            f"{path} is corrupt or was edited: its tensors or metadata do not match the sha256 stored in it "
+            f"({STUDENT_DIGEST_KEY}); re-copy or re-create the file"
+        )
+    try:
+        c = json.loads(meta["comkd.student_config"])
+        classnames = json.loads(meta.get("comkd.classnames", "[]"))
+        spec = method_spec(c["method"])
+        student = create_student(
+            c["model"], RANDOM_WEIGHTS, teacher_dim=c["teacher_dim"], vision_tokens=c["vision_tokens"],
+            vision_depth=c["vision_depth"], edu_attention=spec["edu_attention"], edu_heads=c["edu_heads"],
+            edu_attn_dim=c["edu_attn_dim"], edu_shared_fc=c["edu_shared_fc"], attend=c["attend"],
+            logit_scale=1.0, image_size=c["image_size"], quick_gelu=c["quick_gelu"] or None, device=device,
+            edu_mode=c.get("edu_mode", "paper"), projector=c.get("projector", "mlp"),
+            projector_bn=c.get("projector_bn", "train"), scope=c.get("scope", "prompts"),
+        )
+        if "text_features" not in sd:
+            raise ModelError("no text_features tensor (the stored W)")
+        student.set_text_features(sd["text_features"], classnames)
+        student.load_state_dict(sd, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # edited metadata, missing/extra tensors
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+        raise ModelError(f"{path}: does not rebuild a student: {what}") from None
     return student.eval()
 
 
@@ -334,10 +420,15 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     images of all classes. Writes ``student.safetensors``. ``step0_fn(student)``, when given, scores
     the student before the first step; its result is returned as ``step0`` (after the warm start
     when there is one, with the score of the random-init projector under ``step0["random_init"]``)."""
-    out, device, metrics = _start(cfg, out_dir, resume)
+    if cfg.distill.select == "promptkd" and eval_fn is None:
+        raise ConfigError(
+            "distill.select: 'promptkd' picks the epoch with the best test accuracy, which needs an "
+            "evaluation set; only `comkd run` has one. Use distill.select=last here"
+        )
+    out, device, metrics = _start(cfg, out_dir, resume, stage="distill")
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
-        from .cache import CachedTeacherOutputs, read_cache_info
+        from .cache import CachedTeacherOutputs, read_cache_info, teacher_sources
 
         info = read_cache_info(d.teacher_cache)
         want = Path(cfg.teacher.model).stem if cfg.teacher.model.endswith(".json") else cfg.teacher.model
@@ -349,7 +440,8 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         student = build_student(cfg, int(info.header["dim"]), device)
         ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
         outputs = CachedTeacherOutputs.open(d.teacher_cache, dataset=ds, device=device,
-                                            student_spec=student.preprocess)
+                                            student_spec=student.preprocess,
+                                            sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts))
         if outputs.classnames != ds.full_classnames:
             raise ValueError(f"teacher cache {d.teacher_cache}: its W is for other class names")
         w, s_t = outputs.text_features, float(outputs.logit_scale)
@@ -410,25 +502,55 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, views: int | None 
     """Store the teacher's image features for ``views`` augmented views (default: one per
     distillation epoch) of every ``distill.split`` image in ``out_dir/teacher_cache.bin``; then
     ``distill --teacher-cache`` with the same seed never runs the teacher."""
-    from .cache import build_teacher_cache
+    from .cache import build_teacher_cache, teacher_sources
 
+    k = views if views is not None else cfg.distill.optim.epochs
+    if k < 1:
+        raise ConfigError(f"views: must be >= 1, got {k}")
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of float16, bfloat16, float32")
     out, device, _ = _start(cfg, out_dir, resume=False)
     teacher = build_teacher(cfg, device)
     student = build_student(cfg, teacher.embed_dim, device)
     ds = make_dataset(cfg, cfg.distill.split, student.preprocess, train=True, unlabelled=True,
                       augment=cfg.distill.augment)
-    k = views or cfg.distill.optim.epochs
     path = build_teacher_cache(
         teacher, ds, out / "teacher_cache.bin", views=k, seed=cfg.seed, batch_size=cfg.data.eval_batch_size,
         device=device, dtype=getattr(torch, dtype), student_spec=student.preprocess,
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.num_workers, sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts),
+        progress=cfg.progress,
     )
     return {"cache": str(path), "views": k, "images": len(ds), "seed": cfg.seed}
 
 
 # -- evaluation --------------------------------------------------------------------------------
+def _preview(names: list[str], k: int = 4) -> str:
+    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
+
+
+def check_student_classes(student: Student, ds: ImageDataset) -> None:
+    """Raise a ``DataError`` when ``ds``'s classes differ from those stored in the student (its W)."""
+    from ..data import DataError
+
+    mine, theirs = list(student.classnames or []), list(ds.full_classnames)
+    if not mine:  # W stored without names (Python API): only its size can be checked
+        n = int(student.text_features.shape[0])
+        if n != len(theirs):
+            raise DataError(f"the student stores W for {n} classes but dataset {ds.name!r} has {len(theirs)}")
+        return
+    if mine != theirs:
+        first = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), min(len(mine), len(theirs)))
+        raise DataError(
+            f"the student stores {len(mine)} classes ({_preview(mine)}) but dataset {ds.name!r} has "
+            f"{len(theirs)} ({_preview(theirs)}); they first differ at class {first}: evaluate the student on "
+            "the dataset (and class names) it was distilled for"
+        )
+
+
 def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float:
-    """Student accuracy on ``ds``, logits sliced from W to the dataset's classes."""
+    """Student accuracy on ``ds``, logits sliced from W to the dataset's classes. A dataset whose
+    classes are not the ones stored in the student is refused, naming both."""
+    check_student_classes(student, ds)
     device = next(student.parameters()).device
     student.eval()
     idx = ds.class_indices

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from contextlib import nullcontext
@@ -12,6 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def show_progress(enabled: bool) -> bool:
+    """Progress bars only when asked for and stderr is a terminal (a redirected run's log gets no
+    carriage-return redraws)."""
+    import sys
+
+    return bool(enabled) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
 def seed_everything(seed: int) -> None:
@@ -147,15 +158,27 @@ class MetricsLog:
             return
         keep = []
         for line in self.path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("stage") == stage and rec.get("step", -1) > step:
+            rec = _parse_line(line, self.path)
+            if rec is None or (rec.get("stage") == stage and rec.get("step", -1) > step):
                 continue
             keep.append(line)
         atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+
+
+def _parse_line(line: str, path: Path) -> dict | None:
+    """One JSONL record; a half-written line (a killed run's last) is dropped with a warning."""
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        log.warning("%s: dropping a line that is not complete JSON: %.60s", path, line)
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def read_metrics(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    return [r for r in (_parse_line(x, p) for x in p.read_text().splitlines()) if r is not None]

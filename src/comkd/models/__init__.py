@@ -1,6 +1,7 @@
 """Models: backbones, prompts, teacher, student, projector and EduAttention."""
 
 from .backbones import (
+    RANDOM_WEIGHTS,
     TINY_STUDENT,
     TINY_TEACHER,
     LoadedModel,
@@ -9,6 +10,8 @@ from .backbones import (
     load_clip,
     register_tiny_configs,
     save_clip_weights,
+    tag_quick_gelu,
+    uses_quick_gelu,
 )
 from .edu_attention import EduAttention
 from .projector import Projector
@@ -17,6 +20,7 @@ from .student import Student, StudentOutput, create_student
 from .teacher import Teacher, create_teacher
 
 __all__ = [
+    "RANDOM_WEIGHTS",
     "TINY_STUDENT",
     "TINY_TEACHER",
     "EduAttention",
@@ -34,4 +38,6 @@ __all__ = [
     "load_clip",
     "register_tiny_configs",
     "save_clip_weights",
+    "tag_quick_gelu",
+    "uses_quick_gelu",
 ]

@@ -24,6 +24,8 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_TEACHER = "comkd-tiny-teacher"
 TINY_STUDENT = "comkd-tiny-student"
 
+RANDOM_WEIGHTS = "none"  # ``pretrained: none``: random weights, asked for in so many words
+
 _registered = False
 
 
@@ -123,9 +125,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        sd = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - truncated, empty or not safetensors: name the file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"cannot read weight file {path} as safetensors: {first[:200]}") from None
     else:
         if _is_torchscript_archive(path):
             raise ModelError(
@@ -189,6 +195,8 @@ def load_local_weights(model: nn.Module, path: str | Path, model_cfg: dict, mode
             f"{path} was trained with quick_gelu={meta['comkd.quick_gelu']} but model '{model_name}' has "
             f"quick_gelu={bool(model_cfg.get('quick_gelu', False))}"
         )
+    if "comkd.embed_dim" in meta and not meta["comkd.embed_dim"].strip().isdigit():
+        raise ModelError(f"{path}: edited or corrupt metadata comkd.embed_dim={meta['comkd.embed_dim']!r}")
     if "comkd.embed_dim" in meta and int(meta["comkd.embed_dim"]) != int(model_cfg.get("embed_dim", -1)):
         raise ModelError(
             f"{path} has embedding size {meta['comkd.embed_dim']} but model '{model_name}' has "
@@ -220,6 +228,19 @@ def save_clip_weights(model: nn.Module, path: str | Path, model_name: str, model
     os.replace(tmp, path)
 
 
+def tag_quick_gelu(model_name: str, tag: str) -> bool:
+    """Whether open_clip's pretrained config for ``model_name``/``tag`` says QuickGELU (all
+    ``openai`` tags do); read from open_clip's tag metadata, nothing is downloaded."""
+    return bool(open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+
+
+def uses_quick_gelu(module: nn.Module) -> bool:
+    """Whether ``module`` was built with open_clip's QuickGELU activation."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in module.modules())
+
+
 def load_clip(
     model_name: str,
     pretrained: str | None = None,
@@ -235,12 +256,18 @@ def load_clip(
             (``comkd-tiny-teacher``), a path to a model-config JSON, ``hf-hub:org/repo``, or
             ``timm:<name>`` for an image-only timm backbone (student only).
         pretrained: an open_clip tag (``openai``, ``laion2b_s34b_b88k``), a local weight file
-            (``.pt``/``.bin``/``.safetensors``, OpenAI-style or open_clip state dict), or None
-            for random weights.
+            (``.pt``/``.bin``/``.safetensors``, OpenAI-style or open_clip state dict), or
+            ``"none"`` for random weights. None (not given) is refused for an architecture that
+            open_clip has pretrained weights for; models without tags (``comkd-tiny-*``) start
+            from random weights.
         image_size: override the config's image size.
-        quick_gelu: force QuickGELU (needed for OpenAI-style weight files).
+        quick_gelu: force QuickGELU (needed for OpenAI-style weight files); a tag whose config
+            says QuickGELU gets it without asking.
     """
     register_tiny_configs()
+    random_on_purpose = isinstance(pretrained, str) and pretrained.strip().lower() == RANDOM_WEIGHTS
+    if random_on_purpose:
+        pretrained = None
     if model_name.startswith("timm:"):
         return _load_timm(model_name, pretrained, image_size=image_size, device=device)
     model_name = _resolve_name(model_name)
@@ -252,6 +279,16 @@ def load_clip(
             f"unknown model '{model_name}'; use an open_clip name (open_clip.list_models()), a config .json, "
             f"'hf-hub:org/repo', 'timm:<name>' or one of {known}"
         )
+    tags = open_clip.list_pretrained_tags_by_model(model_name) if not is_hub else []
+    if pretrained is None and not random_on_purpose and tags:
+        raise ModelError(
+            f"model '{model_name}' has pretrained weights ({', '.join(tags[:4])}, ...) but none were given; "
+            "pass a tag or a weight file (--teacher-pretrained / --student-pretrained, or "
+            "teacher.pretrained / student.pretrained), or 'none' to train from random weights on purpose"
+        )
+    if pretrained and not local and not is_hub and not quick_gelu and tag_quick_gelu(model_name, pretrained):
+        quick_gelu = True  # the tag's weights were trained with QuickGELU (all 'openai' tags)
+        log.info("%s/%s: QuickGELU, as the pretrained tag's config says", model_name, pretrained)
     kwargs: dict[str, Any] = {}
     if image_size is not None:
         kwargs["force_image_size"] = image_size

@@ -120,11 +120,12 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def encode_templates(self, classnames: list[str], templates: list[str]) -> torch.Tensor:
-        """Frozen (un-prompted) text features averaged over templates, renormalised: ``[N, d]``."""
+        """PromptSRC's frozen text target ``[N, d]``: the frozen (un-prompted) CLIP's text features,
+        un-normalised, averaged over ``templates``, then normalised."""
         feats = []
         for t in templates:
-            tokens = self.text.tokenize([t.format(c) for c in classnames])
-            feats.append(F.normalize(self.text(tokens, prompted=False), dim=-1))
+            tokens = self.text.tokenize([t.replace("{}", c) for c in classnames])
+            feats.append(self.text(tokens, prompted=False).float())
         return F.normalize(torch.stack(feats).mean(0), dim=-1)
 
     @torch.no_grad()

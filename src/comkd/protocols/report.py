@@ -30,17 +30,34 @@ def _ordered(methods) -> list[str]:
     return [m for m in METHOD_ORDER if m in methods] + sorted(m for m in methods if m not in METHOD_ORDER)
 
 
+def hm_of_means(row: dict[str, list[float]]) -> float:
+    """The paper's HM: the harmonic mean of the mean base and the mean novel accuracy over seeds
+    (not the mean of the per-seed HMs, which is never larger)."""
+    b, n = _ms(row["base"])[0], _ms(row["novel"])[0]
+    return 2 * b * n / (b + n) if b + n else 0.0
+
+
+HM_OF_MEANS = "HM of mean base, novel (paper)"
+HM_PER_SEED = "mean of per-seed HMs"
+
+
 def results_table(datasets: dict[str, dict]) -> str:
-    """Markdown table, one block per dataset; columns base/novel/HM or accuracy."""
+    """Markdown table, one block per dataset; columns base/novel and both HMs, labelled (the
+    paper's HM of the means and the mean of per-seed HMs), or accuracy."""
     lines = []
     for ds, methods in datasets.items():
         keys = [k for k in ("base", "novel", "hm", "acc") if k in next(iter(methods.values()))]
         n = len(next(iter(next(iter(methods.values())).values())))
+        both = {"base", "novel", "hm"} <= set(keys)
+        heads = [k for k in keys if k != "hm"] + ([HM_OF_MEANS, HM_PER_SEED] if both else [])
         lines += [f"### {ds} ({n} seed{'s' if n != 1 else ''})", "",
-                  "| method | " + " | ".join(k if k != "hm" else "HM" for k in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
+                  "| method | " + " | ".join(heads) + " |",
+                  "|---|" + "---|" * len(heads)]
         for m in _ordered(methods):
-            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_fmt(methods[m][k]) for k in keys) + " |")
+            cells = [_fmt(methods[m][k]) for k in keys if k != "hm"]
+            if both:
+                cells += [f"{hm_of_means(methods[m]):.2f}", _fmt(methods[m]["hm"])]
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -111,16 +128,20 @@ def write_report(results: dict[str, Any], out: str | Path, curves: dict | None =
     lines += [
         f"Protocol `{results['protocol']}`, seeds {results.get('seeds')}, checkpoint selection `{sel}`"
         + (" (PromptKD's: picks the epoch by test accuracy; for parity only)" if sel == "promptkd" else "")
-        + ". Accuracies in percent, mean ± std over seeds.",
+        + ". Accuracies in percent, mean ± std over seeds. "
+        + f"\"{HM_OF_MEANS}\" is the paper's convention, HM(mean base, mean novel); "
+        + f"\"{HM_PER_SEED}\" averages each seed's HM." * (results["protocol"] == "base2novel"),
         "",
         results_table(results["datasets"]),
     ]
     if "average" in results:
-        lines += ["### Average over datasets (HM of the averaged base and novel)", "", "| method | base | novel | HM |",
-                  "|---|---|---|---|"]
+        lines += ["### Average over datasets", "",
+                  f"| method | base | novel | HM of the averaged base, novel (paper) | {HM_PER_SEED} |",
+                  "|---|---|---|---|---|"]
         for m in _ordered(results["average"]):
             a = results["average"][m]
-            lines.append(f"| {LABELS.get(m, m)} | {a['base']:.2f} | {a['novel']:.2f} | {a['hm']:.2f} |")
+            per_seed = f"{a['hm_per_seed']:.2f}" if "hm_per_seed" in a else "n/a"
+            lines.append(f"| {LABELS.get(m, m)} | {a['base']:.2f} | {a['novel']:.2f} | {a['hm']:.2f} | {per_seed} |")
         lines.append("")
     lines += ["![accuracy](plots/accuracy.png)", ""]
     if has_curves:

@@ -32,6 +32,36 @@ BASE2NOVEL_DATASETS = [
 ]
 CROSS_TARGETS = [d for d in BASE2NOVEL_DATASETS if d != "imagenet"]
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+# PromptKD's cross-dataset / DG student (METHOD.md sections 2 and 6): prompt depth 3 and
+# w_kd = 1000 for every target, where the user has not set them
+CROSS_STUDENT_VISION_DEPTH = 3
+CROSS_KD_WEIGHT = 1000.0
+
+
+def _vision_layers(model: str) -> int | None:
+    """The image tower's layer count from the open_clip model config (None when unknown)."""
+    import open_clip
+
+    from ..models import register_tiny_configs
+
+    register_tiny_configs()
+    name = Path(model).stem if model.endswith(".json") else model
+    layers = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("layers")
+    return layers if isinstance(layers, int) else None
+
+
+def protocol_recipe(cfg: RunConfig, protocol: str) -> RunConfig:
+    """``cfg`` with the protocol's student settings filled in where they are unset (None):
+    cross/dg get PromptKD's cross-dataset depth and w_kd; base2novel keeps the per-dataset
+    w_kd (``losses.paper_kd_weight``) and depth min(9, layers)."""
+    c = copy.deepcopy(cfg)
+    if protocol in ("cross", "dg"):
+        if c.student.vision_depth is None:  # capped at the tower's layers, as the default min(9, layers)
+            layers = _vision_layers(c.student.model)
+            c.student.vision_depth = min(CROSS_STUDENT_VISION_DEPTH, layers or CROSS_STUDENT_VISION_DEPTH)
+        if c.distill.kd_weight is None:
+            c.distill.kd_weight = CROSS_KD_WEIGHT
+    return c
 
 
 def _for_dataset(cfg: RunConfig, dataset: str | None) -> RunConfig:
@@ -157,7 +187,7 @@ def run_protocol(
             scfg.teacher_train.subsample = "all"
             tcfg = _teacher_stage(scfg, out / source / f"seed{seed}" / "teacher", resume)
             for ds_name in datasets:
-                dcfg = _for_dataset(tcfg, ds_name)
+                dcfg = protocol_recipe(_for_dataset(tcfg, ds_name), protocol)
                 if protocol == "dg":
                     dcfg.distill.split = "test"  # transductive: distilled on the target images
                 teacher = P.build_teacher(dcfg, P.resolve_device(dcfg.device))
@@ -170,6 +200,10 @@ def run_protocol(
                     _append(table, ds_name, m, _scores(res))
     results = {"protocol": protocol, "selection": cfg.distill.select, "split": cfg.eval_split, "seeds": seeds,
                "datasets": table}
+    if protocol == "base2novel":  # the paper's HM (of the means over seeds); table's "hm": per seed
+        from .report import hm_of_means
+
+        results["hm_of_means"] = {d: {m: hm_of_means(row) for m, row in t.items()} for d, t in table.items()}
     if protocol == "base2novel" and len(table) > 1:
         results["average"] = average_base2novel(table)
     write_json(out / "results.json", results)
@@ -186,11 +220,14 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def average_base2novel(table: dict) -> dict:
-    """Across datasets: mean base and novel accuracy, and the HM of those means (the paper's)."""
+    """Across datasets: mean base and novel accuracy, the HM of those means (``hm``, the paper's),
+    and the mean over datasets of the mean per-seed HM (``hm_per_seed``)."""
     out: dict[str, dict] = {}
     methods = set.intersection(*(set(v) for v in table.values()))
     for m in sorted(methods):
         base = sum(mean_std(table[d][m]["base"])[0] for d in table) / len(table)
         novel = sum(mean_std(table[d][m]["novel"])[0] for d in table) / len(table)
-        out[m] = {"base": base, "novel": novel, "hm": 2 * base * novel / (base + novel) if base + novel else 0.0}
+        per_seed = sum(mean_std(table[d][m]["hm"])[0] for d in table) / len(table)
+        out[m] = {"base": base, "novel": novel, "hm": 2 * base * novel / (base + novel) if base + novel else 0.0,
+                  "hm_per_seed": per_seed}
     return out
