@@ -11,6 +11,16 @@ METHODS=(--methods promptkd --methods comkd --methods no-ifalign --methods no-ed
 EXTRA=(--set progress=false)
 [[ "${RESUME:-0}" == 1 ]] && EXTRA+=(--resume)
 mkdir -p "$OUT"
+# STAGE0_FROM=DIR reuses the stage-0 CLIPs of an earlier run of the same presets (DIR/cifar10/...,
+# DIR/dtd10/...; e.g. the validation run of experiments/sweep_recipe.py) instead of training them again.
+if [[ -n "${STAGE0_FROM:-}" ]]; then
+  for pair in cifar10/imagefolder dtd10/dtd; do
+    if [[ ! -e "$OUT/$pair/pretrain" ]]; then
+      mkdir -p "$OUT/$pair" && cp -r "$STAGE0_FROM/$pair/pretrain" "$OUT/$pair/pretrain"
+    fi
+  done
+  EXTRA+=(--resume)
+fi
 
 run_one() {  # name preset
   local name=$1 preset=$2 t0

@@ -50,7 +50,8 @@ def main() -> None:
     args = ap.parse_args()
     base = Path(args.base)
     (ds_dir,) = [p for p in base.iterdir() if (p / "pretrain").is_dir()]
-    summary: dict = {"preset": args.preset, "split": "val", "seeds": args.seeds, "variants": {}}
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    summary: dict = {"preset": args.preset, "split": "val", "seeds": args.seeds, "code": code, "variants": {}}
     for name in args.variants:
         out = Path(args.out) / args.preset / name
         if not (out / ds_dir.name / "pretrain").exists():

@@ -448,7 +448,9 @@ def _sweep_section(paths: list[Path]) -> list[str]:
         sw = json.loads(path.read_text())
         if sw.get("split") != "val":
             raise ValueError(f"{path}: a recipe sweep must be scored on the val split, not {sw.get('split')!r}")
-        lines += [f"### `{sw['preset']}` preset, seeds {', '.join(map(str, sw['seeds']))} (from `{path.name}`)", "",
+        lines += [f"### `{sw['preset']}` preset, seeds {', '.join(map(str, sw['seeds']))} (from `{path.name}`"
+                  + (f", code {sw['code']}" if sw.get("code") else "") + ")", "",
+                  *([sw["note"] + ".", ""] if sw.get("note") else []),
                   "| variant | overrides on the preset | teacher | undistilled | PromptKD | ComKD-CLIP |",
                   "|---|---|---|---|---|---|"]
         for name, v in sw["variants"].items():
