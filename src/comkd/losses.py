@@ -94,14 +94,17 @@ class ComKDLoss(nn.Module):
         student_features: torch.Tensor,
         teacher_features: torch.Tensor,
         align_features: torch.Tensor | None = None,
+        align_targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Logits ``[B, N]``; features ``[B, d]`` (u_s and u_t). ``align_features`` ``[B, d]``: the
-        student features IFAlign matches to u_t's statistics instead of u_s (e.g. the projector
-        output before normalisation). Returns the named terms."""
+        """Logits ``[B, N]``; features ``[B, d]`` (u_s and u_t). ``align_features`` ``[B', d]``: the
+        student features IFAlign matches instead of u_s (e.g. the projector output before
+        normalisation, or the global batch gathered over ranks), with ``align_targets`` ``[B', d]``
+        the teacher features of the same images (default u_t). Returns the named terms."""
         zero = student_logits.new_zeros((), dtype=torch.float32)
         kd = self.kd_weight * kd_kl(student_logits, teacher_logits, self.temperature) if self.use_kd else zero
         a_s = student_features if align_features is None else align_features
-        align = ifalign(a_s, teacher_features, self.ifalign_stats)
+        a_t = teacher_features if align_targets is None else align_targets
+        align = ifalign(a_s, a_t, self.ifalign_stats)
         total = kd + (self.align_weight * align if self.use_ifalign else 0.0)
         out = {"kd": kd, "align": align}
         if self.feature_loss is not None:

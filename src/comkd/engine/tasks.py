@@ -8,6 +8,7 @@ from torch import nn
 
 from ..losses import ComKDLoss
 from ..models import PreprocessSpec, Student, Teacher
+from .utils import gather_batch
 
 
 class TaskBase:
@@ -191,8 +192,11 @@ class DistillTask(TaskBase):
         w = self.w.to(device=images.device)
         q_t = self.s_t * u_t.float() @ w.float().t()
         out = self._m("student", self.student)(images)
-        align = out.projected if self.ifalign_on == "projected" else None
-        return self.loss(out.logits, q_t, out.features, u_t, align_features=align)
+        # IFAlign's batch statistics are those of the global batch: under DDP every rank gathers
+        # all ranks' features (differentiably); a single process uses its batch as it is
+        align = out.projected if self.ifalign_on == "projected" else out.features
+        return self.loss(out.logits, q_t, out.features, u_t, align_features=gather_batch(align, grad=True),
+                         align_targets=gather_batch(u_t.detach()))
 
     def extra_metrics(self) -> dict[str, float]:
         edu = self.student.edu_attention

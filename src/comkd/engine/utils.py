@@ -88,6 +88,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_batch(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Concatenate every rank's ``[b, ...]`` share into the global ``[W·b, ...]`` batch (rank order).
+
+    With ``grad`` the gather is differentiable (``torch.distributed.nn.all_gather``): its backward
+    sums each rank's gradient into the owner's share, which, with DDP's gradient average, gives
+    exactly the gradient of a loss computed once on the global batch. A single process returns ``t``.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    if grad:
+        import torch.distributed.nn as dist_nn
+
+        return torch.cat(dist_nn.all_gather(t), dim=0)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
