@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -61,25 +60,9 @@ def test_resume_from_crafted_checkpoint_through_the_cli(tmp_path) -> None:
     out.mkdir()
     marker = tmp_path / "pwned"
     _write_exploit(out / "checkpoint.pt", marker)
-    cmd = [
-        sys.executable,
-        "-m",
-        "comkd.cli",
-        "distill",
-        "--teacher",
-        "comkd-tiny-teacher",
-        "--student",
-        "comkd-tiny-student",
-        "--epochs",
-        "2",
-        "--out",
-        str(out),
-        "--resume",
-        "--set",
-        "data.image_size=16",
-        "--set",
-        "progress=false",
-    ]
+    from test_resume import DISTILL
+
+    cmd = [*DISTILL, "--out", str(out), "--resume"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
