@@ -97,6 +97,8 @@ def main() -> None:
         (table,) = res["datasets"].values()
         assert res["split"] == "val"
         summary["variants"][name] = {"sets": VARIANTS[name] + args.sets, **{m: table[m]["hm"] for m in table}}
+        if name == "paper":
+            summary["variants"][name]["preset"] = f"{args.preset}_paper"
         row = {m: round(sum(v) / len(v), 2) for m, v in summary["variants"][name].items() if m != "sets"}
         print(name, row, flush=True)
     best = max(summary["variants"], key=lambda k: sum(summary["variants"][k]["comkd"]))

@@ -459,7 +459,8 @@ def _sweep_section(paths: list[Path]) -> list[str]:
                 mu, sd = mean_std(v[m])
                 cells.append(f"{mu:.2f} ± {sd:.2f}")
             mark = " (chosen)" if name == sw.get("chosen") else ""
-            sets = ", ".join(f"`{x}`" for x in v["sets"]) or "(the preset as it is)"
+            sets = ", ".join(f"`{x}`" for x in v["sets"]) or (
+                f"the `{v['preset']}` preset instead" if v.get("preset") else "(the preset as it is)")
             lines.append(f"| {name}{mark} | {sets} | " + " | ".join(cells) + " |")
         lines += ["", f"Val HM, mean ± std over seeds. Chosen: the variant with the best mean ComKD-CLIP val HM "
                       f"(`{sw.get('chosen')}`).", ""]
