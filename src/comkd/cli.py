@@ -326,5 +326,53 @@ def results_page(
     typer.echo(f"wrote {path}")
 
 
+# -- using the student (issue 11) ---------------------------------------------------------------
+@app.command("predict")
+def predict_cmd(
+    student_file: Annotated[Path, typer.Argument(help="student.safetensors, or its .onnx export.")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV or JSONL file (default: stdout).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="csv | jsonl (default: from --out's suffix).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes per image.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    runtime: Annotated[str, typer.Option(help="auto | torch | onnx (auto: by the file's suffix).")] = "auto",
+    device: Annotated[str, typer.Option(help="torch runtime: auto, cpu, cuda, ...")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
+    skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images instead of stopping.")] = False,
+) -> None:
+    """Top-k class names and probabilities for images, one row per image (CSV or JSON lines)."""
+    _setup_logging()
+    from .data.unlabelled import collect_images
+    from .deploy.predict import load_predictor, predict_files
+
+    def body():
+        model = load_predictor(student_file, runtime, device)
+        return predict_files(model, collect_images(images), out, fmt=fmt, top_k=top_k, batch_size=batch_size,
+                             progress=progress, skip_bad=skip_bad)
+
+    summary = _run(body)
+    typer.echo(json.dumps(summary, default=str), err=out is None)
+
+
+@app.command("export")
+def export_cmd(
+    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: next to the student).")] = None,
+    check_images: Annotated[list[str] | None, typer.Option(
+        "--check-images", help="Images (files, folders, globs; repeat) to check the export on.")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8: also write an int8 ONNX (dynamic quantisation).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per check batch.")] = 64,
+) -> None:
+    """A deployable student (dynamic batch, preprocessing in the file's metadata), checked against
+    PyTorch on real images: top-1 agreement and max |Δ logit|."""
+    _setup_logging()
+    from .data.unlabelled import collect_images
+    from .deploy.export import export_student
+
+    _print_json(_run(lambda: export_student(student_file, fmt, out, batch_size=batch_size, quantize=quantize,
+                                            check_images=collect_images(check_images) if check_images else ())))
+
+
 if __name__ == "__main__":  # pragma: no cover - `python -m comkd.cli` / `torchrun -m comkd.cli`
     main()

@@ -105,7 +105,7 @@ def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
 def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.data
     kw: dict[str, Any] = {"split_file": d.split_file, "skip_bad": d.skip_bad}
-    if d.dataset in ("imagefolder", "csv"):
+    if d.dataset in ("imagefolder", "csv", "unlabelled"):
         kw["classes_file"] = d.classes_file
     if d.dataset == "imagefolder":
         kw["subdir"] = d.subdir
