@@ -194,7 +194,14 @@ def evaluate(
 
     def body():
         student = P.load_student(student_file, P.resolve_device(cfg.device))
-        res = P.evaluate_student(cfg, student, split=split)
+        ecfg = cfg
+        if cfg.protocol == "full":  # the labelled test images of an own-data run (full.test)
+            from .protocols.full import eval_config
+
+            ecfg = eval_config(cfg)
+            if ecfg is None:
+                raise ConfigError("protocol full: no labelled test images; set full.test=FOLDER_OR_CSV")
+        res = P.evaluate_student(ecfg, student, split=split)
         if out is not None:
             P.write_json(Path(cfg.output_dir) / "results.json", res)
         return res
@@ -205,7 +212,7 @@ def evaluate(
 @app.command()
 def run(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
-    protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg")] = None,
+    protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg | full")] = None,
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset(s); repeat the flag.")] = None,
     root: Path | None = None,
     seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds; repeat the flag.")] = None,
