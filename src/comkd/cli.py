@@ -381,5 +381,27 @@ def export_cmd(
                                             check_images=collect_images(check_images) if check_images else ())))
 
 
+@app.command("classes")
+def classes_cmd(
+    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    names: Annotated[Path, typer.Option("--names", help="New class names, one a line.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="New student file (default: next to it).")] = None,
+    config: ConfigOpt = None, sets: SetOpt = None,
+    teacher: Annotated[str | None, typer.Option(help="The teacher it was distilled from.")] = None,
+    teacher_pretrained: Annotated[str | None, typer.Option(help="That teacher's weights.")] = None,
+    teacher_prompts: Annotated[str | None, typer.Option(help="That teacher's prompts (train-teacher).")] = None,
+    device: str | None = None,
+    force: Annotated[bool, typer.Option(help="Skip the check that the teacher is the student's own.")] = False,
+) -> None:
+    """New class names: W recomputed by the teacher's text tower and prompts, in a new student file.
+    A teacher other than the one recorded in the student file is refused."""
+    _setup_logging()
+    cfg = _cfg(config, sets, _overrides(teacher=teacher, teacher_pretrained=teacher_pretrained,
+                                        teacher_prompts=teacher_prompts, device=device), None)
+    from .deploy.classes import recompute_classes
+
+    _print_json(_run(lambda: recompute_classes(cfg, student_file, names, out, force=force)))
+
+
 if __name__ == "__main__":  # pragma: no cover - `python -m comkd.cli` / `torchrun -m comkd.cli`
     main()

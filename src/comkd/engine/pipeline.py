@@ -272,6 +272,8 @@ def save_student(student: Student, path: str | Path, cfg: RunConfig, method: str
         "comkd.classnames": json.dumps(student.classnames),
         "comkd.preprocess": json.dumps(student.preprocess.__dict__),
     }
+    if getattr(student, "teacher_identity", None):  # which teacher produced W (comkd classes checks it)
+        meta["comkd.teacher"] = json.dumps(student.teacher_identity)
     sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=meta)
@@ -305,7 +307,21 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     sd = load_file(str(path))
     student.set_text_features(sd["text_features"], json.loads(meta["comkd.classnames"]))
     student.load_state_dict(sd, strict=True)
+    student.teacher_identity = json.loads(meta["comkd.teacher"]) if "comkd.teacher" in meta else None
     return student.eval()
+
+
+def teacher_identity(teacher: Teacher | dict) -> dict[str, Any]:
+    """The teacher that produces W, as recorded in a student file: model name, input size and the
+    SHA-256 of its frozen weights and of its prompts (from the teacher, or a cache header's copy)."""
+    if not isinstance(teacher, dict):
+        from .cache import teacher_digests
+
+        teacher = teacher_digests(teacher)
+    keep = ("model", "weights_sha256", "prompts_sha256")
+    out = {k: teacher[k] for k in keep}
+    out["image_size"] = int(teacher["preprocess"]["image_size"])
+    return out
 
 
 @torch.no_grad()
@@ -360,6 +376,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         w, s_t = teacher.class_text_features(ds.full_classnames), float(teacher.logit_scale)
         outputs = TeacherOutputs(teacher, student.preprocess)
     student.set_text_features(w, ds.full_classnames)
+    student.teacher_identity = teacher_identity(info.header["teacher"] if d.teacher_cache else teacher)
     n_train = student.num_trainable()
     log.info("distill %s: student %s has %d trainable parameters (%.3f M)", d.method, cfg.student.model, n_train,
              n_train / 1e6)
