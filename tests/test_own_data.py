@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from comkd import cli
+from comkd import cli, load_student
 from comkd.config import load_config
 from comkd.data import DataError, build_dataset
 from comkd.data.dataset import ImageDataset
@@ -260,3 +260,20 @@ def test_full_protocol_without_labels_uses_the_teacher_zero_shot(tmp_path, names
     assert res["methods"]["comkd"]["train_images"] == 40 and "acc" not in res["methods"]["comkd"]
     assert Path(res["methods"]["comkd"]["student"]).is_file()
     assert "no accuracy" in (out / "report.md").read_text()
+    # new class names later, from the run's own config (the zero-shot teacher is checked and accepted)
+    (tmp_path / "new.txt").write_text("cat\ndog\n")
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "classes",
+            res["methods"]["comkd"]["student"],
+            "--names",
+            str(tmp_path / "new.txt"),
+            "--config",
+            str(out / "comkd" / "config.yaml"),
+            "--out",
+            str(tmp_path / "n.safetensors"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert load_student(tmp_path / "n.safetensors").classnames == ["cat", "dog"]
