@@ -185,6 +185,16 @@ def test_onnx_export_agrees_with_pytorch_and_runs_in_predict(student_file, tmp_p
     p = rep["parity"]
     assert p["images"] == 100 and p["top1_agreement"] == 1.0 and p["max_abs_logit_diff"] < 1e-3
     assert 0.0 <= rep["int8"]["parity"]["top1_agreement"] <= 1.0 and Path(rep["int8"]["file"]).is_file()
+    # the check images sit in class folders, so the int8 accuracy change is measured against the float student
+    s = load_student(student_file)
+    checked = sorted(str(p) for p in (CIFAR / "test").glob("*/000[0-9].jpg"))
+    preds = torch.tensor([p.indices[0] for p in s.predict(checked)])
+    labels = torch.tensor([CLASSES.index(Path(p).parent.name) for p in checked])
+    float_acc = 100.0 * float((preds == labels).float().mean())
+    assert rep["accuracy"] == pytest.approx(float_acc) and rep["int8"]["float_accuracy"] == pytest.approx(
+        float_acc
+    )
+    assert rep["int8"]["accuracy_change"] == pytest.approx(rep["int8"]["accuracy"] - float_acc)
     from comkd.deploy.onnx_runtime import OnnxStudent
 
     o = OnnxStudent(onnx_path)

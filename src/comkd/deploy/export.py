@@ -164,6 +164,22 @@ def parity(
     }
 
 
+def folder_labels(paths: Sequence[str], classnames: Sequence[str]) -> list[int] | None:
+    """The label of each image from its parent folder's name (case and ``_``/space-insensitive), or
+    None unless every folder names one of ``classnames``."""
+    index = {c.lower().replace("_", " "): i for i, c in enumerate(classnames)}
+    labels = [index.get(Path(p).parent.name.lower().replace("_", " ")) for p in paths]
+    return None if any(y is None for y in labels) else labels  # type: ignore[return-value]
+
+
+def top1_accuracy(
+    fn: Callable[[torch.Tensor], torch.Tensor], batches: Sequence[torch.Tensor], labels: Sequence[int]
+) -> float:
+    """Top-1 accuracy (%) of ``fn`` over ``batches`` against ``labels`` (in batch order)."""
+    preds = torch.cat([fn(x).float().cpu().argmax(-1) for x in batches])
+    return 100.0 * float((preds == torch.as_tensor(labels)).float().mean())
+
+
 def default_out(student_path: Path, fmt: str) -> Path:
     return student_path.with_suffix(SUFFIX[fmt])
 
@@ -181,9 +197,11 @@ def export_student(
     """Export the student file ``student_path`` to ``fmt`` (``onnx`` or ``torchscript``) and check it.
 
     ``check_images``: image files checked against the PyTorch student (its ``preprocess``); with
-    none, 16 random inputs are used and the report says so. ``quantize='int8'`` (ONNX only) also
-    writes ``<out>.int8.onnx`` (ONNX Runtime dynamic quantisation of the weights) and reports its
-    agreement with the float student. An export whose top-1 disagrees on any image is refused.
+    none, 16 random inputs are used and the report says so. When every check image sits in a folder
+    named after one of the classes, the student's top-1 accuracy on them is reported too.
+    ``quantize='int8'`` (ONNX only) also writes ``<out>.int8.onnx`` (ONNX Runtime dynamic
+    quantisation of the weights) and reports its agreement with the float student and, with class
+    folders, its accuracy and the change from the float student's (percentage points). An export whose top-1 disagrees on any image is refused.
     """
     from ..engine.pipeline import load_student
     from .predict import iter_batches, student_logits
@@ -205,9 +223,11 @@ def export_student(
     meta = export_metadata(
         student, {k: v for k, v in file_meta.items() if k in ("comkd.student_config", "comkd.teacher")}
     )
+    labels = None
     if check_images:
         batches = [x for x, _ in iter_batches(student, list(check_images), batch_size)]
         source = f"{sum(len(b) for b in batches)} images"
+        labels = folder_labels(check_images, student.classnames)
     else:
         s = student.preprocess.image_size
         g = torch.Generator().manual_seed(0)
@@ -229,8 +249,15 @@ def export_student(
         if quantize:
             qpath = out.with_name(out.stem + ".int8.onnx")
             quantize_onnx(out, qpath)
-            q = parity(ref, OnnxStudent(qpath).predict_logits, batches)
-            report["int8"] = {"file": str(qpath), "bytes": qpath.stat().st_size, "parity": q}
+            q_fn = OnnxStudent(qpath).predict_logits
+            report["int8"] = {
+                "file": str(qpath),
+                "bytes": qpath.stat().st_size,
+                "parity": parity(ref, q_fn, batches),
+            }
+            if labels is not None:  # the check images sit in class folders: the accuracy change is measurable
+                acc, acc_q = top1_accuracy(ref, batches, labels), top1_accuracy(q_fn, batches, labels)
+                report["int8"].update(accuracy=acc_q, float_accuracy=acc, accuracy_change=acc_q - acc)
     else:
         _, traced = export_torchscript(student, out, meta)
 
@@ -239,6 +266,8 @@ def export_student(
                 return traced(x.to(next(student.parameters()).device))
 
         report["parity"] = parity(ref, run_traced, batches)
+    if labels is not None:
+        report["accuracy"] = top1_accuracy(ref, batches, labels)  # class folders named after the classes
     report["bytes"] = out.stat().st_size
     p = report["parity"]
     if p["top1_agree"] != p["images"]:

@@ -123,7 +123,7 @@ def run_protocol(
     if cfg.protocol == "full":  # the user's own classes: one dataset, one seed (protocols/full.py)
         from .full import run_full
 
-        return run_full(cfg, out_dir, methods=methods, resume=resume)
+        return run_full(_for_dataset(cfg, datasets[0] if datasets else None), out_dir, methods=methods, resume=resume)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
