@@ -165,3 +165,53 @@ def test_check_teacher_names_each_differing_field() -> None:
     check_teacher(rec, dict(rec), Path("s.safetensors"))  # the same teacher passes
     with pytest.raises(ModelError, match="model 'A' \\(given: 'B'\\).*image_size"):
         check_teacher(rec, {**rec, "model": "B", "image_size": 336}, Path("s.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_student_distilled_from_a_teacher_cache_records_the_cached_teacher(tmp_path) -> None:
+    from comkd.engine.cache import read_cache_info
+
+    common = [
+        "--config",
+        "demo",
+        "--set",
+        "progress=false",
+        "--set",
+        "distill.optim.epochs=1",
+        "--set",
+        "distill.optim.warmup_epochs=0",
+        "--set",
+        "teacher.text_depth=1",
+        "--set",
+        "teacher.vision_depth=1",
+    ]
+    r = CliRunner().invoke(cli.app, ["cache-teacher", "--out", str(tmp_path / "cache"), *common])
+    assert r.exit_code == 0, r.output
+    cache = tmp_path / "cache" / "teacher_cache.bin"
+    r = CliRunner().invoke(
+        cli.app,
+        ["distill", "--teacher-cache", str(cache), "--out", str(tmp_path / "s"), "--no-evaluate", *common],
+    )
+    assert r.exit_code == 0, r.output
+    rec = load_student(tmp_path / "s" / "student.safetensors").teacher_identity
+    head = read_cache_info(cache).header["teacher"]
+    assert rec == {
+        "model": head["model"],
+        "weights_sha256": head["weights_sha256"],
+        "prompts_sha256": head["prompts_sha256"],
+        "image_size": head["preprocess"]["image_size"],
+    }
+    (tmp_path / "n.txt").write_text("zero\none\n")
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "classes",
+            str(tmp_path / "s" / "student.safetensors"),
+            "--names",
+            str(tmp_path / "n.txt"),
+            "--out",
+            str(tmp_path / "n.safetensors"),
+            *common,
+        ],
+    )
+    assert r.exit_code == 0, r.output  # the same (seeded) teacher is recognised
