@@ -277,3 +277,31 @@ def test_full_protocol_without_labels_uses_the_teacher_zero_shot(tmp_path, names
     )
     assert r.exit_code == 0, r.output
     assert load_student(tmp_path / "n.safetensors").classnames == ["cat", "dog"]
+
+
+@needs_shared
+def test_labelled_shots_and_test_sets_may_be_csv_files(tmp_path, names_file) -> None:
+    from comkd.engine.pipeline import make_dataset
+    from comkd.models import PreprocessSpec
+    from comkd.protocols.full import class_names, eval_config
+
+    rows = ["path,classname"] + [
+        f"{CIFAR / 'test' / c / f'{i:04d}.jpg'},{c}" for c in CLASSES for i in range(3)
+    ]
+    (tmp_path / "test.csv").write_text("\n".join(rows) + "\n")
+    pool = make_pool(tmp_path / "pool", range(100, 101))
+    cfg = load_config(
+        None,
+        {
+            "protocol": "full",
+            "data": {"dataset": "unlabelled", "root": str(pool), "classes_file": str(names_file)},
+            "full": {"test": str(tmp_path / "test.csv")},
+        },
+    )
+    ecfg = eval_config(cfg)
+    assert ecfg.data.dataset == "csv" and class_names(ecfg) == class_names(cfg) == CLASSES
+    ds = make_dataset(ecfg, "test", PreprocessSpec(16, (0.5,) * 3, (0.5,) * 3), train=False)
+    assert len(ds) == 30 and sorted(set(ds.labels)) == list(range(10))  # every row is a test image
+    cfg.full.test = str(tmp_path / "nothing.txt")
+    with pytest.raises(DataError, match="full.test"):
+        eval_config(cfg)
