@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -140,28 +140,48 @@ def export_torchscript(student: nn.Module, path: str | Path, meta: dict[str, str
     return path, traced
 
 
-def parity(
+def compare(
     reference: Callable[[torch.Tensor], torch.Tensor],
-    other: Callable[[torch.Tensor], torch.Tensor],
-    batches: Sequence[torch.Tensor] | Any,
-) -> dict[str, Any]:
-    """Compare two ``[B, 3, S, S] -> [B, N]`` functions on ``batches``: the share of images whose
-    top-1 class agrees, and the largest absolute logit difference."""
-    n = agree = 0
-    max_diff = 0.0
+    others: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    batches: Iterable[torch.Tensor],
+    labels: Sequence[int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run ``reference`` and each of ``others`` (``[B, 3, S, S] -> [B, N]``) over ``batches`` in one
+    pass. For each other: the images whose top-1 class agrees with the reference's, and the largest
+    absolute logit difference; with ``labels`` (in batch order) also the top-1 accuracy (%) of every
+    function, the reference under ``"reference"``."""
+    stats = {k: {"agree": 0, "max_diff": 0.0, "correct": 0} for k in others}
+    ref_correct = n = 0
     for x in batches:
-        a, b = reference(x).float().cpu(), other(x).float().cpu()
-        if a.shape != b.shape:
-            raise ModelError(f"export gives logits {list(b.shape)}, the student {list(a.shape)}")
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        max_diff = max(max_diff, float((a - b).abs().max()))
+        a = reference(x).float().cpu()
+        pa = a.argmax(-1)
+        y = torch.as_tensor(labels[n : n + len(x)]) if labels is not None else None
+        if y is not None:
+            ref_correct += int((pa == y).sum())
+        for k, fn in others.items():
+            b = fn(x).float().cpu()
+            if a.shape != b.shape:
+                raise ModelError(f"{k} gives logits {list(b.shape)}, the student {list(a.shape)}")
+            pb = b.argmax(-1)
+            st = stats[k]
+            st["agree"] += int((pa == pb).sum())
+            st["max_diff"] = max(st["max_diff"], float((a - b).abs().max()))
+            if y is not None:
+                st["correct"] += int((pb == y).sum())
         n += len(x)
-    return {
-        "images": n,
-        "top1_agree": agree,
-        "top1_agreement": agree / n if n else float("nan"),
-        "max_abs_logit_diff": max_diff,
-    }
+    out: dict[str, dict[str, Any]] = {}
+    for k, st in stats.items():
+        out[k] = {
+            "images": n,
+            "top1_agree": st["agree"],
+            "top1_agreement": st["agree"] / n if n else float("nan"),
+            "max_abs_logit_diff": st["max_diff"],
+        }
+        if labels is not None:
+            out[k]["accuracy"] = 100.0 * st["correct"] / n
+    if labels is not None:
+        out["reference"] = {"images": n, "accuracy": 100.0 * ref_correct / n}
+    return out
 
 
 def folder_labels(paths: Sequence[str], classnames: Sequence[str]) -> list[int] | None:
@@ -170,14 +190,6 @@ def folder_labels(paths: Sequence[str], classnames: Sequence[str]) -> list[int] 
     index = {c.lower().replace("_", " "): i for i, c in enumerate(classnames)}
     labels = [index.get(Path(p).parent.name.lower().replace("_", " ")) for p in paths]
     return None if any(y is None for y in labels) else labels  # type: ignore[return-value]
-
-
-def top1_accuracy(
-    fn: Callable[[torch.Tensor], torch.Tensor], batches: Sequence[torch.Tensor], labels: Sequence[int]
-) -> float:
-    """Top-1 accuracy (%) of ``fn`` over ``batches`` against ``labels`` (in batch order)."""
-    preds = torch.cat([fn(x).float().cpu().argmax(-1) for x in batches])
-    return 100.0 * float((preds == torch.as_tensor(labels)).float().mean())
 
 
 def default_out(student_path: Path, fmt: str) -> Path:
@@ -225,15 +237,19 @@ def export_student(
     )
     labels = None
     if check_images:
-        batches = [x for x, _ in iter_batches(student, list(check_images), batch_size)]
-        source = f"{sum(len(b) for b in batches)} images"
         labels = folder_labels(check_images, student.classnames)
+        source = f"{len(check_images)} images"
+
+        def batches() -> Iterator[torch.Tensor]:
+            for x, _ in iter_batches(student, list(check_images), batch_size):
+                yield x
     else:
         s = student.preprocess.image_size
-        g = torch.Generator().manual_seed(0)
-        batches = [torch.randn(16, 3, s, s, generator=g)]
         source = "16 random inputs (no --check-images given)"
-    ref = student_logits(student)
+
+        def batches() -> Iterator[torch.Tensor]:
+            yield torch.randn(16, 3, s, s, generator=torch.Generator().manual_seed(0))
+
     report: dict[str, Any] = {
         "format": fmt,
         "file": str(out),
@@ -241,33 +257,42 @@ def export_student(
         "classes": len(student.classnames),
         "image_size": student.preprocess.image_size,
     }
+    others: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     if fmt == "onnx":
-        export_onnx(student, out, meta)
         from .onnx_runtime import OnnxStudent
 
-        report["parity"] = parity(ref, OnnxStudent(out).predict_logits, batches)
+        export_onnx(student, out, meta)
+        others["export"] = OnnxStudent(out).predict_logits
         if quantize:
             qpath = out.with_name(out.stem + ".int8.onnx")
             quantize_onnx(out, qpath)
-            q_fn = OnnxStudent(qpath).predict_logits
-            report["int8"] = {
-                "file": str(qpath),
-                "bytes": qpath.stat().st_size,
-                "parity": parity(ref, q_fn, batches),
-            }
-            if labels is not None:  # the check images sit in class folders: the accuracy change is measurable
-                acc, acc_q = top1_accuracy(ref, batches, labels), top1_accuracy(q_fn, batches, labels)
-                report["int8"].update(accuracy=acc_q, float_accuracy=acc, accuracy_change=acc_q - acc)
+            others["int8"] = OnnxStudent(qpath).predict_logits
     else:
         _, traced = export_torchscript(student, out, meta)
+        device = next(student.parameters()).device
 
         def run_traced(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return traced(x.to(next(student.parameters()).device))
+                return traced(x.to(device))
 
-        report["parity"] = parity(ref, run_traced, batches)
-    if labels is not None:
-        report["accuracy"] = top1_accuracy(ref, batches, labels)  # class folders named after the classes
+        others["export"] = run_traced
+    res = compare(student_logits(student), others, batches(), labels)  # one pass over the images
+    report["parity"] = {k: v for k, v in res["export"].items() if k != "accuracy"}
+    if labels is not None:  # class folders named after the classes: accuracy is measurable
+        report["accuracy"] = res["reference"]["accuracy"]
+    if "int8" in res:
+        q = res["int8"]
+        report["int8"] = {
+            "file": str(qpath),
+            "bytes": qpath.stat().st_size,
+            "parity": {k: v for k, v in q.items() if k != "accuracy"},
+        }
+        if labels is not None:
+            report["int8"].update(
+                accuracy=q["accuracy"],
+                float_accuracy=res["reference"]["accuracy"],
+                accuracy_change=q["accuracy"] - res["reference"]["accuracy"],
+            )
     report["bytes"] = out.stat().st_size
     p = report["parity"]
     if p["top1_agree"] != p["images"]:
