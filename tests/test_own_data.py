@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from comkd import cli, load_student
@@ -305,3 +306,31 @@ def test_labelled_shots_and_test_sets_may_be_csv_files(tmp_path, names_file) -> 
     cfg.full.test = str(tmp_path / "nothing.txt")
     with pytest.raises(DataError, match="full.test"):
         eval_config(cfg)
+
+
+@pytest.mark.slow
+def test_full_protocol_on_a_labelled_dataset_uses_its_own_shots_and_test_split(tmp_path) -> None:
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--protocol",
+        "full",
+        "--config",
+        "demo",
+        "--out",
+        str(out),
+        *TINY,
+        "--set",
+        "data.dataset=digits",
+    ]
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert (
+        res["teacher_mode"] == "prompted" and len(res["classes"]) == 10
+    )  # all ten digits, no base/novel halves
+    cfg = yaml.safe_load((out / "teacher" / "config.yaml").read_text())
+    assert cfg["teacher_train"]["subsample"] == "all"
+    m = res["methods"]["comkd"]
+    assert set(m["per_class"]) == set(res["classes"]) and 0 <= m["acc"] <= 100
+    assert {"acc", "per_class"} <= set(res["teacher"]) and 0 <= res["student_zeroshot"]["acc"] <= 100
