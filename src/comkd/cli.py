@@ -473,9 +473,10 @@ def predict_cmd(
     device: Annotated[str, typer.Option(help="torch runtime: auto, cpu, cuda, ...")] = "auto",
     progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images instead of stopping.")] = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Top-k class names and probabilities for images, one row per image (CSV or JSON lines)."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     from .data.unlabelled import collect_images
     from .deploy.predict import load_predictor, predict_files
 
@@ -497,10 +498,11 @@ def export_cmd(
         "--check-images", help="Images (files, folders, globs; repeat) to check the export on.")] = None,
     quantize: Annotated[str | None, typer.Option(help="int8: also write an int8 ONNX (dynamic quantisation).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per check batch.")] = 64,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """A deployable student (dynamic batch, preprocessing in the file's metadata), checked against
     PyTorch on real images: top-1 agreement and max |Δ logit|."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     from .data.unlabelled import collect_images
     from .deploy.export import export_student
 
@@ -519,10 +521,11 @@ def classes_cmd(
     teacher_prompts: Annotated[str | None, typer.Option(help="That teacher's prompts (train-teacher).")] = None,
     device: str | None = None,
     force: Annotated[bool, typer.Option(help="Skip the check that the teacher is the student's own.")] = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """New class names: W recomputed by the teacher's text tower and prompts, in a new student file.
     A teacher other than the one recorded in the student file is refused."""
-    _setup_logging()
+    _setup_logging(verbose, quiet)
     cfg = _cfg(config, sets, _overrides(teacher=teacher, teacher_pretrained=teacher_pretrained,
                                         teacher_prompts=teacher_prompts, device=device), None)
     from .deploy.classes import recompute_classes

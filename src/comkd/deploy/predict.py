@@ -171,6 +171,8 @@ def predict_files(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    from ..engine.utils import show_progress
+
     fmt = output_format(out, fmt)
     k = min(int(top_k), len(model.classnames))
     if k < 1:
@@ -198,7 +200,7 @@ def predict_files(
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             console=Console(stderr=True),
-            disable=not progress,
+            disable=not show_progress(progress),
             transient=True,
         )
         with bar:
