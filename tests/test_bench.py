@@ -24,3 +24,10 @@ def test_quick_bench_writes_all_figures(tmp_path):
     m = on_disk["machine"]
     assert {"platform", "cpu_count", "torch", "open_clip", "device"} <= set(m)
     assert on_disk["quick"] is True and on_disk["flops_ratio_tiny_pair"] > 4
+    d = on_disk["deployed_student"]  # the deployed student in each runtime, against the eager teacher
+    for key in ("latency_ms_b1", "throughput_ips_b64"):
+        assert set(d[key]) == {"eager", "torchscript", "onnxruntime", "teacher_eager"}
+        assert all(math.isfinite(v) and v > 0 for v in d[key].values()), key
+    assert set(d["student_teacher_speedup_b64"]) == {"eager", "torchscript", "onnxruntime"}
+    assert on_disk["deployed_onnxruntime_vs_eager_b64"] == d["vs_eager_speedup_b64"]["onnxruntime"] > 0
+    assert max(d["max_abs_logit_diff_vs_eager"].values()) < 1e-3

@@ -82,6 +82,9 @@ class BenchSizes:
     paper_classes: int = 1000  # W rows for the paper-pair student (ImageNet-sized)
     scaling_reps: int = 3
     memory_steps: int = 8
+    deploy_paper: bool = True  # deployed-student runtimes: the paper pair (else the tiny pair at 32 px)
+    deploy_batch: int = 64
+    deploy_reps: int = 2
 
 
 FULL = BenchSizes()
@@ -99,6 +102,7 @@ QUICK = BenchSizes(
     paper_classes=100,
     scaling_reps=1,
     memory_steps=2,
+    deploy_paper=False,
 )
 
 
@@ -424,6 +428,20 @@ def bench_inference_paper(sz: BenchSizes, device: torch.device) -> dict[str, flo
     }
 
 
+def _deployed(sz: BenchSizes, work: Path) -> dict[str, Any]:
+    """``deployed_student`` (``comkd.deploy.bench``) and its ONNX Runtime / eager speedups."""
+    from .deploy.bench import bench_deployed
+
+    pair = (PAPER_TEACHER, PAPER_STUDENT, sz.paper_image_size) if sz.deploy_paper else (TINY_TEACHER, TINY_STUDENT, 32)
+    r = bench_deployed(*pair, sz.deploy_batch, sz.deploy_reps, sz.paper_classes, work / "deployed")
+    b = sz.deploy_batch
+    return {
+        "deployed_student": r,
+        "deployed_onnxruntime_vs_eager_b1": r["vs_eager_speedup_b1"]["onnxruntime"],
+        f"deployed_onnxruntime_vs_eager_b{b}": r[f"vs_eager_speedup_b{b}"]["onnxruntime"],
+    }
+
+
 def bench_epoch_scaling(
     teacher: Teacher, w: torch.Tensor, sz: BenchSizes, device: torch.device, work: Path
 ) -> dict[str, Any]:
@@ -678,6 +696,7 @@ def run_bench(
                 ("epoch-time scaling", lambda: bench_epoch_scaling(teacher, w, sz, dev, work)),
                 ("paper-pair inference (ViT-L/14 vs ViT-B/16)", lambda: bench_inference_paper(sz, dev)),
                 ("peak memory per stage", lambda: bench_peak_memory(dev, cache, sz, work)),
+                ("deployed student: eager / TorchScript / ONNX Runtime (CPU)", lambda: _deployed(sz, work)),
             ]
             for name, fn in sections:
                 say("bench: %s ...", name)

@@ -288,7 +288,14 @@ def evaluate(
 
     def body():
         student = P.load_student(student_file, P.resolve_device(cfg.device))
-        res = P.evaluate_student(cfg, student, split=split)
+        ecfg = cfg
+        if cfg.protocol == "full":  # the labelled test images of an own-data run (full.test)
+            from .protocols.full import eval_config
+
+            ecfg = eval_config(cfg)
+            if ecfg is None:
+                raise ConfigError("protocol full: no labelled test images; set full.test=FOLDER_OR_CSV")
+        res = P.evaluate_student(ecfg, student, split=split)
         if out is not None:
             _write_results(Path(cfg.output_dir) / "results.json", res)
         return res
@@ -299,7 +306,7 @@ def evaluate(
 @app.command()
 def run(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
-    protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg")] = None,
+    protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg | full")] = None,
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset(s); repeat the flag.")] = None,
     root: Path | None = None,
     seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds; repeat the flag.")] = None,
@@ -451,6 +458,79 @@ def results_page(
 
     path = _run(body)
     typer.echo(f"wrote {path}")
+
+
+# -- using the student (issue 11) ---------------------------------------------------------------
+@app.command("predict")
+def predict_cmd(
+    student_file: Annotated[Path, typer.Argument(help="student.safetensors, or its .onnx export.")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV or JSONL file (default: stdout).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="csv | jsonl (default: from --out's suffix).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes per image.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    runtime: Annotated[str, typer.Option(help="auto | torch | onnx (auto: by the file's suffix).")] = "auto",
+    device: Annotated[str, typer.Option(help="torch runtime: auto, cpu, cuda, ...")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
+    skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images instead of stopping.")] = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Top-k class names and probabilities for images, one row per image (CSV or JSON lines)."""
+    _setup_logging(verbose, quiet)
+    from .data.unlabelled import collect_images
+    from .deploy.predict import load_predictor, predict_files
+
+    def body():
+        model = load_predictor(student_file, runtime, device)
+        return predict_files(model, collect_images(images), out, fmt=fmt, top_k=top_k, batch_size=batch_size,
+                             progress=progress, skip_bad=skip_bad)
+
+    summary = _run(body)
+    typer.echo(json.dumps(summary, default=str), err=out is None)
+
+
+@app.command("export")
+def export_cmd(
+    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: next to the student).")] = None,
+    check_images: Annotated[list[str] | None, typer.Option(
+        "--check-images", help="Images (files, folders, globs; repeat) to check the export on.")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8: also write an int8 ONNX (dynamic quantisation).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per check batch.")] = 64,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """A deployable student (dynamic batch, preprocessing in the file's metadata), checked against
+    PyTorch on real images: top-1 agreement and max |Δ logit|."""
+    _setup_logging(verbose, quiet)
+    from .data.unlabelled import collect_images
+    from .deploy.export import export_student
+
+    _print_json(_run(lambda: export_student(student_file, fmt, out, batch_size=batch_size, quantize=quantize,
+                                            check_images=collect_images(check_images) if check_images else ())))
+
+
+@app.command("classes")
+def classes_cmd(
+    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    names: Annotated[Path, typer.Option("--names", help="New class names, one a line.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="New student file (default: next to it).")] = None,
+    config: ConfigOpt = None, sets: SetOpt = None,
+    teacher: Annotated[str | None, typer.Option(help="The teacher it was distilled from.")] = None,
+    teacher_pretrained: Annotated[str | None, typer.Option(help="That teacher's weights.")] = None,
+    teacher_prompts: Annotated[str | None, typer.Option(help="That teacher's prompts (train-teacher).")] = None,
+    device: str | None = None,
+    force: Annotated[bool, typer.Option(help="Skip the check that the teacher is the student's own.")] = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """New class names: W recomputed by the teacher's text tower and prompts, in a new student file.
+    A teacher other than the one recorded in the student file is refused."""
+    _setup_logging(verbose, quiet)
+    cfg = _cfg(config, sets, _overrides(teacher=teacher, teacher_pretrained=teacher_pretrained,
+                                        teacher_prompts=teacher_prompts, device=device), None)
+    from .deploy.classes import recompute_classes
+
+    _print_json(_run(lambda: recompute_classes(cfg, student_file, names, out, force=force)))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m comkd.cli` / `torchrun -m comkd.cli`

@@ -161,11 +161,24 @@ class DistillConfig:
 
 
 @dataclass
+class FullConfig:
+    """``protocol: full``, the user's own classes (no base/novel split). ``data`` is the unlabelled
+    distillation pool (e.g. ``dataset: unlabelled`` + ``classes_file``). ``shots``: labelled images
+    of all classes for the teacher's prompts (a folder of class sub-folders or a CSV; ``num_shots``
+    per class are drawn); None: the teacher is used zero-shot ("a photo of a {class}."), unless
+    ``data`` itself is labelled. ``test``: labelled test images (same forms), matched to the class
+    names; None: ``data``'s test split when it has one, else no accuracy is reported."""
+
+    shots: str | None = None
+    test: str | None = None
+
+
+@dataclass
 class RunConfig:
     seed: int = 1
     device: str = "auto"
     output_dir: str = "runs/comkd"
-    protocol: Literal["base2novel", "cross", "dg"] = "base2novel"
+    protocol: Literal["base2novel", "cross", "dg", "full"] = "base2novel"
     eval_split: str = "test"  # the split protocol runs report; `val` to choose settings without test images
     log_every: int = 10
     ckpt_every: int = 0  # also checkpoint every N optimiser steps (0: at epoch ends only)
@@ -177,6 +190,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    full: FullConfig = field(default_factory=FullConfig)
 
 
 # -- conversion ------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .folder import FOLDER_FRACTIONS, load_csv, load_image_folder
 from .records import SPLIT_NAMES, DatasetSplits, Datum
 from .splits import base_novel_split, few_shot, split_per_class, subsample_classes
 from .transforms import CLIP_MEAN, CLIP_STD, build_transform, transform_fingerprint
+from .unlabelled import collect_images, load_unlabelled_folder
 
 __all__ = [
     "CLIP_MEAN",
@@ -43,6 +44,7 @@ __all__ = [
     "base_novel_split",
     "build_dataset",
     "build_transform",
+    "collect_images",
     "derive_view_seed",
     "few_shot",
     "load_splits",
@@ -195,6 +197,19 @@ def _digits(
 ) -> DatasetSplits:
     _no_split_file("digits", split_file)
     return load_digits_splits(fractions, split_seed)
+
+
+@register_dataset("unlabelled")
+def _unlabelled(
+    root: str,
+    *,
+    split_file: str | None = None,
+    skip_bad: bool = False,
+    classes_file: str | None = None,
+    templates: Sequence[str] = ("a photo of a {}.",),
+) -> DatasetSplits:
+    _no_split_file("unlabelled", split_file)
+    return load_unlabelled_folder(root, classes_file=classes_file, templates=templates)
 
 
 def load_splits(name: str, root: str | None = None, **kw: Any) -> DatasetSplits:

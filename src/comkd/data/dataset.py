@@ -114,6 +114,8 @@ class ImageDataset(Dataset):
         where = f" ({source})" if source else ""
         n = len(self.classnames)
         for d in data:
+            if self.unlabelled and d.label == -1:  # no label at all (comkd.data.unlabelled)
+                continue
             if not isinstance(d.label, int) or not 0 <= d.label < n:
                 raise DataError(
                     f"label {d.label!r} of {d.path}{where} is outside the class list of {name or 'the dataset'} "

@@ -100,6 +100,8 @@ def base_novel_split(
     """
     keep = subsample_classes(classnames, which)
     for d in data:
+        if d.label == -1 and which == "all":  # an unlabelled image (comkd.data.unlabelled)
+            continue
         if not 0 <= d.label < len(classnames):
             raise DataError(
                 f"label {d.label} of {d.path} is outside the class list (0..{len(classnames) - 1})"

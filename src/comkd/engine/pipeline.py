@@ -107,7 +107,7 @@ def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
 def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.data
     kw: dict[str, Any] = {"split_file": d.split_file, "skip_bad": d.skip_bad}
-    if d.dataset in ("imagefolder", "csv"):
+    if d.dataset in ("imagefolder", "csv", "unlabelled"):
         kw["classes_file"] = d.classes_file
     if d.dataset == "imagefolder":
         kw["subdir"] = d.subdir
@@ -322,6 +322,8 @@ def save_student(student: Student, path: str | Path, cfg: RunConfig, method: str
         "comkd.classnames": json.dumps(student.classnames),
         "comkd.preprocess": json.dumps(student.preprocess.__dict__),
     }
+    if getattr(student, "teacher_identity", None):  # which teacher produced W (comkd classes checks it)
+        meta["comkd.teacher"] = json.dumps(student.teacher_identity)
     sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
     meta[STUDENT_DIGEST_KEY] = _student_digest(sd, meta)
     tmp = path.with_name(path.name + ".tmp")
@@ -388,10 +390,24 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
             raise ModelError("no text_features tensor (the stored W)")
         student.set_text_features(sd["text_features"], classnames)
         student.load_state_dict(sd, strict=True)
+        student.teacher_identity = json.loads(meta["comkd.teacher"]) if "comkd.teacher" in meta else None
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # edited metadata, missing/extra tensors
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
         raise ModelError(f"{path}: does not rebuild a student: {what}") from None
     return student.eval()
+
+
+def teacher_identity(teacher: Teacher | dict) -> dict[str, Any]:
+    """The teacher that produces W, as recorded in a student file: model name, input size and the
+    SHA-256 of its frozen weights and of its prompts (from the teacher, or a cache header's copy)."""
+    if not isinstance(teacher, dict):
+        from .cache import teacher_digests
+
+        teacher = teacher_digests(teacher)
+    keep = ("model", "weights_sha256", "prompts_sha256")
+    out = {k: teacher[k] for k in keep}
+    out["image_size"] = int(teacher["preprocess"]["image_size"])
+    return out
 
 
 @torch.no_grad()
@@ -452,6 +468,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         w, s_t = teacher.class_text_features(ds.full_classnames), float(teacher.logit_scale)
         outputs = TeacherOutputs(teacher, student.preprocess)
     student.set_text_features(w, ds.full_classnames)
+    student.teacher_identity = teacher_identity(info.header["teacher"] if d.teacher_cache else teacher)
     n_train = student.num_trainable()
     log.info("distill %s: student %s has %d trainable parameters (%.3f M)", d.method, cfg.student.model, n_train,
              n_train / 1e6)

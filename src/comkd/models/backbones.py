@@ -57,6 +57,13 @@ class PreprocessSpec:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
 
+    def __call__(self, image):
+        """The test-time transform: PIL image -> normalised ``[3, image_size, image_size]`` tensor
+        (resize the shorter side, centre crop; ``comkd.data.transforms.EvalTransform``)."""
+        from ..data.transforms import build_transform
+
+        return build_transform(self.image_size, self.mean, self.std, self.interpolation, train=False)(image)
+
 
 @dataclass
 class LoadedModel:

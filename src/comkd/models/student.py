@@ -173,6 +173,14 @@ class Student(nn.Module):
         logits = self.logit_scale * F.normalize(f_e, dim=-1) @ w_out.to(f_e.dtype).t()
         return StudentOutput(features=u_s, fused=f_e, logits=logits, projected=projected)
 
+    def predict(self, images, top_k: int = 5, batch_size: int = 64) -> list:
+        """Top-k class names and probabilities (``comkd.deploy.predict.Prediction``, best first)
+        for PIL images or image files (one or a list), or a batch ``[B, 3, S, S]`` already mapped
+        by ``self.preprocess`` (PIL image -> ``[3, S, S]``)."""
+        from ..deploy.predict import predict_images
+
+        return predict_images(self, images, top_k=top_k, batch_size=batch_size)
+
     def train(self, mode: bool = True) -> Student:
         super().train(mode)
         self.visual.eval()  # the tower is frozen (or fine-tuned gently): norms/dropout in inference mode

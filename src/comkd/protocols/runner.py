@@ -150,6 +150,10 @@ def run_protocol(
     source: str = "imagenet",
 ) -> dict[str, Any]:
     """Run ``cfg.protocol`` for datasets × seeds × methods; write results.json and report.md."""
+    if cfg.protocol == "full":  # the user's own classes: one dataset, one seed (protocols/full.py)
+        from .full import run_full
+
+        return run_full(_for_dataset(cfg, datasets[0] if datasets else None), out_dir, methods=methods, resume=resume)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

@@ -1,0 +1,1 @@
+"""Using a distilled student: predictions, export (ONNX / TorchScript), new class names."""

@@ -1,0 +1,97 @@
+"""New class names after distillation: recompute the student's stored W with the teacher's text
+tower and prompts, and write a new student file (``comkd classes``).
+
+The student never runs a text encoder, so new names need the teacher that produced its W: the
+student file records that teacher (``comkd.teacher``: model name, input size, SHA-256 of its frozen
+weights and of its prompts), and a teacher that differs in any of them is refused, since its text
+features live in another space than the one the student was distilled into.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..data.unlabelled import read_names_file
+from ..models.backbones import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def _save_config(cfg: RunConfig, student: Any, c: dict[str, Any]) -> RunConfig:
+    """A config that ``save_student`` writes the same student config from."""
+    out = copy.deepcopy(cfg)
+    s = out.student
+    s.model, s.edu_heads, s.edu_attn_dim = c["model"], c["edu_heads"], c["edu_attn_dim"]
+    s.edu_shared_fc, s.quick_gelu = c["edu_shared_fc"], bool(c["quick_gelu"])
+    return out
+
+
+def check_teacher(recorded: dict[str, Any] | None, current: dict[str, Any], student_path: Path) -> None:
+    """Refuse a teacher whose identity differs from the one recorded in the student file."""
+    if recorded is None:
+        raise ModelError(
+            f"{student_path} does not record which teacher produced its class text features (an older file); "
+            "pass --force to recompute W with the given teacher anyway"
+        )
+    diffs = [
+        k
+        for k in ("model", "weights_sha256", "prompts_sha256", "image_size")
+        if recorded.get(k) != current.get(k)
+    ]
+    if diffs:
+        said = ", ".join(
+            f"{k} {str(recorded.get(k))[:12]!r} (given: {str(current.get(k))[:12]!r})" for k in diffs
+        )
+        raise ModelError(
+            f"{student_path}: its W came from another teacher: {said}; give the teacher it was distilled from"
+        )
+
+
+def recompute_classes(
+    cfg: RunConfig,
+    student_path: str | Path,
+    names_file: str | Path,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write a copy of the student with W = the teacher's prompted text features of the names in
+    ``names_file`` (one a line). The teacher is built from ``cfg.teacher`` at the recorded input size."""
+    import json
+
+    from safetensors import safe_open
+
+    from ..engine.pipeline import build_teacher, load_student, resolve_device, save_student, teacher_identity
+    from ..engine.utils import seed_everything
+
+    student_path = Path(student_path)
+    names = read_names_file(str(names_file))
+    device = resolve_device(cfg.device)
+    student = load_student(student_path, device)
+    recorded = student.teacher_identity
+    tcfg = copy.deepcopy(cfg)
+    if recorded is not None and tcfg.data.image_size is None:
+        tcfg.data.image_size = recorded["image_size"]
+    seed_everything(cfg.seed)  # prompts that were never trained are drawn from the seed, as in distill
+    teacher = build_teacher(tcfg, device)
+    current = teacher_identity(teacher)
+    if not force:
+        check_teacher(recorded, current, student_path)
+    w = teacher.class_text_features(names)
+    student.set_text_features(w, names)
+    student.teacher_identity = current
+    with safe_open(str(student_path), framework="pt") as f:
+        c = json.loads((f.metadata() or {})["comkd.student_config"])
+    out = (
+        Path(out)
+        if out is not None
+        else student_path.with_name(f"{student_path.stem}-{Path(names_file).stem}.safetensors")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_student(student, out, _save_config(cfg, student, c), c["method"])
+    log.info("wrote %s: %d classes", out, len(names))
+    return {"student": str(out), "classes": names, "teacher": current, "checked": not force}

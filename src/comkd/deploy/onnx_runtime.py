@@ -1,0 +1,65 @@
+"""An exported ONNX student run by ONNX Runtime, with the same interface as the PyTorch one:
+``preprocess`` (PIL image -> ``[3, S, S]`` tensor, from the file's ``comkd.preprocess`` metadata),
+``classnames`` and ``predict(images)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.backbones import ModelError, PreprocessSpec
+from .export import spec_from_metadata
+
+
+class OnnxStudent:
+    """A comkd ONNX export (``comkd export --format onnx``) in an ONNX Runtime session.
+
+    ``providers``: ONNX Runtime execution providers (default: CPU). ``threads``: intra-op threads
+    (default: ONNX Runtime's).
+    """
+
+    def __init__(
+        self, path: str | Path, providers: list[str] | None = None, threads: int | None = None
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ModelError("--runtime onnx needs onnxruntime: pip install 'comkd[onnx]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"ONNX file not found: {path}")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(
+                str(path), opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise ModelError(f"cannot load ONNX model {path}: {type(e).__name__}: {e}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.path = path
+        self.metadata: dict[str, str] = dict(meta)
+        self.preprocess: PreprocessSpec = spec_from_metadata(meta, str(path))
+        try:
+            self.classnames: list[str] = list(json.loads(meta["comkd.classnames"]))
+        except (KeyError, ValueError):
+            raise ModelError(f"{path} has no comkd.classnames metadata (not a comkd export?)") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` preprocessed images -> ``[B, N]`` logits."""
+        s = self.preprocess.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ModelError(f"{self.path} takes images [B, 3, {s}, {s}], got {list(images.shape)}")
+        x = images.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+
+    def predict(self, images: Any, top_k: int = 5, batch_size: int = 64) -> list:
+        """As ``Student.predict``: top-k ``Prediction``s for PIL images, files or a batch."""
+        from .predict import predict_images
+
+        return predict_images(self, images, top_k=top_k, batch_size=batch_size)

@@ -1,0 +1,280 @@
+"""``--protocol full``: the user's own classes and images, no base/novel split.
+
+1. Teacher: prompt learning on ``num_shots`` labelled images of *all* classes (``full.shots``, or
+   the train split of ``data`` when it is labelled); with no labels at all the teacher is used
+   zero-shot, its text prompt being "a photo of a {class}." (no learned context, no visual prompts);
+   ``teacher.prompts`` given: those prompts, no training.
+2. Student: distilled on the unlabelled pool ``data`` (``distill.split``, default ``train``: every
+   image of an ``unlabelled`` folder) for each method.
+3. Evaluation (when there is a labelled test set: ``full.test``, or ``data``'s test split): overall
+   accuracy (the same number ``comkd evaluate`` gives), accuracy per class and a confusion matrix
+   plot, for the teacher, the undistilled student CLIP (zero-shot) and each distilled student.
+
+Folder layout of a run ``OUT``::
+
+    OUT/config.yaml, results.json, report.md, plots/confusion_<method>.png
+    OUT/teacher/         stage 1 (absent when the teacher is zero-shot or its prompts were given)
+    OUT/<method>/        stage 2: student.safetensors, metrics.jsonl, results.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig, save_config
+from ..data import DataError, load_splits
+from ..engine import pipeline as P
+from ..engine.tasks import accuracy, predict
+from ..engine.utils import atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT_PROMPT = "a photo of a"  # 4 CLIP tokens: the learnable context starts as this phrase
+
+
+def _abs_classes_file(cfg: RunConfig) -> str | None:
+    f = cfg.data.classes_file
+    if f is None or os.path.isabs(f):
+        return f
+    if not os.path.exists(f) and cfg.data.root and os.path.exists(os.path.join(cfg.data.root, f)):
+        f = os.path.join(cfg.data.root, f)
+    return os.path.abspath(f)
+
+
+def source_config(cfg: RunConfig, path: str, split: str, key: str) -> RunConfig:
+    """``cfg`` reading a labelled source instead of ``data``: a folder of class sub-folders
+    (``imagefolder``) or a ``.csv`` file, every image in ``split``, classes matched by name to the
+    class-names file of ``data``."""
+    c = copy.deepcopy(cfg)
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".csv":
+        c.data.dataset = "csv"
+    elif p.is_dir():
+        c.data.dataset = "imagefolder"
+    else:
+        raise DataError(f"{key}: {path} is neither a folder of class sub-folders nor a .csv file")
+    c.data.root, c.data.subdir, c.data.split_file = str(p), None, None
+    c.data.fractions = [0.0, 1.0, 0.0, 0.0] if split == "train" else [0.0, 0.0, 0.0, 1.0]
+    c.data.classes_file = _abs_classes_file(cfg)
+    return c
+
+
+def class_names(cfg: RunConfig) -> list[str]:
+    """The class names of ``cfg.data``."""
+    kw = P._dataset_kwargs(cfg)
+    kw.pop("digits_size", None)  # an ImageDataset option, not a loader's
+    return load_splits(cfg.data.dataset, cfg.data.root, **kw).classnames
+
+
+def _check_names(cfg: RunConfig, names: list[str], what: str) -> None:
+    got = class_names(cfg)
+    if got != names:
+        extra = [n for n in got if n not in names][:5]
+        missing = [n for n in names if n not in got][:5]
+        raise DataError(
+            f"{what} ({cfg.data.root}) has classes that differ from the class names of the pool "
+            f"({len(got)} vs {len(names)}; not in the names: {extra}; missing: {missing}; or in another order)"
+        )
+
+
+def eval_config(cfg: RunConfig) -> RunConfig | None:
+    """The config that reads the labelled test images of a ``full`` run, or None when there are none."""
+    if cfg.full.test:
+        return source_config(cfg, cfg.full.test, "test", "full.test")
+    if cfg.data.dataset != "unlabelled":
+        return copy.deepcopy(cfg)
+    return None
+
+
+def zero_shot_teacher(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with a teacher whose prompt is exactly "a photo of a {class}." (no learned prompts)."""
+    c = copy.deepcopy(cfg)
+    t = c.teacher
+    t.prompts, t.text_ctx, t.text_depth, t.ctx_init, t.vision_tokens = None, 4, 1, ZERO_SHOT_PROMPT, 0
+    return c
+
+
+def _teacher_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -> tuple[RunConfig, str]:
+    if cfg.teacher.prompts:
+        return copy.deepcopy(cfg), "given prompts"
+    if cfg.full.shots:
+        scfg = source_config(cfg, cfg.full.shots, "train", "full.shots")
+    elif cfg.data.dataset != "unlabelled":
+        scfg = copy.deepcopy(cfg)
+    else:
+        return zero_shot_teacher(cfg), "zero-shot"
+    _check_names(scfg, names, "full.shots" if cfg.full.shots else "the labelled data")
+    scfg.teacher_train.subsample = "all"
+    prompts = out / "teacher" / P.TEACHER_PROMPTS
+    if not (resume and prompts.exists()):
+        P.run_train_teacher(scfg, out / "teacher", resume=resume)
+    t = copy.deepcopy(cfg)
+    t.teacher.prompts = str(prompts)
+    return t, "prompted"
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n, n]`` counts: row = true class, column = predicted class."""
+    cm = torch.zeros(n, n, dtype=torch.long)
+    cm.index_put_((labels.long(), preds.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True)
+    return cm
+
+
+def per_class_accuracy(cm: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Accuracy (%) of each class with test images."""
+    return {
+        names[i]: 100.0 * float(cm[i, i]) / float(cm[i].sum()) for i in range(len(names)) if cm[i].sum() > 0
+    }
+
+
+def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    size = min(4 + 0.35 * n, 30)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    rows = cm.float() / cm.sum(1, keepdim=True).clamp_min(1)
+    im = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if rows[i, j] > 0.5 else "black",
+                    )
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def score(logits_fn, ecfg: RunConfig, spec, names: list[str], device: torch.device) -> dict[str, Any]:
+    """Accuracy overall and per class, and the confusion matrix, of ``logits_fn`` on the test images."""
+    ds = P.make_dataset(ecfg, "test", spec, train=False)
+    if ds.full_classnames != names:
+        raise DataError(
+            f"test set {ecfg.data.root}: its classes differ from the model's {len(names)} class names"
+        )
+    preds, labels = predict(logits_fn, P._loader(ecfg, ds, device), device)
+    cm = confusion_matrix(preds, labels, len(names))
+    return {
+        "acc": accuracy(preds, labels),
+        "images": len(ds),
+        "per_class": per_class_accuracy(cm, names),
+        "confusion": cm.tolist(),
+    }
+
+
+def run_full(
+    cfg: RunConfig, out_dir: str | Path, *, methods: list[str] | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run the ``full`` protocol (see the module docstring); writes results.json and report.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    methods = methods or [cfg.distill.method]
+    names = class_names(cfg)
+    ecfg = eval_config(cfg)
+    if ecfg is not None and cfg.full.test:
+        _check_names(ecfg, names, "full.test")
+    tcfg, mode = _teacher_stage(cfg, out, names, resume)
+    device = P.resolve_device(cfg.device)
+    results: dict[str, Any] = {
+        "protocol": "full",
+        "classes": names,
+        "teacher_mode": mode,
+        "test": ecfg.data.root if ecfg is not None else None,
+        "methods": {},
+    }
+    if ecfg is not None:
+        teacher = P.build_teacher(tcfg, device)
+        teacher.eval()
+        w = teacher.class_text_features(names)
+        results["teacher"] = score(
+            lambda x: teacher.encode_image(x) @ w.t(), ecfg, teacher.preprocess, names, device
+        )
+        del teacher
+        results["student_zeroshot"] = {"acc": P.evaluate_clip_zero_shot(ecfg, "student")["acc"]}
+    for m in methods:
+        c = copy.deepcopy(tcfg)
+        c.distill.method = m
+        mdir = out / m
+        done = mdir / "results.json"
+        if resume and done.exists():
+            res = json.loads(done.read_text())
+        else:
+            info = P.run_distill(c, mdir, resume=resume)
+            res = {
+                "method": m,
+                "student": info["student"],
+                "alpha": info["alpha"],
+                "train_images": info["train_images"],
+            }
+            if ecfg is not None:
+                student = P.load_student(info["student"], device)
+                res.update(score(lambda x, s=student: s(x).logits, ecfg, student.preprocess, names, device))
+                plot = out / "plots" / f"confusion_{m}.png"
+                plot_confusion(torch.tensor(res["confusion"]), names, plot, f"{m}: {res['acc']:.2f}% top-1")
+                res["confusion_plot"] = str(plot.relative_to(out))
+            write_json(done, res)
+        results["methods"][m] = res
+    write_json(out / "results.json", results)
+    atomic_write_text(out / "report.md", report(results))
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    """Markdown: the accuracy table, per-class accuracy and the confusion plots."""
+    names = results["classes"]
+    lines = [
+        "# Own classes (protocol full)",
+        "",
+        f"{len(names)} classes; teacher: {results['teacher_mode']}; test set: {results['test'] or 'none'}.",
+        "",
+    ]
+    if results["test"] is None:
+        lines.append("No labelled test set was given (`full.test`), so no accuracy is reported.")
+        return "\n".join(lines) + "\n"
+    rows = [
+        ("Teacher", results["teacher"]),
+        ("Student, undistilled (zero-shot)", results["student_zeroshot"]),
+    ]
+    rows += [(m, r) for m, r in results["methods"].items()]
+    lines += ["| model | top-1 (%) |", "|---|---|"] + [f"| {n} | {r['acc']:.2f} |" for n, r in rows] + [""]
+    per = [(m, r["per_class"]) for m, r in results["methods"].items()]
+    lines += [
+        "## Accuracy per class (%)",
+        "",
+        "| class | teacher | " + " | ".join(m for m, _ in per) + " |",
+        "|---|---|" + "---|" * len(per),
+    ]
+    for c in names:
+        cells = [results["teacher"]["per_class"].get(c)] + [p.get(c) for _, p in per]
+        lines.append(f"| {c} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in cells) + " |")
+    lines.append("")
+    for m, r in results["methods"].items():
+        if "confusion_plot" in r:
+            lines += [f"![confusion matrix, {m}]({r['confusion_plot']})", ""]
+    return "\n".join(lines)
