@@ -143,9 +143,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         if _is_torchscript_archive(path):
             raise ModelError(
                 f"{path} is a TorchScript archive; comkd never runs code from weight files. Convert it once, "
-                "where you trust the file, to a state dict: python -c \"import torch; "
-                f"torch.save(torch.jit.load('{path.name}').state_dict(), '{path.stem}-state.pt')\" "
-                "(or use open_clip's 'openai' tag, which loads the same weights)"
+                f"where you trust the file: load it with torch.jit in Python and torch.save its state_dict() "
+                f"to '{path.stem}-state.pt' (or use open_clip's 'openai' tag, which loads the same weights)"
             )
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
