@@ -99,7 +99,8 @@ def main() -> None:
         summary["variants"][name] = {"sets": VARIANTS[name] + args.sets, **{m: table[m]["hm"] for m in table}}
         if name == "paper":
             summary["variants"][name]["preset"] = f"{args.preset}_paper"
-        row = {m: round(sum(v) / len(v), 2) for m, v in summary["variants"][name].items() if m != "sets"}
+        row = {m: round(sum(v) / len(v), 2) for m, v in summary["variants"][name].items()
+               if m not in ("sets", "preset")}
         print(name, row, flush=True)
     best = max(summary["variants"], key=lambda k: sum(summary["variants"][k]["comkd"]))
     summary["chosen"] = best
