@@ -17,6 +17,7 @@ from comkd.config import load_config
 from comkd.deploy.classes import check_teacher
 from comkd.engine.pipeline import save_student, teacher_identity
 from comkd.models import ModelError, create_student, create_teacher, load_clip, save_clip_weights
+from conftest import TINY_DISTILL_OPTS
 
 NEW = ["cat", "dog", "bird"]
 
@@ -46,19 +47,9 @@ def distilled(tmp_path_factory) -> dict:
             str(d / "t0.safetensors"),
             "--teacher-prompts",
             str(d / "p0.safetensors"),
-            "--student",
-            "comkd-tiny-student",
             "--out",
             str(d / "run"),
-            "--set",
-            "data.image_size=16",
-            "--set",
-            "distill.optim.epochs=1",
-            "--set",
-            "distill.optim.warmup_epochs=0",
-            "--set",
-            "progress=false",
-            "--no-evaluate",
+            *TINY_DISTILL_OPTS,
         ],
     )
     assert r.exit_code == 0, r.output

@@ -20,6 +20,7 @@ from comkd.config import load_config
 from comkd.data import DataError, build_transform, collect_images
 from comkd.engine.pipeline import save_student
 from comkd.models import create_student
+from conftest import TINY_DISTILL_OPTS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COMKD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -264,19 +265,9 @@ def test_exports_of_a_distilled_student_load_in_a_fresh_process(tmp_path) -> Non
             "distill",
             "--teacher",
             "comkd-tiny-teacher",
-            "--student",
-            "comkd-tiny-student",
             "--out",
             str(tmp_path),
-            "--set",
-            "data.image_size=16",
-            "--set",
-            "distill.optim.epochs=1",
-            "--set",
-            "distill.optim.warmup_epochs=0",
-            "--set",
-            "progress=false",
-            "--no-evaluate",
+            *TINY_DISTILL_OPTS,
         ],
     )
     assert r.exit_code == 0, r.output
