@@ -44,6 +44,12 @@ class DataConfig:
     classes_file: str | None = None  # image folders / CSV: class names file
     fractions: list[float] | None = None  # image folders / CSV / digits: pretrain, train, val, test
     split_seed: int = 0  # seed of that per-class split (independent of the run seed)
+    # WebDataset shards (dataset: wds): named pools "name=start:stop" of sample ordinals over the
+    # shards in order (disjoint); a folder of class sub-folders as the test split; the training
+    # stream's shuffle buffer (samples)
+    pools: list[str] | None = None
+    test_folder: str | None = None
+    shuffle_buffer: int = 1000
 
 
 @dataclass
@@ -116,6 +122,9 @@ class PretrainConfig:
     teacher_lr: float | None = None  # per-tower override of optim.lr
     student_lr: float | None = None
     split: str = "pretrain"
+    # per-tower pools (None: ``split``): a teacher that saw much data, a student that saw little
+    teacher_split: str | None = None
+    student_split: str | None = None
     enabled: bool = False  # ``comkd run``: pre-train both CLIPs first (offline presets)
     eval_split: str | None = None  # None: 'val' where the dataset has one, else 'test' (stage-0 choices)
 
@@ -152,7 +161,7 @@ class DistillConfig:
     edu_lr_scale: float = 0.01
     split: str = "train"
     select: Literal["last", "promptkd"] = "last"
-    teacher_cache: str | None = None
+    teacher_cache: str | None = None  # a `comkd cache-teacher` file; 'auto' (comkd run): one per seed
     # METHOD.md section 8; the first value of each is the paper's reading
     ifalign_on: Literal["features", "projected"] = "features"  # u_s, or P(f) before normalisation
     projector_init: Literal["random", "ridge"] = "random"  # ridge: closed-form fit to u_t before step 1
@@ -313,6 +322,8 @@ def _validate(obj: Any, prefix: str) -> None:
         raise ConfigError(f"{prefix}crop_scale_min must be in (0, 1] and hflip in [0, 1]")
     if isinstance(obj, DataConfig) and obj.num_shots <= 0:
         raise ConfigError(f"{prefix}num_shots: must be > 0, got {obj.num_shots}")
+    if isinstance(obj, DataConfig) and obj.shuffle_buffer < 0:
+        raise ConfigError(f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {obj.shuffle_buffer}")
     if isinstance(obj, DistillConfig):
         for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale"):
             _positive_finite(getattr(obj, name), f"{prefix}{name}")

@@ -4,7 +4,8 @@ Entry points:
 
 * ``load_splits(name, root, **options) -> DatasetSplits``: every split and the class list.
 * ``build_dataset(name, root, split, transform, ...) -> ImageDataset``: one split, optionally
-  few-shot (``num_shots``) and base/novel (``subsample``), ready for a DataLoader.
+  few-shot (``num_shots``) and base/novel (``subsample``), ready for a DataLoader; a
+  ``WdsImageDataset`` (an ``IterableDataset`` streaming WebDataset shards) for ``wds`` splits.
 
 ``DATASETS`` maps each registered name to its loader ``(root, *, split_file, skip_bad, **options)``;
 add your own with ``@register_dataset("name")``. Every bad input raises ``DataError``.
@@ -28,10 +29,11 @@ from .coop import (
 from .dataset import ImageDataset, derive_view_seed
 from .errors import DataError
 from .folder import FOLDER_FRACTIONS, load_csv, load_image_folder
-from .records import SPLIT_NAMES, DatasetSplits, Datum
+from .records import DatasetSplits, Datum
 from .splits import base_novel_split, few_shot, split_per_class, subsample_classes
 from .transforms import CLIP_MEAN, CLIP_STD, build_transform, transform_fingerprint
 from .unlabelled import collect_images, load_unlabelled_folder
+from .wds import WdsImageDataset, is_wds_path, load_wds
 
 __all__ = [
     "CLIP_MEAN",
@@ -41,6 +43,7 @@ __all__ = [
     "DatasetSplits",
     "Datum",
     "ImageDataset",
+    "WdsImageDataset",
     "base_novel_split",
     "build_dataset",
     "build_transform",
@@ -113,10 +116,10 @@ for _name in (
 
 @register_dataset("imagenet")
 def _imagenet(
-    root: str, *, split_file: str | None = None, skip_bad: bool = False, classnames_file: str | None = None
+    root: str, *, split_file: str | None = None, skip_bad: bool = False, classes_file: str | None = None
 ) -> DatasetSplits:
     _no_split_file("imagenet", split_file)
-    return load_imagenet(root, classnames_file, skip_bad)
+    return load_imagenet(root, classes_file, skip_bad)
 
 
 @register_dataset("fgvc_aircraft")
@@ -131,11 +134,11 @@ def _make_variant_loader(name: str) -> Loader:
         *,
         split_file: str | None = None,
         skip_bad: bool = False,
-        classnames_file: str | None = None,
+        classes_file: str | None = None,
         imagenet_label_space: bool = False,
     ) -> DatasetSplits:
         _no_split_file(name, split_file)
-        return load_imagenet_variant(name, root, classnames_file, skip_bad, imagenet_label_space)
+        return load_imagenet_variant(name, root, classes_file, skip_bad, imagenet_label_space)
 
     loader.__name__ = f"load_{name}"
     return loader
@@ -212,6 +215,31 @@ def _unlabelled(
     return load_unlabelled_folder(root, classes_file=classes_file, templates=templates)
 
 
+@register_dataset("wds")
+def _wds(
+    root: str,
+    *,
+    split_file: str | None = None,
+    skip_bad: bool = False,
+    classes_file: str | None = None,
+    pools: Sequence[str] | None = None,
+    fractions: Sequence[float] | None = None,
+    split_seed: int = 0,
+    test_folder: str | None = None,
+    templates: Sequence[str] = ("a photo of a {}.",),
+) -> DatasetSplits:
+    _no_split_file("wds", split_file)
+    return load_wds(
+        root,
+        classes_file=classes_file,
+        pools=pools,
+        fractions=fractions,
+        split_seed=split_seed,
+        test_folder=test_folder,
+        templates=templates,
+    )
+
+
 def load_splits(name: str, root: str | None = None, **kw: Any) -> DatasetSplits:
     """Load every split of dataset ``name`` (a key of ``DATASETS``); ``kw`` go to its loader."""
     if name not in DATASETS:
@@ -239,8 +267,9 @@ def build_dataset(
     train_transform: Callable[..., Any] | None = None,
     view_seed: int | None = None,
     digits_size: int = DEFAULT_SIZE,
+    shuffle_buffer: int = 1000,
     **kw: Any,
-) -> ImageDataset:
+) -> ImageDataset | WdsImageDataset:
     """One split of a registered dataset as an ``ImageDataset``.
 
     Steps, in CoOp's order: load all splits (``load_splits(name, root, split_file=..., **kw)``);
@@ -251,9 +280,9 @@ def build_dataset(
     callers can slice teacher text features, and ``parent_class_indices`` for ImageNet-A/-R.
     An empty result raises ``DataError``; files are checked as described in ``ImageDataset``.
     """
-    if split not in SPLIT_NAMES:
-        raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLIT_NAMES)}")
     splits = load_splits(name, root, split_file=split_file, skip_bad=skip_bad, **kw)
+    if split not in splits.split_names:
+        raise DataError(f"unknown split {split!r} of dataset {name!r}; valid: {', '.join(splits.split_names)}")
     data: list[Datum] = list(splits.split(split))
     if num_shots is not None and split != "test":
         shots = min(int(num_shots), 4) if split == "val" else int(num_shots)
@@ -263,7 +292,15 @@ def build_dataset(
         raise DataError(
             f"split {split!r} of dataset {name!r} is empty (subsample={subsample!r}, num_shots={num_shots})"
         )
-    ds = ImageDataset(
+    streamed = [is_wds_path(d.path) for d in data]
+    if any(streamed) and not all(streamed):
+        raise DataError(f"split {split!r} of dataset {name!r} mixes WebDataset samples and image files")
+    cls: Any = WdsImageDataset if streamed[0] else ImageDataset
+    if streamed[0]:
+        kw_extra = {"shuffle_buffer": shuffle_buffer}
+    else:
+        kw_extra = {}
+    ds = cls(
         data,
         classnames,
         transform,
@@ -280,6 +317,7 @@ def build_dataset(
         parent_class_indices=[splits.class_indices[i] for i in idx]
         if splits.class_indices is not None
         else None,
+        **kw_extra,
     )
     ds.skipped[:0] = splits.skipped
     return ds

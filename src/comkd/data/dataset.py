@@ -56,6 +56,19 @@ def load_image_file(path: str) -> Image.Image:
         raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
 
 
+def check_labels_in_range(data: Sequence[Datum], n: int, unlabelled: bool, where: str, name: str) -> None:
+    """Every label is a class index ``0..n-1`` (or -1, no label, in an unlabelled dataset); else a
+    ``DataError`` naming the item."""
+    for d in data:
+        if unlabelled and d.label == -1:  # no label at all (comkd.data.unlabelled, unlabelled shards)
+            continue
+        if not isinstance(d.label, int) or not 0 <= d.label < n:
+            raise DataError(
+                f"label {d.label!r} of {d.path}{where} is outside the class list of {name or 'the dataset'} "
+                f"({n} classes, valid labels 0..{n - 1})"
+            )
+
+
 class ImageDataset(Dataset):
     """Images and labels for training or evaluation.
 
@@ -112,15 +125,7 @@ class ImageDataset(Dataset):
         self.digits_size = int(digits_size)
         self.skipped: list[tuple[str, str]] = []
         where = f" ({source})" if source else ""
-        n = len(self.classnames)
-        for d in data:
-            if self.unlabelled and d.label == -1:  # no label at all (comkd.data.unlabelled)
-                continue
-            if not isinstance(d.label, int) or not 0 <= d.label < n:
-                raise DataError(
-                    f"label {d.label!r} of {d.path}{where} is outside the class list of {name or 'the dataset'} "
-                    f"({n} classes, valid labels 0..{n - 1})"
-                )
+        check_labels_in_range(data, len(self.classnames), self.unlabelled, where, name)
         kept = self._check_files(list(data), skip_bad, where)
         if skip_bad:
             kept = self._check_decodable(kept)

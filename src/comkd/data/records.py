@@ -38,14 +38,24 @@ class DatasetSplits:
     templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
     class_indices: list[int] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: further named pools beside the four splits (WebDataset ``data.pools``, e.g. a student's
+    #: pre-training pool), usable wherever a split name is
+    pools: dict[str, list[Datum]] = field(default_factory=dict)
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        """The four split names, then the extra pools'."""
+        return (*SPLIT_NAMES, *self.pools)
 
     def split(self, name: str) -> list[Datum]:
-        """Return the split called ``name`` (``pretrain``, ``train``, ``val`` or ``test``)."""
+        """Return the split called ``name`` (``pretrain``, ``train``, ``val``, ``test`` or a pool)."""
         from .errors import DataError
 
+        if name in self.pools:
+            return self.pools[name]
         if name not in SPLIT_NAMES:
             raise DataError(
-                f"unknown split {name!r} for dataset {self.name!r}; valid: {', '.join(SPLIT_NAMES)}"
+                f"unknown split {name!r} for dataset {self.name!r}; valid: {', '.join(self.split_names)}"
             )
         return getattr(self, name)
 

@@ -24,8 +24,8 @@ File layout (little-endian)::
                                   dataset's ``full_classnames``)
 
 The header holds the teacher's identity (model, weights and prompt digests, key, logit scale,
-preprocessing), the dataset fingerprint (name, item count, SHA-256 of the image paths; labels are
-never read), the transform fingerprint, the seed, K, the dtype and d. Everything a distillation
+preprocessing), the dataset fingerprint (name, item count, SHA-256 of the image paths, or for
+WebDataset shards of the ``<shard>#<key>`` sample keys in row order; labels are never read), the transform fingerprint, the seed, K, the dtype and d. Everything a distillation
 run needs from the teacher (u_t, W, s_t) is in the file, so a run with a cache never has to load
 the teacher at all.
 """
@@ -232,7 +232,8 @@ def dataset_fingerprint(dataset: Any) -> dict[str, Any]:
 
     For the embedded digits (virtual ``digits://`` paths) the rendering size is included too.
     """
-    paths = [d.path for d in dataset.data]
+    ids = getattr(dataset, "item_ids", None)  # streamed shards: "<shard name>#<sample key>"
+    paths = list(ids) if ids is not None else [d.path for d in dataset.data]
     fp: dict[str, Any] = {
         "name": getattr(dataset, "name", ""),
         "items": len(paths),
@@ -348,6 +349,22 @@ class _Views(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.dataset.get_view(i, derive_view_seed(self.seed, self.k, i)), i
+
+
+class _StreamViews(torch.utils.data.IterableDataset):
+    """The same for a streaming dataset (WebDataset shards): its ``replay_stream(seed, k)`` yields
+    ``(view, label, i)`` in shard order, view k of item i drawn as ``get_view`` would."""
+
+    def __init__(self, dataset: Any, seed: int, k: int):
+        self.stream = dataset.replay_stream(seed, k)
+
+    def __iter__(self):
+        for image, _, i in self.stream:
+            yield image, i
+
+
+def _views(dataset: Any, seed: int, k: int) -> Dataset:
+    return _StreamViews(dataset, seed, k) if getattr(dataset, "streaming", False) else _Views(dataset, seed, k)
 
 
 def build_teacher_cache(
@@ -474,7 +491,7 @@ def build_teacher_cache(
         mm = np.memmap(tmp, dtype=np_dtype, mode="r+", offset=offset, shape=(int(views), n, d))
         for k in range(int(views)):
             loader = DataLoader(
-                _Views(dataset, seed, k),
+                _views(dataset, seed, k),
                 batch_size=batch_size,
                 shuffle=False,
                 num_workers=num_workers,

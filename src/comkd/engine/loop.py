@@ -117,6 +117,67 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield batch[self.rank * per_rank : (self.rank + 1) * per_rank] if len(batch) == self.batch_size else batch
 
 
+class StreamBatches:
+    """The batches of a streaming dataset (``streaming = True``, e.g. ``WdsImageDataset``) with the
+    interface of ``EpochBatchSampler``: the dataset shuffles and splits itself over the ranks
+    (``training_stream``); this rebatches what the loader workers yield into exact per-rank batches
+    of ``batch_size / world`` and stops after ``len(dataset) // batch_size`` global batches (the
+    last, short one dropped, as ``EpochBatchSampler`` does), so every rank takes the same number of
+    steps. A resumed epoch re-reads the stream and skips ``start_batch`` batches: the stream's
+    order depends only on (seed, epoch), so it sees the batches an uninterrupted run would."""
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False):
+        ws = world_size()
+        if batch_size % ws:
+            raise ValueError(f"global batch size {batch_size} is not divisible by the {ws} processes")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.per_rank = batch_size // ws
+        self.stream = dataset.training_stream(rank(), ws, seed)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        self.stream.set_epoch(epoch)
+
+    def num_batches(self) -> int:
+        return len(self.dataset) // self.batch_size
+
+    def __len__(self) -> int:
+        return self.num_batches() - self.start_batch
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = DataLoader(self.stream, batch_size=self.per_rank, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False)
+        pending: list[Any] = []
+        have, b = 0, 0
+        for part in loader:  # workers' batches end short at their last shard: re-cut to per_rank
+            pending.append(part)
+            have += len(part[0])
+            while have >= self.per_rank and b < self.num_batches():
+                batch, pending, have = _take(pending, self.per_rank), _rest(pending, self.per_rank), have - self.per_rank
+                if b >= self.start_batch:
+                    yield batch
+                b += 1
+            if b >= self.num_batches():
+                return
+        if b < self.num_batches():
+            raise RuntimeError(f"the stream of {self.dataset!r} ended after {b} of {self.num_batches()} batches")
+
+
+def _cat(parts: list[Any]) -> Any:
+    return type(parts[0])(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
+
+
+def _take(parts: list[Any], n: int) -> Any:
+    return type(parts[0])(t[:n] for t in _cat(parts))
+
+
+def _rest(parts: list[Any], n: int) -> list[Any]:
+    rest = type(parts[0])(t[n:] for t in _cat(parts))
+    return [rest] if len(rest[0]) else []
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely; the message names the file."""
@@ -265,7 +326,13 @@ def fit(
     autocast, use_scaler = amp_context(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    sampler = EpochBatchSampler(len(dataset), cfg.batch_size * cfg.grad_accum, seed)
+    streaming = bool(getattr(dataset, "streaming", False))
+    if streaming:  # the dataset streams itself (WebDataset shards): shuffled and split per rank
+        sampler: EpochBatchSampler | StreamBatches = StreamBatches(
+            dataset, cfg.batch_size * cfg.grad_accum, seed, num_workers, device.type == "cuda"
+        )
+    else:
+        sampler = EpochBatchSampler(len(dataset), cfg.batch_size * cfg.grad_accum, seed)
     steps_per_epoch = sampler.num_batches()
     if steps_per_epoch == 0:
         raise ValueError(
@@ -348,7 +415,7 @@ def fit(
             set_epoch(epoch)
         for m in mods.values():
             m.train()
-        loader = DataLoader(
+        loader = sampler if streaming else DataLoader(
             dataset,
             batch_sampler=sampler,
             num_workers=num_workers,

@@ -104,21 +104,39 @@ def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
     return train, build_transform(train=False, **kw)
 
 
-def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
+#: data-config fields handed to a dataset loader when its signature takes them (no dataset names here)
+LOADER_OPTIONS = ("split_file", "classes_file", "subdir", "fractions", "split_seed", "pools", "test_folder")
+
+
+def loader_options(cfg: RunConfig) -> dict[str, Any]:
+    """The keyword arguments of ``load_splits`` for ``cfg.data``: each of ``LOADER_OPTIONS`` the
+    dataset's loader takes (read from its signature) and that is set; one it does not take but that
+    is set to a non-default value is a one-line ``ConfigError`` naming the key."""
+    import inspect
+
+    from ..config import DataConfig
+    from ..data import DATASETS
+
     d = cfg.data
-    kw: dict[str, Any] = {"split_file": d.split_file, "skip_bad": d.skip_bad}
-    if d.dataset in ("imagefolder", "csv", "unlabelled"):
-        kw["classes_file"] = d.classes_file
-    if d.dataset == "imagefolder":
-        kw["subdir"] = d.subdir
-    if d.fractions is not None:
-        kw["fractions"] = d.fractions
-    if d.dataset in ("imagefolder", "csv", "digits"):
-        kw["split_seed"] = d.split_seed
-    if d.dataset == "digits":
-        kw["digits_size"] = d.image_size or 32
-        kw.pop("split_file")
+    kw: dict[str, Any] = {"skip_bad": d.skip_bad}
+    loader = DATASETS.get(d.dataset)
+    if loader is None:  # load_splits names the valid datasets
+        return kw
+    takes = inspect.signature(loader).parameters
+    defaults = DataConfig()
+    for name in LOADER_OPTIONS:
+        value = getattr(d, name)
+        if name in takes:
+            if value is not None:
+                kw[name] = value
+        elif value != getattr(defaults, name):
+            raise ConfigError(f"data.{name}: dataset {d.dataset!r} does not take this setting (set to {value!r})")
     return kw
+
+
+def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``loader_options`` plus the rendering size of the embedded digits (an ``ImageDataset`` option)."""
+    return {**loader_options(cfg), "digits_size": cfg.data.image_size or 32}
 
 
 def make_dataset(
@@ -139,6 +157,7 @@ def make_dataset(
         unlabelled=unlabelled,
         train_transform=train_tf if train else None,
         view_seed=cfg.seed if train else None,
+        shuffle_buffer=cfg.data.shuffle_buffer,
         **_dataset_kwargs(cfg),
     )
     if ds.skipped:
@@ -257,7 +276,8 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
         loaded = load_clip(mcfg.model, mcfg.pretrained, image_size=cfg.data.image_size,
                            quick_gelu=mcfg.quick_gelu or None, device=device)
         sub = out / role
-        ds = make_dataset(cfg, cfg.pretrain.split, loaded.preprocess, train=True, augment=cfg.pretrain.augment)
+        split = (cfg.pretrain.teacher_split if role == "teacher" else cfg.pretrain.student_split) or cfg.pretrain.split
+        ds = make_dataset(cfg, split, loaded.preprocess, train=True, augment=cfg.pretrain.augment)
         lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
         task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr)
         task.name = f"pretrain_{role}"
@@ -269,7 +289,8 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
         barrier()
         test = make_dataset(cfg, eval_split, loaded.preprocess, train=False)
         acc = clip_zero_shot(loaded.model, loaded.tokenizer, test, ds.templates, _loader(cfg, test, device), device)
-        results[role] = {"weights": str(path), "zero_shot_acc": acc, "eval_split": eval_split}
+        results[role] = {"weights": str(path), "zero_shot_acc": acc, "eval_split": eval_split,
+                         "pool": split, "pool_images": len(ds)}
         metrics.log({"stage": task.name, "type": "eval", "split": eval_split, "acc": acc})
         log.info("pretrain %s: zero-shot %s acc %.2f%%", role, eval_split, acc)
     if is_main():
@@ -441,6 +462,9 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             "distill.select: 'promptkd' picks the epoch with the best test accuracy, which needs an "
             "evaluation set; only `comkd run` has one. Use distill.select=last here"
         )
+    if cfg.distill.teacher_cache == "auto":
+        raise ConfigError("distill.teacher_cache: 'auto' (one cache per seed, shared by every method) is a setting "
+                          "of `comkd run`; here give a cache file made by `comkd cache-teacher`")
     out, device, metrics = _start(cfg, out_dir, resume, stage="distill")
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache

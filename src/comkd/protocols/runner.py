@@ -126,6 +126,11 @@ def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> d
         import json
 
         return json.loads(done.read_text())
+    if c.distill.teacher_cache == "auto":  # one cache per dataset and seed, shared by every method
+        cache = out.parent / "teacher_cache" / "teacher_cache.bin"
+        if not cache.exists():
+            P.run_cache_teacher(c, cache.parent)
+        c.distill.teacher_cache = str(cache)
     info = P.run_distill(c, out, resume=resume, eval_fn=_eval_fn(c) if c.distill.select == "promptkd" else None,
                          step0_fn=lambda s: _scores(P.evaluate_student(c, s, split=c.eval_split)))
     student = P.load_student(info["student"], P.resolve_device(c.device))

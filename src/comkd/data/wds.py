@@ -1,0 +1,514 @@
+"""WebDataset shards: streamed image pools that outgrow a folder (open_clip's and timm's convention).
+
+A shard is a plain tar file; a *sample* is the group of members sharing a key (the member path up
+to the first dot of its file name): ``<key>.jpg`` (or .jpeg/.png/.webp) and, optionally,
+``<key>.cls`` (the label index as ASCII digits, in the order of the class-names file). Shards are
+given as one brace pattern, ``DIR/name-{000000..000004}.tar`` (several joined with ``::``).
+
+Two parts:
+
+* ``load_wds(root, ...)``: the *index* of the shards: every sample's key and label, read from the
+  tar headers and the tiny ``.cls`` members, never the images. Items are ``Datum``s with the
+  virtual path ``wds://<shard>#<key>``, split into named pools (``pools``: ranges of sample
+  ordinals over the shards in order, e.g. ``["pretrain=0:30000", "val=30000:32000"]``), or per
+  class by ``fractions`` like an image folder, or all into ``train`` when the shards carry no
+  labels. ``test_folder`` adds an image folder of class sub-folders as the test split.
+* ``WdsImageDataset``: a torch ``IterableDataset`` over one pool that streams the shards with the
+  ``webdataset`` library (never extracting them) and yields ``(image, label, i)`` like
+  ``ImageDataset``, ``i`` being the item's position in the pool's key list: a teacher cache keys
+  its rows by it (its fingerprint hashes the keys), so replay is exact whatever the stream order.
+
+Splitting the stream: loader workers take whole shards (shard ``j`` of the epoch's shard order
+goes to worker ``j % workers``); distributed ranks take samples (the sample at position ``p`` of
+the epoch's stream goes to rank ``p % world``), so every sample is seen exactly once per epoch
+and the ranks' shares differ by at most one, whatever the shard sizes. Each rank reads every
+shard but decodes only its own samples. Training streams shuffle the shard order per epoch and
+the samples through a seeded buffer (``shuffle_buffer``); the order depends only on
+(seed, epoch, rank, worker), so a resumed run replays it.
+
+Bad input: a missing shard, a file that is not a tar, a truncated shard, a duplicate key, a
+sample without an image or with a bad label are one-line ``DataError``s naming the shard and key.
+An image that does not decode is an error when it is streamed, or, with ``skip_bad=True``, is found
+up front (the pool is decoded once), dropped and counted in ``dataset.skipped``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import logging
+import os
+import random
+import tarfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .dataset import check_labels_in_range, derive_view_seed
+from .errors import DataError
+from .records import DEFAULT_TEMPLATE, DatasetSplits, Datum
+
+log = logging.getLogger(__name__)
+
+WDS_SCHEME = "wds://"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LABEL_EXT = "cls"
+_MASK63 = (1 << 63) - 1
+_TRUNCATED_LOCK = threading.Lock()
+
+
+def item_path(shard: str, key: str) -> str:
+    """The virtual path of sample ``key`` of ``shard``: ``wds://<shard>#<key>``."""
+    return f"{WDS_SCHEME}{shard}#{key}"
+
+
+def is_wds_path(path: str) -> bool:
+    return path.startswith(WDS_SCHEME)
+
+
+def parse_item_path(path: str) -> tuple[str, str]:
+    """``(shard, key)`` of a ``wds://`` path."""
+    shard, _, key = path[len(WDS_SCHEME) :].rpartition("#")
+    return shard, key
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Absolute paths of the shards of a brace pattern (``a-{000..004}.tar``; ``::`` joins several).
+    A shard that does not exist is a ``DataError`` naming it."""
+    from braceexpand import braceexpand
+
+    if not spec or not str(spec).strip():
+        raise DataError("dataset 'wds' needs root= (shard files, e.g. 'DIR/name-{000000..000004}.tar')")
+    out: list[str] = []
+    for part in str(spec).split("::"):
+        for p in braceexpand(os.path.expanduser(part.strip())):
+            path = os.path.abspath(p)
+            if not os.path.isfile(path):
+                raise DataError(f"shard not found: {path} (from root {spec!r})")
+            if path in out:
+                raise DataError(f"shard {path} is listed twice in root {spec!r}")
+            out.append(path)
+    if not out:
+        raise DataError(f"root {spec!r} names no shard files")
+    return out
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The samples of one shard in tar order: their keys and labels (-1: no ``.cls`` member)."""
+
+    path: str
+    keys: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    folder, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (os.path.join(folder, stem) if folder else stem), (ext.lower() if dot else "")
+
+
+@functools.lru_cache(maxsize=256)
+def _scan(path: str, size: int, mtime_ns: int) -> ShardIndex:
+    keys: list[str] = []
+    members: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                if m.offset_data + m.size > size:
+                    raise DataError(
+                        f"shard {path} is truncated: member {m.name} ends at byte {m.offset_data + m.size}, "
+                        f"the file has {size}"
+                    )
+                key, ext = _split_name(m.name)
+                if key not in members:
+                    keys.append(key)
+                    members[key] = {}
+                elif ext in members[key] or (keys[-1] != key):
+                    raise DataError(f"shard {path}: key {key!r} appears more than once (member {m.name})")
+                members[key][ext] = m
+            # tarfile stops quietly at a header cut short: a whole tar ends with two zero blocks
+            end = tf.offset
+            tf.fileobj.seek(end)
+            tail = tf.fileobj.read(1024)
+            if len(tail) < 1024 or tail.strip(b"\0"):
+                last = f"after member {m.name}" if keys else "before its first member"
+                raise DataError(f"shard {path} is truncated: it ends {last} without the tar end-of-archive marker")
+            labels: list[int] = []
+            for key in keys:
+                ms = members[key]
+                if not any(e in ms for e in IMAGE_EXTS):
+                    raise DataError(
+                        f"shard {path}: sample {key!r} has no image ({'/'.join(IMAGE_EXTS)}); "
+                        f"members: {', '.join(sorted(ms)) or 'none'}"
+                    )
+                if LABEL_EXT not in ms:
+                    labels.append(-1)
+                    continue
+                raw = tf.extractfile(ms[LABEL_EXT]).read()  # type: ignore[union-attr]
+                try:
+                    labels.append(int(raw.decode("ascii").strip()))
+                except (UnicodeDecodeError, ValueError):
+                    raise DataError(
+                        f"shard {path}: sample {key!r} has label {raw[:20]!r} in {key}.{LABEL_EXT}; "
+                        "expected an integer class index"
+                    ) from None
+    except tarfile.TarError as exc:
+        raise DataError(f"shard {path} is truncated or not a tar file: {exc}") from None
+    except EOFError:
+        raise DataError(f"shard {path} is truncated (unexpected end of file)") from None
+    return ShardIndex(path, tuple(keys), tuple(labels))
+
+
+def scan_shard(path: str) -> ShardIndex:
+    """The index of one shard, read from its tar headers and ``.cls`` members (no image is read).
+    Cached per (path, size, modification time) for the life of the process."""
+    st = os.stat(path)
+    return _scan(path, st.st_size, st.st_mtime_ns)
+
+
+def parse_pools(pools: Sequence[str], total: int, where: str) -> dict[str, tuple[int, int]]:
+    """``["name=start:stop", ...]`` -> ``{name: (start, stop)}``: half-open ranges of sample ordinals
+    over the shards in order; ranges must lie in ``0..total`` and must not overlap."""
+    out: dict[str, tuple[int, int]] = {}
+    for entry in pools:
+        name, eq, rng = str(entry).partition("=")
+        a, colon, b = rng.partition(":")
+        try:
+            if not (eq and colon and name.strip().isidentifier()):
+                raise ValueError
+            start, stop = int(a), int(b)
+        except ValueError:
+            raise DataError(f"data.pools entry {entry!r} of {where}: expected 'name=start:stop'") from None
+        name = name.strip()
+        if not 0 <= start < stop <= total:
+            raise DataError(
+                f"data.pools entry {entry!r} of {where}: the range must lie within 0..{total} (the shards hold "
+                f"{total} samples) and not be empty"
+            )
+        if name in out:
+            raise DataError(f"data.pools of {where} names pool {name!r} twice")
+        for other, (s, e) in out.items():
+            if start < e and s < stop:
+                raise DataError(f"data.pools of {where}: pool {name!r} ({start}:{stop}) overlaps {other!r} ({s}:{e})")
+        out[name] = (start, stop)
+    return out
+
+
+def _find_classes_file(shards: list[str]) -> str | None:
+    folder = os.path.dirname(shards[0])
+    for d in (folder, os.path.dirname(folder)):
+        for fn in ("classes.tsv", "classnames.txt"):
+            if os.path.isfile(os.path.join(d, fn)):
+                return os.path.join(d, fn)
+    return None
+
+
+def load_wds(
+    root: str,
+    *,
+    classes_file: str | None = None,
+    pools: Sequence[str] | None = None,
+    fractions: Sequence[float] | None = None,
+    split_seed: int = 0,
+    test_folder: str | None = None,
+    templates: Sequence[str] = (DEFAULT_TEMPLATE,),
+    name: str = "wds",
+) -> DatasetSplits:
+    """The index of the shards of ``root`` as ``DatasetSplits`` (see the module docstring).
+
+    Class names: ``classes_file``, else a ``classes.tsv``/``classnames.txt`` in the shards' folder
+    or its parent. Without ``pools``, labelled shards are split per class by ``fractions``
+    (pretrain/train/val/test, default 0/0.6/0.1/0.3, seed ``split_seed``) and unlabelled ones go
+    to ``train``. ``test_folder``: a folder of class sub-folders read as the test split.
+    """
+    from .folder import FOLDER_FRACTIONS, load_image_folder
+    from .splits import split_per_class
+    from .unlabelled import read_names_file
+
+    shards = expand_shards(root)
+    cfile = classes_file or _find_classes_file(shards)
+    if cfile is None:
+        raise DataError(
+            f"dataset 'wds' ({root}) needs a class-names file: data.classes_file=FILE (one name a line, or a "
+            "classes.tsv), or classes.tsv next to the shards"
+        )
+    classnames = read_names_file(cfile)
+    items: list[Datum] = []
+    seen: dict[str, str] = {}
+    n = len(classnames)
+    for shard in shards:
+        idx = scan_shard(shard)
+        for key, label in zip(idx.keys, idx.labels, strict=True):
+            if key in seen:
+                raise DataError(f"sample key {key!r} is in both {seen[key]} and {shard}; keys must be unique")
+            seen[key] = shard
+            if label != -1 and not 0 <= label < n:
+                raise DataError(
+                    f"shard {shard}: sample {key!r} has label {label}, outside the {n} classes of {cfile} "
+                    f"(valid 0..{n - 1})"
+                )
+            items.append(Datum(item_path(shard, key), label, classnames[label] if label >= 0 else ""))
+    where = f"dataset 'wds' ({root})"
+    splits: dict[str, list[Datum]] = {"pretrain": [], "train": [], "val": [], "test": []}
+    extra: dict[str, list[Datum]] = {}
+    if pools:
+        for pool, (a, b) in parse_pools(pools, len(items), where).items():
+            (splits if pool in splits else extra)[pool] = items[a:b]
+    elif all(d.label >= 0 for d in items):
+        splits.update(split_per_class(items, tuple(fractions or FOLDER_FRACTIONS), split_seed))
+    else:
+        if fractions is not None:
+            raise DataError(f"{where}: data.fractions needs labels, but some samples have no .{LABEL_EXT} member")
+        splits["train"] = items
+    if test_folder is not None:
+        if splits["test"]:
+            raise DataError(f"{where}: data.test_folder and a 'test' pool both define the test split; keep one")
+        splits["test"] = load_image_folder(test_folder, classes_file=cfile, fractions=(0, 0, 0, 1)).test
+    return DatasetSplits(name, classnames, templates=list(templates), pools=extra, **splits)
+
+
+# -- streaming ---------------------------------------------------------------------------------
+def _decode(data: bytes, where: str) -> Image.Image:
+    def run() -> Image.Image:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+
+    try:
+        if not ImageFile.LOAD_TRUNCATED_IMAGES:
+            return run()
+        with _TRUNCATED_LOCK:  # a truncated image is an error, whatever another library set
+            prev, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+            try:
+                return run()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = prev
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode {where}: {type(exc).__name__}: {exc}") from None
+
+
+def _image_bytes(sample: dict[str, Any]) -> bytes | None:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+def iter_shard(shard: str) -> Iterator[tuple[str, bytes | None]]:
+    """``(key, image bytes)`` of every sample of ``shard`` in tar order, streamed with ``webdataset``;
+    a shard that breaks off mid-way is a ``DataError`` naming it."""
+    import webdataset as wds
+
+    def fail(exn: Exception) -> bool:
+        raise DataError(f"cannot read shard {shard} (truncated or damaged): {exn}") from None
+
+    stream = wds.WebDataset(
+        shard, shardshuffle=False, nodesplitter=None, workersplitter=None, handler=fail, empty_check=False
+    )
+    try:
+        for sample in stream:
+            yield sample["__key__"], _image_bytes(sample)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"cannot read shard {shard} (truncated or damaged): {exc}") from None
+
+
+class WdsImageDataset(IterableDataset):
+    """One pool of WebDataset samples, streamed: yields ``(image, label, i)`` like ``ImageDataset``.
+
+    ``image`` is ``transform(pil_image)`` (or, with ``view_seed`` set, the train transform drawn with
+    ``derive_view_seed(view_seed, epoch, i)``, the epoch taken modulo ``view_period`` when a teacher
+    cache replays K views); ``label`` is -1 when ``unlabelled``; ``i`` indexes ``data`` (the pool's
+    items in shard order). Iterating yields every item once, in shard order, unless the stream was
+    made with ``training_stream`` (shuffled, split over ranks; see the module docstring). Loader
+    workers always split the shards.
+    """
+
+    streaming = True
+
+    def __init__(
+        self,
+        data: Sequence[Datum],
+        classnames: Sequence[str],
+        transform: Callable[..., Any] | None = None,
+        *,
+        unlabelled: bool = False,
+        skip_bad: bool = False,
+        train_transform: Callable[..., Any] | None = None,
+        view_seed: int | None = None,
+        name: str = "",
+        templates: Sequence[str] = (DEFAULT_TEMPLATE,),
+        class_indices: Sequence[int] | None = None,
+        full_classnames: Sequence[str] | None = None,
+        shuffle_buffer: int = 1000,
+        source: str = "",
+        **_: Any,
+    ) -> None:
+        self.name = name
+        self.classnames = list(classnames)
+        self.transform = transform
+        self.train_transform = train_transform
+        self.unlabelled = bool(unlabelled)
+        self.view_seed = view_seed
+        self.view_period: int | None = None
+        self.epoch = 0
+        self.templates = list(templates)
+        self.class_indices = list(class_indices) if class_indices is not None else list(range(len(self.classnames)))
+        self.full_classnames = list(full_classnames) if full_classnames is not None else list(self.classnames)
+        self.parent_class_indices = None
+        self.digits_size = 0
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.skipped: list[tuple[str, str]] = []
+        self._where = f" ({source})" if source else ""
+        check_labels_in_range(data, len(self.classnames), self.unlabelled, self._where, name)
+        self._train: tuple[int, int, int] | None = None  # (rank, world, seed) of a training stream
+        self._set_data(list(data))
+        if skip_bad:
+            self._drop_undecodable()
+
+    def _set_data(self, data: list[Datum]) -> None:
+        self.data = data
+        #: shard -> {key: item index}, shards in order of first appearance
+        self._by_shard: dict[str, dict[str, int]] = {}
+        for i, d in enumerate(data):
+            if not is_wds_path(d.path):
+                raise DataError(f"item {d.path}{self._where} is not a wds:// sample")
+            shard, key = parse_item_path(d.path)
+            self._by_shard.setdefault(shard, {})[key] = i
+
+    def _drop_undecodable(self) -> None:
+        bad: set[int] = set()
+        for shard, wanted in self._by_shard.items():
+            for key, data in iter_shard(shard):
+                i = wanted.get(key)
+                if i is None:
+                    continue
+                try:
+                    if data is None:
+                        raise DataError(f"sample {key!r} of shard {shard} has no image")
+                    _decode(data, f"sample {key!r} of shard {shard}")
+                except DataError as exc:
+                    bad.add(i)
+                    self.skipped.append((self.data[i].path, str(exc)))
+        if bad:
+            log.warning("%s: skipped %d of %d samples (undecodable), %d remain", self.name or "wds",
+                        len(bad), len(self.data), len(self.data) - len(bad))
+            self._set_data([d for i, d in enumerate(self.data) if i not in bad])
+
+    # -- ImageDataset's interface ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def labels(self) -> list[int]:
+        return [d.label for d in self.data]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def item_ids(self) -> list[str]:
+        """``<shard file name>#<key>`` of every item: what a teacher cache keys its rows by (the
+        shards' folder may move without invalidating it)."""
+        return [f"{os.path.basename(s)}#{k}" for s, k in map(parse_item_path, (d.path for d in self.data))]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def training_stream(self, rank: int, world: int, seed: int) -> WdsImageDataset:
+        """A copy that shuffles (shard order and a seeded buffer, per epoch) and keeps rank ``rank``'s
+        samples of ``world``; what ``fit`` iterates."""
+        out = copy.copy(self)
+        out._train = (int(rank), int(world), int(seed))
+        return out
+
+    def replay_stream(self, seed: int, view: int) -> WdsImageDataset:
+        """A copy yielding view ``view`` of every item (``derive_view_seed(seed, view, i)``) in shard
+        order: what a teacher cache stores as its row ``i``."""
+        out = copy.copy(self)
+        out._train, out.view_seed, out.view_period, out.epoch = None, int(seed), None, int(view)
+        return out
+
+    # -- iteration -----------------------------------------------------------------------------
+    def _image(self, img: Image.Image, i: int) -> Any:
+        if self.view_seed is not None:
+            t = self.train_transform or self.transform
+            if t is None or not getattr(t, "train", False):
+                raise DataError(f"{self.name or 'wds'}: replayable views need a seedable train transform")
+            epoch = self.epoch % self.view_period if self.view_period else self.epoch
+            g = torch.Generator()
+            g.manual_seed(derive_view_seed(self.view_seed, epoch, i) & _MASK63)
+            return t(img, generator=g)
+        return self.transform(img) if self.transform is not None else img
+
+    def __iter__(self) -> Iterator[tuple[Any, int, int]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = list(self._by_shard)
+        rank, world, seed = self._train if self._train is not None else (0, 1, 0)
+        if self._train is not None:
+            g = torch.Generator().manual_seed(seed * 100_003 + self.epoch)
+            shards = [shards[j] for j in torch.randperm(len(shards), generator=g).tolist()]
+        start, offsets = 0, {}
+        for s in shards:  # position of each shard's first sample in the epoch's stream
+            offsets[s] = start
+            start += len(self._by_shard[s])
+        mine = shards[worker::workers]
+        rng = random.Random((seed * 1_000_003 + self.epoch) * 10_007 + rank * 101 + worker)
+        buffer: list[tuple[str, str, bytes | None, int]] = []
+        size = self.shuffle_buffer if self._train is not None else 0
+
+        def emit(item: tuple[str, str, bytes | None, int]) -> tuple[Any, int, int]:
+            shard, key, data, i = item
+            where = f"sample {key!r} of shard {shard}{self._where}"
+            if data is None:
+                raise DataError(f"{where} has no image")
+            img = self._image(_decode(data, where), i)
+            return img, (-1 if self.unlabelled else self.data[i].label), i
+
+        for shard in mine:
+            wanted, pos = self._by_shard[shard], offsets[shard]
+            for key, data in iter_shard(shard):
+                i = wanted.get(key)
+                if i is None:
+                    continue
+                if pos == offsets[shard] + len(wanted):
+                    raise DataError(f"shard {shard} holds sample {key!r} twice (changed since it was indexed?)")
+                keep = pos % world == rank
+                pos += 1
+                if not keep:
+                    continue
+                if size <= 1:
+                    yield emit((shard, key, data, i))
+                    continue
+                buffer.append((shard, key, data, i))
+                if len(buffer) >= size:
+                    j = rng.randrange(len(buffer))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield emit(buffer.pop())
+            if pos - offsets[shard] < len(wanted):
+                raise DataError(
+                    f"shard {shard} ended after {pos - offsets[shard]} of its {len(wanted)} samples of this pool: "
+                    "truncated, or changed since it was indexed"
+                )
+        rng.shuffle(buffer)
+        for item in buffer:
+            yield emit(item)
+
+    def __repr__(self) -> str:
+        return (
+            f"WdsImageDataset(name={self.name!r}, items={len(self)}, shards={len(self._by_shard)}, "
+            f"classes={self.num_classes}, unlabelled={self.unlabelled}, skipped={len(self.skipped)})"
+        )

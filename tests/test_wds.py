@@ -1,0 +1,284 @@
+"""WebDataset shards (`dataset: wds`): the index, pools, streaming split over ranks and loader
+workers, bad shards and samples, the teacher cache keyed by sample key, and distillation with
+2 DDP processes and with 2 loader workers. Shards are written here from real CIFAR-10 JPEGs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from comkd.data import DataError, build_dataset, build_transform, load_splits
+from comkd.data.wds import parse_pools, scan_shard
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+pytestmark = pytest.mark.skipif(not (CIFAR / "train_subset").is_dir(), reason="needs ../shared/data/cifar10")
+
+N_SHARDS, PER_SHARD = 4, 12  # 48 samples, every class present
+
+
+def _real_images(n: int) -> list[tuple[bytes, int]]:
+    names = [line.split("\t")[1].strip() for line in (CIFAR / "classes.tsv").read_text().splitlines()[1:]]
+    files = [(p, names.index(c.name)) for c in sorted((CIFAR / "train_subset").iterdir())
+             for p in sorted(c.iterdir())[:5]]
+    files = files[::2] + files[1::2]  # interleave classes
+    return [(p.read_bytes(), label) for p, label in files[:n]]
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder: Path, n_shards: int = N_SHARDS, per_shard: int = PER_SHARD, labels: bool = True,
+                 corrupt: str | None = None) -> str:
+    """Shards ``folder/s-00000{0..n-1}.tar`` of real JPEGs; keys s<shard>_<i>. Returns the brace pattern."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = _real_images(n_shards * per_shard)
+    for s in range(n_shards):
+        with tarfile.open(folder / f"s-{s:06d}.tar", "w") as tf:
+            for j in range(per_shard):
+                data, label = images[s * per_shard + j]
+                key = f"s{s}_{j:03d}"
+                _add(tf, f"{key}.jpg", data[:40] if key == corrupt else data)
+                if labels:
+                    _add(tf, f"{key}.cls", str(label).encode())
+    shutil.copy(CIFAR / "classes.tsv", folder / "classes.tsv")
+    return str(folder / ("s-{000000.." + f"{n_shards - 1:06d}" + "}.tar"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_shards(tmp_path_factory.mktemp("wds"))
+
+
+def test_index_reads_keys_and_labels_from_the_shards(shards):
+    first = scan_shard(shards.replace("{000000..000003}", "000000"))
+    assert first.keys == tuple(f"s0_{j:03d}" for j in range(PER_SHARD))
+    expect = [label for _, label in _real_images(PER_SHARD)]
+    assert list(first.labels) == expect
+    s = load_splits("wds", shards, pools=["pretrain=0:20", "val=20:30", "train=30:48", "extra=48:48"][:3])
+    assert [len(s.split(k)) for k in ("pretrain", "val", "train", "test")] == [20, 10, 18, 0]
+    assert s.split("train")[0].path.endswith("#s2_006")  # ordinal 30 = shard 2, item 6
+    assert s.classnames[0] == "airplane" and len(s.classnames) == 10
+
+
+def test_pools_are_checked():
+    assert parse_pools(["a=0:5", "b=5:9"], 10, "x") == {"a": (0, 5), "b": (5, 9)}
+    with pytest.raises(DataError, match="overlaps"):
+        parse_pools(["a=0:5", "b=4:9"], 10, "x")
+    with pytest.raises(DataError, match="within 0..10"):
+        parse_pools(["a=0:11"], 10, "x")
+    with pytest.raises(DataError, match="name=start:stop"):
+        parse_pools(["a:0-5"], 10, "x")
+
+
+def test_extra_pool_and_test_folder(shards):
+    s = load_splits("wds", shards, pools=["pretrain_student=0:8", "train=8:48"],
+                    test_folder=str(CIFAR / "train_subset"))
+    assert len(s.split("pretrain_student")) == 8 and len(s.test) == 1000
+    ds = build_dataset("wds", shards, "pretrain_student", None, pools=["pretrain_student=0:8", "train=8:48"])
+    assert len(ds) == 8 and ds.streaming
+    with pytest.raises(DataError, match="unknown split 'nope'.*pretrain_student"):
+        build_dataset("wds", shards, "nope", None, pools=["pretrain_student=0:8"])
+
+
+def test_fractions_split_per_class_without_pools(shards):
+    s = load_splits("wds", shards, fractions=[0.0, 0.5, 0.0, 0.5])
+    assert len(s.train) + len(s.test) == 48 and not {d.path for d in s.train} & {d.path for d in s.test}
+
+
+def _items(ds) -> list[int]:
+    return [int(i) for _, _, i in ds]
+
+
+def test_stream_yields_every_item_once_in_shard_order(shards):
+    tf = build_transform(train=False, image_size=32)
+    ds = build_dataset("wds", shards, "train", tf, pools=["train=0:48"])
+    out = list(ds)
+    assert [i for _, _, i in out] == list(range(48))
+    assert out[0][0].shape == (3, 32, 32)
+    assert [lab for _, lab, _ in out] == ds.labels
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2)
+    assert sorted(int(i) for b in loader for i in b[2]) == list(range(48))  # workers split the shards
+
+
+def test_training_streams_split_ranks_and_workers_exactly_once(shards):
+    ds = build_dataset("wds", shards, "train", build_transform(train=False, image_size=32), pools=["train=0:48"])
+    ds.shuffle_buffer = 8
+    for epoch in (0, 1):
+        parts = []
+        for r in range(2):
+            st = ds.training_stream(r, 2, seed=3)
+            st.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(st, batch_size=4, num_workers=2)
+            parts.append([int(i) for b in loader for i in b[2]])
+        assert sorted(parts[0] + parts[1]) == list(range(48)) and len(parts[0]) == len(parts[1]) == 24
+        again = ds.training_stream(0, 2, seed=3)
+        again.set_epoch(epoch)
+        assert [int(i) for b in torch.utils.data.DataLoader(again, batch_size=4, num_workers=2)
+                for i in b[2]] == parts[0]  # the order depends only on (seed, epoch, rank, worker)
+        if epoch == 0:
+            first = parts[0]
+    assert parts[0] != first  # a new epoch, a new order
+
+
+def test_bad_shards_are_named_errors(tmp_path, shards):
+    with pytest.raises(DataError, match="shard not found: .*s-000004.tar"):
+        load_splits("wds", shards.replace("000003}", "000009}"))
+    src = Path(shards.replace("{000000..000003}", "000001"))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for p in Path(src).parent.glob("s-*.tar"):
+        shutil.copy(p, cut / p.name)
+    shutil.copy(src.parent / "classes.tsv", cut / "classes.tsv")
+    data = (cut / src.name).read_bytes()
+    (cut / src.name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"shard .*s-000001.tar is truncated"):
+        load_splits("wds", str(cut / "s-{000000..000003}.tar"))
+    (cut / src.name).write_bytes(b"not a tar file at all" * 30)
+    with pytest.raises(DataError, match="s-000001.tar is truncated or not a tar file"):
+        load_splits("wds", str(cut / "s-{000000..000003}.tar"))
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    with tarfile.open(dup / "d-000000.tar", "w") as tf:
+        for name in ("a.jpg", "a.cls", "b.jpg", "a.png"):
+            _add(tf, name, b"1")
+    shutil.copy(src.parent / "classes.tsv", dup / "classes.tsv")
+    with pytest.raises(DataError, match="key 'a' appears more than once"):
+        load_splits("wds", str(dup / "d-000000.tar"))
+    with tarfile.open(dup / "d-000000.tar", "w") as tf:
+        _add(tf, "a.jpg", b"1")
+        _add(tf, "a.cls", b"12")
+    with pytest.raises(DataError, match="sample 'a' has label 12, outside the 10 classes"):
+        load_splits("wds", str(dup / "d-000000.tar"))
+    with tarfile.open(dup / "d-000000.tar", "w") as tf:
+        _add(tf, "a.txt", b"hello")
+    with pytest.raises(DataError, match="sample 'a' has no image"):
+        load_splits("wds", str(dup / "d-000000.tar"))
+
+
+def test_truncated_shard_met_while_streaming_is_named(tmp_path):
+    pattern = write_shards(tmp_path / "w", n_shards=2)
+    ds = build_dataset("wds", pattern, "train", None, pools=["train=0:24"])
+    victim = tmp_path / "w" / "s-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:3000])  # cut after the index was read
+    with pytest.raises(DataError, match="s-000001.tar"):
+        list(ds)
+
+
+def test_corrupt_sample_is_skipped_and_counted_or_a_named_error(tmp_path):
+    pattern = write_shards(tmp_path / "c", n_shards=2, corrupt="s1_004")
+    ds = build_dataset("wds", pattern, "train", build_transform(train=False, image_size=32), pools=["train=0:24"])
+    with pytest.raises(DataError, match="cannot decode sample 's1_004' of shard .*s-000001.tar"):
+        list(ds)
+    ds = build_dataset("wds", pattern, "train", build_transform(train=False, image_size=32), pools=["train=0:24"],
+                       skip_bad=True)
+    assert len(ds) == 23 and len(ds.skipped) == 1 and ds.skipped[0][0].endswith("#s1_004")
+    assert sorted(_items(ds)) == list(range(23))
+
+
+def test_unlabelled_shards_go_to_train(tmp_path):
+    pattern = write_shards(tmp_path / "u", n_shards=1, labels=False)
+    s = load_splits("wds", pattern)
+    assert len(s.train) == PER_SHARD and not s.test and all(d.label == -1 for d in s.train)
+    with pytest.raises(DataError, match="outside the class list"):
+        build_dataset("wds", pattern, "train", None)  # labels are needed unless unlabelled
+    assert len(build_dataset("wds", pattern, "train", None, unlabelled=True)) == PER_SHARD
+
+
+def test_teacher_cache_rows_are_keyed_by_sample_key(tmp_path):
+    """A cache built from the stream holds, in row i, the teacher's feature of view k of item i
+    (computed here independently, one image at a time); its fingerprint is the sample keys, so
+    moving the shards keeps it valid, and distillation replay reads the right rows."""
+    from comkd.engine.cache import CachedTeacherOutputs, build_teacher_cache, dataset_fingerprint
+    from comkd.engine.tasks import adapt_images
+    from comkd.models import TINY_TEACHER, create_teacher
+
+    pattern = write_shards(tmp_path / "a", n_shards=2)
+    torch.manual_seed(0)
+    teacher = create_teacher(TINY_TEACHER, image_size=32)
+    tf = build_transform(train=True, image_size=32, scale=(0.5, 1.0))
+    ds = build_dataset("wds", pattern, "train", None, pools=["train=0:24"], train_transform=tf, view_seed=5,
+                       unlabelled=True)
+    path = build_teacher_cache(teacher, ds, tmp_path / "c.bin", views=2, seed=5, batch_size=7, device="cpu",
+                               dtype=torch.float32, num_workers=2, progress=False)
+    moved = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", moved)
+    ds2 = build_dataset("wds", str(moved / "s-{000000..000001}.tar"), "train", None, pools=["train=0:24"],
+                        train_transform=tf, view_seed=5, unlabelled=True)
+    assert dataset_fingerprint(ds2) == dataset_fingerprint(ds)
+    outputs = CachedTeacherOutputs.open(path, dataset=ds2, device=torch.device("cpu"))
+    views = {int(i): img for img, _, i in ds2.replay_stream(5, 1)}
+    for i in (0, 13, 23):
+        with torch.no_grad():
+            want = torch.nn.functional.normalize(
+                teacher.encode_image(adapt_images(views[i][None], teacher.preprocess, teacher.preprocess)), dim=-1)
+        got = outputs(None, torch.tensor([i]), 1)
+        assert torch.allclose(got, want, atol=1e-5), i
+
+
+DDP_SCRIPT = r"""
+import json, os, sys
+from collections import defaultdict
+import torch
+from comkd.config import load_config
+from comkd.engine import pipeline as P
+from comkd.engine import tasks as T
+from comkd.engine.utils import rank
+
+seen = defaultdict(list)
+step = T.DistillTask.step
+def recording(self, batch, epoch):
+    seen[epoch] += batch[2].tolist()
+    return step(self, batch, epoch)
+T.DistillTask.step = recording
+
+pattern, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = load_config(sets=[
+    "data.dataset=wds", f"data.root={pattern}", 'data.pools=["train=0:48"]', "data.image_size=32",
+    f"data.num_workers={workers}", "data.shuffle_buffer=6",
+    "teacher.model=comkd-tiny-teacher", "teacher.pretrained=none",
+    "student.model=comkd-tiny-student", "student.pretrained=none",
+    "distill.optim.epochs=2", "distill.optim.batch_size=8", "distill.optim.warmup_epochs=0",
+    "progress=false", "seed=2",
+])
+P.run_distill(cfg, out)
+with open(os.path.join(out, f"seen{rank()}.json"), "w") as f:
+    json.dump(seen, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("procs,workers", [(2, 0), (1, 2)], ids=["2-ddp-processes", "2-loader-workers"])
+def test_distillation_streams_every_sample_once_per_epoch(tmp_path, procs, workers):
+    pattern = write_shards(tmp_path / "s")
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    launch = [sys.executable]
+    if procs > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    r = subprocess.run([*launch, str(script), pattern, str(tmp_path / "out"), str(workers)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    per_rank = [json.loads((tmp_path / "out" / f"seen{k}.json").read_text()) for k in range(procs)]
+    for epoch in ("0", "1"):
+        got = Counter(i for seen in per_rank for i in seen[epoch])
+        assert sorted(got) == list(range(48)) and set(got.values()) == {1}, epoch  # each sample once
+        if procs > 1:
+            assert len(per_rank[0][epoch]) == len(per_rank[1][epoch]) == 24
+    assert per_rank[0]["0"] != per_rank[0]["1"]  # shuffled anew each epoch
+    assert (tmp_path / "out" / "student.safetensors").exists()
