@@ -31,3 +31,8 @@ def test_quick_bench_writes_all_figures(tmp_path):
     assert set(d["student_teacher_speedup_b64"]) == {"eager", "torchscript", "onnxruntime"}
     assert on_disk["deployed_onnxruntime_vs_eager_b64"] == d["vs_eager_speedup_b64"]["onnxruntime"] > 0
     assert max(d["max_abs_logit_diff_vs_eager"].values()) < 1e-3
+    dp = on_disk["data_path"]  # shards vs a folder of the same images; streamed epoch memory
+    if "skipped" not in dp:
+        assert dp["read"]["images"] == 100 and all(v > 0 for v in dp["read"]["images_per_s"].values())
+        assert dp["distill_epoch"]["pool_items"] == {"1x": 64, "2x": 128, "4x": 256}
+        assert all(math.isfinite(v) for v in dp["distill_epoch"]["peak_mb"].values())

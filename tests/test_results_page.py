@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
 from typer.testing import CliRunner
 
 from comkd import cli
@@ -155,3 +156,22 @@ def test_page_keeps_dated_earlier_results_and_shows_val_sweeps_and_step0(tmp_pat
     (tmp_path / "sweep_demo.json").write_text(json.dumps(sweep))
     with pytest.raises(ValueError, match="val split"):
         write_results_page(res, tmp_path / "results.md")
+
+
+def test_a_variant_run_is_folded_into_its_base_label():
+    from comkd.protocols.results_page import _merge_variants
+
+    ref = {"teacher": {"hm": [70.0]}, "student_zeroshot": {"hm": [50.0]}}
+    results = {"c": {**ref, "comkd": {"hm": [60.0]}}, "c+paper": {**ref, "comkd": {"hm": [55.0]}}}
+    extra = {"curves": {"c": {"comkd": [1]}, "c+paper": {"comkd": [2]}}, "steps": {}, "attention": {},
+             "step0": {"c+paper": {"comkd": [3]}},
+             "setup": {"c": {"distill": {"lr": 1}}, "c+paper": {"distill": {"lr": 2}}}}
+    _merge_variants(results, extra)
+    assert list(results) == ["c"] and results["c"]["comkd_paper"] == {"hm": [55.0]}
+    assert results["c"]["comkd"] == {"hm": [60.0]} and "teacher_paper" not in results["c"]
+    assert extra["curves"] == {"c": {"comkd": [1], "comkd_paper": [2]}}
+    assert extra["step0"] == {"c": {"comkd_paper": [3]}}
+    assert extra["setup"]["c"]["distill_paper"] == {"lr": 2} and "c+paper" not in extra["setup"]
+    bad = {"c": {**ref}, "c+paper": {"teacher": {"hm": [71.0]}, "student_zeroshot": {"hm": [50.0]}}}
+    with pytest.raises(ValueError, match="teacher differs"):
+        _merge_variants(bad, {"setup": {}})

@@ -282,3 +282,14 @@ def test_distillation_streams_every_sample_once_per_epoch(tmp_path, procs, worke
             assert len(per_rank[0][epoch]) == len(per_rank[1][epoch]) == 24
     assert per_rank[0]["0"] != per_rank[0]["1"]  # shuffled anew each epoch
     assert (tmp_path / "out" / "student.safetensors").exists()
+
+
+def test_data_path_bench_on_small_shards(tmp_path):
+    from comkd.bench_data import distill_epoch_peak, read_rate
+
+    pattern = write_shards(tmp_path / "b")
+    r = read_rate(pattern, 40, reps=1)
+    assert r["images"] == 40 and set(r["images_per_s"]) == {"shards", "folder"}
+    assert all(v > 0 for v in r["images_per_s"].values())
+    m = distill_epoch_peak(pattern, 24, batch=4)  # in-process here; the bench runs 1x/2x/4x in fresh ones
+    assert m["items"] == 24 and m["epoch_s"] > 0 and m["peak_mb"] >= 0

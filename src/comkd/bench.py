@@ -638,7 +638,14 @@ def bench_peak_memory(device: torch.device, cache: Path, sz: BenchSizes, work: P
 
 # -- entry point -------------------------------------------------------------------------------
 def run_bench(
-    out: Path, quick: bool = False, *, device: str = "auto", threads: int | None = None, progress: bool = True
+    out: Path,
+    quick: bool = False,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+    shards: str | None = None,
+    only: str | None = None,
 ) -> dict[str, Any]:
     """Run every benchmark and write the figures to ``out`` (a JSON file; a folder gets ``bench.json``).
 
@@ -649,6 +656,9 @@ def run_bench(
         threads: torch intra-op threads during the bench (default: torch's choice). On a machine
             shared with other busy processes, 1 thread gives far steadier figures.
         progress: log each section as it starts (logger ``comkd.bench``, level INFO).
+        shards: WebDataset shards for the data-path figures (default: CIFAR-10's in ../shared, if
+            there; see ``comkd.bench_data``).
+        only: ``data`` runs the data-path section alone and merges it into an existing ``out``.
 
     Returns the dict written: ``machine`` (object), the numbers listed in ``FIGURES``,
     ``peak_memory_mb`` and ``epoch_time_s`` (objects) and supporting figures.
@@ -665,6 +675,19 @@ def run_bench(
     t_start = time.perf_counter()
     res: dict[str, Any] = {"machine": machine_info(dev), "quick": quick, "sizes": asdict(sz)}
     timings: dict[str, float] = {}
+    if only is not None:
+        if only != "data":
+            raise ValueError(f"only: {only!r} is not a section; choose 'data'")
+        from .bench_data import bench_data_path
+
+        say("bench: data path (shards vs folder, streamed epoch memory) ...")
+        prev = json.loads(out.read_text()) if out.exists() else {}
+        data = bench_data_path(shards, quick=quick, threads=int(threads or 1))
+        data["data_path"]["machine"] = machine_info(dev)
+        data["data_path"]["wall_s"] = time.perf_counter() - t_start
+        res = {**prev, **data}
+        _write_json(out, res)
+        return res
     try:
         with tempfile.TemporaryDirectory(prefix="comkd-bench-") as tmp, _quiet():
             work = Path(tmp)
@@ -697,6 +720,7 @@ def run_bench(
                 ("paper-pair inference (ViT-L/14 vs ViT-B/16)", lambda: bench_inference_paper(sz, dev)),
                 ("peak memory per stage", lambda: bench_peak_memory(dev, cache, sz, work)),
                 ("deployed student: eager / TorchScript / ONNX Runtime (CPU)", lambda: _deployed(sz, work)),
+                ("data path: shards vs folder, streamed epoch memory", lambda: _data_path(shards, quick, threads)),
             ]
             for name, fn in sections:
                 say("bench: %s ...", name)
@@ -710,12 +734,22 @@ def run_bench(
     res["section_wall_s"] = timings
     res["wall_s"] = time.perf_counter() - t_start
     res = _ordered(res)
+    _write_json(out, res)
+    say("bench: wrote %s (%.0f s)", out, res["wall_s"])
+    return res
+
+
+def _data_path(shards: str | None, quick: bool, threads: int | None) -> dict[str, Any]:
+    from .bench_data import bench_data_path
+
+    return bench_data_path(shards, quick=quick, threads=int(threads or 1))
+
+
+def _write_json(out: Path, res: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp_out.write_text(json.dumps(res, indent=2) + "\n")
     os.replace(tmp_out, out)
-    say("bench: wrote %s (%.0f s)", out, res["wall_s"])
-    return res
 
 
 def _ordered(res: dict[str, Any]) -> dict[str, Any]:

@@ -376,13 +376,15 @@ def bench(
     quick: Annotated[bool, typer.Option(help="A < 1 minute smoke run.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    shards: Annotated[str | None, typer.Option(help="WebDataset shards for the data-path figures.")] = None,
+    only: Annotated[str | None, typer.Option(help="'data': only the data-path section, merged into --out.")] = None,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Speed and memory benchmarks (JSON with machine and versions)."""
     _setup_logging(verbose, quiet)
     from .bench import run_bench
 
-    _print_json(run_bench(out, quick=quick, device=device, threads=threads))
+    _print_json(run_bench(out, quick=quick, device=device, threads=threads, shards=shards, only=only))
 
 
 @app.command()

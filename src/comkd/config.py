@@ -121,6 +121,8 @@ class PretrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher_lr: float | None = None  # per-tower override of optim.lr
     student_lr: float | None = None
+    teacher_epochs: int | None = None  # per-tower override of optim.epochs
+    student_epochs: int | None = None
     split: str = "pretrain"
     # per-tower pools (None: ``split``): a teacher that saw much data, a student that saw little
     teacher_split: str | None = None
@@ -322,6 +324,10 @@ def _validate(obj: Any, prefix: str) -> None:
         raise ConfigError(f"{prefix}crop_scale_min must be in (0, 1] and hflip in [0, 1]")
     if isinstance(obj, DataConfig) and obj.num_shots <= 0:
         raise ConfigError(f"{prefix}num_shots: must be > 0, got {obj.num_shots}")
+    if isinstance(obj, PretrainConfig):
+        for name in ("teacher_epochs", "student_epochs"):
+            if getattr(obj, name) is not None and getattr(obj, name) < 1:
+                raise ConfigError(f"{prefix}{name}: must be >= 1 (or null: optim.epochs), got {getattr(obj, name)}")
     if isinstance(obj, DataConfig) and obj.shuffle_buffer < 0:
         raise ConfigError(f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {obj.shuffle_buffer}")
     if isinstance(obj, DistillConfig):

@@ -3,6 +3,7 @@ files (``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``, weights, ``results
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -282,7 +283,9 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
         task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr)
         task.name = f"pretrain_{role}"
         seed_everything(cfg.seed)
-        fit(task, ds, cfg.pretrain.optim, **_fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub})
+        epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
+        optim = dataclasses.replace(cfg.pretrain.optim, epochs=epochs) if epochs else cfg.pretrain.optim
+        fit(task, ds, optim, **_fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub})
         path = out / (TEACHER_CLIP if role == "teacher" else STUDENT_CLIP)
         if is_main():
             save_clip_weights(loaded.model, path, loaded.name, loaded.config)

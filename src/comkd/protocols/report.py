@@ -12,7 +12,8 @@ METHOD_ORDER = ["teacher", "student_zeroshot", "promptkd", "comkd", "no-ifalign"
                 "feature-l1", "feature-mse"]
 LABELS = {"teacher": "Teacher (prompted)", "student_zeroshot": "Student, undistilled (zero-shot)",
           "promptkd": "PromptKD", "comkd": "ComKD-CLIP", "no-ifalign": "ComKD w/o IFAlign",
-          "no-eduattention": "ComKD w/o EduAttention", "feature-l1": "Feature L1", "feature-mse": "Feature MSE"}
+          "no-eduattention": "ComKD w/o EduAttention", "feature-l1": "Feature L1", "feature-mse": "Feature MSE",
+          "promptkd_paper": "PromptKD (paper reading)", "comkd_paper": "ComKD-CLIP (paper reading)"}
 
 
 def _ms(xs: list[float]) -> tuple[float, float]:

@@ -56,7 +56,7 @@ def _split_sizes(cfg) -> dict[str, int]:
     kw = _dataset_kwargs(cfg)
     kw.pop("digits_size", None)
     s = load_splits(cfg.data.dataset, cfg.data.root, **kw)
-    return {k: len(s.split(k)) for k in ("pretrain", "train", "val", "test")}
+    return {k: len(s.split(k)) for k in s.split_names}
 
 
 def _epoch_records(path: Path) -> list[dict]:
@@ -196,10 +196,16 @@ def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curve
             "split_file": cfg.data.split_file, "subdir": cfg.data.subdir, "fractions": cfg.data.fractions,
             "split_seed": cfg.data.split_seed, "image_size": cfg.data.image_size, "num_shots": cfg.data.num_shots,
             "splits": _split_sizes(cfg), "pretrain_split": cfg.pretrain.split, "distill_split": cfg.distill.split,
+            "pools": cfg.data.pools, "test_folder": cfg.data.test_folder,
+            "pretrain_splits": {"teacher": cfg.pretrain.teacher_split or cfg.pretrain.split,
+                                "student": cfg.pretrain.student_split or cfg.pretrain.split},
+            "pretrain_eval_split": pre_res.get("teacher", {}).get("eval_split"),
             "seeds": seeds,
             "teacher": _model_sizes(cfg.teacher.model, cfg.data.image_size),
             "student": _model_sizes(cfg.student.model, cfg.data.image_size),
             "pretrain": {"epochs": cfg.pretrain.optim.epochs, "batch_size": cfg.pretrain.optim.batch_size,
+                         "teacher_epochs": cfg.pretrain.teacher_epochs or cfg.pretrain.optim.epochs,
+                         "student_epochs": cfg.pretrain.student_epochs or cfg.pretrain.optim.epochs,
                          "teacher_lr": cfg.pretrain.teacher_lr or cfg.pretrain.optim.lr,
                          "student_lr": cfg.pretrain.student_lr or cfg.pretrain.optim.lr,
                          "teacher_zero_shot": pre_res.get("teacher", {}).get("zero_shot_acc"),
@@ -235,10 +241,36 @@ def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curve
                 if stats:
                     att[m] = stats
             extra["attention"][label] = att
+    _merge_variants(results, extra)
     write_json(out_results, results)
     if out_curves is not None:
         write_json(out_curves, extra)
     return results, extra
+
+
+def _merge_variants(results: dict, extra: dict) -> None:
+    """Fold a run labelled ``LABEL+VARIANT`` (e.g. ``cifar10+paper``: the same stage 0 and 1, stage 2
+    in another reading) into ``LABEL``: its distillation methods become ``<method>_<variant>`` rows,
+    its stage-2 setup ``setup[LABEL]["distill_<variant>"]``. Its teacher and undistilled student
+    must equal ``LABEL``'s (the same stages 0 and 1), else it is refused."""
+    for label in [k for k in results if "+" in k]:
+        base, _, variant = label.partition("+")
+        if base not in results:
+            raise ValueError(f"run {label!r}: no run labelled {base!r} to add variant {variant!r} to")
+        table = results.pop(label)
+        for ref in ("teacher", "student_zeroshot"):
+            if ref in table and table[ref] != results[base].get(ref):
+                raise ValueError(f"run {label!r}: its {ref} differs from {base!r}'s; a variant must reuse stages 0-1")
+        renamed = {m: f"{m}_{variant}" for m in table if m not in ("teacher", "student_zeroshot")}
+        for m, new in renamed.items():
+            results[base][new] = table[m]
+        for key in ("curves", "steps", "attention", "step0"):
+            part = extra.get(key, {}).pop(label, {})
+            for m, v in part.items():
+                extra[key].setdefault(base, {})[renamed.get(m, m)] = v
+        setup = extra.get("setup", {}).pop(label, None)
+        if setup is not None and base in extra.get("setup", {}):
+            extra["setup"][base][f"distill_{variant}"] = setup["distill"]
 
 
 def _kd_weight(cfg) -> float:
@@ -273,11 +305,15 @@ def _setup_section(setup: dict) -> list[str]:
     row("dataset loader / root", lambda s: f"`{s['dataset']}` `{s['root']}`"
         + (f" subdir `{s['subdir']}`" if s.get("subdir") else "")
         + (f" split file `{s['split_file']}`" if s.get("split_file") else ""))
-    row("per-class split fractions (split_seed)", lambda s: f"{s['fractions']} ({s['split_seed']})"
-        if s.get("fractions") else ("CoOp split file" if s.get("split_file") else "loader default"))
-    row("images: pretrain / train / val / test", lambda s: " / ".join(str(s["splits"][k])
-                                                                       for k in ("pretrain", "train", "val", "test")))
-    row("stage 0 pre-trains on (labelled)", lambda s: f"`{s['pretrain_split']}` ({s['splits'][s['pretrain_split']]} images)")
+    row("splits", lambda s: ("pools (sample ordinals over the shards) " + ", ".join(f"`{p}`" for p in s["pools"])
+                             + (f"; test: the folder `{s['test_folder']}`" if s.get("test_folder") else ""))
+        if s.get("pools") else (f"per-class fractions {s['fractions']} (split_seed {s['split_seed']})"
+                                if s.get("fractions") else ("CoOp split file" if s.get("split_file") else "loader default")))
+    row("images per split", lambda s: ", ".join(f"{k} {v}" for k, v in s["splits"].items() if v))
+    row("stage 0 pre-trains on (labelled): teacher / student",
+        lambda s: " / ".join(f"`{s['pretrain_splits'][r]}` ({s['splits'][s['pretrain_splits'][r]]} images)"
+                             for r in ("teacher", "student"))
+        if "pretrain_splits" in s else f"`{s['pretrain_split']}` ({s['splits'][s['pretrain_split']]} images), both")
     row("stage 1: shots per base class", lambda s: f"{s['num_shots']} (from `train`)")
     row("stage 2 distils on (unlabelled)", lambda s: f"`{s['distill_split']}` ({s['splits'][s['distill_split']]} images)")
     row("evaluation", lambda s: f"`test` ({s['splits']['test']} images), base / novel halves of the classes")
@@ -286,10 +322,13 @@ def _setup_section(setup: dict) -> list[str]:
         row(f"{role} CLIP", lambda s, r=role: f"`{s[r]['model']}`: ViT width {s[r]['vision_width']}, "
             f"{s[r]['vision_layers']} layers, patch {s[r]['patch_size']}; {s[r]['vision_params'] / 1e6:.2f} M image-tower "
             f"/ {s[r]['params'] / 1e6:.2f} M total parameters")
-    row("stage 0 epochs, batch, lr (teacher / student)", lambda s: f"{s['pretrain']['epochs']}, {s['pretrain']['batch_size']}, "
-        f"{s['pretrain']['teacher_lr']:g} / {s['pretrain']['student_lr']:g} (AdamW, one-cycle)")
-    row("stage 0 zero-shot test acc, all classes (teacher / student)",
-        lambda s: f"{_f(s['pretrain']['teacher_zero_shot'])} / {_f(s['pretrain']['student_zero_shot'])} %")
+    row("stage 0 epochs, batch, lr (teacher / student)", lambda s: (
+        f"{s['pretrain'].get('teacher_epochs', s['pretrain']['epochs'])} / "
+        f"{s['pretrain'].get('student_epochs', s['pretrain']['epochs'])}, {s['pretrain']['batch_size']}, "
+        f"{s['pretrain']['teacher_lr']:g} / {s['pretrain']['student_lr']:g} (AdamW, one-cycle)"))
+    row("stage 0 zero-shot acc, all classes (teacher / student), on",
+        lambda s: f"{_f(s['pretrain']['teacher_zero_shot'])} / {_f(s['pretrain']['student_zero_shot'])} %, "
+        f"`{s.get('pretrain_eval_split') or 'test'}`")
     row("stage 0 training accuracy on its own images, last epoch (teacher / student)",
         lambda s: f"{_f(s['pretrain']['teacher_train_acc'])} / {_f(s['pretrain']['student_train_acc'])} %")
     row("stage 1 epochs, batch, lr", lambda s: f"{s['teacher_train']['epochs']}, {s['teacher_train']['batch_size']}, "
@@ -306,6 +345,11 @@ def _setup_section(setup: dict) -> list[str]:
     row("stage 2 EduAttention + α learning-rate scale (× lr)",
         lambda s: "1 (the code predates the setting)" if s["distill"].get("edu_lr_scale") is None
         else f"{s['distill']['edu_lr_scale']:g}")
+    for v in sorted({k for s in setup.values() for k in s if k.startswith("distill_")}):
+        row(f"rows marked ({v[len('distill_'):]}): stage 2 optimiser, lr, EduAttention, projector (BN), init, "
+            "IFAlign on, crop scale",
+            lambda s, v=v: f"{s[v]['optimizer']}, {s[v]['lr']:g}, {s[v]['edu_mode']}, {s[v]['projector']} "
+            f"({s[v]['projector_bn']}), {s[v]['projector_init']}, {s[v]['ifalign_on']}, {s[v]['crop_scale_min']:g}")
     row("seeds", lambda s: ", ".join(map(str, s["seeds"])))
     row("training time: stage 0 (teacher + student)", lambda s: f"{s['pretrain']['teacher_s'] + s['pretrain']['student_s']:.0f} s")
     row("training time: stage 1, all seeds", lambda s: f"{sum(s['teacher_train']['seconds']):.0f} s")

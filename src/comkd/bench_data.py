@@ -1,0 +1,156 @@
+"""Data-path benchmarks (part of ``comkd bench``): WebDataset shards against a folder of the same
+images, and the peak memory of a streamed distillation epoch as the pool grows.
+
+* ``read_rate``: images per second read, decoded and transformed (the distillation train
+  transform at the student's input size) in one process, from the shards (streamed by
+  ``WdsImageDataset``) and from a folder holding the same images as files (written from the shards
+  into a temporary folder, read by ``ImageDataset``).
+* ``epoch_peak_memory``: one online distillation epoch (tiny teacher and student, random weights)
+  over pools of 1x, 2x and 4x ``items`` samples streamed from the shards, each in a fresh
+  process; the figure is the growth of the peak resident memory over the process's baseline after
+  the imports. Streaming keeps it flat: only the index (keys and labels) grows with the pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SHARDS = "../shared/data/cifar10/train_wds/cifar10-train-{000000..000004}.tar"
+
+
+def find_shards(shards: str | None) -> str | None:
+    """``shards`` if given; else the CIFAR-10 training shards next to the repository, if present."""
+    if shards:
+        return shards
+    from .data.errors import DataError
+    from .data.wds import expand_shards
+
+    try:
+        expand_shards(DEFAULT_SHARDS)
+    except DataError:
+        return None
+    return DEFAULT_SHARDS
+
+
+def _drain(dataset: Any) -> int:
+    n = 0
+    for _ in dataset:
+        n += 1
+    return n
+
+
+def read_rate(shards: str, items: int, image_size: int = 32, reps: int = 3) -> dict[str, Any]:
+    """Images per second (median of ``reps``) from the shards and from a folder of the same images."""
+    from .data import build_dataset, build_transform
+    from .data.dataset import ImageDataset
+    from .data.records import Datum
+    from .data.wds import iter_shard, parse_item_path
+
+    tf = build_transform(image_size, train=True, scale=(0.8, 1.0))
+    ds = build_dataset("wds", shards, "train", tf, pools=[f"train=0:{items}"])
+    with tempfile.TemporaryDirectory(prefix="comkd-bench-folder-") as tmp:
+        files: list[Datum] = []
+        by_shard: dict[str, dict[str, Datum]] = {}
+        for d in ds.data:
+            shard, key = parse_item_path(d.path)
+            by_shard.setdefault(shard, {})[key] = d
+        for shard, keys in by_shard.items():
+            for key, data in iter_shard(shard):
+                if key in keys and data is not None:
+                    p = Path(tmp) / str(keys[key].label) / f"{key.replace('/', '_')}.jpg"
+                    p.parent.mkdir(exist_ok=True)
+                    p.write_bytes(data)
+                    files.append(Datum(str(p), keys[key].label, keys[key].classname))
+        folder = ImageDataset(files, ds.classnames, tf)
+        rates: dict[str, list[float]] = {"shards": [], "folder": []}
+        _drain(ds), _drain(folder)  # warm the page cache for both
+        for _ in range(reps):
+            for name, src in (("shards", ds), ("folder", folder)):
+                t0 = time.perf_counter()
+                n = _drain(src)
+                rates[name].append(n / (time.perf_counter() - t0))
+    med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+    return {
+        "images": len(ds),
+        "image_size": image_size,
+        "images_per_s": med,
+        "shards_vs_folder": med["shards"] / med["folder"],
+        "reps": reps,
+    }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def distill_epoch_peak(shards: str, items: int, batch: int = 32, threads: int = 1) -> dict[str, Any]:
+    """Run one streamed online distillation epoch in this process; peak memory growth in MB."""
+    import torch
+
+    from .config import OptimConfig
+    from .data import build_dataset, build_transform
+    from .engine.loop import fit
+    from .engine.tasks import DistillTask, TeacherOutputs
+    from .losses import build_loss
+    from .models import TINY_STUDENT, TINY_TEACHER, create_student, create_teacher
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    teacher = create_teacher(TINY_TEACHER, image_size=32)
+    student = create_student(TINY_STUDENT, teacher_dim=teacher.embed_dim, image_size=32)
+    tf = build_transform(32, train=True, scale=(0.8, 1.0))
+    ds = build_dataset("wds", shards, "train", None, pools=[f"train=0:{items}"], train_transform=tf,
+                       view_seed=1, unlabelled=True)
+    w = teacher.class_text_features(ds.full_classnames)
+    student.set_text_features(w, ds.full_classnames)
+    task = DistillTask(student, TeacherOutputs(teacher, student.preprocess), w, float(teacher.logit_scale),
+                       build_loss("comkd", kd_weight=1.0))
+    base = _peak_rss_mb()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="comkd-bench-epoch-") as tmp:
+        fit(task, ds, OptimConfig(optimizer="adamw", lr=1e-4, epochs=1, batch_size=batch, warmup_epochs=0),
+            out_dir=tmp, seed=1, device=torch.device("cpu"), progress=False)
+    return {"items": len(ds), "peak_mb": _peak_rss_mb() - base, "baseline_mb": base,
+            "epoch_s": time.perf_counter() - t0}
+
+
+def epoch_peak_memory(shards: str, items: int, threads: int = 1, batch: int = 32) -> dict[str, Any]:
+    """``distill_epoch_peak`` at 1x, 2x, 4x ``items``, each in a fresh interpreter."""
+    out: dict[str, Any] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    for m in (1, 2, 4):
+        code = (
+            "import json, logging; logging.disable(logging.WARNING); from comkd.bench_data import distill_epoch_peak; "
+            f"print(json.dumps(distill_epoch_peak({shards!r}, {items * m}, batch={batch}, threads={threads})))"
+        )
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+        if r.returncode != 0:
+            raise RuntimeError(f"distillation epoch at {m}x failed: {r.stderr.strip().splitlines()[-1:]}")
+        out[f"{m}x"] = json.loads(r.stdout.strip().splitlines()[-1])
+    return {
+        "pool_items": {k: v["items"] for k, v in out.items()},
+        "peak_mb": {k: v["peak_mb"] for k, v in out.items()},
+        "epoch_s": {k: v["epoch_s"] for k, v in out.items()},
+        "peak_4x_over_1x": out["4x"]["peak_mb"] / max(out["1x"]["peak_mb"], 1e-9),
+    }
+
+
+def bench_data_path(shards: str | None, quick: bool = False, threads: int = 1) -> dict[str, Any]:
+    """Both figures under ``data_path`` (``skipped`` with the reason when no shards are found)."""
+    found = find_shards(shards)
+    if found is None:
+        return {"data_path": {"skipped": f"no WebDataset shards (looked for {DEFAULT_SHARDS}); pass --shards"}}
+    items = 100 if quick else 2000
+    res = {"shards": found, "read": read_rate(found, items, reps=1 if quick else 3)}
+    res["distill_epoch"] = epoch_peak_memory(found, 64 if quick else 1000, threads=threads)
+    return {"data_path": res}
