@@ -47,7 +47,15 @@ def main() -> None:
     ap.add_argument(
         "--set", dest="sets", action="append", default=[], help="extra overrides for every variant"
     )
+    ap.add_argument("--variant", dest="custom", action="append", default=[],
+                    help="an extra variant NAME=KEY=VALUE[,KEY=VALUE...] (run with the built-in ones named in --variants)")
+    ap.add_argument("--methods", nargs="+", default=["promptkd", "comkd"], help="methods per variant (comkd decides)")
     args = ap.parse_args()
+    for item in args.custom:
+        name, _, sets = item.partition("=")
+        VARIANTS[name] = [x for x in sets.split(",") if x]
+        if name not in args.variants:
+            args.variants.append(name)
     base = Path(args.base)
     (ds_dir,) = [p for p in base.iterdir() if (p / "pretrain").is_dir()]
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -71,10 +79,7 @@ def main() -> None:
             "--out",
             str(out),
             "--resume",
-            "--methods",
-            "promptkd",
-            "--methods",
-            "comkd",
+            *[x for m in args.methods for x in ("--methods", m)],
             "--set",
             "eval_split=val",
             "--set",

@@ -8,8 +8,8 @@ from typing import Any
 
 from ..engine.utils import atomic_write_text
 
-METHOD_ORDER = ["teacher", "student_zeroshot", "promptkd", "comkd", "no-ifalign", "no-eduattention",
-                "feature-l1", "feature-mse"]
+METHOD_ORDER = ["teacher", "student_zeroshot", "promptkd_paper", "comkd_paper", "promptkd", "comkd", "no-ifalign",
+                "no-eduattention", "feature-l1", "feature-mse"]
 LABELS = {"teacher": "Teacher (prompted)", "student_zeroshot": "Student, undistilled (zero-shot)",
           "promptkd": "PromptKD", "comkd": "ComKD-CLIP", "no-ifalign": "ComKD w/o IFAlign",
           "no-eduattention": "ComKD w/o EduAttention", "feature-l1": "Feature L1", "feature-mse": "Feature MSE",

@@ -406,8 +406,8 @@ def _analysis(results: dict, extra: dict) -> list[str]:
             lines.append(f"- Gap to distil: prompted teacher HM {t:.2f} vs undistilled student {s:.2f} "
                          f"({t - s:+.2f} points).")
             if t > s:
-                closed = [f"{LABELS[m]} {100 * (_mean(table[m]['hm']) - s) / (t - s):.0f}%"
-                          for m in DISTILL_METHODS if m in table]
+                distilled = [m for m in _ordered_methods(table) if m not in ("teacher", "student_zeroshot")]
+                closed = [f"{LABELS.get(m, m)} {100 * (_mean(table[m]['hm']) - s) / (t - s):.0f}%" for m in distilled]
                 if closed:
                     lines.append("- HM gain over the undistilled student as a share of that gap (100% = the "
                                  f"teacher's HM reached, negative = worse than not distilling): {', '.join(closed)}.")
@@ -425,7 +425,9 @@ def _analysis(results: dict, extra: dict) -> list[str]:
                     lines.append("- HM before the first step of stage 2 (step 0), mean over seeds: "
                                  + "; ".join(parts) + ".")
         for a, b in (("comkd", "promptkd"), ("no-ifalign", "promptkd"), ("no-eduattention", "promptkd"),
-                     ("comkd", "no-ifalign"), ("comkd", "no-eduattention")):
+                     ("comkd", "no-ifalign"), ("comkd", "no-eduattention"), ("comkd_paper", "promptkd_paper"),
+                     ("promptkd_paper", "student_zeroshot"), ("promptkd", "promptkd_paper"),
+                     ("comkd", "comkd_paper")):
             v = _verdict(table, a, b)
             if v:
                 lines.append(f"- {v}")
@@ -470,6 +472,12 @@ def _analysis(results: dict, extra: dict) -> list[str]:
                     f"(1 = the same vector added to every image).")
         lines.append("")
     return lines
+
+
+def _ordered_methods(table: dict) -> list[str]:
+    from .report import _ordered
+
+    return _ordered(table)
 
 
 def _alpha_zero(curves: dict) -> dict:
@@ -574,13 +582,14 @@ def write_results_page(results_json: str | Path, out_md: str | Path, curves_json
         "",
         *_setup_section(extra.get("setup", {})),
         "Reproduce (from the repository root, since the presets' data roots are relative to it, e.g. "
-        "`../shared/data/cifar10`; `--root` overrides): `bash experiments/run_evidence.sh`, which runs "
-        "`comkd run --config cifar10_tiny` and `comkd run --config dtd10_tiny` (seeds 1, 2, 3; methods promptkd, "
-        "comkd, no-ifalign, no-eduattention) in parallel with one thread each, then "
-        "`comkd collect cifar10=runs/evidence/cifar10 dtd10=runs/evidence/dtd10 --out docs/results.json` "
-        "(writes results.json and curves.json) and the `comkd results-page` command above. Stage 0 runs once per "
-        "dataset and is shared by the seeds, like a public pretrained CLIP; the run seed drives stage 1's shots, "
-        "stage 1 and stage 2.",
+        "`../shared/data/cifar10`; `--root` overrides): `bash experiments/run_wds_evidence.sh`, which runs, one "
+        "after the other with two threads, `comkd run --config cifar10_wds` (seeds 1, 2, 3; promptkd, comkd, "
+        "no-ifalign, no-eduattention in the recipe), `comkd run --config cifar10_wds_paper` (promptkd and comkd in "
+        "the paper's reading, reusing stages 0 and 1), the same pair for DTD-10 (`dtd10_tiny`, "
+        "`dtd10_tiny_paper`), then `comkd collect cifar10_wds=... cifar10_wds+paper=... dtd10=... dtd10+paper=... "
+        "--out docs/results.json` (a `LABEL+paper` run becomes the `(paper reading)` rows of `LABEL`) and the "
+        "`comkd results-page` command above. Stage 0 runs once per dataset and is shared by the seeds, like a "
+        "public pretrained CLIP; the run seed drives stage 1's shots, stage 1 and stage 2.",
         "",
         "## Results",
         "",
