@@ -339,3 +339,17 @@ def test_streamed_fit_resumes_mid_epoch_exactly(tmp_path, shards):
     assert part.seen[:64] + rest.seen == whole.seen  # the resumed run skips exactly what was seen
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, rest.model.state_dict()[k]), k
+
+
+def test_loader_options_follow_the_loader_signature(shards):
+    from comkd.config import ConfigError, load_config
+    from comkd.engine.pipeline import loader_options
+
+    cfg = load_config(sets=["data.dataset=wds", f"data.root={shards}", 'data.pools=["train=0:48"]',
+                            "data.test_folder=somewhere"])
+    kw = loader_options(cfg)
+    assert kw["pools"] == ["train=0:48"] and kw["test_folder"] == "somewhere" and "subdir" not in kw
+    with pytest.raises(ConfigError, match=r"data.pools: dataset 'imagefolder' does not take"):
+        loader_options(load_config(sets=["data.dataset=imagefolder", 'data.pools=["train=0:4"]']))
+    with pytest.raises(ConfigError, match=r"data.fractions: dataset 'dtd' does not take"):
+        loader_options(load_config(sets=["data.dataset=dtd", "data.fractions=[0,1,0,0]"]))
