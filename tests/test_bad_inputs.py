@@ -15,6 +15,7 @@ from comkd import cli
 from comkd.config import load_config
 from comkd.data import DataError
 from comkd.engine import pipeline as P
+from comkd.models.io import STUDENT_DIGEST_KEY, load_student, save_student
 
 TINY = ["progress=false", "data.image_size=16"]
 
@@ -34,14 +35,14 @@ def _student_file(tmp_path, names: list[str]):
     student = P.build_student(cfg, 32, "cpu")
     student.set_text_features(torch.nn.functional.normalize(torch.randn(len(names), 32), dim=-1), names)
     path = tmp_path / "student.safetensors"
-    P.save_student(student, path, cfg, "comkd")
+    save_student(student, path)
     return path, cfg
 
 
 @pytest.mark.parametrize("names", [[f"class {i}" for i in range(10)], [str(i) for i in range(5)]])
 def test_student_on_a_dataset_with_other_classes_is_refused(tmp_path, names) -> None:
     path, cfg = _student_file(tmp_path, names)
-    student = P.load_student(path)
+    student = load_student(path)
     with pytest.raises(DataError) as err:
         P.evaluate_student(cfg, student)
     msg = str(err.value)
@@ -55,7 +56,7 @@ def test_student_on_its_own_classes_still_evaluates(tmp_path) -> None:
 
     names = load_digits_splits().classnames
     path, cfg = _student_file(tmp_path, names)
-    res = P.evaluate_student(cfg, P.load_student(path))
+    res = P.evaluate_student(cfg, load_student(path))
     assert 0 <= res["base"]["acc"] <= 100 and 0 <= res["novel"]["acc"] <= 100
 
 
@@ -129,7 +130,7 @@ def _resave(src, dst, drop=(), meta_edit=None, keep_digest=True):
     if meta_edit:
         meta.update(meta_edit(meta))
     if not keep_digest:
-        meta.pop(P.STUDENT_DIGEST_KEY)
+        meta.pop(STUDENT_DIGEST_KEY)
     save_file(sd, str(dst), metadata=meta)
 
 
@@ -181,8 +182,8 @@ def test_an_intact_student_file_verifies(tmp_path) -> None:
 
     src, _ = _student_file(tmp_path, load_digits_splits().classnames)
     with safe_open(str(src), framework="pt") as f:
-        assert len(f.metadata()[P.STUDENT_DIGEST_KEY]) == 64
-    assert P.load_student(src).classnames == load_digits_splits().classnames
+        assert len(f.metadata()[STUDENT_DIGEST_KEY]) == 64
+    assert load_student(src).classnames == load_digits_splits().classnames
 
 
 def _weights_with_edited_metadata(path) -> None:

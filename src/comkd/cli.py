@@ -257,12 +257,13 @@ def distill(
                 _stage_optim("distill", epochs, lr, batch_size))
     cfg = _cfg(config, sets, ov, out)
     from .engine import pipeline as P
+    from .models.io import load_student
 
     def body():
         info = P.run_distill(cfg, cfg.output_dir, resume=resume)
         info.pop("history", None)
         if evaluate:
-            student_m = P.load_student(info["student"], P.resolve_device(cfg.device))
+            student_m = load_student(info["student"], P.resolve_device(cfg.device))
             res = P.evaluate_student(cfg, student_m)
             if P.is_main():
                 _write_results(Path(cfg.output_dir) / "results.json", res)
@@ -285,9 +286,10 @@ def evaluate(
     cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, protocol=protocol,
                                         device=device), out)
     from .engine import pipeline as P
+    from .models.io import load_student
 
     def body():
-        student = P.load_student(student_file, P.resolve_device(cfg.device))
+        student = load_student(student_file, P.resolve_device(cfg.device))
         ecfg = cfg
         if cfg.protocol == "full":  # the labelled test images of an own-data run (full.test)
             from .protocols.full import eval_config

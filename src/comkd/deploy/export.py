@@ -215,7 +215,7 @@ def export_student(
     quantisation of the weights) and reports its agreement with the float student and, with class
     folders, its accuracy and the change from the float student's (percentage points). An export whose top-1 disagrees on any image is refused.
     """
-    from ..engine.pipeline import load_student
+    from ..models.io import load_student
     from .predict import iter_batches, student_logits
 
     if fmt not in FORMATS:

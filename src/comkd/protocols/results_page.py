@@ -114,8 +114,9 @@ def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[s
     import torch
 
     from ..engine import pipeline as P
+    from ..models.io import load_student
 
-    student = P.load_student(student_path, "cpu")
+    student = load_student(student_path, "cpu")
     ea = student.edu_attention
     ds = P.make_dataset(cfg, "test", student.preprocess, train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False, num_workers=0)

@@ -23,6 +23,7 @@ from typing import Any
 from ..config import RunConfig, save_config
 from ..engine import pipeline as P
 from ..engine.utils import read_metrics, write_json
+from ..models.io import load_student
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> d
         return json.loads(done.read_text())
     info = P.run_distill(c, out, resume=resume, eval_fn=_eval_fn(c) if c.distill.select == "promptkd" else None,
                          step0_fn=lambda s: _scores(P.evaluate_student(c, s, split=c.eval_split)))
-    student = P.load_student(info["student"], P.resolve_device(c.device))
+    student = load_student(info["student"], P.resolve_device(c.device))
     res = P.evaluate_student(c, student, split=c.eval_split)
     res["split"] = c.eval_split
     res["step0"] = info["step0"]
