@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from .config import ConfigError, RunConfig, list_presets, load_config
+from .methods import METHODS
 
 app = typer.Typer(
     add_completion=False,
@@ -236,8 +237,7 @@ def train_teacher(
 @app.command()
 def distill(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
-    method: Annotated[str | None, typer.Option(
-        help="comkd | promptkd | no-ifalign | no-eduattention | feature-l1 | feature-mse")] = None,
+    method: Annotated[str | None, typer.Option(help=" | ".join(METHODS))] = None,
     dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
     teacher: str | None = None, teacher_pretrained: str | None = None,
     teacher_prompts: Annotated[str | None, typer.Option(help="Prompts from train-teacher.")] = None,
@@ -312,7 +312,7 @@ def run(
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset(s); repeat the flag.")] = None,
     root: Path | None = None,
     seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds; repeat the flag.")] = None,
-    methods: Annotated[list[str] | None, typer.Option("--methods", help="Methods; repeat the flag.")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--methods", help="Methods (" + ", ".join(METHODS) + "); repeat the flag.")] = None,
     source: Annotated[str, typer.Option(help="cross/dg: the teacher's source dataset.")] = "imagenet",
     select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
     device: str | None = None,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ..config import AugmentConfig, ConfigError, RunConfig, save_config
 from ..data import DataError, build_dataset, build_transform, load_splits, promptsrc_templates
 from ..data.dataset import ImageDataset
-from ..losses import build_loss, method_spec, paper_kd_weight
+from ..methods import build_loss, get_method, resolve_recipe
 from ..models import (
     PreprocessSpec,
     Student,
@@ -76,8 +76,8 @@ def student_arch(cfg: RunConfig, teacher_dim: int, method: str | None = None) ->
     the teacher, EduAttention as the method's recipe says, and ``data.image_size``."""
     shared = {f.name for f in dataclasses.fields(StudentArch)} & {f.name for f in dataclasses.fields(cfg.student)}
     options = {k: getattr(cfg.student, k) for k in shared}
-    spec = method_spec(method or cfg.distill.method)
-    return StudentArch(**options, teacher_dim=teacher_dim, edu_attention=spec["edu_attention"],
+    edu = get_method(method or cfg.distill.method).edu_attention
+    return StudentArch(**options, teacher_dim=teacher_dim, edu_attention=edu,
                        image_size=cfg.data.image_size)
 
 
@@ -164,7 +164,7 @@ def _start(cfg: RunConfig, out_dir: str | Path, resume: bool,
         _check_resume_config(cfg, out / "config.yaml", stage)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(resolve_recipe(cfg), out / "config.yaml")  # the recipe values in effect
         if not resume:  # a fresh run does not inherit an earlier run's records
             (out / "metrics.jsonl").unlink(missing_ok=True)
     tb = out / "tensorboard" if cfg.tensorboard else None
@@ -373,7 +373,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     n_train = student.num_trainable()
     log.info("distill %s: student %s has %d trainable parameters (%.3f M)", d.method, cfg.student.model, n_train,
              n_train / 1e6)
-    kd_weight = d.kd_weight if d.kd_weight is not None else paper_kd_weight(cfg.data.dataset)
+    kd_weight = resolve_recipe(cfg).distill.kd_weight  # what _start saved in config.yaml
     loss = build_loss(
         d.method, kd_weight=kd_weight, temperature=d.temperature, align_weight=d.align_weight,
         ifalign_stats=d.ifalign_stats, feature_weight=d.feature_weight,

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.utils import atomic_write_text
+from ..methods import METHODS, report_order
 
-METHOD_ORDER = ["teacher", "student_zeroshot", "promptkd", "comkd", "no-ifalign", "no-eduattention",
-                "feature-l1", "feature-mse"]
-LABELS = {"teacher": "Teacher (prompted)", "student_zeroshot": "Student, undistilled (zero-shot)",
-          "promptkd": "PromptKD", "comkd": "ComKD-CLIP", "no-ifalign": "ComKD w/o IFAlign",
-          "no-eduattention": "ComKD w/o EduAttention", "feature-l1": "Feature L1", "feature-mse": "Feature MSE"}
+# rows that are not distillation methods, then the method table's order and labels
+_BASELINES = {"teacher": "Teacher (prompted)", "student_zeroshot": "Student, undistilled (zero-shot)"}
+METHOD_ORDER = [*_BASELINES, *report_order()]
+LABELS = {**_BASELINES, **{m.name: m.label for m in METHODS.values()}}
 
 
 def _ms(xs: list[float]) -> tuple[float, float]:

@@ -243,9 +243,9 @@ def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curve
 
 
 def _kd_weight(cfg) -> float:
-    from ..losses import paper_kd_weight
+    from ..methods import resolve_recipe
 
-    return cfg.distill.kd_weight if cfg.distill.kd_weight is not None else paper_kd_weight(cfg.data.dataset)
+    return resolve_recipe(cfg).distill.kd_weight
 
 
 # -- the page ----------------------------------------------------------------------------------

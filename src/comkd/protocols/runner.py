@@ -23,6 +23,7 @@ from typing import Any
 from ..config import RunConfig, save_config
 from ..engine import pipeline as P
 from ..engine.utils import read_metrics, write_json
+from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH
 from ..models.io import load_student
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,6 @@ BASE2NOVEL_DATASETS = [
 ]
 CROSS_TARGETS = [d for d in BASE2NOVEL_DATASETS if d != "imagenet"]
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
-# PromptKD's cross-dataset / DG student (METHOD.md sections 2 and 6): prompt depth 3 and
-# w_kd = 1000 for every target, where the user has not set them
-CROSS_STUDENT_VISION_DEPTH = 3
-CROSS_KD_WEIGHT = 1000.0
 
 
 def _vision_layers(model: str) -> int | None:
@@ -54,7 +51,8 @@ def _vision_layers(model: str) -> int | None:
 def protocol_recipe(cfg: RunConfig, protocol: str) -> RunConfig:
     """``cfg`` with the protocol's student settings filled in where they are unset (None):
     cross/dg get PromptKD's cross-dataset depth and w_kd; base2novel keeps the per-dataset
-    w_kd (``losses.paper_kd_weight``) and depth min(9, layers)."""
+    w_kd (``methods.paper_kd_weight``) and depth min(9, layers). The values are the recipe's
+    (``comkd.methods``: PromptKD's cross-dataset student, METHOD.md sections 2 and 6)."""
     c = copy.deepcopy(cfg)
     if protocol in ("cross", "dg"):
         if c.student.vision_depth is None:  # capped at the tower's layers, as the default min(9, layers)
