@@ -86,3 +86,20 @@ def test_create_student_refuses_an_unknown_option_naming_it() -> None:
     with pytest.raises(ModelError, match="'edu_head'"):
         create_student("comkd-tiny-student", None, teacher_dim=32, edu_head=2)
     assert {f.name for f in dataclasses.fields(StudentArch)} >= {"edu_attention", "scope", "projector"}
+
+
+def test_the_models_are_built_from_the_config_sections_by_name() -> None:
+    from comkd.config import load_config
+    from comkd.engine.pipeline import build_student, build_teacher, student_arch, teacher_arch
+
+    cfg = load_config("demo", sets=["teacher.text_ctx=2", "teacher.vision_tokens=0", "student.edu_heads=2",
+                                    "student.projector=linear", "distill.method=promptkd", "data.image_size=16"])
+    t = build_teacher(cfg, torch.device("cpu"))
+    assert t.arch == teacher_arch(cfg) and t.arch.text_ctx == 2 and t.arch.image_size == 16
+    assert t.text.ctx.shape[0] == 2  # two learnable context tokens
+    assert getattr(t.visual, "prompts", None) is None  # vision_tokens=0: no visual prompts
+    s = build_student(cfg, t.embed_dim, torch.device("cpu"))
+    want = student_arch(cfg, t.embed_dim)
+    assert (want.edu_heads, want.projector, want.edu_attention) == (2, "linear", False)
+    assert s.arch == dataclasses.replace(want, vision_depth=s.arch.vision_depth, quick_gelu=False)
+    assert s.edu_attention is None and s.preprocess.image_size == 16

@@ -20,11 +20,11 @@ from ..models import (
     Student,
     StudentArch,
     Teacher,
-    create_teacher,
     load_clip,
     save_clip_weights,
 )
 from ..models.io import save_student as _save_student
+from ..models.teacher import TeacherArch
 from .loop import fit
 from .tasks import (
     DistillTask,
@@ -54,30 +54,30 @@ STUDENT_FILE = "student.safetensors"
 
 
 # -- builders ----------------------------------------------------------------------------------
+def _shared_options(arch_type: type, section: Any) -> dict[str, Any]:
+    """The options a config section (``StudentConfig``, ``TeacherConfig``) shares by name with an
+    architecture dataclass: each is written once, in the config, and read here."""
+    names = {f.name for f in dataclasses.fields(arch_type)} & {f.name for f in dataclasses.fields(section)}
+    return {k: getattr(section, k) for k in names}
+
+
+def teacher_arch(cfg: RunConfig) -> TeacherArch:
+    """The ``TeacherArch`` of ``cfg``: the options of ``cfg.teacher`` and ``data.image_size``."""
+    return TeacherArch(**_shared_options(TeacherArch, cfg.teacher), image_size=cfg.data.image_size)
+
+
 def build_teacher(cfg: RunConfig, device: torch.device, prompts: str | None = None) -> Teacher:
-    t = cfg.teacher
-    return create_teacher(
-        t.model,
-        t.pretrained,
-        text_ctx=t.text_ctx,
-        text_depth=t.text_depth,
-        ctx_init=t.ctx_init,
-        vision_tokens=t.vision_tokens,
-        vision_depth=t.vision_depth,
-        prompts=prompts if prompts is not None else t.prompts,
-        image_size=cfg.data.image_size,
-        quick_gelu=t.quick_gelu or None,
-        device=device,
-    )
+    """The teacher of ``cfg`` with ``teacher.pretrained`` weights and ``prompts`` (default
+    ``teacher.prompts``; ``""``: none) on ``device``."""
+    return Teacher.build(teacher_arch(cfg), cfg.teacher.pretrained,
+                         prompts=prompts if prompts is not None else cfg.teacher.prompts, device=device)
 
 
 def student_arch(cfg: RunConfig, teacher_dim: int, method: str | None = None) -> StudentArch:
     """The ``StudentArch`` of ``cfg``: every option ``StudentConfig`` shares with it by name, d of
     the teacher, EduAttention as the method's recipe says, and ``data.image_size``."""
-    shared = {f.name for f in dataclasses.fields(StudentArch)} & {f.name for f in dataclasses.fields(cfg.student)}
-    options = {k: getattr(cfg.student, k) for k in shared}
     edu = get_method(method or cfg.distill.method).edu_attention
-    return StudentArch(**options, teacher_dim=teacher_dim, edu_attention=edu,
+    return StudentArch(**_shared_options(StudentArch, cfg.student), teacher_dim=teacher_dim, edu_attention=edu,
                        image_size=cfg.data.image_size)
 
 

@@ -18,7 +18,7 @@ from .io import load_student, save_student
 from .projector import Projector
 from .prompts import PromptedTextEncoder, PromptedVisionTower
 from .student import Student, StudentArch, StudentOutput, create_student
-from .teacher import Teacher, create_teacher
+from .teacher import Teacher, TeacherArch, create_teacher
 
 __all__ = [
     "RANDOM_WEIGHTS",
@@ -35,6 +35,7 @@ __all__ = [
     "StudentArch",
     "StudentOutput",
     "Teacher",
+    "TeacherArch",
     "create_student",
     "create_teacher",
     "load_clip",
