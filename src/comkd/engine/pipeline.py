@@ -25,6 +25,7 @@ from ..models import (
 )
 from ..models.io import save_student as _save_student
 from ..models.teacher import TeacherArch
+from ..stats import harmonic_mean
 from .loop import fit
 from .tasks import (
     DistillTask,
@@ -32,7 +33,6 @@ from .tasks import (
     TeacherOutputs,
     TeacherPromptTask,
     accuracy,
-    harmonic_mean,
     predict,
 )
 from .utils import (

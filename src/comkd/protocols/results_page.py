@@ -24,8 +24,9 @@ from typing import Any
 import yaml
 
 from ..engine.utils import atomic_write_text, read_metrics, write_json
+from ..stats import mean_std
 from .report import LABELS, _ordered, plot_accuracy, plot_curves, results_table
-from .runner import average_base2novel, mean_std
+from .runner import average_base2novel
 
 DISTILL_METHODS = ["promptkd", "comkd", "no-ifalign", "no-eduattention"]
 REQUIRED = ["teacher", "student_zeroshot", *DISTILL_METHODS]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from ..engine import pipeline as P
 from ..engine.utils import read_metrics, write_json
 from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH
 from ..models.io import load_student
+from ..stats import harmonic_mean, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +216,6 @@ def run_protocol(
     return results
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
-
-
 def average_base2novel(table: dict) -> dict:
     """Across datasets: mean base and novel accuracy, the HM of those means (``hm``, the paper's),
     and the mean over datasets of the mean per-seed HM (``hm_per_seed``)."""
@@ -231,6 +225,6 @@ def average_base2novel(table: dict) -> dict:
         base = sum(mean_std(table[d][m]["base"])[0] for d in table) / len(table)
         novel = sum(mean_std(table[d][m]["novel"])[0] for d in table) / len(table)
         per_seed = sum(mean_std(table[d][m]["hm"])[0] for d in table) / len(table)
-        out[m] = {"base": base, "novel": novel, "hm": 2 * base * novel / (base + novel) if base + novel else 0.0,
+        out[m] = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel),
                   "hm_per_seed": per_seed}
     return out
