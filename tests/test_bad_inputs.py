@@ -16,6 +16,7 @@ from comkd.config import load_config
 from comkd.data import DataError
 from comkd.engine import pipeline as P
 from comkd.models.io import STUDENT_DIGEST_KEY, load_student, save_student
+from conftest import subprocess_env
 
 TINY = ["progress=false", "data.image_size=16"]
 
@@ -581,7 +582,6 @@ def test_every_command_has_quiet_verbose_and_the_cli_a_version() -> None:
 
 @pytest.mark.slow
 def test_quiet_hides_warnings_and_default_shows_them(tmp_path) -> None:
-    import os
     import subprocess
     import sys
 
@@ -590,7 +590,7 @@ def test_quiet_hides_warnings_and_default_shows_them(tmp_path) -> None:
     src, _ = _student_file(tmp_path, load_digits_splits().classnames)
     old = tmp_path / "old.safetensors"  # a file from before the digest: loads with a warning
     _resave(src, old, keep_digest=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = subprocess_env()
     base = [sys.executable, "-m", "comkd.cli", "evaluate", str(old), "--config", "demo"]
     loud = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
     quiet = subprocess.run([*base, "--quiet"], capture_output=True, text=True, env=env, timeout=300)

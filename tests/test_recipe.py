@@ -18,13 +18,7 @@ from comkd.models.backbones import TINY_STUDENT, TINY_TEACHER
 from comkd.models.io import load_student
 from comkd.models.projector import LinearProjector, Projector, fit_projector, ridge
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def np_norm(x: np.ndarray) -> np.ndarray:
