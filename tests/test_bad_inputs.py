@@ -15,6 +15,8 @@ from comkd import cli
 from comkd.config import load_config
 from comkd.data import DataError
 from comkd.engine import pipeline as P
+from comkd.models.io import STUDENT_DIGEST_KEY, load_student, save_student
+from conftest import subprocess_env
 
 TINY = ["progress=false", "data.image_size=16"]
 
@@ -34,14 +36,14 @@ def _student_file(tmp_path, names: list[str]):
     student = P.build_student(cfg, 32, "cpu")
     student.set_text_features(torch.nn.functional.normalize(torch.randn(len(names), 32), dim=-1), names)
     path = tmp_path / "student.safetensors"
-    P.save_student(student, path, cfg, "comkd")
+    save_student(student, path)
     return path, cfg
 
 
 @pytest.mark.parametrize("names", [[f"class {i}" for i in range(10)], [str(i) for i in range(5)]])
 def test_student_on_a_dataset_with_other_classes_is_refused(tmp_path, names) -> None:
     path, cfg = _student_file(tmp_path, names)
-    student = P.load_student(path)
+    student = load_student(path)
     with pytest.raises(DataError) as err:
         P.evaluate_student(cfg, student)
     msg = str(err.value)
@@ -55,7 +57,7 @@ def test_student_on_its_own_classes_still_evaluates(tmp_path) -> None:
 
     names = load_digits_splits().classnames
     path, cfg = _student_file(tmp_path, names)
-    res = P.evaluate_student(cfg, P.load_student(path))
+    res = P.evaluate_student(cfg, load_student(path))
     assert 0 <= res["base"]["acc"] <= 100 and 0 <= res["novel"]["acc"] <= 100
 
 
@@ -129,7 +131,7 @@ def _resave(src, dst, drop=(), meta_edit=None, keep_digest=True):
     if meta_edit:
         meta.update(meta_edit(meta))
     if not keep_digest:
-        meta.pop(P.STUDENT_DIGEST_KEY)
+        meta.pop(STUDENT_DIGEST_KEY)
     save_file(sd, str(dst), metadata=meta)
 
 
@@ -181,8 +183,8 @@ def test_an_intact_student_file_verifies(tmp_path) -> None:
 
     src, _ = _student_file(tmp_path, load_digits_splits().classnames)
     with safe_open(str(src), framework="pt") as f:
-        assert len(f.metadata()[P.STUDENT_DIGEST_KEY]) == 64
-    assert P.load_student(src).classnames == load_digits_splits().classnames
+        assert len(f.metadata()[STUDENT_DIGEST_KEY]) == 64
+    assert load_student(src).classnames == load_digits_splits().classnames
 
 
 def _weights_with_edited_metadata(path) -> None:
@@ -363,12 +365,12 @@ def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
 def test_resume_checks_the_checkpoints_own_settings(tmp_path) -> None:
     from comkd.config import OptimConfig
     from comkd.engine.loop import CheckpointError, fit
-    from test_resume import ToyData, ToyTask
+    from conftest import ToyData, ToyTask
 
     def run(**kw):
         cfg = OptimConfig(epochs=2, batch_size=8, lr=kw.pop("lr", 0.05))
         return fit(
-            ToyTask(),
+            ToyTask(noise=True),
             ToyData(),
             cfg,
             out_dir=tmp_path,
@@ -387,47 +389,51 @@ def test_resume_checks_the_checkpoints_own_settings(tmp_path) -> None:
 # -- item 18: NaN stops, half-written metrics, stray temp files ---------------------------------------
 def test_nan_stop_keeps_the_checkpoint_from_before_the_diverging_update(tmp_path) -> None:
     from comkd.engine.loop import NonFiniteLossError
-    from test_resume import ToyTask, _toy_fit
+    from conftest import ToyTask
+    from test_resume import _toy_fit
 
     with pytest.raises(NonFiniteLossError) as err:  # the loss of step 11 uses the weights after update 10
-        _toy_fit(tmp_path, ToyTask(nan_at_call=11), ckpt_every=1, log_every=100)
+        _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=11), ckpt_every=1, log_every=100)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["global_step"] == 9  # not 10, whose weights already gave the NaN
     assert "step 9" in str(err.value) and "before the diverging update" in str(err.value)
-    assert _toy_fit(tmp_path, ToyTask(), ckpt_every=1, resume=True).resumed_from["global_step"] == 9
+    assert _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=1, resume=True).resumed_from["global_step"] == 9
 
 
 def test_nan_right_after_a_resume_falls_back_to_the_checkpoint_before(tmp_path) -> None:
     from comkd.engine.loop import NonFiniteLossError
-    from test_resume import ToyTask, _toy_fit
+    from conftest import ToyTask
+    from test_resume import _toy_fit
 
-    _toy_fit(tmp_path, ToyTask(), ckpt_every=4, stop_after_steps=10)  # checkpoints of steps 4 and 8
+    _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10)  # checkpoints of steps 4 and 8
     with pytest.raises(NonFiniteLossError, match="kept the checkpoint of step 4"):
-        _toy_fit(tmp_path, ToyTask(nan_at_call=1), ckpt_every=4, log_every=100, resume=True)
+        _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=1), ckpt_every=4, log_every=100, resume=True)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
 
 
 def test_nan_stop_with_a_single_suspect_checkpoint_says_so(tmp_path) -> None:
     from comkd.engine.loop import NonFiniteLossError
-    from test_resume import ToyTask, _toy_fit
+    from conftest import ToyTask
+    from test_resume import _toy_fit
 
     with pytest.raises(
         NonFiniteLossError, match="the only checkpoint, of step 4, was taken after the diverging"
     ):
-        _toy_fit(tmp_path, ToyTask(nan_at_call=5), ckpt_every=4, log_every=100)
+        _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=5), ckpt_every=4, log_every=100)
     # kept in place: a --resume must not silently start from scratch
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
 
 
 def test_a_half_written_metrics_line_does_not_block_resume_and_stray_temps_go(tmp_path) -> None:
     from comkd.engine.utils import read_metrics
-    from test_resume import ToyTask, _toy_fit
+    from conftest import ToyTask
+    from test_resume import _toy_fit
 
-    _toy_fit(tmp_path, ToyTask(), ckpt_every=4, stop_after_steps=10)
+    _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"stage": "toy", "epoch": 1, "st')  # killed mid-write
     (tmp_path / ".checkpoint.pt.tmp4242").write_bytes(b"half a checkpoint")
-    res = _toy_fit(tmp_path, ToyTask(), ckpt_every=4, resume=True)
+    res = _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, resume=True)
     assert res.resumed_from["global_step"] == 8
     recs = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in recs if r.get("type") != "epoch"] == list(range(1, 25))
@@ -471,9 +477,10 @@ def test_collect_on_bad_input_is_one_line_naming_the_folder(tmp_path, content, w
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_resume_from_an_unreadable_checkpoint_is_one_line(tmp_path, damage) -> None:
-    from test_resume import ToyTask, _toy_fit
+    from conftest import ToyTask
+    from test_resume import _toy_fit
 
-    _toy_fit(tmp_path / "toy", ToyTask(), ckpt_every=4, stop_after_steps=5)
+    _toy_fit(tmp_path / "toy", ToyTask(noise=True), ckpt_every=4, stop_after_steps=5)
     good = (tmp_path / "toy" / "checkpoint.pt").read_bytes()
     out = tmp_path / "run"
     out.mkdir()
@@ -529,11 +536,11 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capsys, monkey
 
     from comkd.config import OptimConfig
     from comkd.engine import loop
-    from test_resume import ToyData, ToyTask
+    from conftest import ToyData, ToyTask
 
     cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
     res = loop.fit(
-        ToyTask(), ToyData(), cfg, out_dir=tmp_path, seed=5, device=torch.device("cpu"), progress=True
+        ToyTask(noise=True), ToyData(), cfg, out_dir=tmp_path, seed=5, device=torch.device("cpu"), progress=True
     )
     assert len(res.history) == 3
     err = capsys.readouterr().err
@@ -580,7 +587,6 @@ def test_every_command_has_quiet_verbose_and_the_cli_a_version() -> None:
 
 @pytest.mark.slow
 def test_quiet_hides_warnings_and_default_shows_them(tmp_path) -> None:
-    import os
     import subprocess
     import sys
 
@@ -589,7 +595,7 @@ def test_quiet_hides_warnings_and_default_shows_them(tmp_path) -> None:
     src, _ = _student_file(tmp_path, load_digits_splits().classnames)
     old = tmp_path / "old.safetensors"  # a file from before the digest: loads with a warning
     _resave(src, old, keep_digest=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = subprocess_env()
     base = [sys.executable, "-m", "comkd.cli", "evaluate", str(old), "--config", "demo"]
     loud = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
     quiet = subprocess.run([*base, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
@@ -600,10 +606,11 @@ def test_quiet_hides_warnings_and_default_shows_them(tmp_path) -> None:
 
 def test_a_fresh_run_never_falls_back_to_an_earlier_runs_checkpoint(tmp_path) -> None:
     from comkd.engine.loop import NonFiniteLossError
-    from test_resume import ToyTask, _toy_fit
+    from conftest import ToyTask
+    from test_resume import _toy_fit
 
-    _toy_fit(tmp_path, ToyTask(), ckpt_every=4, stop_after_steps=10)  # an earlier run: steps 4 and 8
+    _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10)  # an earlier run: steps 4 and 8
     with pytest.raises(NonFiniteLossError, match="the only checkpoint, of step 4"):
-        _toy_fit(tmp_path, ToyTask(nan_at_call=5), ckpt_every=4, log_every=100)  # fresh, not --resume
+        _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=5), ckpt_every=4, log_every=100)  # fresh, not --resume
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
     assert not (tmp_path / "checkpoint.prev.pt").exists()

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from comkd import cli, load_student
-from comkd.config import load_config
 from comkd.deploy.classes import check_teacher
-from comkd.engine.pipeline import save_student, teacher_identity
+from comkd.engine.pipeline import teacher_identity
 from comkd.models import ModelError, create_student, create_teacher, load_clip, save_clip_weights
+from comkd.models.io import save_student
 from conftest import TINY_DISTILL_OPTS
 
 NEW = ["cat", "dog", "bird"]
@@ -127,10 +127,9 @@ def test_classes_refuses_another_teacher(distilled, weights, prompts, field) -> 
 
 
 def test_a_student_without_a_teacher_record_needs_force(tmp_path) -> None:
-    cfg = load_config(None, {"student": {"model": "comkd-tiny-student"}})
     s = create_student("comkd-tiny-student", None, teacher_dim=128, image_size=16)  # the tiny teacher's size
     s.set_text_features(torch.nn.functional.normalize(torch.randn(2, 128), dim=-1), ["a", "b"])
-    save_student(s, tmp_path / "s.safetensors", cfg, "comkd")
+    save_student(s, tmp_path / "s.safetensors")
     (tmp_path / "n.txt").write_text("x\ny\nz\n")
     args = [
         "classes",

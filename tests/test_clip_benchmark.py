@@ -13,9 +13,10 @@ import yaml
 from safetensors.torch import save_file
 
 from comkd.config import load_config
-from comkd.engine.pipeline import evaluate_student, load_student, save_student, teacher_identity
+from comkd.engine.pipeline import evaluate_student, teacher_identity
 from comkd.engine.utils import seed_everything
 from comkd.models import ModelError, create_student, create_teacher, load_clip, save_clip_weights
+from comkd.models.io import load_student, save_student
 
 cb_zs = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
 
@@ -60,8 +61,7 @@ def setup(tmp_path_factory) -> dict:
     with torch.no_grad():
         s.edu_attention.alpha.fill_(0.5)
     s.teacher_identity = teacher_identity(teacher)
-    cfg = load_config(None, {"student": {"model": "comkd-tiny-student"}, "data": {"image_size": 16}})
-    save_student(s, d / "student.safetensors", cfg, "comkd")
+    save_student(s, d / "student.safetensors")
     for c in CLASSES:
         (d / "images" / c).mkdir(parents=True)
         for i in range(PER_CLASS):

@@ -10,17 +10,9 @@ from typer.testing import CliRunner
 
 from comkd import cli
 from comkd.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from conftest import TINY_MODEL_ARGS
 
-TINY_ARGS = [
-    "--teacher",
-    "comkd-tiny-teacher",
-    "--student",
-    "comkd-tiny-student",
-    "--set",
-    "data.image_size=16",
-    "--set",
-    "progress=false",
-]
+TINY_ARGS = TINY_MODEL_ARGS
 
 
 def test_precedence_defaults_yaml_flags_sets(tmp_path):

@@ -4,17 +4,16 @@ gradients and metrics are averaged across ranks, only rank 0 writes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import subprocess_env
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(_k, None)
+ENV = subprocess_env(PYTHONUNBUFFERED="1")  # torchrun starts the ranks itself
 
 # A task without batch statistics: under DDP the mean of the per-rank means of equal slices is the
 # global mean, so 2 ranks must reproduce 1 process up to float64 rounding of the gradient average.

@@ -16,10 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from comkd import cli, load_student
-from comkd.config import load_config
 from comkd.data import DataError, build_transform, collect_images
-from comkd.engine.pipeline import save_student
 from comkd.models import create_student
+from comkd.models.io import save_student
 from conftest import TINY_DISTILL_OPTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,13 +39,12 @@ def cifar_images(per_class: int, split: str = "test") -> list[str]:
 def student_file(tmp_path_factory) -> Path:
     """An (undistilled) tiny student with a random W over the CIFAR-10 names, saved as a student file."""
     torch.manual_seed(0)
-    cfg = load_config(None, {"student": {"model": "comkd-tiny-student"}, "data": {"image_size": 16}})
     s = create_student("comkd-tiny-student", None, teacher_dim=32, image_size=16)
     s.set_text_features(torch.nn.functional.normalize(torch.randn(10, 32), dim=-1), CLASSES)
     with torch.no_grad():  # a non-zero gate, so EduAttention is part of what is checked
         s.edu_attention.alpha.fill_(0.5)
     path = tmp_path_factory.mktemp("student") / "student.safetensors"
-    save_student(s, path, cfg, "comkd")
+    save_student(s, path)
     return path
 
 

@@ -15,6 +15,7 @@ from comkd.config import OptimConfig, load_config
 from comkd.engine import loop
 from comkd.engine.loop import EpochBatchSampler, fit, lr_at
 from comkd.engine.utils import amp_context, atomic_torch_save, read_metrics
+from conftest import ToyData, ToyTask
 
 TINY = {
     "teacher": {"model": "comkd-tiny-teacher"},
@@ -22,60 +23,6 @@ TINY = {
     "data": {"image_size": 16},
     "progress": False,
 }
-
-
-# -- toy task: a linear regression without batch statistics ------------------------------------
-class ToyData(torch.utils.data.Dataset):
-    """``(x [d], y, index)`` items, like the image datasets' ``(image, label, index)``."""
-
-    def __init__(self, n: int = 64, dim: int = 5, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-        self.y = self.x @ torch.arange(1.0, dim + 1, dtype=torch.float64) + 0.1 * torch.randn(
-            n, generator=g, dtype=torch.float64
-        )
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        return self.x[i], self.y[i], i
-
-
-class ToyTask:
-    """MSE of a linear model; ``noise`` multiplies predictions by draws from the global torch RNG
-    (like dropout), so resume tests also check that the RNG stream is restored exactly."""
-
-    name = "toy"
-
-    def __init__(self, dim: int = 5, noise: bool = False, nan_at_step: int | None = None):
-        g = torch.Generator().manual_seed(123)
-        self.model = nn.Linear(dim, 1).double()
-        with torch.no_grad():
-            self.model.weight.copy_(torch.randn(1, dim, generator=g, dtype=torch.float64))
-            self.model.bias.zero_()
-        self.noise, self.nan_at_step, self.calls = noise, nan_at_step, 0
-        self._wrapped: dict = {}
-
-    def modules(self):
-        return {"model": self.model}
-
-    def parameter_groups(self):
-        return [{"params": list(self.model.parameters())}]
-
-    def wrap(self, wrapped):
-        self._wrapped = wrapped
-
-    def step(self, batch, epoch):
-        x, y, _ = batch
-        self.calls += 1
-        pred = self._wrapped.get("model", self.model)(x).squeeze(-1)
-        if self.noise:
-            pred = pred * (1 + 0.1 * torch.rand(pred.shape, dtype=pred.dtype))
-        loss = ((pred - y) ** 2).mean()
-        if self.nan_at_step is not None and self.calls >= self.nan_at_step:
-            loss = loss * float("nan")
-        return {"loss": loss, "mae": (pred - y).abs().mean()}
 
 
 def _fit_toy(tmp: Path, **kw) -> tuple[ToyTask, loop.FitResult]:

@@ -34,6 +34,7 @@ from comkd.models import (
     save_clip_weights,
 )
 from comkd.models.backbones import MODEL_CONFIG_DIR
+from conftest import torch_threads
 
 TINY_RESNET = "comkd-tiny-resnet-student"
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
@@ -101,12 +102,8 @@ def _one_thread_for_tiny_models(request):
     if request.node.get_closest_marker("slow"):
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture

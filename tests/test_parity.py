@@ -48,12 +48,13 @@ def test_a_pretrained_tag_builds_the_activation_its_weights_need(monkeypatch, ta
 
 
 def test_a_student_file_records_the_activation_in_effect(tmp_path) -> None:
-    from comkd.engine.pipeline import build_student, load_student, save_student
+    from comkd.engine.pipeline import build_student
+    from comkd.models.io import load_student, save_student
 
     cfg = load_config("demo", sets=["student.quick_gelu=true"])
     student = build_student(cfg, 32, "cpu")
     cfg.student.quick_gelu = False  # the config no longer says so; the file must still know
-    save_student(student, tmp_path / "s.safetensors", cfg, "comkd")
+    save_student(student, tmp_path / "s.safetensors")
     assert uses_quick_gelu(load_student(tmp_path / "s.safetensors").visual)
 
 

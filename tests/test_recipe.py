@@ -15,15 +15,10 @@ from comkd.engine.tasks import DistillTask
 from comkd.losses import ComKDLoss, ifalign
 from comkd.models import EduAttention, create_student, create_teacher
 from comkd.models.backbones import TINY_STUDENT, TINY_TEACHER
+from comkd.models.io import load_student
 from comkd.models.projector import LinearProjector, Projector, fit_projector, ridge
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def np_norm(x: np.ndarray) -> np.ndarray:
@@ -236,7 +231,7 @@ def test_distill_with_ridge_warm_start_step0_and_saved_settings(tmp_path) -> Non
     fit(student.projector, f, u_t, cfg.distill.ridge_lambda)
     torch.testing.assert_close(seen["bn_mean"], student.projector[1].running_mean)
     torch.testing.assert_close(seen["head"], student.projector[-1].weight, atol=1e-4, rtol=1e-4)
-    loaded = P.load_student(info["student"])
+    loaded = load_student(info["student"])
     assert (
         loaded.edu_attention.mode == "cosine"
         and loaded.projector_bn == "frozen"

@@ -8,84 +8,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from comkd.config import OptimConfig
 from comkd.engine.loop import NonFiniteLossError, fit
 from comkd.engine.utils import MetricsLog, read_metrics
+from conftest import DISTILL_CMD, ToyData, ToyTask, subprocess_env
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-DISTILL = [
-    sys.executable,
-    "-m",
-    "comkd.cli",
-    "distill",
-    "--teacher",
-    "comkd-tiny-teacher",
-    "--student",
-    "comkd-tiny-student",
-    "--epochs",
-    "2",
-    "--seed",
-    "3",
-    "--set",
-    "data.image_size=16",
-    "--set",
-    "progress=false",
-    "--set",
-    "ckpt_every=5",
-    "--set",
-    "log_every=1",
-]
+ENV = subprocess_env(PYTHONUNBUFFERED="1")
+DISTILL = DISTILL_CMD
 
 
-# -- a toy task (no batch statistics; uses the global RNG like dropout) -----------------------
-class ToyData(torch.utils.data.Dataset):
-    def __init__(self, n: int = 64, dim: int = 5):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-        self.y = self.x.sum(-1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        return self.x[i], self.y[i], i
-
-
-class ToyTask:
-    name = "toy"
-
-    def __init__(self, nan_at_call: int | None = None):
-        g = torch.Generator().manual_seed(1)
-        self.model = nn.Linear(5, 1).double()
-        with torch.no_grad():
-            self.model.weight.copy_(torch.randn(1, 5, generator=g, dtype=torch.float64))
-            self.model.bias.zero_()
-        self.nan_at_call, self.calls = nan_at_call, 0
-
-    def modules(self):
-        return {"model": self.model}
-
-    def parameter_groups(self):
-        return [{"params": list(self.model.parameters())}]
-
-    def step(self, batch, epoch):
-        x, y, _ = batch
-        self.calls += 1
-        pred = self.model(x).squeeze(-1) * (1 + 0.1 * torch.rand(len(x), dtype=x.dtype))  # global RNG
-        loss = ((pred - y) ** 2).mean()
-        if self.nan_at_call is not None and self.calls >= self.nan_at_call:
-            loss = loss + float("nan")
-        return {"loss": loss}
-
-
+# -- the toy task (conftest): no batch statistics; with noise it uses the global RNG like dropout
 def _toy_fit(out: Path, task: ToyTask, **kw):
     torch.manual_seed(0)
     cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
@@ -110,14 +48,14 @@ def _strip(records):
 def test_in_process_resume_mid_epoch_matches_uninterrupted(tmp_path):
     """Stop after step 13 (checkpoint at 12, epoch 2 batch 4 of 8), resume in a fresh task whose
     global RNG was reseeded: weights, RNG stream, history and metrics equal an uninterrupted run."""
-    ref = ToyTask()
+    ref = ToyTask(noise=True)
     ref_res = _toy_fit(tmp_path / "ref", ref)
     rng_after_ref = torch.get_rng_state()
-    cut = ToyTask()
+    cut = ToyTask(noise=True)
     _toy_fit(tmp_path / "cut", cut, ckpt_every=4, stop_after_steps=13)
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["global_step"]) == (1, 4, 12)
-    resumed = ToyTask()
+    resumed = ToyTask(noise=True)
     res = _toy_fit(tmp_path / "cut", resumed, ckpt_every=4, resume=True)
     rng_after_resume = torch.get_rng_state()
     assert res.resumed_from == {"epoch": 1, "batch": 4, "global_step": 12}
@@ -135,7 +73,7 @@ def test_in_process_resume_mid_epoch_matches_uninterrupted(tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError) as e:
-        _toy_fit(out, ToyTask(nan_at_call=11), ckpt_every=4, log_every=100)
+        _toy_fit(out, ToyTask(noise=True, nan_at_step=11), ckpt_every=4, log_every=100)
     msg = str(e.value)
     assert "optimiser step 11" in msg and "toy" in msg and "epoch 2" in msg
     assert str(out / "checkpoint.pt") in msg
@@ -143,7 +81,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert state["global_step"] == 8  # the check before saving step 12 caught the NaN of step 11
     assert all(torch.isfinite(v).all() for v in state["modules"]["model"].values())
     # and the run resumes from it
-    res = _toy_fit(out, ToyTask(), ckpt_every=4, resume=True)
+    res = _toy_fit(out, ToyTask(noise=True), ckpt_every=4, resume=True)
     assert res.resumed_from["global_step"] == 8 and len(res.history) == 3
 
 
@@ -151,7 +89,7 @@ def test_nan_before_any_checkpoint_says_so(tmp_path):
     with pytest.raises(
         NonFiniteLossError, match=r"optimiser step 1 \(epoch 1\); no checkpoint was written yet"
     ):
-        _toy_fit(tmp_path, ToyTask(nan_at_call=1), log_every=1)
+        _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=1), log_every=1)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 

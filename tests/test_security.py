@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 
@@ -60,10 +59,10 @@ def test_resume_from_crafted_checkpoint_through_the_cli(tmp_path) -> None:
     out.mkdir()
     marker = tmp_path / "pwned"
     _write_exploit(out / "checkpoint.pt", marker)
-    from test_resume import DISTILL
+    from conftest import DISTILL_CMD, subprocess_env
 
-    cmd = [*DISTILL, "--out", str(out), "--resume"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*DISTILL_CMD, "--out", str(out), "--resume"]
+    env = subprocess_env()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
     assert not marker.exists(), "unpickling the checkpoint executed code"

@@ -5,9 +5,8 @@ Public API (see DESIGN.md): ``create_teacher``, ``create_student``, ``EduAttenti
 """
 
 from .data import base_novel_split, build_dataset
-from .engine.pipeline import load_student
 from .losses import ComKDLoss, ifalign, kd_kl
-from .models import EduAttention, create_student, create_teacher
+from .models import EduAttention, create_student, create_teacher, load_student
 
 __version__ = "0.1.0"
 

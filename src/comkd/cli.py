@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from .config import ConfigError, RunConfig, list_presets, load_config
+from .methods import METHODS
 
 app = typer.Typer(
     add_completion=False,
@@ -236,8 +237,7 @@ def train_teacher(
 @app.command()
 def distill(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
-    method: Annotated[str | None, typer.Option(
-        help="comkd | promptkd | no-ifalign | no-eduattention | feature-l1 | feature-mse")] = None,
+    method: Annotated[str | None, typer.Option(help=" | ".join(METHODS))] = None,
     dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
     teacher: str | None = None, teacher_pretrained: str | None = None,
     teacher_prompts: Annotated[str | None, typer.Option(help="Prompts from train-teacher.")] = None,
@@ -257,12 +257,13 @@ def distill(
                 _stage_optim("distill", epochs, lr, batch_size))
     cfg = _cfg(config, sets, ov, out)
     from .engine import pipeline as P
+    from .models.io import load_student
 
     def body():
         info = P.run_distill(cfg, cfg.output_dir, resume=resume)
         info.pop("history", None)
         if evaluate:
-            student_m = P.load_student(info["student"], P.resolve_device(cfg.device))
+            student_m = load_student(info["student"], P.resolve_device(cfg.device))
             res = P.evaluate_student(cfg, student_m)
             if P.is_main():
                 _write_results(Path(cfg.output_dir) / "results.json", res)
@@ -285,9 +286,10 @@ def evaluate(
     cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, protocol=protocol,
                                         device=device), out)
     from .engine import pipeline as P
+    from .models.io import load_student
 
     def body():
-        student = P.load_student(student_file, P.resolve_device(cfg.device))
+        student = load_student(student_file, P.resolve_device(cfg.device))
         ecfg = cfg
         if cfg.protocol == "full":  # the labelled test images of an own-data run (full.test)
             from .protocols.full import eval_config
@@ -310,7 +312,7 @@ def run(
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset(s); repeat the flag.")] = None,
     root: Path | None = None,
     seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds; repeat the flag.")] = None,
-    methods: Annotated[list[str] | None, typer.Option("--methods", help="Methods; repeat the flag.")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--methods", help="Methods (" + ", ".join(METHODS) + "); repeat the flag.")] = None,
     source: Annotated[str, typer.Option(help="cross/dg: the teacher's source dataset.")] = "imagenet",
     select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
     device: str | None = None,

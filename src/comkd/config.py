@@ -18,6 +18,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .fileio import atomic_write_text
+from .methods import METHODS, canonical_method
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -152,7 +155,7 @@ class DistillConfig:
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    method: Literal["comkd", "promptkd", "no-ifalign", "no-eduattention", "feature-l1", "feature-mse"] = "comkd"
+    method: str = "comkd"  # a name in comkd.methods.METHODS (validated against the table)
     kd_weight: float | None = None  # None: the paper's per-dataset value (1000; 200 for aircraft/flowers/dtd)
     temperature: float = 1.0
     align_weight: float = 1.0
@@ -331,6 +334,7 @@ def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, DataConfig) and obj.shuffle_buffer < 0:
         raise ConfigError(f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {obj.shuffle_buffer}")
     if isinstance(obj, DistillConfig):
+        obj.method = _method_name(obj.method, f"{prefix}method")
         for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale"):
             _positive_finite(getattr(obj, name), f"{prefix}{name}")
         _positive_finite(obj.kd_weight, f"{prefix}kd_weight")
@@ -343,6 +347,14 @@ def _validate(obj: Any, prefix: str) -> None:
         if obj.ckpt_every < 0:
             raise ConfigError(f"{prefix}ckpt_every: must be >= 0 (0: at epoch ends only), got {obj.ckpt_every}")
         _check_device(obj.device, f"{prefix}device")
+
+
+def _method_name(name: str, key: str) -> str:
+    """The method table's spelling of ``name``; a one-line error listing the table's names."""
+    try:
+        return canonical_method(name)
+    except ValueError:
+        raise ConfigError(f"{key}: {name!r} is not allowed; choose one of {', '.join(METHODS)}") from None
 
 
 def _check_device(name: str, key: str) -> None:
@@ -431,8 +443,4 @@ def load_config(
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

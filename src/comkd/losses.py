@@ -1,4 +1,5 @@
-"""The ComKD-CLIP objective (METHOD.md sections 3 and 5) and its ablations.
+"""The ComKD-CLIP objective (METHOD.md sections 3 and 5) and its ablations (the switches of each
+named method are in ``comkd.methods``).
 
 ``ComKDLoss`` returns a dict of named terms: ``loss`` (what is back-propagated), ``kd`` (weighted
 logit KL), ``align`` (unweighted IFAlign), and for the feature baselines ``feature``.
@@ -9,6 +10,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# The method table and its defaults live in ``comkd.methods``; re-exported here for existing callers.
+from .methods import LOW_KD_WEIGHT_DATASETS, METHODS, build_loss, method_spec, paper_kd_weight
+
+__all__ = [
+    "IFALIGN_STATS",
+    "LOW_KD_WEIGHT_DATASETS",
+    "METHODS",
+    "ComKDLoss",
+    "build_loss",
+    "ifalign",
+    "kd_kl",
+    "method_spec",
+    "paper_kd_weight",
+]
 
 IFALIGN_STATS = ("per_channel", "per_sample")
 
@@ -114,38 +130,3 @@ class ComKDLoss(nn.Module):
             out["feature"] = feat
         out["loss"] = total
         return out
-
-
-# Datasets whose paper recipe uses w_kd = 200 (the rest use 1000).
-LOW_KD_WEIGHT_DATASETS = frozenset({"fgvc_aircraft", "oxford_flowers", "dtd"})
-
-
-def paper_kd_weight(dataset: str) -> float:
-    """w_kd of the paper's recipe: 200 for FGVCAircraft, Flowers102 and DTD, else 1000."""
-    return 200.0 if dataset in LOW_KD_WEIGHT_DATASETS else 1000.0
-
-
-# Distillation methods selectable by name: (loss switches, student switches).
-METHODS: dict[str, dict] = {
-    "comkd": {"loss": {"use_ifalign": True}, "edu_attention": True},
-    "promptkd": {"loss": {"use_ifalign": False}, "edu_attention": False},
-    "no-ifalign": {"loss": {"use_ifalign": False}, "edu_attention": True},
-    "no-eduattention": {"loss": {"use_ifalign": True}, "edu_attention": False},
-    "feature-l1": {"loss": {"use_ifalign": False, "use_kd": False, "feature_loss": "l1"}, "edu_attention": False},
-    "feature-mse": {"loss": {"use_ifalign": False, "use_kd": False, "feature_loss": "mse"}, "edu_attention": False},
-}
-
-
-def method_spec(name: str) -> dict:
-    """Switches of a distillation method; unknown names list the valid ones."""
-    key = name.replace("_", "-").lower()
-    if key not in METHODS:
-        raise ValueError(f"unknown distillation method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[key]
-
-
-def build_loss(method: str, **overrides) -> ComKDLoss:
-    """The ``ComKDLoss`` for a named method, with recipe values (kd_weight, ...) as overrides."""
-    kwargs = dict(method_spec(method)["loss"])
-    kwargs.update(overrides)
-    return ComKDLoss(**kwargs)

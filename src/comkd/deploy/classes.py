@@ -21,15 +21,6 @@ from ..models.backbones import ModelError
 log = logging.getLogger(__name__)
 
 
-def _save_config(cfg: RunConfig, student: Any, c: dict[str, Any]) -> RunConfig:
-    """A config that ``save_student`` writes the same student config from."""
-    out = copy.deepcopy(cfg)
-    s = out.student
-    s.model, s.edu_heads, s.edu_attn_dim = c["model"], c["edu_heads"], c["edu_attn_dim"]
-    s.edu_shared_fc, s.quick_gelu = c["edu_shared_fc"], bool(c["quick_gelu"])
-    return out
-
-
 def check_teacher(recorded: dict[str, Any] | None, current: dict[str, Any], student_path: Path) -> None:
     """Refuse a teacher whose identity differs from the one recorded in the student file."""
     if recorded is None:
@@ -61,12 +52,9 @@ def recompute_classes(
 ) -> dict[str, Any]:
     """Write a copy of the student with W = the teacher's prompted text features of the names in
     ``names_file`` (one a line). The teacher is built from ``cfg.teacher`` at the recorded input size."""
-    import json
-
-    from safetensors import safe_open
-
-    from ..engine.pipeline import build_teacher, load_student, resolve_device, save_student, teacher_identity
+    from ..engine.pipeline import build_teacher, resolve_device, teacher_identity
     from ..engine.utils import seed_everything
+    from ..models.io import load_student, save_student
 
     student_path = Path(student_path)
     names = read_names_file(str(names_file))
@@ -84,14 +72,12 @@ def recompute_classes(
     w = teacher.class_text_features(names)
     student.set_text_features(w, names)
     student.teacher_identity = current
-    with safe_open(str(student_path), framework="pt") as f:
-        c = json.loads((f.metadata() or {})["comkd.student_config"])
     out = (
         Path(out)
         if out is not None
         else student_path.with_name(f"{student_path.stem}-{Path(names_file).stem}.safetensors")
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_student(student, out, _save_config(cfg, student, c), c["method"])
+    save_student(student, out)  # the same StudentArch, the new W and names
     log.info("wrote %s: %d classes", out, len(names))
     return {"student": str(out), "classes": names, "teacher": current, "checked": not force}

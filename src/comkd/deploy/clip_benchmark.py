@@ -85,8 +85,9 @@ def load_comkd(
 ) -> tuple[nn.Module, Any, Any]:
     """CLIP_benchmark's loader signature: ``(model, transform, tokenizer)`` for the student file
     ``model_name``; ``pretrained``: ``stored`` or ``teacher:CONFIG.yaml`` (see the module docstring)."""
-    from ..engine.pipeline import build_teacher, load_student, teacher_identity
+    from ..engine.pipeline import build_teacher, teacher_identity
     from ..engine.utils import seed_everything
+    from ..models.io import load_student
 
     device = torch.device(device)
     student = load_student(model_name, device)

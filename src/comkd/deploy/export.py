@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import atomic_path
 from ..models.backbones import ModelError, PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def export_metadata(student: nn.Module, extra: dict[str, str] | None = None) -> 
 def export_onnx(student: nn.Module, path: str | Path, meta: dict[str, str], opset: int = 17) -> Path:
     """Write ``student`` as ONNX (dynamic batch) with ``meta`` in ``metadata_props``."""
     try:
-        import onnx
+        import onnx  # noqa: F401 - checked up front, so a missing extra is named before any work
     except ImportError:
         raise ModelError("ONNX export needs the onnx package: pip install 'comkd[onnx]'") from None
     path = Path(path)
@@ -96,7 +97,15 @@ def export_onnx(student: nn.Module, path: str | Path, meta: dict[str, str], opse
     s = student.preprocess.image_size
     device = next(student.parameters()).device
     dummy = torch.zeros(2, 3, s, s, device=device)
-    tmp = path.with_name(path.name + ".tmp")
+    with atomic_path(path) as tmp:
+        _write_onnx(head, dummy, tmp, meta, opset)
+    return path
+
+
+def _write_onnx(head: nn.Module, dummy: torch.Tensor, tmp: Path, meta: dict[str, str], opset: int) -> None:
+    """Trace ``head`` to ONNX at ``tmp``, add ``meta`` as metadata properties and check the model."""
+    import onnx
+
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # ONNX has no op for PyTorch's fused attention kernel
     try:
@@ -120,8 +129,6 @@ def export_onnx(student: nn.Module, path: str | Path, meta: dict[str, str], opse
         entry.key, entry.value = k, v
     onnx.checker.check_model(model)
     onnx.save(model, str(tmp))
-    tmp.replace(path)
-    return path
 
 
 def export_torchscript(student: nn.Module, path: str | Path, meta: dict[str, str]) -> tuple[Path, nn.Module]:
@@ -134,9 +141,8 @@ def export_torchscript(student: nn.Module, path: str | Path, meta: dict[str, str
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(head, torch.zeros(2, 3, s, s, device=device), check_trace=False)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(meta)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(meta)})
     return path, traced
 
 
@@ -215,7 +221,7 @@ def export_student(
     quantisation of the weights) and reports its agreement with the float student and, with class
     folders, its accuracy and the change from the float student's (percentage points). An export whose top-1 disagrees on any image is refused.
     """
-    from ..engine.pipeline import load_student
+    from ..models.io import load_student
     from .predict import iter_batches, student_logits
 
     if fmt not in FORMATS:

@@ -246,7 +246,7 @@ def load_predictor(path: str | Path, runtime: str = "auto", device: str = "auto"
         from .onnx_runtime import OnnxStudent
 
         return OnnxStudent(path)
-    from ..engine.pipeline import load_student
     from ..engine.utils import resolve_device
+    from ..models.io import load_student
 
     return load_student(path, resolve_device(device))

@@ -4,7 +4,6 @@ files (``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``, weights, ``results
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,18 @@ from torch.utils.data import DataLoader
 from ..config import AugmentConfig, ConfigError, RunConfig, save_config
 from ..data import DataError, build_dataset, build_transform, load_splits, promptsrc_templates
 from ..data.dataset import ImageDataset
-from ..losses import build_loss, method_spec, paper_kd_weight
+from ..methods import build_loss, get_method, resolve_recipe
 from ..models import (
-    RANDOM_WEIGHTS,
     PreprocessSpec,
     Student,
+    StudentArch,
     Teacher,
-    create_student,
-    create_teacher,
     load_clip,
     save_clip_weights,
-    uses_quick_gelu,
 )
+from ..models.io import save_student as _save_student
+from ..models.teacher import TeacherArch
+from ..stats import harmonic_mean
 from .loop import fit
 from .tasks import (
     DistillTask,
@@ -34,7 +33,6 @@ from .tasks import (
     TeacherOutputs,
     TeacherPromptTask,
     accuracy,
-    harmonic_mean,
     predict,
 )
 from .utils import (
@@ -56,46 +54,37 @@ STUDENT_FILE = "student.safetensors"
 
 
 # -- builders ----------------------------------------------------------------------------------
+def _shared_options(arch_type: type, section: Any) -> dict[str, Any]:
+    """The options a config section (``StudentConfig``, ``TeacherConfig``) shares by name with an
+    architecture dataclass: each is written once, in the config, and read here."""
+    names = {f.name for f in dataclasses.fields(arch_type)} & {f.name for f in dataclasses.fields(section)}
+    return {k: getattr(section, k) for k in names}
+
+
+def teacher_arch(cfg: RunConfig) -> TeacherArch:
+    """The ``TeacherArch`` of ``cfg``: the options of ``cfg.teacher`` and ``data.image_size``."""
+    return TeacherArch(**_shared_options(TeacherArch, cfg.teacher), image_size=cfg.data.image_size)
+
+
 def build_teacher(cfg: RunConfig, device: torch.device, prompts: str | None = None) -> Teacher:
-    t = cfg.teacher
-    return create_teacher(
-        t.model,
-        t.pretrained,
-        text_ctx=t.text_ctx,
-        text_depth=t.text_depth,
-        ctx_init=t.ctx_init,
-        vision_tokens=t.vision_tokens,
-        vision_depth=t.vision_depth,
-        prompts=prompts if prompts is not None else t.prompts,
-        image_size=cfg.data.image_size,
-        quick_gelu=t.quick_gelu or None,
-        device=device,
-    )
+    """The teacher of ``cfg`` with ``teacher.pretrained`` weights and ``prompts`` (default
+    ``teacher.prompts``; ``""``: none) on ``device``."""
+    return Teacher.build(teacher_arch(cfg), cfg.teacher.pretrained,
+                         prompts=prompts if prompts is not None else cfg.teacher.prompts, device=device)
+
+
+def student_arch(cfg: RunConfig, teacher_dim: int, method: str | None = None) -> StudentArch:
+    """The ``StudentArch`` of ``cfg``: every option ``StudentConfig`` shares with it by name, d of
+    the teacher, EduAttention as the method's recipe says, and ``data.image_size``."""
+    edu = get_method(method or cfg.distill.method).edu_attention
+    return StudentArch(**_shared_options(StudentArch, cfg.student), teacher_dim=teacher_dim, edu_attention=edu,
+                       image_size=cfg.data.image_size)
 
 
 def build_student(cfg: RunConfig, teacher_dim: int, device: torch.device, method: str | None = None) -> Student:
-    s = cfg.student
-    spec = method_spec(method or cfg.distill.method)
-    return create_student(
-        s.model,
-        s.pretrained,
-        teacher_dim=teacher_dim,
-        vision_tokens=s.vision_tokens,
-        vision_depth=s.vision_depth,
-        edu_attention=spec["edu_attention"],
-        edu_heads=s.edu_heads,
-        edu_attn_dim=s.edu_attn_dim,
-        edu_shared_fc=s.edu_shared_fc,
-        attend=s.attend,
-        logit_scale=s.logit_scale,
-        edu_mode=s.edu_mode,
-        projector=s.projector,
-        projector_bn=s.projector_bn,
-        scope=s.scope,
-        image_size=cfg.data.image_size,
-        quick_gelu=s.quick_gelu or None,
-        device=device,
-    )
+    """The student of ``cfg`` (``student_arch``) with ``student.pretrained`` weights on ``device``."""
+    arch = student_arch(cfg, teacher_dim, method)
+    return Student.build(arch, cfg.student.pretrained, logit_scale=cfg.student.logit_scale, device=device)
 
 
 def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
@@ -194,7 +183,7 @@ def _start(cfg: RunConfig, out_dir: str | Path, resume: bool,
         _check_resume_config(cfg, out / "config.yaml", stage)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(resolve_recipe(cfg), out / "config.yaml")  # the recipe values in effect
         if not resume:  # a fresh run does not inherit an earlier run's records
             (out / "metrics.jsonl").unlink(missing_ok=True)
     tb = out / "tensorboard" if cfg.tensorboard else None
@@ -326,99 +315,10 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
 
 
 # -- stage 2 -----------------------------------------------------------------------------------
-def save_student(student: Student, path: str | Path, cfg: RunConfig, method: str) -> None:
-    """The deployable student: all weights (tower included), the stored W and class names, and
-    the config to rebuild it, in one safetensors file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    meta = {
-        "comkd.student_config": json.dumps({
-            "model": cfg.student.model, "method": method, "teacher_dim": student.teacher_dim,
-            "vision_tokens": student.visual.n_tokens if hasattr(student.visual, "n_tokens") else 0,
-            "vision_depth": student.visual.depth if hasattr(student.visual, "depth") else 0,
-            "edu_heads": cfg.student.edu_heads, "edu_attn_dim": cfg.student.edu_attn_dim,
-            "edu_shared_fc": cfg.student.edu_shared_fc, "attend": student.attend,
-            "image_size": student.preprocess.image_size, "quick_gelu": uses_quick_gelu(student.visual),
-            "edu_mode": student.edu_attention.mode if student.edu_attention is not None else "paper",
-            "projector": student.projector_kind, "projector_bn": student.projector_bn, "scope": student.scope,
-        }),
-        "comkd.classnames": json.dumps(student.classnames),
-        "comkd.preprocess": json.dumps(student.preprocess.__dict__),
-    }
-    if getattr(student, "teacher_identity", None):  # which teacher produced W (comkd classes checks it)
-        meta["comkd.teacher"] = json.dumps(student.teacher_identity)
-    sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
-    meta[STUDENT_DIGEST_KEY] = _student_digest(sd, meta)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(path)
-
-
-STUDENT_DIGEST_KEY = "comkd.sha256"
-_STUDENT_META = ("comkd.student_config", "comkd.classnames", "comkd.preprocess")
-
-
-def _student_digest(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """SHA-256 over every tensor (name, dtype, shape, bytes) and the metadata that rebuilds the
-    student, so a flipped bit or an edited field is caught at load."""
-    import hashlib
-
-    from .cache import tensor_digest
-
-    h = hashlib.sha256(tensor_digest(sorted(sd.items())).encode())
-    for k in _STUDENT_META:
-        h.update(f"\n{k}={meta.get(k)}".encode())
-    return h.hexdigest()
-
-
-def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
-    """Rebuild a student saved by ``save_student`` (no teacher, no text encoder needed)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from ..models.backbones import ModelError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"student file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - truncated, empty or not safetensors at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path} is not a readable safetensors student file: {first[:200]}") from None
-    if "comkd.student_config" not in meta:
-        raise ModelError(f"{path} is not a comkd student file (no comkd.student_config metadata)")
-    if STUDENT_DIGEST_KEY not in meta:
-        log.warning("%s has no %s digest (written by an older comkd): not verified", path, STUDENT_DIGEST_KEY)
-    elif meta[STUDENT_DIGEST_KEY] != _student_digest(sd, meta):
-        raise ModelError(
-            f"{path} is corrupt or was edited: its tensors or metadata do not match the sha256 stored in it "
-            f"({STUDENT_DIGEST_KEY}); re-copy or re-create the file"
-        )
-    try:
-        c = json.loads(meta["comkd.student_config"])
-        classnames = json.loads(meta.get("comkd.classnames", "[]"))
-        spec = method_spec(c["method"])
-        student = create_student(
-            c["model"], RANDOM_WEIGHTS, teacher_dim=c["teacher_dim"], vision_tokens=c["vision_tokens"],
-            vision_depth=c["vision_depth"], edu_attention=spec["edu_attention"], edu_heads=c["edu_heads"],
-            edu_attn_dim=c["edu_attn_dim"], edu_shared_fc=c["edu_shared_fc"], attend=c["attend"],
-            logit_scale=1.0, image_size=c["image_size"], quick_gelu=c["quick_gelu"] or None, device=device,
-            edu_mode=c.get("edu_mode", "paper"), projector=c.get("projector", "mlp"),
-            projector_bn=c.get("projector_bn", "train"), scope=c.get("scope", "prompts"),
-        )
-        if "text_features" not in sd:
-            raise ModelError("no text_features tensor (the stored W)")
-        student.set_text_features(sd["text_features"], classnames)
-        student.load_state_dict(sd, strict=True)
-        student.teacher_identity = json.loads(meta["comkd.teacher"]) if "comkd.teacher" in meta else None
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # edited metadata, missing/extra tensors
-        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
-        raise ModelError(f"{path}: does not rebuild a student: {what}") from None
-    return student.eval()
+def save_student(student: Student, path: str | Path, cfg: RunConfig | None = None, method: str | None = None) -> None:
+    """Transitional: ``run_distill``'s call of ``comkd.models.io.save_student``, which records
+    ``student.arch`` itself; ``cfg`` and ``method`` are ignored. Use ``models.io.save_student``."""
+    _save_student(student, path)
 
 
 def teacher_identity(teacher: Teacher | dict) -> dict[str, Any]:
@@ -499,7 +399,7 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     n_train = student.num_trainable()
     log.info("distill %s: student %s has %d trainable parameters (%.3f M)", d.method, cfg.student.model, n_train,
              n_train / 1e6)
-    kd_weight = d.kd_weight if d.kd_weight is not None else paper_kd_weight(cfg.data.dataset)
+    kd_weight = resolve_recipe(cfg).distill.kd_weight  # what _start saved in config.yaml
     loss = build_loss(
         d.method, kd_weight=kd_weight, temperature=d.temperature, align_weight=d.align_weight,
         ifalign_stats=d.ifalign_stats, feature_weight=d.feature_weight,

@@ -1,6 +1,9 @@
-"""The three training stages as ``Task``s for ``engine.loop.fit``, and evaluation."""
+"""The ``Task`` protocol, the three training stages as ``Task``s for ``engine.loop.fit``, and
+evaluation helpers."""
 
 from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +14,48 @@ from ..models import PreprocessSpec, Student, Teacher
 from .utils import gather_batch
 
 
+@runtime_checkable
+class Task(Protocol):
+    """A training stage as ``engine.loop.fit`` drives it: every hook the loop calls.
+
+    ``modules``, ``parameter_groups`` and ``step`` are what a stage must write; ``TaskBase``
+    gives the rest a default (no DDP modules to swap in, no extra state, no extra metrics).
+    """
+
+    name: str  # the stage's name in checkpoints and metrics
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Modules whose trainable state is checkpointed (and wrapped by DDP when distributed)."""
+        ...
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimiser parameter groups (``{"params": [...], "lr": ..., "lr_scale": ...}``; lr optional)."""
+        ...
+
+    def step(self, batch: Any, epoch: int) -> dict[str, torch.Tensor]:
+        """Named losses of one batch; ``loss`` is back-propagated."""
+        ...
+
+    def wrap(self, wrapped: dict[str, nn.Module]) -> None:
+        """Receive the DDP-wrapped ``modules()`` (same keys) to use in ``step`` (distributed runs)."""
+        ...
+
+    def state_dict(self) -> dict | None:
+        """State of the task itself (RNG draws, ...) to checkpoint; None: nothing to keep."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned, on ``--resume``."""
+        ...
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Numbers logged with every step and epoch record (e.g. the gate α)."""
+        ...
+
+
 class TaskBase:
-    """Common plumbing: DDP-wrapped modules replace the plain ones in ``step``."""
+    """Defaults for the optional ``Task`` hooks; DDP-wrapped modules replace the plain ones in
+    ``step`` through ``_m``."""
 
     name = "task"
 
@@ -24,6 +67,15 @@ class TaskBase:
 
     def _m(self, key: str, module: nn.Module) -> nn.Module:
         return self._wrapped.get(key, module)
+
+    def state_dict(self) -> dict | None:
+        return None  # the loop checkpoints None as "no task state" and skips load_state_dict
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore by default."""
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {}
 
 
 def adapt_images(images: torch.Tensor, src: PreprocessSpec, dst: PreprocessSpec) -> torch.Tensor:
@@ -220,8 +272,3 @@ def predict(
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * float((preds == labels).float().mean()) if len(labels) else float("nan")
-
-
-def harmonic_mean(base: float, novel: float) -> float:
-    """HM = 2BN/(B+N)."""
-    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0

@@ -18,6 +18,8 @@ import open_clip
 import torch
 from torch import nn
 
+from ..fileio import atomic_path
+
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -229,9 +231,8 @@ def save_clip_weights(model: nn.Module, path: str | Path, model_name: str, model
         "comkd.model_cfg": json.dumps(model_cfg),
     }
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=meta)
 
 
 def tag_quick_gelu(model_name: str, tag: str) -> bool:

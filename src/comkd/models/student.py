@@ -7,14 +7,15 @@ weights) and reused at training and at inference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .backbones import LoadedModel, ModelError, load_clip
+from .backbones import LoadedModel, ModelError, load_clip, uses_quick_gelu
 from .edu_attention import EduAttention
 from .projector import build_projector
 from .prompts import PromptedVisionTower
@@ -37,44 +38,57 @@ class StudentOutput:
     projected: torch.Tensor | None = None
 
 
-class Student(nn.Module):
-    """Frozen image tower + deep visual prompts + projector + EduAttention (+ α).
+@dataclass
+class StudentArch:
+    """What a student is: every option that shapes its modules, in one object (as open_clip's
+    ``vision_cfg``). A student file stores it with ``dataclasses.asdict`` and rebuilds from it.
 
-    ``projector``: ``mlp`` (the paper's) or ``linear``. ``projector_bn``: ``train`` (the paper's:
-    batch statistics in training) or ``frozen`` (running statistics always, needed after a warm
-    start). ``edu_mode``: EduAttention's ``paper`` or ``cosine`` reading. ``scope``: ``prompts``
-    (the paper: the tower is frozen) or ``full`` (the tower's weights are trainable too).
+    ``model`` is any open_clip model (its image tower) or ``timm:<name>``; ``teacher_dim`` the
+    teacher's joint embedding size d. ``vision_depth`` None: min(9, layers) for a ViT (0 without
+    tokens); non-ViT towers take no prompts. ``edu_attention``: whether EduAttention (and α) is
+    part of the student. ``projector``: ``mlp`` (the paper's) or ``linear``. ``projector_bn``:
+    ``train`` (the paper's: batch statistics in training) or ``frozen`` (running statistics always,
+    needed after a warm start). ``edu_mode``: EduAttention's ``paper`` or ``cosine`` reading.
+    ``scope``: ``prompts`` (the paper: the tower is frozen) or ``full`` (the tower trains too).
+    ``image_size`` None: the model's own; ``quick_gelu`` None/False: as the model name says.
+    """
+
+    model: str
+    teacher_dim: int
+    vision_tokens: int = 4
+    vision_depth: int | None = None
+    edu_attention: bool = True
+    edu_heads: int = 1
+    edu_attn_dim: int | None = None
+    edu_shared_fc: bool = False
+    attend: str = "all"
+    edu_mode: str = "paper"
+    projector: str = "mlp"
+    projector_bn: str = "train"
+    scope: str = "prompts"
+    image_size: int | None = None
+    quick_gelu: bool | None = None
+
+
+class Student(nn.Module):
+    """Frozen image tower + deep visual prompts + projector + EduAttention (+ α), built from a
+    ``StudentArch``. ``arch`` holds the options as built (prompt depth, input size and QuickGELU
+    resolved), which is what a student file records.
     """
 
     frozen_prefixes = ("visual.",)  # the frozen tower; its prompts are trainable and kept
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        teacher_dim: int,
-        *,
-        vision_tokens: int = 4,
-        vision_depth: int | None = None,
-        edu_attention: bool = True,
-        edu_heads: int = 1,
-        edu_attn_dim: int | None = None,
-        edu_shared_fc: bool = False,
-        attend: str = "all",
-        logit_scale: float | None = None,
-        edu_mode: str = "paper",
-        projector: str = "mlp",
-        projector_bn: str = "train",
-        scope: str = "prompts",
-    ):
+    def __init__(self, loaded: LoadedModel, arch: StudentArch, *, logit_scale: float | None = None):
         super().__init__()
-        if attend not in ("all", "subset"):
-            raise ModelError(f"attend must be 'all' or 'subset', got {attend!r}")
-        if projector_bn not in ("train", "frozen"):
-            raise ModelError(f"projector_bn must be 'train' or 'frozen', got {projector_bn!r}")
-        if scope not in ("prompts", "full"):
-            raise ModelError(f"scope must be 'prompts' or 'full', got {scope!r}")
+        if arch.attend not in ("all", "subset"):
+            raise ModelError(f"attend must be 'all' or 'subset', got {arch.attend!r}")
+        if arch.projector_bn not in ("train", "frozen"):
+            raise ModelError(f"projector_bn must be 'train' or 'frozen', got {arch.projector_bn!r}")
+        if arch.scope not in ("prompts", "full"):
+            raise ModelError(f"scope must be 'prompts' or 'full', got {arch.scope!r}")
         self.model_name = loaded.name
         self.preprocess = loaded.preprocess
+        teacher_dim, vision_tokens, vision_depth = arch.teacher_dim, arch.vision_tokens, arch.vision_depth
         tower = loaded.model if loaded.is_timm else loaded.model.visual
         for p in tower.parameters():
             p.requires_grad_(False)
@@ -94,27 +108,79 @@ class Student(nn.Module):
             if not out_dim:
                 raise ModelError(f"cannot tell the output size of student tower {type(tower).__name__}")
         try:
-            self.projector = build_projector(projector, out_dim, teacher_dim)
+            self.projector = build_projector(arch.projector, out_dim, teacher_dim)
         except ValueError as e:
             raise ModelError(str(e)) from None
-        self.projector_kind, self.projector_bn, self.scope = projector, projector_bn, scope
-        if scope == "full":
+        if arch.scope == "full":
             for p in tower.parameters():
                 p.requires_grad_(True)
-        self.attend = attend
         if logit_scale is None:
             if loaded.is_timm:
                 raise ModelError("a timm student has no CLIP logit scale; pass logit_scale (e.g. the teacher's)")
             logit_scale = float(loaded.model.logit_scale.detach().exp().reshape(()))
         self.edu_attention = (
-            EduAttention(teacher_dim, edu_attn_dim, edu_heads, edu_shared_fc, mode=edu_mode,
+            EduAttention(teacher_dim, arch.edu_attn_dim, arch.edu_heads, arch.edu_shared_fc, mode=arch.edu_mode,
                          init_temperature=float(logit_scale))
-            if edu_attention else None
+            if arch.edu_attention else None
         )
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         self.register_buffer("text_features", torch.zeros(0, teacher_dim))
         self.classnames: list[str] = []
-        self.teacher_dim = teacher_dim
+        self.teacher_identity: dict | None = None  # the teacher that produced W, when known
+        self.arch = replace(
+            arch,
+            vision_tokens=int(getattr(self.visual, "n_tokens", 0)),
+            vision_depth=int(getattr(self.visual, "depth", 0)),
+            image_size=int(self.preprocess.image_size),
+            quick_gelu=uses_quick_gelu(self.visual),
+        )
+
+    @classmethod
+    def build(
+        cls,
+        arch: StudentArch,
+        pretrained: str | None = None,
+        *,
+        logit_scale: float | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Student:
+        """Load ``arch.model``'s tower (``pretrained``: open_clip tag, weight file, ``none`` or None)
+        and build the student on ``device``. A non-ViT tower with ``vision_depth`` None takes no
+        prompts. ``logit_scale``: s; default the student CLIP's own exp(log-scale) (PromptKD's)."""
+        loaded = load_clip(arch.model, pretrained, image_size=arch.image_size, quick_gelu=arch.quick_gelu or None,
+                           device=device)
+        tower = loaded.model if loaded.is_timm else loaded.model.visual
+        if not isinstance(tower, VisionTransformer) and arch.vision_depth is None:
+            arch = replace(arch, vision_tokens=0)
+        return cls(loaded, arch, logit_scale=logit_scale).to(device)
+
+    # -- options (views of ``arch``) --------------------------------------------------------
+    @property
+    def teacher_dim(self) -> int:
+        return self.arch.teacher_dim
+
+    @property
+    def attend(self) -> str:
+        """``all`` classes of W or the evaluated ``subset`` are what EduAttention sees."""
+        return self.arch.attend
+
+    @attend.setter
+    def attend(self, value: str) -> None:
+        if value not in ("all", "subset"):
+            raise ModelError(f"attend must be 'all' or 'subset', got {value!r}")
+        self.arch = replace(self.arch, attend=value)
+
+    @property
+    def scope(self) -> str:
+        return self.arch.scope
+
+    @property
+    def projector_kind(self) -> str:
+        return self.arch.projector
+
+    @property
+    def projector_bn(self) -> str:
+        return self.arch.projector_bn
 
     # -- class text features W --------------------------------------------------------------
     def set_text_features(self, text_features: torch.Tensor, classnames: list[str] | None = None) -> None:
@@ -196,46 +262,20 @@ def create_student(
     pretrained: str | None = None,
     *,
     teacher_dim: int,
-    vision_tokens: int = 4,
-    vision_depth: int | None = None,
-    edu_attention: bool = True,
-    edu_heads: int = 1,
-    edu_attn_dim: int | None = None,
-    edu_shared_fc: bool = False,
-    attend: str = "all",
     logit_scale: float | None = None,
-    edu_mode: str = "paper",
-    projector: str = "mlp",
-    projector_bn: str = "train",
-    scope: str = "prompts",
-    image_size: int | None = None,
-    quick_gelu: bool | None = None,
     device: str | torch.device = "cpu",
+    **options: Any,
 ) -> Student:
     """Build a student for a teacher whose joint embedding size is ``teacher_dim``.
 
-    ``model_name`` is any open_clip model (its image tower is used) or ``timm:<name>``.
+    ``model_name`` is any open_clip model (its image tower is used) or ``timm:<name>``;
+    ``options`` are ``StudentArch`` fields (``vision_tokens``, ``edu_attention``, ``scope``, ...).
     Non-ViT towers (open_clip ResNets, timm convnets) need ``vision_tokens=0``.
     ``logit_scale``: s; default the student CLIP's own exp(log-scale) (PromptKD's choice).
     """
-    loaded = load_clip(model_name, pretrained, image_size=image_size, quick_gelu=quick_gelu, device=device)
-    tower = loaded.model if loaded.is_timm else loaded.model.visual
-    if not isinstance(tower, VisionTransformer) and vision_depth is None:
-        vision_tokens = 0
-    student = Student(
-        loaded,
-        teacher_dim,
-        vision_tokens=vision_tokens,
-        vision_depth=vision_depth,
-        edu_attention=edu_attention,
-        edu_heads=edu_heads,
-        edu_attn_dim=edu_attn_dim,
-        edu_shared_fc=edu_shared_fc,
-        attend=attend,
-        logit_scale=logit_scale,
-        edu_mode=edu_mode,
-        projector=projector,
-        projector_bn=projector_bn,
-        scope=scope,
-    )
-    return student.to(device)
+    allowed = {f.name for f in fields(StudentArch)} - {"model", "teacher_dim"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ModelError(f"create_student: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    arch = StudentArch(model=model_name, teacher_dim=teacher_dim, **options)
+    return Student.build(arch, pretrained, logit_scale=logit_scale, device=device)

@@ -7,7 +7,9 @@ prompt weights (or anything else) after W was computed invalidates the stale W.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,28 @@ def _default_depth(requested: int | None, layers: int, n: int) -> int:
     return min(9, layers) if requested is None else requested
 
 
+@dataclass
+class TeacherArch:
+    """What a teacher is: every option that shapes its modules, in one object (as open_clip's
+    ``vision_cfg``).
+
+    ``model``: open_clip name, tiny config (``comkd-tiny-teacher``), config .json or ``hf-hub:``
+    id. ``text_ctx``, ``text_depth``, ``ctx_init``: learnable text context tokens, deep text prompt
+    depth (None: min(9, layers)) and the phrase that initialises the context. ``vision_tokens``,
+    ``vision_depth``: deep visual prompts (None: depth min(9, layers)). ``image_size`` None: the
+    model's own; ``quick_gelu`` None/False: as the model name says.
+    """
+
+    model: str
+    text_ctx: int = 4
+    text_depth: int | None = None
+    ctx_init: str | None = "a photo of a"
+    vision_tokens: int = 4
+    vision_depth: int | None = None
+    image_size: int | None = None
+    quick_gelu: bool | None = None
+
+
 class Teacher(nn.Module):
     """A frozen CLIP whose only trainable parameters are its prompts.
 
@@ -32,17 +56,11 @@ class Teacher(nn.Module):
         text: ``PromptedTextEncoder`` over the text tower.
     """
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        *,
-        text_ctx: int = 4,
-        text_depth: int | None = None,
-        ctx_init: str | None = "a photo of a",
-        vision_tokens: int = 4,
-        vision_depth: int | None = None,
-    ):
+    def __init__(self, loaded: LoadedModel, arch: TeacherArch):
         super().__init__()
+        self.arch = arch
+        text_ctx, text_depth, ctx_init = arch.text_ctx, arch.text_depth, arch.ctx_init
+        vision_tokens, vision_depth = arch.vision_tokens, arch.vision_depth
         if loaded.is_timm:
             raise ModelError(f"the teacher must be a CLIP with a text tower; '{loaded.name}' is image-only")
         self.clip = loaded.model
@@ -63,6 +81,25 @@ class Teacher(nn.Module):
             self.clip, loaded.tokenizer, text_ctx, _default_depth(text_depth, tlayers, text_ctx), ctx_init
         )
         self._w_cache: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        arch: TeacherArch,
+        pretrained: str | None = None,
+        *,
+        prompts: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Teacher:
+        """Load ``arch.model`` (``pretrained``: open_clip tag, local weight file, ``none`` or None
+        for random weights), build the frozen prompted teacher on ``device`` and load ``prompts``
+        (a file of learned prompts from ``comkd train-teacher``) when given."""
+        loaded = load_clip(arch.model, pretrained, image_size=arch.image_size, quick_gelu=arch.quick_gelu or None,
+                           device=device)
+        teacher = cls(loaded, arch).to(device)
+        if prompts:
+            teacher.load_prompts(prompts)
+        return teacher.eval()
 
     # -- sizes and scales -------------------------------------------------------------------
     @property
@@ -155,35 +192,21 @@ def create_teacher(
     model_name: str = "ViT-L-14",
     pretrained: str | None = None,
     *,
-    text_ctx: int = 4,
-    text_depth: int | None = None,
-    ctx_init: str | None = "a photo of a",
-    vision_tokens: int = 4,
-    vision_depth: int | None = None,
     prompts: str | Path | None = None,
-    image_size: int | None = None,
-    quick_gelu: bool | None = None,
     device: str | torch.device = "cpu",
+    **options: Any,
 ) -> Teacher:
     """Build a frozen, prompted teacher CLIP.
 
     Args:
         model_name: open_clip name, tiny config (``comkd-tiny-teacher``), config .json or ``hf-hub:`` id.
         pretrained: open_clip tag, local weight file, or None (random weights).
-        text_ctx, text_depth, ctx_init: learnable text context tokens, deep text prompt depth
-            (default min(9, layers)), and the phrase that initialises the context.
-        vision_tokens, vision_depth: deep visual prompts (default depth min(9, layers)).
         prompts: a file of learned prompts (from ``comkd train-teacher``) to load.
+        options: ``TeacherArch`` fields (``text_ctx``, ``text_depth``, ``ctx_init``, ``vision_tokens``,
+            ``vision_depth``, ``image_size``, ``quick_gelu``).
     """
-    loaded = load_clip(model_name, pretrained, image_size=image_size, quick_gelu=quick_gelu, device=device)
-    teacher = Teacher(
-        loaded,
-        text_ctx=text_ctx,
-        text_depth=text_depth,
-        ctx_init=ctx_init,
-        vision_tokens=vision_tokens,
-        vision_depth=vision_depth,
-    ).to(device)
-    if prompts:
-        teacher.load_prompts(prompts)
-    return teacher.eval()
+    allowed = {f.name for f in fields(TeacherArch)} - {"model"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ModelError(f"create_teacher: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    return Teacher.build(TeacherArch(model=model_name, **options), pretrained, prompts=prompts, device=device)

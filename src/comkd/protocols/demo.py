@@ -7,8 +7,9 @@ from typing import Any
 
 from ..config import RunConfig
 from ..engine.utils import write_json
+from ..stats import mean_std
 from .report import write_report
-from .runner import mean_std, run_protocol
+from .runner import run_protocol
 
 DEMO_METHODS = ["promptkd", "comkd"]
 

@@ -33,6 +33,7 @@ from ..data import DataError, load_splits
 from ..engine import pipeline as P
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, write_json
+from ..models.io import load_student
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def run_full(
                 "train_images": info["train_images"],
             }
             if ecfg is not None:
-                student = P.load_student(info["student"], device)
+                student = load_student(info["student"], device)
                 res.update(score(lambda x, s=student: s(x).logits, ecfg, student.preprocess, names, device))
                 plot = out / "plots" / f"confusion_{m}.png"
                 plot_confusion(torch.tensor(res["confusion"]), names, plot, f"{m}: {res['acc']:.2f}% top-1")

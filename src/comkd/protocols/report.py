@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from ..engine.utils import atomic_write_text
+from ..methods import METHODS, report_order
+from ..stats import harmonic_mean, mean_std
 
-METHOD_ORDER = ["teacher", "student_zeroshot", "promptkd_paper", "comkd_paper", "promptkd", "comkd", "no-ifalign",
-                "no-eduattention", "feature-l1", "feature-mse"]
-LABELS = {"teacher": "Teacher (prompted)", "student_zeroshot": "Student, undistilled (zero-shot)",
-          "promptkd": "PromptKD", "comkd": "ComKD-CLIP", "no-ifalign": "ComKD w/o IFAlign",
-          "no-eduattention": "ComKD w/o EduAttention", "feature-l1": "Feature L1", "feature-mse": "Feature MSE",
-          "promptkd_paper": "PromptKD (paper reading)", "comkd_paper": "ComKD-CLIP (paper reading)"}
-
-
-def _ms(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
+# rows that are not distillation methods, then the method table's order and labels; a run folded in
+# as ``LABEL+VARIANT`` (results_page._merge_variants) adds ``<method>_<variant>`` rows, listed first
+_BASELINES = {"teacher": "Teacher (prompted)", "student_zeroshot": "Student, undistilled (zero-shot)"}
+_VARIANTS = {"paper": "paper reading"}
+METHOD_ORDER = [*_BASELINES, *(f"{m}_{v}" for v in _VARIANTS for m in report_order()), *report_order()]
+LABELS = {**_BASELINES, **{m.name: m.label for m in METHODS.values()},
+          **{f"{m.name}_{v}": f"{m.label} ({text})" for v, text in _VARIANTS.items() for m in METHODS.values()}}
 
 
 def _fmt(xs: list[float]) -> str:
-    m, sd = _ms(xs)
+    m, sd = mean_std(xs)
     return f"{m:.2f} ± {sd:.2f}" if len(xs) > 1 else f"{m:.2f}"
 
 
@@ -34,8 +30,7 @@ def _ordered(methods) -> list[str]:
 def hm_of_means(row: dict[str, list[float]]) -> float:
     """The paper's HM: the harmonic mean of the mean base and the mean novel accuracy over seeds
     (not the mean of the per-seed HMs, which is never larger)."""
-    b, n = _ms(row["base"])[0], _ms(row["novel"])[0]
-    return 2 * b * n / (b + n) if b + n else 0.0
+    return harmonic_mean(mean_std(row["base"])[0], mean_std(row["novel"])[0])
 
 
 HM_OF_MEANS = "HM of mean base, novel (paper)"
@@ -75,7 +70,7 @@ def plot_accuracy(datasets: dict[str, dict], path: Path) -> None:
         keys = [k for k in ("base", "novel", "hm", "acc") if k in methods[ms[0]]]
         width = 0.8 / len(ms)
         for i, m in enumerate(ms):
-            stats = [_ms(methods[m][k]) for k in keys]
+            stats = [mean_std(methods[m][k]) for k in keys]
             xs = [j + (i - (len(ms) - 1) / 2) * width for j in range(len(keys))]
             ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=2, label=LABELS.get(m, m))
         ax.set_xticks(range(len(keys)), [k.upper() if k == "hm" else k for k in keys])

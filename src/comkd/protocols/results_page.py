@@ -24,8 +24,9 @@ from typing import Any
 import yaml
 
 from ..engine.utils import atomic_write_text, read_metrics, write_json
+from ..stats import mean_std
 from .report import LABELS, _ordered, plot_accuracy, plot_curves, results_table
-from .runner import average_base2novel, mean_std
+from .runner import average_base2novel
 
 DISTILL_METHODS = ["promptkd", "comkd", "no-ifalign", "no-eduattention"]
 REQUIRED = ["teacher", "student_zeroshot", *DISTILL_METHODS]
@@ -114,8 +115,9 @@ def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[s
     import torch
 
     from ..engine import pipeline as P
+    from ..models.io import load_student
 
-    student = P.load_student(student_path, "cpu")
+    student = load_student(student_path, "cpu")
     ea = student.edu_attention
     ds = P.make_dataset(cfg, "test", student.preprocess, train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False, num_workers=0)
@@ -274,9 +276,9 @@ def _merge_variants(results: dict, extra: dict) -> None:
 
 
 def _kd_weight(cfg) -> float:
-    from ..losses import paper_kd_weight
+    from ..methods import resolve_recipe
 
-    return cfg.distill.kd_weight if cfg.distill.kd_weight is not None else paper_kd_weight(cfg.data.dataset)
+    return resolve_recipe(cfg).distill.kd_weight
 
 
 # -- the page ----------------------------------------------------------------------------------

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, save_config
 from ..engine import pipeline as P
 from ..engine.utils import read_metrics, write_json
+from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH
+from ..models.io import load_student
+from ..stats import harmonic_mean, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,6 @@ BASE2NOVEL_DATASETS = [
 ]
 CROSS_TARGETS = [d for d in BASE2NOVEL_DATASETS if d != "imagenet"]
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
-# PromptKD's cross-dataset / DG student (METHOD.md sections 2 and 6): prompt depth 3 and
-# w_kd = 1000 for every target, where the user has not set them
-CROSS_STUDENT_VISION_DEPTH = 3
-CROSS_KD_WEIGHT = 1000.0
 
 
 def _vision_layers(model: str) -> int | None:
@@ -53,7 +51,8 @@ def _vision_layers(model: str) -> int | None:
 def protocol_recipe(cfg: RunConfig, protocol: str) -> RunConfig:
     """``cfg`` with the protocol's student settings filled in where they are unset (None):
     cross/dg get PromptKD's cross-dataset depth and w_kd; base2novel keeps the per-dataset
-    w_kd (``losses.paper_kd_weight``) and depth min(9, layers)."""
+    w_kd (``methods.paper_kd_weight``) and depth min(9, layers). The values are the recipe's
+    (``comkd.methods``: PromptKD's cross-dataset student, METHOD.md sections 2 and 6)."""
     c = copy.deepcopy(cfg)
     if protocol in ("cross", "dg"):
         if c.student.vision_depth is None:  # capped at the tower's layers, as the default min(9, layers)
@@ -133,7 +132,7 @@ def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> d
         c.distill.teacher_cache = str(cache)
     info = P.run_distill(c, out, resume=resume, eval_fn=_eval_fn(c) if c.distill.select == "promptkd" else None,
                          step0_fn=lambda s: _scores(P.evaluate_student(c, s, split=c.eval_split)))
-    student = P.load_student(info["student"], P.resolve_device(c.device))
+    student = load_student(info["student"], P.resolve_device(c.device))
     res = P.evaluate_student(c, student, split=c.eval_split)
     res["split"] = c.eval_split
     res["step0"] = info["step0"]
@@ -222,12 +221,6 @@ def run_protocol(
     return results
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
-
-
 def average_base2novel(table: dict) -> dict:
     """Across datasets: mean base and novel accuracy, the HM of those means (``hm``, the paper's),
     and the mean over datasets of the mean per-seed HM (``hm_per_seed``)."""
@@ -237,6 +230,6 @@ def average_base2novel(table: dict) -> dict:
         base = sum(mean_std(table[d][m]["base"])[0] for d in table) / len(table)
         novel = sum(mean_std(table[d][m]["novel"])[0] for d in table) / len(table)
         per_seed = sum(mean_std(table[d][m]["hm"])[0] for d in table) / len(table)
-        out[m] = {"base": base, "novel": novel, "hm": 2 * base * novel / (base + novel) if base + novel else 0.0,
+        out[m] = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel),
                   "hm_per_seed": per_seed}
     return out

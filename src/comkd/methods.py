@@ -1,0 +1,152 @@
+"""The distillation recipe in one place: the methods, their switches, their defaults, and how a
+method's loss is built (METHOD.md sections 3, 5 and 7).
+
+A method is one ``Method`` entry in ``METHODS``: whether the student has EduAttention, which terms
+its loss uses, and the label reports print. The config's allowed ``distill.method`` values, the
+CLI help and the report labels are read from this table, so adding a method is one
+``register_method`` call (plus the loss code, when ``ComKDLoss``'s switches do not cover it).
+
+``resolve_recipe`` fills the defaults left unset in a config (today ``distill.kd_weight: null``:
+the paper's per-dataset value) before the config is saved or used, so the saved ``config.yaml``
+holds the values in effect.
+
+Nothing here imports torch at import time: the config system reads this table cheaply.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import RunConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    """One distillation method.
+
+    Attributes:
+        name: the one spelling (``distill.method``, ``--method``, ``--methods``, report rows);
+            ``_`` and upper case are accepted on input and mapped to it.
+        label: the row label in reports.
+        edu_attention: whether the student has EduAttention (and the gate α).
+        loss: ``ComKDLoss`` switches (``use_ifalign``, ``use_kd``, ``feature_loss``).
+        make_loss: builds the loss from the switches merged with the recipe values (``kd_weight``,
+            ``temperature``, ``align_weight``, ``ifalign_stats``, ``feature_weight``); None:
+            ``ComKDLoss``. A loss returns a dict of named terms with ``loss`` back-propagated.
+        reference: a method the others are compared against (PromptKD): reports show it first.
+    """
+
+    name: str
+    label: str
+    edu_attention: bool
+    loss: dict[str, Any] = field(default_factory=dict)
+    make_loss: Callable[..., nn.Module] | None = None
+    reference: bool = False
+
+
+def _entries(*methods: Method) -> dict[str, Method]:
+    return {m.name: m for m in methods}
+
+
+# Reports list the reference methods first, then the others in this order.
+METHODS: dict[str, Method] = _entries(
+    Method("comkd", "ComKD-CLIP", edu_attention=True, loss={"use_ifalign": True}),
+    Method("promptkd", "PromptKD", edu_attention=False, loss={"use_ifalign": False}, reference=True),
+    Method("no-ifalign", "ComKD w/o IFAlign", edu_attention=True, loss={"use_ifalign": False}),
+    Method("no-eduattention", "ComKD w/o EduAttention", edu_attention=False, loss={"use_ifalign": True}),
+    Method("feature-l1", "Feature L1", edu_attention=False,
+           loss={"use_ifalign": False, "use_kd": False, "feature_loss": "l1"}),
+    Method("feature-mse", "Feature MSE", edu_attention=False,
+           loss={"use_ifalign": False, "use_kd": False, "feature_loss": "mse"}),
+)
+
+DEFAULT_METHOD = "comkd"
+
+# -- per-dataset and per-protocol defaults ----------------------------------------------------
+PAPER_KD_WEIGHT = 1000.0
+# Datasets whose paper recipe uses w_kd = 200 (the rest use PAPER_KD_WEIGHT).
+LOW_KD_WEIGHT = 200.0
+LOW_KD_WEIGHT_DATASETS = frozenset({"fgvc_aircraft", "oxford_flowers", "dtd"})
+# PromptKD's cross-dataset / domain-generalisation student: visual prompt depth 3 and w_kd 1000
+# for every target (``protocols.runner.protocol_recipe`` applies them where unset).
+CROSS_STUDENT_VISION_DEPTH = 3
+CROSS_KD_WEIGHT = 1000.0
+
+
+def paper_kd_weight(dataset: str) -> float:
+    """w_kd of the paper's base-to-novel recipe: 200 for FGVCAircraft, Flowers102 and DTD, else 1000."""
+    return LOW_KD_WEIGHT if dataset in LOW_KD_WEIGHT_DATASETS else PAPER_KD_WEIGHT
+
+
+# -- the table ---------------------------------------------------------------------------------
+def method_names() -> list[str]:
+    """The valid method names, in table order."""
+    return list(METHODS)
+
+
+def canonical_method(name: str) -> str:
+    """The table's spelling of ``name`` (``no_ifalign`` → ``no-ifalign``); a ``ValueError``
+    listing the valid names when there is none."""
+    key = str(name).replace("_", "-").lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown distillation method {name!r}; choose one of {', '.join(METHODS)}")
+    return key
+
+
+def get_method(name: str) -> Method:
+    """The table entry of ``name`` (any accepted spelling)."""
+    return METHODS[canonical_method(name)]
+
+
+def report_order() -> list[str]:
+    """The methods in report row order: reference methods first, then the table's order."""
+    return [m.name for m in METHODS.values() if m.reference] + [m.name for m in METHODS.values() if not m.reference]
+
+
+def register_method(method: Method) -> None:
+    """Add ``method`` to the table (a name already there is refused)."""
+    if method.name != method.name.replace("_", "-").lower():
+        raise ValueError(f"method name {method.name!r}: use lower case and '-' (the one spelling)")
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method added by ``register_method``."""
+    METHODS.pop(canonical_method(name))
+
+
+def method_spec(name: str) -> dict:
+    """The switches of a method as a dict: ``{"loss": {...}, "edu_attention": bool}``."""
+    m = get_method(name)
+    return {"loss": dict(m.loss), "edu_attention": m.edu_attention}
+
+
+def build_loss(method: str, **recipe: Any) -> nn.Module:
+    """The loss of a named method: its switches, with recipe values (``kd_weight``, ...) on top."""
+    m = get_method(method)
+    kwargs = {**m.loss, **recipe}
+    if m.make_loss is not None:
+        return m.make_loss(**kwargs)
+    from .losses import ComKDLoss
+
+    return ComKDLoss(**kwargs)
+
+
+# -- resolving defaults ------------------------------------------------------------------------
+def resolve_recipe(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with every recipe default left unset filled with the value in effect:
+    ``distill.kd_weight`` None → ``paper_kd_weight(data.dataset)``; ``distill.method`` in the
+    table's spelling. The stage runners save and use this copy, so ``config.yaml`` holds real values."""
+    c = copy.deepcopy(cfg)
+    c.distill.method = canonical_method(c.distill.method)
+    if c.distill.kd_weight is None:
+        c.distill.kd_weight = paper_kd_weight(c.data.dataset)
+    return c

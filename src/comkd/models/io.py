@@ -1,0 +1,143 @@
+"""Student files: save and load a deployable student (one safetensors file).
+
+A student file holds every weight (the image tower included), the stored W and its class names,
+and in its metadata what the student is:
+
+* ``comkd.student_config``: ``dataclasses.asdict(student.arch)`` (``StudentArch``: the model,
+  d, prompt tokens/depth, whether it has EduAttention and its options, projector, scope, input
+  size, QuickGELU). Files written before ``StudentArch`` record a distillation ``method`` name
+  instead of ``edu_attention``; they still load (``LEGACY_METHOD_EDU_ATTENTION``).
+* ``comkd.classnames``, ``comkd.preprocess``; ``comkd.teacher`` when the teacher that produced W
+  is known (``comkd classes`` checks it).
+* ``comkd.sha256``: a digest over the tensors and the metadata above, checked at load.
+
+Loading needs neither the teacher, a text encoder, the training engine nor the config system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..fileio import atomic_path
+from .backbones import RANDOM_WEIGHTS, ModelError
+from .student import Student, StudentArch
+
+log = logging.getLogger(__name__)
+
+STUDENT_CONFIG_KEY = "comkd.student_config"
+STUDENT_DIGEST_KEY = "comkd.sha256"
+_STUDENT_META = (STUDENT_CONFIG_KEY, "comkd.classnames", "comkd.preprocess")
+
+# Files written before ``StudentArch`` name the distillation method instead of saying whether the
+# student has EduAttention; these are the only names such files can hold (frozen: new methods
+# write ``edu_attention`` itself).
+LEGACY_METHOD_EDU_ATTENTION = {
+    "comkd": True,
+    "no-ifalign": True,
+    "promptkd": False,
+    "no-eduattention": False,
+    "feature-l1": False,
+    "feature-mse": False,
+}
+
+
+def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over the names, dtypes, shapes and raw bytes of ``named`` tensors (in the given order)."""
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach()
+        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            flat = t.to("cpu").contiguous().reshape(-1)
+            h.update(flat.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def student_digest(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and the metadata that rebuilds the
+    student, so a flipped bit or an edited field is caught at load."""
+    h = hashlib.sha256(tensor_digest(sorted(sd.items())).encode())
+    for k in _STUDENT_META:
+        h.update(f"\n{k}={meta.get(k)}".encode())
+    return h.hexdigest()
+
+
+def arch_from_metadata(c: dict[str, Any]) -> StudentArch:
+    """The ``StudentArch`` recorded in a file's ``comkd.student_config`` (either format)."""
+    c = dict(c)
+    if "edu_attention" not in c:  # the older format: a method name says whether EduAttention is there
+        method = str(c.pop("method")).replace("_", "-").lower()
+        if method not in LEGACY_METHOD_EDU_ATTENTION:
+            raise ValueError(f"method {method!r} is not one a student file was ever written with")
+        c["edu_attention"] = LEGACY_METHOD_EDU_ATTENTION[method]
+    known = {f.name for f in dataclasses.fields(StudentArch)}
+    extra = sorted(set(c) - known)
+    if extra:
+        raise ValueError(f"unknown field {extra[0]!r} in {STUDENT_CONFIG_KEY}")
+    return StudentArch(**c)
+
+
+def save_student(student: Student, path: str | Path) -> None:
+    """The deployable student: all weights (tower included), the stored W and class names, and
+    its ``StudentArch`` to rebuild it, in one safetensors file (written atomically)."""
+    from safetensors.torch import save_file
+
+    meta = {
+        STUDENT_CONFIG_KEY: json.dumps(dataclasses.asdict(student.arch)),
+        "comkd.classnames": json.dumps(student.classnames),
+        "comkd.preprocess": json.dumps(student.preprocess.__dict__),
+    }
+    if getattr(student, "teacher_identity", None):  # which teacher produced W (comkd classes checks it)
+        meta["comkd.teacher"] = json.dumps(student.teacher_identity)
+    sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
+    meta[STUDENT_DIGEST_KEY] = student_digest(sd, meta)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=meta)
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
+    """Rebuild a student saved by ``save_student`` (no teacher, no text encoder needed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"student file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - truncated, empty or not safetensors at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is not a readable safetensors student file: {first[:200]}") from None
+    if STUDENT_CONFIG_KEY not in meta:
+        raise ModelError(f"{path} is not a comkd student file (no {STUDENT_CONFIG_KEY} metadata)")
+    if STUDENT_DIGEST_KEY not in meta:
+        log.warning("%s has no %s digest (written by an older comkd): not verified", path, STUDENT_DIGEST_KEY)
+    elif meta[STUDENT_DIGEST_KEY] != student_digest(sd, meta):
+        raise ModelError(
+            f"{path} is corrupt or was edited: its tensors or metadata do not match the sha256 stored in it "
+            f"({STUDENT_DIGEST_KEY}); re-copy or re-create the file"
+        )
+    try:
+        arch = arch_from_metadata(json.loads(meta[STUDENT_CONFIG_KEY]))
+        classnames = json.loads(meta.get("comkd.classnames", "[]"))
+        # s and every weight come from the file: the random init is overwritten
+        student = Student.build(arch, RANDOM_WEIGHTS, logit_scale=1.0, device=device)
+        if "text_features" not in sd:
+            raise ModelError("no text_features tensor (the stored W)")
+        student.set_text_features(sd["text_features"], classnames)
+        student.load_state_dict(sd, strict=True)
+        student.teacher_identity = json.loads(meta["comkd.teacher"]) if "comkd.teacher" in meta else None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # edited metadata, missing/extra tensors
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+        raise ModelError(f"{path}: does not rebuild a student: {what}") from None
+    return student.eval()

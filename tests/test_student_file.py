@@ -1,0 +1,105 @@
+"""The student file: what it records (``StudentArch``), the older format, and the light import."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from comkd.models import StudentArch, create_student
+from comkd.models.io import STUDENT_CONFIG_KEY, STUDENT_DIGEST_KEY, load_student, save_student, student_digest
+
+
+def _saved(tmp_path, **options):
+    torch.manual_seed(0)
+    s = create_student("comkd-tiny-student", None, teacher_dim=32, image_size=16, **options)
+    s.set_text_features(torch.nn.functional.normalize(torch.randn(3, 32), dim=-1), ["a", "b", "c"])
+    path = tmp_path / "student.safetensors"
+    save_student(s, path)
+    return s, path
+
+
+def test_import_comkd_load_student_needs_neither_engine_nor_config() -> None:
+    code = (
+        "import comkd, sys; comkd.load_student; "
+        "bad = sorted(m for m in sys.modules if m.startswith(('comkd.engine', 'comkd.config'))); "
+        "assert not bad, bad"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("edu", [True, False])
+def test_the_file_records_the_arch_not_a_method(tmp_path, edu: bool) -> None:
+    s, path = _saved(tmp_path, edu_attention=edu, edu_heads=2 if edu else 1, projector="linear")
+    with safe_open(str(path), framework="pt") as f:
+        c = json.loads(f.metadata()[STUDENT_CONFIG_KEY])
+    assert "method" not in c and c == dataclasses.asdict(s.arch)
+    assert c["edu_attention"] is edu and c["projector"] == "linear"
+    loaded = load_student(path)
+    assert loaded.arch == s.arch and (loaded.edu_attention is not None) is edu
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.eval()(x).logits, s.eval()(x).logits)
+
+
+@pytest.mark.parametrize(("method", "edu"), [("comkd", True), ("no_ifalign", True), ("promptkd", False)])
+def test_a_file_of_the_older_format_still_loads(tmp_path, method: str, edu: bool) -> None:
+    """Files written before ``StudentArch`` name the method (and lack the options added later)."""
+    s, path = _saved(tmp_path, edu_attention=edu)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    sd = load_file(str(path))
+    c = json.loads(meta[STUDENT_CONFIG_KEY])
+    old = {k: c[k] for k in ("model", "teacher_dim", "vision_tokens", "vision_depth", "edu_heads",
+                             "edu_attn_dim", "edu_shared_fc", "attend", "image_size", "quick_gelu")}
+    meta[STUDENT_CONFIG_KEY] = json.dumps({**old, "method": method})
+    meta[STUDENT_DIGEST_KEY] = student_digest(sd, meta)
+    old_path = tmp_path / "old.safetensors"
+    save_file(sd, str(old_path), metadata=meta)
+    loaded = load_student(old_path)
+    assert loaded.arch == s.arch and loaded.classnames == ["a", "b", "c"]
+
+
+def test_an_unknown_field_in_the_file_is_refused_naming_it(tmp_path) -> None:
+    from comkd.models import ModelError
+
+    _, path = _saved(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    sd = load_file(str(path))
+    meta[STUDENT_CONFIG_KEY] = json.dumps({**json.loads(meta[STUDENT_CONFIG_KEY]), "wings": 2})
+    meta[STUDENT_DIGEST_KEY] = student_digest(sd, meta)
+    save_file(sd, str(tmp_path / "odd.safetensors"), metadata=meta)
+    with pytest.raises(ModelError, match="odd.safetensors.*'wings'"):
+        load_student(tmp_path / "odd.safetensors")
+
+
+def test_create_student_refuses_an_unknown_option_naming_it() -> None:
+    from comkd.models import ModelError
+
+    with pytest.raises(ModelError, match="'edu_head'"):
+        create_student("comkd-tiny-student", None, teacher_dim=32, edu_head=2)
+    assert {f.name for f in dataclasses.fields(StudentArch)} >= {"edu_attention", "scope", "projector"}
+
+
+def test_the_models_are_built_from_the_config_sections_by_name() -> None:
+    from comkd.config import load_config
+    from comkd.engine.pipeline import build_student, build_teacher, student_arch, teacher_arch
+
+    cfg = load_config("demo", sets=["teacher.text_ctx=2", "teacher.vision_tokens=0", "student.edu_heads=2",
+                                    "student.projector=linear", "distill.method=promptkd", "data.image_size=16"])
+    t = build_teacher(cfg, torch.device("cpu"))
+    assert t.arch == teacher_arch(cfg) and t.arch.text_ctx == 2 and t.arch.image_size == 16
+    assert t.text.ctx.shape[0] == 2  # two learnable context tokens
+    assert getattr(t.visual, "prompts", None) is None  # vision_tokens=0: no visual prompts
+    s = build_student(cfg, t.embed_dim, torch.device("cpu"))
+    want = student_arch(cfg, t.embed_dim)
+    assert (want.edu_heads, want.projector, want.edu_attention) == (2, "linear", False)
+    assert s.arch == dataclasses.replace(want, vision_depth=s.arch.vision_depth, quick_gelu=False)
+    assert s.edu_attention is None and s.preprocess.image_size == 16
