@@ -10,10 +10,10 @@ from ..methods import METHODS, report_order
 from ..stats import harmonic_mean, mean_std
 
 # rows that are not distillation methods, then the method table's order and labels; a run folded in
-# as ``LABEL+VARIANT`` (results_page._merge_variants) adds ``<method>_<variant>`` rows, listed first
+# as ``LABEL+VARIANT`` (results_page._merge_variants) adds ``<method>_<variant>`` rows, listed last
 _BASELINES = {"teacher": "Teacher (prompted)", "student_zeroshot": "Student, undistilled (zero-shot)"}
 _VARIANTS = {"paper": "paper reading"}
-METHOD_ORDER = [*_BASELINES, *(f"{m}_{v}" for v in _VARIANTS for m in report_order()), *report_order()]
+METHOD_ORDER = [*_BASELINES, *report_order(), *(f"{m}_{v}" for v in _VARIANTS for m in report_order())]
 LABELS = {**_BASELINES, **{m.name: m.label for m in METHODS.values()},
           **{f"{m.name}_{v}": f"{m.label} ({text})" for v, text in _VARIANTS.items() for m in METHODS.values()}}
 
