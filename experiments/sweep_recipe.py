@@ -43,13 +43,22 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    ap.add_argument("--json-out", default=None, help="also write the summary here (e.g. docs/sweep_demo.json)")
+    ap.add_argument(
+        "--json-out", default=None, help="also write the summary here (e.g. docs/sweep_demo.json)"
+    )
     ap.add_argument(
         "--set", dest="sets", action="append", default=[], help="extra overrides for every variant"
     )
-    ap.add_argument("--variant", dest="custom", action="append", default=[],
-                    help="an extra variant NAME=KEY=VALUE[,KEY=VALUE...] (run with the built-in ones named in --variants)")
-    ap.add_argument("--methods", nargs="+", default=["promptkd", "comkd"], help="methods per variant (comkd decides)")
+    ap.add_argument(
+        "--variant",
+        dest="custom",
+        action="append",
+        default=[],
+        help="an extra variant NAME=KEY=VALUE[,KEY=VALUE...] (run with the built-in ones named in --variants)",
+    )
+    ap.add_argument(
+        "--methods", nargs="+", default=["promptkd", "comkd"], help="methods per variant (comkd decides)"
+    )
     args = ap.parse_args()
     for item in args.custom:
         name, _, sets = item.partition("=")
@@ -58,7 +67,9 @@ def main() -> None:
             args.variants.append(name)
     base = Path(args.base)
     (ds_dir,) = [p for p in base.iterdir() if (p / "pretrain").is_dir()]
-    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    code = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     summary: dict = {"preset": args.preset, "split": "val", "seeds": args.seeds, "code": code, "variants": {}}
     for name in args.variants:
         out = Path(args.out) / args.preset / name
@@ -67,7 +78,9 @@ def main() -> None:
             shutil.copytree(ds_dir / "pretrain", out / ds_dir.name / "pretrain")
         for s in args.seeds:  # stage 1 does not depend on the stage-2 variant: reuse it when the base has it
             teacher = ds_dir / f"seed{s}" / "teacher"
-            if (teacher / "teacher_prompts.safetensors").exists() and not (out / ds_dir.name / f"seed{s}").exists():
+            if (teacher / "teacher_prompts.safetensors").exists() and not (
+                out / ds_dir.name / f"seed{s}"
+            ).exists():
                 shutil.copytree(teacher, out / ds_dir.name / f"seed{s}" / "teacher")
         cmd = [
             sys.executable,
@@ -90,11 +103,19 @@ def main() -> None:
         for s in [*VARIANTS[name], *args.sets]:
             cmd += ["--set", s]
         base_res = base / "results.json"
-        if name != "paper" and not VARIANTS[name] and not args.sets and base_res.exists() \
-                and json.loads(base_res.read_text()).get("split") == "val":
+        if (
+            name != "paper"
+            and not VARIANTS[name]
+            and not args.sets
+            and base_res.exists()
+            and json.loads(base_res.read_text()).get("split") == "val"
+        ):
             res = json.loads(base_res.read_text())  # the base run is this variant, already scored on val
-            summary["variants"][name] = {"sets": [], "from": str(base),
-                                         **{m: v["hm"] for m, v in next(iter(res["datasets"].values())).items()}}
+            summary["variants"][name] = {
+                "sets": [],
+                "from": str(base),
+                **{m: v["hm"] for m, v in next(iter(res["datasets"].values())).items()},
+            }
             print(name, "from", base, flush=True)
             continue
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -104,8 +125,11 @@ def main() -> None:
         summary["variants"][name] = {"sets": VARIANTS[name] + args.sets, **{m: table[m]["hm"] for m in table}}
         if name == "paper":
             summary["variants"][name]["preset"] = f"{args.preset}_paper"
-        row = {m: round(sum(v) / len(v), 2) for m, v in summary["variants"][name].items()
-               if m not in ("sets", "preset")}
+        row = {
+            m: round(sum(v) / len(v), 2)
+            for m, v in summary["variants"][name].items()
+            if m not in ("sets", "preset")
+        }
         print(name, row, flush=True)
     best = max(summary["variants"], key=lambda k: sum(summary["variants"][k]["comkd"]))
     summary["chosen"] = best

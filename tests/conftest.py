@@ -14,33 +14,53 @@ from torch import nn
 
 # `comkd distill` options for a cheap tiny student: one epoch on the embedded digits at 16 px.
 TINY_DISTILL_OPTS = [
-    "--student", "comkd-tiny-student",
-    "--set", "data.image_size=16",
-    "--set", "distill.optim.epochs=1",
-    "--set", "distill.optim.warmup_epochs=0",
-    "--set", "progress=false",
+    "--student",
+    "comkd-tiny-student",
+    "--set",
+    "data.image_size=16",
+    "--set",
+    "distill.optim.epochs=1",
+    "--set",
+    "distill.optim.warmup_epochs=0",
+    "--set",
+    "progress=false",
     "--no-evaluate",
 ]
 
 # the tiny teacher and student at 16 px, quiet: for any stage command
 TINY_MODEL_ARGS = [
-    "--teacher", "comkd-tiny-teacher",
-    "--student", "comkd-tiny-student",
-    "--set", "data.image_size=16",
-    "--set", "progress=false",
+    "--teacher",
+    "comkd-tiny-teacher",
+    "--student",
+    "comkd-tiny-student",
+    "--set",
+    "data.image_size=16",
+    "--set",
+    "progress=false",
 ]
 
 # a two-epoch tiny distillation in a subprocess, checkpointing every 5 steps (resume tests)
 DISTILL_CMD = [
-    sys.executable, "-m", "comkd.cli", "distill",
-    "--teacher", "comkd-tiny-teacher",
-    "--student", "comkd-tiny-student",
-    "--epochs", "2",
-    "--seed", "3",
-    "--set", "data.image_size=16",
-    "--set", "progress=false",
-    "--set", "ckpt_every=5",
-    "--set", "log_every=1",
+    sys.executable,
+    "-m",
+    "comkd.cli",
+    "distill",
+    "--teacher",
+    "comkd-tiny-teacher",
+    "--student",
+    "comkd-tiny-student",
+    "--epochs",
+    "2",
+    "--seed",
+    "3",
+    "--set",
+    "data.image_size=16",
+    "--set",
+    "progress=false",
+    "--set",
+    "ckpt_every=5",
+    "--set",
+    "log_every=1",
 ]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

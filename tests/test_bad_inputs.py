@@ -354,7 +354,9 @@ def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
     changed = load_config("demo", sets=["distill.optim.lr=0.05"])
     lr = cfg.distill.optim.lr
     assert lr != 0.05
-    with pytest.raises(ConfigError, match=rf"distill\.optim\.lr is 0\.05 now .* started with {re.escape(str(lr))};"):
+    with pytest.raises(
+        ConfigError, match=rf"distill\.optim\.lr is 0\.05 now .* started with {re.escape(str(lr))};"
+    ):
         P._start(changed, tmp_path, resume=True, stage="distill")
     assert (tmp_path / "config.yaml").read_text() == before  # never claims a value not in effect
     P._start(cfg, tmp_path, resume=True, stage="distill")  # the same settings resume
@@ -540,7 +542,13 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capsys, monkey
 
     cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
     res = loop.fit(
-        ToyTask(noise=True), ToyData(), cfg, out_dir=tmp_path, seed=5, device=torch.device("cpu"), progress=True
+        ToyTask(noise=True),
+        ToyData(),
+        cfg,
+        out_dir=tmp_path,
+        seed=5,
+        device=torch.device("cpu"),
+        progress=True,
     )
     assert len(res.history) == 3
     err = capsys.readouterr().err
@@ -609,8 +617,12 @@ def test_a_fresh_run_never_falls_back_to_an_earlier_runs_checkpoint(tmp_path) ->
     from conftest import ToyTask
     from test_resume import _toy_fit
 
-    _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10)  # an earlier run: steps 4 and 8
+    _toy_fit(
+        tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10
+    )  # an earlier run: steps 4 and 8
     with pytest.raises(NonFiniteLossError, match="the only checkpoint, of step 4"):
-        _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=5), ckpt_every=4, log_every=100)  # fresh, not --resume
+        _toy_fit(
+            tmp_path, ToyTask(noise=True, nan_at_step=5), ckpt_every=4, log_every=100
+        )  # fresh, not --resume
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
     assert not (tmp_path / "checkpoint.prev.pt").exists()

@@ -12,10 +12,14 @@ from typer.testing import CliRunner
 from comkd import cli
 
 FAST = [
-    "--set", "pretrain.optim.epochs=2",
-    "--set", "teacher_train.optim.epochs=2",
-    "--set", "distill.optim.epochs=2",
-    "--set", "progress=false",
+    "--set",
+    "pretrain.optim.epochs=2",
+    "--set",
+    "teacher_train.optim.epochs=2",
+    "--set",
+    "distill.optim.epochs=2",
+    "--set",
+    "progress=false",
 ]
 
 
@@ -46,10 +50,17 @@ def test_demo_end_to_end_writes_results_report_and_a_usable_student(tmp_path) ->
     # the shipped student evaluates on its own (no teacher) to the numbers the demo reported
     r = CliRunner().invoke(
         cli.app,
-        ["evaluate", str(run / "comkd" / "student.safetensors"), "--config", "demo", "--protocol", "base2novel"],
+        [
+            "evaluate",
+            str(run / "comkd" / "student.safetensors"),
+            "--config",
+            "demo",
+            "--protocol",
+            "base2novel",
+        ],
     )
     assert r.exit_code == 0, r.output
-    ev = json.loads(r.output[r.output.index("{"):])
+    ev = json.loads(r.output[r.output.index("{") :])
     assert math.isclose(ev["base"]["acc"], res["comkd"]["base"], abs_tol=1e-6)
     assert math.isclose(ev["novel"]["acc"], res["comkd"]["novel"], abs_tol=1e-6)
 
@@ -68,31 +79,78 @@ def test_missing_student_file_is_a_clear_error(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_cache_teacher_then_distill_without_the_teacher(tmp_path) -> None:
-    common = ["--config", "demo", "--set", "progress=false", "--set", "distill.optim.epochs=2",
-              "--set", "teacher.text_depth=1", "--set", "teacher.vision_depth=1"]
+    common = [
+        "--config",
+        "demo",
+        "--set",
+        "progress=false",
+        "--set",
+        "distill.optim.epochs=2",
+        "--set",
+        "teacher.text_depth=1",
+        "--set",
+        "teacher.vision_depth=1",
+    ]
     r = CliRunner().invoke(cli.app, ["cache-teacher", "--out", str(tmp_path / "cache"), *common])
     assert r.exit_code == 0, r.output
     cache = tmp_path / "cache" / "teacher_cache.bin"
     assert cache.exists()
-    r = CliRunner().invoke(cli.app, ["distill", "--method", "comkd", "--teacher-cache", str(cache),
-                                     "--out", str(tmp_path / "student"), *common])
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "distill",
+            "--method",
+            "comkd",
+            "--teacher-cache",
+            str(cache),
+            "--out",
+            str(tmp_path / "student"),
+            *common,
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "student" / "results.json").read_text())
     assert 0.0 <= res["hm"] <= 100.0
     # another seed means other views: the cache is refused, naming the seed
-    r = CliRunner().invoke(cli.app, ["distill", "--teacher-cache", str(cache), "--seed", "7",
-                                     "--out", str(tmp_path / "s7"), *common])
+    r = CliRunner().invoke(
+        cli.app,
+        ["distill", "--teacher-cache", str(cache), "--seed", "7", "--out", str(tmp_path / "s7"), *common],
+    )
     assert r.exit_code == 1 and "seed" in r.output
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["cross", "dg"])
 def test_cross_dataset_and_domain_generalisation_protocols_run(tmp_path, protocol) -> None:
-    args = ["run", "--config", "demo", "--protocol", protocol, "--source", "digits", "--dataset", "digits",
-            "--methods", "promptkd", "--out", str(tmp_path), "--set", "progress=false",
-            "--set", "pretrain.enabled=false", "--set", "teacher_train.optim.epochs=1",
-            "--set", "teacher_train.optim.warmup_epochs=0", "--set", "distill.optim.epochs=1",
-            "--set", "distill.optim.warmup_epochs=0", "--set", "distill.optim.batch_size=32"]
+    args = [
+        "run",
+        "--config",
+        "demo",
+        "--protocol",
+        protocol,
+        "--source",
+        "digits",
+        "--dataset",
+        "digits",
+        "--methods",
+        "promptkd",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "progress=false",
+        "--set",
+        "pretrain.enabled=false",
+        "--set",
+        "teacher_train.optim.epochs=1",
+        "--set",
+        "teacher_train.optim.warmup_epochs=0",
+        "--set",
+        "distill.optim.epochs=1",
+        "--set",
+        "distill.optim.warmup_epochs=0",
+        "--set",
+        "distill.optim.batch_size=32",
+    ]
     r = CliRunner().invoke(cli.app, args)
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "results.json").read_text())

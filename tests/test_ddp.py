@@ -232,16 +232,42 @@ def test_ddp_ifalign_uses_global_batch_statistics(tmp_path):
 
     from comkd.engine.utils import read_metrics
 
-    recipe = ["--set", "student.projector_bn=frozen", "--set", "student.edu_mode=cosine",
-              "--set", "distill.ifalign_on=projected", "--set", "distill.align_weight=100",
-              "--set", "distill.optim.warmup_epochs=0", "--set", "distill.optim.optimizer=adamw",
-              "--set", "distill.optim.lr=0.0001", "--set", "distill.optim.weight_decay=0", "--epochs", "1"]
+    recipe = [
+        "--set",
+        "student.projector_bn=frozen",
+        "--set",
+        "student.edu_mode=cosine",
+        "--set",
+        "distill.ifalign_on=projected",
+        "--set",
+        "distill.align_weight=100",
+        "--set",
+        "distill.optim.warmup_epochs=0",
+        "--set",
+        "distill.optim.optimizer=adamw",
+        "--set",
+        "distill.optim.lr=0.0001",
+        "--set",
+        "distill.optim.weight_decay=0",
+        "--epochs",
+        "1",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
-    r1 = subprocess.run([sys.executable, *DISTILL, *recipe, "--out", str(one)], env=ENV, capture_output=True,
-                        text=True, timeout=300)
+    r1 = subprocess.run(
+        [sys.executable, *DISTILL, *recipe, "--out", str(one)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = subprocess.run([*TORCHRUN, *DISTILL, *recipe, "--out", str(two)], env=ENV, capture_output=True,
-                        text=True, timeout=300)
+    r2 = subprocess.run(
+        [*TORCHRUN, *DISTILL, *recipe, "--out", str(two)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r2.returncode == 0, r2.stderr[-4000:]
     (e1,) = [r for r in read_metrics(one / "metrics.jsonl") if r.get("type") == "epoch"]
     (e2,) = [r for r in read_metrics(two / "metrics.jsonl") if r.get("type") == "epoch"]

@@ -42,8 +42,9 @@ class CosineKDLoss(nn.Module):
         return {"loss": kd + self.cosine_weight * cosine, "kd": kd, "cosine": cosine}
 
 
-TOY = Method("toy-cosine", "Toy cosine KD", edu_attention=False, loss={"cosine_weight": 0.5},
-             make_loss=CosineKDLoss)
+TOY = Method(
+    "toy-cosine", "Toy cosine KD", edu_attention=False, loss={"cosine_weight": 0.5}, make_loss=CosineKDLoss
+)
 
 
 @pytest.fixture
@@ -59,13 +60,22 @@ def test_one_spelling_for_the_table_and_the_config() -> None:
     assert canonical_method("No_IFAlign") == "no-ifalign"
     assert load_config(sets=["distill.method=no_ifalign"]).distill.method == "no-ifalign"
     assert method_spec("no_ifalign") == method_spec("no-ifalign")
-    with pytest.raises(ConfigError, match=r"^distill\.method: 'comkd-v2' is not allowed; choose one of comkd, promptkd"):
+    with pytest.raises(
+        ConfigError, match=r"^distill\.method: 'comkd-v2' is not allowed; choose one of comkd, promptkd"
+    ):
         load_config(sets=["distill.method=comkd-v2"])
 
 
 def test_choices_and_labels_come_from_the_table(toy_method) -> None:
     assert load_config(sets=["distill.method=toy-cosine"]).distill.method == "toy-cosine"
-    assert METHOD_ORDER[2:8] == ["promptkd", "comkd", "no-ifalign", "no-eduattention", "feature-l1", "feature-mse"]
+    assert METHOD_ORDER[2:8] == [
+        "promptkd",
+        "comkd",
+        "no-ifalign",
+        "no-eduattention",
+        "feature-l1",
+        "feature-mse",
+    ]
     assert all(LABELS[m] == METHODS[m].label for m in METHOD_ORDER[2:8])
     r = CliRunner().invoke(cli.app, ["distill", "--help"], terminal_width=400)
     assert "feature-mse" in r.output and "promptkd" in r.output
@@ -77,15 +87,24 @@ def test_resolve_fills_the_per_dataset_kd_weight(dataset: str, want: float) -> N
     assert cfg.distill.kd_weight is None
     assert resolve_recipe(cfg).distill.kd_weight == want
     assert cfg.distill.kd_weight is None  # a copy: the caller's config is untouched
-    assert resolve_recipe(load_config(sets=[f"data.dataset={dataset}", "distill.kd_weight=7"])).distill.kd_weight == 7
+    assert (
+        resolve_recipe(load_config(sets=[f"data.dataset={dataset}", "distill.kd_weight=7"])).distill.kd_weight
+        == 7
+    )
 
 
 def test_a_registered_method_builds_its_loss(toy_method) -> None:
     torch.manual_seed(0)
     q_s, q_t = torch.randn(4, 3), torch.randn(4, 3)
     u_s, u_t = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
-    loss = build_loss("toy_cosine", kd_weight=10.0, temperature=1.0, align_weight=1.0,
-                      ifalign_stats="per_channel", feature_weight=1.0)
+    loss = build_loss(
+        "toy_cosine",
+        kd_weight=10.0,
+        temperature=1.0,
+        align_weight=1.0,
+        ifalign_stats="per_channel",
+        feature_weight=1.0,
+    )
     assert isinstance(loss, CosineKDLoss) and loss.cosine_weight == 0.5
     out = loss(q_s, q_t, u_s, u_t)
     cos = float((1 - (u_s * u_t).sum(-1)).mean())
@@ -93,8 +112,19 @@ def test_a_registered_method_builds_its_loss(toy_method) -> None:
 
 
 def test_a_registered_method_runs_a_tiny_distillation(toy_method, tmp_path) -> None:
-    r = CliRunner().invoke(cli.app, ["distill", "--teacher", "comkd-tiny-teacher", "--method", "toy-cosine",
-                                     "--out", str(tmp_path), *TINY_DISTILL_OPTS])
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "distill",
+            "--teacher",
+            "comkd-tiny-teacher",
+            "--method",
+            "toy-cosine",
+            "--out",
+            str(tmp_path),
+            *TINY_DISTILL_OPTS,
+        ],
+    )
     assert r.exit_code == 0, r.output
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["distill"]["method"] == "toy-cosine" and saved["distill"]["kd_weight"] == 1000.0

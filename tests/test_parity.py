@@ -113,7 +113,9 @@ def _record_protocol(monkeypatch, cfg, protocol, datasets):
     monkeypatch.setattr(runner, "read_metrics", lambda path: [])
     monkeypatch.setattr(runner.P, "build_teacher", lambda c, device: None)
     monkeypatch.setattr(runner.P, "evaluate_teacher", lambda c, t, split: distill(c, "teacher", None, False))
-    monkeypatch.setattr(runner.P, "evaluate_clip_zero_shot", lambda c, role, split: distill(c, "zs", None, False))
+    monkeypatch.setattr(
+        runner.P, "evaluate_clip_zero_shot", lambda c, role, split: distill(c, "zs", None, False)
+    )
     monkeypatch.setattr(report, "write_report", lambda *a, **k: None)
     cfg.protocol = protocol
     runner.run_protocol(cfg, cfg.output_dir, datasets=datasets, methods=["comkd"], source="imagenet")

@@ -28,14 +28,21 @@ def _synthetic(drop: dict[str, list[str]] | None = None) -> dict:
                 continue
             base = [60.0 + off + i + s * 1.5 for s in range(3)]
             novel = [50.0 + off + i - s * 0.7 for s in range(3)]
-            out[d][m] = {"base": base, "novel": novel, "hm": [_hm(b, n) for b, n in zip(base, novel, strict=True)]}
+            out[d][m] = {
+                "base": base,
+                "novel": novel,
+                "hm": [_hm(b, n) for b, n in zip(base, novel, strict=True)],
+            }
     return out
 
 
 def _curves() -> dict:
     recs = [{"epoch": e, "kd": 10.0 - e, "align": 0.1, "alpha": 0.01 * e, "loss": 10.1 - e} for e in range(3)]
-    return {"curves": {"cifar10": {"comkd": [recs, recs, recs], "promptkd": [[{"epoch": 0, "kd": 9.0}]] * 3}},
-            "setup": {}, "attention": {}}
+    return {
+        "curves": {"cifar10": {"comkd": [recs, recs, recs], "promptkd": [[{"epoch": 0, "kd": 9.0}]] * 3}},
+        "setup": {},
+        "attention": {},
+    }
 
 
 def test_page_shows_independently_computed_mean_and_std(tmp_path) -> None:
@@ -52,7 +59,10 @@ def test_page_shows_independently_computed_mean_and_std(tmp_path) -> None:
     assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
     assert not (tmp_path / "plots" / "training_curves.png").exists()  # no curves.json: no curve plot
     # the analysis compares ComKD with PromptKD from the same numbers
-    hm_c, hm_p = statistics.mean(res["cifar10"]["comkd"]["hm"]), statistics.mean(res["cifar10"]["promptkd"]["hm"])
+    hm_c, hm_p = (
+        statistics.mean(res["cifar10"]["comkd"]["hm"]),
+        statistics.mean(res["cifar10"]["promptkd"]["hm"]),
+    )
     assert f"ComKD-CLIP HM {hm_c:.2f} vs PromptKD {hm_p:.2f}" in page
 
 
@@ -76,8 +86,10 @@ def test_curves_plot_alpha_and_analysis_from_curves_json(tmp_path) -> None:
 def test_missing_methods_are_reported_not_fatal(tmp_path) -> None:
     res = _synthetic(drop={"dtd10": ["no-ifalign", "no-eduattention"], "cifar10": ["comkd"]})
     (tmp_path / "results.json").write_text(json.dumps(res))
-    r = CliRunner().invoke(cli.app, ["results-page", "--results", str(tmp_path / "results.json"),
-                                     "--out", str(tmp_path / "page.md")])
+    r = CliRunner().invoke(
+        cli.app,
+        ["results-page", "--results", str(tmp_path / "results.json"), "--out", str(tmp_path / "page.md")],
+    )
     assert r.exit_code == 0, r.output
     page = (tmp_path / "page.md").read_text()
     assert "Not run" in page and "dtd10: no-ifalign, no-eduattention" in page and "cifar10: comkd" in page
@@ -102,26 +114,49 @@ def test_collect_reads_run_folders_into_page_format(tmp_path) -> None:
     run = tmp_path / "run"
     save_config(load_config("demo"), run / "config.yaml")
     table = _synthetic()["cifar10"]
-    (run / "results.json").write_text(json.dumps({"protocol": "base2novel", "selection": "last", "seeds": [1, 2, 3],
-                                                  "datasets": {"digits": table}}))
+    (run / "results.json").write_text(
+        json.dumps(
+            {"protocol": "base2novel", "selection": "last", "seeds": [1, 2, 3], "datasets": {"digits": table}}
+        )
+    )
     for s in (1, 2, 3):
         for m in METHODS[2:]:
             d = run / "digits" / f"seed{s}" / m
             d.mkdir(parents=True)
-            recs = [{"stage": "distill", "epoch": 0, "step": 5, "kd": 1.0},
-                    {"stage": "distill", "type": "epoch", "epoch": 0, "kd": 2.0, "align": 0.5, "alpha": 0.1 * s,
-                     "time_s": 3.0}]
+            recs = [
+                {"stage": "distill", "epoch": 0, "step": 5, "kd": 1.0},
+                {
+                    "stage": "distill",
+                    "type": "epoch",
+                    "epoch": 0,
+                    "kd": 2.0,
+                    "align": 0.5,
+                    "alpha": 0.1 * s,
+                    "time_s": 3.0,
+                },
+            ]
             (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     (run / "wall_time.json").write_text(json.dumps({"seconds": 120}))
-    res, extra = collect_runs({"digits16": run}, tmp_path / "docs" / "results.json",
-                              tmp_path / "docs" / "curves.json", attention=False)
+    res, extra = collect_runs(
+        {"digits16": run},
+        tmp_path / "docs" / "results.json",
+        tmp_path / "docs" / "curves.json",
+        attention=False,
+    )
     assert res == {"digits16": table}
     assert json.loads((tmp_path / "docs" / "results.json").read_text()) == res
-    assert extra["curves"]["digits16"]["comkd"][2] == [{"epoch": 0, "kd": 2.0, "align": 0.5, "alpha": 0.30000000000000004,
-                                                        "time_s": 3.0}]
+    assert extra["curves"]["digits16"]["comkd"][2] == [
+        {"epoch": 0, "kd": 2.0, "align": 0.5, "alpha": 0.30000000000000004, "time_s": 3.0}
+    ]
     setup = extra["setup"]["digits16"]
-    assert setup["splits"]["test"] > 0 and setup["wall_time_s"] == 120 and setup["distill"]["seconds"]["comkd"] == [3.0] * 3
-    page = write_results_page(tmp_path / "docs" / "results.json", tmp_path / "docs" / "results.md").read_text()
+    assert (
+        setup["splits"]["test"] > 0
+        and setup["wall_time_s"] == 120
+        and setup["distill"]["seconds"]["comkd"] == [3.0] * 3
+    )
+    page = write_results_page(
+        tmp_path / "docs" / "results.json", tmp_path / "docs" / "results.md"
+    ).read_text()
     assert "2.0 min" in page and "comkd-tiny-teacher" in page
 
 
@@ -138,10 +173,19 @@ def test_page_keeps_dated_earlier_results_and_shows_val_sweeps_and_step0(tmp_pat
     old = _synthetic()
     old["cifar10"]["promptkd"]["hm"] = [11.11, 22.22, 33.33]
     (tmp_path / "results_2026-11.json").write_text(json.dumps(old))
-    sweep = {"preset": "demo", "split": "val", "seeds": [1, 2], "chosen": "b",
-             "variants": {v: {"sets": sets, **{m: [x, x + 2.0] for m in ("teacher", "student_zeroshot", "promptkd",
-                                                                          "comkd")}}
-                          for v, sets, x in (("a", [], 70.0), ("b", ["distill.optim.lr=0.1"], 80.0))}}
+    sweep = {
+        "preset": "demo",
+        "split": "val",
+        "seeds": [1, 2],
+        "chosen": "b",
+        "variants": {
+            v: {
+                "sets": sets,
+                **{m: [x, x + 2.0] for m in ("teacher", "student_zeroshot", "promptkd", "comkd")},
+            }
+            for v, sets, x in (("a", [], 70.0), ("b", ["distill.optim.lr=0.1"], 80.0))
+        },
+    }
     (tmp_path / "sweep_demo.json").write_text(json.dumps(sweep))
     page = write_results_page(res, tmp_path / "results.md").read_text()
     assert "## Earlier results (2026-11)" in page and "22.22" not in page.split("## Earlier results")[0]
@@ -163,9 +207,13 @@ def test_a_variant_run_is_folded_into_its_base_label():
 
     ref = {"teacher": {"hm": [70.0]}, "student_zeroshot": {"hm": [50.0]}}
     results = {"c": {**ref, "comkd": {"hm": [60.0]}}, "c+paper": {**ref, "comkd": {"hm": [55.0]}}}
-    extra = {"curves": {"c": {"comkd": [1]}, "c+paper": {"comkd": [2]}}, "steps": {}, "attention": {},
-             "step0": {"c+paper": {"comkd": [3]}},
-             "setup": {"c": {"distill": {"lr": 1}}, "c+paper": {"distill": {"lr": 2}}}}
+    extra = {
+        "curves": {"c": {"comkd": [1]}, "c+paper": {"comkd": [2]}},
+        "steps": {},
+        "attention": {},
+        "step0": {"c+paper": {"comkd": [3]}},
+        "setup": {"c": {"distill": {"lr": 1}}, "c+paper": {"distill": {"lr": 2}}},
+    }
     _merge_variants(results, extra)
     assert list(results) == ["c"] and results["c"]["comkd_paper"] == {"hm": [55.0]}
     assert results["c"]["comkd"] == {"hm": [60.0]} and "teacher_paper" not in results["c"]

@@ -56,8 +56,21 @@ def test_a_file_of_the_older_format_still_loads(tmp_path, method: str, edu: bool
         meta = dict(f.metadata())
     sd = load_file(str(path))
     c = json.loads(meta[STUDENT_CONFIG_KEY])
-    old = {k: c[k] for k in ("model", "teacher_dim", "vision_tokens", "vision_depth", "edu_heads",
-                             "edu_attn_dim", "edu_shared_fc", "attend", "image_size", "quick_gelu")}
+    old = {
+        k: c[k]
+        for k in (
+            "model",
+            "teacher_dim",
+            "vision_tokens",
+            "vision_depth",
+            "edu_heads",
+            "edu_attn_dim",
+            "edu_shared_fc",
+            "attend",
+            "image_size",
+            "quick_gelu",
+        )
+    }
     meta[STUDENT_CONFIG_KEY] = json.dumps({**old, "method": method})
     meta[STUDENT_DIGEST_KEY] = student_digest(sd, meta)
     old_path = tmp_path / "old.safetensors"
@@ -92,8 +105,17 @@ def test_the_models_are_built_from_the_config_sections_by_name() -> None:
     from comkd.config import load_config
     from comkd.engine.pipeline import build_student, build_teacher, student_arch, teacher_arch
 
-    cfg = load_config("demo", sets=["teacher.text_ctx=2", "teacher.vision_tokens=0", "student.edu_heads=2",
-                                    "student.projector=linear", "distill.method=promptkd", "data.image_size=16"])
+    cfg = load_config(
+        "demo",
+        sets=[
+            "teacher.text_ctx=2",
+            "teacher.vision_tokens=0",
+            "student.edu_heads=2",
+            "student.projector=linear",
+            "distill.method=promptkd",
+            "data.image_size=16",
+        ],
+    )
     t = build_teacher(cfg, torch.device("cpu"))
     assert t.arch == teacher_arch(cfg) and t.arch.text_ctx == 2 and t.arch.image_size == 16
     assert t.text.ctx.shape[0] == 2  # two learnable context tokens

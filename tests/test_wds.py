@@ -28,8 +28,11 @@ N_SHARDS, PER_SHARD = 4, 12  # 48 samples, every class present
 
 def _real_images(n: int) -> list[tuple[bytes, int]]:
     names = [line.split("\t")[1].strip() for line in (CIFAR / "classes.tsv").read_text().splitlines()[1:]]
-    files = [(p, names.index(c.name)) for c in sorted((CIFAR / "train_subset").iterdir())
-             for p in sorted(c.iterdir())[:5]]
+    files = [
+        (p, names.index(c.name))
+        for c in sorted((CIFAR / "train_subset").iterdir())
+        for p in sorted(c.iterdir())[:5]
+    ]
     files = files[::2] + files[1::2]  # interleave classes
     return [(p.read_bytes(), label) for p, label in files[:n]]
 
@@ -40,8 +43,13 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder: Path, n_shards: int = N_SHARDS, per_shard: int = PER_SHARD, labels: bool = True,
-                 corrupt: str | None = None) -> str:
+def write_shards(
+    folder: Path,
+    n_shards: int = N_SHARDS,
+    per_shard: int = PER_SHARD,
+    labels: bool = True,
+    corrupt: str | None = None,
+) -> str:
     """Shards ``folder/s-00000{0..n-1}.tar`` of real JPEGs; keys s<shard>_<i>. Returns the brace pattern."""
     folder.mkdir(parents=True, exist_ok=True)
     images = _real_images(n_shards * per_shard)
@@ -84,8 +92,9 @@ def test_pools_are_checked():
 
 
 def test_extra_pool_and_test_folder(shards):
-    s = load_splits("wds", shards, pools=["pretrain_student=0:8", "train=8:48"],
-                    test_folder=str(CIFAR / "train_subset"))
+    s = load_splits(
+        "wds", shards, pools=["pretrain_student=0:8", "train=8:48"], test_folder=str(CIFAR / "train_subset")
+    )
     assert len(s.split("pretrain_student")) == 8 and len(s.test) == 1000
     ds = build_dataset("wds", shards, "pretrain_student", None, pools=["pretrain_student=0:8", "train=8:48"])
     assert len(ds) == 8 and ds.streaming
@@ -114,7 +123,9 @@ def test_stream_yields_every_item_once_in_shard_order(shards):
 
 
 def test_training_streams_split_ranks_and_workers_exactly_once(shards):
-    ds = build_dataset("wds", shards, "train", build_transform(train=False, image_size=32), pools=["train=0:48"])
+    ds = build_dataset(
+        "wds", shards, "train", build_transform(train=False, image_size=32), pools=["train=0:48"]
+    )
     ds.shuffle_buffer = 8
     for epoch in (0, 1):
         parts = []
@@ -126,8 +137,9 @@ def test_training_streams_split_ranks_and_workers_exactly_once(shards):
         assert sorted(parts[0] + parts[1]) == list(range(48)) and len(parts[0]) == len(parts[1]) == 24
         again = ds.training_stream(0, 2, seed=3)
         again.set_epoch(epoch)
-        assert [int(i) for b in torch.utils.data.DataLoader(again, batch_size=4, num_workers=2)
-                for i in b[2]] == parts[0]  # the order depends only on (seed, epoch, rank, worker)
+        assert [
+            int(i) for b in torch.utils.data.DataLoader(again, batch_size=4, num_workers=2) for i in b[2]
+        ] == parts[0]  # the order depends only on (seed, epoch, rank, worker)
         if epoch == 0:
             first = parts[0]
     assert parts[0] != first  # a new epoch, a new order
@@ -179,11 +191,19 @@ def test_truncated_shard_met_while_streaming_is_named(tmp_path):
 
 def test_corrupt_sample_is_skipped_and_counted_or_a_named_error(tmp_path):
     pattern = write_shards(tmp_path / "c", n_shards=2, corrupt="s1_004")
-    ds = build_dataset("wds", pattern, "train", build_transform(train=False, image_size=32), pools=["train=0:24"])
+    ds = build_dataset(
+        "wds", pattern, "train", build_transform(train=False, image_size=32), pools=["train=0:24"]
+    )
     with pytest.raises(DataError, match="cannot decode sample 's1_004' of shard .*s-000001.tar"):
         list(ds)
-    ds = build_dataset("wds", pattern, "train", build_transform(train=False, image_size=32), pools=["train=0:24"],
-                       skip_bad=True)
+    ds = build_dataset(
+        "wds",
+        pattern,
+        "train",
+        build_transform(train=False, image_size=32),
+        pools=["train=0:24"],
+        skip_bad=True,
+    )
     assert len(ds) == 23 and len(ds.skipped) == 1 and ds.skipped[0][0].endswith("#s1_004")
     assert sorted(_items(ds)) == list(range(23))
 
@@ -209,21 +229,42 @@ def test_teacher_cache_rows_are_keyed_by_sample_key(tmp_path):
     torch.manual_seed(0)
     teacher = create_teacher(TINY_TEACHER, image_size=32)
     tf = build_transform(train=True, image_size=32, scale=(0.5, 1.0))
-    ds = build_dataset("wds", pattern, "train", None, pools=["train=0:24"], train_transform=tf, view_seed=5,
-                       unlabelled=True)
-    path = build_teacher_cache(teacher, ds, tmp_path / "c.bin", views=2, seed=5, batch_size=7, device="cpu",
-                               dtype=torch.float32, num_workers=2, progress=False)
+    ds = build_dataset(
+        "wds", pattern, "train", None, pools=["train=0:24"], train_transform=tf, view_seed=5, unlabelled=True
+    )
+    path = build_teacher_cache(
+        teacher,
+        ds,
+        tmp_path / "c.bin",
+        views=2,
+        seed=5,
+        batch_size=7,
+        device="cpu",
+        dtype=torch.float32,
+        num_workers=2,
+        progress=False,
+    )
     moved = tmp_path / "b"
     shutil.copytree(tmp_path / "a", moved)
-    ds2 = build_dataset("wds", str(moved / "s-{000000..000001}.tar"), "train", None, pools=["train=0:24"],
-                        train_transform=tf, view_seed=5, unlabelled=True)
+    ds2 = build_dataset(
+        "wds",
+        str(moved / "s-{000000..000001}.tar"),
+        "train",
+        None,
+        pools=["train=0:24"],
+        train_transform=tf,
+        view_seed=5,
+        unlabelled=True,
+    )
     assert dataset_fingerprint(ds2) == dataset_fingerprint(ds)
     outputs = CachedTeacherOutputs.open(path, dataset=ds2, device=torch.device("cpu"))
     views = {int(i): img for img, _, i in ds2.replay_stream(5, 1)}
     for i in (0, 13, 23):
         with torch.no_grad():
             want = torch.nn.functional.normalize(
-                teacher.encode_image(adapt_images(views[i][None], teacher.preprocess, teacher.preprocess)), dim=-1)
+                teacher.encode_image(adapt_images(views[i][None], teacher.preprocess, teacher.preprocess)),
+                dim=-1,
+            )
         got = outputs(None, torch.tensor([i]), 1)
         assert torch.allclose(got, want, atol=1e-5), i
 
@@ -271,8 +312,13 @@ def test_distillation_streams_every_sample_once_per_epoch(tmp_path, procs, worke
     launch = [sys.executable]
     if procs > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-    r = subprocess.run([*launch, str(script), pattern, str(tmp_path / "out"), str(workers)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*launch, str(script), pattern, str(tmp_path / "out"), str(workers)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     per_rank = [json.loads((tmp_path / "out" / f"seen{k}.json").read_text()) for k in range(procs)]
     for epoch in ("0", "1"):
@@ -325,8 +371,9 @@ def test_streamed_fit_resumes_mid_epoch_exactly(tmp_path, shards):
     from comkd.engine.loop import fit
 
     tf = build_transform(train=True, image_size=32, scale=(0.5, 1.0))
-    ds = build_dataset("wds", shards, "train", None, pools=["train=0:48"], train_transform=tf, view_seed=4,
-                       shuffle_buffer=5)
+    ds = build_dataset(
+        "wds", shards, "train", None, pools=["train=0:48"], train_transform=tf, view_seed=4, shuffle_buffer=5
+    )
     cfg = OptimConfig(optimizer="adamw", lr=0.05, epochs=2, batch_size=8, warmup_epochs=0)
     kw = {"seed": 4, "device": torch.device("cpu"), "progress": False}
     whole = _PixelTask()
@@ -345,8 +392,14 @@ def test_loader_options_follow_the_loader_signature(shards):
     from comkd.config import ConfigError, load_config
     from comkd.engine.pipeline import loader_options
 
-    cfg = load_config(sets=["data.dataset=wds", f"data.root={shards}", 'data.pools=["train=0:48"]',
-                            "data.test_folder=somewhere"])
+    cfg = load_config(
+        sets=[
+            "data.dataset=wds",
+            f"data.root={shards}",
+            'data.pools=["train=0:48"]',
+            "data.test_folder=somewhere",
+        ]
+    )
     kw = loader_options(cfg)
     assert kw["pools"] == ["train=0:48"] and kw["test_folder"] == "somewhere" and "subdir" not in kw
     with pytest.raises(ConfigError, match=r"data.pools: dataset 'imagefolder' does not take"):

@@ -432,7 +432,11 @@ def _deployed(sz: BenchSizes, work: Path) -> dict[str, Any]:
     """``deployed_student`` (``comkd.deploy.bench``) and its ONNX Runtime / eager speedups."""
     from .deploy.bench import bench_deployed
 
-    pair = (PAPER_TEACHER, PAPER_STUDENT, sz.paper_image_size) if sz.deploy_paper else (TINY_TEACHER, TINY_STUDENT, 32)
+    pair = (
+        (PAPER_TEACHER, PAPER_STUDENT, sz.paper_image_size)
+        if sz.deploy_paper
+        else (TINY_TEACHER, TINY_STUDENT, 32)
+    )
     r = bench_deployed(*pair, sz.deploy_batch, sz.deploy_reps, sz.paper_classes, work / "deployed")
     b = sz.deploy_batch
     return {
@@ -720,7 +724,10 @@ def run_bench(
                 ("paper-pair inference (ViT-L/14 vs ViT-B/16)", lambda: bench_inference_paper(sz, dev)),
                 ("peak memory per stage", lambda: bench_peak_memory(dev, cache, sz, work)),
                 ("deployed student: eager / TorchScript / ONNX Runtime (CPU)", lambda: _deployed(sz, work)),
-                ("data path: shards vs folder, streamed epoch memory", lambda: _data_path(shards, quick, threads)),
+                (
+                    "data path: shards vs folder, streamed epoch memory",
+                    lambda: _data_path(shards, quick, threads),
+                ),
             ]
             for name, fn in sections:
                 say("bench: %s ...", name)

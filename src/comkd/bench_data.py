@@ -109,19 +109,43 @@ def distill_epoch_peak(shards: str, items: int, batch: int = 32, threads: int = 
     teacher = create_teacher(TINY_TEACHER, image_size=32)
     student = create_student(TINY_STUDENT, teacher_dim=teacher.embed_dim, image_size=32)
     tf = build_transform(32, train=True, scale=(0.8, 1.0))
-    ds = build_dataset("wds", shards, "train", None, pools=[f"train=0:{items}"], train_transform=tf,
-                       view_seed=1, unlabelled=True)
+    ds = build_dataset(
+        "wds",
+        shards,
+        "train",
+        None,
+        pools=[f"train=0:{items}"],
+        train_transform=tf,
+        view_seed=1,
+        unlabelled=True,
+    )
     w = teacher.class_text_features(ds.full_classnames)
     student.set_text_features(w, ds.full_classnames)
-    task = DistillTask(student, TeacherOutputs(teacher, student.preprocess), w, float(teacher.logit_scale),
-                       build_loss("comkd", kd_weight=1.0))
+    task = DistillTask(
+        student,
+        TeacherOutputs(teacher, student.preprocess),
+        w,
+        float(teacher.logit_scale),
+        build_loss("comkd", kd_weight=1.0),
+    )
     base = _peak_rss_mb()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="comkd-bench-epoch-") as tmp:
-        fit(task, ds, OptimConfig(optimizer="adamw", lr=1e-4, epochs=1, batch_size=batch, warmup_epochs=0),
-            out_dir=tmp, seed=1, device=torch.device("cpu"), progress=False)
-    return {"items": len(ds), "peak_mb": _peak_rss_mb() - base, "baseline_mb": base,
-            "epoch_s": time.perf_counter() - t0}
+        fit(
+            task,
+            ds,
+            OptimConfig(optimizer="adamw", lr=1e-4, epochs=1, batch_size=batch, warmup_epochs=0),
+            out_dir=tmp,
+            seed=1,
+            device=torch.device("cpu"),
+            progress=False,
+        )
+    return {
+        "items": len(ds),
+        "peak_mb": _peak_rss_mb() - base,
+        "baseline_mb": base,
+        "epoch_s": time.perf_counter() - t0,
+    }
 
 
 def epoch_peak_memory(shards: str, items: int, threads: int = 1, batch: int = 32) -> dict[str, Any]:
@@ -133,7 +157,9 @@ def epoch_peak_memory(shards: str, items: int, threads: int = 1, batch: int = 32
             "import json, logging; logging.disable(logging.WARNING); from comkd.bench_data import distill_epoch_peak; "
             f"print(json.dumps(distill_epoch_peak({shards!r}, {items * m}, batch={batch}, threads={threads})))"
         )
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
+        r = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600
+        )
         if r.returncode != 0:
             raise RuntimeError(f"distillation epoch at {m}x failed: {r.stderr.strip().splitlines()[-1:]}")
         out[f"{m}x"] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -149,7 +175,9 @@ def bench_data_path(shards: str | None, quick: bool = False, threads: int = 1) -
     """Both figures under ``data_path`` (``skipped`` with the reason when no shards are found)."""
     found = find_shards(shards)
     if found is None:
-        return {"data_path": {"skipped": f"no WebDataset shards (looked for {DEFAULT_SHARDS}); pass --shards"}}
+        return {
+            "data_path": {"skipped": f"no WebDataset shards (looked for {DEFAULT_SHARDS}); pass --shards"}
+        }
     items = 100 if quick else 2000
     res = {"shards": found, "read": read_rate(found, items, reps=1 if quick else 3)}
     res["distill_epoch"] = epoch_peak_memory(found, 64 if quick else 1000, threads=threads)

@@ -39,8 +39,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
-                                                  help="Print the version and exit.")] = None,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
 ) -> None:
     """Distil a large CLIP teacher into a small, fast student with ComKD-CLIP."""
 
@@ -48,13 +50,26 @@ def _main(
 def _overrides(**flags) -> dict:
     """Map named flags (only those given) to nested config keys."""
     paths = {
-        "seed": "seed", "device": "device", "dataset": "data.dataset", "root": "data.root",
-        "split_file": "data.split_file", "image_size": "data.image_size", "num_shots": "data.num_shots",
-        "teacher": "teacher.model", "teacher_pretrained": "teacher.pretrained", "teacher_prompts": "teacher.prompts",
-        "student": "student.model", "student_pretrained": "student.pretrained", "method": "distill.method",
-        "kd_weight": "distill.kd_weight", "align_weight": "distill.align_weight",
-        "temperature": "distill.temperature", "teacher_cache": "distill.teacher_cache",
-        "select": "distill.select", "protocol": "protocol", "num_workers": "data.num_workers",
+        "seed": "seed",
+        "device": "device",
+        "dataset": "data.dataset",
+        "root": "data.root",
+        "split_file": "data.split_file",
+        "image_size": "data.image_size",
+        "num_shots": "data.num_shots",
+        "teacher": "teacher.model",
+        "teacher_pretrained": "teacher.pretrained",
+        "teacher_prompts": "teacher.prompts",
+        "student": "student.model",
+        "student_pretrained": "student.pretrained",
+        "method": "distill.method",
+        "kd_weight": "distill.kd_weight",
+        "align_weight": "distill.align_weight",
+        "temperature": "distill.temperature",
+        "teacher_cache": "distill.teacher_cache",
+        "select": "distill.select",
+        "protocol": "protocol",
+        "num_workers": "data.num_workers",
     }
     out: dict = {}
     for name, value in flags.items():
@@ -182,7 +197,9 @@ def _shape_errors(path_desc: str, fn):
     try:
         return fn()
     except (KeyError, TypeError, AttributeError, IndexError, yaml.YAMLError) as e:
-        raise ValueError(f"{path_desc}: not the expected content ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(
+            f"{path_desc}: not the expected content ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
 
 
 def _print_json(obj) -> None:
@@ -191,20 +208,29 @@ def _print_json(obj) -> None:
 
 @app.command()
 def pretrain(
-    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
     dataset: Annotated[str | None, typer.Option(help="Dataset name (comkd.data.DATASETS).")] = None,
     root: Annotated[Path | None, typer.Option(help="Dataset root folder.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher open_clip model.")] = None,
     student: Annotated[str | None, typer.Option(help="Student open_clip model.")] = None,
     which: Annotated[str, typer.Option(help="teacher, student or both.")] = "both",
-    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
-    seed: int | None = None, device: str | None = None,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Stage 0: contrastive CLIP pre-training (offline teachers and students)."""
     _setup_logging(verbose, quiet)
-    ov = _merge(_overrides(dataset=dataset, root=root, teacher=teacher, student=student, seed=seed, device=device),
-                _stage_optim("pretrain", epochs, lr, batch_size))
+    ov = _merge(
+        _overrides(dataset=dataset, root=root, teacher=teacher, student=student, seed=seed, device=device),
+        _stage_optim("pretrain", epochs, lr, batch_size),
+    )
     cfg = _cfg(config, sets, ov, out)
     if which not in ("teacher", "student", "both"):
         _usage_error(f"--which: {which!r} is not allowed; choose one of teacher, student, both")
@@ -216,18 +242,39 @@ def pretrain(
 
 @app.command("train-teacher")
 def train_teacher(
-    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
-    dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
-    teacher: str | None = None, teacher_pretrained: str | None = None, num_shots: int | None = None,
-    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
-    seed: int | None = None, device: str | None = None,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    dataset: str | None = None,
+    root: Path | None = None,
+    split_file: Path | None = None,
+    teacher: str | None = None,
+    teacher_pretrained: str | None = None,
+    num_shots: int | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Stage 1: PromptSRC prompt learning on labelled few-shot base classes."""
     _setup_logging(verbose, quiet)
-    ov = _merge(_overrides(dataset=dataset, root=root, split_file=split_file, teacher=teacher,
-                           teacher_pretrained=teacher_pretrained, num_shots=num_shots, seed=seed, device=device),
-                _stage_optim("teacher_train", epochs, lr, batch_size))
+    ov = _merge(
+        _overrides(
+            dataset=dataset,
+            root=root,
+            split_file=split_file,
+            teacher=teacher,
+            teacher_pretrained=teacher_pretrained,
+            num_shots=num_shots,
+            seed=seed,
+            device=device,
+        ),
+        _stage_optim("teacher_train", epochs, lr, batch_size),
+    )
     cfg = _cfg(config, sets, ov, out)
     from .engine.pipeline import run_train_teacher
 
@@ -236,25 +283,54 @@ def train_teacher(
 
 @app.command()
 def distill(
-    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
     method: Annotated[str | None, typer.Option(help=" | ".join(METHODS))] = None,
-    dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
-    teacher: str | None = None, teacher_pretrained: str | None = None,
+    dataset: str | None = None,
+    root: Path | None = None,
+    split_file: Path | None = None,
+    teacher: str | None = None,
+    teacher_pretrained: str | None = None,
     teacher_prompts: Annotated[str | None, typer.Option(help="Prompts from train-teacher.")] = None,
-    student: str | None = None, student_pretrained: str | None = None,
+    student: str | None = None,
+    student_pretrained: str | None = None,
     teacher_cache: Annotated[str | None, typer.Option(help="Cache from cache-teacher.")] = None,
-    kd_weight: float | None = None, align_weight: float | None = None, temperature: float | None = None,
-    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
-    seed: int | None = None, device: str | None = None, evaluate: bool = True,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    kd_weight: float | None = None,
+    align_weight: float | None = None,
+    temperature: float | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    evaluate: bool = True,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Stage 2: distil the teacher into the student on unlabelled images."""
     _setup_logging(verbose, quiet)
-    ov = _merge(_overrides(method=method, dataset=dataset, root=root, split_file=split_file, teacher=teacher,
-                           teacher_pretrained=teacher_pretrained, teacher_prompts=teacher_prompts, student=student,
-                           student_pretrained=student_pretrained, teacher_cache=teacher_cache, kd_weight=kd_weight,
-                           align_weight=align_weight, temperature=temperature, seed=seed, device=device),
-                _stage_optim("distill", epochs, lr, batch_size))
+    ov = _merge(
+        _overrides(
+            method=method,
+            dataset=dataset,
+            root=root,
+            split_file=split_file,
+            teacher=teacher,
+            teacher_pretrained=teacher_pretrained,
+            teacher_prompts=teacher_prompts,
+            student=student,
+            student_pretrained=student_pretrained,
+            teacher_cache=teacher_cache,
+            kd_weight=kd_weight,
+            align_weight=align_weight,
+            temperature=temperature,
+            seed=seed,
+            device=device,
+        ),
+        _stage_optim("distill", epochs, lr, batch_size),
+    )
     cfg = _cfg(config, sets, ov, out)
     from .engine import pipeline as P
     from .models.io import load_student
@@ -276,15 +352,26 @@ def distill(
 @app.command()
 def evaluate(
     student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
-    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None,
-    dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
-    protocol: str | None = None, split: str = "test", device: str | None = None,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    dataset: str | None = None,
+    root: Path | None = None,
+    split_file: Path | None = None,
+    protocol: str | None = None,
+    split: str = "test",
+    device: str | None = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Accuracy of a distilled student (base/novel/HM for base2novel), written to results.json."""
     _setup_logging(verbose, quiet)
-    cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, protocol=protocol,
-                                        device=device), out)
+    cfg = _cfg(
+        config,
+        sets,
+        _overrides(dataset=dataset, root=root, split_file=split_file, protocol=protocol, device=device),
+        out,
+    )
     from .engine import pipeline as P
     from .models.io import load_student
 
@@ -307,24 +394,40 @@ def evaluate(
 
 @app.command()
 def run(
-    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, resume: ResumeOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
     protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg | full")] = None,
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset(s); repeat the flag.")] = None,
     root: Path | None = None,
     seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds; repeat the flag.")] = None,
-    methods: Annotated[list[str] | None, typer.Option("--methods", help="Methods (" + ", ".join(METHODS) + "); repeat the flag.")] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option("--methods", help="Methods (" + ", ".join(METHODS) + "); repeat the flag."),
+    ] = None,
     source: Annotated[str, typer.Option(help="cross/dg: the teacher's source dataset.")] = "imagenet",
     select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
     device: str | None = None,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """All stages for datasets × seeds × methods, then one results table (report.md)."""
     _setup_logging(verbose, quiet)
     cfg = _cfg(config, sets, _overrides(protocol=protocol, root=root, select=select, device=device), out)
     from .protocols.runner import run_protocol
 
-    res = _run(lambda: run_protocol(cfg, cfg.output_dir, datasets=dataset, seeds=seeds or None, methods=methods,
-                                    resume=resume, source=source))
+    res = _run(
+        lambda: run_protocol(
+            cfg,
+            cfg.output_dir,
+            datasets=dataset,
+            seeds=seeds or None,
+            methods=methods,
+            resume=resume,
+            source=source,
+        )
+    )
     typer.echo((Path(cfg.output_dir) / "report.md").read_text())
     return res
 
@@ -332,8 +435,11 @@ def run(
 @app.command()
 def demo(
     out: OutOpt = None,
-    config: ConfigOpt = None, sets: SetOpt = None, resume: ResumeOpt = False,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """The main job on the embedded digits data: pre-train a tiny teacher and student, prompt-tune
     the teacher on base classes, distil with PromptKD and ComKD, evaluate, write report.md."""
@@ -350,19 +456,43 @@ def demo(
 
 @app.command("cache-teacher")
 def cache_teacher(
-    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None,
-    views: Annotated[int | None, typer.Option(help="Augmented views per image (K; default: distill epochs).")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    views: Annotated[
+        int | None, typer.Option(help="Augmented views per image (K; default: distill epochs).")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32.")] = "float16",
-    dataset: str | None = None, root: Path | None = None, split_file: Path | None = None,
-    teacher: str | None = None, teacher_pretrained: str | None = None, teacher_prompts: str | None = None,
-    student: str | None = None, seed: int | None = None, device: str | None = None,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    dataset: str | None = None,
+    root: Path | None = None,
+    split_file: Path | None = None,
+    teacher: str | None = None,
+    teacher_pretrained: str | None = None,
+    teacher_prompts: str | None = None,
+    student: str | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Store the teacher's image features for K augmented views of every training image."""
     _setup_logging(verbose, quiet)
-    cfg = _cfg(config, sets, _overrides(dataset=dataset, root=root, split_file=split_file, teacher=teacher,
-                                        teacher_pretrained=teacher_pretrained, teacher_prompts=teacher_prompts,
-                                        student=student, seed=seed, device=device), out)
+    cfg = _cfg(
+        config,
+        sets,
+        _overrides(
+            dataset=dataset,
+            root=root,
+            split_file=split_file,
+            teacher=teacher,
+            teacher_pretrained=teacher_pretrained,
+            teacher_prompts=teacher_prompts,
+            student=student,
+            seed=seed,
+            device=device,
+        ),
+        out,
+    )
     if views is not None and views < 1:
         _usage_error(f"--views: must be >= 1, got {views}")
     if dtype not in CACHE_DTYPES:
@@ -379,8 +509,11 @@ def bench(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
     shards: Annotated[str | None, typer.Option(help="WebDataset shards for the data-path figures.")] = None,
-    only: Annotated[str | None, typer.Option(help="'data': only the data-path section, merged into --out.")] = None,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    only: Annotated[
+        str | None, typer.Option(help="'data': only the data-path section, merged into --out.")
+    ] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Speed and memory benchmarks (JSON with machine and versions)."""
     _setup_logging(verbose, quiet)
@@ -401,16 +534,22 @@ def main() -> None:  # pragma: no cover
     app(sys.argv[1:])
 
 
-
 # -- results page (issue 6) --------------------------------------------------------------------
 @app.command()
 def collect(
-    runs: Annotated[list[str], typer.Argument(help="LABEL=RUN_DIR of `comkd run` folders (one dataset each).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write.")] = Path("docs/results.json"),
-    curves: Annotated[Path | None, typer.Option(help="Companion JSON (curves, setup, attention); "
-                                                     "default: curves.json next to --out.")] = None,
+    runs: Annotated[
+        list[str], typer.Argument(help="LABEL=RUN_DIR of `comkd run` folders (one dataset each).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write.")] = Path(
+        "docs/results.json"
+    ),
+    curves: Annotated[
+        Path | None,
+        typer.Option(help="Companion JSON (curves, setup, attention); default: curves.json next to --out."),
+    ] = None,
     attention: Annotated[bool, typer.Option(help="Measure EduAttention on the saved students.")] = True,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Gather run folders into docs/results.json (+ docs/curves.json) for `comkd results-page`."""
     _setup_logging(verbose, quiet)
@@ -429,8 +568,10 @@ def collect(
             res = _read_json(path / "results.json", "run results")
             if not isinstance(res, dict):
                 raise ValueError(f"{path / 'results.json'}: expected a JSON object from `comkd run`")
-        return _shape_errors(f"run folders {', '.join(map(str, pairs.values()))}",
-                             lambda: collect_runs(pairs, out, curves_path, attention=attention))
+        return _shape_errors(
+            f"run folders {', '.join(map(str, pairs.values()))}",
+            lambda: collect_runs(pairs, out, curves_path, attention=attention),
+        )
 
     _run(body)
     typer.echo(f"wrote {out} and {curves_path}")
@@ -438,11 +579,14 @@ def collect(
 
 @app.command("results-page")
 def results_page(
-    results: Annotated[Path, typer.Option(help="results.json ({dataset: {method: {base, novel, hm}}}).")] = Path(
-        "docs/results.json"),
-    out: Annotated[Path, typer.Option("--out", "-o", help="Markdown page to write (plots/ next to it).")] = Path(
-        "docs/results.md"),
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    results: Annotated[
+        Path, typer.Option(help="results.json ({dataset: {method: {base, novel, hm}}}).")
+    ] = Path("docs/results.json"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Markdown page to write (plots/ next to it).")
+    ] = Path("docs/results.md"),
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Write the results page (tables, plots, analysis) from results.json and curves.json."""
     _setup_logging(verbose, quiet)
@@ -453,8 +597,10 @@ def results_page(
         if isinstance(data, dict) and "protocol" in data and isinstance(data.get("datasets"), dict):
             data = data["datasets"]  # a `comkd run` results.json
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-            raise ValueError(f"{results}: expected {{dataset: {{method: {{base, novel, hm}}}}}} (or a `comkd run` "
-                             f"results.json), got a {type(data).__name__} of other content")
+            raise ValueError(
+                f"{results}: expected {{dataset: {{method: {{base, novel, hm}}}}}} (or a `comkd run` "
+                f"results.json), got a {type(data).__name__} of other content"
+            )
         curves = results.with_name("curves.json")
         if curves.exists():
             _read_json(curves, "curves file")
@@ -469,15 +615,20 @@ def results_page(
 def predict_cmd(
     student_file: Annotated[Path, typer.Argument(help="student.safetensors, or its .onnx export.")],
     images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV or JSONL file (default: stdout).")] = None,
-    fmt: Annotated[str | None, typer.Option("--format", help="csv | jsonl (default: from --out's suffix).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="CSV or JSONL file (default: stdout).")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="csv | jsonl (default: from --out's suffix).")
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes per image.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     runtime: Annotated[str, typer.Option(help="auto | torch | onnx (auto: by the file's suffix).")] = "auto",
     device: Annotated[str, typer.Option(help="torch runtime: auto, cpu, cuda, ...")] = "auto",
     progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images instead of stopping.")] = False,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Top-k class names and probabilities for images, one row per image (CSV or JSON lines)."""
     _setup_logging(verbose, quiet)
@@ -486,8 +637,16 @@ def predict_cmd(
 
     def body():
         model = load_predictor(student_file, runtime, device)
-        return predict_files(model, collect_images(images), out, fmt=fmt, top_k=top_k, batch_size=batch_size,
-                             progress=progress, skip_bad=skip_bad)
+        return predict_files(
+            model,
+            collect_images(images),
+            out,
+            fmt=fmt,
+            top_k=top_k,
+            batch_size=batch_size,
+            progress=progress,
+            skip_bad=skip_bad,
+        )
 
     summary = _run(body)
     typer.echo(json.dumps(summary, default=str), err=out is None)
@@ -497,12 +656,19 @@ def predict_cmd(
 def export_cmd(
     student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
     fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: next to the student).")] = None,
-    check_images: Annotated[list[str] | None, typer.Option(
-        "--check-images", help="Images (files, folders, globs; repeat) to check the export on.")] = None,
-    quantize: Annotated[str | None, typer.Option(help="int8: also write an int8 ONNX (dynamic quantisation).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="File to write (default: next to the student).")
+    ] = None,
+    check_images: Annotated[
+        list[str] | None,
+        typer.Option("--check-images", help="Images (files, folders, globs; repeat) to check the export on."),
+    ] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: also write an int8 ONNX (dynamic quantisation).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per check batch.")] = 64,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """A deployable student (dynamic batch, preprocessing in the file's metadata), checked against
     PyTorch on real images: top-1 agreement and max |Δ logit|."""
@@ -510,28 +676,55 @@ def export_cmd(
     from .data.unlabelled import collect_images
     from .deploy.export import export_student
 
-    _print_json(_run(lambda: export_student(student_file, fmt, out, batch_size=batch_size, quantize=quantize,
-                                            check_images=collect_images(check_images) if check_images else ())))
+    _print_json(
+        _run(
+            lambda: export_student(
+                student_file,
+                fmt,
+                out,
+                batch_size=batch_size,
+                quantize=quantize,
+                check_images=collect_images(check_images) if check_images else (),
+            )
+        )
+    )
 
 
 @app.command("classes")
 def classes_cmd(
     student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
     names: Annotated[Path, typer.Option("--names", help="New class names, one a line.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="New student file (default: next to it).")] = None,
-    config: ConfigOpt = None, sets: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="New student file (default: next to it).")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
     teacher: Annotated[str | None, typer.Option(help="The teacher it was distilled from.")] = None,
     teacher_pretrained: Annotated[str | None, typer.Option(help="That teacher's weights.")] = None,
-    teacher_prompts: Annotated[str | None, typer.Option(help="That teacher's prompts (train-teacher).")] = None,
+    teacher_prompts: Annotated[
+        str | None, typer.Option(help="That teacher's prompts (train-teacher).")
+    ] = None,
     device: str | None = None,
-    force: Annotated[bool, typer.Option(help="Skip the check that the teacher is the student's own.")] = False,
-    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+    force: Annotated[
+        bool, typer.Option(help="Skip the check that the teacher is the student's own.")
+    ] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """New class names: W recomputed by the teacher's text tower and prompts, in a new student file.
     A teacher other than the one recorded in the student file is refused."""
     _setup_logging(verbose, quiet)
-    cfg = _cfg(config, sets, _overrides(teacher=teacher, teacher_pretrained=teacher_pretrained,
-                                        teacher_prompts=teacher_prompts, device=device), None)
+    cfg = _cfg(
+        config,
+        sets,
+        _overrides(
+            teacher=teacher,
+            teacher_pretrained=teacher_pretrained,
+            teacher_prompts=teacher_prompts,
+            device=device,
+        ),
+        None,
+    )
     from .deploy.classes import recompute_classes
 
     _print_json(_run(lambda: recompute_classes(cfg, student_file, names, out, force=force)))

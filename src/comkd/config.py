@@ -119,7 +119,9 @@ class PretrainConfig:
     """Stage 0: contrastive CLIP training on labelled images with class-name captions."""
 
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=15, batch_size=64)
+        default_factory=lambda: OptimConfig(
+            optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=15, batch_size=64
+        )
     )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher_lr: float | None = None  # per-tower override of optim.lr
@@ -241,7 +243,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+            raise ConfigError(
+                f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}"
+            )
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -283,7 +287,9 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, k, "none")
         elif dataclasses.is_dataclass(current):
             if not isinstance(v, dict):
-                raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}")
+                raise ConfigError(
+                    f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}"
+                )
             _merge(current, v, key + ".")
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
@@ -330,7 +336,9 @@ def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, PretrainConfig):
         for name in ("teacher_epochs", "student_epochs"):
             if getattr(obj, name) is not None and getattr(obj, name) < 1:
-                raise ConfigError(f"{prefix}{name}: must be >= 1 (or null: optim.epochs), got {getattr(obj, name)}")
+                raise ConfigError(
+                    f"{prefix}{name}: must be >= 1 (or null: optim.epochs), got {getattr(obj, name)}"
+                )
     if isinstance(obj, DataConfig) and obj.shuffle_buffer < 0:
         raise ConfigError(f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {obj.shuffle_buffer}")
     if isinstance(obj, DistillConfig):
@@ -345,7 +353,9 @@ def _validate(obj: Any, prefix: str) -> None:
         if obj.log_every < 1:
             raise ConfigError(f"{prefix}log_every: must be >= 1, got {obj.log_every}")
         if obj.ckpt_every < 0:
-            raise ConfigError(f"{prefix}ckpt_every: must be >= 0 (0: at epoch ends only), got {obj.ckpt_every}")
+            raise ConfigError(
+                f"{prefix}ckpt_every: must be >= 0 (0: at epoch ends only), got {obj.ckpt_every}"
+            )
         _check_device(obj.device, f"{prefix}device")
 
 

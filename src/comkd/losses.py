@@ -29,7 +29,9 @@ __all__ = [
 IFALIGN_STATS = ("per_channel", "per_sample")
 
 
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kd_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """τ² · Σ KL(softmax(q_t/τ) ‖ softmax(q_s/τ)) / (B·N), unweighted (PromptKD's reduction).
 
     Both logits ``[B, N]``; the teacher's carry no gradient.

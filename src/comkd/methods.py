@@ -60,10 +60,18 @@ METHODS: dict[str, Method] = _entries(
     Method("promptkd", "PromptKD", edu_attention=False, loss={"use_ifalign": False}, reference=True),
     Method("no-ifalign", "ComKD w/o IFAlign", edu_attention=True, loss={"use_ifalign": False}),
     Method("no-eduattention", "ComKD w/o EduAttention", edu_attention=False, loss={"use_ifalign": True}),
-    Method("feature-l1", "Feature L1", edu_attention=False,
-           loss={"use_ifalign": False, "use_kd": False, "feature_loss": "l1"}),
-    Method("feature-mse", "Feature MSE", edu_attention=False,
-           loss={"use_ifalign": False, "use_kd": False, "feature_loss": "mse"}),
+    Method(
+        "feature-l1",
+        "Feature L1",
+        edu_attention=False,
+        loss={"use_ifalign": False, "use_kd": False, "feature_loss": "l1"},
+    ),
+    Method(
+        "feature-mse",
+        "Feature MSE",
+        edu_attention=False,
+        loss={"use_ifalign": False, "use_kd": False, "feature_loss": "mse"},
+    ),
 )
 
 DEFAULT_METHOD = "comkd"
@@ -106,7 +114,9 @@ def get_method(name: str) -> Method:
 
 def report_order() -> list[str]:
     """The methods in report row order: reference methods first, then the table's order."""
-    return [m.name for m in METHODS.values() if m.reference] + [m.name for m in METHODS.values() if not m.reference]
+    return [m.name for m in METHODS.values() if m.reference] + [
+        m.name for m in METHODS.values() if not m.reference
+    ]
 
 
 def register_method(method: Method) -> None:

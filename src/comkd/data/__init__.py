@@ -282,7 +282,9 @@ def build_dataset(
     """
     splits = load_splits(name, root, split_file=split_file, skip_bad=skip_bad, **kw)
     if split not in splits.split_names:
-        raise DataError(f"unknown split {split!r} of dataset {name!r}; valid: {', '.join(splits.split_names)}")
+        raise DataError(
+            f"unknown split {split!r} of dataset {name!r}; valid: {', '.join(splits.split_names)}"
+        )
     data: list[Datum] = list(splits.split(split))
     if num_shots is not None and split != "test":
         shots = min(int(num_shots), 4) if split == "val" else int(num_shots)

@@ -144,7 +144,9 @@ def _scan(path: str, size: int, mtime_ns: int) -> ShardIndex:
             tail = tf.fileobj.read(1024)
             if len(tail) < 1024 or tail.strip(b"\0"):
                 last = f"after member {m.name}" if keys else "before its first member"
-                raise DataError(f"shard {path} is truncated: it ends {last} without the tar end-of-archive marker")
+                raise DataError(
+                    f"shard {path} is truncated: it ends {last} without the tar end-of-archive marker"
+                )
             labels: list[int] = []
             for key in keys:
                 ms = members[key]
@@ -201,7 +203,9 @@ def parse_pools(pools: Sequence[str], total: int, where: str) -> dict[str, tuple
             raise DataError(f"data.pools of {where} names pool {name!r} twice")
         for other, (s, e) in out.items():
             if start < e and s < stop:
-                raise DataError(f"data.pools of {where}: pool {name!r} ({start}:{stop}) overlaps {other!r} ({s}:{e})")
+                raise DataError(
+                    f"data.pools of {where}: pool {name!r} ({start}:{stop}) overlaps {other!r} ({s}:{e})"
+                )
         out[name] = (start, stop)
     return out
 
@@ -270,11 +274,15 @@ def load_wds(
         splits.update(split_per_class(items, tuple(fractions or FOLDER_FRACTIONS), split_seed))
     else:
         if fractions is not None:
-            raise DataError(f"{where}: data.fractions needs labels, but some samples have no .{LABEL_EXT} member")
+            raise DataError(
+                f"{where}: data.fractions needs labels, but some samples have no .{LABEL_EXT} member"
+            )
         splits["train"] = items
     if test_folder is not None:
         if splits["test"]:
-            raise DataError(f"{where}: data.test_folder and a 'test' pool both define the test split; keep one")
+            raise DataError(
+                f"{where}: data.test_folder and a 'test' pool both define the test split; keep one"
+            )
         splits["test"] = load_image_folder(test_folder, classes_file=cfile, fractions=(0, 0, 0, 1)).test
     return DatasetSplits(name, classnames, templates=list(templates), pools=extra, **splits)
 
@@ -364,7 +372,9 @@ class WdsImageDataset(IterableDataset):
         self.view_period: int | None = None
         self.epoch = 0
         self.templates = list(templates)
-        self.class_indices = list(class_indices) if class_indices is not None else list(range(len(self.classnames)))
+        self.class_indices = (
+            list(class_indices) if class_indices is not None else list(range(len(self.classnames)))
+        )
         self.full_classnames = list(full_classnames) if full_classnames is not None else list(self.classnames)
         self.parent_class_indices = None
         self.digits_size = 0
@@ -402,8 +412,13 @@ class WdsImageDataset(IterableDataset):
                     bad.add(i)
                     self.skipped.append((self.data[i].path, str(exc)))
         if bad:
-            log.warning("%s: skipped %d of %d samples (undecodable), %d remain", self.name or "wds",
-                        len(bad), len(self.data), len(self.data) - len(bad))
+            log.warning(
+                "%s: skipped %d of %d samples (undecodable), %d remain",
+                self.name or "wds",
+                len(bad),
+                len(self.data),
+                len(self.data) - len(bad),
+            )
             self._set_data([d for i, d in enumerate(self.data) if i not in bad])
 
     # -- ImageDataset's interface ----------------------------------------------------------------
@@ -485,7 +500,9 @@ class WdsImageDataset(IterableDataset):
                 if i is None:
                     continue
                 if pos == offsets[shard] + len(wanted):
-                    raise DataError(f"shard {shard} holds sample {key!r} twice (changed since it was indexed?)")
+                    raise DataError(
+                        f"shard {shard} holds sample {key!r} twice (changed since it was indexed?)"
+                    )
                 keep = pos % world == rank
                 pos += 1
                 if not keep:

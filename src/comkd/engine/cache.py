@@ -364,7 +364,9 @@ class _StreamViews(torch.utils.data.IterableDataset):
 
 
 def _views(dataset: Any, seed: int, k: int) -> Dataset:
-    return _StreamViews(dataset, seed, k) if getattr(dataset, "streaming", False) else _Views(dataset, seed, k)
+    return (
+        _StreamViews(dataset, seed, k) if getattr(dataset, "streaming", False) else _Views(dataset, seed, k)
+    )
 
 
 def build_teacher_cache(

@@ -92,7 +92,13 @@ class EpochBatchSampler(Sampler[list[int]]):
         ws = world_size()
         if batch_size % ws:
             raise ValueError(f"global batch size {batch_size} is not divisible by the {ws} processes")
-        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = (
+            n,
+            batch_size,
+            seed,
+            shuffle,
+            drop_last,
+        )
         self.epoch, self.start_batch = 0, 0
         self.rank, self.world = rank(), ws
 
@@ -114,7 +120,11 @@ class EpochBatchSampler(Sampler[list[int]]):
         per_rank = self.batch_size // self.world
         for b in range(self.start_batch, self.num_batches()):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank] if len(batch) == self.batch_size else batch
+            yield (
+                batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+                if len(batch) == self.batch_size
+                else batch
+            )
 
 
 class StreamBatches:
@@ -126,7 +136,9 @@ class StreamBatches:
     steps. A resumed epoch re-reads the stream and skips ``start_batch`` batches: the stream's
     order depends only on (seed, epoch), so it sees the batches an uninterrupted run would."""
 
-    def __init__(self, dataset: Any, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False):
+    def __init__(
+        self, dataset: Any, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False
+    ):
         ws = world_size()
         if batch_size % ws:
             raise ValueError(f"global batch size {batch_size} is not divisible by the {ws} processes")
@@ -147,22 +159,33 @@ class StreamBatches:
         return self.num_batches() - self.start_batch
 
     def __iter__(self) -> Iterator[Any]:
-        loader = DataLoader(self.stream, batch_size=self.per_rank, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False)
+        loader = DataLoader(
+            self.stream,
+            batch_size=self.per_rank,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
         pending: list[Any] = []
         have, b = 0, 0
         for part in loader:  # workers' batches end short at their last shard: re-cut to per_rank
             pending.append(part)
             have += len(part[0])
             while have >= self.per_rank and b < self.num_batches():
-                batch, pending, have = _take(pending, self.per_rank), _rest(pending, self.per_rank), have - self.per_rank
+                batch, pending, have = (
+                    _take(pending, self.per_rank),
+                    _rest(pending, self.per_rank),
+                    have - self.per_rank,
+                )
                 if b >= self.start_batch:
                     yield batch
                 b += 1
             if b >= self.num_batches():
                 return
         if b < self.num_batches():
-            raise RuntimeError(f"the stream of {self.dataset!r} ended after {b} of {self.num_batches()} batches")
+            raise RuntimeError(
+                f"the stream of {self.dataset!r} ended after {b} of {self.num_batches()} batches"
+            )
 
 
 def _cat(parts: list[Any]) -> Any:
@@ -249,8 +272,13 @@ def _rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     st = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -261,7 +289,9 @@ def _rng_state() -> dict:
 def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     n = st["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -406,7 +436,9 @@ def fit(
             return
         kept = _keep_good_checkpoint(ckpt_path, prev_path, saved_steps, step)
         where = f"optimiser step {step + 1}" if step >= 0 else "another process"
-        raise NonFiniteLossError(f"{task.name}: the loss became NaN/inf at {where} (epoch {epoch + 1}); {kept}")
+        raise NonFiniteLossError(
+            f"{task.name}: the loss became NaN/inf at {where} (epoch {epoch + 1}); {kept}"
+        )
 
     set_epoch = getattr(dataset, "set_epoch", None)
     for epoch in range(start_epoch, cfg.epochs):
@@ -415,15 +447,19 @@ def fit(
             set_epoch(epoch)
         for m in mods.values():
             m.train()
-        loader = sampler if streaming else DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-            # own generator: creating the iterator must not draw from the global torch RNG, or a
-            # resumed run (one extra iterator per resume) would see a shifted RNG stream
-            generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
+        loader = (
+            sampler
+            if streaming
+            else DataLoader(
+                dataset,
+                batch_sampler=sampler,
+                num_workers=num_workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+                # own generator: creating the iterator must not draw from the global torch RNG, or a
+                # resumed run (one extra iterator per resume) would see a shifted RNG stream
+                generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
+            )
         )
         if epoch != start_epoch or start_batch == 0:
             sums, count = {}, 0
@@ -444,12 +480,16 @@ def fit(
                 loss = losses["loss"] / len(micro)
                 scaler.scale(loss).backward()
                 finite = torch.isfinite(losses["loss"].detach())
-                bad_step = torch.where((~finite) & (bad_step < 0), torch.full_like(bad_step, global_step), bad_step)
+                bad_step = torch.where(
+                    (~finite) & (bad_step < 0), torch.full_like(bad_step, global_step), bad_step
+                )
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float() / len(micro)
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
+                )
             scaler.step(optimizer)
             scaler.update()
             global_step += 1
@@ -463,7 +503,9 @@ def fit(
                 check_finite()
             if at_log:
                 # running means of the epoch so far, averaged over the ranks (all ranks take part)
-                means = {k: float(all_reduce_sum(v.to(device))) / (count * world_size()) for k, v in sums.items()}
+                means = {
+                    k: float(all_reduce_sum(v.to(device))) / (count * world_size()) for k, v in sums.items()
+                }
             if at_log and metrics is not None and is_main():
                 rec = {"stage": task.name, "epoch": epoch, "step": global_step, "lr": lr_now}
                 rec.update(means)
@@ -480,7 +522,13 @@ def fit(
         if bar is not None:
             bar.close()
         n = all_reduce_sum(torch.tensor(float(count), device=device))
-        epoch_rec = {"stage": task.name, "type": "epoch", "epoch": epoch, "step": global_step, "world_size": world_size()}
+        epoch_rec = {
+            "stage": task.name,
+            "type": "epoch",
+            "epoch": epoch,
+            "step": global_step,
+            "world_size": world_size(),
+        }
         for k, v in sums.items():
             epoch_rec[k] = float(all_reduce_sum(v.to(device)) / n) if count else float("nan")
         epoch_rec["time_s"] = time.perf_counter() - t0
@@ -531,7 +579,11 @@ def _keep_good_checkpoint(ckpt_path: Path, prev_path: Path, saved_steps: list[in
     Returns what was kept, for the message."""
     newest = saved_steps[-1] if saved_steps else None
     if newest is None or not ckpt_path.exists():
-        return f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        return (
+            f"last good checkpoint kept at {ckpt_path}"
+            if ckpt_path.exists()
+            else "no checkpoint was written yet"
+        )
     if bad >= 0 and newest < bad:
         return f"last good checkpoint kept at {ckpt_path}"
     older = saved_steps[-2] if len(saved_steps) > 1 else None
@@ -545,10 +597,14 @@ def _keep_good_checkpoint(ckpt_path: Path, prev_path: Path, saved_steps: list[in
         if is_main():
             prev_path.replace(ckpt_path)
         barrier()
-        return (f"kept the checkpoint of step {older} at {ckpt_path}, taken before the diverging update "
-                f"(the one of step {newest} already held its result)")
-    return (f"the only checkpoint, of step {newest}, was taken after the diverging update (its weights may "
-            f"already be bad); kept at {ckpt_path}")
+        return (
+            f"kept the checkpoint of step {older} at {ckpt_path}, taken before the diverging update "
+            f"(the one of step {newest} already held its result)"
+        )
+    return (
+        f"the only checkpoint, of step {newest}, was taken after the diverging update (its weights may "
+        f"already be bad); kept at {ckpt_path}"
+    )
 
 
 def _split(batch: Any, parts: int) -> list[Any]:

@@ -69,26 +69,41 @@ def teacher_arch(cfg: RunConfig) -> TeacherArch:
 def build_teacher(cfg: RunConfig, device: torch.device, prompts: str | None = None) -> Teacher:
     """The teacher of ``cfg`` with ``teacher.pretrained`` weights and ``prompts`` (default
     ``teacher.prompts``; ``""``: none) on ``device``."""
-    return Teacher.build(teacher_arch(cfg), cfg.teacher.pretrained,
-                         prompts=prompts if prompts is not None else cfg.teacher.prompts, device=device)
+    return Teacher.build(
+        teacher_arch(cfg),
+        cfg.teacher.pretrained,
+        prompts=prompts if prompts is not None else cfg.teacher.prompts,
+        device=device,
+    )
 
 
 def student_arch(cfg: RunConfig, teacher_dim: int, method: str | None = None) -> StudentArch:
     """The ``StudentArch`` of ``cfg``: every option ``StudentConfig`` shares with it by name, d of
     the teacher, EduAttention as the method's recipe says, and ``data.image_size``."""
     edu = get_method(method or cfg.distill.method).edu_attention
-    return StudentArch(**_shared_options(StudentArch, cfg.student), teacher_dim=teacher_dim, edu_attention=edu,
-                       image_size=cfg.data.image_size)
+    return StudentArch(
+        **_shared_options(StudentArch, cfg.student),
+        teacher_dim=teacher_dim,
+        edu_attention=edu,
+        image_size=cfg.data.image_size,
+    )
 
 
-def build_student(cfg: RunConfig, teacher_dim: int, device: torch.device, method: str | None = None) -> Student:
+def build_student(
+    cfg: RunConfig, teacher_dim: int, device: torch.device, method: str | None = None
+) -> Student:
     """The student of ``cfg`` (``student_arch``) with ``student.pretrained`` weights on ``device``."""
     arch = student_arch(cfg, teacher_dim, method)
     return Student.build(arch, cfg.student.pretrained, logit_scale=cfg.student.logit_scale, device=device)
 
 
 def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
-    kw = {"image_size": spec.image_size, "mean": spec.mean, "std": spec.std, "interpolation": spec.interpolation}
+    kw = {
+        "image_size": spec.image_size,
+        "mean": spec.mean,
+        "std": spec.std,
+        "interpolation": spec.interpolation,
+    }
     aug = augment or AugmentConfig()
     train = build_transform(train=True, scale=(aug.crop_scale_min, 1.0), hflip=aug.hflip, **kw)
     return train, build_transform(train=False, **kw)
@@ -120,7 +135,9 @@ def loader_options(cfg: RunConfig) -> dict[str, Any]:
             if value is not None:
                 kw[name] = value
         elif value != getattr(defaults, name):
-            raise ConfigError(f"data.{name}: dataset {d.dataset!r} does not take this setting (set to {value!r})")
+            raise ConfigError(
+                f"data.{name}: dataset {d.dataset!r} does not take this setting (set to {value!r})"
+            )
     return kw
 
 
@@ -130,8 +147,15 @@ def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 
 def make_dataset(
-    cfg: RunConfig, split: str, spec: PreprocessSpec, *, train: bool, subsample: str = "all", shots: bool = False,
-    unlabelled: bool = False, augment: AugmentConfig | None = None,
+    cfg: RunConfig,
+    split: str,
+    spec: PreprocessSpec,
+    *,
+    train: bool,
+    subsample: str = "all",
+    shots: bool = False,
+    unlabelled: bool = False,
+    augment: AugmentConfig | None = None,
 ) -> ImageDataset:
     """A split of the configured dataset with the backbone's transforms; train splits draw
     reproducible views from the run seed."""
@@ -155,11 +179,14 @@ def make_dataset(
     # one class trains with a zero loss and fails at evaluation: refuse it up front
     where = f"dataset {cfg.data.dataset!r}" + (f" ({cfg.data.root})" if cfg.data.root else "")
     if len(ds.full_classnames) < 2:
-        raise DataError(f"{where} has {len(ds.full_classnames)} class {ds.full_classnames}; "
-                        "training and evaluation need at least 2")
+        raise DataError(
+            f"{where} has {len(ds.full_classnames)} class {ds.full_classnames}; "
+            "training and evaluation need at least 2"
+        )
     if shots and len(ds.classnames) < 2:
-        raise DataError(f"the {subsample!r} classes of {where} are only {ds.classnames}; "
-                        "prompt learning needs at least 2")
+        raise DataError(
+            f"the {subsample!r} classes of {where} are only {ds.classnames}; prompt learning needs at least 2"
+        )
     return ds
 
 
@@ -173,8 +200,9 @@ def _loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
     )
 
 
-def _start(cfg: RunConfig, out_dir: str | Path, resume: bool,
-           stage: str | None = None) -> tuple[Path, torch.device, MetricsLog]:
+def _start(
+    cfg: RunConfig, out_dir: str | Path, resume: bool, stage: str | None = None
+) -> tuple[Path, torch.device, MetricsLog]:
     init_distributed()
     out = Path(out_dir)
     seed_everything(cfg.seed)
@@ -253,8 +281,13 @@ def pretrain_eval_split(cfg: RunConfig) -> str:
     return "test"
 
 
-def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] = ("teacher", "student"),
-                 resume: bool = False) -> dict[str, Any]:
+def run_pretrain(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    which: tuple[str, ...] = ("teacher", "student"),
+    resume: bool = False,
+) -> dict[str, Any]:
     """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
     Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
     accuracy on ``pretrain_eval_split(cfg)``."""
@@ -263,10 +296,17 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
     eval_split = pretrain_eval_split(cfg)
     for role in which:
         mcfg = cfg.teacher if role == "teacher" else cfg.student
-        loaded = load_clip(mcfg.model, mcfg.pretrained, image_size=cfg.data.image_size,
-                           quick_gelu=mcfg.quick_gelu or None, device=device)
+        loaded = load_clip(
+            mcfg.model,
+            mcfg.pretrained,
+            image_size=cfg.data.image_size,
+            quick_gelu=mcfg.quick_gelu or None,
+            device=device,
+        )
         sub = out / role
-        split = (cfg.pretrain.teacher_split if role == "teacher" else cfg.pretrain.student_split) or cfg.pretrain.split
+        split = (
+            cfg.pretrain.teacher_split if role == "teacher" else cfg.pretrain.student_split
+        ) or cfg.pretrain.split
         ds = make_dataset(cfg, split, loaded.preprocess, train=True, augment=cfg.pretrain.augment)
         lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
         task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr)
@@ -280,9 +320,16 @@ def run_pretrain(cfg: RunConfig, out_dir: str | Path, *, which: tuple[str, ...] 
             save_clip_weights(loaded.model, path, loaded.name, loaded.config)
         barrier()
         test = make_dataset(cfg, eval_split, loaded.preprocess, train=False)
-        acc = clip_zero_shot(loaded.model, loaded.tokenizer, test, ds.templates, _loader(cfg, test, device), device)
-        results[role] = {"weights": str(path), "zero_shot_acc": acc, "eval_split": eval_split,
-                         "pool": split, "pool_images": len(ds)}
+        acc = clip_zero_shot(
+            loaded.model, loaded.tokenizer, test, ds.templates, _loader(cfg, test, device), device
+        )
+        results[role] = {
+            "weights": str(path),
+            "zero_shot_acc": acc,
+            "eval_split": eval_split,
+            "pool": split,
+            "pool_images": len(ds),
+        }
         metrics.log({"stage": task.name, "type": "eval", "split": eval_split, "acc": acc})
         log.info("pretrain %s: zero-shot %s acc %.2f%%", role, eval_split, acc)
     if is_main():
@@ -299,23 +346,31 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     out, device, metrics = _start(cfg, out_dir, resume, stage="teacher_train")
     teacher = build_teacher(cfg, device, prompts="")
     tt = cfg.teacher_train
-    ds = make_dataset(cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True,
-                      augment=tt.augment)
+    ds = make_dataset(
+        cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True, augment=tt.augment
+    )
     templates = promptsrc_templates() if tt.text_templates == "promptsrc" else ds.templates
-    task = TeacherPromptTask(teacher, ds.classnames, templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight)
+    task = TeacherPromptTask(
+        teacher, ds.classnames, templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight
+    )
     fit(task, ds, tt.optim, **_fit_kwargs(cfg, out, device, metrics, resume))
     path = out / TEACHER_PROMPTS
     if is_main():
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in teacher.prompt_state_dict().items()}, str(tmp),
-                  metadata={"comkd.teacher_model": cfg.teacher.model})
+        save_file(
+            {k: v.contiguous().cpu() for k, v in teacher.prompt_state_dict().items()},
+            str(tmp),
+            metadata={"comkd.teacher_model": cfg.teacher.model},
+        )
         tmp.replace(path)
     barrier()
     return {"prompts": str(path), "train_images": len(ds), "classes": ds.classnames}
 
 
 # -- stage 2 -----------------------------------------------------------------------------------
-def save_student(student: Student, path: str | Path, cfg: RunConfig | None = None, method: str | None = None) -> None:
+def save_student(
+    student: Student, path: str | Path, cfg: RunConfig | None = None, method: str | None = None
+) -> None:
     """Transitional: ``run_distill``'s call of ``comkd.models.io.save_student``, which records
     ``student.arch`` itself; ``cfg`` and ``method`` are ignored. Use ``models.io.save_student``."""
     _save_student(student, path)
@@ -349,13 +404,18 @@ def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: 
         images = images.to(device)
         feats.append(student.visual(images).float().cpu())
         targets.append(outputs(images, idx, 0).float().cpu())
-    fit_projector(student.projector, torch.cat(feats).to(device), torch.cat(targets).to(device),
-                  cfg.distill.ridge_lambda)
+    fit_projector(
+        student.projector,
+        torch.cat(feats).to(device),
+        torch.cat(targets).to(device),
+        cfg.distill.ridge_lambda,
+    )
     return sum(len(f) for f in feats)
 
 
-def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
-                eval_fn=None, step0_fn=None) -> dict[str, Any]:
+def run_distill(
+    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, eval_fn=None, step0_fn=None
+) -> dict[str, Any]:
     """Stage 2: distil the prompted teacher into the student on unlabelled ``distill.split``
     images of all classes. Writes ``student.safetensors``. ``step0_fn(student)``, when given, scores
     the student before the first step; its result is returned as ``step0`` (after the warm start
@@ -366,8 +426,10 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             "evaluation set; only `comkd run` has one. Use distill.select=last here"
         )
     if cfg.distill.teacher_cache == "auto":
-        raise ConfigError("distill.teacher_cache: 'auto' (one cache per seed, shared by every method) is a setting "
-                          "of `comkd run`; here give a cache file made by `comkd cache-teacher`")
+        raise ConfigError(
+            "distill.teacher_cache: 'auto' (one cache per seed, shared by every method) is a setting "
+            "of `comkd run`; here give a cache file made by `comkd cache-teacher`"
+        )
     out, device, metrics = _start(cfg, out_dir, resume, stage="distill")
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
@@ -382,9 +444,13 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
             )
         student = build_student(cfg, int(info.header["dim"]), device)
         ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
-        outputs = CachedTeacherOutputs.open(d.teacher_cache, dataset=ds, device=device,
-                                            student_spec=student.preprocess,
-                                            sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts))
+        outputs = CachedTeacherOutputs.open(
+            d.teacher_cache,
+            dataset=ds,
+            device=device,
+            student_spec=student.preprocess,
+            sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts),
+        )
         if outputs.classnames != ds.full_classnames:
             raise ValueError(f"teacher cache {d.teacher_cache}: its W is for other class names")
         w, s_t = outputs.text_features, float(outputs.logit_scale)
@@ -397,12 +463,21 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
     student.set_text_features(w, ds.full_classnames)
     student.teacher_identity = teacher_identity(info.header["teacher"] if d.teacher_cache else teacher)
     n_train = student.num_trainable()
-    log.info("distill %s: student %s has %d trainable parameters (%.3f M)", d.method, cfg.student.model, n_train,
-             n_train / 1e6)
+    log.info(
+        "distill %s: student %s has %d trainable parameters (%.3f M)",
+        d.method,
+        cfg.student.model,
+        n_train,
+        n_train / 1e6,
+    )
     kd_weight = resolve_recipe(cfg).distill.kd_weight  # what _start saved in config.yaml
     loss = build_loss(
-        d.method, kd_weight=kd_weight, temperature=d.temperature, align_weight=d.align_weight,
-        ifalign_stats=d.ifalign_stats, feature_weight=d.feature_weight,
+        d.method,
+        kd_weight=kd_weight,
+        temperature=d.temperature,
+        align_weight=d.align_weight,
+        ifalign_stats=d.ifalign_stats,
+        feature_weight=d.feature_weight,
     )
     fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
     step0 = None
@@ -413,8 +488,16 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         log.info("distill %s: projector fitted by ridge regression on %d images", d.method, n_fit)
         if step0_fn is not None:
             step0 = {**step0_fn(student), "random_init": step0}
-    task = DistillTask(student, outputs, w, s_t, loss, edu_lr_scale=d.edu_lr_scale, ifalign_on=d.ifalign_on,
-                       tower_lr_scale=d.tower_lr_scale)
+    task = DistillTask(
+        student,
+        outputs,
+        w,
+        s_t,
+        loss,
+        edu_lr_scale=d.edu_lr_scale,
+        ifalign_on=d.ifalign_on,
+        tower_lr_scale=d.tower_lr_scale,
+    )
     best: dict[str, Any] = {"score": -1.0}
 
     def on_epoch_end(epoch: int) -> dict:
@@ -423,12 +506,20 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         student.eval()
         res = eval_fn(student)
         if res["score"] > best["score"]:
-            best.update(score=res["score"], epoch=epoch,
-                        state={k: v.detach().cpu().clone() for k, v in student.state_dict().items()})
+            best.update(
+                score=res["score"],
+                epoch=epoch,
+                state={k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+            )
         return {k: v for k, v in res.items() if isinstance(v, (int, float))}
 
-    fit_res = fit(task, ds, d.optim, **_fit_kwargs(cfg, out, device, metrics, resume),
-                  on_epoch_end=on_epoch_end if (d.select == "promptkd" and eval_fn is not None) else None)
+    fit_res = fit(
+        task,
+        ds,
+        d.optim,
+        **_fit_kwargs(cfg, out, device, metrics, resume),
+        on_epoch_end=on_epoch_end if (d.select == "promptkd" and eval_fn is not None) else None,
+    )
     if d.select == "promptkd" and "state" in best:
         student.load_state_dict(best["state"])
     path = out / STUDENT_FILE
@@ -436,13 +527,20 @@ def run_distill(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         save_student(student, path, cfg, d.method)
     barrier()  # the other ranks may read the file next (evaluation, later stages)
     alpha = float(student.edu_attention.alpha.detach()) if student.edu_attention is not None else None
-    return {"student": str(path), "alpha": alpha, "train_images": len(ds), "trainable_params": n_train,
-            "history": fit_res.history, "step0": step0,
-            "selected_epoch": best.get("epoch") if d.select == "promptkd" else None}
+    return {
+        "student": str(path),
+        "alpha": alpha,
+        "train_images": len(ds),
+        "trainable_params": n_train,
+        "history": fit_res.history,
+        "step0": step0,
+        "selected_epoch": best.get("epoch") if d.select == "promptkd" else None,
+    }
 
 
-def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, views: int | None = None,
-                      dtype: str = "float16") -> dict[str, Any]:
+def run_cache_teacher(
+    cfg: RunConfig, out_dir: str | Path, *, views: int | None = None, dtype: str = "float16"
+) -> dict[str, Any]:
     """Store the teacher's image features for ``views`` augmented views (default: one per
     distillation epoch) of every ``distill.split`` image in ``out_dir/teacher_cache.bin``; then
     ``distill --teacher-cache`` with the same seed never runs the teacher."""
@@ -456,12 +554,21 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, views: int | None 
     out, device, _ = _start(cfg, out_dir, resume=False)
     teacher = build_teacher(cfg, device)
     student = build_student(cfg, teacher.embed_dim, device)
-    ds = make_dataset(cfg, cfg.distill.split, student.preprocess, train=True, unlabelled=True,
-                      augment=cfg.distill.augment)
+    ds = make_dataset(
+        cfg, cfg.distill.split, student.preprocess, train=True, unlabelled=True, augment=cfg.distill.augment
+    )
     path = build_teacher_cache(
-        teacher, ds, out / "teacher_cache.bin", views=k, seed=cfg.seed, batch_size=cfg.data.eval_batch_size,
-        device=device, dtype=getattr(torch, dtype), student_spec=student.preprocess,
-        num_workers=cfg.data.num_workers, sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts),
+        teacher,
+        ds,
+        out / "teacher_cache.bin",
+        views=k,
+        seed=cfg.seed,
+        batch_size=cfg.data.eval_batch_size,
+        device=device,
+        dtype=getattr(torch, dtype),
+        student_spec=student.preprocess,
+        num_workers=cfg.data.num_workers,
+        sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts),
         progress=cfg.progress,
     )
     return {"cache": str(path), "views": k, "images": len(ds), "seed": cfg.seed}
@@ -483,7 +590,10 @@ def check_student_classes(student: Student, ds: ImageDataset) -> None:
             raise DataError(f"the student stores W for {n} classes but dataset {ds.name!r} has {len(theirs)}")
         return
     if mine != theirs:
-        first = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), min(len(mine), len(theirs)))
+        first = next(
+            (i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b),
+            min(len(mine), len(theirs)),
+        )
         raise DataError(
             f"the student stores {len(mine)} classes ({_preview(mine)}) but dataset {ds.name!r} has "
             f"{len(theirs)} ({_preview(theirs)}); they first differ at class {first}: evaluate the student on "
@@ -506,6 +616,7 @@ def _evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn) -> dict[
     """``results.json`` of one model: base/novel/HM for ``protocol: base2novel`` (each half
     relabelled from 0, logits sliced from W), else accuracy on all classes. ``acc_fn(ds)`` scores
     one dataset."""
+
     def part(subsample: str) -> dict:
         ds = make_dataset(cfg, split, spec, train=False, subsample=subsample)
         return {"acc": acc_fn(ds), "classes": len(ds.classnames), "images": len(ds)}
@@ -540,7 +651,18 @@ def evaluate_clip_zero_shot(cfg: RunConfig, role: str, split: str = "test") -> d
     """Zero-shot accuracy of the plain (undistilled) CLIP of ``role`` with its own text tower."""
     mcfg = cfg.teacher if role == "teacher" else cfg.student
     device = resolve_device(cfg.device)
-    loaded = load_clip(mcfg.model, mcfg.pretrained, image_size=cfg.data.image_size,
-                       quick_gelu=mcfg.quick_gelu or None, device=device)
-    return _evaluate(cfg, loaded.preprocess, split, lambda ds: clip_zero_shot(
-        loaded.model, loaded.tokenizer, ds, ds.templates, _loader(cfg, ds, device), device))
+    loaded = load_clip(
+        mcfg.model,
+        mcfg.pretrained,
+        image_size=cfg.data.image_size,
+        quick_gelu=mcfg.quick_gelu or None,
+        device=device,
+    )
+    return _evaluate(
+        cfg,
+        loaded.preprocess,
+        split,
+        lambda ds: clip_zero_shot(
+            loaded.model, loaded.tokenizer, ds, ds.templates, _loader(cfg, ds, device), device
+        ),
+    )

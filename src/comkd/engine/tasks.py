@@ -88,7 +88,9 @@ def adapt_images(images: torch.Tensor, src: PreprocessSpec, dst: PreprocessSpec)
         s_d = images.new_tensor(dst.std).view(1, 3, 1, 1)
         images = (images * s_s + m_s - m_d) / s_d
     if images.shape[-1] != dst.image_size or images.shape[-2] != dst.image_size:
-        images = F.interpolate(images, size=(dst.image_size, dst.image_size), mode="bicubic", align_corners=False)
+        images = F.interpolate(
+            images, size=(dst.image_size, dst.image_size), mode="bicubic", align_corners=False
+        )
     return images
 
 
@@ -99,10 +101,14 @@ class PretrainTask(TaskBase):
 
     name = "pretrain"
 
-    def __init__(self, clip: nn.Module, tokenizer, classnames: list[str], templates: list[str], lr: float | None = None):
+    def __init__(
+        self, clip: nn.Module, tokenizer, classnames: list[str], templates: list[str], lr: float | None = None
+    ):
         super().__init__()
         self.clip, self.lr = clip, lr
-        self.tokens = torch.stack([tokenizer([t.format(c) for c in classnames]) for t in templates])  # [T, N, L]
+        self.tokens = torch.stack(
+            [tokenizer([t.format(c) for c in classnames]) for t in templates]
+        )  # [T, N, L]
         self.gen = torch.Generator().manual_seed(0)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -175,9 +181,15 @@ class TeacherPromptTask(TaskBase):
             zs_logits = scale * frozen_img @ self.frozen_text.t()
         l_text = F.l1_loss(text, self.frozen_text.to(text.dtype)) * self.w_text
         l_img = F.l1_loss(img, frozen_img) * self.w_img
-        kl = F.kl_div(
-            F.log_softmax(logits, dim=-1), F.log_softmax(zs_logits, dim=-1), reduction="sum", log_target=True
-        ) / logits.numel()
+        kl = (
+            F.kl_div(
+                F.log_softmax(logits, dim=-1),
+                F.log_softmax(zs_logits, dim=-1),
+                reduction="sum",
+                log_target=True,
+            )
+            / logits.numel()
+        )
         loss = ce + l_text + l_img + self.w_kl * kl
         acc = (logits.argmax(-1) == labels).float().mean()
         return {"loss": loss, "ce": ce, "text_l1": l_text, "image_l1": l_img, "kl": kl, "acc": acc}
@@ -247,8 +259,14 @@ class DistillTask(TaskBase):
         # IFAlign's batch statistics are those of the global batch: under DDP every rank gathers
         # all ranks' features (differentiably); a single process uses its batch as it is
         align = out.projected if self.ifalign_on == "projected" else out.features
-        return self.loss(out.logits, q_t, out.features, u_t, align_features=gather_batch(align, grad=True),
-                         align_targets=gather_batch(u_t.detach()))
+        return self.loss(
+            out.logits,
+            q_t,
+            out.features,
+            u_t,
+            align_features=gather_batch(align, grad=True),
+            align_targets=gather_batch(u_t.detach()),
+        )
 
     def extra_metrics(self) -> dict[str, float]:
         edu = self.student.edu_attention
@@ -257,9 +275,7 @@ class DistillTask(TaskBase):
 
 # -- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(
-    fn, loader, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(fn, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``fn(images) -> logits`` over a loader; returns (predictions, labels) on the CPU."""
     preds, labels = [], []
     for images, y, _ in loader:

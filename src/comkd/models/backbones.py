@@ -103,8 +103,10 @@ def _resolve_name(model_name: str) -> str:
 
 
 def _is_local_file(pretrained: str | None) -> bool:
-    return bool(pretrained) and (os.sep in pretrained or os.path.exists(pretrained)) and not pretrained.startswith(
-        "hf-hub:"
+    return (
+        bool(pretrained)
+        and (os.sep in pretrained or os.path.exists(pretrained))
+        and not pretrained.startswith("hf-hub:")
     )
 
 
@@ -154,7 +156,11 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot read checkpoint {path} as weights (data only): {first[:200]}") from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            meta = {k: str(v) for k, v in obj.get("meta", {}).items()} if isinstance(obj.get("meta"), dict) else {}
+            meta = (
+                {k: str(v) for k, v in obj.get("meta", {}).items()}
+                if isinstance(obj.get("meta"), dict)
+                else {}
+            )
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
             raise ModelError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors") from None
@@ -172,8 +178,11 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str)
     own = model.state_dict()
     problems = []
     for k, v in sd.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape) and k != "positional_embedding" and not k.endswith(
-            "visual.positional_embedding"
+        if (
+            k in own
+            and tuple(own[k].shape) != tuple(v.shape)
+            and k != "positional_embedding"
+            and not k.endswith("visual.positional_embedding")
         ):
             problems.append(f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}")
     missing = [k for k in own if k not in sd]
@@ -198,7 +207,9 @@ def load_local_weights(model: nn.Module, path: str | Path, model_cfg: dict, mode
             f"{path} is an OpenAI-style CLIP file (QuickGELU activations) but model '{model_name}' uses GELU; "
             "pass quick_gelu=True (flag/config `quick_gelu: true`, or an open_clip '-quickgelu' model name)"
         )
-    if "comkd.quick_gelu" in meta and (meta["comkd.quick_gelu"] == "True") != bool(model_cfg.get("quick_gelu", False)):
+    if "comkd.quick_gelu" in meta and (meta["comkd.quick_gelu"] == "True") != bool(
+        model_cfg.get("quick_gelu", False)
+    ):
         raise ModelError(
             f"{path} was trained with quick_gelu={meta['comkd.quick_gelu']} but model '{model_name}' has "
             f"quick_gelu={bool(model_cfg.get('quick_gelu', False))}"
@@ -333,7 +344,9 @@ def _load_timm(model_name: str, pretrained: str | None, *, image_size: int | Non
     model = timm.create_model(name, pretrained=False, num_classes=0)
     if pretrained:
         if not _is_local_file(pretrained):
-            raise ModelError(f"timm backbone '{name}': pretrained must be a local weight file, got {pretrained!r}")
+            raise ModelError(
+                f"timm backbone '{name}': pretrained must be a local weight file, got {pretrained!r}"
+            )
         sd, _, _ = read_state_dict(pretrained)
         sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "classifier."))}
         check_state_dict(model, sd, str(pretrained))

@@ -77,13 +77,20 @@ class EduAttention(nn.Module):
         a deployed student then pays for EduAttention's key/value projections only once."""
         if torch.is_grad_enabled():
             return self.fc_k(text_features), self.fc_v(text_features)
-        key = (text_features.data_ptr(), text_features._version, tuple(text_features.shape), text_features.dtype,
-               *((p.data_ptr(), p._version) for p in (*self.fc_k.parameters(), *self.fc_v.parameters())))
+        key = (
+            text_features.data_ptr(),
+            text_features._version,
+            tuple(text_features.shape),
+            text_features.dtype,
+            *((p.data_ptr(), p._version) for p in (*self.fc_k.parameters(), *self.fc_v.parameters())),
+        )
         if self._kv_cache is None or self._kv_cache[0] != key:
             self._kv_cache = (key, self.fc_k(text_features), self.fc_v(text_features))
         return self._kv_cache[1], self._kv_cache[2]
 
-    def attend(self, image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(
+        self, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``FC_o(f_att)`` ``[B, d]`` and the attention weights ``[B, h, N]``."""
         if image_features.ndim != 2 or text_features.ndim != 2:
             raise ValueError(
@@ -102,7 +109,9 @@ class EduAttention(nn.Module):
         k = k.view(n, h, hd).transpose(0, 1)  # [h, N, hd]
         v = v.view(n, h, hd).transpose(0, 1)  # [h, N, hd]
         if self.mode == "cosine":
-            scores = self.log_temperature.exp() * F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(1, 2)
+            scores = (
+                self.log_temperature.exp() * F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(1, 2)
+            )
         else:
             scores = q @ k.transpose(1, 2) / math.sqrt(hd)
         attn = torch.softmax(scores, dim=-1)  # [h, B, N]

@@ -18,7 +18,9 @@ from torch import nn
 from .backbones import ModelError
 
 
-def _run_blocks(transformer: nn.Module, x: torch.Tensor, hook, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def _run_blocks(
+    transformer: nn.Module, x: torch.Tensor, hook, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Run an open_clip ``Transformer``'s blocks on batch-first ``x``; ``hook(i, x)`` may edit
     the tokens before block ``i``."""
     batch_first = getattr(transformer, "batch_first", True)
@@ -141,7 +143,9 @@ class PromptedTextEncoder(nn.Module):
                 body = ids[1 : int(ids.argmax())]  # between SOT and EOT
                 if len(body) == self.n_ctx:
                     with torch.no_grad():
-                        ctx = owner.token_embedding(body.to(owner.token_embedding.weight.device)).float().cpu()
+                        ctx = (
+                            owner.token_embedding(body.to(owner.token_embedding.weight.device)).float().cpu()
+                        )
             self.ctx = nn.Parameter(ctx)
             self.deep = nn.Parameter(torch.randn(max(self.depth - 1, 0), self.n_ctx, width) * init_std)
         else:

@@ -116,12 +116,21 @@ class Student(nn.Module):
                 p.requires_grad_(True)
         if logit_scale is None:
             if loaded.is_timm:
-                raise ModelError("a timm student has no CLIP logit scale; pass logit_scale (e.g. the teacher's)")
+                raise ModelError(
+                    "a timm student has no CLIP logit scale; pass logit_scale (e.g. the teacher's)"
+                )
             logit_scale = float(loaded.model.logit_scale.detach().exp().reshape(()))
         self.edu_attention = (
-            EduAttention(teacher_dim, arch.edu_attn_dim, arch.edu_heads, arch.edu_shared_fc, mode=arch.edu_mode,
-                         init_temperature=float(logit_scale))
-            if arch.edu_attention else None
+            EduAttention(
+                teacher_dim,
+                arch.edu_attn_dim,
+                arch.edu_heads,
+                arch.edu_shared_fc,
+                mode=arch.edu_mode,
+                init_temperature=float(logit_scale),
+            )
+            if arch.edu_attention
+            else None
         )
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         self.register_buffer("text_features", torch.zeros(0, teacher_dim))
@@ -147,8 +156,13 @@ class Student(nn.Module):
         """Load ``arch.model``'s tower (``pretrained``: open_clip tag, weight file, ``none`` or None)
         and build the student on ``device``. A non-ViT tower with ``vision_depth`` None takes no
         prompts. ``logit_scale``: s; default the student CLIP's own exp(log-scale) (PromptKD's)."""
-        loaded = load_clip(arch.model, pretrained, image_size=arch.image_size, quick_gelu=arch.quick_gelu or None,
-                           device=device)
+        loaded = load_clip(
+            arch.model,
+            pretrained,
+            image_size=arch.image_size,
+            quick_gelu=arch.quick_gelu or None,
+            device=device,
+        )
         tower = loaded.model if loaded.is_timm else loaded.model.visual
         if not isinstance(tower, VisionTransformer) and arch.vision_depth is None:
             arch = replace(arch, vision_tokens=0)
@@ -217,7 +231,9 @@ class Student(nn.Module):
         prompts = getattr(self.visual, "prompts", None)
         return [p for p in self.visual.parameters() if p.requires_grad and p is not prompts]
 
-    def forward(self, images: torch.Tensor, class_subset: torch.Tensor | list[int] | None = None) -> StudentOutput:
+    def forward(
+        self, images: torch.Tensor, class_subset: torch.Tensor | list[int] | None = None
+    ) -> StudentOutput:
         """Student features, fused features and logits against the stored W.
 
         ``class_subset``: indices into W; logits are sliced to those classes (base-to-novel
@@ -276,6 +292,8 @@ def create_student(
     allowed = {f.name for f in fields(StudentArch)} - {"model", "teacher_dim"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ModelError(f"create_student: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        raise ModelError(
+            f"create_student: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
+        )
     arch = StudentArch(model=model_name, teacher_dim=teacher_dim, **options)
     return Student.build(arch, pretrained, logit_scale=logit_scale, device=device)

@@ -68,7 +68,9 @@ class Teacher(nn.Module):
         self.preprocess = loaded.preprocess
         for p in self.clip.parameters():
             p.requires_grad_(False)
-        vlayers = len(self.clip.visual.transformer.resblocks) if hasattr(self.clip.visual, "transformer") else 0
+        vlayers = (
+            len(self.clip.visual.transformer.resblocks) if hasattr(self.clip.visual, "transformer") else 0
+        )
         tower = self.clip.text if hasattr(self.clip, "text") else self.clip
         tlayers = len(tower.transformer.resblocks)
         if vlayers or vision_tokens:
@@ -94,8 +96,13 @@ class Teacher(nn.Module):
         """Load ``arch.model`` (``pretrained``: open_clip tag, local weight file, ``none`` or None
         for random weights), build the frozen prompted teacher on ``device`` and load ``prompts``
         (a file of learned prompts from ``comkd train-teacher``) when given."""
-        loaded = load_clip(arch.model, pretrained, image_size=arch.image_size, quick_gelu=arch.quick_gelu or None,
-                           device=device)
+        loaded = load_clip(
+            arch.model,
+            pretrained,
+            image_size=arch.image_size,
+            quick_gelu=arch.quick_gelu or None,
+            device=device,
+        )
         teacher = cls(loaded, arch).to(device)
         if prompts:
             teacher.load_prompts(prompts)
@@ -112,7 +119,9 @@ class Teacher(nn.Module):
         return self.clip.logit_scale.detach().exp().reshape(())
 
     def prompt_parameters(self) -> list[nn.Parameter]:
-        prompts = getattr(self.visual, "prompts", None) if isinstance(self.visual, PromptedVisionTower) else None
+        prompts = (
+            getattr(self.visual, "prompts", None) if isinstance(self.visual, PromptedVisionTower) else None
+        )
         return [p for p in (prompts, self.text.ctx, self.text.deep) if p is not None]
 
     frozen_prefixes = ("clip.", "visual.")  # checkpoints keep only what trains: the prompts
@@ -129,13 +138,15 @@ class Teacher(nn.Module):
             from .backbones import read_state_dict
 
             state, _, _ = read_state_dict(state)
-            state = {k[len("teacher."):] if k.startswith("teacher.") else k: v for k, v in state.items()}
+            state = {k[len("teacher.") :] if k.startswith("teacher.") else k: v for k, v in state.items()}
         own = self.prompt_state_dict()
         for k, v in state.items():
             if k not in own:
                 raise ModelError(f"prompt weights: unexpected key '{k}' (teacher has {sorted(own)})")
             if own[k].shape != v.shape:
-                raise ModelError(f"prompt weights: '{k}' has shape {list(v.shape)}, teacher expects {list(own[k].shape)}")
+                raise ModelError(
+                    f"prompt weights: '{k}' has shape {list(v.shape)}, teacher expects {list(own[k].shape)}"
+                )
         missing = set(own) - set(state)
         if missing:
             raise ModelError(f"prompt weights: missing keys {sorted(missing)}")
@@ -208,5 +219,7 @@ def create_teacher(
     allowed = {f.name for f in fields(TeacherArch)} - {"model"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ModelError(f"create_teacher: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        raise ModelError(
+            f"create_teacher: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
+        )
     return Teacher.build(TeacherArch(model=model_name, **options), pretrained, prompts=prompts, device=device)

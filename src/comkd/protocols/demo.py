@@ -18,18 +18,38 @@ def run_demo(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Base-to-novel on digits with one seed; writes ``out/results.json`` as
     ``{"teacher"|"student_zeroshot"|"promptkd"|"comkd": {"base", "novel", "hm"}}`` (percent),
     ``out/report.md`` and ``out/plots/``; the stage folders live under ``out/run/``."""
-    res = run_protocol(cfg, out / "run", datasets=[cfg.data.dataset], seeds=[cfg.seed], methods=DEMO_METHODS,
-                       resume=resume)
+    res = run_protocol(
+        cfg, out / "run", datasets=[cfg.data.dataset], seeds=[cfg.seed], methods=DEMO_METHODS, resume=resume
+    )
     table = res["datasets"][cfg.data.dataset]
-    flat = {m: {k: mean_std(v)[0] for k, v in table[m].items()} for m in ["teacher", "student_zeroshot", *DEMO_METHODS]}
+    flat = {
+        m: {k: mean_std(v)[0] for k, v in table[m].items()}
+        for m in ["teacher", "student_zeroshot", *DEMO_METHODS]
+    }
     write_json(out / "results.json", flat)
     from ..engine.utils import read_metrics
 
-    curves = {cfg.data.dataset: {m: [[r for r in read_metrics(out / "run" / cfg.data.dataset / f"seed{cfg.seed}" / m
-                                                             / "metrics.jsonl") if r.get("type") == "epoch"]]
-                                 for m in DEMO_METHODS}}
-    write_report(res, out, curves=curves, title="comkd demo: base-to-novel on scikit-learn digits",
-                 preamble="Tiny teacher and student CLIPs pre-trained from scratch on the embedded digits "
-                          "(stage 0), teacher prompts tuned on 16 shots of digits 0-4 (stage 1), students "
-                          "distilled on unlabelled images of all ten digits (stage 2). Stage folders: `run/`.")
+    curves = {
+        cfg.data.dataset: {
+            m: [
+                [
+                    r
+                    for r in read_metrics(
+                        out / "run" / cfg.data.dataset / f"seed{cfg.seed}" / m / "metrics.jsonl"
+                    )
+                    if r.get("type") == "epoch"
+                ]
+            ]
+            for m in DEMO_METHODS
+        }
+    }
+    write_report(
+        res,
+        out,
+        curves=curves,
+        title="comkd demo: base-to-novel on scikit-learn digits",
+        preamble="Tiny teacher and student CLIPs pre-trained from scratch on the embedded digits "
+        "(stage 0), teacher prompts tuned on 16 shots of digits 0-4 (stage 1), students "
+        "distilled on unlabelled images of all ten digits (stage 2). Stage folders: `run/`.",
+    )
     return flat

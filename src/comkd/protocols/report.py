@@ -14,8 +14,11 @@ from ..stats import harmonic_mean, mean_std
 _BASELINES = {"teacher": "Teacher (prompted)", "student_zeroshot": "Student, undistilled (zero-shot)"}
 _VARIANTS = {"paper": "paper reading"}
 METHOD_ORDER = [*_BASELINES, *report_order(), *(f"{m}_{v}" for v in _VARIANTS for m in report_order())]
-LABELS = {**_BASELINES, **{m.name: m.label for m in METHODS.values()},
-          **{f"{m.name}_{v}": f"{m.label} ({text})" for v, text in _VARIANTS.items() for m in METHODS.values()}}
+LABELS = {
+    **_BASELINES,
+    **{m.name: m.label for m in METHODS.values()},
+    **{f"{m.name}_{v}": f"{m.label} ({text})" for v, text in _VARIANTS.items() for m in METHODS.values()},
+}
 
 
 def _fmt(xs: list[float]) -> str:
@@ -46,9 +49,12 @@ def results_table(datasets: dict[str, dict]) -> str:
         n = len(next(iter(next(iter(methods.values())).values())))
         both = {"base", "novel", "hm"} <= set(keys)
         heads = [k for k in keys if k != "hm"] + ([HM_OF_MEANS, HM_PER_SEED] if both else [])
-        lines += [f"### {ds} ({n} seed{'s' if n != 1 else ''})", "",
-                  "| method | " + " | ".join(heads) + " |",
-                  "|---|" + "---|" * len(heads)]
+        lines += [
+            f"### {ds} ({n} seed{'s' if n != 1 else ''})",
+            "",
+            "| method | " + " | ".join(heads) + " |",
+            "|---|" + "---|" * len(heads),
+        ]
         for m in _ordered(methods):
             cells = [_fmt(methods[m][k]) for k in keys if k != "hm"]
             if both:
@@ -72,7 +78,14 @@ def plot_accuracy(datasets: dict[str, dict], path: Path) -> None:
         for i, m in enumerate(ms):
             stats = [mean_std(methods[m][k]) for k in keys]
             xs = [j + (i - (len(ms) - 1) / 2) * width for j in range(len(keys))]
-            ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=2, label=LABELS.get(m, m))
+            ax.bar(
+                xs,
+                [s[0] for s in stats],
+                width,
+                yerr=[s[1] for s in stats],
+                capsize=2,
+                label=LABELS.get(m, m),
+            )
         ax.set_xticks(range(len(keys)), [k.upper() if k == "hm" else k for k in keys])
         ax.set_ylabel("accuracy (%)")
         ax.set_title(ds)
@@ -111,8 +124,13 @@ def plot_curves(curves: dict[str, dict[str, list[list[dict]]]], path: Path) -> b
     return True
 
 
-def write_report(results: dict[str, Any], out: str | Path, curves: dict | None = None, title: str | None = None,
-                 preamble: str = "") -> Path:
+def write_report(
+    results: dict[str, Any],
+    out: str | Path,
+    curves: dict | None = None,
+    title: str | None = None,
+    preamble: str = "",
+) -> Path:
     """``out/report.md`` + ``out/plots/accuracy.png`` (+ ``training_curves.png``)."""
     out = Path(out)
     plot_accuracy(results["datasets"], out / "plots" / "accuracy.png")
@@ -125,19 +143,24 @@ def write_report(results: dict[str, Any], out: str | Path, curves: dict | None =
         f"Protocol `{results['protocol']}`, seeds {results.get('seeds')}, checkpoint selection `{sel}`"
         + (" (PromptKD's: picks the epoch by test accuracy; for parity only)" if sel == "promptkd" else "")
         + ". Accuracies in percent, mean ± std over seeds. "
-        + f"\"{HM_OF_MEANS}\" is the paper's convention, HM(mean base, mean novel); "
-        + f"\"{HM_PER_SEED}\" averages each seed's HM." * (results["protocol"] == "base2novel"),
+        + f'"{HM_OF_MEANS}" is the paper\'s convention, HM(mean base, mean novel); '
+        + f'"{HM_PER_SEED}" averages each seed\'s HM.' * (results["protocol"] == "base2novel"),
         "",
         results_table(results["datasets"]),
     ]
     if "average" in results:
-        lines += ["### Average over datasets", "",
-                  f"| method | base | novel | HM of the averaged base, novel (paper) | {HM_PER_SEED} |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "### Average over datasets",
+            "",
+            f"| method | base | novel | HM of the averaged base, novel (paper) | {HM_PER_SEED} |",
+            "|---|---|---|---|---|",
+        ]
         for m in _ordered(results["average"]):
             a = results["average"][m]
             per_seed = f"{a['hm_per_seed']:.2f}" if "hm_per_seed" in a else "n/a"
-            lines.append(f"| {LABELS.get(m, m)} | {a['base']:.2f} | {a['novel']:.2f} | {a['hm']:.2f} | {per_seed} |")
+            lines.append(
+                f"| {LABELS.get(m, m)} | {a['base']:.2f} | {a['novel']:.2f} | {a['hm']:.2f} | {per_seed} |"
+            )
         lines.append("")
     lines += ["![accuracy](plots/accuracy.png)", ""]
     if has_curves:

@@ -45,9 +45,15 @@ def _model_sizes(name: str, image_size: int | None) -> dict[str, Any]:
     loaded = load_clip(name, None, image_size=image_size)
     m = loaded.model
     vcfg = (loaded.config or {}).get("vision_cfg", {}) if isinstance(loaded.config, dict) else {}
-    return {"model": name, "params": _count_params(m), "vision_params": _count_params(m.visual),
-            "vision_width": vcfg.get("width"), "vision_layers": vcfg.get("layers"),
-            "patch_size": vcfg.get("patch_size"), "embed_dim": (loaded.config or {}).get("embed_dim")}
+    return {
+        "model": name,
+        "params": _count_params(m),
+        "vision_params": _count_params(m.visual),
+        "vision_width": vcfg.get("width"),
+        "vision_layers": vcfg.get("layers"),
+        "patch_size": vcfg.get("patch_size"),
+        "embed_dim": (loaded.config or {}).get("embed_dim"),
+    }
 
 
 def _split_sizes(cfg) -> dict[str, int]:
@@ -65,8 +71,11 @@ def _epoch_records(path: Path) -> list[dict]:
 
 
 def _step_records(path: Path) -> list[dict]:
-    return [{k: r[k] for k in ("epoch", "step", "kd", "align", "alpha", "loss") if k in r}
-            for r in read_metrics(path) if "type" not in r and "step" in r]
+    return [
+        {k: r[k] for k in ("epoch", "step", "kd", "align", "alpha", "loss") if k in r}
+        for r in read_metrics(path)
+        if "type" not in r and "step" in r
+    ]
 
 
 def plot_step_curves(steps: dict[str, dict[str, list[dict]]], path: Path) -> bool:
@@ -80,13 +89,20 @@ def plot_step_curves(steps: dict[str, dict[str, list[dict]]], path: Path) -> boo
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for ax, term, title in zip(axes, ("kd", "alpha"), ("KD term (w_kd · KL) per step", "EduAttention α per step"),
-                               strict=True):
+    for ax, term, title in zip(
+        axes, ("kd", "alpha"), ("KD term (w_kd · KL) per step", "EduAttention α per step"), strict=True
+    ):
         for i, (ds, m, recs) in enumerate(rows):  # fixed colour per run: the legend is on the first panel
             xs = [r["step"] for r in recs if r.get(term) is not None]
             if xs:
-                ax.plot(xs, [r[term] for r in recs if r.get(term) is not None], label=f"{ds}/{m}", lw=1.2,
-                        color=f"C{i % 10}", ls="-" if i < 10 else "--")
+                ax.plot(
+                    xs,
+                    [r[term] for r in recs if r.get(term) is not None],
+                    label=f"{ds}/{m}",
+                    lw=1.2,
+                    color=f"C{i % 10}",
+                    ls="-" if i < 10 else "--",
+                )
         ax.set_title(title)
         ax.set_xlabel("optimiser step")
     axes[0].legend(fontsize=7)
@@ -98,13 +114,20 @@ def plot_step_curves(steps: dict[str, dict[str, list[dict]]], path: Path) -> boo
 
 
 def _last_epoch(path: Path, stage: str, key: str) -> float | None:
-    recs = [r for r in read_metrics(path) if r.get("type") == "epoch" and r.get("stage") == stage and key in r]
+    recs = [
+        r for r in read_metrics(path) if r.get("type") == "epoch" and r.get("stage") == stage and key in r
+    ]
     return float(recs[-1][key]) * (100.0 if key == "acc" else 1.0) if recs else None
 
 
 def _stage_seconds(path: Path, stage_prefix: str = "") -> float:
-    return float(sum(r.get("time_s", 0.0) for r in read_metrics(path)
-                     if r.get("type") == "epoch" and str(r.get("stage", "")).startswith(stage_prefix)))
+    return float(
+        sum(
+            r.get("time_s", 0.0)
+            for r in read_metrics(path)
+            if r.get("type") == "epoch" and str(r.get("stage", "")).startswith(stage_prefix)
+        )
+    )
 
 
 def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[str, float]:
@@ -150,12 +173,28 @@ def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[s
     with torch.no_grad():
         d = torch.cat(deltas)
         same = float(torch.nn.functional.cosine_similarity(d, d.mean(0, keepdim=True)).mean())
-    return {"alpha": float(ea.alpha.detach()), "gate": float(ea.gate().detach()), "mode": ea.mode, "entropy": ent / n, "max_weight": top / n, "argmax_is_prediction": 100 * agree / n,
-            "delta_over_u": ratio / n, "delta_cos_to_mean": same, "modal_class_share": modal, "images": n, "classes": int(w.shape[0])}
+    return {
+        "alpha": float(ea.alpha.detach()),
+        "gate": float(ea.gate().detach()),
+        "mode": ea.mode,
+        "entropy": ent / n,
+        "max_weight": top / n,
+        "argmax_is_prediction": 100 * agree / n,
+        "delta_over_u": ratio / n,
+        "delta_cos_to_mean": same,
+        "modal_class_share": modal,
+        "images": n,
+        "classes": int(w.shape[0]),
+    }
 
 
-def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curves: str | Path | None = None,
-                 *, attention: bool = True) -> tuple[dict, dict]:
+def collect_runs(
+    runs: dict[str, str | Path],
+    out_results: str | Path,
+    out_curves: str | Path | None = None,
+    *,
+    attention: bool = True,
+) -> tuple[dict, dict]:
     """Gather ``comkd run`` folders (``{label: run_dir}``) into ``out_results`` (results.json in the
     page's format, datasets renamed to ``label``) and ``out_curves`` (training curves, setup,
     EduAttention statistics). A run folder holds one base2novel dataset."""
@@ -168,7 +207,7 @@ def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curve
         res = json.loads((run_dir / "results.json").read_text())
         if res.get("protocol") != "base2novel" or len(res["datasets"]) != 1:
             raise ValueError(f"{run_dir}: expected a base2novel run over one dataset")
-        (ds_key, table), = res["datasets"].items()
+        ((ds_key, table),) = res["datasets"].items()
         results[label] = table
         cfg = load_config(run_dir / "config.yaml")
         seeds = res.get("seeds") or []
@@ -183,55 +222,93 @@ def collect_runs(runs: dict[str, str | Path], out_results: str | Path, out_curve
         extra["curves"][label] = curves
         step0: dict[str, list] = {}
         for m in curves:
-            per_seed = [json.loads(p.read_text()).get("step0") for p in
-                        (ds_dir / f"seed{s}" / m / "results.json" for s in seeds) if p.exists()]
+            per_seed = [
+                json.loads(p.read_text()).get("step0")
+                for p in (ds_dir / f"seed{s}" / m / "results.json" for s in seeds)
+                if p.exists()
+            ]
             if per_seed and all(per_seed):
                 step0[m] = per_seed
         extra["step0"][label] = step0
-        extra["steps"][label] = {m: _step_records(ds_dir / f"seed{seeds[0]}" / m / "metrics.jsonl")
-                                 for m in curves} if seeds else {}
+        extra["steps"][label] = (
+            {m: _step_records(ds_dir / f"seed{seeds[0]}" / m / "metrics.jsonl") for m in curves}
+            if seeds
+            else {}
+        )
         pre = ds_dir / "pretrain"
         pre_res = json.loads((pre / "results.json").read_text()) if (pre / "results.json").exists() else {}
-        wall = json.loads((run_dir / "wall_time.json").read_text()) if (run_dir / "wall_time.json").exists() else {}
+        wall = (
+            json.loads((run_dir / "wall_time.json").read_text())
+            if (run_dir / "wall_time.json").exists()
+            else {}
+        )
         extra["setup"][label] = {
-            "run_dir": str(run_dir), "dataset": cfg.data.dataset, "root": cfg.data.root,
-            "split_file": cfg.data.split_file, "subdir": cfg.data.subdir, "fractions": cfg.data.fractions,
-            "split_seed": cfg.data.split_seed, "image_size": cfg.data.image_size, "num_shots": cfg.data.num_shots,
-            "splits": _split_sizes(cfg), "pretrain_split": cfg.pretrain.split, "distill_split": cfg.distill.split,
-            "pools": cfg.data.pools, "test_folder": cfg.data.test_folder,
-            "pretrain_splits": {"teacher": cfg.pretrain.teacher_split or cfg.pretrain.split,
-                                "student": cfg.pretrain.student_split or cfg.pretrain.split},
+            "run_dir": str(run_dir),
+            "dataset": cfg.data.dataset,
+            "root": cfg.data.root,
+            "split_file": cfg.data.split_file,
+            "subdir": cfg.data.subdir,
+            "fractions": cfg.data.fractions,
+            "split_seed": cfg.data.split_seed,
+            "image_size": cfg.data.image_size,
+            "num_shots": cfg.data.num_shots,
+            "splits": _split_sizes(cfg),
+            "pretrain_split": cfg.pretrain.split,
+            "distill_split": cfg.distill.split,
+            "pools": cfg.data.pools,
+            "test_folder": cfg.data.test_folder,
+            "pretrain_splits": {
+                "teacher": cfg.pretrain.teacher_split or cfg.pretrain.split,
+                "student": cfg.pretrain.student_split or cfg.pretrain.split,
+            },
             "pretrain_eval_split": pre_res.get("teacher", {}).get("eval_split"),
             "seeds": seeds,
             "teacher": _model_sizes(cfg.teacher.model, cfg.data.image_size),
             "student": _model_sizes(cfg.student.model, cfg.data.image_size),
-            "pretrain": {"epochs": cfg.pretrain.optim.epochs, "batch_size": cfg.pretrain.optim.batch_size,
-                         "teacher_epochs": cfg.pretrain.teacher_epochs or cfg.pretrain.optim.epochs,
-                         "student_epochs": cfg.pretrain.student_epochs or cfg.pretrain.optim.epochs,
-                         "teacher_lr": cfg.pretrain.teacher_lr or cfg.pretrain.optim.lr,
-                         "student_lr": cfg.pretrain.student_lr or cfg.pretrain.optim.lr,
-                         "teacher_zero_shot": pre_res.get("teacher", {}).get("zero_shot_acc"),
-                         "student_zero_shot": pre_res.get("student", {}).get("zero_shot_acc"),
-                         "teacher_train_acc": _last_epoch(pre / "metrics.jsonl", "pretrain_teacher", "acc"),
-                         "student_train_acc": _last_epoch(pre / "metrics.jsonl", "pretrain_student", "acc"),
-                         "teacher_s": _stage_seconds(pre / "metrics.jsonl", "pretrain_teacher"),
-                         "student_s": _stage_seconds(pre / "metrics.jsonl", "pretrain_student")},
-            "teacher_train": {"epochs": cfg.teacher_train.optim.epochs, "batch_size": cfg.teacher_train.optim.batch_size,
-                              "lr": cfg.teacher_train.optim.lr,
-                              "seconds": [_stage_seconds(ds_dir / f"seed{s}" / "teacher" / "metrics.jsonl")
-                                          for s in seeds]},
-            "distill": {"epochs": cfg.distill.optim.epochs, "batch_size": cfg.distill.optim.batch_size,
-                        "lr": cfg.distill.optim.lr, "warmup_epochs": cfg.distill.optim.warmup_epochs,
-                        "kd_weight": _kd_weight(cfg), "align_weight": cfg.distill.align_weight,
-                        "optimizer": cfg.distill.optim.optimizer, "crop_scale_min": cfg.distill.augment.crop_scale_min,
-                        "edu_mode": cfg.student.edu_mode, "projector": cfg.student.projector,
-                        "projector_bn": cfg.student.projector_bn, "projector_init": cfg.distill.projector_init,
-                        "ifalign_on": cfg.distill.ifalign_on, "scope": cfg.student.scope,
-                        "temperature": cfg.distill.temperature, "seconds": distill_s,
-                        # None when the run's saved config predates the key (the plain rate, 1.0)
-                        "edu_lr_scale": (yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-                        .get("distill", {}).get("edu_lr_scale")},
-            "wall_time_s": wall.get("seconds"), "wall_time": wall,
+            "pretrain": {
+                "epochs": cfg.pretrain.optim.epochs,
+                "batch_size": cfg.pretrain.optim.batch_size,
+                "teacher_epochs": cfg.pretrain.teacher_epochs or cfg.pretrain.optim.epochs,
+                "student_epochs": cfg.pretrain.student_epochs or cfg.pretrain.optim.epochs,
+                "teacher_lr": cfg.pretrain.teacher_lr or cfg.pretrain.optim.lr,
+                "student_lr": cfg.pretrain.student_lr or cfg.pretrain.optim.lr,
+                "teacher_zero_shot": pre_res.get("teacher", {}).get("zero_shot_acc"),
+                "student_zero_shot": pre_res.get("student", {}).get("zero_shot_acc"),
+                "teacher_train_acc": _last_epoch(pre / "metrics.jsonl", "pretrain_teacher", "acc"),
+                "student_train_acc": _last_epoch(pre / "metrics.jsonl", "pretrain_student", "acc"),
+                "teacher_s": _stage_seconds(pre / "metrics.jsonl", "pretrain_teacher"),
+                "student_s": _stage_seconds(pre / "metrics.jsonl", "pretrain_student"),
+            },
+            "teacher_train": {
+                "epochs": cfg.teacher_train.optim.epochs,
+                "batch_size": cfg.teacher_train.optim.batch_size,
+                "lr": cfg.teacher_train.optim.lr,
+                "seconds": [_stage_seconds(ds_dir / f"seed{s}" / "teacher" / "metrics.jsonl") for s in seeds],
+            },
+            "distill": {
+                "epochs": cfg.distill.optim.epochs,
+                "batch_size": cfg.distill.optim.batch_size,
+                "lr": cfg.distill.optim.lr,
+                "warmup_epochs": cfg.distill.optim.warmup_epochs,
+                "kd_weight": _kd_weight(cfg),
+                "align_weight": cfg.distill.align_weight,
+                "optimizer": cfg.distill.optim.optimizer,
+                "crop_scale_min": cfg.distill.augment.crop_scale_min,
+                "edu_mode": cfg.student.edu_mode,
+                "projector": cfg.student.projector,
+                "projector_bn": cfg.student.projector_bn,
+                "projector_init": cfg.distill.projector_init,
+                "ifalign_on": cfg.distill.ifalign_on,
+                "scope": cfg.student.scope,
+                "temperature": cfg.distill.temperature,
+                "seconds": distill_s,
+                # None when the run's saved config predates the key (the plain rate, 1.0)
+                "edu_lr_scale": (yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+                .get("distill", {})
+                .get("edu_lr_scale"),
+            },
+            "wall_time_s": wall.get("seconds"),
+            "wall_time": wall,
         }
         if attention:
             att: dict[str, list] = {}
@@ -262,7 +339,9 @@ def _merge_variants(results: dict, extra: dict) -> None:
         table = results.pop(label)
         for ref in ("teacher", "student_zeroshot"):
             if ref in table and table[ref] != results[base].get(ref):
-                raise ValueError(f"run {label!r}: its {ref} differs from {base!r}'s; a variant must reuse stages 0-1")
+                raise ValueError(
+                    f"run {label!r}: its {ref} differs from {base!r}'s; a variant must reuse stages 0-1"
+                )
         renamed = {m: f"{m}_{variant}" for m in table if m not in ("teacher", "student_zeroshot")}
         for m, new in renamed.items():
             results[base][new] = table[m]
@@ -304,65 +383,149 @@ def _setup_section(setup: dict) -> list[str]:
                 vals.append("n/a")
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
 
-    row("dataset loader / root", lambda s: f"`{s['dataset']}` `{s['root']}`"
-        + (f" subdir `{s['subdir']}`" if s.get("subdir") else "")
-        + (f" split file `{s['split_file']}`" if s.get("split_file") else ""))
-    row("splits", lambda s: ("pools (sample ordinals over the shards) " + ", ".join(f"`{p}`" for p in s["pools"])
-                             + (f"; test: the folder `{s['test_folder']}`" if s.get("test_folder") else ""))
-        if s.get("pools") else (f"per-class fractions {s['fractions']} (split_seed {s['split_seed']})"
-                                if s.get("fractions") else ("CoOp split file" if s.get("split_file") else "loader default")))
+    row(
+        "dataset loader / root",
+        lambda s: (
+            f"`{s['dataset']}` `{s['root']}`"
+            + (f" subdir `{s['subdir']}`" if s.get("subdir") else "")
+            + (f" split file `{s['split_file']}`" if s.get("split_file") else "")
+        ),
+    )
+    row(
+        "splits",
+        lambda s: (
+            (
+                "pools (sample ordinals over the shards) "
+                + ", ".join(f"`{p}`" for p in s["pools"])
+                + (f"; test: the folder `{s['test_folder']}`" if s.get("test_folder") else "")
+            )
+            if s.get("pools")
+            else (
+                f"per-class fractions {s['fractions']} (split_seed {s['split_seed']})"
+                if s.get("fractions")
+                else ("CoOp split file" if s.get("split_file") else "loader default")
+            )
+        ),
+    )
     row("images per split", lambda s: ", ".join(f"{k} {v}" for k, v in s["splits"].items() if v))
-    row("stage 0 pre-trains on (labelled): teacher / student",
-        lambda s: " / ".join(f"`{s['pretrain_splits'][r]}` ({s['splits'][s['pretrain_splits'][r]]} images)"
-                             for r in ("teacher", "student"))
-        if "pretrain_splits" in s else f"`{s['pretrain_split']}` ({s['splits'][s['pretrain_split']]} images), both")
+    row(
+        "stage 0 pre-trains on (labelled): teacher / student",
+        lambda s: (
+            " / ".join(
+                f"`{s['pretrain_splits'][r]}` ({s['splits'][s['pretrain_splits'][r]]} images)"
+                for r in ("teacher", "student")
+            )
+            if "pretrain_splits" in s
+            else f"`{s['pretrain_split']}` ({s['splits'][s['pretrain_split']]} images), both"
+        ),
+    )
     row("stage 1: shots per base class", lambda s: f"{s['num_shots']} (from `train`)")
-    row("stage 2 distils on (unlabelled)", lambda s: f"`{s['distill_split']}` ({s['splits'][s['distill_split']]} images)")
+    row(
+        "stage 2 distils on (unlabelled)",
+        lambda s: f"`{s['distill_split']}` ({s['splits'][s['distill_split']]} images)",
+    )
     row("evaluation", lambda s: f"`test` ({s['splits']['test']} images), base / novel halves of the classes")
     row("image size", lambda s: f"{s['image_size']} px")
     for role in ("teacher", "student"):
-        row(f"{role} CLIP", lambda s, r=role: f"`{s[r]['model']}`: ViT width {s[r]['vision_width']}, "
-            f"{s[r]['vision_layers']} layers, patch {s[r]['patch_size']}; {s[r]['vision_params'] / 1e6:.2f} M image-tower "
-            f"/ {s[r]['params'] / 1e6:.2f} M total parameters")
-    row("stage 0 epochs, batch, lr (teacher / student)", lambda s: (
-        f"{s['pretrain'].get('teacher_epochs', s['pretrain']['epochs'])} / "
-        f"{s['pretrain'].get('student_epochs', s['pretrain']['epochs'])}, {s['pretrain']['batch_size']}, "
-        f"{s['pretrain']['teacher_lr']:g} / {s['pretrain']['student_lr']:g} (AdamW, one-cycle)"))
-    row("stage 0 zero-shot acc, all classes (teacher / student), on",
-        lambda s: f"{_f(s['pretrain']['teacher_zero_shot'])} / {_f(s['pretrain']['student_zero_shot'])} %, "
-        f"`{s.get('pretrain_eval_split') or 'test'}`")
-    row("stage 0 training accuracy on its own images, last epoch (teacher / student)",
-        lambda s: f"{_f(s['pretrain']['teacher_train_acc'])} / {_f(s['pretrain']['student_train_acc'])} %")
-    row("stage 1 epochs, batch, lr", lambda s: f"{s['teacher_train']['epochs']}, {s['teacher_train']['batch_size']}, "
-        f"{s['teacher_train']['lr']:g} (SGD)")
-    row("stage 2 epochs, batch, lr, optimiser", lambda s: f"{s['distill']['epochs']}, {s['distill']['batch_size']}, "
-        f"{s['distill']['lr']:g}, " + (f"SGD ({s['distill']['warmup_epochs']} warm-up epochs)"
-                                        if s["distill"].get("optimizer", "sgd") == "sgd" else "AdamW (one-cycle)"))
-    row("stage 2 reading: EduAttention, projector (BN), projector init, IFAlign on, crop scale",
-        lambda s: f"{s['distill']['edu_mode']}, {s['distill']['projector']} ({s['distill']['projector_bn']}), "
-        f"{s['distill']['projector_init']}, {s['distill']['ifalign_on']}, {s['distill']['crop_scale_min']:g}"
-        if "edu_mode" in s["distill"] else "paper, mlp (train), random, features, 0.5 (the code predates the settings)")
-    row("stage 2 w_kd, λ_align, temperature", lambda s: f"{s['distill']['kd_weight']:g}, {s['distill']['align_weight']:g}, "
-        f"{s['distill']['temperature']:g}")
-    row("stage 2 EduAttention + α learning-rate scale (× lr)",
-        lambda s: "1 (the code predates the setting)" if s["distill"].get("edu_lr_scale") is None
-        else f"{s['distill']['edu_lr_scale']:g}")
+        row(
+            f"{role} CLIP",
+            lambda s, r=role: (
+                f"`{s[r]['model']}`: ViT width {s[r]['vision_width']}, "
+                f"{s[r]['vision_layers']} layers, patch {s[r]['patch_size']}; {s[r]['vision_params'] / 1e6:.2f} M image-tower "
+                f"/ {s[r]['params'] / 1e6:.2f} M total parameters"
+            ),
+        )
+    row(
+        "stage 0 epochs, batch, lr (teacher / student)",
+        lambda s: (
+            f"{s['pretrain'].get('teacher_epochs', s['pretrain']['epochs'])} / "
+            f"{s['pretrain'].get('student_epochs', s['pretrain']['epochs'])}, {s['pretrain']['batch_size']}, "
+            f"{s['pretrain']['teacher_lr']:g} / {s['pretrain']['student_lr']:g} (AdamW, one-cycle)"
+        ),
+    )
+    row(
+        "stage 0 zero-shot acc, all classes (teacher / student), on",
+        lambda s: (
+            f"{_f(s['pretrain']['teacher_zero_shot'])} / {_f(s['pretrain']['student_zero_shot'])} %, "
+            f"`{s.get('pretrain_eval_split') or 'test'}`"
+        ),
+    )
+    row(
+        "stage 0 training accuracy on its own images, last epoch (teacher / student)",
+        lambda s: f"{_f(s['pretrain']['teacher_train_acc'])} / {_f(s['pretrain']['student_train_acc'])} %",
+    )
+    row(
+        "stage 1 epochs, batch, lr",
+        lambda s: (
+            f"{s['teacher_train']['epochs']}, {s['teacher_train']['batch_size']}, "
+            f"{s['teacher_train']['lr']:g} (SGD)"
+        ),
+    )
+    row(
+        "stage 2 epochs, batch, lr, optimiser",
+        lambda s: (
+            f"{s['distill']['epochs']}, {s['distill']['batch_size']}, "
+            f"{s['distill']['lr']:g}, "
+            + (
+                f"SGD ({s['distill']['warmup_epochs']} warm-up epochs)"
+                if s["distill"].get("optimizer", "sgd") == "sgd"
+                else "AdamW (one-cycle)"
+            )
+        ),
+    )
+    row(
+        "stage 2 reading: EduAttention, projector (BN), projector init, IFAlign on, crop scale",
+        lambda s: (
+            f"{s['distill']['edu_mode']}, {s['distill']['projector']} ({s['distill']['projector_bn']}), "
+            f"{s['distill']['projector_init']}, {s['distill']['ifalign_on']}, {s['distill']['crop_scale_min']:g}"
+            if "edu_mode" in s["distill"]
+            else "paper, mlp (train), random, features, 0.5 (the code predates the settings)"
+        ),
+    )
+    row(
+        "stage 2 w_kd, λ_align, temperature",
+        lambda s: (
+            f"{s['distill']['kd_weight']:g}, {s['distill']['align_weight']:g}, "
+            f"{s['distill']['temperature']:g}"
+        ),
+    )
+    row(
+        "stage 2 EduAttention + α learning-rate scale (× lr)",
+        lambda s: (
+            "1 (the code predates the setting)"
+            if s["distill"].get("edu_lr_scale") is None
+            else f"{s['distill']['edu_lr_scale']:g}"
+        ),
+    )
     for v in sorted({k for s in setup.values() for k in s if k.startswith("distill_")}):
-        row(f"rows marked ({v[len('distill_'):]}): stage 2 optimiser, lr, EduAttention, projector (BN), init, "
+        row(
+            f"rows marked ({v[len('distill_') :]}): stage 2 optimiser, lr, EduAttention, projector (BN), init, "
             "IFAlign on, crop scale",
-            lambda s, v=v: f"{s[v]['optimizer']}, {s[v]['lr']:g}, {s[v]['edu_mode']}, {s[v]['projector']} "
-            f"({s[v]['projector_bn']}), {s[v]['projector_init']}, {s[v]['ifalign_on']}, {s[v]['crop_scale_min']:g}")
+            lambda s, v=v: (
+                f"{s[v]['optimizer']}, {s[v]['lr']:g}, {s[v]['edu_mode']}, {s[v]['projector']} "
+                f"({s[v]['projector_bn']}), {s[v]['projector_init']}, {s[v]['ifalign_on']}, {s[v]['crop_scale_min']:g}"
+            ),
+        )
     row("seeds", lambda s: ", ".join(map(str, s["seeds"])))
-    row("training time: stage 0 (teacher + student)", lambda s: f"{s['pretrain']['teacher_s'] + s['pretrain']['student_s']:.0f} s")
+    row(
+        "training time: stage 0 (teacher + student)",
+        lambda s: f"{s['pretrain']['teacher_s'] + s['pretrain']['student_s']:.0f} s",
+    )
     row("training time: stage 1, all seeds", lambda s: f"{sum(s['teacher_train']['seconds']):.0f} s")
-    row("training time: stage 2, one run (mean over methods × seeds)",
-        lambda s: f"{_mean([x for v in s['distill']['seconds'].values() for x in v]):.0f} s")
+    row(
+        "training time: stage 2, one run (mean over methods × seeds)",
+        lambda s: f"{_mean([x for v in s['distill']['seconds'].values() for x in v]):.0f} s",
+    )
+
     def wall(s: dict) -> str:
         if not s.get("wall_time_s"):
             return "n/a"
         w = s.get("wall_time") or {}
-        parts = (f" (stage 0 {w['stage0_seconds'] / 60:.1f} + stages 1-2 {w['stages12_seconds'] / 60:.1f})"
-                 if "stage0_seconds" in w and "stages12_seconds" in w else "")
+        parts = (
+            f" (stage 0 {w['stage0_seconds'] / 60:.1f} + stages 1-2 {w['stages12_seconds'] / 60:.1f})"
+            if "stage0_seconds" in w and "stages12_seconds" in w
+            else ""
+        )
         return f"{s['wall_time_s'] / 60:.1f} min{parts}"
 
     row("measured wall time of the whole run, incl. evaluation", wall)
@@ -370,8 +533,11 @@ def _setup_section(setup: dict) -> list[str]:
     walls = [s["wall_time_s"] for s in setup.values() if s.get("wall_time_s")]
     notes = sorted({(s.get("wall_time") or {}).get("note", "") for s in setup.values()} - {""})
     if walls:
-        lines += [f"The datasets ran in parallel, so the evidence run took about {max(walls) / 60:.1f} min of wall "
-                  "time" + (f" ({'; '.join(notes)})" if notes else "") + ".", ""]
+        lines += [
+            f"The datasets ran in parallel, so the evidence run took about {max(walls) / 60:.1f} min of wall "
+            "time" + (f" ({'; '.join(notes)})" if notes else "") + ".",
+            "",
+        ]
     return lines
 
 
@@ -392,9 +558,11 @@ def _verdict(table: dict, a: str, b: str) -> str | None:
         word = "higher, by more than the seed-to-seed spread"
     else:
         word = "lower, by more than the seed-to-seed spread"
-    return (f"{LABELS.get(a, a)} HM {ma:.2f} vs {LABELS.get(b, b)} {mb:.2f}: Δ = {d:+.2f} points, {word} "
-            f"(largest std {noise:.2f}); {a} is ahead on {wins} of {len(paired)} seeds "
-            f"(per-seed Δ: {', '.join(f'{x:+.2f}' for x in paired)}).")
+    return (
+        f"{LABELS.get(a, a)} HM {ma:.2f} vs {LABELS.get(b, b)} {mb:.2f}: Δ = {d:+.2f} points, {word} "
+        f"(largest std {noise:.2f}); {a} is ahead on {wins} of {len(paired)} seeds "
+        f"(per-seed Δ: {', '.join(f'{x:+.2f}' for x in paired)})."
+    )
 
 
 def _analysis(results: dict, extra: dict) -> list[str]:
@@ -405,16 +573,24 @@ def _analysis(results: dict, extra: dict) -> list[str]:
         lines += [f"**{ds}.**", ""]
         if "teacher" in table and "student_zeroshot" in table:
             t, s = mean_std(table["teacher"]["hm"])[0], mean_std(table["student_zeroshot"]["hm"])[0]
-            lines.append(f"- Gap to distil: prompted teacher HM {t:.2f} vs undistilled student {s:.2f} "
-                         f"({t - s:+.2f} points).")
+            lines.append(
+                f"- Gap to distil: prompted teacher HM {t:.2f} vs undistilled student {s:.2f} "
+                f"({t - s:+.2f} points)."
+            )
             if t > s:
                 distilled = [m for m in _ordered_methods(table) if m not in ("teacher", "student_zeroshot")]
-                closed = [f"{LABELS.get(m, m)} {100 * (_mean(table[m]['hm']) - s) / (t - s):.0f}%" for m in distilled]
+                closed = [
+                    f"{LABELS.get(m, m)} {100 * (_mean(table[m]['hm']) - s) / (t - s):.0f}%"
+                    for m in distilled
+                ]
                 if closed:
-                    lines.append("- HM gain over the undistilled student as a share of that gap (100% = the "
-                                 f"teacher's HM reached, negative = worse than not distilling): {', '.join(closed)}.")
+                    lines.append(
+                        "- HM gain over the undistilled student as a share of that gap (100% = the "
+                        f"teacher's HM reached, negative = worse than not distilling): {', '.join(closed)}."
+                    )
                 s0 = extra.get("step0", {}).get(ds, {})
                 if s0:
+
                     def _share(v: list[dict], t: float = t, s: float = s) -> str:
                         h = _mean([x["hm"] for x in v])
                         return f"{h:.2f} ({100 * (h - s) / (t - s):.0f}% of the gap)"
@@ -422,14 +598,30 @@ def _analysis(results: dict, extra: dict) -> list[str]:
                     parts = []
                     for m, v in s0.items():
                         rnd = [x["random_init"] for x in v if x.get("random_init")]
-                        parts.append(f"{LABELS.get(m, m)} " + (f"random-init projector {_share(rnd)}, after the ridge "
-                                                               f"warm start {_share(v)}" if rnd else _share(v)))
-                    lines.append("- HM before the first step of stage 2 (step 0), mean over seeds: "
-                                 + "; ".join(parts) + ".")
-        for a, b in (("comkd", "promptkd"), ("no-ifalign", "promptkd"), ("no-eduattention", "promptkd"),
-                     ("comkd", "no-ifalign"), ("comkd", "no-eduattention"), ("comkd_paper", "promptkd_paper"),
-                     ("promptkd_paper", "student_zeroshot"), ("promptkd", "promptkd_paper"),
-                     ("comkd", "comkd_paper")):
+                        parts.append(
+                            f"{LABELS.get(m, m)} "
+                            + (
+                                f"random-init projector {_share(rnd)}, after the ridge warm start {_share(v)}"
+                                if rnd
+                                else _share(v)
+                            )
+                        )
+                    lines.append(
+                        "- HM before the first step of stage 2 (step 0), mean over seeds: "
+                        + "; ".join(parts)
+                        + "."
+                    )
+        for a, b in (
+            ("comkd", "promptkd"),
+            ("no-ifalign", "promptkd"),
+            ("no-eduattention", "promptkd"),
+            ("comkd", "no-ifalign"),
+            ("comkd", "no-eduattention"),
+            ("comkd_paper", "promptkd_paper"),
+            ("promptkd_paper", "student_zeroshot"),
+            ("promptkd", "promptkd_paper"),
+            ("comkd", "comkd_paper"),
+        ):
             v = _verdict(table, a, b)
             if v:
                 lines.append(f"- {v}")
@@ -437,32 +629,49 @@ def _analysis(results: dict, extra: dict) -> list[str]:
         if cur.get("comkd"):
             alphas = [runs[-1]["alpha"] for runs in cur["comkd"] if runs and "alpha" in runs[-1]]
             if alphas:
-                lines.append(f"- EduAttention α at the end of training (comkd, per seed): "
-                             f"{', '.join(f'{a:.3f}' for a in alphas)} (it starts at 0).")
-            st = [r for r in extra.get("steps", {}).get(ds, {}).get("comkd", []) if r.get("alpha") is not None]
+                lines.append(
+                    f"- EduAttention α at the end of training (comkd, per seed): "
+                    f"{', '.join(f'{a:.3f}' for a in alphas)} (it starts at 0)."
+                )
+            st = [
+                r for r in extra.get("steps", {}).get(ds, {}).get("comkd", []) if r.get("alpha") is not None
+            ]
             if st:
                 peak = max(st, key=lambda r: abs(r["alpha"]))
-                lines.append(f"- α per logged step (comkd, first seed): {st[0]['alpha']:.3f} at step {st[0]['step']}, "
-                             f"largest |α| {abs(peak['alpha']):.3f} at step {peak['step']}, {st[-1]['alpha']:.3f} "
-                             f"at the last logged step {st[-1]['step']}.")
+                lines.append(
+                    f"- α per logged step (comkd, first seed): {st[0]['alpha']:.3f} at step {st[0]['step']}, "
+                    f"largest |α| {abs(peak['alpha']):.3f} at step {peak['step']}, {st[-1]['alpha']:.3f} "
+                    f"at the last logged step {st[-1]['step']}."
+                )
             kd = [runs[-1]["kd"] for runs in cur["comkd"] if runs and "kd" in runs[-1]]
             al = [runs[-1]["align"] for runs in cur["comkd"] if runs and "align" in runs[-1]]
             if kd and al:
-                lines.append(f"- Loss scale (comkd, last epoch, mean over seeds): KD term {_mean(kd):.3g} "
-                             f"(w_kd × KL) vs IFAlign term {_mean(al):.3g} (λ_align × align); the align term "
-                             f"is {100 * _mean(al) / _mean(kd):.2g}% of the KD term.")
-        shares = {m: _mean([x["modal_class_share"] for x in st]) for m, st in attention.get(ds, {}).items()
-                  if st and all("modal_class_share" in x for x in st)}
+                lines.append(
+                    f"- Loss scale (comkd, last epoch, mean over seeds): KD term {_mean(kd):.3g} "
+                    f"(w_kd × KL) vs IFAlign term {_mean(al):.3g} (λ_align × align); the align term "
+                    f"is {100 * _mean(al) / _mean(kd):.2g}% of the KD term."
+                )
+        shares = {
+            m: _mean([x["modal_class_share"] for x in st])
+            for m, st in attention.get(ds, {}).items()
+            if st and all("modal_class_share" in x for x in st)
+        }
         if shares:
-            lines.append("- Share of test images (all classes) given the single most frequent predicted class, mean over "
-                         "seeds: " + ", ".join(f"{LABELS.get(m, m)} {v:.1f}%" for m, v in shares.items())
-                         + f" (balanced test set: 100/N = {100 / attention[ds][next(iter(shares))][0]['classes']:.0f}%).")
+            lines.append(
+                "- Share of test images (all classes) given the single most frequent predicted class, mean over "
+                "seeds: "
+                + ", ".join(f"{LABELS.get(m, m)} {v:.1f}%" for m, v in shares.items())
+                + f" (balanced test set: 100/N = {100 / attention[ds][next(iter(shares))][0]['classes']:.0f}%)."
+            )
         for m, stats in attention.get(ds, {}).items():
             if stats and "entropy" in stats[0]:
                 if "gate" in stats[0]:
-                    lines.append(f"- EduAttention reading of the saved {m} students: {stats[0].get('mode', 'paper')}; "
-                                 f"gate per seed (α, or tanh α when bounded): "
-                                 + ", ".join(f"{x['gate']:.3f}" for x in stats) + ".")
+                    lines.append(
+                        f"- EduAttention reading of the saved {m} students: {stats[0].get('mode', 'paper')}; "
+                        f"gate per seed (α, or tanh α when bounded): "
+                        + ", ".join(f"{x['gate']:.3f}" for x in stats)
+                        + "."
+                    )
                 lines.append(
                     f"- EduAttention of the saved {m} students on the test images (mean over seeds): normalised "
                     f"entropy {_mean([x['entropy'] for x in stats]):.3f} (1 = uniform over the "
@@ -471,7 +680,8 @@ def _analysis(results: dict, extra: dict) -> list[str]:
                     f"{_mean([x['argmax_is_prediction'] for x in stats]):.1f}% of images, "
                     f"|f_e − u_s| / |u_s| = {_mean([x['delta_over_u'] for x in stats]):.3f}, cosine of each "
                     f"image's FC_o(f_att) to their mean {_mean([x['delta_cos_to_mean'] for x in stats]):.3f} "
-                    f"(1 = the same vector added to every image).")
+                    f"(1 = the same vector added to every image)."
+                )
         lines.append("")
     return lines
 
@@ -501,12 +711,18 @@ def _sweep_section(paths: list[Path]) -> list[str]:
     for path in paths:
         sw = json.loads(path.read_text())
         if sw.get("split") != "val":
-            raise ValueError(f"{path}: a recipe sweep must be scored on the val split, not {sw.get('split')!r}")
-        lines += [f"### `{sw['preset']}` preset, seeds {', '.join(map(str, sw['seeds']))} (from `{path.name}`"
-                  + (f", code {sw['code']}" if sw.get("code") else "") + ")", "",
-                  *([sw["note"] + ".", ""] if sw.get("note") else []),
-                  "| variant | overrides on the preset | teacher | undistilled | PromptKD | ComKD-CLIP |",
-                  "|---|---|---|---|---|---|"]
+            raise ValueError(
+                f"{path}: a recipe sweep must be scored on the val split, not {sw.get('split')!r}"
+            )
+        lines += [
+            f"### `{sw['preset']}` preset, seeds {', '.join(map(str, sw['seeds']))} (from `{path.name}`"
+            + (f", code {sw['code']}" if sw.get("code") else "")
+            + ")",
+            "",
+            *([sw["note"] + ".", ""] if sw.get("note") else []),
+            "| variant | overrides on the preset | teacher | undistilled | PromptKD | ComKD-CLIP |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, v in sw["variants"].items():
             cells = []
             for m in ("teacher", "student_zeroshot", "promptkd", "comkd"):
@@ -514,15 +730,24 @@ def _sweep_section(paths: list[Path]) -> list[str]:
                 cells.append(f"{mu:.2f} ± {sd:.2f}")
             mark = " (chosen)" if name == sw.get("chosen") else ""
             sets = ", ".join(f"`{x}`" for x in v["sets"]) or (
-                f"the `{v['preset']}` preset instead" if v.get("preset") else "(the preset as it is)")
+                f"the `{v['preset']}` preset instead" if v.get("preset") else "(the preset as it is)"
+            )
             lines.append(f"| {name}{mark} | {sets} | " + " | ".join(cells) + " |")
-        lines += ["", f"Val HM, mean ± std over seeds. Chosen: the variant with the best mean ComKD-CLIP val HM "
-                      f"(`{sw.get('chosen')}`).", ""]
+        lines += [
+            "",
+            f"Val HM, mean ± std over seeds. Chosen: the variant with the best mean ComKD-CLIP val HM "
+            f"(`{sw.get('chosen')}`).",
+            "",
+        ]
     if lines:
-        lines = ["## How the stage-2 recipe was chosen (validation split only)", "",
-                 "`python experiments/sweep_recipe.py` reruns stage 2 (and stage 1) for each variant from the "
-                 "preset's stage-0 weights and scores every model on the `val` split; the test images play no part.",
-                 "", *lines]
+        lines = [
+            "## How the stage-2 recipe was chosen (validation split only)",
+            "",
+            "`python experiments/sweep_recipe.py` reruns stage 2 (and stage 1) for each variant from the "
+            "preset's stage-0 weights and scores every model on the `val` split; the test images play no part.",
+            "",
+            *lines,
+        ]
     return lines
 
 
@@ -530,9 +755,16 @@ def _supplement_and_notes(supp_path: Path, notes_md: Path) -> list[str]:
     lines: list[str] = []
     if supp_path.exists():
         supp = json.loads(supp_path.read_text())
-        lines += [f"## Supplement: {supp['title']}", "", supp.get("note", ""), "",
-                  f"(Numbers from `{supp_path.name}`, written by `comkd collect` on those run folders.)", "",
-                  results_table(supp["results"]), *_analysis(supp["results"], supp.get("extra", {}))]
+        lines += [
+            f"## Supplement: {supp['title']}",
+            "",
+            supp.get("note", ""),
+            "",
+            f"(Numbers from `{supp_path.name}`, written by `comkd collect` on those run folders.)",
+            "",
+            results_table(supp["results"]),
+            *_analysis(supp["results"], supp.get("extra", {})),
+        ]
     if notes_md.exists():
         lines += [notes_md.read_text().rstrip(), ""]
     return lines
@@ -541,20 +773,40 @@ def _supplement_and_notes(supp_path: Path, notes_md: Path) -> list[str]:
 def _earlier_section(path: Path, stem: str) -> list[str]:
     """A dated earlier results file ``results_<date>.json`` (with ``curves_<date>.json``,
     ``supplement_<date>.json`` and ``analysis_<date>.md`` beside it), kept as its own section."""
-    tag = path.stem[len(stem) + 1:]
+    tag = path.stem[len(stem) + 1 :]
     results = json.loads(path.read_text())
     curves = path.with_name(f"curves_{tag}.json")
     extra = json.loads(curves.read_text()) if curves.exists() else {}
-    return ["", f"## Earlier results ({tag})", "",
-            f"Kept as they were published (numbers from `{path.name}`"
-            + (f" and `{curves.name}`" if extra else "") + "); the code and recipe of that date, see its setup "
-            "table.", "", "### Setup", "", *_setup_section(extra.get("setup", {})), "### Results", "",
-            results_table(results), "### What the numbers said", "", *_analysis(results, extra),
-            *_supplement_and_notes(path.with_name(f"supplement_{tag}.json"), path.with_name(f"analysis_{tag}.md"))]
+    return [
+        "",
+        f"## Earlier results ({tag})",
+        "",
+        f"Kept as they were published (numbers from `{path.name}`"
+        + (f" and `{curves.name}`" if extra else "")
+        + "); the code and recipe of that date, see its setup "
+        "table.",
+        "",
+        "### Setup",
+        "",
+        *_setup_section(extra.get("setup", {})),
+        "### Results",
+        "",
+        results_table(results),
+        "### What the numbers said",
+        "",
+        *_analysis(results, extra),
+        *_supplement_and_notes(
+            path.with_name(f"supplement_{tag}.json"), path.with_name(f"analysis_{tag}.md")
+        ),
+    ]
 
 
-def write_results_page(results_json: str | Path, out_md: str | Path, curves_json: str | Path | None = None,
-                       notes_md: str | Path | None = None) -> Path:
+def write_results_page(
+    results_json: str | Path,
+    out_md: str | Path,
+    curves_json: str | Path | None = None,
+    notes_md: str | Path | None = None,
+) -> Path:
     """``out_md`` and ``out_md.parent/plots/`` from ``results_json`` (+ ``curves.json`` next to it,
     + a hand-written ``notes_md``, default ``analysis.md`` next to the results, appended verbatim:
     prose only, no figures)."""
@@ -574,7 +826,8 @@ def write_results_page(results_json: str | Path, out_md: str | Path, curves_json
         f"# comkd results: base-to-novel on {', '.join(results)} with tiny CLIPs",
         "",
         f"Regenerate this page: `{REGEN}` (numbers from `{results_json.name}`"
-        + (f" and `{curves_path.name}`" if extra else "") + "; the JSON files come from "
+        + (f" and `{curves_path.name}`" if extra else "")
+        + "; the JSON files come from "
         "`comkd collect`, see below).",
         "",
         "Every figure on this page is read from those JSON files. Accuracies are percentages, mean ± sample std "
@@ -599,30 +852,44 @@ def write_results_page(results_json: str | Path, out_md: str | Path, curves_json
     ]
     missing = {ds: [m for m in REQUIRED if m not in t] for ds, t in results.items()}
     if any(missing.values()):
-        lines += ["Not run (absent from the results file): "
-                  + "; ".join(f"{ds}: {', '.join(ms)}" for ds, ms in missing.items() if ms) + ".", ""]
+        lines += [
+            "Not run (absent from the results file): "
+            + "; ".join(f"{ds}: {', '.join(ms)}" for ds, ms in missing.items() if ms)
+            + ".",
+            "",
+        ]
     if len(results) > 1:
         common = set.intersection(*(set(t) for t in results.values()))
         if common:
             avg = average_base2novel({d: {m: t[m] for m in common} for d, t in results.items()})
-            lines += ["### Average over datasets (HM of the averaged base and novel)", "",
-                      "| method | base | novel | HM |", "|---|---|---|---|"]
+            lines += [
+                "### Average over datasets (HM of the averaged base and novel)",
+                "",
+                "| method | base | novel | HM |",
+                "|---|---|---|---|",
+            ]
             for m in _ordered(avg):
                 a = avg[m]
                 lines.append(f"| {LABELS.get(m, m)} | {a['base']:.2f} | {a['novel']:.2f} | {a['hm']:.2f} |")
             lines.append("")
     lines += [f"![accuracy, mean ± std over seeds]({rel('accuracy.png')})", ""]
     if has_curves:
-        lines += [f"![KD term, IFAlign term and α per epoch (first seed)]({rel('training_curves.png')})", "",
-                  "Per-epoch means of the first seed; methods without EduAttention are drawn at α = 0 (their fused "
-                  "feature is u_s itself). The IFAlign term is logged for every method but only enters the loss "
-                  "of `comkd` and `no-eduattention`.", ""]
+        lines += [
+            f"![KD term, IFAlign term and α per epoch (first seed)]({rel('training_curves.png')})",
+            "",
+            "Per-epoch means of the first seed; methods without EduAttention are drawn at α = 0 (their fused "
+            "feature is u_s itself). The IFAlign term is logged for every method but only enters the loss "
+            "of `comkd` and `no-eduattention`.",
+            "",
+        ]
     if has_steps:
         lines += [f"![KD term and α per logged step (first seed)]({rel('step_curves.png')})", ""]
     lines += ["## What the numbers say", "", *_analysis(results, extra)]
     lines += _sweep_section(sorted(results_json.parent.glob("sweep_*.json")))
-    lines += _supplement_and_notes(results_json.with_name("supplement.json"),
-                                   Path(notes_md) if notes_md else results_json.with_name("analysis.md"))
+    lines += _supplement_and_notes(
+        results_json.with_name("supplement.json"),
+        Path(notes_md) if notes_md else results_json.with_name("analysis.md"),
+    )
     for old in sorted(results_json.parent.glob(f"{results_json.stem}_*.json"), reverse=True):
         lines += _earlier_section(old, results_json.stem)
     atomic_write_text(out_md, "\n".join(lines))

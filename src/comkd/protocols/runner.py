@@ -29,8 +29,17 @@ from ..stats import harmonic_mean, mean_std
 log = logging.getLogger(__name__)
 
 BASE2NOVEL_DATASETS = [
-    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+    "imagenet",
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "fgvc_aircraft",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
 ]
 CROSS_TARGETS = [d for d in BASE2NOVEL_DATASETS if d != "imagenet"]
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
@@ -73,6 +82,7 @@ def _for_dataset(cfg: RunConfig, dataset: str | None) -> RunConfig:
 
 def _eval_fn(cfg: RunConfig):
     """Checkpoint selection ``promptkd``: score each epoch on base-test (b2n) or test accuracy."""
+
     def fn(student) -> dict:
         if cfg.protocol == "base2novel":
             ds = P.make_dataset(cfg, "test", student.preprocess, train=False, subsample="base")
@@ -80,6 +90,7 @@ def _eval_fn(cfg: RunConfig):
             return {"score": acc, "select_base_test_acc": acc}
         res = P.evaluate_student(cfg, student)
         return {"score": res["acc"], "select_test_acc": res["acc"]}
+
     return fn
 
 
@@ -130,15 +141,25 @@ def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> d
         if not cache.exists():
             P.run_cache_teacher(c, cache.parent)
         c.distill.teacher_cache = str(cache)
-    info = P.run_distill(c, out, resume=resume, eval_fn=_eval_fn(c) if c.distill.select == "promptkd" else None,
-                         step0_fn=lambda s: _scores(P.evaluate_student(c, s, split=c.eval_split)))
+    info = P.run_distill(
+        c,
+        out,
+        resume=resume,
+        eval_fn=_eval_fn(c) if c.distill.select == "promptkd" else None,
+        step0_fn=lambda s: _scores(P.evaluate_student(c, s, split=c.eval_split)),
+    )
     student = load_student(info["student"], P.resolve_device(c.device))
     res = P.evaluate_student(c, student, split=c.eval_split)
     res["split"] = c.eval_split
     res["step0"] = info["step0"]
-    res.update(method=method, alpha=info["alpha"], selection=c.distill.select,
-               selected_epoch=info["selected_epoch"], train_images=info["train_images"],
-               trainable_params=info["trainable_params"])
+    res.update(
+        method=method,
+        alpha=info["alpha"],
+        selection=c.distill.select,
+        selected_epoch=info["selected_epoch"],
+        train_images=info["train_images"],
+        trainable_params=info["trainable_params"],
+    )
     write_json(done, res)
     return res
 
@@ -157,7 +178,9 @@ def run_protocol(
     if cfg.protocol == "full":  # the user's own classes: one dataset, one seed (protocols/full.py)
         from .full import run_full
 
-        return run_full(_for_dataset(cfg, datasets[0] if datasets else None), out_dir, methods=methods, resume=resume)
+        return run_full(
+            _for_dataset(cfg, datasets[0] if datasets else None), out_dir, methods=methods, resume=resume
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -178,14 +201,20 @@ def run_protocol(
                 sdir = out / ds_name / f"seed{seed}"
                 tcfg = _teacher_stage(scfg, sdir / "teacher", resume)
                 teacher = P.build_teacher(tcfg, P.resolve_device(tcfg.device))
-                _append(table, ds_name, "teacher", _scores(P.evaluate_teacher(tcfg, teacher, split=cfg.eval_split)))
+                _append(
+                    table,
+                    ds_name,
+                    "teacher",
+                    _scores(P.evaluate_teacher(tcfg, teacher, split=cfg.eval_split)),
+                )
                 del teacher
                 _append(table, ds_name, "student_zeroshot", _scores(zs))
                 for m in methods:
                     res = _distill_and_eval(tcfg, m, sdir / m, resume)
                     _append(table, ds_name, m, _scores(res))
                     curves.setdefault(ds_name, {}).setdefault(m, []).append(
-                        [r for r in read_metrics(sdir / m / "metrics.jsonl") if r.get("type") == "epoch"])
+                        [r for r in read_metrics(sdir / m / "metrics.jsonl") if r.get("type") == "epoch"]
+                    )
     else:
         # cross / dg: one teacher per seed, prompt-tuned on all classes of the source dataset
         scfg0 = _pretrain_if_enabled(_for_dataset(cfg, source), out / source, resume)
@@ -199,15 +228,29 @@ def run_protocol(
                 if protocol == "dg":
                     dcfg.distill.split = "test"  # transductive: distilled on the target images
                 teacher = P.build_teacher(dcfg, P.resolve_device(dcfg.device))
-                _append(table, ds_name, "teacher", _scores(P.evaluate_teacher(dcfg, teacher, split=cfg.eval_split)))
+                _append(
+                    table,
+                    ds_name,
+                    "teacher",
+                    _scores(P.evaluate_teacher(dcfg, teacher, split=cfg.eval_split)),
+                )
                 del teacher
-                _append(table, ds_name, "student_zeroshot",
-                        _scores(P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)))
+                _append(
+                    table,
+                    ds_name,
+                    "student_zeroshot",
+                    _scores(P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)),
+                )
                 for m in methods:
                     res = _distill_and_eval(dcfg, m, out / ds_name / f"seed{seed}" / m, resume)
                     _append(table, ds_name, m, _scores(res))
-    results = {"protocol": protocol, "selection": cfg.distill.select, "split": cfg.eval_split, "seeds": seeds,
-               "datasets": table}
+    results = {
+        "protocol": protocol,
+        "selection": cfg.distill.select,
+        "split": cfg.eval_split,
+        "seeds": seeds,
+        "datasets": table,
+    }
     if protocol == "base2novel":  # the paper's HM (of the means over seeds); table's "hm": per seed
         from .report import hm_of_means
 
@@ -230,6 +273,5 @@ def average_base2novel(table: dict) -> dict:
         base = sum(mean_std(table[d][m]["base"])[0] for d in table) / len(table)
         novel = sum(mean_std(table[d][m]["novel"])[0] for d in table) / len(table)
         per_seed = sum(mean_std(table[d][m]["hm"])[0] for d in table) / len(table)
-        out[m] = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel),
-                  "hm_per_seed": per_seed}
+        out[m] = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel), "hm_per_seed": per_seed}
     return out
