@@ -15,6 +15,7 @@ from comkd import cli
 from comkd.config import load_config
 from comkd.data import DataError
 from comkd.engine import pipeline as P
+from comkd.engine import stages
 from comkd.models.io import STUDENT_DIGEST_KEY, load_student, save_student
 from conftest import subprocess_env
 
@@ -527,7 +528,7 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch) -> None:
     def read_only(cfg, p):
         raise OSError(errno.EROFS, "Read-only file system", str(p))
 
-    monkeypatch.setattr(P, "save_config", read_only)
+    monkeypatch.setattr(stages, "save_config", read_only)
     r = CliRunner().invoke(cli.app, ["train-teacher", "--config", "demo", "--out", str(tmp_path / "ro")])
     _one_line_error(r, "read-only", "config.yaml")
 

@@ -260,6 +260,7 @@ def test_stage1_regularises_towards_promptsrc_templates_by_default(monkeypatch, 
     from comkd.data import promptsrc_templates
     from comkd.data.builtin import DIGITS_TEMPLATE
     from comkd.engine import pipeline as P
+    from comkd.engine import stages
 
     seen = {}
 
@@ -270,7 +271,7 @@ def test_stage1_regularises_towards_promptsrc_templates_by_default(monkeypatch, 
         seen["templates"] = list(templates)
         raise Stop
 
-    monkeypatch.setattr(P, "TeacherPromptTask", task)
+    monkeypatch.setattr(stages, "TeacherPromptTask", task)
     assert load_config().teacher_train.text_templates == "promptsrc"
     cfg = load_config("demo", sets=[f"teacher_train.text_templates={choice}"])
     with pytest.raises(Stop):

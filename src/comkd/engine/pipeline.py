@@ -1,668 +1,80 @@
-"""Stage runners: each takes a resolved ``RunConfig`` and a run folder, and writes the folder's
-files (``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``, weights, ``results.json``)."""
+"""The stage pipeline in one namespace: builders (``engine.builders``), stage runners
+(``engine.stages``) and evaluation (``engine.evaluation``). Each lives in its own module; this one
+re-exports them for callers that want the whole pipeline (``comkd run``, the protocols, the CLI).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-from pathlib import Path
-from typing import Any
-
-import torch
-from torch.utils.data import DataLoader
-
-from ..config import AugmentConfig, ConfigError, RunConfig, save_config
-from ..data import DataError, build_dataset, build_transform, load_splits, promptsrc_templates
-from ..data.dataset import ImageDataset
-from ..methods import build_loss, get_method, resolve_recipe
-from ..models import (
-    PreprocessSpec,
-    Student,
-    StudentArch,
-    Teacher,
-    load_clip,
-    save_clip_weights,
+from ..models.io import save_student
+from .builders import (
+    LOADER_OPTIONS,
+    STUDENT_CLIP,
+    STUDENT_FILE,
+    TEACHER_CLIP,
+    TEACHER_PROMPTS,
+    _dataset_kwargs,
+    _loader,
+    _transforms,
+    build_student,
+    build_teacher,
+    loader_options,
+    make_dataset,
+    student_arch,
+    teacher_arch,
+    teacher_identity,
 )
-from ..models.io import save_student as _save_student
-from ..models.teacher import TeacherArch
-from ..stats import harmonic_mean
-from .loop import fit
-from .tasks import (
-    DistillTask,
-    PretrainTask,
-    TeacherOutputs,
-    TeacherPromptTask,
-    accuracy,
-    predict,
+from .evaluation import (
+    check_student_classes,
+    clip_zero_shot,
+    evaluate_clip_zero_shot,
+    evaluate_student,
+    evaluate_subset,
+    evaluate_teacher,
+    pretrain_eval_split,
 )
-from .utils import (
-    MetricsLog,
-    barrier,
-    init_distributed,
-    is_main,
-    resolve_device,
-    seed_everything,
-    write_json,
+from .stages import (
+    _start,
+    run_cache_teacher,
+    run_distill,
+    run_pretrain,
+    run_train_teacher,
+    warm_start_projector,
 )
-
-log = logging.getLogger(__name__)
-
-TEACHER_CLIP = "teacher_clip.safetensors"
-STUDENT_CLIP = "student_clip.safetensors"
-TEACHER_PROMPTS = "teacher_prompts.safetensors"
-STUDENT_FILE = "student.safetensors"
-
-
-# -- builders ----------------------------------------------------------------------------------
-def _shared_options(arch_type: type, section: Any) -> dict[str, Any]:
-    """The options a config section (``StudentConfig``, ``TeacherConfig``) shares by name with an
-    architecture dataclass: each is written once, in the config, and read here."""
-    names = {f.name for f in dataclasses.fields(arch_type)} & {f.name for f in dataclasses.fields(section)}
-    return {k: getattr(section, k) for k in names}
-
-
-def teacher_arch(cfg: RunConfig) -> TeacherArch:
-    """The ``TeacherArch`` of ``cfg``: the options of ``cfg.teacher`` and ``data.image_size``."""
-    return TeacherArch(**_shared_options(TeacherArch, cfg.teacher), image_size=cfg.data.image_size)
-
-
-def build_teacher(cfg: RunConfig, device: torch.device, prompts: str | None = None) -> Teacher:
-    """The teacher of ``cfg`` with ``teacher.pretrained`` weights and ``prompts`` (default
-    ``teacher.prompts``; ``""``: none) on ``device``."""
-    return Teacher.build(
-        teacher_arch(cfg),
-        cfg.teacher.pretrained,
-        prompts=prompts if prompts is not None else cfg.teacher.prompts,
-        device=device,
-    )
-
-
-def student_arch(cfg: RunConfig, teacher_dim: int, method: str | None = None) -> StudentArch:
-    """The ``StudentArch`` of ``cfg``: every option ``StudentConfig`` shares with it by name, d of
-    the teacher, EduAttention as the method's recipe says, and ``data.image_size``."""
-    edu = get_method(method or cfg.distill.method).edu_attention
-    return StudentArch(
-        **_shared_options(StudentArch, cfg.student),
-        teacher_dim=teacher_dim,
-        edu_attention=edu,
-        image_size=cfg.data.image_size,
-    )
-
-
-def build_student(
-    cfg: RunConfig, teacher_dim: int, device: torch.device, method: str | None = None
-) -> Student:
-    """The student of ``cfg`` (``student_arch``) with ``student.pretrained`` weights on ``device``."""
-    arch = student_arch(cfg, teacher_dim, method)
-    return Student.build(arch, cfg.student.pretrained, logit_scale=cfg.student.logit_scale, device=device)
-
-
-def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
-    kw = {
-        "image_size": spec.image_size,
-        "mean": spec.mean,
-        "std": spec.std,
-        "interpolation": spec.interpolation,
-    }
-    aug = augment or AugmentConfig()
-    train = build_transform(train=True, scale=(aug.crop_scale_min, 1.0), hflip=aug.hflip, **kw)
-    return train, build_transform(train=False, **kw)
-
-
-#: data-config fields handed to a dataset loader when its signature takes them (no dataset names here)
-LOADER_OPTIONS = ("split_file", "classes_file", "subdir", "fractions", "split_seed", "pools", "test_folder")
-
-
-def loader_options(cfg: RunConfig) -> dict[str, Any]:
-    """The keyword arguments of ``load_splits`` for ``cfg.data``: each of ``LOADER_OPTIONS`` the
-    dataset's loader takes (read from its signature) and that is set; one it does not take but that
-    is set to a non-default value is a one-line ``ConfigError`` naming the key."""
-    import inspect
-
-    from ..config import DataConfig
-    from ..data import DATASETS
-
-    d = cfg.data
-    kw: dict[str, Any] = {"skip_bad": d.skip_bad}
-    loader = DATASETS.get(d.dataset)
-    if loader is None:  # load_splits names the valid datasets
-        return kw
-    takes = inspect.signature(loader).parameters
-    defaults = DataConfig()
-    for name in LOADER_OPTIONS:
-        value = getattr(d, name)
-        if name in takes:
-            if value is not None:
-                kw[name] = value
-        elif value != getattr(defaults, name):
-            raise ConfigError(
-                f"data.{name}: dataset {d.dataset!r} does not take this setting (set to {value!r})"
-            )
-    return kw
-
-
-def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """``loader_options`` plus the rendering size of the embedded digits (an ``ImageDataset`` option)."""
-    return {**loader_options(cfg), "digits_size": cfg.data.image_size or 32}
-
-
-def make_dataset(
-    cfg: RunConfig,
-    split: str,
-    spec: PreprocessSpec,
-    *,
-    train: bool,
-    subsample: str = "all",
-    shots: bool = False,
-    unlabelled: bool = False,
-    augment: AugmentConfig | None = None,
-) -> ImageDataset:
-    """A split of the configured dataset with the backbone's transforms; train splits draw
-    reproducible views from the run seed."""
-    train_tf, test_tf = _transforms(spec, augment)
-    ds = build_dataset(
-        cfg.data.dataset,
-        cfg.data.root,
-        split,
-        test_tf if not train else None,
-        num_shots=cfg.data.num_shots if shots else None,
-        subsample=subsample,
-        seed=cfg.seed,
-        unlabelled=unlabelled,
-        train_transform=train_tf if train else None,
-        view_seed=cfg.seed if train else None,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        **_dataset_kwargs(cfg),
-    )
-    if ds.skipped:
-        log.warning("%s/%s: %d bad images skipped (skip_bad=true)", cfg.data.dataset, split, len(ds.skipped))
-    # one class trains with a zero loss and fails at evaluation: refuse it up front
-    where = f"dataset {cfg.data.dataset!r}" + (f" ({cfg.data.root})" if cfg.data.root else "")
-    if len(ds.full_classnames) < 2:
-        raise DataError(
-            f"{where} has {len(ds.full_classnames)} class {ds.full_classnames}; "
-            "training and evaluation need at least 2"
-        )
-    if shots and len(ds.classnames) < 2:
-        raise DataError(
-            f"the {subsample!r} classes of {where} are only {ds.classnames}; prompt learning needs at least 2"
-        )
-    return ds
-
-
-def _loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
-    return DataLoader(
-        ds,
-        batch_size=cfg.data.eval_batch_size,
-        shuffle=False,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-
-
-def _start(
-    cfg: RunConfig, out_dir: str | Path, resume: bool, stage: str | None = None
-) -> tuple[Path, torch.device, MetricsLog]:
-    init_distributed()
-    out = Path(out_dir)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    if resume and stage is not None:
-        _check_resume_config(cfg, out / "config.yaml", stage)
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(resolve_recipe(cfg), out / "config.yaml")  # the recipe values in effect
-        if not resume:  # a fresh run does not inherit an earlier run's records
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    tb = out / "tensorboard" if cfg.tensorboard else None
-    return out, device, MetricsLog(out / "metrics.jsonl", enabled=is_main(), tensorboard_dir=tb)
-
-
-def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
-    """``--resume`` with optimiser/schedule settings of ``stage`` (a config section) other than the
-    run's (its ``config.yaml``) is refused before ``config.yaml`` is rewritten, so it never claims
-    settings not in effect."""
-    import yaml
-
-    from .loop import optim_settings
-
-    if not path.is_file():
-        return
-    try:
-        old = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
-    saved = (old.get(stage) or {}).get("optim") or {}
-    for k, v in optim_settings(getattr(cfg, stage).optim).items():
-        if k in saved and saved[k] != v:
-            raise ConfigError(
-                f"--resume: {stage}.optim.{k} is {v!r} now but the run in {path.parent} was started with "
-                f"{saved[k]!r}; resume with the same settings or start a new run in another folder"
-            )
-
-
-def _fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: MetricsLog, resume: bool) -> dict:
-    return {
-        "out_dir": out,
-        "seed": cfg.seed,
-        "device": device,
-        "metrics": metrics,
-        "resume": resume,
-        "log_every": cfg.log_every,
-        "ckpt_every": cfg.ckpt_every,
-        "progress": cfg.progress,
-        "num_workers": cfg.data.num_workers,
-    }
-
-
-# -- stage 0 -----------------------------------------------------------------------------------
-@torch.no_grad()
-def clip_zero_shot(model, tokenizer, ds: ImageDataset, templates: list[str], loader, device) -> float:
-    """Zero-shot accuracy of an open_clip model on ``ds`` (template-averaged class prompts)."""
-    model.eval()
-    feats = []
-    for t in templates:
-        tok = tokenizer([t.format(c) for c in ds.classnames]).to(device)
-        feats.append(torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1))
-    w = torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
-    preds, labels = predict(lambda x: model.encode_image(x).float() @ w.t(), loader, device)
-    return accuracy(preds, labels)
-
-
-def pretrain_eval_split(cfg: RunConfig) -> str:
-    """The split stage 0 is scored on: ``pretrain.eval_split`` if set, else ``val`` where the
-    dataset has one (choices made on stage 0 must not look at test data), else ``test``."""
-    if cfg.pretrain.eval_split:
-        return cfg.pretrain.eval_split
-    kw = {k: v for k, v in _dataset_kwargs(cfg).items() if k != "digits_size"}
-    if load_splits(cfg.data.dataset, cfg.data.root, **kw).val:
-        return "val"
-    log.warning("%s has no val split: stage 0 is scored on test", cfg.data.dataset)
-    return "test"
-
-
-def run_pretrain(
-    cfg: RunConfig,
-    out_dir: str | Path,
-    *,
-    which: tuple[str, ...] = ("teacher", "student"),
-    resume: bool = False,
-) -> dict[str, Any]:
-    """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
-    Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
-    accuracy on ``pretrain_eval_split(cfg)``."""
-    out, device, metrics = _start(cfg, out_dir, resume, stage="pretrain")
-    results: dict[str, Any] = {}
-    eval_split = pretrain_eval_split(cfg)
-    for role in which:
-        mcfg = cfg.teacher if role == "teacher" else cfg.student
-        loaded = load_clip(
-            mcfg.model,
-            mcfg.pretrained,
-            image_size=cfg.data.image_size,
-            quick_gelu=mcfg.quick_gelu or None,
-            device=device,
-        )
-        sub = out / role
-        split = (
-            cfg.pretrain.teacher_split if role == "teacher" else cfg.pretrain.student_split
-        ) or cfg.pretrain.split
-        ds = make_dataset(cfg, split, loaded.preprocess, train=True, augment=cfg.pretrain.augment)
-        lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
-        task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr)
-        task.name = f"pretrain_{role}"
-        seed_everything(cfg.seed)
-        epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
-        optim = dataclasses.replace(cfg.pretrain.optim, epochs=epochs) if epochs else cfg.pretrain.optim
-        fit(task, ds, optim, **_fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub})
-        path = out / (TEACHER_CLIP if role == "teacher" else STUDENT_CLIP)
-        if is_main():
-            save_clip_weights(loaded.model, path, loaded.name, loaded.config)
-        barrier()
-        test = make_dataset(cfg, eval_split, loaded.preprocess, train=False)
-        acc = clip_zero_shot(
-            loaded.model, loaded.tokenizer, test, ds.templates, _loader(cfg, test, device), device
-        )
-        results[role] = {
-            "weights": str(path),
-            "zero_shot_acc": acc,
-            "eval_split": eval_split,
-            "pool": split,
-            "pool_images": len(ds),
-        }
-        metrics.log({"stage": task.name, "type": "eval", "split": eval_split, "acc": acc})
-        log.info("pretrain %s: zero-shot %s acc %.2f%%", role, eval_split, acc)
-    if is_main():
-        write_json(out / "results.json", {"stage": "pretrain", **results})
-    return results
-
-
-# -- stage 1 -----------------------------------------------------------------------------------
-def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Stage 1: PromptSRC prompt learning on ``num_shots`` labelled shots of the base classes
-    (``teacher_train.subsample``). Writes ``teacher_prompts.safetensors``."""
-    from safetensors.torch import save_file
-
-    out, device, metrics = _start(cfg, out_dir, resume, stage="teacher_train")
-    teacher = build_teacher(cfg, device, prompts="")
-    tt = cfg.teacher_train
-    ds = make_dataset(
-        cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True, augment=tt.augment
-    )
-    templates = promptsrc_templates() if tt.text_templates == "promptsrc" else ds.templates
-    task = TeacherPromptTask(
-        teacher, ds.classnames, templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight
-    )
-    fit(task, ds, tt.optim, **_fit_kwargs(cfg, out, device, metrics, resume))
-    path = out / TEACHER_PROMPTS
-    if is_main():
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {k: v.contiguous().cpu() for k, v in teacher.prompt_state_dict().items()},
-            str(tmp),
-            metadata={"comkd.teacher_model": cfg.teacher.model},
-        )
-        tmp.replace(path)
-    barrier()
-    return {"prompts": str(path), "train_images": len(ds), "classes": ds.classnames}
-
-
-# -- stage 2 -----------------------------------------------------------------------------------
-def save_student(
-    student: Student, path: str | Path, cfg: RunConfig | None = None, method: str | None = None
-) -> None:
-    """Transitional: ``run_distill``'s call of ``comkd.models.io.save_student``, which records
-    ``student.arch`` itself; ``cfg`` and ``method`` are ignored. Use ``models.io.save_student``."""
-    _save_student(student, path)
-
-
-def teacher_identity(teacher: Teacher | dict) -> dict[str, Any]:
-    """The teacher that produces W, as recorded in a student file: model name, input size and the
-    SHA-256 of its frozen weights and of its prompts (from the teacher, or a cache header's copy)."""
-    if not isinstance(teacher, dict):
-        from .cache import teacher_digests
-
-        teacher = teacher_digests(teacher)
-    keep = ("model", "weights_sha256", "prompts_sha256")
-    out = {k: teacher[k] for k in keep}
-    out["image_size"] = int(teacher["preprocess"]["image_size"])
-    return out
-
-
-@torch.no_grad()
-def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: torch.device) -> int:
-    """Fit the projector in closed form (ridge, no labels) from the student tower's features to the
-    teacher's image features u_t over the first epoch's views of the distillation images (read
-    from the teacher cache when there is one). Returns the number of images used."""
-    from ..models.projector import fit_projector
-
-    if hasattr(ds, "set_epoch"):
-        ds.set_epoch(0)
-    student.eval()
-    feats, targets = [], []
-    for images, _, idx in _loader(cfg, ds, device):
-        images = images.to(device)
-        feats.append(student.visual(images).float().cpu())
-        targets.append(outputs(images, idx, 0).float().cpu())
-    fit_projector(
-        student.projector,
-        torch.cat(feats).to(device),
-        torch.cat(targets).to(device),
-        cfg.distill.ridge_lambda,
-    )
-    return sum(len(f) for f in feats)
-
-
-def run_distill(
-    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, eval_fn=None, step0_fn=None
-) -> dict[str, Any]:
-    """Stage 2: distil the prompted teacher into the student on unlabelled ``distill.split``
-    images of all classes. Writes ``student.safetensors``. ``step0_fn(student)``, when given, scores
-    the student before the first step; its result is returned as ``step0`` (after the warm start
-    when there is one, with the score of the random-init projector under ``step0["random_init"]``)."""
-    if cfg.distill.select == "promptkd" and eval_fn is None:
-        raise ConfigError(
-            "distill.select: 'promptkd' picks the epoch with the best test accuracy, which needs an "
-            "evaluation set; only `comkd run` has one. Use distill.select=last here"
-        )
-    if cfg.distill.teacher_cache == "auto":
-        raise ConfigError(
-            "distill.teacher_cache: 'auto' (one cache per seed, shared by every method) is a setting "
-            "of `comkd run`; here give a cache file made by `comkd cache-teacher`"
-        )
-    out, device, metrics = _start(cfg, out_dir, resume, stage="distill")
-    d = cfg.distill
-    if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
-        from .cache import CachedTeacherOutputs, read_cache_info, teacher_sources
-
-        info = read_cache_info(d.teacher_cache)
-        want = Path(cfg.teacher.model).stem if cfg.teacher.model.endswith(".json") else cfg.teacher.model
-        if info.header["teacher"]["model"] != want:
-            raise ValueError(
-                f"teacher cache {d.teacher_cache} is for teacher {info.header['teacher']['model']!r}, "
-                f"the config says {want!r}"
-            )
-        student = build_student(cfg, int(info.header["dim"]), device)
-        ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
-        outputs = CachedTeacherOutputs.open(
-            d.teacher_cache,
-            dataset=ds,
-            device=device,
-            student_spec=student.preprocess,
-            sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts),
-        )
-        if outputs.classnames != ds.full_classnames:
-            raise ValueError(f"teacher cache {d.teacher_cache}: its W is for other class names")
-        w, s_t = outputs.text_features, float(outputs.logit_scale)
-    else:
-        teacher = build_teacher(cfg, device)
-        student = build_student(cfg, teacher.embed_dim, device)
-        ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
-        w, s_t = teacher.class_text_features(ds.full_classnames), float(teacher.logit_scale)
-        outputs = TeacherOutputs(teacher, student.preprocess)
-    student.set_text_features(w, ds.full_classnames)
-    student.teacher_identity = teacher_identity(info.header["teacher"] if d.teacher_cache else teacher)
-    n_train = student.num_trainable()
-    log.info(
-        "distill %s: student %s has %d trainable parameters (%.3f M)",
-        d.method,
-        cfg.student.model,
-        n_train,
-        n_train / 1e6,
-    )
-    kd_weight = resolve_recipe(cfg).distill.kd_weight  # what _start saved in config.yaml
-    loss = build_loss(
-        d.method,
-        kd_weight=kd_weight,
-        temperature=d.temperature,
-        align_weight=d.align_weight,
-        ifalign_stats=d.ifalign_stats,
-        feature_weight=d.feature_weight,
-    )
-    fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
-    step0 = None
-    if step0_fn is not None and fresh:
-        step0 = step0_fn(student)
-    if d.projector_init == "ridge" and fresh:  # a resumed run restores the fitted projector instead
-        n_fit = warm_start_projector(student, ds, outputs, cfg, device)
-        log.info("distill %s: projector fitted by ridge regression on %d images", d.method, n_fit)
-        if step0_fn is not None:
-            step0 = {**step0_fn(student), "random_init": step0}
-    task = DistillTask(
-        student,
-        outputs,
-        w,
-        s_t,
-        loss,
-        edu_lr_scale=d.edu_lr_scale,
-        ifalign_on=d.ifalign_on,
-        tower_lr_scale=d.tower_lr_scale,
-    )
-    best: dict[str, Any] = {"score": -1.0}
-
-    def on_epoch_end(epoch: int) -> dict:
-        if eval_fn is None:
-            return {}
-        student.eval()
-        res = eval_fn(student)
-        if res["score"] > best["score"]:
-            best.update(
-                score=res["score"],
-                epoch=epoch,
-                state={k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
-            )
-        return {k: v for k, v in res.items() if isinstance(v, (int, float))}
-
-    fit_res = fit(
-        task,
-        ds,
-        d.optim,
-        **_fit_kwargs(cfg, out, device, metrics, resume),
-        on_epoch_end=on_epoch_end if (d.select == "promptkd" and eval_fn is not None) else None,
-    )
-    if d.select == "promptkd" and "state" in best:
-        student.load_state_dict(best["state"])
-    path = out / STUDENT_FILE
-    if is_main():
-        save_student(student, path, cfg, d.method)
-    barrier()  # the other ranks may read the file next (evaluation, later stages)
-    alpha = float(student.edu_attention.alpha.detach()) if student.edu_attention is not None else None
-    return {
-        "student": str(path),
-        "alpha": alpha,
-        "train_images": len(ds),
-        "trainable_params": n_train,
-        "history": fit_res.history,
-        "step0": step0,
-        "selected_epoch": best.get("epoch") if d.select == "promptkd" else None,
-    }
-
-
-def run_cache_teacher(
-    cfg: RunConfig, out_dir: str | Path, *, views: int | None = None, dtype: str = "float16"
-) -> dict[str, Any]:
-    """Store the teacher's image features for ``views`` augmented views (default: one per
-    distillation epoch) of every ``distill.split`` image in ``out_dir/teacher_cache.bin``; then
-    ``distill --teacher-cache`` with the same seed never runs the teacher."""
-    from .cache import build_teacher_cache, teacher_sources
-
-    k = views if views is not None else cfg.distill.optim.epochs
-    if k < 1:
-        raise ConfigError(f"views: must be >= 1, got {k}")
-    if dtype not in ("float16", "bfloat16", "float32"):
-        raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of float16, bfloat16, float32")
-    out, device, _ = _start(cfg, out_dir, resume=False)
-    teacher = build_teacher(cfg, device)
-    student = build_student(cfg, teacher.embed_dim, device)
-    ds = make_dataset(
-        cfg, cfg.distill.split, student.preprocess, train=True, unlabelled=True, augment=cfg.distill.augment
-    )
-    path = build_teacher_cache(
-        teacher,
-        ds,
-        out / "teacher_cache.bin",
-        views=k,
-        seed=cfg.seed,
-        batch_size=cfg.data.eval_batch_size,
-        device=device,
-        dtype=getattr(torch, dtype),
-        student_spec=student.preprocess,
-        num_workers=cfg.data.num_workers,
-        sources=teacher_sources(cfg.teacher.pretrained, cfg.teacher.prompts),
-        progress=cfg.progress,
-    )
-    return {"cache": str(path), "views": k, "images": len(ds), "seed": cfg.seed}
-
-
-# -- evaluation --------------------------------------------------------------------------------
-def _preview(names: list[str], k: int = 4) -> str:
-    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
-
-
-def check_student_classes(student: Student, ds: ImageDataset) -> None:
-    """Raise a ``DataError`` when ``ds``'s classes differ from those stored in the student (its W)."""
-    from ..data import DataError
-
-    mine, theirs = list(student.classnames or []), list(ds.full_classnames)
-    if not mine:  # W stored without names (Python API): only its size can be checked
-        n = int(student.text_features.shape[0])
-        if n != len(theirs):
-            raise DataError(f"the student stores W for {n} classes but dataset {ds.name!r} has {len(theirs)}")
-        return
-    if mine != theirs:
-        first = next(
-            (i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b),
-            min(len(mine), len(theirs)),
-        )
-        raise DataError(
-            f"the student stores {len(mine)} classes ({_preview(mine)}) but dataset {ds.name!r} has "
-            f"{len(theirs)} ({_preview(theirs)}); they first differ at class {first}: evaluate the student on "
-            "the dataset (and class names) it was distilled for"
-        )
-
-
-def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float:
-    """Student accuracy on ``ds``, logits sliced from W to the dataset's classes. A dataset whose
-    classes are not the ones stored in the student is refused, naming both."""
-    check_student_classes(student, ds)
-    device = next(student.parameters()).device
-    student.eval()
-    idx = ds.class_indices
-    preds, labels = predict(lambda x: student(x, class_subset=idx).logits, _loader(cfg, ds, device), device)
-    return accuracy(preds, labels)
-
-
-def _evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn) -> dict[str, Any]:
-    """``results.json`` of one model: base/novel/HM for ``protocol: base2novel`` (each half
-    relabelled from 0, logits sliced from W), else accuracy on all classes. ``acc_fn(ds)`` scores
-    one dataset."""
-
-    def part(subsample: str) -> dict:
-        ds = make_dataset(cfg, split, spec, train=False, subsample=subsample)
-        return {"acc": acc_fn(ds), "classes": len(ds.classnames), "images": len(ds)}
-
-    res: dict[str, Any] = {"protocol": cfg.protocol, "dataset": cfg.data.dataset}
-    if cfg.protocol == "base2novel":
-        res.update(base=part("base"), novel=part("novel"))
-        res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
-        return res
-    return {**res, **part("all")}
-
-
-def evaluate_student(cfg: RunConfig, student: Student, split: str = "test") -> dict[str, Any]:
-    """The distilled student (its stored W; no teacher, no text encoder)."""
-    return _evaluate(cfg, student.preprocess, split, lambda ds: evaluate_subset(student, ds, cfg))
-
-
-def evaluate_teacher(cfg: RunConfig, teacher: Teacher, split: str = "test") -> dict[str, Any]:
-    """The prompted teacher, split as ``evaluate_student`` does."""
-    device = next(teacher.parameters()).device
-    teacher.eval()
-
-    def acc(ds: ImageDataset) -> float:
-        w = teacher.class_text_features(ds.full_classnames)[ds.class_indices]
-        preds, labels = predict(lambda x: teacher.encode_image(x) @ w.t(), _loader(cfg, ds, device), device)
-        return accuracy(preds, labels)
-
-    return _evaluate(cfg, teacher.preprocess, split, acc)
-
-
-def evaluate_clip_zero_shot(cfg: RunConfig, role: str, split: str = "test") -> dict[str, Any]:
-    """Zero-shot accuracy of the plain (undistilled) CLIP of ``role`` with its own text tower."""
-    mcfg = cfg.teacher if role == "teacher" else cfg.student
-    device = resolve_device(cfg.device)
-    loaded = load_clip(
-        mcfg.model,
-        mcfg.pretrained,
-        image_size=cfg.data.image_size,
-        quick_gelu=mcfg.quick_gelu or None,
-        device=device,
-    )
-    return _evaluate(
-        cfg,
-        loaded.preprocess,
-        split,
-        lambda ds: clip_zero_shot(
-            loaded.model, loaded.tokenizer, ds, ds.templates, _loader(cfg, ds, device), device
-        ),
-    )
+from .tasks import TeacherOutputs
+from .utils import is_main, resolve_device, write_json
+
+__all__ = [
+    "LOADER_OPTIONS",
+    "TeacherOutputs",
+    "_start",
+    "is_main",
+    "STUDENT_CLIP",
+    "STUDENT_FILE",
+    "TEACHER_CLIP",
+    "TEACHER_PROMPTS",
+    "_dataset_kwargs",
+    "_loader",
+    "_transforms",
+    "build_student",
+    "build_teacher",
+    "check_student_classes",
+    "clip_zero_shot",
+    "evaluate_clip_zero_shot",
+    "evaluate_student",
+    "evaluate_subset",
+    "evaluate_teacher",
+    "loader_options",
+    "make_dataset",
+    "pretrain_eval_split",
+    "resolve_device",
+    "run_cache_teacher",
+    "run_distill",
+    "run_pretrain",
+    "run_train_teacher",
+    "save_student",
+    "student_arch",
+    "teacher_arch",
+    "teacher_identity",
+    "warm_start_projector",
+    "write_json",
+]

@@ -1,0 +1,190 @@
+"""Builders from a ``RunConfig``: the teacher and student from their config sections, datasets
+with the backbone's transforms, loaders, and the run-folder file names."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import AugmentConfig, ConfigError, RunConfig
+from ..data import DataError, build_dataset, build_transform
+from ..data.dataset import ImageDataset
+from ..methods import get_method
+from ..models import (
+    PreprocessSpec,
+    Student,
+    StudentArch,
+    Teacher,
+)
+from ..models.teacher import TeacherArch
+
+log = logging.getLogger(__name__)
+
+TEACHER_CLIP = "teacher_clip.safetensors"
+STUDENT_CLIP = "student_clip.safetensors"
+TEACHER_PROMPTS = "teacher_prompts.safetensors"
+STUDENT_FILE = "student.safetensors"
+
+
+# -- builders ----------------------------------------------------------------------------------
+def _shared_options(arch_type: type, section: Any) -> dict[str, Any]:
+    """The options a config section (``StudentConfig``, ``TeacherConfig``) shares by name with an
+    architecture dataclass: each is written once, in the config, and read here."""
+    names = {f.name for f in dataclasses.fields(arch_type)} & {f.name for f in dataclasses.fields(section)}
+    return {k: getattr(section, k) for k in names}
+
+
+def teacher_arch(cfg: RunConfig) -> TeacherArch:
+    """The ``TeacherArch`` of ``cfg``: the options of ``cfg.teacher`` and ``data.image_size``."""
+    return TeacherArch(**_shared_options(TeacherArch, cfg.teacher), image_size=cfg.data.image_size)
+
+
+def build_teacher(cfg: RunConfig, device: torch.device, prompts: str | None = None) -> Teacher:
+    """The teacher of ``cfg`` with ``teacher.pretrained`` weights and ``prompts`` (default
+    ``teacher.prompts``; ``""``: none) on ``device``."""
+    return Teacher.build(
+        teacher_arch(cfg),
+        cfg.teacher.pretrained,
+        prompts=prompts if prompts is not None else cfg.teacher.prompts,
+        device=device,
+    )
+
+
+def student_arch(cfg: RunConfig, teacher_dim: int, method: str | None = None) -> StudentArch:
+    """The ``StudentArch`` of ``cfg``: every option ``StudentConfig`` shares with it by name, d of
+    the teacher, EduAttention as the method's recipe says, and ``data.image_size``."""
+    edu = get_method(method or cfg.distill.method).edu_attention
+    return StudentArch(
+        **_shared_options(StudentArch, cfg.student),
+        teacher_dim=teacher_dim,
+        edu_attention=edu,
+        image_size=cfg.data.image_size,
+    )
+
+
+def build_student(
+    cfg: RunConfig, teacher_dim: int, device: torch.device, method: str | None = None
+) -> Student:
+    """The student of ``cfg`` (``student_arch``) with ``student.pretrained`` weights on ``device``."""
+    arch = student_arch(cfg, teacher_dim, method)
+    return Student.build(arch, cfg.student.pretrained, logit_scale=cfg.student.logit_scale, device=device)
+
+
+def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
+    kw = {
+        "image_size": spec.image_size,
+        "mean": spec.mean,
+        "std": spec.std,
+        "interpolation": spec.interpolation,
+    }
+    aug = augment or AugmentConfig()
+    train = build_transform(train=True, scale=(aug.crop_scale_min, 1.0), hflip=aug.hflip, **kw)
+    return train, build_transform(train=False, **kw)
+
+
+#: data-config fields handed to a dataset loader when its signature takes them (no dataset names here)
+LOADER_OPTIONS = ("split_file", "classes_file", "subdir", "fractions", "split_seed", "pools", "test_folder")
+
+
+def loader_options(cfg: RunConfig) -> dict[str, Any]:
+    """The keyword arguments of ``load_splits`` for ``cfg.data``: each of ``LOADER_OPTIONS`` the
+    dataset's loader takes (read from its signature) and that is set; one it does not take but that
+    is set to a non-default value is a one-line ``ConfigError`` naming the key."""
+    import inspect
+
+    from ..config import DataConfig
+    from ..data import DATASETS
+
+    d = cfg.data
+    kw: dict[str, Any] = {"skip_bad": d.skip_bad}
+    loader = DATASETS.get(d.dataset)
+    if loader is None:  # load_splits names the valid datasets
+        return kw
+    takes = inspect.signature(loader).parameters
+    defaults = DataConfig()
+    for name in LOADER_OPTIONS:
+        value = getattr(d, name)
+        if name in takes:
+            if value is not None:
+                kw[name] = value
+        elif value != getattr(defaults, name):
+            raise ConfigError(
+                f"data.{name}: dataset {d.dataset!r} does not take this setting (set to {value!r})"
+            )
+    return kw
+
+
+def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``loader_options`` plus the rendering size of the embedded digits (an ``ImageDataset`` option)."""
+    return {**loader_options(cfg), "digits_size": cfg.data.image_size or 32}
+
+
+def make_dataset(
+    cfg: RunConfig,
+    split: str,
+    spec: PreprocessSpec,
+    *,
+    train: bool,
+    subsample: str = "all",
+    shots: bool = False,
+    unlabelled: bool = False,
+    augment: AugmentConfig | None = None,
+) -> ImageDataset:
+    """A split of the configured dataset with the backbone's transforms; train splits draw
+    reproducible views from the run seed."""
+    train_tf, test_tf = _transforms(spec, augment)
+    ds = build_dataset(
+        cfg.data.dataset,
+        cfg.data.root,
+        split,
+        test_tf if not train else None,
+        num_shots=cfg.data.num_shots if shots else None,
+        subsample=subsample,
+        seed=cfg.seed,
+        unlabelled=unlabelled,
+        train_transform=train_tf if train else None,
+        view_seed=cfg.seed if train else None,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        **_dataset_kwargs(cfg),
+    )
+    if ds.skipped:
+        log.warning("%s/%s: %d bad images skipped (skip_bad=true)", cfg.data.dataset, split, len(ds.skipped))
+    # one class trains with a zero loss and fails at evaluation: refuse it up front
+    where = f"dataset {cfg.data.dataset!r}" + (f" ({cfg.data.root})" if cfg.data.root else "")
+    if len(ds.full_classnames) < 2:
+        raise DataError(
+            f"{where} has {len(ds.full_classnames)} class {ds.full_classnames}; "
+            "training and evaluation need at least 2"
+        )
+    if shots and len(ds.classnames) < 2:
+        raise DataError(
+            f"the {subsample!r} classes of {where} are only {ds.classnames}; prompt learning needs at least 2"
+        )
+    return ds
+
+
+def _loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
+    return DataLoader(
+        ds,
+        batch_size=cfg.data.eval_batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def teacher_identity(teacher: Teacher | dict) -> dict[str, Any]:
+    """The teacher that produces W, as recorded in a student file: model name, input size and the
+    SHA-256 of its frozen weights and of its prompts (from the teacher, or a cache header's copy)."""
+    if not isinstance(teacher, dict):
+        from .cache import teacher_digests
+
+        teacher = teacher_digests(teacher)
+    keep = ("model", "weights_sha256", "prompts_sha256")
+    out = {k: teacher[k] for k in keep}
+    out["image_size"] = int(teacher["preprocess"]["image_size"])
+    return out

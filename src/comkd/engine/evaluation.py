@@ -1,0 +1,152 @@
+"""Evaluation: zero-shot CLIP accuracy, the teacher's and the student's accuracy on a split
+(base / novel / HM for base-to-novel), class checks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..data import DataError, load_splits
+from ..data.dataset import ImageDataset
+from ..models import (
+    PreprocessSpec,
+    Student,
+    Teacher,
+    load_clip,
+)
+from ..stats import harmonic_mean
+from .builders import (
+    _dataset_kwargs,
+    _loader,
+    make_dataset,
+)
+from .tasks import (
+    accuracy,
+    predict,
+)
+from .utils import (
+    resolve_device,
+)
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def clip_zero_shot(model, tokenizer, ds: ImageDataset, templates: list[str], loader, device) -> float:
+    """Zero-shot accuracy of an open_clip model on ``ds`` (template-averaged class prompts)."""
+    model.eval()
+    feats = []
+    for t in templates:
+        tok = tokenizer([t.format(c) for c in ds.classnames]).to(device)
+        feats.append(torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1))
+    w = torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
+    preds, labels = predict(lambda x: model.encode_image(x).float() @ w.t(), loader, device)
+    return accuracy(preds, labels)
+
+
+def pretrain_eval_split(cfg: RunConfig) -> str:
+    """The split stage 0 is scored on: ``pretrain.eval_split`` if set, else ``val`` where the
+    dataset has one (choices made on stage 0 must not look at test data), else ``test``."""
+    if cfg.pretrain.eval_split:
+        return cfg.pretrain.eval_split
+    kw = {k: v for k, v in _dataset_kwargs(cfg).items() if k != "digits_size"}
+    if load_splits(cfg.data.dataset, cfg.data.root, **kw).val:
+        return "val"
+    log.warning("%s has no val split: stage 0 is scored on test", cfg.data.dataset)
+    return "test"
+
+
+# -- evaluation --------------------------------------------------------------------------------
+def _preview(names: list[str], k: int = 4) -> str:
+    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
+
+
+def check_student_classes(student: Student, ds: ImageDataset) -> None:
+    """Raise a ``DataError`` when ``ds``'s classes differ from those stored in the student (its W)."""
+
+    mine, theirs = list(student.classnames or []), list(ds.full_classnames)
+    if not mine:  # W stored without names (Python API): only its size can be checked
+        n = int(student.text_features.shape[0])
+        if n != len(theirs):
+            raise DataError(f"the student stores W for {n} classes but dataset {ds.name!r} has {len(theirs)}")
+        return
+    if mine != theirs:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b),
+            min(len(mine), len(theirs)),
+        )
+        raise DataError(
+            f"the student stores {len(mine)} classes ({_preview(mine)}) but dataset {ds.name!r} has "
+            f"{len(theirs)} ({_preview(theirs)}); they first differ at class {first}: evaluate the student on "
+            "the dataset (and class names) it was distilled for"
+        )
+
+
+def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float:
+    """Student accuracy on ``ds``, logits sliced from W to the dataset's classes. A dataset whose
+    classes are not the ones stored in the student is refused, naming both."""
+    check_student_classes(student, ds)
+    device = next(student.parameters()).device
+    student.eval()
+    idx = ds.class_indices
+    preds, labels = predict(lambda x: student(x, class_subset=idx).logits, _loader(cfg, ds, device), device)
+    return accuracy(preds, labels)
+
+
+def _evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn) -> dict[str, Any]:
+    """``results.json`` of one model: base/novel/HM for ``protocol: base2novel`` (each half
+    relabelled from 0, logits sliced from W), else accuracy on all classes. ``acc_fn(ds)`` scores
+    one dataset."""
+
+    def part(subsample: str) -> dict:
+        ds = make_dataset(cfg, split, spec, train=False, subsample=subsample)
+        return {"acc": acc_fn(ds), "classes": len(ds.classnames), "images": len(ds)}
+
+    res: dict[str, Any] = {"protocol": cfg.protocol, "dataset": cfg.data.dataset}
+    if cfg.protocol == "base2novel":
+        res.update(base=part("base"), novel=part("novel"))
+        res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
+        return res
+    return {**res, **part("all")}
+
+
+def evaluate_student(cfg: RunConfig, student: Student, split: str = "test") -> dict[str, Any]:
+    """The distilled student (its stored W; no teacher, no text encoder)."""
+    return _evaluate(cfg, student.preprocess, split, lambda ds: evaluate_subset(student, ds, cfg))
+
+
+def evaluate_teacher(cfg: RunConfig, teacher: Teacher, split: str = "test") -> dict[str, Any]:
+    """The prompted teacher, split as ``evaluate_student`` does."""
+    device = next(teacher.parameters()).device
+    teacher.eval()
+
+    def acc(ds: ImageDataset) -> float:
+        w = teacher.class_text_features(ds.full_classnames)[ds.class_indices]
+        preds, labels = predict(lambda x: teacher.encode_image(x) @ w.t(), _loader(cfg, ds, device), device)
+        return accuracy(preds, labels)
+
+    return _evaluate(cfg, teacher.preprocess, split, acc)
+
+
+def evaluate_clip_zero_shot(cfg: RunConfig, role: str, split: str = "test") -> dict[str, Any]:
+    """Zero-shot accuracy of the plain (undistilled) CLIP of ``role`` with its own text tower."""
+    mcfg = cfg.teacher if role == "teacher" else cfg.student
+    device = resolve_device(cfg.device)
+    loaded = load_clip(
+        mcfg.model,
+        mcfg.pretrained,
+        image_size=cfg.data.image_size,
+        quick_gelu=mcfg.quick_gelu or None,
+        device=device,
+    )
+    return _evaluate(
+        cfg,
+        loaded.preprocess,
+        split,
+        lambda ds: clip_zero_shot(
+            loaded.model, loaded.tokenizer, ds, ds.templates, _loader(cfg, ds, device), device
+        ),
+    )
