@@ -24,10 +24,10 @@ from .coop import (
     load_fgvc_aircraft,
     load_imagenet,
     load_imagenet_variant,
-    read_split_file,
 )
 from .dataset import ImageDataset, derive_view_seed
 from .errors import DataError
+from .files import read_split_file
 from .folder import FOLDER_FRACTIONS, load_csv, load_image_folder
 from .records import DatasetSplits, Datum
 from .splits import base_novel_split, few_shot, split_per_class, subsample_classes

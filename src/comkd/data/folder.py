@@ -26,7 +26,8 @@ import logging
 import os
 from collections.abc import Sequence
 
-from .coop import (
+from .errors import DataError
+from .files import (
     check_labels,
     classnames_from_items,
     clean_classname,
@@ -35,7 +36,6 @@ from .coop import (
     read_classes_tsv,
     read_split_file,
 )
-from .errors import DataError
 from .records import DEFAULT_TEMPLATE, SPLIT_NAMES, DatasetSplits, Datum
 from .splits import split_per_class
 

@@ -15,8 +15,8 @@ import glob
 import os
 from collections.abc import Iterable, Sequence
 
-from .coop import IMAGE_EXTENSIONS
 from .errors import DataError
+from .files import IMAGE_EXTENSIONS
 from .records import DEFAULT_TEMPLATE, DatasetSplits, Datum
 
 UNLABELLED = -1
