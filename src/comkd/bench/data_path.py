@@ -29,8 +29,8 @@ def find_shards(shards: str | None) -> str | None:
     """``shards`` if given; else the CIFAR-10 training shards next to the repository, if present."""
     if shards:
         return shards
-    from .data.errors import DataError
-    from .data.wds import expand_shards
+    from ..data.errors import DataError
+    from ..data.wds import expand_shards
 
     try:
         expand_shards(DEFAULT_SHARDS)
@@ -48,10 +48,10 @@ def _drain(dataset: Any) -> int:
 
 def read_rate(shards: str, items: int, image_size: int = 32, reps: int = 3) -> dict[str, Any]:
     """Images per second (median of ``reps``) from the shards and from a folder of the same images."""
-    from .data import build_dataset, build_transform
-    from .data.dataset import ImageDataset
-    from .data.records import Datum
-    from .data.wds import iter_shard, parse_item_path
+    from ..data import build_dataset, build_transform
+    from ..data.dataset import ImageDataset
+    from ..data.records import Datum
+    from ..data.wds import iter_shard, parse_item_path
 
     tf = build_transform(image_size, train=True, scale=(0.8, 1.0))
     ds = build_dataset("wds", shards, "train", tf, pools=[f"train=0:{items}"])
@@ -97,12 +97,12 @@ def distill_epoch_peak(shards: str, items: int, batch: int = 32, threads: int = 
     """Run one streamed online distillation epoch in this process; peak memory growth in MB."""
     import torch
 
-    from .config import OptimConfig
-    from .data import build_dataset, build_transform
-    from .engine.loop import fit
-    from .engine.tasks import DistillTask, TeacherOutputs
-    from .losses import build_loss
-    from .models import TINY_STUDENT, TINY_TEACHER, create_student, create_teacher
+    from ..config import OptimConfig
+    from ..data import build_dataset, build_transform
+    from ..engine.loop import fit
+    from ..engine.tasks import DistillTask, TeacherOutputs
+    from ..losses import build_loss
+    from ..models import TINY_STUDENT, TINY_TEACHER, create_student, create_teacher
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def epoch_peak_memory(shards: str, items: int, threads: int = 1, batch: int = 32
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     for m in (1, 2, 4):
         code = (
-            "import json, logging; logging.disable(logging.WARNING); from comkd.bench_data import distill_epoch_peak; "
+            "import json, logging; logging.disable(logging.WARNING); from comkd.bench.data_path import distill_epoch_peak; "
             f"print(json.dumps(distill_epoch_peak({shards!r}, {items * m}, batch={batch}, threads={threads})))"
         )
         r = subprocess.run(

@@ -37,15 +37,15 @@ from typing import Any
 
 import torch
 
-from .config import OptimConfig
-from .data import build_dataset, build_transform
-from .data.dataset import ImageDataset
-from .engine.cache import CachedTeacherOutputs, build_teacher_cache, teacher_key
-from .engine.loop import fit
-from .engine.tasks import DistillTask, TeacherOutputs
-from .engine.utils import amp_context, resolve_device
-from .losses import build_loss, method_spec
-from .models import TINY_STUDENT, TINY_TEACHER, Student, Teacher, create_student, create_teacher
+from ..config import OptimConfig
+from ..data import build_dataset, build_transform
+from ..data.dataset import ImageDataset
+from ..engine.cache import CachedTeacherOutputs, build_teacher_cache, teacher_key
+from ..engine.loop import fit
+from ..engine.tasks import DistillTask, TeacherOutputs
+from ..engine.utils import amp_context, resolve_device
+from ..losses import build_loss, method_spec
+from ..models import TINY_STUDENT, TINY_TEACHER, Student, Teacher, create_student, create_teacher
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def bench_cache_and_loop(
     # data alone: the loader of fit without any model work
     from torch.utils.data import DataLoader
 
-    from .engine.loop import EpochBatchSampler
+    from ..engine.loop import EpochBatchSampler
 
     def data_only() -> None:
         for b in DataLoader(ds_ca, batch_sampler=EpochBatchSampler(len(ds_ca), sz.batch, 1)):
@@ -430,7 +430,7 @@ def bench_inference_paper(sz: BenchSizes, device: torch.device) -> dict[str, flo
 
 def _deployed(sz: BenchSizes, work: Path) -> dict[str, Any]:
     """``deployed_student`` (``comkd.deploy.bench``) and its ONNX Runtime / eager speedups."""
-    from .deploy.bench import bench_deployed
+    from ..deploy.bench import bench_deployed
 
     pair = (
         (PAPER_TEACHER, PAPER_STUDENT, sz.paper_image_size)
@@ -528,8 +528,8 @@ for line in sys.stdin:
 def _run_stage(
     stage: str, device: torch.device, cache: Path, steps: int, batch: int, items: int, work: Path
 ) -> None:
-    from .engine.tasks import PretrainTask, TeacherPromptTask
-    from .models import load_clip
+    from ..engine.tasks import PretrainTask, TeacherPromptTask
+    from ..models import load_clip
 
     kw = {"out_dir": work / stage, "seed": 1, "device": device, "progress": False, "stop_after_steps": steps}
     cfg = _optim(batch, epochs=100)
@@ -661,7 +661,7 @@ def run_bench(
             shared with other busy processes, 1 thread gives far steadier figures.
         progress: log each section as it starts (logger ``comkd.bench``, level INFO).
         shards: WebDataset shards for the data-path figures (default: CIFAR-10's in ../shared, if
-            there; see ``comkd.bench_data``).
+            there; see ``comkd.bench.data_path``).
         only: ``data`` runs the data-path section alone and merges it into an existing ``out``.
 
     Returns the dict written: ``machine`` (object), the numbers listed in ``FIGURES``,
@@ -682,7 +682,7 @@ def run_bench(
     if only is not None:
         if only != "data":
             raise ValueError(f"only: {only!r} is not a section; choose 'data'")
-        from .bench_data import bench_data_path
+        from .data_path import bench_data_path
 
         say("bench: data path (shards vs folder, streamed epoch memory) ...")
         prev = json.loads(out.read_text()) if out.exists() else {}
@@ -747,7 +747,7 @@ def run_bench(
 
 
 def _data_path(shards: str | None, quick: bool, threads: int | None) -> dict[str, Any]:
-    from .bench_data import bench_data_path
+    from .data_path import bench_data_path
 
     return bench_data_path(shards, quick=quick, threads=int(threads or 1))
 
