@@ -41,5 +41,5 @@ run_one dtd10 dtd10_tiny &
 P2=$!
 wait $P1 $P2
 echo "evidence run: $(( $(date +%s) - T0 )) s wall"
-comkd collect "cifar10=$OUT/cifar10" "dtd10=$OUT/dtd10" --out docs/results.json
-comkd results-page --results docs/results.json --out docs/results.md
+python -m experiments.results_page collect "cifar10=$OUT/cifar10" "dtd10=$OUT/dtd10" --out docs/results.json
+python -m experiments.results_page page --results docs/results.json --out docs/results.md

@@ -52,5 +52,5 @@ if [[ "${SKIP_DTD:-0}" != 1 ]]; then
   timed dtd10_paper dtd10_tiny_paper "${PAPER[@]}"
   RUNS+=("dtd10=$OUT/dtd10" "dtd10+paper=$OUT/dtd10_paper")
 fi
-comkd collect "${RUNS[@]}" --out docs/results.json
-comkd results-page --results docs/results.json --out docs/results.md
+python -m experiments.results_page collect "${RUNS[@]}" --out docs/results.json
+python -m experiments.results_page page --results docs/results.json --out docs/results.md

@@ -464,7 +464,9 @@ def test_results_page_on_bad_input_is_one_line_naming_the_file(tmp_path, content
     path = tmp_path / "res.json"
     if content is not None:
         path.write_text(content)
-    r = CliRunner().invoke(cli.app, ["results-page", "--results", str(path), "--out", str(tmp_path / "p.md")])
+    from experiments import results_page as tool
+
+    r = CliRunner().invoke(tool.app, ["page", "--results", str(path), "--out", str(tmp_path / "p.md")])
     _one_line_error(r, "res.json", words)
 
 
@@ -474,7 +476,9 @@ def test_results_page_on_bad_input_is_one_line_naming_the_file(tmp_path, content
 def test_collect_on_bad_input_is_one_line_naming_the_folder(tmp_path, content, words) -> None:
     (tmp_path / "run1").mkdir()
     (tmp_path / "run1" / "results.json").write_text(content)
-    r = CliRunner().invoke(cli.app, ["collect", f"a={tmp_path / 'run1'}", "--out", str(tmp_path / "o.json")])
+    from experiments import results_page as tool
+
+    r = CliRunner().invoke(tool.app, ["collect", f"a={tmp_path / 'run1'}", "--out", str(tmp_path / "o.json")])
     _one_line_error(r, "run1", words)
 
 

@@ -8,8 +8,8 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-from comkd import cli
-from comkd.protocols.results_page import write_results_page
+from experiments import results_page as tool
+from experiments.results_page import write_results_page
 
 METHODS = ["teacher", "student_zeroshot", "promptkd", "comkd", "no-ifalign", "no-eduattention"]
 
@@ -54,7 +54,9 @@ def test_page_shows_independently_computed_mean_and_std(tmp_path) -> None:
             for k in ("base", "novel", "hm"):
                 cell = f"{statistics.mean(v[k]):.2f} ± {statistics.stdev(v[k]):.2f}"
                 assert cell in page, (d, m, k, cell)
-    assert "comkd results-page" in page.splitlines()[2]  # the regenerating command is at the top
+    assert (
+        "python -m experiments.results_page page" in page.splitlines()[2]
+    )  # the regenerating command is at the top
     assert "### cifar10 (3 seeds)" in page and "### dtd10 (3 seeds)" in page
     assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
     assert not (tmp_path / "plots" / "training_curves.png").exists()  # no curves.json: no curve plot
@@ -87,8 +89,8 @@ def test_missing_methods_are_reported_not_fatal(tmp_path) -> None:
     res = _synthetic(drop={"dtd10": ["no-ifalign", "no-eduattention"], "cifar10": ["comkd"]})
     (tmp_path / "results.json").write_text(json.dumps(res))
     r = CliRunner().invoke(
-        cli.app,
-        ["results-page", "--results", str(tmp_path / "results.json"), "--out", str(tmp_path / "page.md")],
+        tool.app,
+        ["page", "--results", str(tmp_path / "results.json"), "--out", str(tmp_path / "page.md")],
     )
     assert r.exit_code == 0, r.output
     page = (tmp_path / "page.md").read_text()
@@ -109,7 +111,7 @@ def test_runner_results_json_is_accepted(tmp_path) -> None:
 
 def test_collect_reads_run_folders_into_page_format(tmp_path) -> None:
     from comkd.config import load_config, save_config
-    from comkd.protocols.results_page import collect_runs
+    from experiments.results_page import collect_runs
 
     run = tmp_path / "run"
     save_config(load_config("demo"), run / "config.yaml")
@@ -203,7 +205,7 @@ def test_page_keeps_dated_earlier_results_and_shows_val_sweeps_and_step0(tmp_pat
 
 
 def test_a_variant_run_is_folded_into_its_base_label():
-    from comkd.protocols.results_page import _merge_variants
+    from experiments.results_page import _merge_variants
 
     ref = {"teacher": {"hm": [70.0]}, "student_zeroshot": {"hm": [50.0]}}
     results = {"c": {**ref, "comkd": {"hm": [60.0]}}, "c+paper": {**ref, "comkd": {"hm": [55.0]}}}

@@ -11,7 +11,8 @@
 * ``docs/analysis.md`` (optional): hand-written prose appended at the end (no figures in it).
 
 Every number on the page is read from those files; ``write_results_page`` types none in.
-Regenerate with ``comkd results-page --results docs/results.json --out docs/results.md``.
+Regenerate with ``python -m experiments.results_page page --results docs/results.json --out docs/results.md``
+(from the repository root); gather run folders first with ``python -m experiments.results_page collect``.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 import yaml
 
-from ..engine.utils import atomic_write_text, read_metrics, write_json
-from ..stats import mean_std
-from .report import LABELS, _ordered, plot_accuracy, plot_curves, results_table
-from .runner import average_base2novel
+from comkd.cli import QuietOpt, VerboseOpt, _read_json, _run, _setup_logging, _shape_errors
+from comkd.engine.utils import atomic_write_text, read_metrics, write_json
+from comkd.protocols.report import LABELS, _ordered, plot_accuracy, plot_curves, results_table
+from comkd.protocols.runner import average_base2novel
+from comkd.stats import mean_std
 
 DISTILL_METHODS = ["promptkd", "comkd", "no-ifalign", "no-eduattention"]
 REQUIRED = ["teacher", "student_zeroshot", *DISTILL_METHODS]
-REGEN = "comkd results-page --results docs/results.json --out docs/results.md"
+REGEN = "python -m experiments.results_page page --results docs/results.json --out docs/results.md"
 CURVE_KEYS = ("epoch", "loss", "kd", "align", "alpha", "time_s", "feature")
 
 
@@ -40,7 +43,7 @@ def _count_params(module) -> int:
 
 
 def _model_sizes(name: str, image_size: int | None) -> dict[str, Any]:
-    from ..models import load_clip
+    from comkd.models import load_clip
 
     loaded = load_clip(name, None, image_size=image_size)
     m = loaded.model
@@ -57,8 +60,8 @@ def _model_sizes(name: str, image_size: int | None) -> dict[str, Any]:
 
 
 def _split_sizes(cfg) -> dict[str, int]:
-    from ..data import load_splits
-    from ..engine.pipeline import _dataset_kwargs
+    from comkd.data import load_splits
+    from comkd.engine.pipeline import _dataset_kwargs
 
     kw = _dataset_kwargs(cfg)
     kw.pop("digits_size", None)
@@ -137,8 +140,8 @@ def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[s
     of each image's FC_o(f_att) to their mean (1 = the same vector for every image)."""
     import torch
 
-    from ..engine import pipeline as P
-    from ..models.io import load_student
+    from comkd.engine import pipeline as P
+    from comkd.models.io import load_student
 
     student = load_student(student_path, "cpu")
     ea = student.edu_attention
@@ -198,7 +201,7 @@ def collect_runs(
     """Gather ``comkd run`` folders (``{label: run_dir}``) into ``out_results`` (results.json in the
     page's format, datasets renamed to ``label``) and ``out_curves`` (training curves, setup,
     EduAttention statistics). A run folder holds one base2novel dataset."""
-    from ..config import load_config
+    from comkd.config import load_config
 
     results: dict[str, dict] = {}
     extra: dict[str, Any] = {"curves": {}, "steps": {}, "setup": {}, "attention": {}, "step0": {}}
@@ -355,7 +358,7 @@ def _merge_variants(results: dict, extra: dict) -> None:
 
 
 def _kd_weight(cfg) -> float:
-    from ..methods import resolve_recipe
+    from comkd.methods import resolve_recipe
 
     return resolve_recipe(cfg).distill.kd_weight
 
@@ -687,7 +690,7 @@ def _analysis(results: dict, extra: dict) -> list[str]:
 
 
 def _ordered_methods(table: dict) -> list[str]:
-    from .report import _ordered
+    from comkd.protocols.report import _ordered
 
     return _ordered(table)
 
@@ -760,7 +763,7 @@ def _supplement_and_notes(supp_path: Path, notes_md: Path) -> list[str]:
             "",
             supp.get("note", ""),
             "",
-            f"(Numbers from `{supp_path.name}`, written by `comkd collect` on those run folders.)",
+            f"(Numbers from `{supp_path.name}`, written by `python -m experiments.results_page collect` on those run folders.)",
             "",
             results_table(supp["results"]),
             *_analysis(supp["results"], supp.get("extra", {})),
@@ -828,7 +831,7 @@ def write_results_page(
         f"Regenerate this page: `{REGEN}` (numbers from `{results_json.name}`"
         + (f" and `{curves_path.name}`" if extra else "")
         + "; the JSON files come from "
-        "`comkd collect`, see below).",
+        "`python -m experiments.results_page collect`, see below).",
         "",
         "Every figure on this page is read from those JSON files. Accuracies are percentages, mean ± sample std "
         "over seeds; HM is the harmonic mean of base and novel accuracy (per seed, then averaged).",
@@ -841,9 +844,9 @@ def write_results_page(
         "after the other with two threads, `comkd run --config cifar10_wds` (seeds 1, 2, 3; promptkd, comkd, "
         "no-ifalign, no-eduattention in the recipe), `comkd run --config cifar10_wds_paper` (promptkd and comkd in "
         "the paper's reading, reusing stages 0 and 1), the same pair for DTD-10 (`dtd10_tiny`, "
-        "`dtd10_tiny_paper`), then `comkd collect cifar10_wds=... cifar10_wds+paper=... dtd10=... dtd10+paper=... "
+        "`dtd10_tiny_paper`), then `python -m experiments.results_page collect cifar10_wds=... cifar10_wds+paper=... dtd10=... dtd10+paper=... "
         "--out docs/results.json` (a `LABEL+paper` run becomes the `(paper reading)` rows of `LABEL`) and the "
-        "`comkd results-page` command above. Stage 0 runs once per dataset and is shared by the seeds, like a "
+        "`page` command above. Stage 0 runs once per dataset and is shared by the seeds, like a "
         "public pretrained CLIP; the run seed drives stage 1's shots, stage 1 and stage 2.",
         "",
         "## Results",
@@ -894,3 +897,86 @@ def write_results_page(
         lines += _earlier_section(old, results_json.stem)
     atomic_write_text(out_md, "\n".join(lines))
     return out_md
+
+
+# -- the command line of this tool ---------------------------------------------------------------
+
+
+app = typer.Typer(add_completion=False, help="The results page: gather run folders, write the page.")
+
+
+@app.command()
+def collect(
+    runs: Annotated[
+        list[str], typer.Argument(help="LABEL=RUN_DIR of `comkd run` folders (one dataset each).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write.")] = Path(
+        "docs/results.json"
+    ),
+    curves: Annotated[
+        Path | None,
+        typer.Option(help="Companion JSON (curves, setup, attention); default: curves.json next to --out."),
+    ] = None,
+    attention: Annotated[bool, typer.Option(help="Measure EduAttention on the saved students.")] = True,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Gather run folders into docs/results.json (+ docs/curves.json) for `python -m experiments.results_page page`."""
+    _setup_logging(verbose, quiet)
+    pairs = {}
+    for item in runs:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = Path(item).name, item
+        pairs[label] = Path(path)
+
+    curves_path = curves or out.with_name("curves.json")
+
+    def body():
+        for path in pairs.values():
+            res = _read_json(path / "results.json", "run results")
+            if not isinstance(res, dict):
+                raise ValueError(f"{path / 'results.json'}: expected a JSON object from `comkd run`")
+        return _shape_errors(
+            f"run folders {', '.join(map(str, pairs.values()))}",
+            lambda: collect_runs(pairs, out, curves_path, attention=attention),
+        )
+
+    _run(body)
+    typer.echo(f"wrote {out} and {curves_path}")
+
+
+@app.command("page")
+def page(
+    results: Annotated[
+        Path, typer.Option(help="results.json ({dataset: {method: {base, novel, hm}}}).")
+    ] = Path("docs/results.json"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Markdown page to write (plots/ next to it).")
+    ] = Path("docs/results.md"),
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write the results page (tables, plots, analysis) from results.json and curves.json."""
+    _setup_logging(verbose, quiet)
+
+    def body():
+        data = _read_json(results, "results file")
+        if isinstance(data, dict) and "protocol" in data and isinstance(data.get("datasets"), dict):
+            data = data["datasets"]  # a `comkd run` results.json
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(
+                f"{results}: expected {{dataset: {{method: {{base, novel, hm}}}}}} (or a `comkd run` "
+                f"results.json), got a {type(data).__name__} of other content"
+            )
+        curves = results.with_name("curves.json")
+        if curves.exists():
+            _read_json(curves, "curves file")
+        return _shape_errors(str(results), lambda: write_results_page(results, out))
+
+    path = _run(body)
+    typer.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app()
