@@ -753,10 +753,9 @@ def _data_path(shards: str | None, quick: bool, threads: int | None) -> dict[str
 
 
 def _write_json(out: Path, res: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp_out.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(out, json.dumps(res, indent=2) + "\n")
 
 
 def _ordered(res: dict[str, Any]) -> dict[str, Any]:

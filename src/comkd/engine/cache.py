@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import struct
 import time
 import weakref
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.dataset import derive_view_seed
+from ..fileio import atomic_path
 from ..models import PreprocessSpec, Teacher
 from ..models.backbones import weights_version
 from .tasks import adapt_images
@@ -210,8 +210,6 @@ def load_or_compute_text_features(
         except Exception as e:  # noqa: BLE001 - any unreadable file is simply recomputed
             log.warning("text features: cannot read %s (%s); recomputing", path, e)
     w = _compute_text_features(teacher, classnames, templates).detach().float()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     meta = {
         "comkd.format": TEXT_FORMAT,
         "comkd.key": key,
@@ -220,8 +218,8 @@ def load_or_compute_text_features(
         "comkd.classnames": json.dumps(list(classnames)),
         "comkd.templates": json.dumps(list(templates) if templates is not None else None),
     }
-    save_file({"text_features": w.contiguous().cpu()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"text_features": w.contiguous().cpu()}, str(tmp), metadata=meta)
     log.info("text features: stored %s", path)
     return w
 
@@ -473,8 +471,6 @@ def build_teacher_cache(
     head, offset = _encode_header(header)
     feat_bytes = int(views) * n * d * np.dtype(np_dtype).itemsize
     total = offset + feat_bytes + w.numel() * 4
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     autocast, _ = amp_context(device, amp)
     bar = None
     if show_progress(progress):
@@ -487,39 +483,34 @@ def build_teacher_cache(
             mininterval=0.5,
         )
     try:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            f.truncate(total)
-        mm = np.memmap(tmp, dtype=np_dtype, mode="r+", offset=offset, shape=(int(views), n, d))
-        for k in range(int(views)):
-            loader = DataLoader(
-                _views(dataset, seed, k),
-                batch_size=batch_size,
-                shuffle=False,
-                num_workers=num_workers,
-                pin_memory=device.type == "cuda",
-            )
-            for images, idx in loader:
-                images = images.to(device, non_blocking=True)
-                with torch.no_grad(), autocast:
-                    u = teacher.encode_image(adapt_images(images, tf_spec, teacher.preprocess))
-                u = F.normalize(u.float(), dim=-1).to(dtype).cpu()
-                rows = u.view(torch.uint16).numpy() if dtype == torch.bfloat16 else u.numpy()
-                mm[k, idx.numpy()] = rows
-                if bar is not None:
-                    bar.update(1)
-        mm.flush()
-        del mm
-        wm = np.memmap(tmp, dtype=np.float32, mode="r+", offset=offset + feat_bytes, shape=tuple(w.shape))
-        wm[:] = w.numpy()
-        wm.flush()
-        del wm
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path, fsync=True) as tmp:  # a kill leaves no half cache
+            with open(tmp, "wb") as f:
+                f.write(head)
+                f.truncate(total)
+            mm = np.memmap(tmp, dtype=np_dtype, mode="r+", offset=offset, shape=(int(views), n, d))
+            for k in range(int(views)):
+                loader = DataLoader(
+                    _views(dataset, seed, k),
+                    batch_size=batch_size,
+                    shuffle=False,
+                    num_workers=num_workers,
+                    pin_memory=device.type == "cuda",
+                )
+                for images, idx in loader:
+                    images = images.to(device, non_blocking=True)
+                    with torch.no_grad(), autocast:
+                        u = teacher.encode_image(adapt_images(images, tf_spec, teacher.preprocess))
+                    u = F.normalize(u.float(), dim=-1).to(dtype).cpu()
+                    rows = u.view(torch.uint16).numpy() if dtype == torch.bfloat16 else u.numpy()
+                    mm[k, idx.numpy()] = rows
+                    if bar is not None:
+                        bar.update(1)
+            mm.flush()
+            del mm
+            wm = np.memmap(tmp, dtype=np.float32, mode="r+", offset=offset + feat_bytes, shape=tuple(w.shape))
+            wm[:] = w.numpy()
+            wm.flush()
+            del wm
     finally:
         if bar is not None:
             bar.close()

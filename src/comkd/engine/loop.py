@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import OptimConfig
+from ..fileio import temp_path
 from .utils import (
     all_reduce_sum,
     amp_context,
@@ -562,7 +563,7 @@ def _link_previous(ckpt_path: Path, prev_path: Path) -> None:
 
     if not ckpt_path.exists():
         return
-    tmp = prev_path.with_name(f".{prev_path.name}.tmp{os.getpid()}")
+    tmp = temp_path(prev_path)  # the one temp-name scheme (comkd.fileio)
     tmp.unlink(missing_ok=True)
     try:
         os.link(ckpt_path, tmp)

@@ -12,6 +12,7 @@ import torch
 
 from ..config import ConfigError, RunConfig, save_config
 from ..data import promptsrc_templates
+from ..fileio import atomic_path
 from ..methods import build_loss, resolve_recipe
 from ..models import (
     Student,
@@ -181,13 +182,12 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     fit(task, ds, tt.optim, **_fit_kwargs(cfg, out, device, metrics, resume))
     path = out / TEACHER_PROMPTS
     if is_main():
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {k: v.contiguous().cpu() for k, v in teacher.prompt_state_dict().items()},
-            str(tmp),
-            metadata={"comkd.teacher_model": cfg.teacher.model},
-        )
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(
+                {k: v.contiguous().cpu() for k, v in teacher.prompt_state_dict().items()},
+                str(tmp),
+                metadata={"comkd.teacher_model": cfg.teacher.model},
+            )
     barrier()
     return {"prompts": str(path), "train_images": len(ds), "classes": ds.classnames}
 
