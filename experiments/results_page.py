@@ -283,9 +283,9 @@ def collect_runs(
                 "student_s": _stage_seconds(pre / "metrics.jsonl", "pretrain_student"),
             },
             "teacher_train": {
-                "epochs": cfg.teacher_train.optim.epochs,
-                "batch_size": cfg.teacher_train.optim.batch_size,
-                "lr": cfg.teacher_train.optim.lr,
+                "epochs": cfg.train_teacher.optim.epochs,
+                "batch_size": cfg.train_teacher.optim.batch_size,
+                "lr": cfg.train_teacher.optim.lr,
                 "seconds": [_stage_seconds(ds_dir / f"seed{s}" / "teacher" / "metrics.jsonl") for s in seeds],
             },
             "distill": {

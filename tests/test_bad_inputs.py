@@ -307,7 +307,7 @@ def test_cli_names_the_csv_with_a_phantom_label(tmp_path) -> None:
     ("setting", "key"),
     [
         ("distill.optim.grad_clip=0", "distill.optim.grad_clip"),
-        ("teacher_train.optim.grad_clip=-1", "teacher_train.optim.grad_clip"),
+        ("train_teacher.optim.grad_clip=-1", "train_teacher.optim.grad_clip"),
         ("distill.kd_weight=0", "distill.kd_weight"),
         ("distill.kd_weight=-5", "distill.kd_weight"),
         ("distill.temperature=0", "distill.temperature"),

@@ -330,7 +330,7 @@ def test_full_protocol_on_a_labelled_dataset_uses_its_own_shots_and_test_split(t
         res["teacher_mode"] == "prompted" and len(res["classes"]) == 10
     )  # all ten digits, no base/novel halves
     cfg = yaml.safe_load((out / "teacher" / "config.yaml").read_text())
-    assert cfg["teacher_train"]["subsample"] == "all"
+    assert cfg["train_teacher"]["subsample"] == "all"
     m = res["methods"]["comkd"]
     assert set(m["per_class"]) == set(res["classes"]) and 0 <= m["acc"] <= 100
     assert {"acc", "per_class"} <= set(res["teacher"]) and 0 <= res["student_zeroshot"]["acc"] <= 100

@@ -273,7 +273,7 @@ def train_teacher(
             seed=seed,
             device=device,
         ),
-        _stage_optim("teacher_train", epochs, lr, batch_size),
+        _stage_optim("train_teacher", epochs, lr, batch_size),
     )
     cfg = _cfg(config, sets, ov, out)
     from .engine.pipeline import run_train_teacher

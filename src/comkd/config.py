@@ -204,9 +204,14 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    train_teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     full: FullConfig = field(default_factory=FullConfig)
+
+    @property
+    def teacher_train(self) -> TeacherTrainConfig:
+        """The stage-1 section under its earlier key (``train_teacher`` is the one spelling)."""
+        return self.train_teacher
 
 
 # -- conversion ------------------------------------------------------------------------------
@@ -274,10 +279,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
+#: earlier spellings of config sections, accepted on input (YAML files, --set) and read as the new key
+SECTION_ALIASES = {"teacher_train": "train_teacher"}
+
+
 def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     names = set(fields)
+    if isinstance(obj, RunConfig):
+        updates = {SECTION_ALIASES.get(k, k): v for k, v in updates.items()}
     for k, v in updates.items():
         key = f"{prefix}{k}"
         if k not in names:

@@ -84,7 +84,10 @@ def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
         old = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
-    saved = (old.get(stage) or {}).get("optim") or {}
+    from ..config import SECTION_ALIASES
+
+    earlier = [k for k, v in SECTION_ALIASES.items() if v == stage]  # a run saved under an earlier key
+    saved = (old.get(stage) or next((old[k] for k in earlier if k in old), None) or {}).get("optim") or {}
     for k, v in optim_settings(getattr(cfg, stage).optim).items():
         if k in saved and saved[k] != v:
             raise ConfigError(
@@ -166,12 +169,12 @@ def run_pretrain(
 # -- stage 1 -----------------------------------------------------------------------------------
 def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
     """Stage 1: PromptSRC prompt learning on ``num_shots`` labelled shots of the base classes
-    (``teacher_train.subsample``). Writes ``teacher_prompts.safetensors``."""
+    (``train_teacher.subsample``). Writes ``teacher_prompts.safetensors``."""
     from safetensors.torch import save_file
 
-    out, device, metrics = _start(cfg, out_dir, resume, stage="teacher_train")
+    out, device, metrics = _start(cfg, out_dir, resume, stage="train_teacher")
     teacher = build_teacher(cfg, device, prompts="")
-    tt = cfg.teacher_train
+    tt = cfg.train_teacher
     ds = make_dataset(
         cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True, augment=tt.augment
     )

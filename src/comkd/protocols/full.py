@@ -112,7 +112,7 @@ def _teacher_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) ->
     else:
         return zero_shot_teacher(cfg), "zero-shot"
     _check_names(scfg, names, "full.shots" if cfg.full.shots else "the labelled data")
-    scfg.teacher_train.subsample = "all"
+    scfg.train_teacher.subsample = "all"
     prompts = out / "teacher" / P.TEACHER_PROMPTS
     if not (resume and prompts.exists()):
         P.run_train_teacher(scfg, out / "teacher", resume=resume)

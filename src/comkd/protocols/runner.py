@@ -221,7 +221,7 @@ def run_protocol(
         for seed in seeds:
             scfg = copy.deepcopy(scfg0)
             scfg.seed = seed
-            scfg.teacher_train.subsample = "all"
+            scfg.train_teacher.subsample = "all"
             tcfg = _teacher_stage(scfg, out / source / f"seed{seed}" / "teacher", resume)
             for ds_name in datasets:
                 dcfg = protocol_recipe(_for_dataset(tcfg, ds_name), protocol)
