@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import AugmentConfig, ConfigError, RunConfig
-from ..data import DataError, build_dataset, build_transform
+from ..data import DataError, WdsImageDataset, build_dataset, build_transform
 from ..data.dataset import ImageDataset
 from ..methods import get_method
 from ..models import (
@@ -130,19 +130,20 @@ def make_dataset(
     *,
     train: bool,
     subsample: str = "all",
-    shots: bool = False,
+    few_shot: bool = False,
     unlabelled: bool = False,
     augment: AugmentConfig | None = None,
-) -> ImageDataset:
+) -> ImageDataset | WdsImageDataset:
     """A split of the configured dataset with the backbone's transforms; train splits draw
-    reproducible views from the run seed."""
+    reproducible views from the run seed. ``few_shot``: keep ``data.num_shots`` items per class
+    (stage 1)."""
     train_tf, test_tf = _transforms(spec, augment)
     ds = build_dataset(
         cfg.data.dataset,
         cfg.data.root,
         split,
         test_tf if not train else None,
-        num_shots=cfg.data.num_shots if shots else None,
+        num_shots=cfg.data.num_shots if few_shot else None,
         subsample=subsample,
         seed=cfg.seed,
         unlabelled=unlabelled,
@@ -160,7 +161,7 @@ def make_dataset(
             f"{where} has {len(ds.full_classnames)} class {ds.full_classnames}; "
             "training and evaluation need at least 2"
         )
-    if shots and len(ds.classnames) < 2:
+    if few_shot and len(ds.classnames) < 2:
         raise DataError(
             f"the {subsample!r} classes of {where} are only {ds.classnames}; prompt learning needs at least 2"
         )

@@ -176,7 +176,13 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     teacher = build_teacher(cfg, device, prompts="")
     tt = cfg.train_teacher
     ds = make_dataset(
-        cfg, "train", teacher.preprocess, train=True, subsample=tt.subsample, shots=True, augment=tt.augment
+        cfg,
+        "train",
+        teacher.preprocess,
+        train=True,
+        subsample=tt.subsample,
+        few_shot=True,
+        augment=tt.augment,
     )
     templates = promptsrc_templates() if tt.text_templates == "promptsrc" else ds.templates
     task = TeacherPromptTask(
