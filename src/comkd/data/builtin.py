@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-from .records import DatasetSplits, Datum
+from .records import DatasetSplits, Datum, register_virtual_images
 from .splits import split_per_class
 
 SCHEME = "digits://"
@@ -63,6 +63,9 @@ def load_digit(path: str, size: int = DEFAULT_SIZE) -> Image.Image:
     if idx >= len(images):
         raise DataError(f"digits path {path!r}: index out of range (0..{len(images) - 1})")
     return images[idx].copy()
+
+
+register_virtual_images(SCHEME, load_digit)  # ImageDataset resolves digits:// paths through this
 
 
 def load_digits_splits(fractions: Sequence[float] = DIGITS_FRACTIONS, seed: int = 0) -> DatasetSplits:

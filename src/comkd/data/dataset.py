@@ -13,9 +13,9 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
-from .builtin import DEFAULT_SIZE, is_digits_path, load_digit
+from .builtin import DEFAULT_SIZE  # importing it registers the digits:// reader
 from .errors import DataError
-from .records import DEFAULT_TEMPLATE, Datum
+from .records import DEFAULT_TEMPLATE, Datum, virtual_reader
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class ImageDataset(Dataset):
         self.data: list[Datum] = kept
 
     def _check_files(self, data: list[Datum], skip_bad: bool, where: str) -> list[Datum]:
-        missing = [d for d in data if not is_digits_path(d.path) and not os.path.isfile(d.path)]
+        missing = [d for d in data if virtual_reader(d.path) is None and not os.path.isfile(d.path)]
         if not missing:
             return data
         if not skip_bad:
@@ -174,8 +174,9 @@ class ImageDataset(Dataset):
 
     # -- loading -----------------------------------------------------------------------------
     def _load(self, path: str) -> Image.Image:
-        if is_digits_path(path):
-            return load_digit(path, self.digits_size)
+        reader = virtual_reader(path)  # a virtual image (e.g. the embedded digits), rendered at digits_size
+        if reader is not None:
+            return reader(path, self.digits_size)
         return load_image_file(path)
 
     def load_image(self, index: int) -> Image.Image:
