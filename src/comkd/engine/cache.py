@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.dataset import derive_view_seed
+from ..data.records import virtual_reader
 from ..fileio import atomic_path
 from ..models import PreprocessSpec, Teacher
 from ..models.backbones import weights_version
@@ -228,7 +229,8 @@ def load_or_compute_text_features(
 def dataset_fingerprint(dataset: Any) -> dict[str, Any]:
     """Name, item count and SHA-256 of the ordered image paths (labels are never read).
 
-    For the embedded digits (virtual ``digits://`` paths) the rendering size is included too.
+    For virtual images (``data.records.virtual_reader``, e.g. the embedded digits) the rendering size
+    is included too.
     """
     ids = getattr(dataset, "item_ids", None)  # streamed shards: "<shard name>#<sample key>"
     paths = list(ids) if ids is not None else [d.path for d in dataset.data]
@@ -237,7 +239,7 @@ def dataset_fingerprint(dataset: Any) -> dict[str, Any]:
         "items": len(paths),
         "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
     }
-    if any(p.startswith("digits://") for p in paths):
+    if any(virtual_reader(p) is not None for p in paths):  # rendered images: their size is content too
         fp["digits_size"] = int(getattr(dataset, "digits_size", 0))
     return fp
 
