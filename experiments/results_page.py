@@ -355,6 +355,8 @@ def _merge_variants(results: dict, extra: dict) -> None:
         setup = extra.get("setup", {}).pop(label, None)
         if setup is not None and base in extra.get("setup", {}):
             extra["setup"][base][f"distill_{variant}"] = setup["distill"]
+            if setup.get("wall_time"):
+                extra["setup"][base].setdefault("variant_wall_times", {})[variant] = setup["wall_time"]
 
 
 def _kd_weight(cfg) -> float:
@@ -500,7 +502,9 @@ def _setup_section(setup: dict) -> list[str]:
             else f"{s['distill']['edu_lr_scale']:g}"
         ),
     )
-    for v in sorted({k for s in setup.values() for k in s if k.startswith("distill_")}):
+    for v in sorted(
+        {k for s in setup.values() for k in s if k.startswith("distill_") and isinstance(s[k], dict)}
+    ):
         row(
             f"rows marked ({v[len('distill_') :]}): stage 2 optimiser, lr, EduAttention, projector (BN), init, "
             "IFAlign on, crop scale",
@@ -533,12 +537,22 @@ def _setup_section(setup: dict) -> list[str]:
 
     row("measured wall time of the whole run, incl. evaluation", wall)
     lines.append("")
-    walls = [s["wall_time_s"] for s in setup.values() if s.get("wall_time_s")]
-    notes = sorted({(s.get("wall_time") or {}).get("note", "") for s in setup.values()} - {""})
-    if walls:
+    runs = [
+        w
+        for s in setup.values()
+        for w in [s.get("wall_time") or {}, *(s.get("variant_wall_times") or {}).values()]
+        if w.get("seconds")
+    ]
+    notes = sorted({w.get("note", "") for w in runs} - {""})
+    if runs:
+        spans = sorted((w["start"], w["end"]) for w in runs if "start" in w and "end" in w)
+        # without start/end times (older records) the runs are taken to have run side by side
+        parallel = len(spans) < len(runs) or any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+        total = max(w["seconds"] for w in runs) if parallel else sum(w["seconds"] for w in runs)
+        how = "in parallel" if parallel else "one after the other"
         lines += [
-            f"The datasets ran in parallel, so the evidence run took about {max(walls) / 60:.1f} min of wall "
-            "time" + (f" ({'; '.join(notes)})" if notes else "") + ".",
+            f"The {len(runs)} `comkd run` invocations ran {how}, so the evidence run took about {total / 60:.1f} min "
+            "of wall time" + (f" ({'; '.join(notes)})" if notes else "") + ".",
             "",
         ]
     return lines
@@ -729,6 +743,9 @@ def _sweep_section(paths: list[Path]) -> list[str]:
         for name, v in sw["variants"].items():
             cells = []
             for m in ("teacher", "student_zeroshot", "promptkd", "comkd"):
+                if m not in v:  # a sweep that ran only the deciding method (comkd) for this variant
+                    cells.append("not run")
+                    continue
                 mu, sd = mean_std(v[m])
                 cells.append(f"{mu:.2f} ± {sd:.2f}")
             mark = " (chosen)" if name == sw.get("chosen") else ""

@@ -265,7 +265,7 @@ def test_one_class_is_refused_up_front(tmp_path, labels, subsample, words) -> No
     cfg = load_config("demo", sets=["data.dataset=csv", f"data.root={_csv(tmp_path, labels, images=True)}"])
     spec = P.build_student(cfg, 32, "cpu").preprocess
     with pytest.raises(DataError) as err:
-        P.make_dataset(cfg, "train", spec, train=True, subsample=subsample, shots=subsample == "base")
+        P.make_dataset(cfg, "train", spec, train=True, subsample=subsample, few_shot=subsample == "base")
     assert words in str(err.value) and "labels.csv" in str(err.value) and "at least 2" in str(err.value)
 
 

@@ -178,7 +178,11 @@ def bench_data_path(shards: str | None, quick: bool = False, threads: int = 1) -
         return {
             "data_path": {"skipped": f"no WebDataset shards (looked for {DEFAULT_SHARDS}); pass --shards"}
         }
-    items = 100 if quick else 2000
+    from ..data.wds import expand_shards, scan_shard
+
+    # a whole shard (streaming reads every sample of a shard it touches; a partial pool would be
+    # charged for samples it skips), or 100 samples in the smoke run
+    items = 100 if quick else len(scan_shard(expand_shards(found)[0]))
     res = {"shards": found, "read": read_rate(found, items, reps=1 if quick else 3)}
     res["distill_epoch"] = epoch_peak_memory(found, 64 if quick else 1000, threads=threads)
     return {"data_path": res}
