@@ -39,7 +39,7 @@ import math
 import struct
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from ..data.records import virtual_reader
 from ..fileio import atomic_path
 from ..models import PreprocessSpec, Teacher
 from ..models.backbones import weights_version
+from ..models.io import tensor_digest
 from .tasks import adapt_images
 from .utils import amp_context, show_progress
 
@@ -74,18 +75,6 @@ class StaleCacheError(ValueError):
 
 
 # -- digests -----------------------------------------------------------------------------------
-def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 over the names, dtypes, shapes and raw bytes of ``named`` tensors (in the given order)."""
-    h = hashlib.sha256()
-    for name, t in named:
-        t = t.detach()
-        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            flat = t.to("cpu").contiguous().reshape(-1)
-            h.update(flat.view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
 _WEIGHT_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
