@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -29,31 +30,45 @@ def derive_view_seed(base_seed: int, epoch: int, index: int) -> int:
     return (x * 2_654_435_761 + int(index) * 40_503 + 97) & _MASK63
 
 
-def _decode(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+def decode_image(source: str | bytes, where: str | None = None) -> Image.Image:
+    """Open and fully decode an image, a file path or its encoded bytes, as RGB; truncated or
+    unreadable images raise ``DataError`` naming ``where`` (default: the path).
 
-
-def load_image_file(path: str) -> Image.Image:
-    """Open and fully decode an image file as RGB; truncated or unreadable files raise ``DataError``.
-
-    Truncated files are always errors: if some other code set PIL's global
+    Truncated images are always errors: if some other code set PIL's global
     ``ImageFile.LOAD_TRUNCATED_IMAGES``, it is switched off (under a lock) for this load.
     """
+
+    def run() -> Image.Image:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+            im.load()
+            return im.convert("RGB")
+
+    what = where or f"image {source}"
     try:
         if not ImageFile.LOAD_TRUNCATED_IMAGES:
-            return _decode(path)
+            return run()
         with _TRUNCATED_LOCK:
             prev, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
             try:
-                return _decode(path)
+                return run()
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = prev
     except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
+        raise DataError(f"image file not found: {source}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"cannot decode {what}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_image_file(path: str) -> Image.Image:
+    """Open and fully decode an image file as RGB (``decode_image``)."""
+    return decode_image(path)
+
+
+def seeded_view(transform: Callable[..., Any], image: Image.Image, seed: int) -> torch.Tensor:
+    """``transform(image)`` drawn with a ``torch.Generator`` seeded with ``seed``: a replayable view."""
+    g = torch.Generator()
+    g.manual_seed(int(seed) & _MASK63)
+    return transform(image, generator=g)
 
 
 def check_labels_in_range(data: Sequence[Datum], n: int, unlabelled: bool, where: str, name: str) -> None:
@@ -207,10 +222,7 @@ class ImageDataset(Dataset):
 
     def get_view(self, index: int, seed: int) -> torch.Tensor:
         """The train-augmented view of item ``index`` drawn with a generator seeded with ``seed``."""
-        t = self._view_transform()
-        g = torch.Generator()
-        g.manual_seed(int(seed) & _MASK63)
-        return t(self.load_image(index), generator=g)
+        return seeded_view(self._view_transform(), self.load_image(index), seed)
 
     def __len__(self) -> int:
         return len(self.data)

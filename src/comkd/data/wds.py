@@ -36,21 +36,19 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import logging
 import os
 import random
 import tarfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .dataset import check_labels_in_range, derive_view_seed
+from .dataset import check_labels_in_range, decode_image, derive_view_seed, seeded_view
 from .errors import DataError
 from .records import DEFAULT_TEMPLATE, DatasetSplits, Datum
 
@@ -59,8 +57,6 @@ log = logging.getLogger(__name__)
 WDS_SCHEME = "wds://"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXT = "cls"
-_MASK63 = (1 << 63) - 1
-_TRUNCATED_LOCK = threading.Lock()
 
 
 def item_path(shard: str, key: str) -> str:
@@ -288,25 +284,6 @@ def load_wds(
 
 
 # -- streaming ---------------------------------------------------------------------------------
-def _decode(data: bytes, where: str) -> Image.Image:
-    def run() -> Image.Image:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-
-    try:
-        if not ImageFile.LOAD_TRUNCATED_IMAGES:
-            return run()
-        with _TRUNCATED_LOCK:  # a truncated image is an error, whatever another library set
-            prev, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-            try:
-                return run()
-            finally:
-                ImageFile.LOAD_TRUNCATED_IMAGES = prev
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode {where}: {type(exc).__name__}: {exc}") from None
-
-
 def _image_bytes(sample: dict[str, Any]) -> bytes | None:
     for ext in IMAGE_EXTS:
         if ext in sample:
@@ -407,7 +384,7 @@ class WdsImageDataset(IterableDataset):
                 try:
                     if data is None:
                         raise DataError(f"sample {key!r} of shard {shard} has no image")
-                    _decode(data, f"sample {key!r} of shard {shard}")
+                    decode_image(data, f"sample {key!r} of shard {shard}")
                 except DataError as exc:
                     bad.add(i)
                     self.skipped.append((self.data[i].path, str(exc)))
@@ -463,9 +440,7 @@ class WdsImageDataset(IterableDataset):
             if t is None or not getattr(t, "train", False):
                 raise DataError(f"{self.name or 'wds'}: replayable views need a seedable train transform")
             epoch = self.epoch % self.view_period if self.view_period else self.epoch
-            g = torch.Generator()
-            g.manual_seed(derive_view_seed(self.view_seed, epoch, i) & _MASK63)
-            return t(img, generator=g)
+            return seeded_view(t, img, derive_view_seed(self.view_seed, epoch, i))
         return self.transform(img) if self.transform is not None else img
 
     def __iter__(self) -> Iterator[tuple[Any, int, int]]:
@@ -490,7 +465,7 @@ class WdsImageDataset(IterableDataset):
             where = f"sample {key!r} of shard {shard}{self._where}"
             if data is None:
                 raise DataError(f"{where} has no image")
-            img = self._image(_decode(data, where), i)
+            img = self._image(decode_image(data, where), i)
             return img, (-1 if self.unlabelled else self.data[i].label), i
 
         for shard in mine:

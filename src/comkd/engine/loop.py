@@ -167,39 +167,25 @@ class StreamBatches:
             pin_memory=self.pin_memory,
             persistent_workers=False,
         )
-        pending: list[Any] = []
-        have, b = 0, 0
+        pending: Any = None  # samples carried over from short worker batches (a tuple of tensors)
+        b = 0
         for part in loader:  # workers' batches end short at their last shard: re-cut to per_rank
-            pending.append(part)
-            have += len(part[0])
-            while have >= self.per_rank and b < self.num_batches():
-                batch, pending, have = (
-                    _take(pending, self.per_rank),
-                    _rest(pending, self.per_rank),
-                    have - self.per_rank,
-                )
-                if b >= self.start_batch:
-                    yield batch
+            if pending is not None:
+                part = type(part)(torch.cat([x, y]) for x, y in zip(pending, part, strict=True))
+            start = 0
+            while len(part[0]) - start >= self.per_rank and b < self.num_batches():
+                if b >= self.start_batch:  # a full batch from one worker passes through unsliced
+                    whole = start == 0 and len(part[0]) == self.per_rank
+                    yield part if whole else type(part)(t[start : start + self.per_rank] for t in part)
+                start += self.per_rank
                 b += 1
             if b >= self.num_batches():
                 return
+            pending = type(part)(t[start:] for t in part) if start < len(part[0]) else None
         if b < self.num_batches():
             raise RuntimeError(
                 f"the stream of {self.dataset!r} ended after {b} of {self.num_batches()} batches"
             )
-
-
-def _cat(parts: list[Any]) -> Any:
-    return type(parts[0])(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
-
-
-def _take(parts: list[Any], n: int) -> Any:
-    return type(parts[0])(t[:n] for t in _cat(parts))
-
-
-def _rest(parts: list[Any], n: int) -> list[Any]:
-    rest = type(parts[0])(t[n:] for t in _cat(parts))
-    return [rest] if len(rest[0]) else []
 
 
 # -- checkpoints -------------------------------------------------------------------------------
