@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from comkd import cli
-from comkd.config import load_config, save_config
+from comkd.config import ConfigError, load_config, save_config
 from comkd.models import ModelError, load_clip, uses_quick_gelu
 from comkd.models import backbones as B
 
@@ -196,6 +196,26 @@ def test_pretrain_reports_the_split_it_was_scored_on(tmp_path) -> None:
     assert res["student"]["eval_split"] == "val"
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["pretrain"]["eval_split"] is None
+
+
+@pytest.mark.slow
+def test_pretrain_student_shots_give_the_student_fewer_labelled_images(tmp_path) -> None:
+    from comkd.engine.builders import make_dataset
+    from comkd.engine.pipeline import run_pretrain
+    from comkd.models.backbones import load_clip
+
+    sets = ["pretrain.optim.epochs=1", "pretrain.optim.warmup_epochs=0", "pretrain.optim.batch_size=8"]
+    cfg = load_config("demo", sets=[*sets, "progress=false", "pretrain.student_shots=3"])
+    full = load_config("demo", sets=sets)
+    spec = load_clip(cfg.student.model, image_size=cfg.data.image_size).preprocess
+    whole = make_dataset(full, full.pretrain.split, spec, train=True)
+    res = run_pretrain(cfg, tmp_path, which=("student",))
+    assert res["student"]["pool_images"] == 3 * len(whole.classnames) < len(whole)
+    few = make_dataset(cfg, cfg.pretrain.split, spec, train=True, few_shot=3)
+    labels = list(few.labels)
+    assert sorted(labels.count(c) for c in set(labels)) == [3] * len(whole.classnames)
+    with pytest.raises(ConfigError, match="pretrain.student_shots: must be >= 1"):
+        load_config("demo", sets=["pretrain.student_shots=0"])
 
 
 # -- item 7: both HM conventions, labelled ------------------------------------------------------

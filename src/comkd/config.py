@@ -132,6 +132,10 @@ class PretrainConfig:
     # per-tower pools (None: ``split``): a teacher that saw much data, a student that saw little
     teacher_split: str | None = None
     student_split: str | None = None
+    # per-tower labelled images per class, drawn once (run seed) from that tower's split (None: all);
+    # for datasets without spare pools (DTD's 600 train images): a student that saw less data
+    teacher_shots: int | None = None
+    student_shots: int | None = None
     enabled: bool = False  # ``comkd run``: pre-train both CLIPs first (offline presets)
     eval_split: str | None = None  # None: 'val' where the dataset has one, else 'test' (stage-0 choices)
 
@@ -345,10 +349,15 @@ def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, DataConfig) and obj.num_shots <= 0:
         raise ConfigError(f"{prefix}num_shots: must be > 0, got {obj.num_shots}")
     if isinstance(obj, PretrainConfig):
-        for name in ("teacher_epochs", "student_epochs"):
+        for name, unset in (
+            ("teacher_epochs", "optim.epochs"),
+            ("student_epochs", "optim.epochs"),
+            ("teacher_shots", "every image of the split"),
+            ("student_shots", "every image of the split"),
+        ):
             if getattr(obj, name) is not None and getattr(obj, name) < 1:
                 raise ConfigError(
-                    f"{prefix}{name}: must be >= 1 (or null: optim.epochs), got {getattr(obj, name)}"
+                    f"{prefix}{name}: must be >= 1 (or null: {unset}), got {getattr(obj, name)}"
                 )
     if isinstance(obj, DataConfig) and obj.shuffle_buffer < 0:
         raise ConfigError(f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {obj.shuffle_buffer}")

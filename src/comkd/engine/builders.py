@@ -130,20 +130,23 @@ def make_dataset(
     *,
     train: bool,
     subsample: str = "all",
-    few_shot: bool = False,
+    few_shot: bool | int = False,
     unlabelled: bool = False,
     augment: AugmentConfig | None = None,
 ) -> ImageDataset | WdsImageDataset:
     """A split of the configured dataset with the backbone's transforms; train splits draw
     reproducible views from the run seed. ``few_shot``: keep ``data.num_shots`` items per class
-    (stage 1)."""
+    (stage 1), or, given as a number, that many (stage 0's ``pretrain.*_shots``)."""
     train_tf, test_tf = _transforms(spec, augment)
+    shots = None
+    if few_shot is not False:
+        shots = cfg.data.num_shots if few_shot is True else int(few_shot)
     ds = build_dataset(
         cfg.data.dataset,
         cfg.data.root,
         split,
         test_tf if not train else None,
-        num_shots=cfg.data.num_shots if few_shot else None,
+        num_shots=shots,
         subsample=subsample,
         seed=cfg.seed,
         unlabelled=unlabelled,

@@ -136,7 +136,15 @@ def run_pretrain(
         split = (
             cfg.pretrain.teacher_split if role == "teacher" else cfg.pretrain.student_split
         ) or cfg.pretrain.split
-        ds = make_dataset(cfg, split, loaded.preprocess, train=True, augment=cfg.pretrain.augment)
+        shots = cfg.pretrain.teacher_shots if role == "teacher" else cfg.pretrain.student_shots
+        ds = make_dataset(
+            cfg,
+            split,
+            loaded.preprocess,
+            train=True,
+            augment=cfg.pretrain.augment,
+            few_shot=False if shots is None else shots,
+        )
         lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
         task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr)
         task.name = f"pretrain_{role}"
