@@ -133,8 +133,10 @@ def _stage_seconds(path: Path, stage_prefix: str = "") -> float:
     )
 
 
-def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[str, float]:
-    """EduAttention on the test images of a saved student: normalised entropy of the weights over
+def attention_stats(
+    student_path: Path, cfg, max_images: int = 10_000, split: str = "test"
+) -> dict[str, float]:
+    """EduAttention on the ``split`` images of a saved student: normalised entropy of the weights over
     the N classes (1 = uniform, 0 = one class), the mean largest weight, how often the most
     attended class is the student's own prediction, |f_e − u_s| / |u_s|, and the mean cosine
     of each image's FC_o(f_att) to their mean (1 = the same vector for every image)."""
@@ -145,7 +147,7 @@ def attention_stats(student_path: Path, cfg, max_images: int = 10_000) -> dict[s
 
     student = load_student(student_path, "cpu")
     ea = student.edu_attention
-    ds = P.make_dataset(cfg, "test", student.preprocess, train=False)
+    ds = P.make_dataset(cfg, split, student.preprocess, train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False, num_workers=0)
     w = student.text_features
     ent, top, agree, ratio, n = 0.0, 0.0, 0.0, 0.0, 0
@@ -265,6 +267,13 @@ def collect_runs(
                 "student": cfg.pretrain.student_split or cfg.pretrain.split,
             },
             "pretrain_eval_split": pre_res.get("teacher", {}).get("eval_split"),
+            # images each tower pre-trained on (fewer than its split with pretrain.*_shots)
+            "pretrain_images": {
+                r: pre_res[r]["pool_images"]
+                for r in ("teacher", "student")
+                if "pool_images" in pre_res.get(r, {})
+            },
+            "pretrain_shots": {"teacher": cfg.pretrain.teacher_shots, "student": cfg.pretrain.student_shots},
             "seeds": seeds,
             "teacher": _model_sizes(cfg.teacher.model, cfg.data.image_size),
             "student": _model_sizes(cfg.student.model, cfg.data.image_size),
@@ -374,6 +383,15 @@ def _mean(xs: list[float]) -> float:
     return mean_std(xs)[0]
 
 
+def _pretrain_images(s: dict, role: str) -> str:
+    """How many images a tower pre-trained on: its split's size, or K per class of it
+    (``pretrain.<role>_shots``, as the stage-0 results recorded)."""
+    split = s["pretrain_splits"][role]
+    shots = (s.get("pretrain_shots") or {}).get(role)
+    n = (s.get("pretrain_images") or {}).get(role, s["splits"][split])
+    return f"{n} of {s['splits'][split]} images, {shots} per class" if shots else f"{n} images"
+
+
 def _setup_section(setup: dict) -> list[str]:
     if not setup:
         return ["(No `curves.json` with the run setup next to results.json.)", ""]
@@ -417,8 +435,7 @@ def _setup_section(setup: dict) -> list[str]:
         "stage 0 pre-trains on (labelled): teacher / student",
         lambda s: (
             " / ".join(
-                f"`{s['pretrain_splits'][r]}` ({s['splits'][s['pretrain_splits'][r]]} images)"
-                for r in ("teacher", "student")
+                f"`{s['pretrain_splits'][r]}` ({_pretrain_images(s, r)})" for r in ("teacher", "student")
             )
             if "pretrain_splits" in s
             else f"`{s['pretrain_split']}` ({s['splits'][s['pretrain_split']]} images), both"
@@ -737,8 +754,18 @@ def _sweep_section(paths: list[Path]) -> list[str]:
             + ")",
             "",
             *([sw["note"] + ".", ""] if sw.get("note") else []),
-            "| variant | overrides on the preset | teacher | undistilled | PromptKD | ComKD-CLIP |",
-            "|---|---|---|---|---|---|",
+            *(
+                [
+                    "| variant | overrides on the preset | teacher | undistilled | PromptKD | ComKD-CLIP "
+                    "| ComKD EduAttention on val: entropy / argmax = prediction |",
+                    "|---|---|---|---|---|---|---|",
+                ]
+                if any("comkd_attention_val" in x for x in sw["variants"].values())
+                else [
+                    "| variant | overrides on the preset | teacher | undistilled | PromptKD | ComKD-CLIP |",
+                    "|---|---|---|---|---|---|",
+                ]
+            ),
         ]
         for name, v in sw["variants"].items():
             cells = []
@@ -748,6 +775,13 @@ def _sweep_section(paths: list[Path]) -> list[str]:
                     continue
                 mu, sd = mean_std(v[m])
                 cells.append(f"{mu:.2f} ± {sd:.2f}")
+            if any("comkd_attention_val" in x for x in sw["variants"].values()):
+                att = v.get("comkd_attention_val")
+                cells.append(
+                    f"{_mean(att['entropy']):.2f} / {_mean(att['argmax_is_prediction']):.0f}%"
+                    if att
+                    else "not measured"
+                )
             mark = " (chosen)" if name == sw.get("chosen") else ""
             sets = ", ".join(f"`{x}`" for x in v["sets"]) or (
                 f"the `{v['preset']}` preset instead" if v.get("preset") else "(the preset as it is)"
@@ -755,15 +789,15 @@ def _sweep_section(paths: list[Path]) -> list[str]:
             lines.append(f"| {name}{mark} | {sets} | " + " | ".join(cells) + " |")
         lines += [
             "",
-            f"Val HM, mean ± std over seeds. Chosen: the variant with the best mean ComKD-CLIP val HM "
-            f"(`{sw.get('chosen')}`).",
+            f"Val HM, mean ± std over seeds. Chosen: the variant with "
+            f"{sw.get('criterion', 'the best mean ComKD-CLIP val HM')} (`{sw.get('chosen')}`).",
             "",
         ]
     if lines:
         lines = [
             "## How the stage-2 recipe was chosen (validation split only)",
             "",
-            "`python experiments/sweep_recipe.py` reruns stage 2 (and stage 1) for each variant from the "
+            "`python -m experiments.sweep_recipe` reruns stage 2 (and stage 1) for each variant from the "
             "preset's stage-0 weights and scores every model on the `val` split; the test images play no part.",
             "",
             *lines,

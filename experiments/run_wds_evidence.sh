@@ -7,7 +7,8 @@
 #   bash experiments/run_wds_evidence.sh [OUT]        (default OUT=runs/wds_evidence)
 # One job at a time with 2 threads. Re-running resumes (finished runs are kept). STAGE0_FROM=DIR
 # reuses the CIFAR-10 stage-0 CLIPs of an earlier run of cifar10_wds (DIR/wds/pretrain);
-# DTD_STAGE0_FROM=DIR the DTD-10 ones (DIR/dtd/pretrain). SKIP_DTD=1 runs CIFAR-10 only.
+# DTD_STAGE0_FROM=DIR the DTD-10 ones (DIR/dtd/pretrain). SKIP_DTD=1 runs CIFAR-10 only; SKIP_CIFAR=1
+# runs DTD-10 only and pages it with the CIFAR-10 runs already in OUT.
 set -euo pipefail
 OUT=${1:-runs/wds_evidence}
 SEEDS=(--seeds 1 --seeds 2 --seeds 3)
@@ -40,10 +41,12 @@ PY
   echo "$name: $(( $(date +%s) - t0 )) s"
 }
 
-[[ -n "${STAGE0_FROM:-}" ]] && reuse "$STAGE0_FROM" "$OUT/cifar10_wds" wds
-timed cifar10_wds cifar10_wds "${RECIPE[@]}"
-reuse "$OUT/cifar10_wds" "$OUT/cifar10_wds_paper" wds
-timed cifar10_wds_paper cifar10_wds_paper "${PAPER[@]}"
+if [[ "${SKIP_CIFAR:-0}" != 1 ]]; then
+  [[ -n "${STAGE0_FROM:-}" ]] && reuse "$STAGE0_FROM" "$OUT/cifar10_wds" wds
+  timed cifar10_wds cifar10_wds "${RECIPE[@]}"
+  reuse "$OUT/cifar10_wds" "$OUT/cifar10_wds_paper" wds
+  timed cifar10_wds_paper cifar10_wds_paper "${PAPER[@]}"
+fi
 RUNS=("cifar10_wds=$OUT/cifar10_wds" "cifar10_wds+paper=$OUT/cifar10_wds_paper")
 if [[ "${SKIP_DTD:-0}" != 1 ]]; then
   [[ -n "${DTD_STAGE0_FROM:-}" ]] && reuse "$DTD_STAGE0_FROM" "$OUT/dtd10" dtd

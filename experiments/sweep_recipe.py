@@ -1,6 +1,6 @@
 """Choose the stage-2 recipe on VALIDATION data (never the test images).
 
-    python experiments/sweep_recipe.py --preset demo --base runs/demo/run [--seeds 1 2 3]
+    python -m experiments.sweep_recipe --preset demo --base runs/demo/run [--seeds 1 2 3]
 
 Each variant is a list of ``--set`` overrides on top of the preset (``paper``: the ``<preset>_paper``
 preset instead). Stage 0, and stage 1 of each seed where present, are reused from ``--base`` (a
@@ -32,6 +32,25 @@ VARIANTS: dict[str, list[str]] = {
     "full_scope": ["student.scope=full"],  # the tower learns too, at distill.tower_lr_scale x lr
     "paper": [],  # the `<preset>_paper` preset: stage 2 in the paper's plain reading
 }
+
+
+def _val_attention(out: Path, res: dict) -> dict[str, list[float]]:
+    """EduAttention of each seed's saved comkd student on the val images: normalised entropy and how
+    often the most-attended class is the student's prediction (experiments.results_page)."""
+    from comkd.config import load_config
+    from experiments.results_page import attention_stats
+
+    cfg = load_config(out / "config.yaml")
+    ((ds_key, _),) = res["datasets"].items()
+    stats = [
+        attention_stats(p, cfg, split="val")
+        for p in (out / ds_key / f"seed{s}" / "comkd" / "student.safetensors" for s in res.get("seeds") or [])
+        if p.exists()
+    ]
+    stats = [x for x in stats if "entropy" in x]
+    if not stats:
+        return {}
+    return {k: [x[k] for x in stats] for k in ("entropy", "argmax_is_prediction")}
 
 
 def main() -> None:
@@ -76,11 +95,19 @@ def main() -> None:
         if not (out / ds_dir.name / "pretrain").exists():
             (out / ds_dir.name).mkdir(parents=True, exist_ok=True)
             shutil.copytree(ds_dir / "pretrain", out / ds_dir.name / "pretrain")
-        for s in args.seeds:  # stage 1 does not depend on the stage-2 variant: reuse it when the base has it
+        # stage 1 does not depend on a stage-2 variant: reuse it when the base has it (not for a
+        # variant of stage 1 itself or of the teacher's prompts)
+        stage1_variant = any(
+            x.startswith(("train_teacher.", "teacher_train.", "teacher."))
+            for x in [*VARIANTS[name], *args.sets]
+        )
+        for s in args.seeds:
             teacher = ds_dir / f"seed{s}" / "teacher"
-            if (teacher / "teacher_prompts.safetensors").exists() and not (
-                out / ds_dir.name / f"seed{s}"
-            ).exists():
+            if (
+                not stage1_variant
+                and (teacher / "teacher_prompts.safetensors").exists()
+                and not (out / ds_dir.name / f"seed{s}").exists()
+            ):
                 shutil.copytree(teacher, out / ds_dir.name / f"seed{s}" / "teacher")
         cmd = [
             sys.executable,
@@ -116,6 +143,9 @@ def main() -> None:
                 "from": str(base),
                 **{m: v["hm"] for m, v in next(iter(res["datasets"].values())).items()},
             }
+            att = _val_attention(base, res)
+            if att:
+                summary["variants"][name]["comkd_attention_val"] = att
             print(name, "from", base, flush=True)
             continue
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -125,10 +155,13 @@ def main() -> None:
         summary["variants"][name] = {"sets": VARIANTS[name] + args.sets, **{m: table[m]["hm"] for m in table}}
         if name == "paper":
             summary["variants"][name]["preset"] = f"{args.preset}_paper"
+        att = _val_attention(out, res)
+        if att:
+            summary["variants"][name]["comkd_attention_val"] = att
         row = {
             m: round(sum(v) / len(v), 2)
             for m, v in summary["variants"][name].items()
-            if m not in ("sets", "preset")
+            if m not in ("sets", "preset", "comkd_attention_val")
         }
         print(name, row, flush=True)
     best = max(summary["variants"], key=lambda k: sum(summary["variants"][k]["comkd"]))

@@ -193,6 +193,21 @@ def test_page_keeps_dated_earlier_results_and_shows_val_sweeps_and_step0(tmp_pat
     assert "## Earlier results (2026-11)" in page and "22.22" not in page.split("## Earlier results")[0]
     assert f"{statistics.mean([11.11, 22.22, 33.33]):.2f}" in page.split("## Earlier results")[1]
     assert "| b (chosen) | `distill.optim.lr=0.1` | 81.00 ± 1.41 |" in page
+    assert "argmax = prediction" not in page  # no attention column when no variant measured it
+    sweep["variants"]["b"]["comkd_attention_val"] = {
+        "entropy": [0.25, 0.35],
+        "argmax_is_prediction": [90.0, 80.0],
+    }
+    (tmp_path / "sweep_demo.json").write_text(json.dumps(sweep))
+    page = write_results_page(res, tmp_path / "results.md").read_text()
+    assert "| 81.00 ± 1.41 | 0.30 / 85% |" in page and "| 71.00 ± 1.41 | not measured |" in page
+    assert "Chosen: the variant with the best mean ComKD-CLIP val HM (`b`)" in page
+    sweep["criterion"] = "the best mean prompted-teacher val HM"
+    (tmp_path / "sweep_demo.json").write_text(json.dumps(sweep))
+    assert (
+        "with the best mean prompted-teacher val HM (`b`)"
+        in write_results_page(res, tmp_path / "r.md").read_text()
+    )
     # step 0: teacher HM and undistilled HM of cifar10 from the synthetic table give the gap share
     t = statistics.mean(table["cifar10"]["teacher"]["hm"])
     s = statistics.mean(_synthetic()["cifar10"]["student_zeroshot"]["hm"])
@@ -225,3 +240,13 @@ def test_a_variant_run_is_folded_into_its_base_label():
     bad = {"c": {**ref}, "c+paper": {"teacher": {"hm": [71.0]}, "student_zeroshot": {"hm": [50.0]}}}
     with pytest.raises(ValueError, match="teacher differs"):
         _merge_variants(bad, {"setup": {}})
+
+
+def test_the_setup_table_counts_a_stage0_subset_by_its_images_per_class():
+    from experiments.results_page import _pretrain_images
+
+    s = {"pretrain_splits": {"teacher": "train", "student": "train"}, "splits": {"train": 600}}
+    assert _pretrain_images(s, "student") == "600 images"  # a run folder from before the key
+    s |= {"pretrain_images": {"teacher": 600, "student": 160}, "pretrain_shots": {"student": 16}}
+    assert _pretrain_images(s, "teacher") == "600 images"
+    assert _pretrain_images(s, "student") == "160 of 600 images, 16 per class"
