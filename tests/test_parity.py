@@ -211,7 +211,7 @@ def test_pretrain_student_shots_give_the_student_fewer_labelled_images(tmp_path)
     whole = make_dataset(full, full.pretrain.split, spec, train=True)
     res = run_pretrain(cfg, tmp_path, which=("student",))
     assert res["student"]["pool_images"] == 3 * len(whole.classnames) < len(whole)
-    few = make_dataset(cfg, cfg.pretrain.split, spec, train=True, few_shot=3)
+    few = make_dataset(cfg, cfg.pretrain.split, spec, train=True, shots=3)
     labels = list(few.labels)
     assert sorted(labels.count(c) for c in set(labels)) == [3] * len(whole.classnames)
     with pytest.raises(ConfigError, match="pretrain.student_shots: must be >= 1"):

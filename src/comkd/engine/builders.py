@@ -130,17 +130,17 @@ def make_dataset(
     *,
     train: bool,
     subsample: str = "all",
-    few_shot: bool | int = False,
+    few_shot: bool = False,
+    shots: int | None = None,
     unlabelled: bool = False,
     augment: AugmentConfig | None = None,
 ) -> ImageDataset | WdsImageDataset:
     """A split of the configured dataset with the backbone's transforms; train splits draw
     reproducible views from the run seed. ``few_shot``: keep ``data.num_shots`` items per class
-    (stage 1), or, given as a number, that many (stage 0's ``pretrain.*_shots``)."""
+    (stage 1); ``shots``: keep that many instead (stage 0's ``pretrain.*_shots``)."""
     train_tf, test_tf = _transforms(spec, augment)
-    shots = None
-    if few_shot is not False:
-        shots = cfg.data.num_shots if few_shot is True else int(few_shot)
+    if shots is None and few_shot:
+        shots = cfg.data.num_shots
     ds = build_dataset(
         cfg.data.dataset,
         cfg.data.root,

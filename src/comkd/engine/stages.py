@@ -138,12 +138,7 @@ def run_pretrain(
         ) or cfg.pretrain.split
         shots = cfg.pretrain.teacher_shots if role == "teacher" else cfg.pretrain.student_shots
         ds = make_dataset(
-            cfg,
-            split,
-            loaded.preprocess,
-            train=True,
-            augment=cfg.pretrain.augment,
-            few_shot=False if shots is None else shots,
+            cfg, split, loaded.preprocess, train=True, augment=cfg.pretrain.augment, shots=shots
         )
         lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
         task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr)
