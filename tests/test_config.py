@@ -169,3 +169,82 @@ def test_a_run_is_reproduced_from_its_config_yaml_alone(tmp_path):
     assert (first / "results.json").read_text() == (second / "results.json").read_text()
     resaved = yaml.safe_load((second / "config.yaml").read_text())
     assert {**resaved, "output_dir": None} == {**saved, "output_dir": None}
+
+
+# -- the stage-2 recipe switch -----------------------------------------------------------------
+EIGHT_FLAGS = [
+    "student.edu_mode=cosine",
+    "student.projector_bn=frozen",
+    "distill.projector_init=ridge",
+    "distill.ifalign_on=projected",
+    "distill.edu_lr_scale=1",
+    "distill.optim.optimizer=adamw",
+    "distill.optim.lr=1e-4",
+    "distill.optim.weight_decay=0",
+]
+
+
+def _without_recipe_name(cfg: RunConfig) -> dict:
+    d = to_dict(cfg)
+    d["distill"].pop("recipe")
+    return d
+
+
+def test_recipe_recommended_equals_the_eight_flag_form():
+    by_name = load_config(None, cli._overrides(recipe="recommended"))  # what `--recipe recommended` passes
+    by_keys = load_config(None, sets=EIGHT_FLAGS)
+    assert by_name.distill.recipe == "recommended" and by_keys.distill.recipe == "paper"
+    assert _without_recipe_name(by_name) == _without_recipe_name(by_keys)
+    assert _without_recipe_name(by_name) != _without_recipe_name(load_config())
+
+
+def test_the_defaults_are_the_paper_recipe():
+    assert to_dict(load_config()) == to_dict(load_config(None, sets=["distill.recipe=paper"]))
+    from comkd.methods import RECIPES
+
+    default = to_dict(RunConfig())
+    for key, value in RECIPES["paper"].items():
+        node = default
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+
+
+def test_explicit_keys_override_the_recipe_at_its_layer_and_above(tmp_path):
+    c = load_config(None, cli._overrides(recipe="recommended"), sets=["distill.optim.lr=0.003"])
+    assert (c.distill.optim.lr, c.student.edu_mode) == (0.003, "cosine")
+    y = tmp_path / "c.yaml"  # a key beside the recipe in the same file wins over it
+    y.write_text(yaml.safe_dump({"distill": {"recipe": "recommended", "edu_lr_scale": 0.1}}))
+    c = load_config(y)
+    assert (c.distill.edu_lr_scale, c.distill.projector_init) == (0.1, "ridge")
+    # a recipe named by a later layer (the flag) overrides the file's keys, also a preset's
+    c = load_config("demo", cli._overrides(recipe="paper"))
+    assert (c.student.edu_mode, c.distill.optim.optimizer, c.distill.optim.lr) == ("paper", "sgd", 0.005)
+    assert c.distill.optim.epochs == load_config("demo").distill.optim.epochs  # not a recipe key
+    with pytest.raises(ConfigError, match="distill.recipe.*recommended"):
+        load_config(None, sets=["distill.recipe=best"])
+
+
+def test_presets_name_their_recipe_instead_of_spelling_its_keys():
+    from comkd.config import PRESET_DIR, list_presets
+    from comkd.methods import RECIPES
+
+    for name in list_presets():
+        raw = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
+        recipe = load_config(name).distill.recipe
+        assert (raw.get("distill") or {}).get("recipe") == recipe or "preset" in raw, name
+        for key, value in RECIPES[recipe].items():
+            node = raw
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            # a recipe key spelled in a preset is a deliberate override, never the recipe's own value
+            assert node is None or node != value, (name, key)
+
+
+def test_saved_config_records_the_recipe_and_its_values(tmp_path):
+    c = load_config("demo")
+    save_config(c, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["distill"]["recipe"] == "recommended" and saved["student"]["edu_mode"] == "cosine"
+    assert saved["distill"]["optim"]["optimizer"] == "adamw"
+    assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(c)

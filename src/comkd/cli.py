@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from .config import ConfigError, RunConfig, list_presets, load_config
-from .methods import METHODS
+from .methods import METHODS, RECIPE_HELP
 
 app = typer.Typer(
     add_completion=False,
@@ -27,6 +27,15 @@ ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML conf
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: output_dir).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe",
+        help="Stage-2 reading, every switch at once. "
+        + "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items())
+        + ". Explicit --set keys still win.",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -63,6 +72,7 @@ def _overrides(**flags) -> dict:
         "student": "student.model",
         "student_pretrained": "student.pretrained",
         "method": "distill.method",
+        "recipe": "distill.recipe",
         "kd_weight": "distill.kd_weight",
         "align_weight": "distill.align_weight",
         "temperature": "distill.temperature",
@@ -288,6 +298,7 @@ def distill(
     out: OutOpt = None,
     resume: ResumeOpt = False,
     method: Annotated[str | None, typer.Option(help=" | ".join(METHODS))] = None,
+    recipe: RecipeOpt = None,
     dataset: str | None = None,
     root: Path | None = None,
     split_file: Path | None = None,
@@ -314,6 +325,7 @@ def distill(
     ov = _merge(
         _overrides(
             method=method,
+            recipe=recipe,
             dataset=dataset,
             root=root,
             split_file=split_file,
@@ -408,13 +420,15 @@ def run(
     ] = None,
     source: Annotated[str, typer.Option(help="cross/dg: the teacher's source dataset.")] = "imagenet",
     select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
+    recipe: RecipeOpt = None,
     device: str | None = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """All stages for datasets × seeds × methods, then one results table (report.md)."""
     _setup_logging(verbose, quiet)
-    cfg = _cfg(config, sets, _overrides(protocol=protocol, root=root, select=select, device=device), out)
+    ov = _overrides(protocol=protocol, root=root, select=select, recipe=recipe, device=device)
+    cfg = _cfg(config, sets, ov, out)
     from .protocols.runner import run_protocol
 
     res = _run(

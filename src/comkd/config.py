@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from .fileio import atomic_write_text
-from .methods import METHODS, canonical_method
+from .methods import METHODS, RECIPES, canonical_method, recipe_updates
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -162,6 +162,8 @@ class DistillConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     method: str = "comkd"  # a name in comkd.methods.METHODS (validated against the table)
+    # every switch of a stage-2 reading at once (comkd.methods.RECIPES); the defaults are 'paper'
+    recipe: Literal["paper", "recommended"] = "paper"
     kd_weight: float | None = None  # None: the paper's per-dataset value (1000; 200 for aircraft/flowers/dtd)
     temperature: float = 1.0
     align_weight: float = 1.0
@@ -425,20 +427,18 @@ def _read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{p}: cannot read the config file ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
-    base = data.pop("preset", None)
-    if base:
-        merged = _read_yaml(base)
-        _deep_update(merged, data)
-        data = merged
     return data
 
 
-def _deep_update(base: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
-        else:
-            base[k] = v
+def _read_layers(path: str | Path, seen: tuple[str, ...] = ()) -> list[dict]:
+    """The layers of a config file, base first: a file that names a ``preset`` sits above it."""
+    data = _read_yaml(path)
+    base = data.pop("preset", None)
+    if not base:
+        return [data]
+    if str(base) in seen or str(base) == str(path):
+        raise ConfigError(f"{path}: preset {base!r} names itself through its presets")
+    return [*_read_layers(base, (*seen, str(path))), data]
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -462,14 +462,26 @@ def load_config(
 ) -> RunConfig:
     """Defaults < ``config`` (a YAML path or preset name) < ``overrides`` (flags) < ``sets``."""
     cfg = RunConfig()
-    if config:
-        _merge(cfg, _read_yaml(config))
+    for layer in _read_layers(config) if config else []:
+        _merge_layer(cfg, layer)
     if overrides:
-        _merge(cfg, overrides)
+        _merge_layer(cfg, overrides)
     if sets:
-        _merge(cfg, parse_overrides(sets))
+        _merge_layer(cfg, parse_overrides(sets))
     _validate_tree(cfg)
     return cfg
+
+
+def _merge_layer(cfg: RunConfig, layer: dict) -> None:
+    """Merge one layer; a ``distill.recipe`` it names is applied first, so the layer's own keys
+    (and later layers) override the recipe's values and earlier layers are overridden by it."""
+    distill = layer.get("distill")
+    if isinstance(distill, dict) and distill.get("recipe") is not None:
+        name = distill["recipe"]
+        if name not in RECIPES:
+            raise ConfigError(f"distill.recipe: {name!r} is not allowed; choose one of {', '.join(RECIPES)}")
+        _merge(cfg, recipe_updates(name))
+    _merge(cfg, layer)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -92,6 +92,55 @@ def paper_kd_weight(dataset: str) -> float:
     return LOW_KD_WEIGHT if dataset in LOW_KD_WEIGHT_DATASETS else PAPER_KD_WEIGHT
 
 
+# -- stage-2 recipes ---------------------------------------------------------------------------
+#: ``distill.recipe``: every switch of a stage-2 reading, set at once (dotted config key -> value).
+#: A recipe sits at the config layer that names it (preset file, flags or ``--set``): keys given
+#: explicitly in that layer or a later one override it. ``paper`` is PromptKD's published stage 2
+#: and ComKD-CLIP's plain reading, and equals the built-in defaults; ``recommended`` is the reading
+#: chosen on validation data (docs/method.md, "the recipe"; docs/results.md for the evidence).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {
+        "student.edu_mode": "paper",
+        "student.projector_bn": "train",
+        "distill.projector_init": "random",
+        "distill.ifalign_on": "features",
+        "distill.edu_lr_scale": 0.01,
+        "distill.optim.optimizer": "sgd",
+        "distill.optim.lr": 0.005,
+        "distill.optim.weight_decay": 5e-4,
+    },
+    "recommended": {
+        "student.edu_mode": "cosine",
+        "student.projector_bn": "frozen",
+        "distill.projector_init": "ridge",
+        "distill.ifalign_on": "projected",
+        "distill.edu_lr_scale": 1.0,
+        "distill.optim.optimizer": "adamw",
+        "distill.optim.lr": 1e-4,
+        "distill.optim.weight_decay": 0.0,
+    },
+}
+
+RECIPE_HELP = {
+    "paper": "PromptKD's stage 2 as published: dot-product EduAttention, random projector, SGD 0.005",
+    "recommended": "chosen on val data: cosine EduAttention, ridge-started frozen-BN projector, AdamW 1e-4",
+}
+
+
+def recipe_updates(name: str) -> dict:
+    """The nested config update of recipe ``name`` (a ``ValueError`` naming the recipes if unknown)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    out: dict = {}
+    for key, value in RECIPES[name].items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
 # -- the table ---------------------------------------------------------------------------------
 def method_names() -> list[str]:
     """The valid method names, in table order."""
