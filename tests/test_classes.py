@@ -84,7 +84,12 @@ def test_student_file_records_its_teacher(distilled) -> None:
     d = distilled["dir"]
     with safe_open(str(distilled["student"]), framework="pt") as f:
         rec = json.loads(f.metadata()["comkd.teacher"])
+    source = rec.pop("source")  # how to rebuild it: comkd classes needs nothing else
     assert rec == teacher_identity(_teacher(d / "t0.safetensors", d / "p0.safetensors"))
+    assert source["pretrained"] == str(d / "t0.safetensors") and source["prompts"] == str(
+        d / "p0.safetensors"
+    )
+    assert source["arch"]["model"] == "comkd-tiny-teacher" and source["arch"]["image_size"] == 16
     assert (
         rec["model"] == "comkd-tiny-teacher" and rec["image_size"] == 16 and len(rec["weights_sha256"]) == 64
     )
@@ -104,6 +109,34 @@ def test_classes_recomputes_w_with_the_students_own_teacher(distilled) -> None:
     assert new.teacher_identity == old.teacher_identity
     x = torch.randn(4, 3, 16, 16)
     assert new(x).logits.shape == (4, 3) and {p.classes[0] for p in new.predict(x)} <= set(NEW)
+
+
+@pytest.mark.slow
+def test_classes_from_the_student_file_alone_rebuilds_its_teacher(distilled, tmp_path) -> None:
+    d = distilled["dir"]
+    out = tmp_path / "alone.safetensors"
+    r = CliRunner().invoke(
+        cli.app, ["classes", str(distilled["student"]), "--names", str(d / "new.txt"), "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    w = _teacher(d / "t0.safetensors", d / "p0.safetensors").class_text_features(NEW)
+    new = load_student(out)
+    assert new.classnames == NEW and torch.allclose(new.text_features, w, atol=1e-6)
+    # a recorded file that moved is named, with the flag that replaces it
+    s = load_student(distilled["student"])
+    s.teacher_identity["source"]["prompts"] = str(tmp_path / "gone.safetensors")
+    save_student(s, tmp_path / "moved.safetensors")
+    r = CliRunner().invoke(
+        cli.app, ["classes", str(tmp_path / "moved.safetensors"), "--names", str(d / "new.txt")]
+    )
+    assert r.exit_code == 1 and "gone.safetensors" in r.output and "--teacher-prompts" in r.output
+    # the recorded prompts replaced by other ones: refused, naming the digest
+    r = CliRunner().invoke(
+        cli.app,
+        ["classes", str(distilled["student"]), "--names", str(d / "new.txt"), "--teacher-prompts"]
+        + [str(d / "p1.safetensors"), "--out", str(tmp_path / "bad.safetensors")],
+    )
+    assert r.exit_code == 1 and "prompts_sha256" in r.output and not (tmp_path / "bad.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -185,6 +218,7 @@ def test_a_student_distilled_from_a_teacher_cache_records_the_cached_teacher(tmp
     assert r.exit_code == 0, r.output
     rec = load_student(tmp_path / "s" / "student.safetensors").teacher_identity
     head = read_cache_info(cache).header["teacher"]
+    assert rec.pop("source")["arch"]["text_depth"] == 1  # the config's teacher (the cache holds its outputs)
     assert rec == {
         "model": head["model"],
         "weights_sha256": head["weights_sha256"],

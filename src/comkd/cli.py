@@ -650,7 +650,8 @@ def classes_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """New class names: W recomputed by the teacher's text tower and prompts, in a new student file.
-    A teacher other than the one recorded in the student file is refused."""
+    Without --config or --teacher the teacher is rebuilt from what the student file records; a
+    teacher other than the recorded one is refused, naming the digest that differs."""
     _setup_logging(verbose, quiet)
     cfg = _cfg(
         config,
@@ -665,7 +666,11 @@ def classes_cmd(
     )
     from .deploy.classes import recompute_classes
 
-    _print_json(_run(lambda: recompute_classes(cfg, student_file, names, out, force=force)))
+    # no --config and no --teacher: the teacher the student file records
+    from_record = config is None and teacher is None
+    _print_json(
+        _run(lambda: recompute_classes(cfg, student_file, names, out, force=force, from_record=from_record))
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m comkd.cli` / `torchrun -m comkd.cli`

@@ -42,6 +42,45 @@ def check_teacher(recorded: dict[str, Any] | None, current: dict[str, Any], stud
         )
 
 
+_ARCH_KEYS = ("model", "text_ctx", "text_depth", "ctx_init", "vision_tokens", "vision_depth", "quick_gelu")
+
+
+def teacher_config(
+    cfg: RunConfig, recorded: dict[str, Any] | None, student_path: Path, *, from_record: bool
+) -> RunConfig:
+    """The config that rebuilds the student's teacher. ``from_record``: the teacher the student
+    file records (model, options, weights and prompts; ``cfg.teacher.pretrained`` / ``prompts``
+    when set replace the recorded files). Otherwise ``cfg.teacher``, with the recorded weights and
+    prompts filling what it leaves unset (a run's top-level config names no stage-1 prompts)."""
+    tcfg = copy.deepcopy(cfg)
+    source = (recorded or {}).get("source")
+    if from_record:
+        if source is None:
+            raise ModelError(
+                f"{student_path} does not record how to rebuild its teacher (a file made before this "
+                "record existed); pass the run's --config, or --teacher / --teacher-pretrained / --teacher-prompts"
+            )
+        arch = source.get("arch") or {}
+        for k in _ARCH_KEYS:
+            if k in arch:
+                setattr(tcfg.teacher, k, arch[k] if k != "quick_gelu" else bool(arch[k]))
+        tcfg.data.image_size = arch.get("image_size") or recorded.get("image_size")
+    if source is not None and tcfg.teacher.model == (source.get("arch") or {}).get("model"):
+        for key, flag in (("pretrained", "--teacher-pretrained"), ("prompts", "--teacher-prompts")):
+            given = getattr(tcfg.teacher, key)
+            if given is None and source.get(key) is not None:
+                path = source[key]
+                looks_like_file = Path(path).suffix in (".safetensors", ".pt", ".bin", ".pth")
+                if looks_like_file and not Path(path).exists():
+                    raise ModelError(
+                        f"{student_path}: its teacher's {key} file {path} is no longer there; pass {flag} FILE"
+                    )
+                setattr(tcfg.teacher, key, path)
+    if recorded is not None and tcfg.data.image_size is None:
+        tcfg.data.image_size = recorded["image_size"]
+    return tcfg
+
+
 def recompute_classes(
     cfg: RunConfig,
     student_path: str | Path,
@@ -49,10 +88,12 @@ def recompute_classes(
     out: str | Path | None = None,
     *,
     force: bool = False,
+    from_record: bool = False,
 ) -> dict[str, Any]:
     """Write a copy of the student with W = the teacher's prompted text features of the names in
-    ``names_file`` (one a line). The teacher is built from ``cfg.teacher`` at the recorded input size."""
-    from ..engine.pipeline import build_teacher, resolve_device, teacher_identity
+    ``names_file`` (one a line). The teacher is the one the student file records (``from_record``)
+    or ``cfg.teacher`` (see ``teacher_config``), at the recorded input size; its identity is checked."""
+    from ..engine.pipeline import build_teacher, resolve_device, teacher_identity, teacher_source
     from ..engine.utils import seed_everything
     from ..models.io import load_student, save_student
 
@@ -61,9 +102,7 @@ def recompute_classes(
     device = resolve_device(cfg.device)
     student = load_student(student_path, device)
     recorded = student.teacher_identity
-    tcfg = copy.deepcopy(cfg)
-    if recorded is not None and tcfg.data.image_size is None:
-        tcfg.data.image_size = recorded["image_size"]
+    tcfg = teacher_config(cfg, recorded, student_path, from_record=from_record)
     seed_everything(cfg.seed)  # prompts that were never trained are drawn from the seed, as in distill
     teacher = build_teacher(tcfg, device)
     current = teacher_identity(teacher)
@@ -71,7 +110,7 @@ def recompute_classes(
         check_teacher(recorded, current, student_path)
     w = teacher.class_text_features(names)
     student.set_text_features(w, names)
-    student.teacher_identity = current
+    student.teacher_identity = {**current, "source": teacher_source(tcfg)}
     out = (
         Path(out)
         if out is not None

@@ -181,6 +181,22 @@ def _loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
     )
 
 
+def teacher_source(cfg: RunConfig) -> dict[str, Any]:
+    """How to rebuild the teacher of ``cfg`` (recorded in a student file beside its identity, so
+    ``comkd classes`` needs nothing else): weights and prompts as given (local files made absolute)
+    and every option of its ``TeacherArch``."""
+    import os
+
+    def where(v: str | None) -> str | None:
+        return os.path.abspath(v) if v and v != "none" and os.path.exists(v) else v
+
+    return {
+        "pretrained": where(cfg.teacher.pretrained),
+        "prompts": where(cfg.teacher.prompts),
+        "arch": dataclasses.asdict(teacher_arch(cfg)),
+    }
+
+
 def teacher_identity(teacher: Teacher | dict) -> dict[str, Any]:
     """The teacher that produces W, as recorded in a student file: model name, input size and the
     SHA-256 of its frozen weights and of its prompts (from the teacher, or a cache header's copy)."""

@@ -22,6 +22,7 @@ from .builders import (
     student_arch,
     teacher_arch,
     teacher_identity,
+    teacher_source,
 )
 from .evaluation import (
     check_student_classes,
@@ -75,6 +76,7 @@ __all__ = [
     "student_arch",
     "teacher_arch",
     "teacher_identity",
+    "teacher_source",
     "warm_start_projector",
     "write_json",
 ]

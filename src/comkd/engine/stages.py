@@ -30,6 +30,7 @@ from .builders import (
     build_teacher,
     make_dataset,
     teacher_identity,
+    teacher_source,
 )
 from .evaluation import clip_zero_shot, pretrain_eval_split
 from .loop import fit
@@ -278,6 +279,7 @@ def run_distill(
         outputs = TeacherOutputs(teacher, student.preprocess)
     student.set_text_features(w, ds.full_classnames)
     student.teacher_identity = teacher_identity(info.header["teacher"] if d.teacher_cache else teacher)
+    student.teacher_identity["source"] = teacher_source(cfg)  # comkd classes rebuilds it from this
     n_train = student.num_trainable()
     log.info(
         "distill %s: student %s has %d trainable parameters (%.3f M)",
