@@ -158,6 +158,12 @@ def test_cross_dataset_and_domain_generalisation_protocols_run(tmp_path, protoco
     row = res["datasets"]["digits"]
     assert set(row) == {"teacher", "student_zeroshot", "promptkd"}
     assert all(len(v["acc"]) == 1 and 0 <= v["acc"][0] <= 100 for v in row.values())
+    # stage 0 is off, so both towers have random weights: said in results.json and report.md
+    said = [w for w in res["warnings"] if "random weights" in w]
+    assert (
+        len(said) == 2 and "teacher comkd-tiny-teacher" in said[0] and "student comkd-tiny-student" in said[1]
+    )
+    assert "Warning: these results may say nothing" in (tmp_path / "report.md").read_text()
     # the teacher is prompt-tuned once on the source (all classes), the student on the target
     assert (tmp_path / "digits" / "seed1" / "teacher" / "teacher_prompts.safetensors").exists()
     student_res = json.loads((tmp_path / "digits" / "seed1" / "promptkd" / "results.json").read_text())

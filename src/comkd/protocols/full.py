@@ -1,5 +1,7 @@
 """``--protocol full``: the user's own classes and images, no base/novel split.
 
+0. Stage 0, when ``pretrain.enabled`` (the CPU preset ``own_tiny``: tiny CLIPs without downloaded
+   weights): both CLIPs are pre-trained contrastively on the labelled ``full.shots``.
 1. Teacher: prompt learning on ``num_shots`` labelled images of *all* classes (``full.shots``, or
    the train split of ``data`` when it is labelled); with no labels at all the teacher is used
    zero-shot, its text prompt being "a photo of a {class}." (no learned context, no visual prompts);
@@ -13,6 +15,7 @@
 Folder layout of a run ``OUT``::
 
     OUT/config.yaml, results.json, report.md, plots/confusion_<method>.png
+    OUT/pretrain/        stage 0 (``pretrain.enabled``: both CLIPs learn on the labelled ``full.shots``)
     OUT/teacher/         stage 1 (absent when the teacher is zero-shot or its prompts were given)
     OUT/<method>/        stage 2: student.safetensors, metrics.jsonl, results.json
 """
@@ -28,12 +31,13 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig, save_config
+from ..config import ConfigError, RunConfig, save_config
 from ..data import DataError, load_splits
 from ..engine import pipeline as P
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, write_json
 from ..models.io import load_student
+from .sanity import announce, banner, chance_warnings, random_tower_warnings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,11 @@ def source_config(cfg: RunConfig, path: str, split: str, key: str) -> RunConfig:
     else:
         raise DataError(f"{key}: {path} is neither a folder of class sub-folders nor a .csv file")
     c.data.root, c.data.subdir, c.data.split_file = str(p), None, None
-    c.data.fractions = [0.0, 1.0, 0.0, 0.0] if split == "train" else [0.0, 0.0, 0.0, 1.0]
+    c.data.fractions = {
+        "pretrain": [1.0, 0.0, 0.0, 0.0],
+        "train": [0.0, 1.0, 0.0, 0.0],
+        "test": [0.0, 0.0, 0.0, 1.0],
+    }[split]
     c.data.classes_file = _abs_classes_file(cfg)
     return c
 
@@ -99,6 +107,33 @@ def zero_shot_teacher(cfg: RunConfig) -> RunConfig:
     c = copy.deepcopy(cfg)
     t = c.teacher
     t.prompts, t.text_ctx, t.text_depth, t.ctx_init, t.vision_tokens = None, 4, 1, ZERO_SHOT_PROMPT, 0
+    return c
+
+
+def _pretrain_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -> RunConfig:
+    """Stage 0 when ``pretrain.enabled`` (CLIPs without downloaded weights): both towers learn
+    contrastively on the labelled images the user gave (``full.shots``, every image; per tower
+    ``pretrain.teacher_shots`` / ``student_shots`` per class when set), scored on those images."""
+    if not cfg.pretrain.enabled:
+        return cfg
+    if cfg.full.shots:
+        pcfg = source_config(cfg, cfg.full.shots, "pretrain", "full.shots")
+    elif cfg.data.dataset != "unlabelled":
+        pcfg = copy.deepcopy(cfg)
+    else:
+        raise ConfigError(
+            "pretrain.enabled: stage 0 needs labelled images; set full.shots=FOLDER_OR_CSV (a few images "
+            "per class) or use towers with weights (teacher.pretrained / student.pretrained)"
+        )
+    _check_names(pcfg, names, "full.shots" if cfg.full.shots else "the labelled data")
+    if cfg.full.shots:
+        pcfg.pretrain.split, pcfg.pretrain.teacher_split, pcfg.pretrain.student_split = "pretrain", None, None
+        pcfg.pretrain.eval_split = pcfg.pretrain.eval_split or "pretrain"  # no val: the images it fitted
+    sub = out / "pretrain"
+    if not (resume and (sub / P.STUDENT_CLIP).exists() and (sub / P.TEACHER_CLIP).exists()):
+        P.run_pretrain(pcfg, sub, resume=resume)
+    c = copy.deepcopy(cfg)
+    c.teacher.pretrained, c.student.pretrained = str(sub / P.TEACHER_CLIP), str(sub / P.STUDENT_CLIP)
     return c
 
 
@@ -200,6 +235,9 @@ def run_full(
     ecfg = eval_config(cfg)
     if ecfg is not None and cfg.full.test:
         _check_names(ecfg, names, "full.test")
+    cfg = _pretrain_stage(cfg, out, names, resume)
+    ecfg = eval_config(cfg)  # with the stage-0 weights, when there is a stage 0
+    warnings = announce(random_tower_warnings(cfg))  # said before the stages run, and in the results
     tcfg, mode = _teacher_stage(cfg, out, names, resume)
     device = P.resolve_device(cfg.device)
     results: dict[str, Any] = {
@@ -208,6 +246,7 @@ def run_full(
         "teacher_mode": mode,
         "test": ecfg.data.root if ecfg is not None else None,
         "methods": {},
+        "warnings": warnings,
     }
     if ecfg is not None:
         teacher = P.build_teacher(tcfg, device)
@@ -241,6 +280,14 @@ def run_full(
                 res["confusion_plot"] = str(plot.relative_to(out))
             write_json(done, res)
         results["methods"][m] = res
+    if ecfg is not None:
+        scored = {"teacher": results["teacher"], "student_zeroshot": results["student_zeroshot"]}
+        scored |= results["methods"]
+        who = {
+            "teacher": f"teacher {cfg.teacher.model} ({mode})",
+            "student_zeroshot": f"undistilled student {cfg.student.model}",
+        } | {m: f"student {cfg.student.model} distilled with {m}" for m in methods}
+        warnings += announce(chance_warnings(scored, {"acc": len(names)}, who, " on the test set"))
     write_json(out / "results.json", results)
     atomic_write_text(out / "report.md", report(results))
     return results
@@ -252,6 +299,7 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         "# Own classes (protocol full)",
         "",
+        *banner(results.get("warnings", [])),
         f"{len(names)} classes; teacher: {results['teacher_mode']}; test set: {results['test'] or 'none'}.",
         "",
     ]

@@ -8,6 +8,7 @@ from typing import Any
 from ..engine.utils import atomic_write_text
 from ..methods import METHODS, report_order
 from ..stats import harmonic_mean, mean_std
+from .sanity import banner
 
 # rows that are not distillation methods, then the method table's order and labels; a run folded in
 # as ``LABEL+VARIANT`` (results_page._merge_variants) adds ``<method>_<variant>`` rows, listed last
@@ -136,7 +137,11 @@ def write_report(
     plot_accuracy(results["datasets"], out / "plots" / "accuracy.png")
     has_curves = plot_curves(curves or {}, out / "plots" / "training_curves.png")
     sel = results.get("selection", "last")
-    lines = [f"# {title or 'comkd results: ' + results['protocol']}", ""]
+    lines = [
+        f"# {title or 'comkd results: ' + results['protocol']}",
+        "",
+        *banner(results.get("warnings", [])),
+    ]
     if preamble:
         lines += [preamble, ""]
     lines += [

@@ -25,6 +25,7 @@ from ..engine.utils import read_metrics, write_json
 from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH
 from ..models.io import load_student
 from ..stats import harmonic_mean, mean_std
+from .sanity import announce, chance_warnings, random_tower_warnings
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,13 @@ def _scores(res: dict) -> dict[str, float]:
     if "base" in res:
         return {"base": res["base"]["acc"], "novel": res["novel"]["acc"], "hm": res["hm"]}
     return {"acc": res["acc"]}
+
+
+def _class_counts(res: dict) -> dict[str, int]:
+    """metric -> the number of classes it is scored over, from an ``evaluate_*`` result."""
+    if "base" in res:
+        return {"base": res["base"]["classes"], "novel": res["novel"]["classes"]}
+    return {"acc": res["classes"]}
 
 
 def _append(table: dict, dataset: str, method: str, scores: dict[str, float]) -> None:
@@ -191,9 +199,12 @@ def run_protocol(
         datasets = {"base2novel": [cfg.data.dataset], "cross": CROSS_TARGETS, "dg": DG_TARGETS}[protocol]
     table: dict[str, dict] = {}
     curves: dict[str, dict[str, list[dict]]] = {}
+    n_classes: dict[str, dict[str, int]] = {}
+    warnings: list[str] = []
     if protocol == "base2novel":
         for ds_name in datasets:
             dcfg = _pretrain_if_enabled(_for_dataset(cfg, ds_name), out / ds_name, resume)
+            warnings += [w for w in announce(random_tower_warnings(dcfg)) if w not in warnings]
             zs = P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)
             for seed in seeds:
                 scfg = copy.deepcopy(dcfg)
@@ -201,12 +212,9 @@ def run_protocol(
                 sdir = out / ds_name / f"seed{seed}"
                 tcfg = _teacher_stage(scfg, sdir / "teacher", resume)
                 teacher = P.build_teacher(tcfg, P.resolve_device(tcfg.device))
-                _append(
-                    table,
-                    ds_name,
-                    "teacher",
-                    _scores(P.evaluate_teacher(tcfg, teacher, split=cfg.eval_split)),
-                )
+                tres = P.evaluate_teacher(tcfg, teacher, split=cfg.eval_split)
+                _append(table, ds_name, "teacher", _scores(tres))
+                n_classes[ds_name] = _class_counts(tres)
                 del teacher
                 _append(table, ds_name, "student_zeroshot", _scores(zs))
                 for m in methods:
@@ -218,6 +226,7 @@ def run_protocol(
     else:
         # cross / dg: one teacher per seed, prompt-tuned on all classes of the source dataset
         scfg0 = _pretrain_if_enabled(_for_dataset(cfg, source), out / source, resume)
+        warnings += announce(random_tower_warnings(scfg0))
         for seed in seeds:
             scfg = copy.deepcopy(scfg0)
             scfg.seed = seed
@@ -228,12 +237,9 @@ def run_protocol(
                 if protocol == "dg":
                     dcfg.distill.split = "test"  # transductive: distilled on the target images
                 teacher = P.build_teacher(dcfg, P.resolve_device(dcfg.device))
-                _append(
-                    table,
-                    ds_name,
-                    "teacher",
-                    _scores(P.evaluate_teacher(dcfg, teacher, split=cfg.eval_split)),
-                )
+                tres = P.evaluate_teacher(dcfg, teacher, split=cfg.eval_split)
+                _append(table, ds_name, "teacher", _scores(tres))
+                n_classes[ds_name] = _class_counts(tres)
                 del teacher
                 _append(
                     table,
@@ -244,12 +250,19 @@ def run_protocol(
                 for m in methods:
                     res = _distill_and_eval(dcfg, m, out / ds_name / f"seed{seed}" / m, resume)
                     _append(table, ds_name, m, _scores(res))
+    for ds_name, rows in table.items():
+        who = {m: f"student distilled with {m}" for m in rows} | {
+            "teacher": "teacher",
+            "student_zeroshot": "undistilled student",
+        }
+        warnings += announce(chance_warnings(rows, n_classes.get(ds_name, {}), who, f" on {ds_name}"))
     results = {
         "protocol": protocol,
         "selection": cfg.distill.select,
         "split": cfg.eval_split,
         "seeds": seeds,
         "datasets": table,
+        "warnings": warnings,
     }
     if protocol == "base2novel":  # the paper's HM (of the means over seeds); table's "hm": per seed
         from .report import hm_of_means
