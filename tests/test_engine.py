@@ -330,3 +330,22 @@ def test_edu_attention_learns_at_a_scaled_rate_through_the_whole_schedule():
         assert ratio == pytest.approx(0.01)
     # scale 1.0 keeps PromptKD's single group
     assert len(DistillTask(s, None, torch.zeros(3, 32), 10.0, build_loss("comkd")).parameter_groups()) == 1
+
+
+def test_a_redirected_run_logs_one_line_per_epoch_and_a_heartbeat(tmp_path, monkeypatch, capsys):
+    """stderr is not a terminal under pytest: no bar, one line per epoch (and one a minute inside
+    an epoch: the interval set to 0 here, so every batch but an epoch's last gets one)."""
+    monkeypatch.setattr(loop, "LINE_EVERY_S", 0.0)
+    cfg = OptimConfig(optimizer="adamw", lr=1e-2, epochs=2, batch_size=4, warmup_epochs=0)
+    kw = {"out_dir": tmp_path, "seed": 0, "device": torch.device("cpu")}
+    fit(ToyTask(), ToyData(12), cfg, **kw, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    epochs = [ln for ln in lines if ln.startswith("toy epoch") and " batch " not in ln]
+    beats = [ln for ln in lines if " batch " in ln]
+    assert [ln.split(":")[0] for ln in epochs] == ["toy epoch 1/2", "toy epoch 2/2"]
+    assert all("loss " in ln and "lr " in ln and "images/s" in ln and "elapsed" in ln for ln in epochs)
+    assert [ln.split(":")[0] for ln in beats] == [
+        f"toy epoch {e}/2 batch {b}/3" for e in (1, 2) for b in (1, 2)
+    ]
+    fit(ToyTask(), ToyData(12), cfg, **{**kw, "out_dir": tmp_path / "quiet"}, progress=False)
+    assert capsys.readouterr().err == ""  # --quiet / progress=false: nothing

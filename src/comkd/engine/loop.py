@@ -293,6 +293,27 @@ def _build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+LINE_EVERY_S = 60.0  # a log line at least this often inside a long epoch
+
+
+def _say(line: str) -> None:
+    """One progress line on stderr (a redirected run's log)."""
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+def _terms(values: dict[str, float]) -> str:
+    """``loss 0.1234 (kd 0.1, align 0.02)``: the loss first, then its named terms."""
+    rest = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "loss")
+    return f"loss {values.get('loss', float('nan')):.4g}" + (f" ({rest})" if rest else "")
+
+
+def _elapsed(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not show_progress(enabled):
         return None
@@ -428,6 +449,10 @@ def fit(
         )
 
     set_epoch = getattr(dataset, "set_epoch", None)
+    # a log (stderr not a terminal) gets a line per epoch, and one a minute inside a long epoch
+    lines = progress and is_main() and not show_progress(progress)
+    t_fit, t_line = time.perf_counter(), time.perf_counter()
+    lr_now = optimizer.param_groups[0]["lr"]
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         if set_epoch is not None:
@@ -502,6 +527,14 @@ def fit(
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if at_ckpt and batch_idx < steps_per_epoch:
                 save(epoch, batch_idx)
+            if lines and time.perf_counter() - t_line >= LINE_EVERY_S and batch_idx < steps_per_epoch:
+                t_line = time.perf_counter()
+                _say(
+                    f"{task.name} epoch {epoch + 1}/{cfg.epochs} batch {batch_idx}/{steps_per_epoch}: "
+                    f"{_terms({k: float(v) / count for k, v in sums.items()})}, lr {lr_now:.3g}, "
+                    f"{count * cfg.batch_size * cfg.grad_accum / (t_line - t0):.1f} images/s, "
+                    f"{_elapsed(t_line - t_fit)} elapsed"
+                )
             if stop_after_steps is not None and global_step >= stop_after_steps:
                 if bar is not None:
                     bar.close()
@@ -523,6 +556,14 @@ def fit(
         if on_epoch_end is not None:
             epoch_rec.update(on_epoch_end(epoch) or {})
         result.history.append(epoch_rec)
+        if lines:
+            t_line = time.perf_counter()
+            terms = {k: v for k, v in epoch_rec.items() if k in sums}
+            _say(
+                f"{task.name} epoch {epoch + 1}/{cfg.epochs}: {_terms(terms)}, lr {lr_now:.3g}, "
+                f"{count * cfg.batch_size * cfg.grad_accum / max(epoch_rec['time_s'], 1e-9):.1f} images/s, "
+                f"{_elapsed(t_line - t_fit)} elapsed"
+            )
         if metrics is not None and is_main():
             metrics.log(epoch_rec)
         save(epoch + 1, 0)
