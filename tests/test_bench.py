@@ -6,8 +6,21 @@ import json
 import math
 
 import pytest
+import torch
 
-from comkd.bench import FIGURES, STAGES, finite_figures, run_bench
+from comkd.bench import (
+    FIGURES,
+    FULL,
+    PAPER_STUDENT,
+    PAPER_TEACHER,
+    STAGES,
+    WEIGHTS_NOTE,
+    deployed_pair,
+    finite_figures,
+    paper_pair,
+    run_bench,
+)
+from comkd.deploy.bench import build_pair
 
 
 @pytest.mark.slow
@@ -24,10 +37,12 @@ def test_quick_bench_writes_all_figures(tmp_path):
     m = on_disk["machine"]
     assert {"platform", "cpu_count", "torch", "open_clip", "device"} <= set(m)
     assert on_disk["quick"] is True and on_disk["flops_ratio_tiny_pair"] > 4
+    assert on_disk["weights"] == WEIGHTS_NOTE and "random on purpose" in WEIGHTS_NOTE
     d = on_disk["deployed_student"]  # the deployed student in each runtime, against the eager teacher
     for key in ("latency_ms_b1", "throughput_ips_b64"):
         assert set(d[key]) == {"eager", "torchscript", "onnxruntime", "teacher_eager"}
         assert all(math.isfinite(v) and v > 0 for v in d[key].values()), key
+    assert d["weights"] == "none"
     assert set(d["student_teacher_speedup_b64"]) == {"eager", "torchscript", "onnxruntime"}
     assert on_disk["deployed_onnxruntime_vs_eager_b64"] == d["vs_eager_speedup_b64"]["onnxruntime"] > 0
     assert max(d["max_abs_logit_diff_vs_eager"].values()) < 1e-3
@@ -36,3 +51,24 @@ def test_quick_bench_writes_all_figures(tmp_path):
         assert dp["read"]["images"] == 100 and all(v > 0 for v in dp["read"]["images_per_s"].values())
         assert dp["distill_epoch"]["pool_items"] == {"1x": 64, "2x": 128, "4x": 256}
         assert all(math.isfinite(v) for v in dp["distill_epoch"]["peak_mb"].values())
+
+
+@pytest.fixture
+def no_weight_init(monkeypatch):
+    """Skip the random initialisation of weights (the slow part of building ViT-L/14 on a CPU):
+    every module is still built, with uninitialised tensors; only shapes are checked."""
+    for name in ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_"):
+        monkeypatch.setattr(torch.nn.init, name, lambda t, *a, **k: t)
+
+
+def test_full_bench_builds_the_paper_pair(no_weight_init):
+    """The full bench's model building (paper-pair inference and the deployed student), at the
+    full sizes: the paper pair has open_clip tags, so random weights must be asked for by name."""
+    assert FULL.deploy_paper and deployed_pair(FULL) == (PAPER_TEACHER, PAPER_STUDENT, FULL.paper_image_size)
+    teacher, student, w = build_pair(*deployed_pair(FULL), FULL.paper_classes)
+    assert teacher.embed_dim == 768 and teacher.preprocess.image_size == FULL.paper_image_size
+    assert student.text_features.shape == (FULL.paper_classes, 768) and w.shape == (FULL.paper_classes, 768)
+    assert not teacher.training and not student.training
+    del teacher, student, w
+    teacher, student, _ = paper_pair(FULL)
+    assert student.preprocess.image_size == teacher.preprocess.image_size == FULL.paper_image_size

@@ -62,6 +62,11 @@ FIGURES = (
 )
 STAGES = ("pretrain", "train_teacher", "distill", "distill_cached", "inference")
 PAPER_TEACHER, PAPER_STUDENT = "ViT-L-14", "ViT-B-16"
+#: what ``weights`` says in every bench JSON: no figure here depends on the weights' values
+WEIGHTS_NOTE = (
+    "random on purpose (the paper pair is built with pretrained='none', the tiny models have no "
+    "pretrained weights): times, FLOPs and memory do not depend on the weights' values"
+)
 
 
 @dataclass
@@ -400,17 +405,11 @@ def bench_inference_paper(sz: BenchSizes, device: torch.device) -> dict[str, flo
     EduAttention over ``paper_classes`` stored class features), random weights, no grad.
     Also times the teacher key (SHA-256 of all ViT-L/14 weights)."""
     size = sz.paper_image_size
-    torch.manual_seed(0)
-    teacher = create_teacher(PAPER_TEACHER, "none", image_size=size, device=device)
+    teacher, student, _ = paper_pair(sz, device)
     t0 = time.perf_counter()
     teacher_key(teacher)
     key_s = time.perf_counter() - t0
     gb = sum(t.numel() * t.element_size() for t in teacher.clip.state_dict().values()) / 1e9
-    student = create_student(
-        PAPER_STUDENT, "none", teacher_dim=teacher.embed_dim, image_size=size, device=device
-    )
-    w = torch.nn.functional.normalize(torch.randn(sz.paper_classes, teacher.embed_dim, device=device), dim=-1)
-    student.set_text_features(w)
     r = _inference_pair(
         teacher, student, size, sz.paper_batch, sz.paper_reps_teacher, sz.paper_reps_student, device
     )
@@ -428,15 +427,28 @@ def bench_inference_paper(sz: BenchSizes, device: torch.device) -> dict[str, flo
     }
 
 
-def _deployed(sz: BenchSizes, work: Path) -> dict[str, Any]:
-    """``deployed_student`` (``comkd.deploy.bench``) and its ONNX Runtime / eager speedups."""
-    from ..deploy.bench import bench_deployed
+def paper_pair(sz: BenchSizes, device: torch.device | str = "cpu") -> tuple[Teacher, Student, torch.Tensor]:
+    """The ViT-L/14 teacher and ViT-B/16 student at ``sz.paper_image_size`` with ``sz.paper_classes``
+    stored class features, random weights on purpose (``comkd.deploy.bench.build_pair``)."""
+    from ..deploy.bench import build_pair
 
-    pair = (
+    return build_pair(PAPER_TEACHER, PAPER_STUDENT, sz.paper_image_size, sz.paper_classes, device)
+
+
+def deployed_pair(sz: BenchSizes) -> tuple[str, str, int]:
+    """Teacher, student and image size of the deployed-student figures."""
+    return (
         (PAPER_TEACHER, PAPER_STUDENT, sz.paper_image_size)
         if sz.deploy_paper
         else (TINY_TEACHER, TINY_STUDENT, 32)
     )
+
+
+def _deployed(sz: BenchSizes, work: Path) -> dict[str, Any]:
+    """``deployed_student`` (``comkd.deploy.bench``) and its ONNX Runtime / eager speedups."""
+    from ..deploy.bench import bench_deployed
+
+    pair = deployed_pair(sz)
     r = bench_deployed(*pair, sz.deploy_batch, sz.deploy_reps, sz.paper_classes, work / "deployed")
     b = sz.deploy_batch
     return {
@@ -677,7 +689,12 @@ def run_bench(
     if threads:
         torch.set_num_threads(int(threads))
     t_start = time.perf_counter()
-    res: dict[str, Any] = {"machine": machine_info(dev), "quick": quick, "sizes": asdict(sz)}
+    res: dict[str, Any] = {
+        "machine": machine_info(dev),
+        "quick": quick,
+        "weights": WEIGHTS_NOTE,
+        "sizes": asdict(sz),
+    }
     timings: dict[str, float] = {}
     if only is not None:
         if only != "data":
@@ -759,7 +776,7 @@ def _write_json(out: Path, res: dict[str, Any]) -> None:
 
 
 def _ordered(res: dict[str, Any]) -> dict[str, Any]:
-    first = ["machine", "quick", *FIGURES, "peak_memory_mb", "epoch_time_s"]
+    first = ["machine", "quick", "weights", *FIGURES, "peak_memory_mb", "epoch_time_s"]
     return {**{k: res[k] for k in first if k in res}, **{k: v for k, v in res.items() if k not in first}}
 
 

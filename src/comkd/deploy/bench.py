@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models import create_student, create_teacher
+from ..models import RANDOM_WEIGHTS, Student, Teacher, create_student, create_teacher
 from .export import export_metadata, export_onnx, export_torchscript
 from .onnx_runtime import OnnxStudent
 
@@ -39,18 +39,33 @@ def _time(fns: dict[str, Any], x: torch.Tensor, reps: int, warmup: dict[str, int
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def build_pair(
+    teacher_name: str,
+    student_name: str,
+    image_size: int,
+    classes: int,
+    device: str | torch.device = "cpu",
+) -> tuple[Teacher, Student, torch.Tensor]:
+    """The benchmarked teacher and student in eval mode, with random weights on purpose
+    (``pretrained='none'``: speed and FLOPs do not depend on the weights, and no download is
+    needed), and W: ``classes`` random unit rows stored in the student."""
+    torch.manual_seed(0)
+    teacher = create_teacher(teacher_name, RANDOM_WEIGHTS, image_size=image_size, device=device).eval()
+    student = create_student(
+        student_name, RANDOM_WEIGHTS, teacher_dim=teacher.embed_dim, image_size=image_size, device=device
+    )
+    w = F.normalize(torch.randn(classes, teacher.embed_dim, device=device), dim=-1)
+    student.set_text_features(w, [f"class {i}" for i in range(classes)])
+    return teacher, student.eval(), w
+
+
 def bench_deployed(
     teacher_name: str, student_name: str, image_size: int, batch: int, reps: int, classes: int, work: Path
 ) -> dict[str, Any]:
     """Latency (batch 1, ms) and throughput (batch ``batch``, images/s) of the student in each
     runtime and of the teacher in eager PyTorch, the student/teacher speedup of each runtime, and
     each runtime's speedup over eager (random weights; ``classes`` stored class features)."""
-    torch.manual_seed(0)
-    teacher = create_teacher(teacher_name, image_size=image_size).eval()
-    student = create_student(student_name, teacher_dim=teacher.embed_dim, image_size=image_size)
-    w = F.normalize(torch.randn(classes, teacher.embed_dim), dim=-1)
-    student.set_text_features(w, [f"class {i}" for i in range(classes)])
-    student.eval()
+    teacher, student, w = build_pair(teacher_name, student_name, image_size, classes)
     work.mkdir(parents=True, exist_ok=True)
     meta = export_metadata(student)
     onnx_path = export_onnx(student, work / "student.onnx", meta)
@@ -79,6 +94,7 @@ def bench_deployed(
         "reps": reps,
         "threads": torch.get_num_threads(),
         "classes": classes,
+        "weights": RANDOM_WEIGHTS,
         "latency_ms_b1": {k: 1000.0 * v for k, v in t1.items()},
         f"throughput_ips_b{batch}": {k: batch / v for k, v in tb.items()},
         "student_teacher_speedup_b1": {k: t1["teacher_eager"] / t1[k] for k in RUNTIMES},
