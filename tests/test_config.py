@@ -248,3 +248,14 @@ def test_saved_config_records_the_recipe_and_its_values(tmp_path):
     assert saved["distill"]["recipe"] == "recommended" and saved["student"]["edu_mode"] == "cosine"
     assert saved["distill"]["optim"]["optimizer"] == "adamw"
     assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(c)
+
+
+def test_presets_are_listed_with_a_one_line_description():
+    import comkd
+
+    presets = comkd.list_presets()
+    assert {"demo", "own_tiny", "full_vitl14_vitb16"} <= set(presets)
+    assert all(len(d) > 20 and "\n" not in d for d in presets.values()), presets
+    r = CliRunner().invoke(cli.app, ["presets"])
+    assert r.exit_code == 0 and [ln.split()[0] for ln in r.output.splitlines()] == list(presets)
+    assert presets["own_tiny"] in r.output

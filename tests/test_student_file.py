@@ -35,6 +35,17 @@ def test_import_comkd_load_student_needs_neither_engine_nor_config() -> None:
     assert r.returncode == 0, r.stderr
 
 
+def test_import_comkd_and_the_cli_load_no_torch_until_a_model_is_asked_for() -> None:
+    """`comkd --help` / `--version` stay fast: the package's names are imported on first use."""
+    code = (
+        "import sys, comkd, comkd.cli; heavy = [m for m in ('torch', 'open_clip') if m in sys.modules]; "
+        "assert not heavy, heavy; comkd.create_student; assert 'torch' in sys.modules; "
+        "assert sorted(comkd.__all__) == sorted(n for n in comkd.__all__ if hasattr(comkd, n))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("edu", [True, False])
 def test_the_file_records_the_arch_not_a_method(tmp_path, edu: bool) -> None:
     s, path = _saved(tmp_path, edu_attention=edu, edu_heads=2 if edu else 1, projector="linear")

@@ -540,8 +540,10 @@ def bench(
 def presets(quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """List the built-in config presets."""
     _setup_logging(verbose, quiet)
-    for p in list_presets():
-        typer.echo(p)
+    presets_ = list_presets()
+    width = max(map(len, presets_))
+    for name, what in presets_.items():
+        typer.echo(f"{name:<{width}}  {what}")
 
 
 def main() -> None:  # pragma: no cover

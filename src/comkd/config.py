@@ -404,8 +404,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+def list_presets() -> dict[str, str]:
+    """The built-in presets, by name, each with its one-line description (the file's first line)."""
+    out = {}
+    for p in sorted(PRESET_DIR.glob("*.yaml")):
+        first = p.read_text().split("\n", 1)[0]
+        out[p.stem] = first.lstrip("#").strip() if first.startswith("#") else ""
+    return out
 
 
 def _read_yaml(path: str | Path) -> dict:
