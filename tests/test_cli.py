@@ -34,7 +34,8 @@ def test_demo_end_to_end_writes_results_report_and_a_usable_student(tmp_path) ->
     r = CliRunner().invoke(cli.app, ["demo", "--out", str(out), *FAST])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"teacher", "student_zeroshot", "promptkd", "comkd"}
+    assert set(res) == {"teacher", "student_zeroshot", "promptkd", "comkd", "warnings"}
+    assert isinstance(res.pop("warnings"), list)  # FAST's short stage 0 may leave a model near chance
     for m, v in res.items():
         assert set(v) == {"base", "novel", "hm"}, m
         assert all(0.0 <= v[k] <= 100.0 for k in v), (m, v)

@@ -16,7 +16,8 @@ DEMO_METHODS = ["promptkd", "comkd"]
 
 def run_demo(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Base-to-novel on digits with one seed; writes ``out/results.json`` as
-    ``{"teacher"|"student_zeroshot"|"promptkd"|"comkd": {"base", "novel", "hm"}}`` (percent),
+    ``{"teacher"|"student_zeroshot"|"promptkd"|"comkd": {"base", "novel", "hm"}}`` (percent) and
+    ``"warnings"`` (lines on models near chance or with random weights),
     ``out/report.md`` and ``out/plots/``; the stage folders live under ``out/run/``."""
     res = run_protocol(
         cfg, out / "run", datasets=[cfg.data.dataset], seeds=[cfg.seed], methods=DEMO_METHODS, resume=resume
@@ -26,6 +27,7 @@ def run_demo(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
         m: {k: mean_std(v)[0] for k, v in table[m].items()}
         for m in ["teacher", "student_zeroshot", *DEMO_METHODS]
     }
+    flat["warnings"] = res["warnings"]  # chance-level or random-weight models, as in report.md
     write_json(out / "results.json", flat)
     from ..engine.utils import read_metrics
 
