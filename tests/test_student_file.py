@@ -136,3 +136,9 @@ def test_the_models_are_built_from_the_config_sections_by_name() -> None:
     assert (want.edu_heads, want.projector, want.edu_attention) == (2, "linear", False)
     assert s.arch == dataclasses.replace(want, vision_depth=s.arch.vision_depth, quick_gelu=False)
     assert s.edu_attention is None and s.preprocess.image_size == 16
+
+
+def test_the_lazy_public_names_are_exactly_all() -> None:
+    import comkd
+
+    assert sorted(comkd._LAZY) == sorted(comkd.__all__)

@@ -27,7 +27,18 @@ _LAZY = {
     "list_presets": ".config",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "ComKDLoss",
+    "EduAttention",
+    "base_novel_split",
+    "build_dataset",
+    "create_student",
+    "create_teacher",
+    "ifalign",
+    "kd_kl",
+    "list_presets",
+    "load_student",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .config import list_presets
