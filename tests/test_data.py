@@ -444,3 +444,79 @@ def test_relative_class_file_resolves_against_the_dataset_folder(tmp_path) -> No
     assert splits.classnames == ["apple", "banana"]
     with pytest.raises(DataError, match="missing.txt"):
         load_splits("imagefolder", str(tmp_path), classes_file="missing.txt")
+
+
+# -- folder walks through links: each real folder entered once, each real file listed once --------
+def _images(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).write_bytes(b"not decoded by a walk")
+
+
+def _loop_warnings(caplog) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "link loop" in r.getMessage()
+    ]
+
+
+def test_walk_with_a_link_loop_lists_each_image_once(tmp_path: Path, caplog):
+    from comkd.data.unlabelled import list_images_recursive, load_unlabelled_folder
+
+    pool = tmp_path / "pool"
+    _images(pool / "a", "0.jpg", "1.png")
+    _images(pool, "2.jpg")
+    (pool / "a" / "back").symlink_to(pool)  # pool/a/back/a/back/... for ever
+    (pool / "classnames.txt").write_text("cat\ndog\n")
+    with caplog.at_level("WARNING", logger="comkd.data.unlabelled"):
+        got = list_images_recursive(str(pool))
+    assert [Path(p).relative_to(pool).as_posix() for p in got] == ["2.jpg", "a/0.jpg", "a/1.png"]
+    assert _loop_warnings(caplog) == [
+        f"link loop: {pool / 'a' / 'back'} leads back to {pool}, which holds it; not followed"
+    ]
+    splits = load_unlabelled_folder(str(pool))
+    assert sorted(d.path for d in splits.train) == got
+
+
+def test_walk_with_two_link_loops_terminates(tmp_path: Path, caplog):
+    from comkd.data import collect_images
+    from comkd.data.unlabelled import list_images_recursive
+
+    pool = tmp_path / "pool"
+    _images(pool / "a", "0.jpg")
+    _images(pool / "b", "1.jpg")
+    (pool / "a" / "up").symlink_to(pool)  # two loops: the old walk grew as 2^depth
+    (pool / "b" / "up").symlink_to(pool)
+    (pool / "b" / "me").symlink_to(pool / "b")
+    with caplog.at_level("WARNING", logger="comkd.data.unlabelled"):
+        got = list_images_recursive(str(pool))
+        globbed = collect_images([str(pool / "**" / "*.jpg")])  # glob's own ** would loop too
+    assert [Path(p).relative_to(pool).as_posix() for p in got] == ["a/0.jpg", "b/1.jpg"]
+    assert globbed == got
+    warned = _loop_warnings(caplog)
+    assert {str(pool / "a" / "up"), str(pool / "b" / "up"), str(pool / "b" / "me")} == {
+        w.split()[2] for w in warned
+    }
+
+
+def test_walk_through_a_diamond_of_links_lists_each_image_once(tmp_path: Path, caplog):
+    from comkd.data import collect_images
+    from comkd.data.unlabelled import list_images_recursive
+
+    shared = tmp_path / "shared"
+    _images(shared / "deep", "0.jpg", "1.jpg")
+    _images(shared, "2.jpg")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "left").symlink_to(shared)  # two links to the same folder ...
+    (pool / "right").symlink_to(shared)
+    (pool / "also-deep").symlink_to(shared / "deep")  # ... one to a folder inside it
+    (pool / "again.jpg").symlink_to(shared / "2.jpg")  # and a second name for one file
+    with caplog.at_level("WARNING", logger="comkd.data.unlabelled"):
+        got = list_images_recursive(str(pool))
+        both = collect_images([pool, shared, str(pool / "*")])
+    assert [Path(p).relative_to(pool).as_posix() for p in got] == [
+        "again.jpg",
+        "also-deep/0.jpg",
+        "also-deep/1.jpg",
+    ]
+    assert both == got and not _loop_warnings(caplog)  # a diamond is no loop

@@ -11,13 +11,17 @@ Class names: ``classes_file`` (one name a line, or a ``classes.tsv``), else a ``
 
 from __future__ import annotations
 
+import fnmatch
 import glob
+import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from .errors import DataError
 from .files import IMAGE_EXTENSIONS
 from .records import DEFAULT_TEMPLATE, DatasetSplits, Datum
+
+log = logging.getLogger(__name__)
 
 UNLABELLED = -1
 
@@ -28,25 +32,118 @@ def is_image_file(path: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _identity(path: str, st: os.stat_result | None = None) -> tuple[int, int] | str:
+    """What makes a file or folder the same one under another name: (st_dev, st_ino) of the
+    target of every link; the path itself when it cannot be read (a broken link stays listed, so
+    whoever opens it names it)."""
+    try:
+        st = st or os.stat(path)
+    except OSError:
+        return os.path.abspath(path)
+    return (st.st_dev, st.st_ino)
+
+
+def walk_images(folder: str) -> Iterator[tuple[tuple[str, ...], str]]:
+    """``(parts relative to folder, path)`` of every image file under ``folder``, depth first in
+    name order. Links to folders and files are followed, but each real folder is entered once and
+    each real file listed once (by device and inode; the first name in that order wins), so a
+    link loop ends the walk of that branch, with a warning naming the link. Hidden entries are
+    skipped; a folder that cannot be read is skipped with a warning."""
+    root = os.path.abspath(folder)
+    entered: set[tuple[int, int] | str] = {_identity(root)}
+    listed: set[tuple[int, int] | str] = set()
+    stack: list[tuple[str, tuple[str, ...], frozenset]] = [(root, (), frozenset(entered))]
+    while stack:
+        path, parts, ancestors = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            log.warning("cannot read folder %s (%s); its images are skipped", path, e.strerror or e)
+            continue
+        subdirs: list[tuple[str, tuple[str, ...], frozenset]] = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()  # follows links
+                st = e.stat()  # of a link's target
+            except OSError:
+                is_dir, st = False, None
+            key = _identity(e.path, st)
+            if is_dir:
+                if key in ancestors:
+                    log.warning(
+                        "link loop: %s leads back to %s, which holds it; not followed",
+                        e.path,
+                        os.path.realpath(e.path),
+                    )
+                elif key in entered:
+                    log.debug("%s: a folder already walked under another name; skipped", e.path)
+                else:
+                    entered.add(key)
+                    subdirs.append((e.path, (*parts, e.name), ancestors | {key}))
+            elif is_image_file(e.name) and key not in listed:
+                listed.add(key)
+                yield (*parts, e.name), e.path
+        stack.extend(reversed(subdirs))
+
+
 def list_images_recursive(folder: str) -> list[str]:
-    """Sorted absolute paths of every image file under ``folder`` (hidden entries skipped)."""
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
-    return sorted(os.path.abspath(p) for p in out)
+    """Sorted absolute paths of every image file under ``folder`` (hidden entries skipped; links
+    followed, each real folder and file once: ``walk_images``)."""
+    return sorted(path for _, path in walk_images(folder))
+
+
+def _match_parts(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether path components ``parts`` match glob components ``pattern`` (``**``: any number of
+    folders, other components as ``fnmatch``)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match_parts(pattern[1:], parts[k:]) for k in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatch(parts[0], pattern[0]) and _match_parts(pattern[1:], parts[1:])
+
+
+def glob_images(pattern: str) -> list[str]:
+    """Image files a glob pattern names: matched files, and every image under a matched folder.
+    A pattern with a ``**`` component walks its fixed leading folder once with ``walk_images``
+    (``glob``'s own ``**`` follows link loops until the OS refuses the path)."""
+    comps = pattern.split(os.sep)
+    while len(comps) > 1 and comps[-1] == "":
+        comps.pop()
+    if "**" not in comps:  # a bounded depth: glob's own listing cannot loop
+        files: list[str] = []
+        for m in sorted(glob.glob(pattern)):
+            if os.path.isdir(m):
+                files.extend(list_images_recursive(m))
+            elif is_image_file(m):
+                files.append(os.path.abspath(m))
+        return files
+    i = next(k for k, c in enumerate(comps) if glob.has_magic(c))
+    root = os.sep.join(comps[:i]) or (os.sep if pattern.startswith(os.sep) else os.curdir)
+    if not os.path.isdir(root):
+        return []
+    rest = comps[i:]
+    return sorted(
+        path
+        for parts, path in walk_images(root)
+        if any(_match_parts(rest, parts[:k]) for k in range(len(parts) + 1))
+    )
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
     """Expand image files, folders (recursively) and glob patterns into a sorted-per-input, de-duplicated
-    list of absolute paths. An input that matches nothing raises ``DataError`` naming it."""
-    seen: set[str] = set()
+    list of absolute paths (each real file once, whatever links name it). An input that matches
+    nothing raises ``DataError`` naming it."""
+    seen: set[tuple[int, int] | str] = set()
     out: list[str] = []
 
     def add(paths: Sequence[str]) -> None:
         for p in paths:
-            if p not in seen:
-                seen.add(p)
+            key = _identity(p)
+            if key not in seen:
+                seen.add(key)
                 out.append(p)
 
     for item in inputs:
@@ -59,13 +156,7 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
         elif os.path.isfile(s):
             add([os.path.abspath(s)])
         elif glob.has_magic(s):
-            matches = sorted(glob.glob(s, recursive=True))
-            files: list[str] = []
-            for m in matches:
-                if os.path.isdir(m):
-                    files.extend(list_images_recursive(m))
-                elif is_image_file(m):
-                    files.append(os.path.abspath(m))
+            files = glob_images(s)
             if not files:
                 raise DataError(f"pattern {s!r} matches no image files")
             add(files)
