@@ -27,6 +27,9 @@ ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML conf
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: output_dir).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the results of a finished run in --out (else refused).")
+]
 RecipeOpt = Annotated[
     str | None,
     typer.Option(
@@ -222,6 +225,7 @@ def pretrain(
     sets: SetOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     dataset: Annotated[str | None, typer.Option(help="Dataset name (comkd.data.DATASETS).")] = None,
     root: Annotated[Path | None, typer.Option(help="Dataset root folder.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher open_clip model.")] = None,
@@ -247,7 +251,9 @@ def pretrain(
     roles = ("teacher", "student") if which == "both" else (which,)
     from .engine.pipeline import run_pretrain
 
-    _print_json(_run(lambda: run_pretrain(cfg, cfg.output_dir, which=roles, resume=resume)))
+    _print_json(
+        _run(lambda: run_pretrain(cfg, cfg.output_dir, which=roles, resume=resume, overwrite=overwrite))
+    )
 
 
 @app.command("train-teacher")
@@ -256,6 +262,7 @@ def train_teacher(
     sets: SetOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     dataset: str | None = None,
     root: Path | None = None,
     split_file: Path | None = None,
@@ -288,7 +295,7 @@ def train_teacher(
     cfg = _cfg(config, sets, ov, out)
     from .engine.pipeline import run_train_teacher
 
-    _print_json(_run(lambda: run_train_teacher(cfg, cfg.output_dir, resume=resume)))
+    _print_json(_run(lambda: run_train_teacher(cfg, cfg.output_dir, resume=resume, overwrite=overwrite)))
 
 
 @app.command()
@@ -297,6 +304,7 @@ def distill(
     sets: SetOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     method: Annotated[str | None, typer.Option(help=" | ".join(METHODS))] = None,
     recipe: RecipeOpt = None,
     dataset: str | None = None,
@@ -348,14 +356,17 @@ def distill(
     from .models.io import load_student
 
     def body():
-        info = P.run_distill(cfg, cfg.output_dir, resume=resume)
-        info.pop("history", None)
-        if evaluate:
-            student_m = load_student(info["student"], P.resolve_device(cfg.device))
-            res = P.evaluate_student(cfg, student_m)
-            if P.is_main():
-                _write_results(Path(cfg.output_dir) / "results.json", res)
-            info["results"] = res
+        from .runlock import run_lock
+
+        with run_lock(cfg.output_dir, overwrite=overwrite):  # held until results.json is written
+            info = P.run_distill(cfg, cfg.output_dir, resume=resume)
+            info.pop("history", None)
+            if evaluate:
+                student_m = load_student(info["student"], P.resolve_device(cfg.device))
+                res = P.evaluate_student(cfg, student_m)
+                if P.is_main():
+                    _write_results(Path(cfg.output_dir) / "results.json", res)
+                info["results"] = res
         return info
 
     _print_json(_run(body))
@@ -410,6 +421,7 @@ def run(
     sets: SetOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg | full")] = None,
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset(s); repeat the flag.")] = None,
     root: Path | None = None,
@@ -439,6 +451,7 @@ def run(
             seeds=seeds or None,
             methods=methods,
             resume=resume,
+            overwrite=overwrite,
             source=source,
         )
     )
@@ -452,6 +465,7 @@ def demo(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -462,7 +476,7 @@ def demo(
     from .protocols.demo import run_demo
 
     t0 = time.perf_counter()
-    res = _run(lambda: run_demo(cfg, Path(cfg.output_dir), resume=resume))
+    res = _run(lambda: run_demo(cfg, Path(cfg.output_dir), resume=resume, overwrite=overwrite))
     typer.echo((Path(cfg.output_dir) / "report.md").read_text())
     typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {cfg.output_dir}/results.json")
     return res

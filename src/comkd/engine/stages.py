@@ -1,5 +1,7 @@
 """Stage runners: each takes a ``RunConfig`` and a run folder, and writes the folder's files
-(``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``, weights, ``results.json``)."""
+(``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``, weights, ``results.json``). Each holds the
+folder's run lock while it runs, and a fresh run does not overwrite a finished one's weights or
+results unless called with ``overwrite=True`` (``comkd.runlock.locked_run``)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..models import (
     save_clip_weights,
 )
 from ..models.io import save_student
+from ..runlock import locked_run
 from .builders import (
     STUDENT_CLIP,
     STUDENT_FILE,
@@ -111,6 +114,7 @@ def _fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: Metric
     }
 
 
+@locked_run(results=("results.json", TEACHER_CLIP, STUDENT_CLIP))
 def run_pretrain(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -171,6 +175,7 @@ def run_pretrain(
 
 
 # -- stage 1 -----------------------------------------------------------------------------------
+@locked_run(results=(TEACHER_PROMPTS,))
 def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
     """Stage 1: PromptSRC prompt learning on ``num_shots`` labelled shots of the base classes
     (``train_teacher.subsample``). Writes ``teacher_prompts.safetensors``."""
@@ -230,6 +235,7 @@ def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: 
     return sum(len(f) for f in feats)
 
 
+@locked_run(results=(STUDENT_FILE, "results.json"))
 def run_distill(
     cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, eval_fn=None, step0_fn=None
 ) -> dict[str, Any]:
@@ -356,6 +362,7 @@ def run_distill(
     }
 
 
+@locked_run()  # no --resume: a cache is rebuilt whole, the same for the same seed
 def run_cache_teacher(
     cfg: RunConfig, out_dir: str | Path, *, views: int | None = None, dtype: str = "float16"
 ) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..engine.utils import write_json
+from ..runlock import locked_run
 from ..stats import mean_std
 from .report import write_report
 from .runner import run_protocol
@@ -14,6 +15,7 @@ from .runner import run_protocol
 DEMO_METHODS = ["promptkd", "comkd"]
 
 
+@locked_run(results=("results.json",))
 def run_demo(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Base-to-novel on digits with one seed; writes ``out/results.json`` as
     ``{"teacher"|"student_zeroshot"|"promptkd"|"comkd": {"base", "novel", "hm"}}`` (percent) and

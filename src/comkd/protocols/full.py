@@ -37,6 +37,7 @@ from ..engine import pipeline as P
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, write_json
 from ..models.io import load_student
+from ..runlock import locked_run
 from .sanity import announce, banner, chance_warnings, random_tower_warnings
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ def score(logits_fn, ecfg: RunConfig, spec, names: list[str], device: torch.devi
     }
 
 
+@locked_run(results=("results.json",))  # one writer; no silent overwrite
 def run_full(
     cfg: RunConfig, out_dir: str | Path, *, methods: list[str] | None = None, resume: bool = False
 ) -> dict[str, Any]:

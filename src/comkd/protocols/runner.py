@@ -24,6 +24,7 @@ from ..engine import pipeline as P
 from ..engine.utils import read_metrics, write_json
 from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH
 from ..models.io import load_student
+from ..runlock import locked_run
 from ..stats import harmonic_mean, mean_std
 from .sanity import announce, chance_warnings, random_tower_warnings
 
@@ -172,6 +173,7 @@ def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> d
     return res
 
 
+@locked_run(results=("results.json",))
 def run_protocol(
     cfg: RunConfig,
     out_dir: str | Path,

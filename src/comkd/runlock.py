@@ -1,0 +1,268 @@
+"""One writer per run folder.
+
+A run holds ``OUT/.comkd.lock`` while it writes ``OUT`` (``run_lock``): the file is created with
+``O_CREAT | O_EXCL`` and holds the holder's pid, host and start time as JSON; it is removed when the
+run ends, however it ends short of a kill. A second run into the same folder is refused with a
+one-line ``RunLockError`` naming the folder and the holder. A lock left by a killed run (a pid that
+no longer exists on this host) is named in a warning and taken over. The lock is re-entrant within
+a process: a protocol that holds ``OUT`` may run a stage that locks ``OUT`` again; stages in
+sub-folders take their own locks. Only the main process of a torchrun job (``RANK`` 0) locks, as
+only it writes.
+
+A fresh run (no ``--resume``) into a folder that holds a finished run's results is refused
+(``FinishedRunError``) unless overwriting was asked for: ``overwrite=True`` on a runner decorated
+with ``locked_run`` or on an enclosing ``run_lock``, which allows it in that folder and below.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".comkd.lock"
+_UNREADABLE_GRACE_S = 2.0  # a lock file may be empty for an instant between its creation and write
+
+
+class RunLockError(ValueError):
+    """Another process writes the run folder (or its lock cannot be taken)."""
+
+
+class FinishedRunError(RunLockError):
+    """A fresh run would overwrite a finished run's results."""
+
+
+# folder (real path) -> {"pid", "depth", "overwrite", "token"}: the locks this process holds
+_HELD: dict[str, dict[str, Any]] = {}
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    """The lock file's JSON, or None when it is absent, empty or not a holder record."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or not info.get("host"):
+        return None
+    return info
+
+
+def _describe(info: dict[str, Any]) -> str:
+    return f"pid {info['pid']} on {info['host']}, started {info.get('started', '?')}"
+
+
+def _take_over(path: Path, seen: dict[str, Any] | None, why: str) -> None:
+    """Remove the stale lock file ``path`` (whose content was ``seen``) so it can be created again.
+    It is first renamed away (one taker wins); if what was moved is not the stale lock (another
+    run took over in between), it is put back and the folder is reported as held."""
+    aside = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return  # someone else removed it: just try to create it again
+    moved = _read_holder(aside)
+    if moved != seen:
+        try:
+            os.link(aside, path)  # back where it was, unless a lock exists there again
+        except OSError:
+            pass
+        aside.unlink(missing_ok=True)
+        holder = _describe(moved) if moved else "another process"
+        raise RunLockError(f"{path.parent}: another comkd run is writing here ({holder})")
+    aside.unlink(missing_ok=True)
+    log.warning("%s: %s; taking it over", path, why)
+
+
+def _acquire(folder: Path) -> str:
+    """Create ``folder/.comkd.lock`` for this process; returns its token."""
+    path = folder / LOCK_NAME
+    token = uuid.uuid4().hex
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "token": token,
+    }
+    first_unreadable: float | None = None
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise RunLockError(f"{folder}: cannot create the run lock {path} ({e.strerror or e})") from None
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            return token
+        holder = _read_holder(path)
+        if holder is None:
+            if not path.exists():
+                continue
+            now = time.monotonic()
+            first_unreadable = first_unreadable or now
+            if now - first_unreadable < _UNREADABLE_GRACE_S:
+                time.sleep(0.05)  # its writer may be between creating and writing it
+                continue
+            _take_over(path, None, "an unreadable run lock (no holder recorded)")
+            continue
+        if holder["host"] == info["host"] and not _pid_alive(holder["pid"]):
+            _take_over(
+                path, holder, f"a stale run lock of a process that no longer exists ({_describe(holder)})"
+            )
+            continue
+        raise RunLockError(
+            f"{folder}: another comkd run is writing here ({_describe(holder)}); wait for it to end or "
+            f"choose another --out (if no such run exists, delete {path})"
+        )
+    raise RunLockError(f"{folder}: could not take the run lock {path}; other runs keep taking it")
+
+
+def _release(folder: Path, token: str) -> None:
+    path = folder / LOCK_NAME
+    holder = _read_holder(path)
+    if holder is not None and holder.get("token") == token:
+        path.unlink(missing_ok=True)
+    else:
+        log.warning("%s: the run lock is no longer this run's; left as it is", path)
+
+
+def _key(folder: str | os.PathLike) -> str:
+    return os.path.realpath(folder)
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Hold the lock of run folder ``folder`` (created when missing, and removed again if it is
+    still empty at the end) until the block ends.
+
+    Re-entrant within a process. ``overwrite``: fresh runs may replace finished results in this
+    folder and below while it is held (see ``check_fresh``). Raises ``RunLockError`` naming the
+    folder and the holder when another live process holds it. Other ranks of a torchrun job do
+    not lock (only rank 0 writes)."""
+    folder = Path(folder)
+    if not _is_main_process():
+        yield folder
+        return
+    key = _key(folder)
+    held = _HELD.get(key)
+    if held is not None and held["pid"] != os.getpid():  # inherited through fork: not ours
+        _HELD.clear()
+        held = None
+    if held is not None:
+        held["depth"] += 1
+        was = held["overwrite"]
+        held["overwrite"] = was or overwrite
+        try:
+            yield folder
+        finally:
+            held["depth"] -= 1
+            held["overwrite"] = was
+        return
+    created = []  # the folders made here, deepest first: removed again if the run left them empty
+    p = folder.absolute()
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        token = _acquire(folder)
+        _HELD[key] = {"pid": os.getpid(), "depth": 1, "overwrite": overwrite, "token": token}
+        try:
+            yield folder
+        finally:
+            del _HELD[key]
+            _release(folder, token)
+    finally:
+        for d in created:  # a run refused before writing anything leaves no folder behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def holds_lock(folder: str | os.PathLike) -> bool:
+    """Whether this process holds ``folder``'s lock."""
+    held = _HELD.get(_key(folder))
+    return held is not None and held["pid"] == os.getpid()
+
+
+def _overwrite_allowed(folder: Path) -> bool:
+    key = _key(folder)
+    for k, held in _HELD.items():
+        if held["overwrite"] and held["pid"] == os.getpid() and (key == k or key.startswith(k + os.sep)):
+            return True
+    return False
+
+
+def check_fresh(folder: str | os.PathLike, results: tuple[str, ...], *, resume: bool = False) -> None:
+    """Refuse a fresh run into ``folder`` when it holds any of the finished-run files ``results``
+    (``FinishedRunError`` naming the folder and the file), unless ``resume`` or overwriting is
+    allowed there (``run_lock(..., overwrite=True)`` held on it or a folder above)."""
+    folder = Path(folder)
+    if resume or not _is_main_process() or _overwrite_allowed(folder):
+        return
+    for name in results:
+        if (folder / name).exists():
+            raise FinishedRunError(
+                f"{folder} holds a finished run ({name}); rerun with --resume to continue it, "
+                "--overwrite to replace it, or choose another --out"
+            )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def locked_run(results: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Decorate a runner ``fn(cfg, out_dir, ..., resume=False, ...)`` (the run folder is its second
+    parameter, whatever its name): it runs holding ``out_dir``'s lock, and a fresh run into a folder with any of the finished-run files
+    ``results`` is refused (``check_fresh``). The decorated runner also takes ``overwrite: bool``
+    (keyword, default False): replace a finished run's results in ``out_dir`` and below."""
+
+    def deco(fn: F) -> F:
+        sig = inspect.signature(fn)
+        folder_arg = list(sig.parameters)[1]  # the run folder: the second parameter
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, overwrite: bool = False, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            out_dir = bound.arguments[folder_arg]
+            resume = bool(bound.arguments.get("resume", False))
+            with run_lock(out_dir, overwrite=overwrite):
+                check_fresh(out_dir, results, resume=resume)
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
