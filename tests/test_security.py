@@ -104,3 +104,34 @@ def test_pickled_weight_file_is_refused(tmp_path) -> None:
     with pytest.raises(ModelError, match="weights.pt"):
         load_clip(TINY_TEACHER, str(path))
     assert not marker.exists()
+
+
+def _broken_zip(path) -> None:
+    """A zip whose end record is intact (``zipfile.is_zipfile`` says yes) but whose central
+    directory is damaged: a torch.save file with its directory's signatures overwritten."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    path.write_bytes(buf.getvalue().replace(b"PK\x01\x02", b"PK\x00\x00"))
+    assert zipfile.is_zipfile(path)
+
+
+@pytest.mark.parametrize(
+    ("flag", "command"), [("--teacher-pretrained", "train-teacher"), ("--student-pretrained", "distill")]
+)
+def test_a_broken_zip_as_weights_is_one_line_naming_it(tmp_path, flag, command) -> None:
+    from typer.testing import CliRunner
+
+    from comkd import cli
+
+    bad = tmp_path / "broken_weights.pt"
+    _broken_zip(bad)
+    with pytest.raises(ModelError, match="broken_weights.pt.*damaged zip"):
+        load_clip(TINY_TEACHER, str(bad))
+    args = [command, "--config", "demo", flag, str(bad), "--out", str(tmp_path / "o"), "--no-evaluate"]
+    r = CliRunner().invoke(cli.app, args[:-1] if command == "train-teacher" else args)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(bad) in lines[0], r.output

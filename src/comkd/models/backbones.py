@@ -116,8 +116,11 @@ def _is_torchscript_archive(path: Path) -> bool:
 
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as e:  # a zip end record, no zip
+        raise ModelError(f"cannot read weight file {path}: a damaged zip archive ({e})") from None
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
