@@ -307,3 +307,54 @@ def test_exports_of_a_distilled_student_load_in_a_fresh_process(tmp_path) -> Non
         assert (y - ref).abs().max() < 1e-3, k
     assert got["onnx_classes"] == s.classnames == json.loads(got["ts_meta"]["comkd.classnames"])
     assert json.loads(got["ts_meta"]["comkd.preprocess"])["image_size"] == 16
+
+
+def test_predict_out_naming_a_folder_is_one_line_and_writes_nothing(student_file, tmp_path) -> None:
+    img = tmp_path / "img.png"
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(img)
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    r = CliRunner().invoke(cli.app, ["predict", str(student_file), str(img), "--out", str(folder)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and f"--out {folder} is a folder" in lines[0]
+    assert os.listdir(folder) == []
+
+
+def _onnx_with_classnames(student_file, path: Path, value: str) -> Path:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from comkd.deploy.export import export_metadata, export_onnx
+
+    s = load_student(student_file)
+    export_onnx(s, path, export_metadata(s))
+    m = onnx.load(str(path))
+    for p in m.metadata_props:
+        if p.key == "comkd.classnames":
+            p.value = value
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("null", "must be a non-empty JSON list"),
+        ('"airplane"', "must be a non-empty JSON list"),
+        ("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "holds 1, not a class name"),
+        (json.dumps(["cat"] * 10), "lists ['cat'] more than once"),
+        (json.dumps(CLASSES[:3]), "names 3 classes but the model has 10 outputs"),
+        ("[not json", "is not valid JSON"),
+    ],
+)
+def test_onnx_class_names_metadata_is_checked(student_file, tmp_path, value, words) -> None:
+    onnx_path = _onnx_with_classnames(student_file, tmp_path / "s.onnx", value)
+    img = tmp_path / "img.png"
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(img)
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(cli.app, ["predict", str(onnx_path), str(img), "--out", str(out), "--no-progress"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and str(onnx_path) in lines[0] and "comkd.classnames" in lines[0], r.output
+    assert words in lines[0] and not out.exists()

@@ -44,10 +44,13 @@ class OnnxStudent:
         self.path = path
         self.metadata: dict[str, str] = dict(meta)
         self.preprocess: PreprocessSpec = spec_from_metadata(meta, str(path))
-        try:
-            self.classnames: list[str] = list(json.loads(meta["comkd.classnames"]))
-        except (KeyError, ValueError):
-            raise ModelError(f"{path} has no comkd.classnames metadata (not a comkd export?)") from None
+        self.classnames: list[str] = _classnames(meta, path)
+        n_out = self.session.get_outputs()[0].shape[-1]
+        if isinstance(n_out, int) and n_out != len(self.classnames):
+            raise ModelError(
+                f"{path}: metadata comkd.classnames names {len(self.classnames)} classes but the "
+                f"model has {n_out} outputs"
+            )
         self.input_name = self.session.get_inputs()[0].name
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -63,3 +66,26 @@ class OnnxStudent:
         from .predict import predict_images
 
         return predict_images(self, images, top_k=top_k, batch_size=batch_size)
+
+
+def _classnames(meta: dict[str, str], path: Path) -> list[str]:
+    """The ``comkd.classnames`` metadata: a JSON list of distinct, non-empty strings, or a
+    one-line ``ModelError`` naming the file and the key."""
+    if "comkd.classnames" not in meta:
+        raise ModelError(f"{path} has no comkd.classnames metadata (not a comkd export?)")
+    try:
+        names = json.loads(meta["comkd.classnames"])
+    except ValueError:
+        raise ModelError(f"{path}: metadata comkd.classnames is not valid JSON") from None
+    if not isinstance(names, list) or not names:
+        raise ModelError(
+            f"{path}: metadata comkd.classnames must be a non-empty JSON list of class names, "
+            f"got {type(names).__name__ if names else names!r}"
+        )
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ModelError(f"{path}: metadata comkd.classnames holds {bad[0]!r}, not a class name (a string)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ModelError(f"{path}: metadata comkd.classnames lists {dup[:5]} more than once")
+    return names

@@ -173,6 +173,8 @@ def predict_files(
 
     from ..engine.utils import show_progress
 
+    if out is not None and out.is_dir():  # checked before anything is written
+        raise ValueError(f"--out {out} is a folder; give the file to write (e.g. {out / 'predictions.csv'})")
     fmt = output_format(out, fmt)
     k = min(int(top_k), len(model.classnames))
     if k < 1:
