@@ -349,3 +349,49 @@ def test_a_redirected_run_logs_one_line_per_epoch_and_a_heartbeat(tmp_path, monk
     ]
     fit(ToyTask(), ToyData(12), cfg, **{**kw, "out_dir": tmp_path / "quiet"}, progress=False)
     assert capsys.readouterr().err == ""  # --quiet / progress=false: nothing
+
+
+def test_write_json_refuses_non_finite_numbers_naming_the_key(tmp_path):
+    from comkd.engine.utils import write_json
+
+    path = tmp_path / "results.json"
+    path.write_text('{"earlier": 1}\n')
+    for obj, key, value in (
+        ({"alpha": float("nan")}, "alpha", "nan"),
+        (
+            {"datasets": {"digits": {"comkd": {"hm": [50.0, float("inf")]}}}},
+            "datasets.digits.comkd.hm[1]",
+            "inf",
+        ),
+        ([1.0, {"x": -float("inf")}], "[1].x", "-inf"),
+    ):
+        with pytest.raises(ValueError) as e:
+            write_json(path, obj)
+        assert str(e.value) == (
+            f"{path}: not written: {key} is {value}, not a finite number (the run diverged or read "
+            "damaged weights)"
+        )
+        assert path.read_text() == '{"earlier": 1}\n'  # the file as it was
+    write_json(path, {"acc": 12.5, "n": 3, "none": None})
+    assert path.read_text().startswith('{\n  "acc": 12.5')
+
+
+def test_cli_result_with_nan_is_one_line_naming_the_file_and_key(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from comkd import cli
+    from comkd.engine import pipeline
+
+    def fake_run_distill(cfg, out_dir, resume=False):
+        return {"student": str(tmp_path / "student.safetensors"), "history": []}
+
+    monkeypatch.setattr(pipeline, "run_distill", fake_run_distill)
+    monkeypatch.setattr("comkd.models.io.load_student", lambda path, device: None)
+    monkeypatch.setattr(pipeline, "evaluate_student", lambda cfg, s: {"acc": float("nan"), "classes": 10})
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli.app, ["distill", "--config", "demo", "--out", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert str(out / "results.json") in lines[0] and "acc is nan" in lines[0]
+    assert not (out / "results.json").exists()

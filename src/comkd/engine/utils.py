@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from contextlib import nullcontext
@@ -120,8 +121,32 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
+def _first_non_finite(obj: Any, key: str = "") -> tuple[str, float] | None:
+    """``(key path, value)`` of the first NaN or infinity in a JSON-like object, else None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (key or "(the value)", obj)
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _first_non_finite(v, f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as JSON (atomically). A NaN or infinity is refused (``ValueError`` naming the
+    file and the key; nothing is written): it is not valid JSON, and no result of a sound run."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError:
+        found = _first_non_finite(obj)
+        if found is None:
+            raise
+        raise ValueError(
+            f"{path}: not written: {found[0]} is {found[1]}, not a finite number (the run diverged "
+            "or read damaged weights)"
+        ) from None
+    atomic_write_text(path, text + "\n")
 
 
 class MetricsLog:
