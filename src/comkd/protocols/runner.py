@@ -104,9 +104,8 @@ def _scores(res: dict) -> dict[str, float]:
 
 def _class_counts(res: dict) -> dict[str, int]:
     """metric -> the number of classes it is scored over, from an ``evaluate_*`` result."""
-    if "base" in res:
-        return {"base": res["base"]["classes"], "novel": res["novel"]["classes"]}
-    return {"acc": res["classes"]}
+    parts = {"base": res["base"], "novel": res["novel"]} if "base" in res else {"acc": res}
+    return {k: int(v["classes"]) for k, v in parts.items() if "classes" in v}  # absent: not checked
 
 
 def _append(table: dict, dataset: str, method: str, scores: dict[str, float]) -> None:
