@@ -97,7 +97,7 @@ def paper_kd_weight(dataset: str) -> float:
 #: A recipe sits at the config layer that names it (preset file, flags or ``--set``): keys given
 #: explicitly in that layer or a later one override it. ``paper`` is PromptKD's published stage 2
 #: and ComKD-CLIP's plain reading, and equals the built-in defaults; ``recommended`` is the reading
-#: chosen on validation data (docs/method.md, "the recipe"; docs/results.md for the evidence).
+#: chosen on validation data (docs/method.md, "Stage-2 recipes"; docs/results.md for the evidence).
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {
         "student.edu_mode": "paper",
