@@ -171,3 +171,17 @@ def test_cross_dataset_and_domain_generalisation_protocols_run(tmp_path, protoco
     cfg = yaml.safe_load((tmp_path / "digits" / "seed1" / "promptkd" / "config.yaml").read_text())
     assert cfg["distill"]["split"] == {"cross": "train", "dg": "test"}[protocol]  # dg is transductive
     assert student_res["acc"] == row["promptkd"]["acc"][0]
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    import typer.main
+
+    group = typer.main.get_command(cli.app)
+    missing = [
+        f"{name} {p.opts[0]}"
+        for name, cmd in group.commands.items()
+        for p in cmd.params
+        if p.param_type_name == "option" and not (p.help or "").strip()
+    ]
+    assert missing == []
+    assert "with --out" in group.commands["evaluate"].help

@@ -41,6 +41,64 @@ RecipeOpt = Annotated[
 ]
 
 
+# one help text per option, shared by every command that has it
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Device: auto (default: cuda if available, else mps, else cpu), cpu, cuda, cuda:N, mps."
+    ),
+]
+RootOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Dataset root: a CoOp dataset folder, an image folder, a CSV file or WebDataset shards (data.root)."
+    ),
+]
+SplitFileOpt = Annotated[
+    Path | None,
+    typer.Option(help="CoOp split_zhou_*.json file (data.split_file; default: the dataset's own)."),
+]
+SeedOpt = Annotated[int | None, typer.Option(help="Run seed (data order, few-shot draw, views).")]
+DatasetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Dataset name (data.dataset): a CoOp dataset, imagefolder, csv, unlabelled, wds or digits."
+    ),
+]
+TeacherPretrainedOpt = Annotated[
+    str | None,
+    typer.Option(help="Teacher weights: an open_clip tag, hf-hub:ORG/NAME, a local file, or none (random)."),
+]
+TeacherOpt = Annotated[
+    str | None, typer.Option(help="Teacher open_clip model (e.g. ViT-L-14, comkd-tiny-teacher).")
+]
+LrOpt = Annotated[float | None, typer.Option(help="This stage's learning rate (<stage>.optim.lr).")]
+EpochsOpt = Annotated[int | None, typer.Option(help="This stage's epochs (<stage>.optim.epochs).")]
+BatchSizeOpt = Annotated[int | None, typer.Option(help="This stage's batch size (<stage>.optim.batch_size).")]
+StudentOpt = Annotated[
+    str | None, typer.Option(help="Student open_clip model (e.g. ViT-B-16, comkd-tiny-student) or timm:NAME.")
+]
+TemperatureOpt = Annotated[float | None, typer.Option(help="KD softmax temperature (distill.temperature).")]
+TeacherPromptsOpt = Annotated[
+    str | None, typer.Option(help="Teacher prompts file from train-teacher (teacher.prompts).")
+]
+StudentPretrainedOpt = Annotated[
+    str | None,
+    typer.Option(help="Student weights: an open_clip tag, hf-hub:ORG/NAME, a local file, or none (random)."),
+]
+ProtocolOpt = Annotated[
+    str | None, typer.Option(help="base2novel | cross | dg | full (how the student is scored).")
+]
+NumShotsOpt = Annotated[
+    int | None, typer.Option(help="Labelled images per class for the teacher's prompts (data.num_shots).")
+]
+KdWeightOpt = Annotated[
+    float | None,
+    typer.Option(help="Weight of the KD term (distill.kd_weight; default: the paper's per-dataset value)."),
+]
+AlignWeightOpt = Annotated[float | None, typer.Option(help="Weight of IFAlign (distill.align_weight).")]
+
+
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -231,11 +289,11 @@ def pretrain(
     teacher: Annotated[str | None, typer.Option(help="Teacher open_clip model.")] = None,
     student: Annotated[str | None, typer.Option(help="Student open_clip model.")] = None,
     which: Annotated[str, typer.Option(help="teacher, student or both.")] = "both",
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    device: str | None = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -263,17 +321,17 @@ def train_teacher(
     out: OutOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    dataset: str | None = None,
-    root: Path | None = None,
-    split_file: Path | None = None,
-    teacher: str | None = None,
-    teacher_pretrained: str | None = None,
-    num_shots: int | None = None,
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    device: str | None = None,
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    split_file: SplitFileOpt = None,
+    teacher: TeacherOpt = None,
+    teacher_pretrained: TeacherPretrainedOpt = None,
+    num_shots: NumShotsOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -307,24 +365,26 @@ def distill(
     overwrite: OverwriteOpt = False,
     method: Annotated[str | None, typer.Option(help=" | ".join(METHODS))] = None,
     recipe: RecipeOpt = None,
-    dataset: str | None = None,
-    root: Path | None = None,
-    split_file: Path | None = None,
-    teacher: str | None = None,
-    teacher_pretrained: str | None = None,
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    split_file: SplitFileOpt = None,
+    teacher: TeacherOpt = None,
+    teacher_pretrained: TeacherPretrainedOpt = None,
     teacher_prompts: Annotated[str | None, typer.Option(help="Prompts from train-teacher.")] = None,
-    student: str | None = None,
-    student_pretrained: str | None = None,
+    student: StudentOpt = None,
+    student_pretrained: StudentPretrainedOpt = None,
     teacher_cache: Annotated[str | None, typer.Option(help="Cache from cache-teacher.")] = None,
-    kd_weight: float | None = None,
-    align_weight: float | None = None,
-    temperature: float | None = None,
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    evaluate: bool = True,
+    kd_weight: KdWeightOpt = None,
+    align_weight: AlignWeightOpt = None,
+    temperature: TemperatureOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    evaluate: Annotated[
+        bool, typer.Option(help="Score the student on the test split and write results.json.")
+    ] = True,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -378,16 +438,17 @@ def evaluate(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
-    dataset: str | None = None,
-    root: Path | None = None,
-    split_file: Path | None = None,
-    protocol: str | None = None,
-    split: str = "test",
-    device: str | None = None,
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    split_file: SplitFileOpt = None,
+    protocol: ProtocolOpt = None,
+    split: Annotated[str, typer.Option(help="Split to score: test (default) or val.")] = "test",
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Accuracy of a distilled student (base/novel/HM for base2novel), written to results.json."""
+    """Accuracy of a distilled student (base/novel/HM for base2novel), printed as JSON; with --out
+    also written to OUT/results.json."""
     _setup_logging(verbose, quiet)
     cfg = _cfg(
         config,
@@ -424,7 +485,7 @@ def run(
     overwrite: OverwriteOpt = False,
     protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg | full")] = None,
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset(s); repeat the flag.")] = None,
-    root: Path | None = None,
+    root: RootOpt = None,
     seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds; repeat the flag.")] = None,
     methods: Annotated[
         list[str] | None,
@@ -433,7 +494,7 @@ def run(
     source: Annotated[str, typer.Option(help="cross/dg: the teacher's source dataset.")] = "imagenet",
     select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
     recipe: RecipeOpt = None,
-    device: str | None = None,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -491,15 +552,15 @@ def cache_teacher(
         int | None, typer.Option(help="Augmented views per image (K; default: distill epochs).")
     ] = None,
     dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32.")] = "float16",
-    dataset: str | None = None,
-    root: Path | None = None,
-    split_file: Path | None = None,
-    teacher: str | None = None,
-    teacher_pretrained: str | None = None,
-    teacher_prompts: str | None = None,
-    student: str | None = None,
-    seed: int | None = None,
-    device: str | None = None,
+    dataset: DatasetOpt = None,
+    root: RootOpt = None,
+    split_file: SplitFileOpt = None,
+    teacher: TeacherOpt = None,
+    teacher_pretrained: TeacherPretrainedOpt = None,
+    teacher_prompts: TeacherPromptsOpt = None,
+    student: StudentOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -658,7 +719,7 @@ def classes_cmd(
     teacher_prompts: Annotated[
         str | None, typer.Option(help="That teacher's prompts (train-teacher).")
     ] = None,
-    device: str | None = None,
+    device: DeviceOpt = None,
     force: Annotated[
         bool, typer.Option(help="Skip the check that the teacher is the student's own.")
     ] = False,
