@@ -239,3 +239,21 @@ def test_a_student_distilled_from_a_teacher_cache_records_the_cached_teacher(tmp
         ],
     )
     assert r.exit_code == 0, r.output  # the same (seeded) teacher is recognised
+
+
+@pytest.mark.slow
+def test_the_python_student_speaks_clip_and_takes_new_classes(distilled) -> None:
+    d = distilled["dir"]
+    s = load_student(distilled["student"]).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        emb = s.encode_image(x)
+        assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+        torch.testing.assert_close(s.logit_scale * emb @ s.text_features.t(), s(x).logits)
+        assert torch.allclose(torch.nn.functional.normalize(s.encode_image(x, normalize=False), dim=-1), emb)
+    s.set_classes(NEW, _teacher(d / "t0.safetensors", d / "p0.safetensors"))
+    w = _teacher(d / "t0.safetensors", d / "p0.safetensors").class_text_features(NEW)
+    assert s.classnames == NEW and torch.allclose(s.text_features, w, atol=1e-6)
+    with pytest.raises(ModelError, match="prompts_sha256"):
+        s.set_classes(["x", "y"], _teacher(d / "t0.safetensors", d / "p1.safetensors"))
+    assert s.classnames == NEW  # a refused teacher changes nothing

@@ -42,6 +42,18 @@ def check_teacher(recorded: dict[str, Any] | None, current: dict[str, Any], stud
         )
 
 
+def set_classes(student, names: list[str], teacher, *, force: bool = False) -> None:
+    """Set ``student``'s W to ``teacher``'s prompted text features of ``names``; a teacher other
+    than the one the student records is refused (``ModelError`` naming the digest) unless ``force``."""
+    from ..engine.builders import teacher_identity
+
+    current = teacher_identity(teacher)
+    if not force:
+        check_teacher(student.teacher_identity, current, Path("the student"))
+    student.set_text_features(teacher.class_text_features(list(names)), list(names))
+    student.teacher_identity = {**(student.teacher_identity or {}), **current}
+
+
 _ARCH_KEYS = ("model", "text_ctx", "text_depth", "ctx_init", "vision_tokens", "vision_depth", "quick_gelu")
 
 

@@ -226,6 +226,21 @@ class Student(nn.Module):
         """u_s = norm(P(f_img(x))): ``[B, 3, H, W]`` → ``[B, d]``."""
         return F.normalize(self.projector(self.visual(images)), dim=-1)
 
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The image embedding the classifier uses, as open_clip's ``encode_image``: f_e (u_s after
+        EduAttention), ``[B, 3, H, W]`` → ``[B, d]`` in the teacher's space, unit-norm with
+        ``normalize``; ``logit_scale * encode_image(x) @ W.T`` equals ``forward(x).logits``."""
+        out = self.forward(images)
+        return F.normalize(out.fused, dim=-1) if normalize else out.fused
+
+    def set_classes(self, names: list[str], teacher, *, force: bool = False) -> None:
+        """New class names, zero-shot: W = the teacher's prompted text features of ``names`` (what
+        ``comkd classes`` does, ``comkd.deploy.classes.set_classes``). ``teacher`` must be the one
+        recorded in the student (model, weights and prompts digests) unless ``force``."""
+        from ..deploy.classes import set_classes
+
+        set_classes(self, names, teacher, force=force)
+
     def tower_parameters(self) -> list[nn.Parameter]:
         """Trainable weights of the image tower itself (empty unless ``scope='full'``); prompts excluded."""
         prompts = getattr(self.visual, "prompts", None)
