@@ -142,3 +142,16 @@ def test_the_lazy_public_names_are_exactly_all() -> None:
     import comkd
 
     assert sorted(comkd._LAZY) == sorted(comkd.__all__)
+
+
+def test_loading_a_student_file_says_nothing_about_random_weights(tmp_path, caplog) -> None:
+    import logging
+
+    _, path = _saved(tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_student(path)
+    assert not [r for r in caplog.records if "pretrained weights" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):  # a model built without any weights still says so
+        create_student("comkd-tiny-student", None, teacher_dim=32, image_size=16)
+    assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]

@@ -7,6 +7,7 @@ names the key and both shapes instead of a long PyTorch traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -262,6 +263,26 @@ def uses_quick_gelu(module: nn.Module) -> bool:
     return any(isinstance(m, QuickGELU) for m in module.modules())
 
 
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(quiet: bool):
+    """Drop open_clip's 'No pretrained weights loaded' record while ``quiet`` (root logger)."""
+    if not quiet:
+        yield
+        return
+    f = _NoRandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
 def load_clip(
     model_name: str,
     pretrained: str | None = None,
@@ -319,9 +340,12 @@ def load_clip(
     if quick_gelu:
         model_cfg["quick_gelu"] = True
     try:
-        model = open_clip.create_model(
-            model_name, pretrained=None if local else pretrained, device=device, **kwargs
-        )
+        # open_clip warns "initialized randomly" whenever it loads no tag: noise when the weights are
+        # random on purpose or come from a local file next (a saved student, stage-0 weights)
+        with _quiet_random_init(random_on_purpose or local):
+            model = open_clip.create_model(
+                model_name, pretrained=None if local else pretrained, device=device, **kwargs
+            )
     except RuntimeError as e:
         raise ModelError(f"cannot create '{model_name}' with pretrained={pretrained!r}: {e}") from e
     if local:
