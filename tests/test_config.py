@@ -101,6 +101,15 @@ def test_bad_keys_and_values_name_the_key_and_the_allowed_values(sets, needles):
         assert n in str(e.value), (n, str(e.value))
 
 
+@pytest.mark.parametrize("word", ["on", "off", "auto"])
+def test_amp_on_and_off_are_the_words_not_yaml_booleans(tmp_path, word):
+    """YAML 1.1 reads a bare on/off as true/false; amp's choices are the words."""
+    assert load_config(sets=[f"distill.optim.amp={word}"]).distill.optim.amp == word
+    y = tmp_path / "c.yaml"
+    y.write_text(f"distill:\n  optim:\n    amp: {word}\n")
+    assert load_config(y).distill.optim.amp == word
+
+
 def test_bad_yaml_key_is_rejected_and_the_cli_exits_2(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("distill:\n  optim:\n    learning_rate: 0.1\n")

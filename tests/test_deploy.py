@@ -358,3 +358,91 @@ def test_onnx_class_names_metadata_is_checked(student_file, tmp_path, value, wor
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and str(onnx_path) in lines[0] and "comkd.classnames" in lines[0], r.output
     assert words in lines[0] and not out.exists()
+
+
+def _onnx_with_meta(student_file, path: Path, key: str, value: str) -> Path:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from comkd.deploy.export import export_metadata, export_onnx
+
+    s = load_student(student_file)
+    export_onnx(s, path, export_metadata(s))
+    m = onnx.load(str(path))
+    for p in m.metadata_props:
+        if p.key == key:
+            p.value = value
+    onnx.save(m, str(path))
+    return path
+
+
+def _preprocess_meta(**edits) -> str:
+    d = {"image_size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"}
+    return json.dumps({**d, **edits})
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (
+            _preprocess_meta(mean=[0.5, float("nan"), 0.5]),
+            "comkd.preprocess.mean must be three finite numbers",
+        ),
+        (_preprocess_meta(std=[0.25, 0, 0.25]), "comkd.preprocess.std must be positive"),
+        (_preprocess_meta(std=[0.25, 0.25]), "comkd.preprocess.std must be three finite numbers"),
+        (_preprocess_meta(image_size=60000), "image_size must be an integer in 1..4096, got 60000"),
+        (_preprocess_meta(image_size=24), "image_size is 24 but the graph takes input"),
+    ],
+)
+def test_onnx_preprocess_metadata_is_checked_before_any_image(student_file, tmp_path, value, words) -> None:
+    onnx_path = _onnx_with_meta(student_file, tmp_path / "s.onnx", "comkd.preprocess", value)
+    img = tmp_path / "img.png"
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(img)
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(cli.app, ["predict", str(onnx_path), str(img), "--out", str(out), "--no-progress"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and str(onnx_path) in lines[0] and words in lines[0], r.output
+    assert not out.exists()
+
+
+def test_predict_writes_its_file_whole_or_not_at_all(student_file, tmp_path) -> None:
+    """An unreadable image after good ones (batch 1: rows were already made) leaves neither a half
+    table nor a damaged earlier file."""
+    imgs = []
+    for i in range(3):
+        imgs.append(tmp_path / f"ok{i}.png")
+        Image.new("RGB", (20, 20), (30 * i, 90, 10)).save(imgs[-1])
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = tmp_path / "p.csv"
+    out.write_text("an earlier table\n")
+    args = ["predict", str(student_file), *map(str, imgs), str(bad), "--batch-size", "1", "--no-progress"]
+    r = CliRunner().invoke(cli.app, [*args, "--out", str(out)])
+    assert r.exit_code == 1 and "broken.jpg" in r.output and "Traceback" not in r.output, r.output
+    assert out.read_text() == "an earlier table\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "broken.jpg",
+        "ok0.png",
+        "ok1.png",
+        "ok2.png",
+        "p.csv",
+    ]
+
+
+def test_predict_refuses_nan_scores_naming_the_image(student_file, tmp_path) -> None:
+    """A student whose W was edited to NaN (and its digest recomputed) is refused at load; one that
+    produces NaN at run time (here: a NaN input pixel through a patched preprocess) is refused
+    when scored, naming the image, with no file written."""
+    s = load_student(student_file)
+    img = tmp_path / "a.png"
+    Image.new("RGB", (20, 20), (3, 4, 5)).save(img)
+    real = s.preprocess
+    s.preprocess = lambda im: real(im) * float("nan")
+    from comkd.deploy.predict import predict_files
+    from comkd.models import ModelError
+
+    out = tmp_path / "p.csv"
+    with pytest.raises(ModelError, match=r"gave NaN/inf scores for .*a\.png"):
+        predict_files(s, [str(img)], out, progress=False)
+    assert not out.exists()

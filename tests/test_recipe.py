@@ -199,6 +199,7 @@ def test_distill_with_ridge_warm_start_step0_and_saved_settings(tmp_path) -> Non
             "teacher.text_depth=1",
             "distill.optim.warmup_epochs=0",
             "teacher.vision_depth=1",
+            "student.scope=prompts",  # not the demo preset's: the file must record what was run
         ],
     )
     assert cfg.distill.projector_init == "ridge" and cfg.student.projector_bn == "frozen"

@@ -196,3 +196,123 @@ def test_cli_nan_loss_names_the_step_and_keeps_the_checkpoint(tmp_path, monkeypa
     assert f"the only checkpoint, of step {step}" in r.output and "Traceback" not in r.output
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == step
+
+
+# -- a damaged or foreign checkpoint is refused before anything is restored ------------------------
+def _damage(state: dict, how: str) -> str:
+    """Edit a toy checkpoint in place; the words the refusal must contain."""
+    w = state["modules"]["model"]
+    if how == "no-modules":
+        del state["modules"]
+        return "key 'modules' is missing"
+    if how == "missing-tensor":
+        del w["bias"]
+        return "modules.model lacks 1 tensor(s) (e.g. 'bias')"
+    if how == "extra-tensor":
+        w["head.weight"] = torch.zeros(2)
+        return "modules.model has unknown 1 tensor(s) (e.g. 'head.weight')"
+    if how == "wrong-shape":
+        w["weight"] = torch.zeros(1, 7, dtype=torch.float64)
+        return "modules.model.weight is [1, 7], this run has [1, 5]"
+    if how == "nan-weights":
+        w["weight"] = torch.full_like(w["weight"], float("nan"))
+        return "modules.model.weight holds NaN/inf"
+    if how == "optimizer":
+        del state["optimizer"]["param_groups"]
+        return "its 'optimizer' state does not fit this run"
+    if how == "rng":
+        state["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+        return "its 'rng' state does not fit this run"
+    if how == "negative-step":
+        state["global_step"] = -4
+        return "key 'global_step' is -4, not a count"
+    if how == "epoch-not-int":
+        state["epoch"] = "2"
+        return "key 'epoch' is a str, not a int"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "no-modules",
+        "missing-tensor",
+        "extra-tensor",
+        "wrong-shape",
+        "nan-weights",
+        "optimizer",
+        "rng",
+        "negative-step",
+        "epoch-not-int",
+    ],
+)
+def test_a_damaged_checkpoint_is_one_line_and_nothing_is_restored(tmp_path, how) -> None:
+    from comkd.engine.loop import CheckpointError
+
+    _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=9)
+    ckpt = tmp_path / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    words = _damage(state, how)
+    torch.save(state, ckpt)
+    before = ckpt.read_bytes()
+    task = ToyTask(noise=True)
+    w0 = task.model.weight.detach().clone()
+    with pytest.raises(CheckpointError) as err:
+        _toy_fit(tmp_path, task, ckpt_every=4, resume=True)
+    msg = str(err.value)
+    assert "\n" not in msg and str(ckpt) in msg and words in msg, msg
+    assert torch.equal(task.model.weight, w0)  # the module was not touched
+    assert ckpt.read_bytes() == before  # the file is kept as it was, for the user to look at
+
+
+def test_resume_of_a_finished_run_is_a_no_op_that_says_so(tmp_path, caplog) -> None:
+    _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    done = ToyTask(noise=True)
+    with caplog.at_level("WARNING", logger="comkd.engine.loop"):
+        res = _toy_fit(tmp_path, done, ckpt_every=4, resume=True)
+    assert done.calls == 0 and res.resumed_from["epoch"] == 3
+    assert any("already finished its 3 epochs; nothing to train" in r.message for r in caplog.records)
+    again = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert torch.equal(again["modules"]["model"]["weight"], done.model.weight.detach())
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+# -- a resumed run keeps every setting that changes its result --------------------------------------
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ("distill.kd_weight=5", "distill.kd_weight"),
+        ("distill.method=promptkd", "distill.method"),
+        ("distill.align_weight=3", "distill.align_weight"),
+        ("distill.recipe=paper", "student.edu_mode"),  # the first value the recipe changes
+        ("seed=7", "seed"),
+        ("student.vision_tokens=2", "student.vision_tokens"),
+        ("data.num_shots=4", "data.num_shots"),
+    ],
+)
+def test_resume_with_a_setting_that_changes_the_result_is_refused_naming_it(tmp_path, change, key) -> None:
+    from comkd.config import ConfigError, load_config, save_config
+    from comkd.engine import pipeline as P
+    from comkd.methods import resolve_recipe
+
+    cfg = load_config("demo")
+    save_config(resolve_recipe(cfg), tmp_path / "config.yaml")  # as a run writes it
+    before = (tmp_path / "config.yaml").read_text()
+    changed = load_config("demo", sets=[change])
+    with pytest.raises(ConfigError, match=r"--resume: " + key.replace(".", r"\.")) as err:
+        P._start(changed, tmp_path, resume=True, stage="distill")
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+    assert (tmp_path / "config.yaml").read_text() == before
+
+
+def test_resume_may_change_where_a_run_runs_and_what_it_prints(tmp_path) -> None:
+    from comkd.config import load_config, save_config
+    from comkd.engine import pipeline as P
+    from comkd.methods import resolve_recipe
+
+    cfg = load_config("demo")
+    save_config(resolve_recipe(cfg), tmp_path / "config.yaml")
+    free = ["device=cpu", "progress=false", "log_every=3", "ckpt_every=2", "data.num_workers=1"]
+    free += ["distill.optim.amp=on", "pretrain.optim.lr=0.5"]  # another stage's section: not this stage's
+    P._start(load_config("demo", sets=free), tmp_path, resume=True, stage="distill")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,66 @@ def test_loading_a_student_file_says_nothing_about_random_weights(tmp_path, capl
     with caplog.at_level(logging.WARNING):  # a model built without any weights still says so
         create_student("comkd-tiny-student", None, teacher_dim=32, image_size=16)
     assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+
+
+def _edited(tmp_path, name: str, tensors=None, **meta_edits) -> Path:
+    """The saved student with tensors/metadata edited and the digest recomputed (a careful editor)."""
+    _, path = _saved(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    sd = load_file(str(path))
+    sd.update(tensors or {})
+    meta.update(meta_edits)
+    meta[STUDENT_DIGEST_KEY] = student_digest(sd, meta)
+    out = tmp_path / name
+    save_file(sd, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (
+            {"tensors": {"text_features": torch.full((3, 32), float("nan"))}},
+            "tensor 'text_features' holds NaN/inf",
+        ),
+        ({"comkd.classnames": '"abc"'}, "comkd.classnames must be a non-empty JSON list"),
+        ({"comkd.classnames": "[1, 2, 3]"}, "holds 1, not a class name"),
+        ({"comkd.classnames": '["a", "a", "c"]'}, "lists ['a'] more than once"),
+        ({"comkd.classnames": "[oops"}, "comkd.classnames is not valid JSON"),
+    ],
+)
+def test_a_student_file_with_bad_values_and_a_matching_digest_is_refused(tmp_path, edit, words) -> None:
+    from comkd.models import ModelError
+
+    path = _edited(tmp_path, "bad.safetensors", **edit)
+    with pytest.raises(ModelError) as err:
+        load_student(path)
+    assert str(path) in str(err.value) and words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_absurd_input_size_in_a_student_file_is_refused_before_building(tmp_path) -> None:
+    from comkd.models import ModelError
+
+    _, path = _saved(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        arch = json.loads(f.metadata()[STUDENT_CONFIG_KEY])
+    bad = _edited(
+        tmp_path, "huge.safetensors", **{STUDENT_CONFIG_KEY: json.dumps({**arch, "image_size": 60000})}
+    )
+    with pytest.raises(
+        ModelError, match=r"huge\.safetensors.*image_size must be an integer in 1\.\.4096, got 60000"
+    ):
+        load_student(bad)
+
+
+def test_a_student_with_nan_weights_is_not_written(tmp_path) -> None:
+    from comkd.models import ModelError
+
+    s, path = _saved(tmp_path)
+    before = path.read_bytes()
+    with torch.no_grad():
+        next(p for p in s.parameters() if p.requires_grad).fill_(float("inf"))
+    with pytest.raises(ModelError, match=r"not writing .*student\.safetensors: tensor .* holds NaN/inf"):
+        save_student(s, path)
+    assert path.read_bytes() == before  # the earlier file is kept

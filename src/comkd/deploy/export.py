@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
@@ -58,17 +59,34 @@ def preprocess_metadata(spec: PreprocessSpec) -> dict[str, Any]:
     return d
 
 
+MAX_IMAGE_SIZE = 4096  # an input side above this is refused before anything is allocated
+
+
 def spec_from_metadata(meta: dict[str, str], source: str) -> PreprocessSpec:
-    """The ``PreprocessSpec`` recorded in an export's ``comkd.preprocess`` metadata."""
+    """The ``PreprocessSpec`` recorded in an export's ``comkd.preprocess`` metadata: an image size
+    in 1..``MAX_IMAGE_SIZE``, three finite means and three finite positive stds, else a one-line
+    ``ModelError`` naming the file and the field."""
     try:
         d = json.loads(meta["comkd.preprocess"])
-        return PreprocessSpec(
-            int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic")
-        )
+        size, mean, std = d["image_size"], d["mean"], d["std"]
+        interp = d.get("interpolation", "bicubic")
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(
             f"{source} has no usable comkd.preprocess metadata (not a comkd export?): {e}"
         ) from None
+    key = f"{source}: metadata comkd.preprocess"
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ModelError(f"{key}.image_size must be an integer in 1..{MAX_IMAGE_SIZE}, got {size!r}")
+    for name, v in (("mean", mean), ("std", std)):
+        ok = isinstance(v, list) and len(v) == 3
+        ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if not ok or not all(math.isfinite(x) for x in v):
+            raise ModelError(f"{key}.{name} must be three finite numbers, got {v!r}")
+    if not all(x > 0 for x in std):
+        raise ModelError(f"{key}.std must be positive (it divides the pixels), got {std!r}")
+    if not isinstance(interp, str):
+        raise ModelError(f"{key}.interpolation must be a string, got {interp!r}")
+    return PreprocessSpec(size, tuple(float(x) for x in mean), tuple(float(x) for x in std), interp)
 
 
 def export_metadata(student: nn.Module, extra: dict[str, str] | None = None) -> dict[str, str]:

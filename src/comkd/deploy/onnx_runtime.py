@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..models.backbones import ModelError, PreprocessSpec
+from ..models.io import check_classnames
 from .export import spec_from_metadata
 
 
@@ -51,7 +52,16 @@ class OnnxStudent:
                 f"{path}: metadata comkd.classnames names {len(self.classnames)} classes but the "
                 f"model has {n_out} outputs"
             )
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        s = self.preprocess.image_size
+        dims = list(inp.shape)[1:]  # [3, S, S] when the graph fixes them (the batch is dynamic)
+        want = [3, s, s]
+        if len(dims) != 3 or any(isinstance(d, int) and d != w for d, w in zip(dims, want, strict=True)):
+            raise ModelError(
+                f"{path}: metadata comkd.preprocess.image_size is {s} but the graph takes input "
+                f"{list(inp.shape)}; re-export the student (comkd export)"
+            )
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` preprocessed images -> ``[B, N]`` logits."""
@@ -77,15 +87,4 @@ def _classnames(meta: dict[str, str], path: Path) -> list[str]:
         names = json.loads(meta["comkd.classnames"])
     except ValueError:
         raise ModelError(f"{path}: metadata comkd.classnames is not valid JSON") from None
-    if not isinstance(names, list) or not names:
-        raise ModelError(
-            f"{path}: metadata comkd.classnames must be a non-empty JSON list of class names, "
-            f"got {type(names).__name__ if names else names!r}"
-        )
-    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
-    if bad:
-        raise ModelError(f"{path}: metadata comkd.classnames holds {bad[0]!r}, not a class name (a string)")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ModelError(f"{path}: metadata comkd.classnames lists {dup[:5]} more than once")
-    return names
+    return check_classnames(names, f"{path}: metadata comkd.classnames")

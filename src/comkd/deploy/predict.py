@@ -8,6 +8,7 @@ logits q = s · cos(f_e, W) over the stored class names.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -23,6 +24,7 @@ from PIL import Image
 
 from ..data.dataset import load_image_file
 from ..data.errors import DataError
+from ..fileio import atomic_path
 
 ImageLike = str | os.PathLike | Image.Image
 
@@ -190,11 +192,15 @@ def predict_files(
             except DataError as e:
                 skipped.append((p, str(e)))
         paths = good
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    f = open(out, "w", newline="", encoding="utf-8") if out is not None else sys.stdout  # noqa: SIM115
     counts: dict[str, int] = {}
-    try:
+    # a file is written whole or not at all: an error on image 900 of 1,000 leaves no half table
+    # (and an earlier file of that name as it was)
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            tmp = stack.enter_context(atomic_path(out))
+            f = stack.enter_context(open(tmp, "w", newline="", encoding="utf-8"))
+        else:
+            f = sys.stdout
         write = _writer(fmt, f, k)
         bar = Progress(
             "predict",
@@ -208,13 +214,20 @@ def predict_files(
         with bar:
             task = bar.add_task("predict", total=len(paths))
             for x, batch_paths in iter_batches(model, list(paths), batch_size):
-                for p in topk_predictions(fn(x), model.classnames, k, batch_paths):
+                logits = fn(x)
+                finite = torch.isfinite(logits).all(dim=-1)
+                if not bool(finite.all()):
+                    from ..models.backbones import ModelError
+
+                    first = batch_paths[int((~finite).nonzero()[0])]
+                    raise ModelError(
+                        f"{getattr(model, 'path', 'the model')} gave NaN/inf scores for {first}; "
+                        "its weights or preprocessing are damaged"
+                    )
+                for p in topk_predictions(logits, model.classnames, k, batch_paths):
                     write(p)
                     counts[p.top1] = counts.get(p.top1, 0) + 1
                 bar.advance(task, len(batch_paths))
-    finally:
-        if out is not None:
-            f.close()
     return {
         "images": len(paths),
         "out": str(out) if out is not None else None,

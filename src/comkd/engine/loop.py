@@ -234,6 +234,65 @@ def check_resume_optim(saved: dict | None, cfg: OptimConfig, path: Path) -> None
         )
 
 
+_CHECKPOINT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "modules": dict,
+    "optimizer": dict,
+    "scaler": dict,
+    "rng": dict,
+    "epoch": int,
+    "batch": int,
+    "global_step": int,
+    "history": list,
+}
+
+
+def check_checkpoint(state: dict, path: Path, mods: dict[str, nn.Module]) -> None:
+    """Refuse a checkpoint that would not restore this run exactly, before anything is restored:
+    every key present with its type, the epoch/batch/step non-negative, and each module's saved
+    tensors exactly the ones it checkpoints (``trainable_state``: none missing, none extra, same
+    shapes) and finite. Each failure is one ``CheckpointError`` line naming the file and the key."""
+    for key, kind in _CHECKPOINT_KEYS.items():
+        v = state.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            got = "missing" if key not in state else f"a {type(v).__name__}"
+            raise CheckpointError(f"cannot resume from {path}: key {key!r} is {got}, not a {kind.__name__}")
+        if kind is int and v < 0:
+            raise CheckpointError(f"cannot resume from {path}: key {key!r} is {v}, not a count")
+    for name, module in mods.items():
+        saved = state["modules"].get(name)
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"cannot resume from {path}: no weights of {name!r} (modules.{name})")
+        want = trainable_state(module)
+        missing = sorted(set(want) - set(saved))
+        extra = sorted(set(saved) - set(want))
+        if missing or extra:
+            which, keys = ("lacks", missing) if missing else ("has unknown", extra)
+            raise CheckpointError(
+                f"cannot resume from {path}: modules.{name} {which} {len(keys)} tensor(s) "
+                f"(e.g. {keys[0]!r}); it was written by another model or method"
+            )
+        for k, ref in want.items():
+            t = saved[k]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(ref.shape):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise CheckpointError(
+                    f"cannot resume from {path}: modules.{name}.{k} is {got}, this run has {list(ref.shape)}"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"cannot resume from {path}: modules.{name}.{k} holds NaN/inf")
+
+
+def _restore(path: Path, key: str, fn: Callable[[], Any]) -> None:
+    """Run one restore step; its failure (a damaged or foreign state) is one line naming the key."""
+    try:
+        fn()
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot resume from {path}: its {key!r} state does not fit this run: {first}"
+        ) from None
+
+
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state a checkpoint needs: everything except the frozen parts a module declares in
     ``frozen_prefixes`` (trainable parameters under those prefixes, such as prompts, are kept)."""
@@ -388,13 +447,15 @@ def fit(
         if state.get("task") != task.name:
             raise ValueError(f"{ckpt_path} belongs to stage {state.get('task')!r}, not {task.name!r}")
         check_resume_optim(state.get("optim"), cfg, ckpt_path)
+        check_checkpoint(state, ckpt_path, mods)  # every key, before anything is restored
+        # the parts that can still fail first, the module weights (checked above) last
+        _restore(ckpt_path, "optimizer", lambda: optimizer.load_state_dict(state["optimizer"]))
+        _restore(ckpt_path, "scaler", lambda: scaler.load_state_dict(state["scaler"]))
+        _restore(ckpt_path, "rng", lambda: _set_rng_state(state["rng"]))
         for k, m in mods.items():
-            m.load_state_dict(state["modules"][k], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+            m.load_state_dict(state["modules"][k], strict=False)  # exactly its checkpointed keys
         if hasattr(task, "load_state_dict") and state.get("task_state") is not None:
-            task.load_state_dict(state["task_state"])
+            _restore(ckpt_path, "task_state", lambda: task.load_state_dict(state["task_state"]))
         sums = {k: v.to(device) for k, v in state.get("sums", {}).items()}
         count = state.get("count", 0)
         start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["global_step"]
@@ -404,7 +465,17 @@ def fit(
             metrics.truncate_after(task.name, global_step)
         if start_batch >= steps_per_epoch:
             start_epoch, start_batch = start_epoch + 1, 0
-        log.info("%s: resumed from %s at epoch %d batch %d", task.name, ckpt_path, start_epoch, start_batch)
+        if start_epoch >= cfg.epochs:
+            log.warning(
+                "%s: the run in %s already finished its %d epochs; nothing to train (--resume is a no-op)",
+                task.name,
+                out_dir,
+                cfg.epochs,
+            )
+        else:
+            log.info(
+                "%s: resumed from %s at epoch %d batch %d", task.name, ckpt_path, start_epoch, start_batch
+            )
 
     # the last two checkpoints' steps: a NaN found at a check may come from the weights of the
     # newest one (saved after the diverging update), so the one before it is kept too

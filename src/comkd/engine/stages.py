@@ -74,13 +74,33 @@ def _start(
     return out, device, MetricsLog(out / "metrics.jsonl", enabled=is_main(), tensorboard_dir=tb)
 
 
+# settings a resumed run may change: where it runs and what it prints, not what it computes
+RESUME_FREE = frozenset(
+    {"device", "output_dir", "protocol", "eval_split", "log_every", "ckpt_every", "tensorboard", "progress"}
+)
+RESUME_FREE_KEYS = frozenset({"data.num_workers", "data.eval_batch_size"})  # and every *.optim.amp
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
-    """``--resume`` with optimiser/schedule settings of ``stage`` (a config section) other than the
-    run's (its ``config.yaml``) is refused before ``config.yaml`` is rewritten, so it never claims
-    settings not in effect."""
+    """``--resume`` with any setting that changes what ``stage`` (a config section) computes other
+    than the run's (its ``config.yaml``) is refused before ``config.yaml`` is rewritten, so it never
+    claims settings not in effect. Compared: the seed and every other top-level setting except
+    ``RESUME_FREE``, the data, teacher and student sections, and the stage's own section (its
+    method, loss weights, recipe values, optimiser, augmentation); other stages' sections are not.
+    The message names the first key that differs."""
     import yaml
 
-    from .loop import optim_settings
+    from ..config import SECTION_ALIASES, to_dict
 
     if not path.is_file():
         return
@@ -88,14 +108,29 @@ def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
         old = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
-    from ..config import SECTION_ALIASES
-
+    if not isinstance(old, dict):
+        raise ConfigError(f"{path}: not a comkd config (a mapping of settings)")
     earlier = [k for k, v in SECTION_ALIASES.items() if v == stage]  # a run saved under an earlier key
-    saved = (old.get(stage) or next((old[k] for k in earlier if k in old), None) or {}).get("optim") or {}
-    for k, v in optim_settings(getattr(cfg, stage).optim).items():
+    if stage not in old:
+        old = {**old, stage: next((old[k] for k in earlier if k in old), None) or {}}
+    now = yaml.safe_load(yaml.safe_dump(to_dict(resolve_recipe(cfg)), sort_keys=False))
+    sections = {"data", "teacher", "student", stage}
+    stage_names = {"pretrain", "train_teacher", "distill", "full"}
+
+    def compared(d: dict) -> dict[str, Any]:
+        keep = {
+            k: v
+            for k, v in d.items()
+            if k not in RESUME_FREE and (k in sections or (k not in stage_names and not isinstance(v, dict)))
+        }
+        flat = _flat(keep)
+        return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS and not k.endswith(".optim.amp")}
+
+    saved, current = compared(old), compared(now)
+    for k, v in current.items():
         if k in saved and saved[k] != v:
             raise ConfigError(
-                f"--resume: {stage}.optim.{k} is {v!r} now but the run in {path.parent} was started with "
+                f"--resume: {k} is {v!r} now but the run in {path.parent} was started with "
                 f"{saved[k]!r}; resume with the same settings or start a new run in another folder"
             )
 

@@ -70,6 +70,28 @@ def student_digest(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def non_finite(sd: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``sd`` holding NaN or inf, else None."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
+
+
+def check_classnames(names: Any, where: str, *, allow_empty: bool = False) -> list[str]:
+    """``names`` as a list of distinct non-empty strings (an empty list only with ``allow_empty``:
+    a student file without classes yet), else a ``ModelError`` naming ``where``."""
+    if not isinstance(names, list) or not (names or allow_empty):
+        raise ModelError(f"{where} must be a non-empty JSON list of class names, got {type(names).__name__}")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ModelError(f"{where} holds {bad[0]!r}, not a class name (a string)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ModelError(f"{where} lists {dup[:5]} more than once")
+    return names
+
+
 def arch_from_metadata(c: dict[str, Any]) -> StudentArch:
     """The ``StudentArch`` recorded in a file's ``comkd.student_config`` (either format)."""
     c = dict(c)
@@ -82,6 +104,9 @@ def arch_from_metadata(c: dict[str, Any]) -> StudentArch:
     extra = sorted(set(c) - known)
     if extra:
         raise ValueError(f"unknown field {extra[0]!r} in {STUDENT_CONFIG_KEY}")
+    size = c.get("image_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096):
+        raise ValueError(f"{STUDENT_CONFIG_KEY}.image_size must be an integer in 1..4096, got {size!r}")
     return StudentArch(**c)
 
 
@@ -98,6 +123,9 @@ def save_student(student: Student, path: str | Path) -> None:
     if getattr(student, "teacher_identity", None):  # which teacher produced W (comkd classes checks it)
         meta["comkd.teacher"] = json.dumps(student.teacher_identity)
     sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
+    bad = non_finite(sd)
+    if bad:  # a diverged run's weights are not a student: refuse to write them as one
+        raise ModelError(f"not writing {path}: tensor {bad!r} holds NaN/inf")
     meta[STUDENT_DIGEST_KEY] = student_digest(sd, meta)
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata=meta)
@@ -127,9 +155,16 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
             f"{path} is corrupt or was edited: its tensors or metadata do not match the sha256 stored in it "
             f"({STUDENT_DIGEST_KEY}); re-copy or re-create the file"
         )
+    bad = non_finite(sd)
+    if bad:
+        raise ModelError(f"{path}: tensor {bad!r} holds NaN/inf; this file is not a usable student")
+    try:
+        classnames = json.loads(meta.get("comkd.classnames", "[]"))
+    except ValueError:
+        raise ModelError(f"{path}: metadata comkd.classnames is not valid JSON") from None
+    check_classnames(classnames, f"{path}: metadata comkd.classnames", allow_empty=True)
     try:
         arch = arch_from_metadata(json.loads(meta[STUDENT_CONFIG_KEY]))
-        classnames = json.loads(meta.get("comkd.classnames", "[]"))
         # s and every weight come from the file: the random init is overwritten
         student = Student.build(arch, RANDOM_WEIGHTS, logit_scale=1.0, device=device)
         if "text_features" not in sd:
