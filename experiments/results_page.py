@@ -61,11 +61,9 @@ def _model_sizes(name: str, image_size: int | None) -> dict[str, Any]:
 
 def _split_sizes(cfg) -> dict[str, int]:
     from comkd.data import load_splits
-    from comkd.engine.pipeline import _dataset_kwargs
+    from comkd.engine.pipeline import loader_options
 
-    kw = _dataset_kwargs(cfg)
-    kw.pop("digits_size", None)
-    s = load_splits(cfg.data.dataset, cfg.data.root, **kw)
+    s = load_splits(cfg.data.dataset, cfg.data.root, **loader_options(cfg))
     return {k: len(s.split(k)) for k in s.split_names}
 
 
@@ -369,7 +367,7 @@ def _merge_variants(results: dict, extra: dict) -> None:
 
 
 def _kd_weight(cfg) -> float:
-    from comkd.methods import resolve_recipe
+    from comkd.config import resolve_recipe
 
     return resolve_recipe(cfg).distill.kd_weight
 

@@ -1,4 +1,4 @@
-"""Inputs that used to give a silently wrong result or a traceback (issue 9, items 12-19): each
+"""Inputs that used to give a silently wrong result or a traceback: each
 must now be a one-line error naming the file, key or value at fault, or be handled safely."""
 
 from __future__ import annotations
@@ -358,11 +358,13 @@ def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
     with pytest.raises(
         ConfigError, match=rf"distill\.optim\.lr is 0\.05 now .* started with {re.escape(str(lr))};"
     ):
-        P._start(changed, tmp_path, resume=True, stage="distill")
+        P.start_stage(changed, tmp_path, resume=True, stage="distill")
     assert (tmp_path / "config.yaml").read_text() == before  # never claims a value not in effect
-    P._start(cfg, tmp_path, resume=True, stage="distill")  # the same settings resume
+    P.start_stage(cfg, tmp_path, resume=True, stage="distill")  # the same settings resume
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["distill"]["optim"]["lr"] == lr
-    P._start(changed, tmp_path, resume=True, stage="teacher_train")  # another stage's settings: not checked
+    P.start_stage(
+        changed, tmp_path, resume=True, stage="teacher_train"
+    )  # another stage's settings: not checked
 
 
 def test_resume_checks_the_checkpoints_own_settings(tmp_path) -> None:

@@ -13,9 +13,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from comkd import cli, load_student
-from comkd.deploy.classes import check_teacher
-from comkd.engine.pipeline import teacher_identity
 from comkd.models import ModelError, create_student, create_teacher, load_clip, save_clip_weights
+from comkd.models.identity import check_teacher, teacher_identity
 from comkd.models.io import save_student
 from conftest import TINY_DISTILL_OPTS
 

@@ -13,9 +13,10 @@ import yaml
 from safetensors.torch import save_file
 
 from comkd.config import load_config
-from comkd.engine.pipeline import evaluate_student, teacher_identity
+from comkd.engine.pipeline import evaluate_student
 from comkd.engine.utils import seed_everything
 from comkd.models import ModelError, create_student, create_teacher, load_clip, save_clip_weights
+from comkd.models.identity import teacher_identity
 from comkd.models.io import load_student, save_student
 
 cb_zs = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")

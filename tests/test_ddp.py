@@ -226,8 +226,8 @@ def test_ddp_distill_with_evaluation(tmp_path):
 def test_ddp_ifalign_uses_global_batch_statistics(tmp_path):
     """With the projector's BatchNorm frozen and IFAlign's statistics gathered over the ranks, nothing
     in stage 2 depends on how the global batch is split: 2 processes (8 images a rank) match one
-    process with the same global batch of 16 up to float rounding, IFAlign included (issue 9, item
-    11; before the gather each rank's statistics came from its own 8 images)."""
+    process with the same global batch of 16 up to float rounding, IFAlign included
+    (before the gather each rank's statistics came from its own 8 images)."""
     from safetensors.torch import load_file
 
     from comkd.engine.utils import read_metrics

@@ -1,4 +1,4 @@
-"""Unit tests for comkd.losses (METHOD.md sections 3 and 5).
+"""Unit tests for comkd.losses (docs/method.md, "IFAlign" and "The objective").
 
 Every value is checked against an independent NumPy computation written from the equations,
 not from the implementation.
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from comkd.losses import METHODS, ComKDLoss, build_loss, ifalign, kd_kl, method_spec
+from comkd.losses import ComKDLoss, build_loss, ifalign, kd_kl
+from comkd.methods import METHODS, method_spec
 
 # -- independent references (NumPy, float64, explicit loops) -------------------------------------
 

@@ -13,16 +13,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 from comkd import cli
-from comkd.config import ConfigError, load_config
-from comkd.losses import kd_kl
+from comkd.config import ConfigError, load_config, resolve_recipe
+from comkd.engine.tasks import DistillTask
+from comkd.losses import build_loss, kd_kl
 from comkd.methods import (
     METHODS,
     Method,
-    build_loss,
     canonical_method,
     method_spec,
     register_method,
-    resolve_recipe,
     unregister_method,
 )
 from comkd.protocols.report import LABELS, METHOD_ORDER
@@ -111,20 +110,14 @@ def test_a_registered_method_builds_its_loss(toy_method) -> None:
     assert float(out["loss"]) == pytest.approx(10.0 * float(kd_kl(q_s, q_t)) + 0.5 * cos, rel=1e-5)
 
 
+def _tiny_distill(method: str, out):
+    """``comkd distill`` of the tiny pair with ``method``, into ``out``."""
+    args = ["distill", "--teacher", "comkd-tiny-teacher", "--method", method, "--out", str(out)]
+    return CliRunner().invoke(cli.app, [*args, *TINY_DISTILL_OPTS])
+
+
 def test_a_registered_method_runs_a_tiny_distillation(toy_method, tmp_path) -> None:
-    r = CliRunner().invoke(
-        cli.app,
-        [
-            "distill",
-            "--teacher",
-            "comkd-tiny-teacher",
-            "--method",
-            "toy-cosine",
-            "--out",
-            str(tmp_path),
-            *TINY_DISTILL_OPTS,
-        ],
-    )
+    r = _tiny_distill("toy-cosine", tmp_path)
     assert r.exit_code == 0, r.output
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["distill"]["method"] == "toy-cosine" and saved["distill"]["kd_weight"] == 1000.0
@@ -142,3 +135,54 @@ def test_unregistering_restores_the_table(toy_method) -> None:
     unregister_method("toy-cosine")
     assert "toy-cosine" not in METHODS
     register_method(TOY)  # the fixture unregisters it again
+
+
+class AnchoredTask(DistillTask):
+    """A method with its own task and its own input: the toy method's distillation plus an L2 pull
+    of the trainable weights toward a snapshot of their values at the start (which DistillTask
+    does not hold)."""
+
+    def __init__(self, student, *args, **kwargs) -> None:
+        super().__init__(student, *args, **kwargs)
+        self.start = [p.detach().clone() for p in student.trainable_parameters()]
+
+    def step(self, batch, epoch: int) -> dict[str, torch.Tensor]:
+        terms = super().step(batch, epoch)
+        anchor = sum(
+            ((p - p0.to(p.device)) ** 2).sum()
+            for p, p0 in zip(self.student.trainable_parameters(), self.start, strict=True)
+        )
+        return {**terms, "loss": terms["loss"] + anchor, "anchor": anchor}
+
+
+def test_a_method_with_its_own_task_is_a_table_entry_plus_the_task(tmp_path) -> None:
+    method = Method("toy-anchored", "Toy anchored KD", edu_attention=False, make_task=AnchoredTask)
+    register_method(method)
+    try:
+        r = _tiny_distill("toy_anchored", tmp_path)
+    finally:
+        unregister_method(method.name)
+    assert r.exit_code == 0, r.output
+    steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    anchors = [rec["anchor"] for rec in steps if "anchor" in rec]
+    assert anchors and anchors[0] >= 0.0 and max(anchors) > 0.0  # the task's own term was trained on
+
+
+def test_run_refuses_an_unknown_method_before_any_stage(tmp_path) -> None:
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "run",
+            "--config",
+            "demo",
+            "--methods",
+            "promptkd",
+            "--methods",
+            "comkdd",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert r.exit_code == 1
+    assert "unknown distillation method 'comkdd'; choose one of comkd, promptkd" in r.output
+    assert not (tmp_path / "r").exists()  # nothing ran, nothing written

@@ -574,7 +574,7 @@ def test_student_state_dict_round_trip_into_fresh_student(teacher) -> None:
     torch.testing.assert_close(fresh.eval()(x).logits, s.eval()(x).logits)
 
 
-# -- PromptKD equivalence (METHOD.md section 5) -------------------------------------------------------
+# -- PromptKD equivalence (docs/method.md, "Methods") ---------------------------------------------------
 
 
 def test_comkd_with_alpha_zero_equals_promptkd(teacher) -> None:

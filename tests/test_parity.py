@@ -1,5 +1,5 @@
-"""Paper parity (issue 9, items 3-10): each reading checked against an independent computation
-(open_clip's own tag metadata, PromptKD's scripts, METHOD.md's formulas)."""
+"""Paper parity (items 3-10): each reading checked against an independent computation
+(open_clip's own tag metadata, PromptKD's scripts, docs/method.md's formulas)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_cross_keeps_what_the_user_set(monkeypatch, tmp_path) -> None:
 
 
 def test_base2novel_keeps_the_per_dataset_recipe(monkeypatch, tmp_path) -> None:
-    from comkd.losses import paper_kd_weight
+    from comkd.methods import paper_kd_weight
 
     cfg = load_config(sets=[f"output_dir={tmp_path}", "data.dataset=dtd"])
     assert _record_protocol(monkeypatch, cfg, "base2novel", ["dtd"]) == {"dtd": (None, None)}

@@ -1,4 +1,4 @@
-"""The settings that make distillation pay (METHOD.md section 8), each against an independent
+"""The settings that make distillation pay (docs/method.md, "Extensions"), each against an independent
 NumPy computation: cosine EduAttention with a bounded gate, the ridge warm start of the projector,
 IFAlign on the projector output, the frozen-BN projector, and the student's training scope."""
 

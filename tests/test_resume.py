@@ -292,27 +292,25 @@ def test_resume_of_a_finished_run_is_a_no_op_that_says_so(tmp_path, caplog) -> N
     ],
 )
 def test_resume_with_a_setting_that_changes_the_result_is_refused_naming_it(tmp_path, change, key) -> None:
-    from comkd.config import ConfigError, load_config, save_config
+    from comkd.config import ConfigError, load_config, resolve_recipe, save_config
     from comkd.engine import pipeline as P
-    from comkd.methods import resolve_recipe
 
     cfg = load_config("demo")
     save_config(resolve_recipe(cfg), tmp_path / "config.yaml")  # as a run writes it
     before = (tmp_path / "config.yaml").read_text()
     changed = load_config("demo", sets=[change])
     with pytest.raises(ConfigError, match=r"--resume: " + key.replace(".", r"\.")) as err:
-        P._start(changed, tmp_path, resume=True, stage="distill")
+        P.start_stage(changed, tmp_path, resume=True, stage="distill")
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
     assert (tmp_path / "config.yaml").read_text() == before
 
 
 def test_resume_may_change_where_a_run_runs_and_what_it_prints(tmp_path) -> None:
-    from comkd.config import load_config, save_config
+    from comkd.config import load_config, resolve_recipe, save_config
     from comkd.engine import pipeline as P
-    from comkd.methods import resolve_recipe
 
     cfg = load_config("demo")
     save_config(resolve_recipe(cfg), tmp_path / "config.yaml")
     free = ["device=cpu", "progress=false", "log_every=3", "ckpt_every=2", "data.num_workers=1"]
     free += ["distill.optim.amp=on", "pretrain.optim.lr=0.5"]  # another stage's section: not this stage's
-    P._start(load_config("demo", sets=free), tmp_path, resume=True, stage="distill")
+    P.start_stage(load_config("demo", sets=free), tmp_path, resume=True, stage="distill")

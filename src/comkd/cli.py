@@ -434,7 +434,9 @@ def distill(
 
 @app.command()
 def evaluate(
-    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    student_file: Annotated[
+        Path, typer.Argument(help="student.safetensors from distill, or hf-hub:ORG/NAME.")
+    ],
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
@@ -502,8 +504,10 @@ def run(
     _setup_logging(verbose, quiet)
     ov = _overrides(protocol=protocol, root=root, select=select, recipe=recipe, device=device)
     cfg = _cfg(config, sets, ov, out)
+    from .methods import canonical_methods
     from .protocols.runner import run_protocol
 
+    methods = _run(lambda: canonical_methods(methods))  # a typo fails here, before stage 0
     res = _run(
         lambda: run_protocol(
             cfg,
@@ -625,10 +629,12 @@ def main() -> None:  # pragma: no cover
     app(sys.argv[1:])
 
 
-# -- using the student (issue 11) ---------------------------------------------------------------
+# -- using the student --------------------------------------------------------------------------
 @app.command("predict")
 def predict_cmd(
-    student_file: Annotated[Path, typer.Argument(help="student.safetensors, or its .onnx export.")],
+    student_file: Annotated[
+        Path, typer.Argument(help="student.safetensors, its .onnx export, or hf-hub:ORG/NAME.")
+    ],
     images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="CSV or JSONL file (default: stdout).")
@@ -669,7 +675,9 @@ def predict_cmd(
 
 @app.command("export")
 def export_cmd(
-    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    student_file: Annotated[
+        Path, typer.Argument(help="student.safetensors from distill, or hf-hub:ORG/NAME.")
+    ],
     fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="File to write (default: next to the student).")
@@ -707,7 +715,9 @@ def export_cmd(
 
 @app.command("classes")
 def classes_cmd(
-    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    student_file: Annotated[
+        Path, typer.Argument(help="student.safetensors from distill, or hf-hub:ORG/NAME.")
+    ],
     names: Annotated[Path, typer.Option("--names", help="New class names, one a line.")],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="New student file (default: next to it).")
@@ -752,3 +762,46 @@ def classes_cmd(
 
 if __name__ == "__main__":  # pragma: no cover - `python -m comkd.cli` / `torchrun -m comkd.cli`
     main()
+
+
+@app.command("push")
+def push_cmd(
+    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository ORG/NAME (created if missing).")],
+    onnx: Annotated[
+        Path | None, typer.Option(help="ONNX export to upload too (default: STUDENT.onnx when it exists).")
+    ] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="results.json for the model card (default: beside the student).")
+    ] = None,
+    license: Annotated[
+        str, typer.Option(help="Licence id for the card's header (e.g. mit, apache-2.0).")
+    ] = "other",
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    token: Annotated[str | None, typer.Option(help="Hub token (default: huggingface_hub's login).")] = None,
+    dry_run: Annotated[
+        Path | None,
+        typer.Option("--dry-run", help="Write the folder that would be uploaded here; upload nothing."),
+    ] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Publish a student on the Hugging Face Hub: the student file, its ONNX export and a model card
+    (scores from results.json, the teacher, the recipe); load it with hf-hub:ORG/NAME."""
+    _setup_logging(verbose, quiet)
+    from .deploy.hub import push_student
+
+    _print_json(
+        _run(
+            lambda: push_student(
+                student_file,
+                repo_id,
+                onnx=onnx,
+                results=results,
+                license=license,
+                private=private,
+                token=token,
+                dry_run=dry_run,
+            )
+        )
+    )

@@ -8,6 +8,7 @@ rejected with the key's dotted name and the allowed values. The resolved config 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -19,7 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from .fileio import atomic_write_text
-from .methods import METHODS, RECIPES, canonical_method, recipe_updates
+from .methods import METHODS, RECIPES, canonical_method, paper_kd_weight, recipe_updates
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -80,7 +81,7 @@ class StudentConfig:
     attend: Literal["all", "subset"] = "all"
     logit_scale: float | None = None  # None: the student CLIP's own (PromptKD)
     quick_gelu: bool = False
-    # METHOD.md section 8; the first value of each is the paper's reading
+    # docs/method.md, "Extensions"; the first value of each is the paper's reading
     edu_mode: Literal["paper", "cosine"] = "paper"
     projector: Literal["mlp", "linear"] = "mlp"
     projector_bn: Literal["train", "frozen"] = "train"
@@ -175,7 +176,7 @@ class DistillConfig:
     split: str = "train"
     select: Literal["last", "promptkd"] = "last"
     teacher_cache: str | None = None  # a `comkd cache-teacher` file; 'auto' (comkd run): one per seed
-    # METHOD.md section 8; the first value of each is the paper's reading
+    # docs/method.md, "Extensions"; the first value of each is the paper's reading
     ifalign_on: Literal["features", "projected"] = "features"  # u_s, or P(f) before normalisation
     projector_init: Literal["random", "ridge"] = "random"  # ridge: closed-form fit to u_t before step 1
     ridge_lambda: float = 1e-3
@@ -493,3 +494,15 @@ def _merge_layer(cfg: RunConfig, layer: dict) -> None:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def resolve_recipe(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with every recipe default left unset filled with the value in effect:
+    ``distill.kd_weight`` None -> ``comkd.methods.paper_kd_weight(data.dataset)``;
+    ``distill.method`` in the table's spelling. The stage runners save and use this copy, so
+    ``config.yaml`` holds real values."""
+    c = copy.deepcopy(cfg)
+    c.distill.method = canonical_method(c.distill.method)
+    if c.distill.kd_weight is None:
+        c.distill.kd_weight = paper_kd_weight(c.data.dataset)
+    return c

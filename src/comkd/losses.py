@@ -1,5 +1,5 @@
-"""The ComKD-CLIP objective (METHOD.md sections 3 and 5) and its ablations (the switches of each
-named method are in ``comkd.methods``).
+"""The ComKD-CLIP objective (docs/method.md, "The objective") and its ablations: the switches of
+each named method are in ``comkd.methods``; ``build_loss`` turns a method name into its loss.
 
 ``ComKDLoss`` returns a dict of named terms: ``loss`` (what is back-propagated), ``kd`` (weighted
 logit KL), ``align`` (unweighted IFAlign), and for the feature baselines ``feature``.
@@ -7,24 +7,15 @@ logit KL), ``align`` (unweighted IFAlign), and for the feature baselines ``featu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The method table and its defaults live in ``comkd.methods``; re-exported here for existing callers.
-from .methods import LOW_KD_WEIGHT_DATASETS, METHODS, build_loss, method_spec, paper_kd_weight
+from .methods import get_method
 
-__all__ = [
-    "IFALIGN_STATS",
-    "LOW_KD_WEIGHT_DATASETS",
-    "METHODS",
-    "ComKDLoss",
-    "build_loss",
-    "ifalign",
-    "kd_kl",
-    "method_spec",
-    "paper_kd_weight",
-]
+__all__ = ["IFALIGN_STATS", "ComKDLoss", "build_loss", "ifalign", "kd_kl"]
 
 IFALIGN_STATS = ("per_channel", "per_sample")
 
@@ -132,3 +123,14 @@ class ComKDLoss(nn.Module):
             out["feature"] = feat
         out["loss"] = total
         return out
+
+
+def build_loss(method: str, **recipe: Any) -> nn.Module:
+    """The loss of a named method: its table switches (``comkd.methods.METHODS``), with recipe
+    values (``kd_weight``, ``temperature``, ...) on top; the method's own ``make_loss`` when it
+    has one, else ``ComKDLoss``."""
+    m = get_method(method)
+    kwargs = {**m.loss, **recipe}
+    if m.make_loss is not None:
+        return m.make_loss(**kwargs)
+    return ComKDLoss(**kwargs)

@@ -1,29 +1,26 @@
-"""The distillation recipe in one place: the methods, their switches, their defaults, and how a
-method's loss is built (METHOD.md sections 3, 5 and 7).
+"""The distillation recipe in one place: the methods, their switches and their defaults
+(docs/method.md, "The objective" and "Stage-2 recipes").
 
 A method is one ``Method`` entry in ``METHODS``: whether the student has EduAttention, which terms
 its loss uses, and the label reports print. The config's allowed ``distill.method`` values, the
 CLI help and the report labels are read from this table, so adding a method is one
 ``register_method`` call (plus the loss code, when ``ComKDLoss``'s switches do not cover it).
 
-``resolve_recipe`` fills the defaults left unset in a config (today ``distill.kd_weight: null``:
-the paper's per-dataset value) before the config is saved or used, so the saved ``config.yaml``
-holds the values in effect.
+``comkd.losses.build_loss`` builds a method's loss from its entry; ``comkd.config.resolve_recipe``
+fills the defaults a config leaves unset (``distill.kd_weight: null``: the paper's per-dataset
+value) before it is saved or used, so the saved ``config.yaml`` holds the values in effect.
 
 Nothing here imports torch at import time: the config system reads this table cheaply.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from .config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -39,6 +36,10 @@ class Method:
         make_loss: builds the loss from the switches merged with the recipe values (``kd_weight``,
             ``temperature``, ``align_weight``, ``ifalign_stats``, ``feature_weight``); None:
             ``ComKDLoss``. A loss returns a dict of named terms with ``loss`` back-propagated.
+        make_task: builds the stage-2 task (``comkd.engine.tasks.DistillTask``'s signature:
+            ``(student, teacher_outputs, W, s_t, loss, *, edu_lr_scale, ifalign_on,
+            tower_lr_scale)``); None: ``DistillTask``. A method that needs other inputs or another
+            training step is a table entry plus its task.
         reference: a method the others are compared against (PromptKD): reports show it first.
     """
 
@@ -47,6 +48,7 @@ class Method:
     edu_attention: bool
     loss: dict[str, Any] = field(default_factory=dict)
     make_loss: Callable[..., nn.Module] | None = None
+    make_task: Callable[..., Any] | None = None
     reference: bool = False
 
 
@@ -73,8 +75,6 @@ METHODS: dict[str, Method] = _entries(
         loss={"use_ifalign": False, "use_kd": False, "feature_loss": "mse"},
     ),
 )
-
-DEFAULT_METHOD = "comkd"
 
 # -- per-dataset and per-protocol defaults ----------------------------------------------------
 PAPER_KD_WEIGHT = 1000.0
@@ -142,11 +142,6 @@ def recipe_updates(name: str) -> dict:
 
 
 # -- the table ---------------------------------------------------------------------------------
-def method_names() -> list[str]:
-    """The valid method names, in table order."""
-    return list(METHODS)
-
-
 def canonical_method(name: str) -> str:
     """The table's spelling of ``name`` (``no_ifalign`` → ``no-ifalign``); a ``ValueError``
     listing the valid names when there is none."""
@@ -154,6 +149,14 @@ def canonical_method(name: str) -> str:
     if key not in METHODS:
         raise ValueError(f"unknown distillation method {name!r}; choose one of {', '.join(METHODS)}")
     return key
+
+
+def canonical_methods(names: list[str] | None) -> list[str] | None:
+    """Each of ``names`` in the table's spelling, duplicates dropped, order kept (None stays None);
+    a ``ValueError`` naming the unknown one and the valid names. Checked once, before a run starts."""
+    if names is None:
+        return None
+    return list(dict.fromkeys(canonical_method(n) for n in names))
 
 
 def get_method(name: str) -> Method:
@@ -186,26 +189,3 @@ def method_spec(name: str) -> dict:
     """The switches of a method as a dict: ``{"loss": {...}, "edu_attention": bool}``."""
     m = get_method(name)
     return {"loss": dict(m.loss), "edu_attention": m.edu_attention}
-
-
-def build_loss(method: str, **recipe: Any) -> nn.Module:
-    """The loss of a named method: its switches, with recipe values (``kd_weight``, ...) on top."""
-    m = get_method(method)
-    kwargs = {**m.loss, **recipe}
-    if m.make_loss is not None:
-        return m.make_loss(**kwargs)
-    from .losses import ComKDLoss
-
-    return ComKDLoss(**kwargs)
-
-
-# -- resolving defaults ------------------------------------------------------------------------
-def resolve_recipe(cfg: RunConfig) -> RunConfig:
-    """A copy of ``cfg`` with every recipe default left unset filled with the value in effect:
-    ``distill.kd_weight`` None → ``paper_kd_weight(data.dataset)``; ``distill.method`` in the
-    table's spelling. The stage runners save and use this copy, so ``config.yaml`` holds real values."""
-    c = copy.deepcopy(cfg)
-    c.distill.method = canonical_method(c.distill.method)
-    if c.distill.kd_weight is None:
-        c.distill.kd_weight = paper_kd_weight(c.data.dataset)
-    return c

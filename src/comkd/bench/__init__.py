@@ -44,7 +44,8 @@ from ..engine.cache import CachedTeacherOutputs, build_teacher_cache, teacher_ke
 from ..engine.loop import fit
 from ..engine.tasks import DistillTask, TeacherOutputs
 from ..engine.utils import amp_context, resolve_device
-from ..losses import build_loss, method_spec
+from ..losses import build_loss
+from ..methods import method_spec
 from ..models import TINY_STUDENT, TINY_TEACHER, Student, Teacher, create_student, create_teacher
 
 log = logging.getLogger(__name__)

@@ -17,41 +17,9 @@ from typing import Any
 from ..config import RunConfig
 from ..data.unlabelled import read_names_file
 from ..models.backbones import ModelError
+from ..models.identity import check_teacher, teacher_identity
 
 log = logging.getLogger(__name__)
-
-
-def check_teacher(recorded: dict[str, Any] | None, current: dict[str, Any], student_path: Path) -> None:
-    """Refuse a teacher whose identity differs from the one recorded in the student file."""
-    if recorded is None:
-        raise ModelError(
-            f"{student_path} does not record which teacher produced its class text features (an older file); "
-            "pass --force to recompute W with the given teacher anyway"
-        )
-    diffs = [
-        k
-        for k in ("model", "weights_sha256", "prompts_sha256", "image_size")
-        if recorded.get(k) != current.get(k)
-    ]
-    if diffs:
-        said = ", ".join(
-            f"{k} {str(recorded.get(k))[:12]!r} (given: {str(current.get(k))[:12]!r})" for k in diffs
-        )
-        raise ModelError(
-            f"{student_path}: its W came from another teacher: {said}; give the teacher it was distilled from"
-        )
-
-
-def set_classes(student, names: list[str], teacher, *, force: bool = False) -> None:
-    """Set ``student``'s W to ``teacher``'s prompted text features of ``names``; a teacher other
-    than the one the student records is refused (``ModelError`` naming the digest) unless ``force``."""
-    from ..engine.builders import teacher_identity
-
-    current = teacher_identity(teacher)
-    if not force:
-        check_teacher(student.teacher_identity, current, Path("the student"))
-    student.set_text_features(teacher.class_text_features(list(names)), list(names))
-    student.teacher_identity = {**(student.teacher_identity or {}), **current}
 
 
 _ARCH_KEYS = ("model", "text_ctx", "text_depth", "ctx_init", "vision_tokens", "vision_depth", "quick_gelu")
@@ -105,11 +73,15 @@ def recompute_classes(
     """Write a copy of the student with W = the teacher's prompted text features of the names in
     ``names_file`` (one a line). The teacher is the one the student file records (``from_record``)
     or ``cfg.teacher`` (see ``teacher_config``), at the recorded input size; its identity is checked."""
-    from ..engine.pipeline import build_teacher, resolve_device, teacher_identity, teacher_source
+    from ..engine.pipeline import build_teacher, resolve_device, teacher_source
     from ..engine.utils import seed_everything
+    from ..models.hub import is_hub_ref, parse_hub_ref
+    from ..models.hub import student_path as local_student
     from ..models.io import load_student, save_student
 
-    student_path = Path(student_path)
+    if out is None and is_hub_ref(student_path):  # not into the hub cache: here, named after the repo
+        out = Path(parse_hub_ref(str(student_path))[0].split("/")[1] + ".safetensors")
+    student_path = local_student(student_path)
     names = read_names_file(str(names_file))
     device = resolve_device(cfg.device)
     student = load_student(student_path, device)

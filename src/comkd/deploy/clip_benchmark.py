@@ -85,8 +85,9 @@ def load_comkd(
 ) -> tuple[nn.Module, Any, Any]:
     """CLIP_benchmark's loader signature: ``(model, transform, tokenizer)`` for the student file
     ``model_name``; ``pretrained``: ``stored`` or ``teacher:CONFIG.yaml`` (see the module docstring)."""
-    from ..engine.pipeline import build_teacher, teacher_identity
+    from ..engine.pipeline import build_teacher
     from ..engine.utils import seed_everything
+    from ..models.identity import check_teacher, teacher_identity
     from ..models.io import load_student
 
     device = torch.device(device)
@@ -96,7 +97,6 @@ def load_comkd(
         model, tokenizer = ComkdClip(student), StoredNamesTokenizer(student.classnames)
     elif spec.startswith("teacher:"):
         from ..config import load_config
-        from .classes import check_teacher
 
         cfg = load_config(spec[len("teacher:") :])
         if student.teacher_identity is not None and cfg.data.image_size is None:

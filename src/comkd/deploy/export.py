@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_path
-from ..models.backbones import ModelError, PreprocessSpec
+from ..models.backbones import ModelError, preprocess_metadata
 
 log = logging.getLogger(__name__)
 
@@ -50,43 +48,6 @@ class LogitsHead(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images).logits
-
-
-def preprocess_metadata(spec: PreprocessSpec) -> dict[str, Any]:
-    d = asdict(spec)
-    d["mean"], d["std"] = [float(x) for x in d["mean"]], [float(x) for x in d["std"]]
-    d.update(resize="shorter side to image_size", crop="centre, image_size x image_size", scale="1/255")
-    return d
-
-
-MAX_IMAGE_SIZE = 4096  # an input side above this is refused before anything is allocated
-
-
-def spec_from_metadata(meta: dict[str, str], source: str) -> PreprocessSpec:
-    """The ``PreprocessSpec`` recorded in an export's ``comkd.preprocess`` metadata: an image size
-    in 1..``MAX_IMAGE_SIZE``, three finite means and three finite positive stds, else a one-line
-    ``ModelError`` naming the file and the field."""
-    try:
-        d = json.loads(meta["comkd.preprocess"])
-        size, mean, std = d["image_size"], d["mean"], d["std"]
-        interp = d.get("interpolation", "bicubic")
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelError(
-            f"{source} has no usable comkd.preprocess metadata (not a comkd export?): {e}"
-        ) from None
-    key = f"{source}: metadata comkd.preprocess"
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
-        raise ModelError(f"{key}.image_size must be an integer in 1..{MAX_IMAGE_SIZE}, got {size!r}")
-    for name, v in (("mean", mean), ("std", std)):
-        ok = isinstance(v, list) and len(v) == 3
-        ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-        if not ok or not all(math.isfinite(x) for x in v):
-            raise ModelError(f"{key}.{name} must be three finite numbers, got {v!r}")
-    if not all(x > 0 for x in std):
-        raise ModelError(f"{key}.std must be positive (it divides the pixels), got {std!r}")
-    if not isinstance(interp, str):
-        raise ModelError(f"{key}.interpolation must be a string, got {interp!r}")
-    return PreprocessSpec(size, tuple(float(x) for x in mean), tuple(float(x) for x in std), interp)
 
 
 def export_metadata(student: nn.Module, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -240,7 +201,7 @@ def export_student(
     folders, its accuracy and the change from the float student's (percentage points). An export whose top-1 disagrees on any image is refused.
     """
     from ..models.io import load_student
-    from .predict import iter_batches, student_logits
+    from ..models.predict import iter_batches, student_logits
 
     if fmt not in FORMATS:
         raise ModelError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -248,7 +209,12 @@ def export_student(
         raise ModelError(f"--quantize must be int8, got {quantize!r}")
     if quantize and fmt != "onnx":
         raise ModelError("--quantize int8 is for --format onnx")
-    student_path = Path(student_path)
+    from ..models.hub import is_hub_ref, parse_hub_ref
+    from ..models.hub import student_path as local_student
+
+    if out is None and is_hub_ref(student_path):  # not into the hub cache: here, named after the repo
+        out = Path(parse_hub_ref(str(student_path))[0].split("/")[1] + SUFFIX[fmt])
+    student_path = local_student(student_path)
     student = load_student(student_path, device)
     out = Path(out) if out is not None else default_out(student_path, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)

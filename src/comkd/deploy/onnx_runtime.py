@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from ..models.backbones import ModelError, PreprocessSpec
+from ..models.backbones import ModelError, PreprocessSpec, spec_from_metadata
 from ..models.io import check_classnames
-from .export import spec_from_metadata
+from ..models.predict import predict_images
 
 
 class OnnxStudent:
@@ -73,8 +73,6 @@ class OnnxStudent:
 
     def predict(self, images: Any, top_k: int = 5, batch_size: int = 64) -> list:
         """As ``Student.predict``: top-k ``Prediction``s for PIL images, files or a batch."""
-        from .predict import predict_images
-
         return predict_images(self, images, top_k=top_k, batch_size=batch_size)
 
 

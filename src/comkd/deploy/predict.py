@@ -1,9 +1,7 @@
-"""Predictions of a deployed student: top-k class names and probabilities for images.
-
-Works with anything that has ``preprocess`` (PIL image -> ``[3, S, S]`` tensor), ``classnames``
-and ``predict_logits(batch [B, 3, S, S]) -> [B, N]``: the PyTorch ``Student`` (through
-``student_logits``) and ``OnnxStudent`` (ONNX Runtime). Probabilities are the softmax of the
-logits q = s · cos(f_e, W) over the stored class names.
+"""The ``comkd predict`` command: top-k class names and probabilities for image files, written as
+CSV or JSON lines, from a student file (PyTorch) or its ONNX export (ONNX Runtime). The
+prediction itself is ``comkd.models.predict`` (any object with ``preprocess``, ``classnames`` and
+logits).
 """
 
 from __future__ import annotations
@@ -11,124 +9,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from PIL import Image
 
 from ..data.dataset import load_image_file
 from ..data.errors import DataError
 from ..fileio import atomic_path
-
-ImageLike = str | os.PathLike | Image.Image
-
-
-@dataclass
-class Prediction:
-    """The top-k classes of one image, best first.
-
-    Attributes:
-        classes: class names, ``[k]``.
-        probs: softmax probabilities over all N classes, ``[k]``.
-        indices: indices into the stored class names, ``[k]``.
-        path: the image file, when the image came from one.
-    """
-
-    classes: list[str]
-    probs: list[float]
-    indices: list[int]
-    path: str | None = None
-
-    @property
-    def top1(self) -> str:
-        return self.classes[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def student_logits(student: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``[B, 3, S, S]`` -> ``[B, N]`` logits of a PyTorch student, on its own device, no gradient."""
-    device = next(student.parameters()).device
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        student.eval()
-        with torch.no_grad():
-            return student(x.to(device)).logits.float().cpu()
-
-    return fn
-
-
-def _logits_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    fn = getattr(model, "predict_logits", None)
-    return fn if fn is not None else student_logits(model)
-
-
-def topk_predictions(
-    logits: torch.Tensor, classnames: Sequence[str], k: int, paths: Sequence[str | None] | None = None
-) -> list[Prediction]:
-    """Top-``k`` (at most N) of each row of ``logits`` ``[B, N]`` as ``Prediction``s."""
-    if logits.ndim != 2 or logits.shape[1] != len(classnames):
-        raise ValueError(f"logits {list(logits.shape)} do not fit {len(classnames)} class names")
-    probs = logits.float().softmax(dim=-1)
-    p, i = probs.topk(min(int(k), probs.shape[1]), dim=-1)
-    paths = list(paths) if paths is not None else [None] * len(logits)
-    return [
-        Prediction([classnames[j] for j in row_i], [float(v) for v in row_p], [int(j) for j in row_i], path)
-        for row_p, row_i, path in zip(p.tolist(), i.tolist(), paths, strict=True)
-    ]
-
-
-def _load(item: ImageLike) -> tuple[Image.Image, str | None]:
-    if isinstance(item, Image.Image):
-        return item.convert("RGB"), None
-    path = os.fspath(item)
-    return load_image_file(path), path
-
-
-def iter_batches(
-    model: Any, images: Sequence[ImageLike], batch_size: int, workers: int = 4
-) -> Iterator[tuple[torch.Tensor, list[str | None]]]:
-    """Decode and preprocess ``images`` (threads) in batches: ``([B, 3, S, S], paths)``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    def prep(item: ImageLike) -> tuple[torch.Tensor, str | None]:
-        img, path = _load(item)
-        return model.preprocess(img), path
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(images), batch_size):
-            done = list(pool.map(prep, images[start : start + batch_size]))
-            yield torch.stack([t for t, _ in done]), [p for _, p in done]
-
-
-def predict_images(
-    model: Any,
-    images: ImageLike | Sequence[ImageLike] | torch.Tensor,
-    *,
-    top_k: int = 5,
-    batch_size: int = 64,
-) -> list[Prediction]:
-    """Top-k predictions of ``model`` for PIL images or image files (one or a list), or for a batch
-    ``[B, 3, S, S]`` already preprocessed with ``model.preprocess``."""
-    fn = _logits_fn(model)
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"a tensor batch must be [B, 3, H, W], got {list(images.shape)}")
-        return topk_predictions(fn(images), model.classnames, top_k)
-    if isinstance(images, (str, os.PathLike, Image.Image)):
-        images = [images]
-    out: list[Prediction] = []
-    for x, paths in iter_batches(model, list(images), batch_size):
-        out.extend(topk_predictions(fn(x), model.classnames, top_k, paths))
-    return out
+from ..models.predict import Prediction, iter_batches, logits_fn, topk_predictions
 
 
 # -- the `comkd predict` command ---------------------------------------------------------------
@@ -181,7 +72,7 @@ def predict_files(
     k = min(int(top_k), len(model.classnames))
     if k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
-    fn = _logits_fn(model)
+    fn = logits_fn(model)
     skipped: list[tuple[str, str]] = []
     if skip_bad:
         good = []
@@ -243,10 +134,13 @@ def load_predictor(path: str | Path, runtime: str = "auto", device: str = "auto"
     ONNX Runtime (``onnx``); ``auto`` picks by the file's suffix. TorchScript files are refused:
     they are programs, and comkd only reads weights as data."""
     from ..models.backbones import ModelError
+    from ..models.hub import ONNX_FILENAME, hub_file, is_hub_ref
 
-    path = Path(path)
     if runtime not in ("auto", "torch", "onnx"):
         raise ModelError(f"--runtime must be auto, torch or onnx, got {runtime!r}")
+    if is_hub_ref(path):  # hf-hub:ORG/NAME: its student file, or its ONNX export with --runtime onnx
+        path = hub_file(str(path), ONNX_FILENAME) if runtime == "onnx" else hub_file(str(path))
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth", ".jit", ".ts"):
         raise ModelError(

@@ -171,7 +171,8 @@ def make_dataset(
     return ds
 
 
-def _loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
+def eval_loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
+    """The evaluation loader of ``ds``: in order, ``data.eval_batch_size`` and ``data.num_workers``."""
     return DataLoader(
         ds,
         batch_size=cfg.data.eval_batch_size,
@@ -195,16 +196,3 @@ def teacher_source(cfg: RunConfig) -> dict[str, Any]:
         "prompts": where(cfg.teacher.prompts),
         "arch": dataclasses.asdict(teacher_arch(cfg)),
     }
-
-
-def teacher_identity(teacher: Teacher | dict) -> dict[str, Any]:
-    """The teacher that produces W, as recorded in a student file: model name, input size and the
-    SHA-256 of its frozen weights and of its prompts (from the teacher, or a cache header's copy)."""
-    if not isinstance(teacher, dict):
-        from .cache import teacher_digests
-
-        teacher = teacher_digests(teacher)
-    keep = ("model", "weights_sha256", "prompts_sha256")
-    out = {k: teacher[k] for k in keep}
-    out["image_size"] = int(teacher["preprocess"]["image_size"])
-    return out

@@ -38,9 +38,8 @@ import logging
 import math
 import struct
 import time
-import weakref
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +50,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.dataset import derive_view_seed
 from ..data.records import virtual_reader
+from ..digests import file_sha256
 from ..fileio import atomic_path
 from ..models import PreprocessSpec, Teacher
-from ..models.backbones import weights_version
-from ..models.io import tensor_digest
+from ..models.identity import teacher_digests
 from .tasks import adapt_images
 from .utils import amp_context, show_progress
 
@@ -74,48 +73,7 @@ class StaleCacheError(ValueError):
     every stale field with the cached and the current value."""
 
 
-# -- digests -----------------------------------------------------------------------------------
-_WEIGHT_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def teacher_digests(teacher: Teacher) -> dict[str, Any]:
-    """The teacher's identity: model name, preprocessing, SHA-256 of its frozen CLIP weights and of
-    its prompts, and ``key`` (a SHA-256 of all of them).
-
-    The prompts (small) are hashed on every call. The frozen weights (1.7 GB for ViT-L/14) are
-    hashed once and the digest reused until a weight is replaced or changed in place through
-    autograd-visible ops (``load_state_dict``, ``copy_``, optimiser steps). Edits through ``.data``
-    bypass PyTorch's version counter and are not seen.
-    """
-    version = weights_version(teacher.clip)
-    hit = _WEIGHT_DIGESTS.get(teacher)
-    if hit is not None and hit[0] == version:
-        weights = hit[1]
-    else:
-        weights = tensor_digest(sorted(teacher.clip.state_dict().items()))
-        _WEIGHT_DIGESTS[teacher] = (version, weights)
-    prompts = tensor_digest(sorted(teacher.prompt_state_dict().items()))
-    pre = asdict(teacher.preprocess)
-    pre["mean"], pre["std"] = [float(x) for x in pre["mean"]], [float(x) for x in pre["std"]]
-    ident = {
-        "model": teacher.model_name,
-        "preprocess": pre,
-        "weights_sha256": weights,
-        "prompts_sha256": prompts,
-    }
-    ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-    return ident
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
+# -- digests ---------------------------------------------------------------------------------
 def teacher_sources(pretrained: str | None, prompts: str | None) -> dict[str, str | None]:
     """What the teacher was built from, as the config names it: ``teacher.pretrained`` and
     ``teacher.prompts``, each the SHA-256 of the file for a local file, else the value itself

@@ -18,11 +18,7 @@ from ..models import (
     load_clip,
 )
 from ..stats import harmonic_mean
-from .builders import (
-    _dataset_kwargs,
-    _loader,
-    make_dataset,
-)
+from .builders import eval_loader, loader_options, make_dataset
 from .tasks import (
     accuracy,
     predict,
@@ -52,7 +48,7 @@ def pretrain_eval_split(cfg: RunConfig) -> str:
     dataset has one (choices made on stage 0 must not look at test data), else ``test``."""
     if cfg.pretrain.eval_split:
         return cfg.pretrain.eval_split
-    kw = {k: v for k, v in _dataset_kwargs(cfg).items() if k != "digits_size"}
+    kw = loader_options(cfg)
     if load_splits(cfg.data.dataset, cfg.data.root, **kw).val:
         return "val"
     log.warning("%s has no val split: stage 0 is scored on test", cfg.data.dataset)
@@ -92,7 +88,9 @@ def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float
     device = next(student.parameters()).device
     student.eval()
     idx = ds.class_indices
-    preds, labels = predict(lambda x: student(x, class_subset=idx).logits, _loader(cfg, ds, device), device)
+    preds, labels = predict(
+        lambda x: student(x, class_subset=idx).logits, eval_loader(cfg, ds, device), device
+    )
     return accuracy(preds, labels)
 
 
@@ -125,7 +123,9 @@ def evaluate_teacher(cfg: RunConfig, teacher: Teacher, split: str = "test") -> d
 
     def acc(ds: ImageDataset) -> float:
         w = teacher.class_text_features(ds.full_classnames)[ds.class_indices]
-        preds, labels = predict(lambda x: teacher.encode_image(x) @ w.t(), _loader(cfg, ds, device), device)
+        preds, labels = predict(
+            lambda x: teacher.encode_image(x) @ w.t(), eval_loader(cfg, ds, device), device
+        )
         return accuracy(preds, labels)
 
     return _evaluate(cfg, teacher.preprocess, split, acc)
@@ -147,6 +147,6 @@ def evaluate_clip_zero_shot(cfg: RunConfig, role: str, split: str = "test") -> d
         loaded.preprocess,
         split,
         lambda ds: clip_zero_shot(
-            loaded.model, loaded.tokenizer, ds, ds.templates, _loader(cfg, ds, device), device
+            loaded.model, loaded.tokenizer, ds, ds.templates, eval_loader(cfg, ds, device), device
         ),
     )

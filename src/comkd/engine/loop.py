@@ -2,7 +2,7 @@
 
 A stage is a ``Task``: it owns its modules and turns a batch into named losses. ``fit`` adds what
 every stage needs: deterministic data order and augmented views (from one seed), SGD/AdamW with
-the schedule of METHOD.md, AMP where it works, gradient accumulation, DDP under torchrun,
+the schedule of docs/method.md ("The optimisation recipe"), AMP where it works, gradient accumulation, DDP under torchrun,
 JSONL metrics, progress bars, atomic checkpoints, exact mid-epoch resume, and a stop on a
 non-finite loss that keeps the last good checkpoint.
 """

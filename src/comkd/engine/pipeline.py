@@ -12,16 +12,13 @@ from .builders import (
     STUDENT_FILE,
     TEACHER_CLIP,
     TEACHER_PROMPTS,
-    _dataset_kwargs,
-    _loader,
-    _transforms,
     build_student,
     build_teacher,
+    eval_loader,
     loader_options,
     make_dataset,
     student_arch,
     teacher_arch,
-    teacher_identity,
     teacher_source,
 )
 from .evaluation import (
@@ -34,11 +31,11 @@ from .evaluation import (
     pretrain_eval_split,
 )
 from .stages import (
-    _start,
     run_cache_teacher,
     run_distill,
     run_pretrain,
     run_train_teacher,
+    start_stage,
     warm_start_projector,
 )
 from .tasks import TeacherOutputs
@@ -47,15 +44,12 @@ from .utils import is_main, resolve_device, write_json
 __all__ = [
     "LOADER_OPTIONS",
     "TeacherOutputs",
-    "_start",
+    "start_stage",
     "is_main",
     "STUDENT_CLIP",
     "STUDENT_FILE",
     "TEACHER_CLIP",
     "TEACHER_PROMPTS",
-    "_dataset_kwargs",
-    "_loader",
-    "_transforms",
     "build_student",
     "build_teacher",
     "check_student_classes",
@@ -64,6 +58,7 @@ __all__ = [
     "evaluate_student",
     "evaluate_subset",
     "evaluate_teacher",
+    "eval_loader",
     "loader_options",
     "make_dataset",
     "pretrain_eval_split",
@@ -75,7 +70,6 @@ __all__ = [
     "save_student",
     "student_arch",
     "teacher_arch",
-    "teacher_identity",
     "teacher_source",
     "warm_start_projector",
     "write_json",

@@ -12,15 +12,17 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, RunConfig, save_config
+from ..config import ConfigError, RunConfig, resolve_recipe, save_config
 from ..data import promptsrc_templates
 from ..fileio import atomic_path
-from ..methods import build_loss, resolve_recipe
+from ..losses import build_loss
+from ..methods import get_method
 from ..models import (
     Student,
     load_clip,
     save_clip_weights,
 )
+from ..models.identity import teacher_identity
 from ..models.io import save_student
 from ..runlock import locked_run
 from .builders import (
@@ -28,11 +30,10 @@ from .builders import (
     STUDENT_FILE,
     TEACHER_CLIP,
     TEACHER_PROMPTS,
-    _loader,
     build_student,
     build_teacher,
+    eval_loader,
     make_dataset,
-    teacher_identity,
     teacher_source,
 )
 from .evaluation import clip_zero_shot, pretrain_eval_split
@@ -56,7 +57,7 @@ from .utils import (
 log = logging.getLogger(__name__)
 
 
-def _start(
+def start_stage(
     cfg: RunConfig, out_dir: str | Path, resume: bool, stage: str | None = None
 ) -> tuple[Path, torch.device, MetricsLog]:
     init_distributed()
@@ -160,7 +161,7 @@ def run_pretrain(
     """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
     Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
     accuracy on ``pretrain_eval_split(cfg)``."""
-    out, device, metrics = _start(cfg, out_dir, resume, stage="pretrain")
+    out, device, metrics = start_stage(cfg, out_dir, resume, stage="pretrain")
     results: dict[str, Any] = {}
     eval_split = pretrain_eval_split(cfg)
     for role in which:
@@ -193,7 +194,7 @@ def run_pretrain(
         barrier()
         test = make_dataset(cfg, eval_split, loaded.preprocess, train=False)
         acc = clip_zero_shot(
-            loaded.model, loaded.tokenizer, test, ds.templates, _loader(cfg, test, device), device
+            loaded.model, loaded.tokenizer, test, ds.templates, eval_loader(cfg, test, device), device
         )
         results[role] = {
             "weights": str(path),
@@ -216,7 +217,7 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     (``train_teacher.subsample``). Writes ``teacher_prompts.safetensors``."""
     from safetensors.torch import save_file
 
-    out, device, metrics = _start(cfg, out_dir, resume, stage="train_teacher")
+    out, device, metrics = start_stage(cfg, out_dir, resume, stage="train_teacher")
     teacher = build_teacher(cfg, device, prompts="")
     tt = cfg.train_teacher
     ds = make_dataset(
@@ -257,7 +258,7 @@ def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: 
         ds.set_epoch(0)
     student.eval()
     feats, targets = [], []
-    for images, _, idx in _loader(cfg, ds, device):
+    for images, _, idx in eval_loader(cfg, ds, device):
         images = images.to(device)
         feats.append(student.visual(images).float().cpu())
         targets.append(outputs(images, idx, 0).float().cpu())
@@ -288,7 +289,7 @@ def run_distill(
             "distill.teacher_cache: 'auto' (one cache per seed, shared by every method) is a setting "
             "of `comkd run`; here give a cache file made by `comkd cache-teacher`"
         )
-    out, device, metrics = _start(cfg, out_dir, resume, stage="distill")
+    out, device, metrics = start_stage(cfg, out_dir, resume, stage="distill")
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
         from .cache import CachedTeacherOutputs, read_cache_info, teacher_sources
@@ -329,7 +330,7 @@ def run_distill(
         n_train,
         n_train / 1e6,
     )
-    kd_weight = resolve_recipe(cfg).distill.kd_weight  # what _start saved in config.yaml
+    kd_weight = resolve_recipe(cfg).distill.kd_weight  # what start_stage saved in config.yaml
     loss = build_loss(
         d.method,
         kd_weight=kd_weight,
@@ -347,7 +348,8 @@ def run_distill(
         log.info("distill %s: projector fitted by ridge regression on %d images", d.method, n_fit)
         if step0_fn is not None:
             step0 = {**step0_fn(student), "random_init": step0}
-    task = DistillTask(
+    make_task = get_method(d.method).make_task or DistillTask  # a method may bring its own task
+    task = make_task(
         student,
         outputs,
         w,
@@ -411,7 +413,7 @@ def run_cache_teacher(
         raise ConfigError(f"views: must be >= 1, got {k}")
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of float16, bfloat16, float32")
-    out, device, _ = _start(cfg, out_dir, resume=False)
+    out, device, _ = start_stage(cfg, out_dir, resume=False)
     teacher = build_teacher(cfg, device)
     student = build_student(cfg, teacher.embed_dim, device)
     ds = make_dataset(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,45 @@ class PreprocessSpec:
         from ..data.transforms import build_transform
 
         return build_transform(self.image_size, self.mean, self.std, self.interpolation, train=False)(image)
+
+
+# -- the preprocessing spec as JSON (export metadata) -------------------------------------------
+def preprocess_metadata(spec: PreprocessSpec) -> dict[str, Any]:
+    """The JSON form of ``spec`` an export records (``comkd.preprocess``), with the steps in words."""
+    d = asdict(spec)
+    d["mean"], d["std"] = [float(x) for x in d["mean"]], [float(x) for x in d["std"]]
+    d.update(resize="shorter side to image_size", crop="centre, image_size x image_size", scale="1/255")
+    return d
+
+
+MAX_IMAGE_SIZE = 4096  # an input side above this is refused before anything is allocated
+
+
+def spec_from_metadata(meta: dict[str, str], source: str) -> PreprocessSpec:
+    """The ``PreprocessSpec`` recorded in an export's ``comkd.preprocess`` metadata: an image size
+    in 1..``MAX_IMAGE_SIZE``, three finite means and three finite positive stds, else a one-line
+    ``ModelError`` naming the file and the field."""
+    try:
+        d = json.loads(meta["comkd.preprocess"])
+        size, mean, std = d["image_size"], d["mean"], d["std"]
+        interp = d.get("interpolation", "bicubic")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(
+            f"{source} has no usable comkd.preprocess metadata (not a comkd export?): {e}"
+        ) from None
+    key = f"{source}: metadata comkd.preprocess"
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ModelError(f"{key}.image_size must be an integer in 1..{MAX_IMAGE_SIZE}, got {size!r}")
+    for name, v in (("mean", mean), ("std", std)):
+        ok = isinstance(v, list) and len(v) == 3
+        ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if not ok or not all(math.isfinite(x) for x in v):
+            raise ModelError(f"{key}.{name} must be three finite numbers, got {v!r}")
+    if not all(x > 0 for x in std):
+        raise ModelError(f"{key}.std must be positive (it divides the pixels), got {std!r}")
+    if not isinstance(interp, str):
+        raise ModelError(f"{key}.interpolation must be a string, got {interp!r}")
+    return PreprocessSpec(size, tuple(float(x) for x in mean), tuple(float(x) for x in std), interp)
 
 
 @dataclass

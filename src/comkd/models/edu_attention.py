@@ -1,12 +1,12 @@
-"""EduAttention (METHOD.md section 4): the student's image feature asks the teacher's class
+"""EduAttention (docs/method.md, "EduAttention"): the student's image feature asks the teacher's class
 text features how to fuse, gated by a learnable scalar ``alpha`` that starts at 0.
 
 Two readings (``mode``):
 
 * ``paper``: scaled dot-product scores ``Q Kᵀ / √(C/h)`` and the open gate ``u_s + α·FC_o(f_att)``.
   On unit-norm inputs with nn.Linear's default init the scores barely differ between classes,
-  so the softmax is uniform and stays so (METHOD.md section 4, measured property).
-* ``cosine`` (METHOD.md section 8): scores ``τ_e · norm(Q) · norm(K)ᵀ`` with a learnable
+  so the softmax is uniform and stays so (docs/method.md, "EduAttention": a measured property).
+* ``cosine`` (docs/method.md, "Extensions"): scores ``τ_e · norm(Q) · norm(K)ᵀ`` with a learnable
   temperature τ_e started at the CLIP logit scale, FC_q/FC_k/FC_v started at the identity (so
   the attention begins as the student's own class posterior over W and f_att as the expected
   class vector), and a bounded gate ``u_s + tanh(α)·norm(FC_o(f_att))``. α = 0 still makes

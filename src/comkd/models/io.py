@@ -20,14 +20,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..digests import tensor_digest
 from ..fileio import atomic_path
-from .backbones import RANDOM_WEIGHTS, ModelError
+from .backbones import MAX_IMAGE_SIZE, RANDOM_WEIGHTS, ModelError
 from .student import Student, StudentArch
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,6 @@ LEGACY_METHOD_EDU_ATTENTION = {
     "feature-l1": False,
     "feature-mse": False,
 }
-
-
-def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 over the names, dtypes, shapes and raw bytes of ``named`` tensors (in the given order)."""
-    h = hashlib.sha256()
-    for name, t in named:
-        t = t.detach()
-        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            flat = t.to("cpu").contiguous().reshape(-1)
-            h.update(flat.view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 def student_digest(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
@@ -105,8 +93,12 @@ def arch_from_metadata(c: dict[str, Any]) -> StudentArch:
     if extra:
         raise ValueError(f"unknown field {extra[0]!r} in {STUDENT_CONFIG_KEY}")
     size = c.get("image_size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096):
-        raise ValueError(f"{STUDENT_CONFIG_KEY}.image_size must be an integer in 1..4096, got {size!r}")
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE
+    ):
+        raise ValueError(
+            f"{STUDENT_CONFIG_KEY}.image_size must be an integer in 1..{MAX_IMAGE_SIZE}, got {size!r}"
+        )
     return StudentArch(**c)
 
 
@@ -132,11 +124,15 @@ def save_student(student: Student, path: str | Path) -> None:
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
-    """Rebuild a student saved by ``save_student`` (no teacher, no text encoder needed)."""
+    """Rebuild a student saved by ``save_student`` (no teacher, no text encoder needed). ``path``: a
+    student file, or ``hf-hub:ORG/NAME[@REVISION]`` (its ``student.safetensors``, through
+    huggingface_hub's cache; ``comkd.models.hub``)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
+    from .hub import student_path
+
+    path = student_path(path)
     if not path.is_file():
         raise ModelError(f"student file not found: {path}")
     try:

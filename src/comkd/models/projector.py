@@ -1,4 +1,4 @@
-"""The student's projector P (METHOD.md section 2) and its closed-form warm start (section 8)."""
+"""The student's projector P (docs/method.md, "The student") and its closed-form warm start ("Extensions")."""
 
 from __future__ import annotations
 

@@ -189,10 +189,6 @@ class Student(nn.Module):
         return self.arch.scope
 
     @property
-    def projector_kind(self) -> str:
-        return self.arch.projector
-
-    @property
     def projector_bn(self) -> str:
         return self.arch.projector_bn
 
@@ -235,9 +231,9 @@ class Student(nn.Module):
 
     def set_classes(self, names: list[str], teacher, *, force: bool = False) -> None:
         """New class names, zero-shot: W = the teacher's prompted text features of ``names`` (what
-        ``comkd classes`` does, ``comkd.deploy.classes.set_classes``). ``teacher`` must be the one
+        ``comkd classes`` does, ``comkd.models.identity.set_classes``). ``teacher`` must be the one
         recorded in the student (model, weights and prompts digests) unless ``force``."""
-        from ..deploy.classes import set_classes
+        from .identity import set_classes
 
         set_classes(self, names, teacher, force=force)
 
@@ -271,10 +267,10 @@ class Student(nn.Module):
         return StudentOutput(features=u_s, fused=f_e, logits=logits, projected=projected)
 
     def predict(self, images, top_k: int = 5, batch_size: int = 64) -> list:
-        """Top-k class names and probabilities (``comkd.deploy.predict.Prediction``, best first)
+        """Top-k class names and probabilities (``comkd.models.predict.Prediction``, best first)
         for PIL images or image files (one or a list), or a batch ``[B, 3, S, S]`` already mapped
         by ``self.preprocess`` (PIL image -> ``[3, S, S]``)."""
-        from ..deploy.predict import predict_images
+        from .predict import predict_images
 
         return predict_images(self, images, top_k=top_k, batch_size=batch_size)
 

@@ -36,6 +36,7 @@ from ..data import DataError, load_splits
 from ..engine import pipeline as P
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, write_json
+from ..methods import canonical_methods
 from ..models.io import load_student
 from ..runlock import locked_run
 from .sanity import announce, banner, chance_warnings, random_tower_warnings
@@ -78,9 +79,7 @@ def source_config(cfg: RunConfig, path: str, split: str, key: str) -> RunConfig:
 
 def class_names(cfg: RunConfig) -> list[str]:
     """The class names of ``cfg.data``."""
-    kw = P._dataset_kwargs(cfg)
-    kw.pop("digits_size", None)  # an ImageDataset option, not a loader's
-    return load_splits(cfg.data.dataset, cfg.data.root, **kw).classnames
+    return load_splits(cfg.data.dataset, cfg.data.root, **P.loader_options(cfg)).classnames
 
 
 def _check_names(cfg: RunConfig, names: list[str], what: str) -> None:
@@ -214,7 +213,7 @@ def score(logits_fn, ecfg: RunConfig, spec, names: list[str], device: torch.devi
         raise DataError(
             f"test set {ecfg.data.root}: its classes differ from the model's {len(names)} class names"
         )
-    preds, labels = predict(logits_fn, P._loader(ecfg, ds, device), device)
+    preds, labels = predict(logits_fn, P.eval_loader(ecfg, ds, device), device)
     cm = confusion_matrix(preds, labels, len(names))
     return {
         "acc": accuracy(preds, labels),
@@ -232,7 +231,7 @@ def run_full(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    methods = methods or [cfg.distill.method]
+    methods = canonical_methods(methods) or [cfg.distill.method]
     names = class_names(cfg)
     ecfg = eval_config(cfg)
     if ecfg is not None and cfg.full.test:

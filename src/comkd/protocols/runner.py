@@ -1,4 +1,4 @@
-"""The paper's three protocols, chained over datasets and seeds (METHOD.md section 6).
+"""The paper's three protocols, chained over datasets and seeds (docs/method.md, "Evaluation").
 
 Folder layout of a protocol run ``OUT``::
 
@@ -22,7 +22,7 @@ from typing import Any
 from ..config import RunConfig, save_config
 from ..engine import pipeline as P
 from ..engine.utils import read_metrics, write_json
-from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH
+from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH, canonical_methods
 from ..models.io import load_student
 from ..runlock import locked_run
 from ..stats import harmonic_mean, mean_std
@@ -63,7 +63,7 @@ def protocol_recipe(cfg: RunConfig, protocol: str) -> RunConfig:
     """``cfg`` with the protocol's student settings filled in where they are unset (None):
     cross/dg get PromptKD's cross-dataset depth and w_kd; base2novel keeps the per-dataset
     w_kd (``methods.paper_kd_weight``) and depth min(9, layers). The values are the recipe's
-    (``comkd.methods``: PromptKD's cross-dataset student, METHOD.md sections 2 and 6)."""
+    (``comkd.methods``: PromptKD's cross-dataset student, docs/method.md "Evaluation")."""
     c = copy.deepcopy(cfg)
     if protocol in ("cross", "dg"):
         if c.student.vision_depth is None:  # capped at the tower's layers, as the default min(9, layers)
@@ -183,7 +183,9 @@ def run_protocol(
     resume: bool = False,
     source: str = "imagenet",
 ) -> dict[str, Any]:
-    """Run ``cfg.protocol`` for datasets × seeds × methods; write results.json and report.md."""
+    """Run ``cfg.protocol`` for datasets × seeds × methods; write results.json and report.md.
+    ``methods`` are checked (and spelled as the table spells them) before any stage runs."""
+    methods = canonical_methods(methods)
     if cfg.protocol == "full":  # the user's own classes: one dataset, one seed (protocols/full.py)
         from .full import run_full
 

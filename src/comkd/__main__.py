@@ -1,0 +1,5 @@
+"""`python -m comkd`: the `comkd` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,238 @@
+"""Sharing a student through the Hugging Face Hub: ``comkd push`` (tested up to the call into
+huggingface_hub, with a stub API), and ``hf-hub:ORG/NAME`` loaded offline from a cache laid out as
+huggingface_hub lays it out (``models--ORG--NAME/{blobs,refs,snapshots}``), in Python and in
+``comkd predict``."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from comkd import cli
+from comkd.models import ModelError, create_student, load_student, save_student
+from comkd.models.hub import parse_hub_ref
+from conftest import subprocess_env
+
+CLASSES = ["cat", "dog", "ship"]
+TEACHER = {
+    "model": "comkd-tiny-teacher",
+    "weights_sha256": "ab" * 32,
+    "prompts_sha256": "cd" * 32,
+    "image_size": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished run's folder: student file, results.json and config.yaml as distill writes them."""
+    torch.manual_seed(0)
+    s = create_student("comkd-tiny-student", None, teacher_dim=32, image_size=16)
+    s.set_text_features(torch.nn.functional.normalize(torch.randn(3, 32), dim=-1), CLASSES)
+    s.teacher_identity = dict(TEACHER)
+    d = tmp_path_factory.mktemp("run")
+    save_student(s, d / "student.safetensors")
+    results = {
+        "protocol": "base2novel",
+        "dataset": "digits",
+        "base": {"acc": 91.234, "classes": 2, "images": 10},
+        "novel": {"acc": 80.0, "classes": 1, "images": 5},
+        "hm": 85.2541,
+    }
+    (d / "results.json").write_text(json.dumps(results))
+    config = {"protocol": "base2novel", "data": {"dataset": "digits"}}
+    config["distill"] = {
+        "method": "comkd",
+        "recipe": "recommended",
+        "kd_weight": 1000.0,
+        "optim": {"lr": 0.001},
+    }
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    return d
+
+
+class StubApi:
+    """Records what ``push_student`` hands to huggingface_hub and keeps a copy of the folder."""
+
+    def __init__(self, keep: Path) -> None:
+        self.keep, self.calls = keep, []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload_folder", kw["repo_id"], kw))
+        shutil.copytree(kw["folder_path"], self.keep)
+        return "https://huggingface.co/org/tiny/commit/0"
+
+
+def _card_header(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_push_uploads_the_student_and_a_model_card_with_the_runs_scores(
+    run_dir, tmp_path, monkeypatch
+) -> None:
+    import tempfile
+
+    from comkd.deploy.hub import push_student
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    api = StubApi(tmp_path / "sent")
+    info = push_student(run_dir / "student.safetensors", "org/tiny", license="mit", private=True, api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert api.calls[0][1] == "org/tiny" and api.calls[0][2]["private"] is True
+    assert api.calls[1][2]["repo_type"] == "model"
+    assert info["uploaded"] and info["files"] == ["README.md", "student.safetensors"]
+    sent = tmp_path / "sent"
+    assert (sent / "student.safetensors").read_bytes() == (run_dir / "student.safetensors").read_bytes()
+    card = (sent / "README.md").read_text()
+    head = _card_header(card)
+    assert head["license"] == "mit" and head["library_name"] == "comkd" and head["datasets"] == ["digits"]
+    assert {"comkd", "clip", "knowledge-distillation"} <= set(head["tags"])
+    metrics = head["model-index"][0]["results"][0]["metrics"]
+    assert [(m["name"], m["value"]) for m in metrics] == [
+        ("base-class accuracy", 91.23),
+        ("novel-class accuracy", 80.0),
+        ("harmonic mean", 85.25),
+    ]
+    assert TEACHER["weights_sha256"] in card and TEACHER["prompts_sha256"] in card
+    assert "`distill.recipe`: `recommended`" in card and 'load_student("hf-hub:org/tiny")' in card
+    assert list((tmp_path / "tmp").iterdir()) == []  # the staging folder is gone
+
+
+def test_push_without_results_claims_no_scores_and_dry_run_uploads_nothing(run_dir, tmp_path) -> None:
+    d = tmp_path / "bare"
+    d.mkdir()
+    shutil.copyfile(run_dir / "student.safetensors", d / "student.safetensors")
+    r = CliRunner().invoke(
+        cli.app, ["push", str(d / "student.safetensors"), "org/bare", "--dry-run", str(tmp_path / "out")]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["uploaded"] is False
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "model-index" not in _card_header(card) and "no scores are claimed" in card
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["org"], "is not a hub student id"),
+        (["org/tiny", "--results", "nowhere.json"], "--results nowhere.json not found"),
+        (["org/tiny", "--onnx", "nowhere.onnx"], "--onnx nowhere.onnx not found"),
+    ],
+)
+def test_push_refuses_bad_input_in_one_line(run_dir, args, words) -> None:
+    r = CliRunner().invoke(cli.app, ["push", str(run_dir / "student.safetensors"), *args])
+    assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output
+
+
+def test_hub_ids_are_parsed_strictly() -> None:
+    assert parse_hub_ref("hf-hub:org/name") == ("org/name", None)
+    assert parse_hub_ref("hf-hub:org/name@v1.0") == ("org/name", "v1.0")
+    for bad in ("hf-hub:org", "hf-hub:org/na/me", "hf-hub:../x", "hf-hub:org/--x"):
+        with pytest.raises(ModelError, match="not a hub student id"):
+            parse_hub_ref(bad)
+
+
+def _lay_out_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """A hub cache as huggingface_hub writes it: blobs by content hash, a snapshot of symlinks to
+    them, refs/main naming the snapshot."""
+    org, name = repo_id.split("/")
+    root = cache / f"models--{org}--{name}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for fname, src in files.items():
+        blob = hashlib.sha256(src.read_bytes()).hexdigest()
+        shutil.copyfile(src, root / "blobs" / blob)
+        (snap / fname).symlink_to(Path("..") / ".." / "blobs" / blob)
+
+
+@pytest.fixture(scope="module")
+def hub_cache(run_dir, tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("hf_cache")
+    _lay_out_cache(
+        cache,
+        "org/tiny",
+        {"student.safetensors": run_dir / "student.safetensors", "README.md": run_dir / "results.json"},
+    )
+    return cache
+
+
+def _offline(cache: Path) -> dict[str, str]:
+    return subprocess_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf_home"))
+
+
+def test_load_student_from_the_hub_offline_predicts_as_the_local_file(run_dir, hub_cache, tmp_path) -> None:
+    img = tmp_path / "x.png"
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(img)
+    code = (
+        "import json, comkd; s = comkd.load_student('hf-hub:org/tiny'); "
+        f"p = s.predict({str(img)!r}, top_k=3)[0]; print(json.dumps([s.classnames, p.classes, p.probs]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=_offline(hub_cache), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    names, classes, probs = json.loads(r.stdout.strip().splitlines()[-1])
+    local = load_student(run_dir / "student.safetensors").predict(img, top_k=3)[0]
+    assert names == CLASSES and classes == local.classes
+    assert probs == pytest.approx(local.probs, abs=1e-6)
+    assert "initialized randomly" not in r.stderr  # a loaded student prints no stray warning
+
+
+def test_comkd_predict_takes_a_hub_id_offline_and_names_a_missing_one(run_dir, hub_cache, tmp_path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, c in enumerate([(250, 0, 0), (0, 0, 250)]):
+        Image.new("RGB", (24, 24), c).save(photos / f"{i}.png")
+    env = _offline(hub_cache)
+    comkd = [sys.executable, "-m", "comkd"]
+    out = tmp_path / "hub.csv"
+    r = subprocess.run(
+        [*comkd, "predict", "hf-hub:org/tiny", str(photos), "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    local = tmp_path / "local.csv"
+    r2 = subprocess.run(
+        [*comkd, "predict", str(run_dir / "student.safetensors"), str(photos), "--out", str(local)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r2.returncode == 0, r2.stderr
+    rows = list(csv.reader(out.open()))
+    assert len(rows) == 3 and rows == list(csv.reader(local.open()))
+    r3 = subprocess.run(
+        [*comkd, "predict", "hf-hub:org/absent", str(photos)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        r3.returncode == 1
+        and "not in the local Hugging Face cache" in r3.stderr
+        and "Traceback" not in r3.stderr
+    )
