@@ -69,3 +69,15 @@ def test_the_readme_own_data_commands_run_as_written(tmp_path, monkeypatch) -> N
     assert len(Path("preds.jsonl").read_text().splitlines()) == len(CHECK_CLASSES)
     new = load_student("runs/mine/student_new.safetensors")
     assert new.classnames == Path("new_names.txt").read_text().split()
+    # the README's Python snippet, as written, on that run's student (two photos as a.jpg, b.jpg)
+    import shutil
+
+    photos = sorted(Path("photos").iterdir())
+    shutil.copyfile(photos[0], "a.jpg")
+    shutil.copyfile(photos[1], "b.jpg")
+    snippet = re.search(r"## In Python\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert snippet is not None, "no ```python block under '## In Python'"
+    scope: dict = {}
+    exec(compile(snippet.group(1), "README.md", "exec"), scope)
+    assert [p.path for p in scope["preds"]] == ["a.jpg", "b.jpg"] and len(scope["preds"][0].classes) == 3
+    assert scope["emb"].shape == (1, scope["student"].text_features.shape[1])
