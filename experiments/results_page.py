@@ -29,7 +29,7 @@ from comkd.cli import QuietOpt, VerboseOpt, _read_json, _run, _setup_logging, _s
 from comkd.engine.utils import atomic_write_text, read_metrics, write_json
 from comkd.protocols.report import LABELS, _ordered, plot_accuracy, plot_curves, results_table
 from comkd.protocols.runner import average_base2novel
-from comkd.stats import mean_std
+from comkd.stats import mean_std, paired_difference
 
 DISTILL_METHODS = ["promptkd", "comkd", "no-ifalign", "no-eduattention"]
 REQUIRED = ["teacher", "student_zeroshot", *DISTILL_METHODS]
@@ -853,6 +853,74 @@ def _earlier_section(path: Path, stem: str) -> list[str]:
     ]
 
 
+def _score(row: dict) -> list[float]:
+    """Per-seed HM (base-to-novel) or accuracy of one row."""
+    return list(row["hm"] if "hm" in row else row["acc"])
+
+
+def glance_section(results: dict) -> list[str]:
+    """The first screen: per dataset one table (teacher, undistilled student, each method, the
+    share of the teacher gap each closes, and each method − PromptKD over paired seeds with its 95%
+    interval and the smallest difference the seeds could detect at 80% power), then a verdict
+    that follows the interval."""
+    out = ["## At a glance", ""]
+    for ds, table in results.items():
+        if "teacher" not in table or "student_zeroshot" not in table:
+            continue
+        what = "HM" if "hm" in table["teacher"] else "accuracy"
+        t, u = mean_std(_score(table["teacher"]))[0], mean_std(_score(table["student_zeroshot"]))[0]
+        gap = t - u
+        n = len(_score(table["promptkd"])) if "promptkd" in table else len(_score(table["teacher"]))
+        out += [
+            f"**{ds}** (test {what}, mean over {n} paired seeds; teacher gap {gap:.2f})",
+            "",
+            f"| row | {what} | share of the gap closed | − PromptKD (same reading), 95% interval | smallest detectable |",
+            "|---|---|---|---|---|",
+            f"| teacher | {t:.2f} | | | |",
+            f"| undistilled student | {u:.2f} | | | |",
+        ]
+        verdict = None
+        for m in _ordered([k for k in table if k not in ("teacher", "student_zeroshot")]):
+            xs = _score(table[m])
+            mean = mean_std(xs)[0]
+            share = f"{100 * (mean - u) / gap:.0f}%" if gap > 0 else "—"
+            diff = det = ""
+            ref_name = "promptkd_paper" if m.endswith("_paper") else "promptkd"
+            ref = table.get(ref_name)
+            if ref and m != ref_name and len(xs) == len(_score(ref)):
+                pd = paired_difference(xs, _score(ref))
+                if pd["low"] is not None:
+                    diff = f"{pd['mean']:+.2f} [{pd['low']:+.2f}, {pd['high']:+.2f}]"
+                    det = f"{pd['detectable']:.2f}"
+                    if m == "comkd":
+                        verdict = pd
+            out.append(f"| {LABELS.get(m, m)} | {mean:.2f} | {share} | {diff} | {det} |")
+        out.append("")
+        if verdict is not None:
+            lo, hi = verdict["low"], verdict["high"]
+            if lo <= 0 <= hi:
+                said = (
+                    f"ComKD − PromptKD is {verdict['mean']:+.2f}, 95% interval [{lo:+.2f}, {hi:+.2f}] over "
+                    f"{verdict['n']} paired seeds: no measurable difference. A true gain above {hi:.2f} is "
+                    f"ruled out at this confidence; these seeds detect a difference of {verdict['detectable']:.2f} "
+                    "with 80% power, so anything smaller is beyond this run's resolution."
+                )
+            else:
+                side = "gain" if lo > 0 else "loss"
+                said = (
+                    f"ComKD − PromptKD is {verdict['mean']:+.2f}, 95% interval [{lo:+.2f}, {hi:+.2f}] over "
+                    f"{verdict['n']} paired seeds: a measurable {side}."
+                )
+            out += [said, ""]
+    out += [
+        "Settings were chosen on validation pools only (the sweeps below); every figure here is on test "
+        "images. The paired difference is per seed (same stage 0, same teacher), so seed-to-seed "
+        "variation shared by both methods cancels.",
+        "",
+    ]
+    return out
+
+
 def write_results_page(
     results_json: str | Path,
     out_md: str | Path,
@@ -885,6 +953,7 @@ def write_results_page(
         "Every figure on this page is read from those JSON files. Accuracies are percentages, mean ± sample std "
         "over seeds; HM is the harmonic mean of base and novel accuracy (per seed, then averaged).",
         "",
+        *glance_section(results),
         "## Setup",
         "",
         *_setup_section(extra.get("setup", {})),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -250,3 +251,37 @@ def test_the_setup_table_counts_a_stage0_subset_by_its_images_per_class():
     s |= {"pretrain_images": {"teacher": 600, "student": 160}, "pretrain_shots": {"student": 16}}
     assert _pretrain_images(s, "teacher") == "600 images"
     assert _pretrain_images(s, "student") == "160 of 600 images, 16 per class"
+
+
+def test_the_first_screen_states_the_paired_interval_and_a_verdict_that_follows_it() -> None:
+    from experiments.results_page import glance_section
+
+    def row(*hm):
+        return {"base": list(hm), "novel": list(hm), "hm": list(hm)}
+
+    results = {
+        "level": {
+            "teacher": row(60.0, 61.0, 62.0),
+            "student_zeroshot": row(50.0, 50.0, 50.0),
+            "promptkd": row(57.0, 57.2, 56.8),
+            "comkd": row(57.1, 57.0, 57.0),  # differences +0.1, -0.2, +0.2
+            "promptkd_paper": row(52.0, 52.0, 52.0),
+            "comkd_paper": row(52.5, 52.6, 52.4),  # +0.5 ± 0.1 against the same reading
+        },
+        "gain": {
+            "teacher": row(60.0, 60.0, 60.0),
+            "student_zeroshot": row(50.0, 50.0, 50.0),
+            "promptkd": row(55.0, 56.0, 57.0),
+            "comkd": row(56.0, 57.1, 57.9),  # +1.0, +1.1, +0.9
+        },
+    }
+    text = "\n".join(glance_section(results))
+    d = np.array([0.1, -0.2, 0.2])
+    half = 4.303 * d.std(ddof=1) / np.sqrt(3)  # t(0.975, 2) from a printed table
+    assert f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}]" in text
+    assert "no measurable difference" in text and "a measurable gain" in text
+    # the share of the gap: (57.03 - 50) / (61 - 50) = 64%
+    assert "| ComKD-CLIP | 57.03 | 64% |" in text
+    # paper-reading rows are compared with PromptKD in the same reading (+0.50, not -4.5)
+    paper_line = next(ln for ln in text.splitlines() if ln.startswith("| ComKD-CLIP (paper reading)"))
+    assert "+0.50 [" in paper_line
