@@ -807,28 +807,3 @@ def finite_figures(res: dict[str, Any]) -> bool:
         and set(res["peak_memory_mb"]) == set(STAGES)
         and set(res["epoch_time_s"]) == {"1x", "2x", "4x"}
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description="comkd speed and memory benchmarks (writes JSON)")
-    p.add_argument("--out", default="benchmarks/results/bench.json")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch threads during the bench")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    log.setLevel(logging.INFO)
-    res = run_bench(Path(a.out), quick=a.quick, device=a.device, threads=a.threads)
-    print(
-        json.dumps(
-            {k: res[k] for k in FIGURES}
-            | {"peak_memory_mb": res["peak_memory_mb"], "epoch_time_s": res["epoch_time_s"]},
-            indent=2,
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()
