@@ -24,8 +24,8 @@ def np_softmax_rows(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def np_kd_kl(q_s: np.ndarray, q_t: np.ndarray, tau: float) -> float:
-    """τ² · Σ_b Σ_n p_t log(p_t / p_s) / (B·N)."""
+def np_kd_kl(q_s: np.ndarray, q_t: np.ndarray, tau: float, textbook: bool = False) -> float:
+    """τ² · Σ_b Σ_n p_t log(p_t / p_s) / (B·N); / B for the textbook reading."""
     p_s = np_softmax_rows(q_s / tau)
     p_t = np_softmax_rows(q_t / tau)
     b, n = q_s.shape
@@ -33,7 +33,7 @@ def np_kd_kl(q_s: np.ndarray, q_t: np.ndarray, tau: float) -> float:
     for i in range(b):
         for j in range(n):
             total += p_t[i, j] * np.log(p_t[i, j] / p_s[i, j])
-    return tau * tau * total / (b * n)
+    return tau * tau * total / (b if textbook else b * n)
 
 
 def np_ifalign(u_s: np.ndarray, u_t: np.ndarray, stats: str) -> float:
@@ -270,3 +270,18 @@ def test_method_spec_unknown_lists_valid_names() -> None:
         assert name in msg
     with pytest.raises(ValueError, match="promptkd"):
         build_loss("nonsense")
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_the_textbook_kl_reading_matches_numpy_and_is_promptkds_times_n(tau: float) -> None:
+    rng = np.random.default_rng(7)
+    q_s, q_t = rng.normal(size=(5, 7)) * 3, rng.normal(size=(5, 7)) * 3
+    s, t = torch.tensor(q_s), torch.tensor(q_t)
+    got = float(kd_kl(s, t, tau, reduction="textbook"))
+    assert got == pytest.approx(np_kd_kl(q_s, q_t, tau, textbook=True), rel=1e-6)
+    assert got == pytest.approx(7 * float(kd_kl(s, t, tau)), rel=1e-6)  # kd_weight = N of PromptKD's
+    loss = ComKDLoss(kd_weight=1.0, temperature=tau, use_ifalign=False, kd_reduction="textbook")
+    u = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    assert float(loss(s, t, u, u)["loss"]) == pytest.approx(got, rel=1e-6)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        kd_kl(s, t, tau, reduction="mean")

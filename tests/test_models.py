@@ -56,7 +56,8 @@ def lin(layer: nn.Linear) -> tuple[np.ndarray, np.ndarray]:
 def np_edu_attention(
     u: np.ndarray, w: np.ndarray, mod: EduAttention, alpha: float | None = None
 ) -> np.ndarray:
-    """f_e = u + α · FC_o(softmax(Q Kᵀ / √(C/h)) V), one head and one sample at a time."""
+    """f_e = u + α · FC_o(softmax(Q Kᵀ / √(C/h)) V), one head and one sample at a time (Q Kᵀ / (C/h)
+    with ``scale='temperature'``)."""
     wq, bq = lin(mod.fc_q)
     wk, bk = lin(mod.fc_k)
     wv, bv = lin(mod.fc_v)
@@ -67,7 +68,8 @@ def np_edu_attention(
     for head in range(h):
         cols = slice(head * hd, (head + 1) * hd)
         for b in range(u.shape[0]):
-            scores = np.array([q[b, cols] @ k[n, cols] / math.sqrt(hd) for n in range(w.shape[0])])
+            div = math.sqrt(hd) if getattr(mod, "scale", "sqrt_c") == "sqrt_c" else float(hd)
+            scores = np.array([q[b, cols] @ k[n, cols] / div for n in range(w.shape[0])])
             p = np.exp(scores - scores.max())
             p /= p.sum()
             att[b, cols] = sum(p[n] * v[n, cols] for n in range(w.shape[0]))
@@ -471,7 +473,7 @@ def _np_student_logits(s, x: torch.Tensor, w: torch.Tensor, subset=None, attend_
     w_att = wn[subset] if (subset is not None and attend_subset) else wn
     f_e = np_edu_attention(u, w_att, s.edu_attention) if s.edu_attention is not None else u
     w_out = wn if subset is None else wn[subset]
-    return float(s.logit_scale) * np_l2norm(f_e) @ w_out.T
+    return float(s.logit_scale) * (np_l2norm(f_e) if s.arch.renorm_fused else f_e) @ w_out.T
 
 
 def test_student_logits_independent(teacher) -> None:
@@ -766,3 +768,42 @@ def _independent_edu(edu: EduAttention, u: torch.Tensor, w: torch.Tensor) -> tor
         a = torch.softmax(q[:, sl] @ k[:, sl].t() / (c // h) ** 0.5, dim=-1)
         outs.append(a @ v[:, sl])
     return u + edu.alpha * torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize(
+    ("edu_scale", "renorm_fused"), [("temperature", True), ("sqrt_c", False), ("temperature", False)]
+)
+def test_the_readings_the_paper_allows_match_numpy(teacher, edu_scale, renorm_fused) -> None:
+    """Eq. 6 with C as the softmax temperature (Q Kᵀ / C), and logits from f_e as the gate left it
+    (no renormalisation): each against the NumPy reference, and each a different function from
+    the paper's plain reading on the same weights (so the switch is not a no-op)."""
+    torch.manual_seed(31)
+    s = make_student(teacher, edu_heads=2, edu_scale=edu_scale, renorm_fused=renorm_fused).eval()
+    with torch.no_grad():
+        s.edu_attention.alpha.fill_(0.8)
+        for fc in (s.edu_attention.fc_q, s.edu_attention.fc_k):
+            fc.weight.mul_(30.0)  # scores far from uniform, so the divisor matters
+    x = images(4)
+    w = teacher.class_text_features(CLASSES)
+    got = s(x).logits.detach().numpy()
+    np.testing.assert_allclose(got, _np_student_logits(s, x, w), rtol=1e-4, atol=1e-4)
+    plain = make_student(teacher, edu_heads=2).eval()
+    plain.load_state_dict(s.state_dict())
+    assert not np.allclose(plain(x).logits.detach().numpy(), got, atol=1e-3)
+    assert s.arch.edu_scale == edu_scale and s.arch.renorm_fused is renorm_fused
+
+
+def test_a_student_file_records_the_readings_and_older_files_take_the_paper_reading(
+    teacher, tmp_path
+) -> None:
+    from comkd.models.io import arch_from_metadata, load_student, save_student
+
+    s = make_student(teacher, edu_scale="temperature", renorm_fused=False)
+    save_student(s, tmp_path / "s.safetensors")
+    back = load_student(tmp_path / "s.safetensors")
+    assert (back.arch.edu_scale, back.arch.renorm_fused) == ("temperature", False)
+
+    old = arch_from_metadata({"model": TINY_STUDENT, "teacher_dim": teacher.embed_dim, "edu_attention": True})
+    assert (old.edu_scale, old.renorm_fused) == ("sqrt_c", True)
+    with pytest.raises(ModelError, match="edu_scale must be one of sqrt_c, temperature"):
+        make_student(teacher, edu_scale="cube_root")

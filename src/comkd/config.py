@@ -83,6 +83,8 @@ class StudentConfig:
     quick_gelu: bool = False
     # docs/method.md, "Extensions"; the first value of each is the paper's reading
     edu_mode: Literal["paper", "cosine"] = "paper"
+    edu_scale: Literal["sqrt_c", "temperature"] = "sqrt_c"  # paper mode: Q·Kᵀ / √C, or / C
+    renorm_fused: bool = True  # logits from norm(f_e); False: f_e as the gate left it
     projector: Literal["mlp", "linear"] = "mlp"
     projector_bn: Literal["train", "frozen"] = "train"
     scope: Literal["prompts", "full"] = "prompts"  # full: the tower's weights learn too
@@ -167,6 +169,9 @@ class DistillConfig:
     recipe: Literal["paper", "recommended"] = "paper"
     kd_weight: float | None = None  # None: the paper's per-dataset value (1000; 200 for aircraft/flowers/dtd)
     temperature: float = 1.0
+    # PromptKD's KL: sum · τ² / (B·N) times kd_weight; textbook: sum · τ² / B (per image; kd_weight = N
+    # of PromptKD's)
+    kd_reduction: Literal["promptkd", "textbook"] = "promptkd"
     align_weight: float = 1.0
     ifalign_stats: Literal["per_channel", "per_sample"] = "per_channel"
     feature_weight: float = 1.0

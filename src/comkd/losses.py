@@ -20,13 +20,23 @@ __all__ = ["IFALIGN_STATS", "ComKDLoss", "build_loss", "ifalign", "kd_kl"]
 IFALIGN_STATS = ("per_channel", "per_sample")
 
 
+KD_REDUCTIONS = ("promptkd", "textbook")
+
+
 def kd_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "promptkd",
 ) -> torch.Tensor:
-    """τ² · Σ KL(softmax(q_t/τ) ‖ softmax(q_s/τ)) / (B·N), unweighted (PromptKD's reduction).
+    """τ² · Σ KL(softmax(q_t/τ) ‖ softmax(q_s/τ)) / (B·N), unweighted (PromptKD's reduction); with
+    ``reduction='textbook'`` divided by B only (the KL per image, as Eq. 8 reads plainly: PromptKD's
+    value times N).
 
     Both logits ``[B, N]``; the teacher's carry no gradient.
     """
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"kd_kl: reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"kd_kl: student logits {list(student_logits.shape)} and teacher logits "
@@ -36,7 +46,7 @@ def kd_kl(
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
-    return kl * (t * t) / student_logits.numel()
+    return kl * (t * t) / (student_logits.numel() if reduction == "promptkd" else student_logits.shape[0])
 
 
 def ifalign(
@@ -74,6 +84,7 @@ class ComKDLoss(nn.Module):
             student features and the teacher's image features.
         use_kd: False drops the logit KL (the feature baselines use only the feature term).
         feature_weight: weight of the feature term.
+        kd_reduction: ``promptkd`` (Σ KL / (B·N)) or ``textbook`` (Σ KL / B); see ``kd_kl``.
     """
 
     def __init__(
@@ -86,8 +97,12 @@ class ComKDLoss(nn.Module):
         feature_loss: str | None = None,
         use_kd: bool = True,
         feature_weight: float = 1.0,
+        kd_reduction: str = "promptkd",
     ):
         super().__init__()
+        if kd_reduction not in KD_REDUCTIONS:
+            raise ValueError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
+        self.kd_reduction = kd_reduction
         if feature_loss not in (None, "l1", "mse"):
             raise ValueError(f"feature_loss must be None, 'l1' or 'mse', got {feature_loss!r}")
         if ifalign_stats not in IFALIGN_STATS:
@@ -110,7 +125,11 @@ class ComKDLoss(nn.Module):
         normalisation, or the global batch gathered over ranks), with ``align_targets`` ``[B', d]``
         the teacher features of the same images (default u_t). Returns the named terms."""
         zero = student_logits.new_zeros((), dtype=torch.float32)
-        kd = self.kd_weight * kd_kl(student_logits, teacher_logits, self.temperature) if self.use_kd else zero
+        kd = (
+            self.kd_weight * kd_kl(student_logits, teacher_logits, self.temperature, self.kd_reduction)
+            if self.use_kd
+            else zero
+        )
         a_s = student_features if align_features is None else align_features
         a_t = teacher_features if align_targets is None else align_targets
         align = ifalign(a_s, a_t, self.ifalign_stats)

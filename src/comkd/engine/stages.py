@@ -338,6 +338,7 @@ def run_distill(
         align_weight=d.align_weight,
         ifalign_stats=d.ifalign_stats,
         feature_weight=d.feature_weight,
+        kd_reduction=d.kd_reduction,
     )
     fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
     step0 = None

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 EDU_MODES = ("paper", "cosine")
+#: ``paper`` mode's score divisor: √(C/h) (the scaled dot product), or C/h itself (Eq. 6 calls C a
+#: hyper-parameter; read as the softmax temperature)
+EDU_SCALES = ("sqrt_c", "temperature")
 
 
 class EduAttention(nn.Module):
@@ -39,6 +42,8 @@ class EduAttention(nn.Module):
         shared_fc: one Linear shared by Q, K and V instead of three separate ones.
         mode: ``paper`` or ``cosine`` (see the module docstring).
         init_temperature: τ_e at init for ``cosine`` (the CLIP logit scale, 100 for OpenAI CLIP).
+        scale: ``paper`` mode's divisor of Q Kᵀ: ``sqrt_c`` √(C/h) (the paper's plain reading) or
+            ``temperature`` C/h.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class EduAttention(nn.Module):
         shared_fc: bool = False,
         mode: str = "paper",
         init_temperature: float = 100.0,
+        scale: str = "sqrt_c",
     ):
         super().__init__()
         attn_dim = dim if attn_dim is None else attn_dim
@@ -56,6 +62,9 @@ class EduAttention(nn.Module):
             raise ValueError(f"EduAttention: attn_dim {attn_dim} is not divisible by heads {heads}")
         if mode not in EDU_MODES:
             raise ValueError(f"EduAttention: mode must be one of {EDU_MODES}, got {mode!r}")
+        if scale not in EDU_SCALES:
+            raise ValueError(f"EduAttention: scale must be one of {EDU_SCALES}, got {scale!r}")
+        self.scale = scale
         if mode == "cosine" and not init_temperature > 0:
             raise ValueError(f"EduAttention: init_temperature must be > 0, got {init_temperature}")
         self.dim, self.attn_dim, self.heads, self.mode = dim, attn_dim, heads, mode
@@ -113,7 +122,7 @@ class EduAttention(nn.Module):
                 self.log_temperature.exp() * F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(1, 2)
             )
         else:
-            scores = q @ k.transpose(1, 2) / math.sqrt(hd)
+            scores = q @ k.transpose(1, 2) / (math.sqrt(hd) if self.scale == "sqrt_c" else hd)
         attn = torch.softmax(scores, dim=-1)  # [h, B, N]
         out = (attn @ v).transpose(0, 1).reshape(b, self.attn_dim)  # [B, C]
         return self.fc_o(out), attn.transpose(0, 1)

@@ -16,7 +16,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from .backbones import LoadedModel, ModelError, load_clip, uses_quick_gelu
-from .edu_attention import EduAttention
+from .edu_attention import EDU_SCALES, EduAttention
 from .projector import build_projector
 from .prompts import PromptedVisionTower
 
@@ -63,6 +63,8 @@ class StudentArch:
     edu_shared_fc: bool = False
     attend: str = "all"
     edu_mode: str = "paper"
+    edu_scale: str = "sqrt_c"
+    renorm_fused: bool = True
     projector: str = "mlp"
     projector_bn: str = "train"
     scope: str = "prompts"
@@ -84,6 +86,8 @@ class Student(nn.Module):
             raise ModelError(f"attend must be 'all' or 'subset', got {arch.attend!r}")
         if arch.projector_bn not in ("train", "frozen"):
             raise ModelError(f"projector_bn must be 'train' or 'frozen', got {arch.projector_bn!r}")
+        if arch.edu_scale not in EDU_SCALES:
+            raise ModelError(f"edu_scale must be one of {', '.join(EDU_SCALES)}, got {arch.edu_scale!r}")
         if arch.scope not in ("prompts", "full"):
             raise ModelError(f"scope must be 'prompts' or 'full', got {arch.scope!r}")
         self.model_name = loaded.name
@@ -128,6 +132,7 @@ class Student(nn.Module):
                 arch.edu_shared_fc,
                 mode=arch.edu_mode,
                 init_temperature=float(logit_scale),
+                scale=arch.edu_scale,
             )
             if arch.edu_attention
             else None
@@ -263,7 +268,9 @@ class Student(nn.Module):
         else:
             f_e = u_s
         w_out = w if class_subset is None else w[class_subset]
-        logits = self.logit_scale * F.normalize(f_e, dim=-1) @ w_out.to(f_e.dtype).t()
+        # renorm_fused: q = s·cos(f_e, W) (f_e made unit-norm again after the gate), else s·f_e·Wᵀ
+        f_out = F.normalize(f_e, dim=-1) if self.arch.renorm_fused else f_e
+        logits = self.logit_scale * f_out @ w_out.to(f_e.dtype).t()
         return StudentOutput(features=u_s, fused=f_e, logits=logits, projected=projected)
 
     def predict(self, images, top_k: int = 5, batch_size: int = 64) -> list:
