@@ -369,7 +369,8 @@ def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
 
 def test_resume_checks_the_checkpoints_own_settings(tmp_path) -> None:
     from comkd.config import OptimConfig
-    from comkd.engine.loop import CheckpointError, fit
+    from comkd.engine.checkpoint import CheckpointError
+    from comkd.engine.loop import fit
     from conftest import ToyData, ToyTask
 
     def run(**kw):

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from comkd.config import OptimConfig, load_config
-from comkd.engine import loop
-from comkd.engine.loop import EpochBatchSampler, fit, lr_at
+from comkd.engine import loop, sampling, schedule
+from comkd.engine.loop import fit
+from comkd.engine.sampling import EpochBatchSampler
+from comkd.engine.schedule import lr_at
 from comkd.engine.utils import amp_context, atomic_torch_save, read_metrics
 from conftest import ToyData, ToyTask
 
@@ -88,7 +90,7 @@ def test_fit_applies_the_schedule_and_sgd_momentum(tmp_path):
     assert len(steps) == 3 * 8
     for r in steps:
         assert r["lr"] == pytest.approx(lr_at(cfg, 0.05, r["epoch"], 0, 8))
-    opt = loop._build_optimizer(cfg, [{"params": [nn.Parameter(torch.zeros(1))]}])
+    opt = schedule.build_optimizer(cfg, [{"params": [nn.Parameter(torch.zeros(1))]}])
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
 
 
@@ -131,8 +133,8 @@ def test_epoch_batch_sampler_slices_each_global_batch_by_rank(monkeypatch):
     glob = list(ref)
     per_rank = []
     for r in range(2):
-        monkeypatch.setattr(loop, "rank", lambda r=r: r)
-        monkeypatch.setattr(loop, "world_size", lambda: 2)
+        monkeypatch.setattr(sampling, "rank", lambda r=r: r)
+        monkeypatch.setattr(sampling, "world_size", lambda: 2)
         s = EpochBatchSampler(40, 8, 5)
         s.set_epoch(1)
         per_rank.append(list(s))
@@ -312,7 +314,7 @@ def test_one_seed_gives_identical_runs_and_jsonl_metrics(tmp_path):
 
 def test_edu_attention_learns_at_a_scaled_rate_through_the_whole_schedule():
     from comkd.config import OptimConfig
-    from comkd.engine.loop import _build_optimizer, lr_at
+    from comkd.engine.schedule import build_optimizer, lr_at
     from comkd.engine.tasks import DistillTask
     from comkd.losses import build_loss
     from comkd.models import create_student
@@ -320,7 +322,7 @@ def test_edu_attention_learns_at_a_scaled_rate_through_the_whole_schedule():
     s = create_student("comkd-tiny-student", teacher_dim=32, image_size=16)
     task = DistillTask(s, None, torch.zeros(3, 32), 10.0, build_loss("comkd"), edu_lr_scale=0.01)
     cfg = OptimConfig()
-    opt = _build_optimizer(cfg, task.parameter_groups())
+    opt = build_optimizer(cfg, task.parameter_groups())
     rest, edu = opt.param_groups
     assert {id(p) for p in edu["params"]} == {id(p) for p in s.edu_attention.parameters()}
     assert len(rest["params"]) + len(edu["params"]) == len(s.trainable_parameters())

@@ -247,7 +247,7 @@ def _damage(state: dict, how: str) -> str:
     ],
 )
 def test_a_damaged_checkpoint_is_one_line_and_nothing_is_restored(tmp_path, how) -> None:
-    from comkd.engine.loop import CheckpointError
+    from comkd.engine.checkpoint import CheckpointError
 
     _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=9)
     ckpt = tmp_path / "checkpoint.pt"

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from comkd.engine.loop import CheckpointError, load_checkpoint
+from comkd.engine.checkpoint import CheckpointError, load_checkpoint
 from comkd.models import create_teacher
 from comkd.models.backbones import TINY_TEACHER, ModelError, load_clip
 

@@ -305,7 +305,7 @@ def bench_cache_and_loop(
     # data alone: the loader of fit without any model work
     from torch.utils.data import DataLoader
 
-    from ..engine.loop import EpochBatchSampler
+    from ..engine.sampling import EpochBatchSampler
 
     def data_only() -> None:
         for b in DataLoader(ds_ca, batch_sampler=EpochBatchSampler(len(ds_ca), sz.batch, 1)):

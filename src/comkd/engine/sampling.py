@@ -1,0 +1,127 @@
+"""The order of training data: seeded per-epoch batches of a map-style dataset, sliced per rank
+(``EpochBatchSampler``), and exact per-rank batches re-cut from a streaming dataset's workers
+(``StreamBatches``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .utils import (
+    rank,
+    world_size,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Seeded per-epoch shuffling into global batches; each rank takes its slice of every batch.
+
+    The order depends only on (seed, epoch), so a resumed run skips ``start_batch`` batches and
+    sees exactly the batches an uninterrupted run would. Global batches are ``batch_size`` items
+    (the last, short batch is dropped, as PromptKD's loader does) split evenly over the ranks.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True):
+        ws = world_size()
+        if batch_size % ws:
+            raise ValueError(f"global batch size {batch_size} is not divisible by the {ws} processes")
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = (
+            n,
+            batch_size,
+            seed,
+            shuffle,
+            drop_last,
+        )
+        self.epoch, self.start_batch = 0, 0
+        self.rank, self.world = rank(), ws
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def num_batches(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches() - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.batch_size // self.world
+        for b in range(self.start_batch, self.num_batches()):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield (
+                batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+                if len(batch) == self.batch_size
+                else batch
+            )
+
+
+class StreamBatches:
+    """The batches of a streaming dataset (``streaming = True``, e.g. ``WdsImageDataset``) with the
+    interface of ``EpochBatchSampler``: the dataset shuffles and splits itself over the ranks
+    (``training_stream``); this rebatches what the loader workers yield into exact per-rank batches
+    of ``batch_size / world`` and stops after ``len(dataset) // batch_size`` global batches (the
+    last, short one dropped, as ``EpochBatchSampler`` does), so every rank takes the same number of
+    steps. A resumed epoch re-reads the stream and skips ``start_batch`` batches: the stream's
+    order depends only on (seed, epoch), so it sees the batches an uninterrupted run would."""
+
+    def __init__(
+        self, dataset: Any, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False
+    ):
+        ws = world_size()
+        if batch_size % ws:
+            raise ValueError(f"global batch size {batch_size} is not divisible by the {ws} processes")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.per_rank = batch_size // ws
+        self.stream = dataset.training_stream(rank(), ws, seed)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        self.stream.set_epoch(epoch)
+
+    def num_batches(self) -> int:
+        return len(self.dataset) // self.batch_size
+
+    def __len__(self) -> int:
+        return self.num_batches() - self.start_batch
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = DataLoader(
+            self.stream,
+            batch_size=self.per_rank,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        pending: Any = None  # samples carried over from short worker batches (a tuple of tensors)
+        b = 0
+        for part in loader:  # workers' batches end short at their last shard: re-cut to per_rank
+            if pending is not None:
+                part = type(part)(torch.cat([x, y]) for x, y in zip(pending, part, strict=True))
+            start = 0
+            while len(part[0]) - start >= self.per_rank and b < self.num_batches():
+                if b >= self.start_batch:  # a full batch from one worker passes through unsliced
+                    whole = start == 0 and len(part[0]) == self.per_rank
+                    yield part if whole else type(part)(t[start : start + self.per_rank] for t in part)
+                start += self.per_rank
+                b += 1
+            if b >= self.num_batches():
+                return
+            pending = type(part)(t[start:] for t in part) if start < len(part[0]) else None
+        if b < self.num_batches():
+            raise RuntimeError(
+                f"the stream of {self.dataset!r} ended after {b} of {self.num_batches()} batches"
+            )

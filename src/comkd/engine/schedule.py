@@ -1,0 +1,42 @@
+"""The optimiser of a stage and its learning-rate schedule (``OptimConfig``): SGD with PromptKD's
+constant warm-up then per-epoch cosine, or AdamW with a per-step one-cycle cosine."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..config import OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(cfg: OptimConfig, base_lr: float, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """The learning rate of a step, derived from the position alone (nothing to checkpoint).
+
+    ``sgd``: constant ``warmup_lr`` for ``warmup_epochs`` (w), then cosine stepped per epoch that
+    restarts after the warm-up: epoch e >= w runs at ``½·lr·(1 + cos(π·(e − w)/E))``, E = ``epochs``
+    (Dassl/PromptKD's ConstantWarmup + CosineAnnealingLR with ``WARMUP_RECOUNT``). ``adamw``: per-step linear warm-up
+    over ``warmup_frac`` of the steps, then cosine to zero (one-cycle).
+    """
+    if cfg.optimizer == "sgd":
+        if epoch < cfg.warmup_epochs:  # a group with its own lr scales the warm-up value with it
+            return cfg.warmup_lr * base_lr / cfg.lr
+        return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+    total = cfg.epochs * steps_per_epoch
+    t = epoch * steps_per_epoch + step_in_epoch
+    warm = max(1, int(cfg.warmup_frac * total))
+    if t < warm:
+        return base_lr * (t + 1) / warm
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+
+
+def build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    for g in groups:
+        g.setdefault("lr", cfg.lr * g.pop("lr_scale", 1.0))
+        g["base_lr"] = g["lr"]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
