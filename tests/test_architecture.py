@@ -8,8 +8,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "comkd"
 
 # Lowest first. A module may import its own layer or a lower one. The package root (its lazy
@@ -182,10 +180,3 @@ def test_imports_only_go_downward() -> None:
 def test_no_import_cycles() -> None:
     found = cycles(without_parents(import_graph()))
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
-
-
-@pytest.mark.parametrize("name", ["comkd.models.student", "comkd.losses", "comkd.methods"])
-def test_library_modules_do_not_reach_up(name: str) -> None:
-    graph = import_graph()
-    here = layer_of(name)
-    assert all(layer_of(t) is not None and layer_of(t) <= here for t in graph[name])

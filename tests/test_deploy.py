@@ -321,7 +321,7 @@ def test_predict_out_naming_a_folder_is_one_line_and_writes_nothing(student_file
     assert os.listdir(folder) == []
 
 
-def _onnx_with_classnames(student_file, path: Path, value: str) -> Path:
+def _onnx_with_meta(student_file, path: Path, key: str, value: str) -> Path:
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from comkd.deploy.export import export_metadata, export_onnx
@@ -330,7 +330,7 @@ def _onnx_with_classnames(student_file, path: Path, value: str) -> Path:
     export_onnx(s, path, export_metadata(s))
     m = onnx.load(str(path))
     for p in m.metadata_props:
-        if p.key == "comkd.classnames":
+        if p.key == key:
             p.value = value
     onnx.save(m, str(path))
     return path
@@ -349,7 +349,7 @@ def _onnx_with_classnames(student_file, path: Path, value: str) -> Path:
     ],
 )
 def test_onnx_class_names_metadata_is_checked(student_file, tmp_path, value, words) -> None:
-    onnx_path = _onnx_with_classnames(student_file, tmp_path / "s.onnx", value)
+    onnx_path = _onnx_with_meta(student_file, tmp_path / "s.onnx", "comkd.classnames", value)
     img = tmp_path / "img.png"
     Image.new("RGB", (20, 20), (10, 200, 30)).save(img)
     out = tmp_path / "p.csv"
@@ -358,21 +358,6 @@ def test_onnx_class_names_metadata_is_checked(student_file, tmp_path, value, wor
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and str(onnx_path) in lines[0] and "comkd.classnames" in lines[0], r.output
     assert words in lines[0] and not out.exists()
-
-
-def _onnx_with_meta(student_file, path: Path, key: str, value: str) -> Path:
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    from comkd.deploy.export import export_metadata, export_onnx
-
-    s = load_student(student_file)
-    export_onnx(s, path, export_metadata(s))
-    m = onnx.load(str(path))
-    for p in m.metadata_props:
-        if p.key == key:
-            p.value = value
-    onnx.save(m, str(path))
-    return path
 
 
 def _preprocess_meta(**edits) -> str:

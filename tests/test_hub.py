@@ -170,7 +170,7 @@ def hub_cache(run_dir, tmp_path_factory) -> Path:
     _lay_out_cache(
         cache,
         "org/tiny",
-        {"student.safetensors": run_dir / "student.safetensors", "README.md": run_dir / "results.json"},
+        {"student.safetensors": run_dir / "student.safetensors"},
     )
     return cache
 

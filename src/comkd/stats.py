@@ -33,9 +33,7 @@ def paired_difference(a: list[float], b: list[float], power: float = 0.8, level:
         return out
     from scipy.stats import t
 
-    half = float(t.ppf(1 - (1 - level) / 2, n - 1)) * sd / math.sqrt(n)
-    out.update(low=m - half, high=m + half)
-    out["detectable"] = (
-        (float(t.ppf(1 - (1 - level) / 2, n - 1)) + float(t.ppf(power, n - 1))) * sd / math.sqrt(n)
-    )
+    t_level, t_power = float(t.ppf(1 - (1 - level) / 2, n - 1)), float(t.ppf(power, n - 1))
+    se = sd / math.sqrt(n)
+    out.update(low=m - t_level * se, high=m + t_level * se, detectable=(t_level + t_power) * se)
     return out

@@ -75,12 +75,12 @@ def recompute_classes(
     or ``cfg.teacher`` (see ``teacher_config``), at the recorded input size; its identity is checked."""
     from ..engine.pipeline import build_teacher, resolve_device, teacher_source
     from ..engine.utils import seed_everything
-    from ..models.hub import is_hub_ref, parse_hub_ref
+    from ..models.hub import hub_local_name, is_hub_ref
     from ..models.hub import student_path as local_student
     from ..models.io import load_student, save_student
 
-    if out is None and is_hub_ref(student_path):  # not into the hub cache: here, named after the repo
-        out = Path(parse_hub_ref(str(student_path))[0].split("/")[1] + ".safetensors")
+    if out is None and is_hub_ref(student_path):
+        out = hub_local_name(student_path, ".safetensors")
     student_path = local_student(student_path)
     names = read_names_file(str(names_file))
     device = resolve_device(cfg.device)

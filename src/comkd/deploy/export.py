@@ -209,11 +209,11 @@ def export_student(
         raise ModelError(f"--quantize must be int8, got {quantize!r}")
     if quantize and fmt != "onnx":
         raise ModelError("--quantize int8 is for --format onnx")
-    from ..models.hub import is_hub_ref, parse_hub_ref
+    from ..models.hub import hub_local_name, is_hub_ref
     from ..models.hub import student_path as local_student
 
-    if out is None and is_hub_ref(student_path):  # not into the hub cache: here, named after the repo
-        out = Path(parse_hub_ref(str(student_path))[0].split("/")[1] + SUFFIX[fmt])
+    if out is None and is_hub_ref(student_path):
+        out = hub_local_name(student_path, SUFFIX[fmt])
     student_path = local_student(student_path)
     student = load_student(student_path, device)
     out = Path(out) if out is not None else default_out(student_path, fmt)

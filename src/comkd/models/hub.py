@@ -74,6 +74,12 @@ def hub_file(ref: str, filename: str = STUDENT_FILENAME) -> Path:
         ) from None
 
 
+def hub_local_name(ref: str | Path, suffix: str) -> Path:
+    """Where a command writes what it makes from ``hf-hub:ORG/NAME`` by default: ``NAME<suffix>``
+    in the current folder (never inside huggingface_hub's cache)."""
+    return Path(parse_hub_ref(str(ref))[0].split("/")[1] + suffix)
+
+
 def student_path(ref: str | Path, filename: str = STUDENT_FILENAME) -> Path:
     """A local student file for ``ref``: the path itself, or the hub file of ``hf-hub:ORG/NAME``."""
     return hub_file(str(ref), filename) if is_hub_ref(ref) else Path(ref)
