@@ -141,6 +141,13 @@ class PretrainConfig:
     student_shots: int | None = None
     enabled: bool = False  # ``comkd run``: pre-train both CLIPs first (offline presets)
     eval_split: str | None = None  # None: 'val' where the dataset has one, else 'test' (stage-0 choices)
+    # teacher self-training on the unlabelled pool (``--protocol full``: the images stage 2 reads): after
+    # stage 0, each round labels the pool with the teacher, keeps the ``self_train_keep`` most confident
+    # share per class (of pool size / classes; class-balanced) and trains ``self_train_epochs`` more
+    # epochs on the labelled images plus those (``comkd.engine.self_training``); 0 rounds: off
+    self_train_rounds: int = 0
+    self_train_keep: float = 0.4
+    self_train_epochs: int = 60
 
 
 @dataclass
@@ -369,6 +376,13 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise ConfigError(
                     f"{prefix}{name}: must be >= 1 (or null: {unset}), got {getattr(obj, name)}"
                 )
+        if obj.self_train_rounds < 0 or obj.self_train_epochs < 1:
+            raise ConfigError(
+                f"{prefix}self_train_rounds must be >= 0 and {prefix}self_train_epochs >= 1, "
+                f"got {obj.self_train_rounds} and {obj.self_train_epochs}"
+            )
+        if not (math.isfinite(obj.self_train_keep) and 0 < obj.self_train_keep <= 1):
+            raise ConfigError(f"{prefix}self_train_keep: must be in (0, 1], got {obj.self_train_keep}")
     if isinstance(obj, DataConfig) and obj.shuffle_buffer < 0:
         raise ConfigError(f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {obj.shuffle_buffer}")
     if isinstance(obj, DistillConfig):

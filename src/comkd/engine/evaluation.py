@@ -31,14 +31,20 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+def clip_class_weights(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
+    """``[C, D]`` unit text features of an open_clip model's classes, averaged over ``templates``."""
+    feats = []
+    for t in templates:
+        tok = tokenizer([t.format(c) for c in classnames]).to(device)
+        feats.append(torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1))
+    return torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
+
+
+@torch.no_grad()
 def clip_zero_shot(model, tokenizer, ds: ImageDataset, templates: list[str], loader, device) -> float:
     """Zero-shot accuracy of an open_clip model on ``ds`` (template-averaged class prompts)."""
     model.eval()
-    feats = []
-    for t in templates:
-        tok = tokenizer([t.format(c) for c in ds.classnames]).to(device)
-        feats.append(torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1))
-    w = torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
+    w = clip_class_weights(model, tokenizer, ds.classnames, templates, device)
     preds, labels = predict(lambda x: model.encode_image(x).float() @ w.t(), loader, device)
     return accuracy(preds, labels)
 

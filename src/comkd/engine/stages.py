@@ -38,6 +38,7 @@ from .builders import (
 )
 from .evaluation import clip_zero_shot, pretrain_eval_split
 from .loop import fit
+from .self_training import self_train
 from .tasks import (
     DistillTask,
     PretrainTask,
@@ -157,13 +158,20 @@ def run_pretrain(
     *,
     which: tuple[str, ...] = ("teacher", "student"),
     resume: bool = False,
+    pool: RunConfig | None = None,
 ) -> dict[str, Any]:
     """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
     Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
-    accuracy on ``pretrain_eval_split(cfg)``."""
+    accuracy on ``pretrain_eval_split(cfg)``. With ``pretrain.self_train_rounds`` and ``pool`` (a
+    config whose ``train`` split is unlabelled images of the same classes) the teacher then
+    self-trains on that pool (``comkd.engine.self_training``)."""
     out, device, metrics = start_stage(cfg, out_dir, resume, stage="pretrain")
     results: dict[str, Any] = {}
     eval_split = pretrain_eval_split(cfg)
+    if cfg.pretrain.self_train_rounds and pool is None and "teacher" in which:
+        log.warning(
+            "pretrain.self_train_rounds: no unlabelled pool given (comkd run --protocol full has one); no self-training"
+        )
     for role in which:
         mcfg = cfg.teacher if role == "teacher" else cfg.student
         loaded = load_clip(
@@ -188,6 +196,17 @@ def run_pretrain(
         epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
         optim = dataclasses.replace(cfg.pretrain.optim, epochs=epochs) if epochs else cfg.pretrain.optim
         fit(task, ds, optim, **_fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub})
+        rounds: list[dict] = []
+        if role == "teacher" and cfg.pretrain.self_train_rounds and pool is not None:
+
+            def train_round(rds, r: int, epochs: int, loaded=loaded, lr=lr, sub=sub, optim=optim) -> None:
+                rtask = PretrainTask(loaded.model, loaded.tokenizer, rds.classnames, rds.templates, lr=lr)
+                rtask.name = f"pretrain_teacher_self_train_{r}"
+                seed_everything(cfg.seed + r)
+                kw = _fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub / f"self_train_{r}"}
+                fit(rtask, rds, dataclasses.replace(optim, epochs=epochs), **kw)
+
+            rounds = self_train(cfg, pool, loaded, ds, train_round, device)
         path = out / (TEACHER_CLIP if role == "teacher" else STUDENT_CLIP)
         if is_main():
             save_clip_weights(loaded.model, path, loaded.name, loaded.config)
@@ -203,6 +222,8 @@ def run_pretrain(
             "pool": split,
             "pool_images": len(ds),
         }
+        if rounds:
+            results[role]["self_training"] = rounds
         metrics.log({"stage": task.name, "type": "eval", "split": eval_split, "acc": acc})
         log.info("pretrain %s: zero-shot %s acc %.2f%%", role, eval_split, acc)
     if is_main():

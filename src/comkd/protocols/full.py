@@ -1,7 +1,8 @@
 """``--protocol full``: the user's own classes and images, no base/novel split.
 
 0. Stage 0, when ``pretrain.enabled`` (the CPU preset ``own_tiny``: tiny CLIPs without downloaded
-   weights): both CLIPs are pre-trained contrastively on the labelled ``full.shots``.
+   weights): both CLIPs are pre-trained contrastively on the labelled ``full.shots``; with
+   ``pretrain.self_train_rounds`` the teacher then self-trains on the unlabelled pool.
 1. Teacher: prompt learning on ``num_shots`` labelled images of *all* classes (``full.shots``, or
    the train split of ``data`` when it is labelled); with no labels at all the teacher is used
    zero-shot, its text prompt being "a photo of a {class}." (no learned context, no visual prompts);
@@ -131,7 +132,7 @@ def _pretrain_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -
         pcfg.pretrain.eval_split = pcfg.pretrain.eval_split or "pretrain"  # no val: the images it fitted
     sub = out / "pretrain"
     if not (resume and (sub / P.STUDENT_CLIP).exists() and (sub / P.TEACHER_CLIP).exists()):
-        P.run_pretrain(pcfg, sub, resume=resume)
+        P.run_pretrain(pcfg, sub, resume=resume, pool=cfg if cfg.data.dataset == "unlabelled" else None)
     c = copy.deepcopy(cfg)
     c.teacher.pretrained, c.student.pretrained = str(sub / P.TEACHER_CLIP), str(sub / P.STUDENT_CLIP)
     return c
