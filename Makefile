@@ -4,7 +4,7 @@ install:
 	pip install -e ".[dev]"
 
 demo:
-	comkd demo --out runs/demo
+	comkd demo --out-dir runs/demo
 
 test:
 	pytest -q

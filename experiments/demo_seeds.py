@@ -39,7 +39,7 @@ def run_seed(seed: int, split: str, out: Path, config: str, sets: list[str]) -> 
             "demo",
             "--config",
             config,
-            "--out",
+            "--out-dir",
             str(out / f"seed{seed}"),
         ]
         for s in [f"seed={seed}", f"eval_split={split}", "progress=false", *sets]:

@@ -27,7 +27,15 @@ import yaml
 
 from comkd.cli import QuietOpt, VerboseOpt, _read_json, _run, _setup_logging, _shape_errors
 from comkd.engine.utils import atomic_write_text, read_metrics, write_json
-from comkd.protocols.report import LABELS, _ordered, plot_accuracy, plot_curves, results_table
+from comkd.protocols.report import (
+    LABELS,
+    _ordered,
+    legend_below,
+    plot_accuracy,
+    plot_curves,
+    plot_gap_share,
+    results_table,
+)
 from comkd.protocols.runner import average_base2novel
 from comkd.stats import mean_std, paired_difference
 
@@ -106,8 +114,7 @@ def plot_step_curves(steps: dict[str, dict[str, list[dict]]], path: Path) -> boo
                 )
         ax.set_title(title)
         ax.set_xlabel("optimiser step")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig, axes[0], (len(rows) + 3) // 4)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -938,6 +945,7 @@ def write_results_page(
     extra = json.loads(curves_path.read_text()) if curves_path.exists() else {}
     plots = out_md.parent / "plots"
     plot_accuracy(results, plots / "accuracy.png")
+    has_gap = plot_gap_share(results, plots / "gap_share.png")
     has_curves = plot_curves(_alpha_zero(extra.get("curves", {})), plots / "training_curves.png")
     has_steps = plot_step_curves(extra.get("steps", {}), plots / "step_curves.png")
     rel = lambda p: Path("plots") / p  # noqa: E731
@@ -994,6 +1002,8 @@ def write_results_page(
                 lines.append(f"| {LABELS.get(m, m)} | {a['base']:.2f} | {a['novel']:.2f} | {a['hm']:.2f} |")
             lines.append("")
     lines += [f"![accuracy, mean ± std over seeds]({rel('accuracy.png')})", ""]
+    if has_gap:
+        lines += [f"![share of the teacher gap closed, mean ± std over seeds]({rel('gap_share.png')})", ""]
     if has_curves:
         lines += [
             f"![KD term, IFAlign term and α per epoch (first seed)]({rel('training_curves.png')})",
@@ -1011,7 +1021,9 @@ def write_results_page(
         results_json.with_name("supplement.json"),
         Path(notes_md) if notes_md else results_json.with_name("analysis.md"),
     )
-    for old in sorted(results_json.parent.glob(f"{results_json.stem}_*.json"), reverse=True):
+    dated = [*results_json.parent.glob(f"{results_json.stem}_*.json")]  # beside it, or in history/
+    dated += results_json.parent.joinpath("history").glob(f"{results_json.stem}_*.json")
+    for old in sorted(dated, key=lambda p: p.name, reverse=True):
         lines += _earlier_section(old, results_json.stem)
     atomic_write_text(out_md, "\n".join(lines))
     return out_md

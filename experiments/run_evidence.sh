@@ -26,7 +26,7 @@ run_one() {  # name preset
   local name=$1 preset=$2 t0
   t0=$(date +%s)
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 comkd run --config "$preset" "${SEEDS[@]}" "${METHODS[@]}" \
-    --out "$OUT/$name" "${EXTRA[@]}" > "$OUT/$name.log" 2>&1
+    --out-dir "$OUT/$name" "${EXTRA[@]}" > "$OUT/$name.log" 2>&1
   python - "$OUT/$name/wall_time.json" "$t0" "$(date +%s)" <<'PY'
 import json, sys
 path, t0, t1 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

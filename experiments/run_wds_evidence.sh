@@ -31,7 +31,7 @@ reuse() {  # SRC_RUN DST_RUN DATASET_KEY: stage 0 and every seed's stage 1 of SR
 timed() {  # NAME PRESET METHODS...: one `comkd run`, its log and its wall time
   local name=$1 preset=$2 t0; shift 2
   t0=$(date +%s)
-  comkd run --config "$preset" "${SEEDS[@]}" "$@" --out "$OUT/$name" --resume --set progress=false \
+  comkd run --config "$preset" "${SEEDS[@]}" "$@" --out-dir "$OUT/$name" --resume --set progress=false \
     > "$OUT/$name.log" 2>&1
   python - "$OUT/$name/wall_time.json" "$t0" "$(date +%s)" <<'PY'
 import json, sys

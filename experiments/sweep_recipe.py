@@ -116,7 +116,7 @@ def main() -> None:
             "run",
             "--config",
             f"{args.preset}_paper" if name == "paper" else args.preset,
-            "--out",
+            "--out-dir",
             str(out),
             "--resume",
             *[x for m in args.methods for x in ("--methods", m)],

@@ -217,7 +217,7 @@ def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path, content) -> None:
             "demo",
             "--teacher-pretrained",
             str(bad),
-            "--out",
+            "--out-dir",
             str(tmp_path / "t"),
             "--set",
             "progress=false",
@@ -293,7 +293,7 @@ def test_cli_names_the_csv_with_a_phantom_label(tmp_path) -> None:
             "csv",
             "--root",
             str(path),
-            "--out",
+            "--out-dir",
             str(tmp_path / "t"),
             "--set",
             "progress=false",
@@ -339,7 +339,7 @@ def test_settings_that_train_silently_wrong_are_refused(setting, key) -> None:
     ],
 )
 def test_bad_command_line_values_are_refused(tmp_path, args, words) -> None:
-    r = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "o")])
+    r = CliRunner().invoke(cli.app, [*args, "--out-dir", str(tmp_path / "o")])
     _one_line_error(r, *words, code=2)
     assert not (tmp_path / "o").exists()
 
@@ -481,7 +481,9 @@ def test_collect_on_bad_input_is_one_line_naming_the_folder(tmp_path, content, w
     (tmp_path / "run1" / "results.json").write_text(content)
     from experiments import results_page as tool
 
-    r = CliRunner().invoke(tool.app, ["collect", f"a={tmp_path / 'run1'}", "--out", str(tmp_path / "o.json")])
+    r = CliRunner().invoke(
+        tool.app, ["collect", f"a={tmp_path / 'run1'}", "--out", str(tmp_path / "o.json")]
+    )
     _one_line_error(r, "run1", words)
 
 
@@ -502,7 +504,7 @@ def test_resume_from_an_unreadable_checkpoint_is_one_line(tmp_path, damage) -> N
             "--config",
             "demo",
             "--resume",
-            "--out",
+            "--out-dir",
             str(out),
             *sum((["--set", s] for s in TINY), []),
         ],
@@ -522,7 +524,7 @@ def test_a_full_disk_says_so_and_prints_the_results_it_could_not_write(tmp_path,
 
     monkeypatch.setattr(P, "write_json", full)
     r = CliRunner().invoke(
-        cli.app, ["evaluate", str(path), "--config", "demo", "--out", str(tmp_path / "ev")]
+        cli.app, ["evaluate", str(path), "--config", "demo", "--out-dir", str(tmp_path / "ev")]
     )
     _one_line_error(r, "disk full", "results.json")
     printed = json.loads(r.output[r.output.index("{") : r.output.rindex("}") + 1])
@@ -536,7 +538,7 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch) -> None:
         raise OSError(errno.EROFS, "Read-only file system", str(p))
 
     monkeypatch.setattr(stages, "save_config", read_only)
-    r = CliRunner().invoke(cli.app, ["train-teacher", "--config", "demo", "--out", str(tmp_path / "ro")])
+    r = CliRunner().invoke(cli.app, ["train-teacher", "--config", "demo", "--out-dir", str(tmp_path / "ro")])
     _one_line_error(r, "read-only", "config.yaml")
 
 

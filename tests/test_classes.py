@@ -46,7 +46,7 @@ def distilled(tmp_path_factory) -> dict:
             str(d / "t0.safetensors"),
             "--teacher-prompts",
             str(d / "p0.safetensors"),
-            "--out",
+            "--out-dir",
             str(d / "run"),
             *TINY_DISTILL_OPTS,
         ],
@@ -207,12 +207,20 @@ def test_a_student_distilled_from_a_teacher_cache_records_the_cached_teacher(tmp
         "--set",
         "teacher.vision_depth=1",
     ]
-    r = CliRunner().invoke(cli.app, ["cache-teacher", "--out", str(tmp_path / "cache"), *common])
+    r = CliRunner().invoke(cli.app, ["cache-teacher", "--out-dir", str(tmp_path / "cache"), *common])
     assert r.exit_code == 0, r.output
     cache = tmp_path / "cache" / "teacher_cache.bin"
     r = CliRunner().invoke(
         cli.app,
-        ["distill", "--teacher-cache", str(cache), "--out", str(tmp_path / "s"), "--no-evaluate", *common],
+        [
+            "distill",
+            "--teacher-cache",
+            str(cache),
+            "--out-dir",
+            str(tmp_path / "s"),
+            "--no-evaluate",
+            *common,
+        ],
     )
     assert r.exit_code == 0, r.output
     rec = load_student(tmp_path / "s" / "student.safetensors").teacher_identity

@@ -31,7 +31,7 @@ def test_presets_listed() -> None:
 @pytest.mark.slow
 def test_demo_end_to_end_writes_results_report_and_a_usable_student(tmp_path) -> None:
     out = tmp_path / "demo"
-    r = CliRunner().invoke(cli.app, ["demo", "--out", str(out), *FAST])
+    r = CliRunner().invoke(cli.app, ["demo", "--out-dir", str(out), *FAST])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"teacher", "student_zeroshot", "promptkd", "comkd", "warnings"}
@@ -67,7 +67,7 @@ def test_demo_end_to_end_writes_results_report_and_a_usable_student(tmp_path) ->
 
 
 def test_unknown_method_is_refused_with_the_allowed_names(tmp_path) -> None:
-    r = CliRunner().invoke(cli.app, ["distill", "--method", "kd-magic", "--out", str(tmp_path)])
+    r = CliRunner().invoke(cli.app, ["distill", "--method", "kd-magic", "--out-dir", str(tmp_path)])
     assert r.exit_code == 2
     assert "kd-magic" in r.output and "promptkd" in r.output
 
@@ -92,7 +92,7 @@ def test_cache_teacher_then_distill_without_the_teacher(tmp_path) -> None:
         "--set",
         "teacher.vision_depth=1",
     ]
-    r = CliRunner().invoke(cli.app, ["cache-teacher", "--out", str(tmp_path / "cache"), *common])
+    r = CliRunner().invoke(cli.app, ["cache-teacher", "--out-dir", str(tmp_path / "cache"), *common])
     assert r.exit_code == 0, r.output
     cache = tmp_path / "cache" / "teacher_cache.bin"
     assert cache.exists()
@@ -104,7 +104,7 @@ def test_cache_teacher_then_distill_without_the_teacher(tmp_path) -> None:
             "comkd",
             "--teacher-cache",
             str(cache),
-            "--out",
+            "--out-dir",
             str(tmp_path / "student"),
             *common,
         ],
@@ -115,7 +115,7 @@ def test_cache_teacher_then_distill_without_the_teacher(tmp_path) -> None:
     # another seed means other views: the cache is refused, naming the seed
     r = CliRunner().invoke(
         cli.app,
-        ["distill", "--teacher-cache", str(cache), "--seed", "7", "--out", str(tmp_path / "s7"), *common],
+        ["distill", "--teacher-cache", str(cache), "--seed", "7", "--out-dir", str(tmp_path / "s7"), *common],
     )
     assert r.exit_code == 1 and "seed" in r.output
 
@@ -135,7 +135,7 @@ def test_cross_dataset_and_domain_generalisation_protocols_run(tmp_path, protoco
         "digits",
         "--methods",
         "promptkd",
-        "--out",
+        "--out-dir",
         str(tmp_path),
         "--set",
         "progress=false",
@@ -184,4 +184,39 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
         if p.param_type_name == "option" and not (p.help or "").strip()
     ]
     assert missing == []
-    assert "with --out" in group.commands["evaluate"].help
+    assert "with --out-dir" in group.commands["evaluate"].help
+
+
+FOLDER_COMMANDS = {"pretrain", "train-teacher", "distill", "evaluate", "run", "demo", "cache-teacher"}
+FILE_COMMANDS = {"bench", "predict", "export", "classes"}
+
+
+def test_out_names_a_file_and_out_dir_a_folder_in_every_command() -> None:
+    import typer.main
+
+    group = typer.main.get_command(cli.app)
+    shown = {
+        name: {o for p in cmd.params if not getattr(p, "hidden", False) for o in p.opts}
+        for name, cmd in group.commands.items()
+    }
+    assert FOLDER_COMMANDS | FILE_COMMANDS <= set(shown)
+    for name in FOLDER_COMMANDS:
+        assert "--out-dir" in shown[name] and "--out" not in shown[name], name
+    for name in FILE_COMMANDS:
+        assert "--out" in shown[name] and "--out-dir" not in shown[name], name
+    for name in set(shown) - FOLDER_COMMANDS - FILE_COMMANDS:  # push, presets: neither
+        assert not {"--out", "--out-dir"} & shown[name], name
+
+
+def test_the_old_out_of_a_folder_command_still_works_with_a_note(tmp_path, monkeypatch) -> None:
+    seen: dict = {}
+    monkeypatch.setattr(
+        "comkd.engine.pipeline.run_distill", lambda cfg, out, **kw: seen.setdefault("out", str(out)) and {}
+    )
+    r = CliRunner().invoke(cli.app, ["distill", "--no-evaluate", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert seen["out"] == str(tmp_path / "a") and "--out is now --out-dir" in r.output
+    r = CliRunner().invoke(
+        cli.app, ["distill", "--out", str(tmp_path / "a"), "--out-dir", str(tmp_path / "b")]
+    )
+    assert r.exit_code == 2 and "once" in r.output

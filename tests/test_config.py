@@ -66,7 +66,7 @@ def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
             "--no-evaluate",
             "--set",
             "distill.optim.epochs=3",
-            "--out",
+            "--out-dir",
             str(tmp_path / "o"),
             "--resume",
         ],
@@ -159,7 +159,7 @@ def test_a_run_is_reproduced_from_its_config_yaml_alone(tmp_path):
             "promptkd",
             "--set",
             "distill.optim.lr=0.01",
-            "--out",
+            "--out-dir",
             str(first),
         ],
     )
@@ -171,7 +171,9 @@ def test_a_run_is_reproduced_from_its_config_yaml_alone(tmp_path):
     assert set(saved) == set(to_dict(RunConfig()))  # every key, resolved
 
     second = tmp_path / "second"
-    r = CliRunner().invoke(cli.app, ["distill", "--config", str(first / "config.yaml"), "--out", str(second)])
+    r = CliRunner().invoke(
+        cli.app, ["distill", "--config", str(first / "config.yaml"), "--out-dir", str(second)]
+    )
     assert r.exit_code == 0, r.output
     a, b = load_file(str(first / "student.safetensors")), load_file(str(second / "student.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -176,14 +176,14 @@ def test_ddp_distill_matches_one_process_within_tolerance(tmp_path):
 
     one, two = tmp_path / "one", tmp_path / "two"
     p1 = subprocess.Popen(
-        [sys.executable, *DISTILL, "--out", str(one)],
+        [sys.executable, *DISTILL, "--out-dir", str(one)],
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     r2 = subprocess.run(
-        [*TORCHRUN, *DISTILL, "--out", str(two)], env=ENV, capture_output=True, text=True, timeout=300
+        [*TORCHRUN, *DISTILL, "--out-dir", str(two)], env=ENV, capture_output=True, text=True, timeout=300
     )
     out1, err1 = p1.communicate(timeout=300)
     assert p1.returncode == 0, err1[-3000:]
@@ -215,7 +215,7 @@ def test_ddp_distill_with_evaluation(tmp_path):
     cmd = [c for c in DISTILL if c != "--no-evaluate"]
     cmd[cmd.index("--batch-size") + 1] = "32"
     r = subprocess.run(
-        [*TORCHRUN, *cmd, "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=300
+        [*TORCHRUN, *cmd, "--out-dir", str(out)], env=ENV, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
@@ -254,7 +254,7 @@ def test_ddp_ifalign_uses_global_batch_statistics(tmp_path):
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = subprocess.run(
-        [sys.executable, *DISTILL, *recipe, "--out", str(one)],
+        [sys.executable, *DISTILL, *recipe, "--out-dir", str(one)],
         env=ENV,
         capture_output=True,
         text=True,
@@ -262,7 +262,7 @@ def test_ddp_ifalign_uses_global_batch_statistics(tmp_path):
     )
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = subprocess.run(
-        [*TORCHRUN, *DISTILL, *recipe, "--out", str(two)],
+        [*TORCHRUN, *DISTILL, *recipe, "--out-dir", str(two)],
         env=ENV,
         capture_output=True,
         text=True,

@@ -263,7 +263,7 @@ def test_exports_of_a_distilled_student_load_in_a_fresh_process(tmp_path) -> Non
             "distill",
             "--teacher",
             "comkd-tiny-teacher",
-            "--out",
+            "--out-dir",
             str(tmp_path),
             *TINY_DISTILL_OPTS,
         ],

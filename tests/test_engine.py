@@ -391,7 +391,7 @@ def test_cli_result_with_nan_is_one_line_naming_the_file_and_key(tmp_path, monke
     monkeypatch.setattr("comkd.models.io.load_student", lambda path, device: None)
     monkeypatch.setattr(pipeline, "evaluate_student", lambda cfg, s: {"acc": float("nan"), "classes": 10})
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli.app, ["distill", "--config", "demo", "--out", str(out)])
+    r = CliRunner().invoke(cli.app, ["distill", "--config", "demo", "--out-dir", str(out)])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output

@@ -112,7 +112,7 @@ def test_a_registered_method_builds_its_loss(toy_method) -> None:
 
 def _tiny_distill(method: str, out):
     """``comkd distill`` of the tiny pair with ``method``, into ``out``."""
-    args = ["distill", "--teacher", "comkd-tiny-teacher", "--method", method, "--out", str(out)]
+    args = ["distill", "--teacher", "comkd-tiny-teacher", "--method", method, "--out-dir", str(out)]
     return CliRunner().invoke(cli.app, [*args, *TINY_DISTILL_OPTS])
 
 
@@ -179,7 +179,7 @@ def test_run_refuses_an_unknown_method_before_any_stage(tmp_path) -> None:
             "promptkd",
             "--methods",
             "comkdd",
-            "--out",
+            "--out-dir",
             str(tmp_path / "r"),
         ],
     )

@@ -88,7 +88,7 @@ def test_none_is_a_value_for_pretrained_in_yaml_sets_and_flags(tmp_path) -> None
 
 
 def test_cli_refuses_the_paper_teacher_without_weights(tmp_path) -> None:
-    r = CliRunner().invoke(cli.app, ["train-teacher", "--out", str(tmp_path), "--set", "progress=false"])
+    r = CliRunner().invoke(cli.app, ["train-teacher", "--out-dir", str(tmp_path), "--set", "progress=false"])
     assert r.exit_code == 1
     assert "ViT-L-14" in r.output and "none" in r.output and "Traceback" not in r.output
 
@@ -152,7 +152,7 @@ def test_base2novel_keeps_the_per_dataset_recipe(monkeypatch, tmp_path) -> None:
 def test_select_promptkd_is_refused_without_an_evaluation_set(tmp_path) -> None:
     r = CliRunner().invoke(
         cli.app,
-        ["distill", "--config", "demo", "--set", "distill.select=promptkd", "--out", str(tmp_path / "d")],
+        ["distill", "--config", "demo", "--set", "distill.select=promptkd", "--out-dir", str(tmp_path / "d")],
     )
     assert r.exit_code == 1 and "distill.select" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "d").exists()  # refused before anything is written
@@ -357,7 +357,7 @@ def test_promptkd_steps_replayed_in_plain_torch_match_comkd_distill(tmp_path, on
         cli.app,
         [
             "distill",
-            "--out",
+            "--out-dir",
             str(tmp_path / "run"),
             "--no-evaluate",
             "--set",

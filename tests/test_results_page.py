@@ -285,3 +285,52 @@ def test_the_first_screen_states_the_paired_interval_and_a_verdict_that_follows_
     # paper-reading rows are compared with PromptKD in the same reading (+0.50, not -4.5)
     paper_line = next(ln for ln in text.splitlines() if ln.startswith("| ComKD-CLIP (paper reading)"))
     assert "+0.50 [" in paper_line
+
+
+def test_gap_shares_per_paired_seed_and_the_plots_that_show_one_point() -> None:
+    from comkd.protocols.report import _zoomed_limits, gap_shares
+
+    methods = {
+        "teacher": {"hm": [60.0, 50.0, 40.0]},
+        "student_zeroshot": {"hm": [50.0, 45.0, 41.0]},  # seed 3: no gap, left out
+        "comkd": {"hm": [55.0, 49.0, 39.0]},
+    }
+    shares = gap_shares(methods, "hm")
+    assert shares == {"comkd": pytest.approx([50.0, 80.0])}  # (55-50)/(60-50), (49-45)/(50-45)
+    lo, hi = _zoomed_limits([49.3, 61.1])
+    assert (lo, hi) == (47.0, 64.0)  # whole points, 2 either side: a 1-point gap is 1/17 of the axis
+    assert _zoomed_limits([0.5, 99.5]) == (0.0, 100.0)
+
+
+def test_the_page_has_a_gap_share_figure_and_no_legend_over_the_bars(tmp_path) -> None:
+    import matplotlib.image as mpimg
+
+    from comkd.protocols.report import plot_accuracy, plot_gap_share
+
+    res = {
+        "ds": {
+            "teacher": {"acc": [60.0, 61.0]},
+            "student_zeroshot": {"acc": [50.0, 50.0]},
+            "promptkd": {"acc": [55.0, 56.0]},
+            "comkd": {"acc": [56.0, 56.0]},
+        }
+    }
+    assert plot_gap_share(res, tmp_path / "gap.png") and mpimg.imread(tmp_path / "gap.png").size > 0
+    assert not plot_gap_share({"ds": {"comkd": {"acc": [1.0]}}}, tmp_path / "none.png")
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    real = plt.Figure.savefig
+
+    def spy(fig, *a, **kw):
+        ax = fig.axes[0]
+        seen["ylim"], seen["ax_legend"], seen["fig_legends"] = ax.get_ylim(), ax.get_legend(), fig.legends
+        return real(fig, *a, **kw)
+
+    plt.Figure.savefig = spy
+    try:
+        plot_accuracy(res, tmp_path / "acc.png")
+    finally:
+        plt.Figure.savefig = real
+    assert seen["ylim"][0] > 40 and seen["ylim"][1] < 70  # zoomed: not from 0
+    assert seen["ax_legend"] is None and len(seen["fig_legends"]) == 1  # one legend, outside the panels

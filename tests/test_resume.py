@@ -110,10 +110,10 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     cmd = [*DISTILL, "--batch-size", "16"]  # 539 images: 33 steps an epoch, 66 in all; a checkpoint every 5
     ref = subprocess.Popen(
-        [*cmd, "--out", str(full)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*cmd, "--out-dir", str(full)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     victim = subprocess.Popen(
-        [*cmd, "--out", str(cut)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*cmd, "--out-dir", str(cut)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 240
     try:
@@ -134,7 +134,7 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     assert not (cut / "student.safetensors").exists() and not (cut / "results.json").exists()
     # the log may hold steps written after the checkpoint; the resume must drop them
     resumed = subprocess.run(
-        [*cmd, "--out", str(cut), "--resume"], env=ENV, capture_output=True, text=True, timeout=240
+        [*cmd, "--out-dir", str(cut), "--resume"], env=ENV, capture_output=True, text=True, timeout=240
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out, err = ref.communicate(timeout=240)
@@ -162,7 +162,7 @@ def test_cli_nan_loss_names_the_step_and_keeps_the_checkpoint(tmp_path, monkeypa
     from comkd.cli import app
 
     args = DISTILL[3:] + [
-        "--out",
+        "--out-dir",
         str(tmp_path),
         "--no-evaluate",
         "--batch-size",

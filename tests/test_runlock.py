@@ -83,7 +83,7 @@ def test_cli_run_into_a_locked_folder_fails_in_one_line_and_writes_nothing(tmp_p
     out = tmp_path / "run"
     holder = _Holder(out)
     try:
-        r = CliRunner().invoke(cli.app, ["distill", "--config", "demo", "--out", str(out)])
+        r = CliRunner().invoke(cli.app, ["distill", "--config", "demo", "--out-dir", str(out)])
         assert r.exit_code == 1, r.output
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in r.output
@@ -146,7 +146,7 @@ def test_finished_results_are_kept_without_resume_or_overwrite(tmp_path):
         _stage(2, out)
     assert str(e.value) == (
         f"{out} holds a finished run (student.safetensors); rerun with --resume to continue it, "
-        "--overwrite to replace it, or choose another --out"
+        "--overwrite to replace it, or choose another --out-dir"
     )
     assert (out / "student.safetensors").read_text() == "1"
     assert _stage(3, out, resume=True) == 3
@@ -184,7 +184,7 @@ def test_cli_refuses_to_overwrite_a_finished_run_in_one_line(tmp_path):
     for name in finished:
         (out / name).write_bytes(b"the first run's " + name.encode())
     for cmd in ("distill", "train-teacher", "pretrain", "run", "demo"):
-        r = CliRunner().invoke(cli.app, [cmd, "--config", "demo", "--out", str(out)])
+        r = CliRunner().invoke(cli.app, [cmd, "--config", "demo", "--out-dir", str(out)])
         assert r.exit_code == 1, (cmd, r.output)
         assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
         assert f"{out} holds a finished run" in r.output and "--overwrite" in r.output
@@ -199,7 +199,7 @@ def test_two_distillations_into_one_folder_the_second_is_refused(tmp_path):
     out = tmp_path / "run"
     env = subprocess_env()
     first = subprocess.Popen(
-        [*DISTILL_CMD, "--epochs", "30", "--out", str(out)],
+        [*DISTILL_CMD, "--epochs", "30", "--out-dir", str(out)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -211,7 +211,7 @@ def test_two_distillations_into_one_folder_the_second_is_refused(tmp_path):
             time.sleep(0.2)
         config_before = (out / "config.yaml").read_text()
         second = subprocess.run(
-            [*DISTILL_CMD, "--seed", "4", "--out", str(out)],
+            [*DISTILL_CMD, "--seed", "4", "--out-dir", str(out)],
             env=env,
             capture_output=True,
             text=True,

@@ -51,7 +51,7 @@ def test_a_run_with_random_towers_says_so_in_its_log_report_and_results(tmp_path
 
     make_own_folder(tmp_path, ["cat", "dog"], pool=8, shots=2, test=4)
     out = tmp_path / "run"
-    args = ["run", "--protocol", "full", "--root", str(tmp_path / "my_images"), "--out", str(out)]
+    args = ["run", "--protocol", "full", "--root", str(tmp_path / "my_images"), "--out-dir", str(out)]
     args += [
         "--set",
         f"data.classes_file={tmp_path / 'names.txt'}",

@@ -61,7 +61,7 @@ def test_resume_from_crafted_checkpoint_through_the_cli(tmp_path) -> None:
     _write_exploit(out / "checkpoint.pt", marker)
     from conftest import DISTILL_CMD, subprocess_env
 
-    cmd = [*DISTILL_CMD, "--out", str(out), "--resume"]
+    cmd = [*DISTILL_CMD, "--out-dir", str(out), "--resume"]
     env = subprocess_env()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
@@ -130,7 +130,7 @@ def test_a_broken_zip_as_weights_is_one_line_naming_it(tmp_path, flag, command) 
     _broken_zip(bad)
     with pytest.raises(ModelError, match="broken_weights.pt.*damaged zip"):
         load_clip(TINY_TEACHER, str(bad))
-    args = [command, "--config", "demo", flag, str(bad), "--out", str(tmp_path / "o"), "--no-evaluate"]
+    args = [command, "--config", "demo", flag, str(bad), "--out-dir", str(tmp_path / "o"), "--no-evaluate"]
     r = CliRunner().invoke(cli.app, args[:-1] if command == "train-teacher" else args)
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     lines = r.output.strip().splitlines()

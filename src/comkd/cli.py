@@ -25,10 +25,16 @@ app = typer.Typer(
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file or preset name.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: output_dir).")]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out-dir", help="Folder to write the run into (default: output_dir).")
+]
+# ``--out`` names a file everywhere (predict, export, classes, bench); on the folder commands it was the
+# folder's old name, still taken for now with a warning
+OldOutOpt = Annotated[Path | None, typer.Option("--out", hidden=True, help="Old name of --out-dir.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")]
 OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Replace the results of a finished run in --out (else refused).")
+    bool,
+    typer.Option("--overwrite", help="Replace the results of a finished run in --out-dir (else refused)."),
 ]
 RecipeOpt = Annotated[
     str | None,
@@ -168,6 +174,16 @@ def _merge(a: dict, b: dict) -> dict:
     return a
 
 
+def _out_dir(out: Path | None, old_out: Path | None) -> Path | None:
+    """``--out-dir``, or the old ``--out`` of a folder command (with a warning); both is an error."""
+    if old_out is None:
+        return out
+    if out is not None:
+        _usage_error("give the folder once: --out-dir (--out is its old name here)")
+    typer.secho("note: --out is now --out-dir for commands that write a folder", fg="yellow", err=True)
+    return old_out
+
+
 def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path | None) -> RunConfig:
     try:
         cfg = load_config(config, overrides, sets)
@@ -233,7 +249,9 @@ def _disk_error(e: BaseException) -> str | None:
     if code == errno.ENOSPC or "No space left on device" in text:
         return f"disk full{where}; free some space and rerun (with --resume where the command has it)"
     if code == errno.EROFS or "Read-only file system" in text:
-        return f"cannot write{where or ' the output'}: read-only file system; choose another --out"
+        return (
+            f"cannot write{where or ' the output'}: read-only file system; choose another --out-dir or --out"
+        )
     if code in (errno.EACCES, errno.EPERM):
         return f"permission denied: {e.filename}" if e.filename else f"permission denied ({text})"
     return None
@@ -282,6 +300,7 @@ def pretrain(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
+    old_out: OldOutOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     dataset: Annotated[str | None, typer.Option(help="Dataset name (comkd.data.DATASETS).")] = None,
@@ -299,6 +318,7 @@ def pretrain(
 ) -> None:
     """Stage 0: contrastive CLIP pre-training (offline teachers and students)."""
     _setup_logging(verbose, quiet)
+    out = _out_dir(out, old_out)
     ov = _merge(
         _overrides(dataset=dataset, root=root, teacher=teacher, student=student, seed=seed, device=device),
         _stage_optim("pretrain", epochs, lr, batch_size),
@@ -319,6 +339,7 @@ def train_teacher(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
+    old_out: OldOutOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     dataset: DatasetOpt = None,
@@ -337,6 +358,7 @@ def train_teacher(
 ) -> None:
     """Stage 1: PromptSRC prompt learning on labelled few-shot base classes."""
     _setup_logging(verbose, quiet)
+    out = _out_dir(out, old_out)
     ov = _merge(
         _overrides(
             dataset=dataset,
@@ -361,6 +383,7 @@ def distill(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
+    old_out: OldOutOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     method: Annotated[str | None, typer.Option(help=" | ".join(METHODS))] = None,
@@ -390,6 +413,7 @@ def distill(
 ) -> None:
     """Stage 2: distil the teacher into the student on unlabelled images."""
     _setup_logging(verbose, quiet)
+    out = _out_dir(out, old_out)
     ov = _merge(
         _overrides(
             method=method,
@@ -440,6 +464,7 @@ def evaluate(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
+    old_out: OldOutOpt = None,
     dataset: DatasetOpt = None,
     root: RootOpt = None,
     split_file: SplitFileOpt = None,
@@ -449,9 +474,10 @@ def evaluate(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Accuracy of a distilled student (base/novel/HM for base2novel), printed as JSON; with --out
-    also written to OUT/results.json."""
+    """Accuracy of a distilled student (base/novel/HM for base2novel), printed as JSON; with --out-dir
+    also written to OUT_DIR/results.json."""
     _setup_logging(verbose, quiet)
+    out = _out_dir(out, old_out)
     cfg = _cfg(
         config,
         sets,
@@ -483,6 +509,7 @@ def run(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
+    old_out: OldOutOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg | full")] = None,
@@ -502,6 +529,7 @@ def run(
 ) -> None:
     """All stages for datasets × seeds × methods, then one results table (report.md)."""
     _setup_logging(verbose, quiet)
+    out = _out_dir(out, old_out)
     ov = _overrides(protocol=protocol, root=root, select=select, recipe=recipe, device=device)
     cfg = _cfg(config, sets, ov, out)
     from .methods import canonical_methods
@@ -527,6 +555,7 @@ def run(
 @app.command()
 def demo(
     out: OutOpt = None,
+    old_out: OldOutOpt = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     resume: ResumeOpt = False,
@@ -537,6 +566,7 @@ def demo(
     """The main job on the embedded digits data: pre-train a tiny teacher and student, prompt-tune
     the teacher on base classes, distil with PromptKD and ComKD, evaluate, write report.md."""
     _setup_logging(verbose, quiet)
+    out = _out_dir(out, old_out)
     cfg = _cfg(config or "demo", sets, {}, out)
     from .protocols.demo import run_demo
 
@@ -552,6 +582,7 @@ def cache_teacher(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
+    old_out: OldOutOpt = None,
     views: Annotated[
         int | None, typer.Option(help="Augmented views per image (K; default: distill epochs).")
     ] = None,
@@ -570,6 +601,7 @@ def cache_teacher(
 ) -> None:
     """Store the teacher's image features for K augmented views of every training image."""
     _setup_logging(verbose, quiet)
+    out = _out_dir(out, old_out)
     cfg = _cfg(
         config,
         sets,

@@ -144,7 +144,7 @@ def _acquire(folder: Path) -> str:
             continue
         raise RunLockError(
             f"{folder}: another comkd run is writing here ({_describe(holder)}); wait for it to end or "
-            f"choose another --out (if no such run exists, delete {path})"
+            f"choose another --out-dir (if no such run exists, delete {path})"
         )
     raise RunLockError(f"{folder}: could not take the run lock {path}; other runs keep taking it")
 
@@ -237,7 +237,7 @@ def check_fresh(folder: str | os.PathLike, results: tuple[str, ...], *, resume: 
         if (folder / name).exists():
             raise FinishedRunError(
                 f"{folder} holds a finished run ({name}); rerun with --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
+                "--overwrite to replace it, or choose another --out-dir"
             )
 
 

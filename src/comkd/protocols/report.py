@@ -65,17 +65,47 @@ def results_table(datasets: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _zoomed_limits(values: list[float], pad: float = 2.0) -> tuple[float, float]:
+    """Y limits around ``values`` (whole points, ``pad`` either side), so a one-point difference
+    shows; the axis then does not start at 0, which the plot's label says."""
+    import math
+
+    lo, hi = min(values), max(values)
+    return max(0.0, math.floor(lo - pad)), min(100.0, math.ceil(hi + pad))
+
+
+def _ticks_every(ax, span: float) -> None:
+    """Major ticks every 1, 2 or 5 points so that about 5-12 gridlines cover ``span``."""
+    from matplotlib.ticker import MultipleLocator
+
+    step = next((s for s in (1, 2, 5, 10) if span / s <= 12), 20)
+    ax.yaxis.set_major_locator(MultipleLocator(step))
+    ax.grid(axis="y", alpha=0.3)
+
+
+def legend_below(fig, ax, rows: int) -> None:
+    """One legend for all panels (``ax``'s entries), below them, never over a bar or a line."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
+
+
 def plot_accuracy(datasets: dict[str, dict], path: Path) -> None:
+    """Bars of mean accuracy (± std over seeds) per split and method, one panel per dataset; each
+    panel's y-axis spans its own values (not from 0), with 1-, 2- or 5-point gridlines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.4), squeeze=False)
+    rows = 1
     for ax, (ds, methods) in zip(axes[0], datasets.items(), strict=True):
         ms = _ordered(methods)
+        rows = max(rows, (len(ms) + 3) // 4)
         keys = [k for k in ("base", "novel", "hm", "acc") if k in methods[ms[0]]]
         width = 0.8 / len(ms)
+        tops, bottoms = [], []
         for i, m in enumerate(ms):
             stats = [mean_std(methods[m][k]) for k in keys]
             xs = [j + (i - (len(ms) - 1) / 2) * width for j in range(len(keys))]
@@ -86,15 +116,76 @@ def plot_accuracy(datasets: dict[str, dict], path: Path) -> None:
                 yerr=[s[1] for s in stats],
                 capsize=2,
                 label=LABELS.get(m, m),
+                color=f"C{i % 10}",
             )
+            tops += [s[0] + s[1] for s in stats]
+            bottoms += [s[0] - s[1] for s in stats]
+        lo, hi = _zoomed_limits(bottoms + tops)
+        ax.set_ylim(lo, hi)
+        _ticks_every(ax, hi - lo)
         ax.set_xticks(range(len(keys)), [k.upper() if k == "hm" else k for k in keys])
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("accuracy (%)" + (f", axis from {lo:.0f}" if lo > 0 else ""))
         ax.set_title(ds)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    legend_below(fig, axes[0][0], rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gap_shares(methods: dict[str, dict], key: str) -> dict[str, list[float]]:
+    """Per distillation method, the share (%) of the teacher gap it closes on each paired seed:
+    ``100 (m - undistilled) / (teacher - undistilled)`` on ``key`` (a seed whose gap is not
+    positive is left out: there is nothing to close)."""
+    t, u = methods["teacher"][key], methods["student_zeroshot"][key]
+    out: dict[str, list[float]] = {}
+    for m in _ordered(methods):
+        if m in _BASELINES:
+            continue
+        vals = methods[m][key]
+        out[m] = [100.0 * (v - b) / (a - b) for v, a, b in zip(vals, t, u, strict=True) if a - b > 0]
+    return out
+
+
+def plot_gap_share(datasets: dict[str, dict], path: Path) -> bool:
+    """One figure: per dataset, the share of the teacher gap each method closes (HM, or accuracy),
+    mean ± std over seeds, with 0% (the undistilled student) and 100% (the teacher) drawn."""
+    panels = {
+        ds: gap_shares(ms, "hm" if "hm" in ms["teacher"] else "acc")
+        for ds, ms in datasets.items()
+        if "teacher" in ms and "student_zeroshot" in ms
+    }
+    panels = {ds: v for ds, v in panels.items() if any(v.values())}
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+    for ax, (ds, shares) in zip(axes[0], panels.items(), strict=True):
+        ms = [m for m, v in shares.items() if v]
+        stats = [mean_std(shares[m]) for m in ms]
+        ax.barh(
+            range(len(ms)),
+            [s[0] for s in stats],
+            xerr=[s[1] for s in stats],
+            capsize=2,
+            color=[f"C{(list(_ordered(datasets[ds])).index(m)) % 10}" for m in ms],
+        )
+        ax.set_yticks(range(len(ms)), [LABELS.get(m, m) for m in ms], fontsize=7)
+        ax.invert_yaxis()
+        for x, text in ((0, "undistilled"), (100, "teacher")):
+            ax.axvline(x, color="grey", lw=0.8, ls="--")
+            ax.text(x, -0.7, text, fontsize=6, ha="center", color="grey")
+        ax.set_xlabel("teacher gap closed (%)")
+        ax.set_title(f"{ds}: mean ± std over seeds", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def plot_curves(curves: dict[str, dict[str, list[list[dict]]]], path: Path) -> bool:
@@ -117,8 +208,7 @@ def plot_curves(curves: dict[str, dict[str, list[list[dict]]]], path: Path) -> b
                 ax.plot(xs, ys, marker="o", ms=3, label=f"{ds}/{m}", color=f"C{i % 10}")
         ax.set_title({"kd": "KD term (w_kd · KL)", "align": "IFAlign term", "alpha": "EduAttention α"}[term])
         ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig, axes[0], (len(rows) + 3) // 4)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -132,9 +222,10 @@ def write_report(
     title: str | None = None,
     preamble: str = "",
 ) -> Path:
-    """``out/report.md`` + ``out/plots/accuracy.png`` (+ ``training_curves.png``)."""
+    """``out/report.md`` + ``out/plots/accuracy.png`` (+ ``gap_share.png``, ``training_curves.png``)."""
     out = Path(out)
     plot_accuracy(results["datasets"], out / "plots" / "accuracy.png")
+    has_gap = plot_gap_share(results["datasets"], out / "plots" / "gap_share.png")
     has_curves = plot_curves(curves or {}, out / "plots" / "training_curves.png")
     sel = results.get("selection", "last")
     lines = [
@@ -168,6 +259,8 @@ def write_report(
             )
         lines.append("")
     lines += ["![accuracy](plots/accuracy.png)", ""]
+    if has_gap:
+        lines += ["![share of the teacher gap closed](plots/gap_share.png)", ""]
     if has_curves:
         lines += ["![training curves](plots/training_curves.png)", ""]
     path = out / "report.md"
