@@ -481,9 +481,7 @@ def test_collect_on_bad_input_is_one_line_naming_the_folder(tmp_path, content, w
     (tmp_path / "run1" / "results.json").write_text(content)
     from experiments import results_page as tool
 
-    r = CliRunner().invoke(
-        tool.app, ["collect", f"a={tmp_path / 'run1'}", "--out", str(tmp_path / "o.json")]
-    )
+    r = CliRunner().invoke(tool.app, ["collect", f"a={tmp_path / 'run1'}", "--out", str(tmp_path / "o.json")])
     _one_line_error(r, "run1", words)
 
 
