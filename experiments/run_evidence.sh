@@ -6,8 +6,8 @@
 # docs/results.json + docs/curves.json and the page is regenerated. Add --resume via RESUME=1.
 set -euo pipefail
 OUT=${1:-runs/evidence}
-SEEDS=(--seeds 1 --seeds 2 --seeds 3)
-METHODS=(--methods promptkd --methods comkd --methods no-ifalign --methods no-eduattention)
+SEEDS=(--seed 1 --seed 2 --seed 3)
+METHODS=(--method promptkd --method comkd --method no-ifalign --method no-eduattention)
 EXTRA=(--set progress=false)
 [[ "${RESUME:-0}" == 1 ]] && EXTRA+=(--resume)
 mkdir -p "$OUT"

@@ -11,9 +11,9 @@
 # runs DTD-10 only and pages it with the CIFAR-10 runs already in OUT.
 set -euo pipefail
 OUT=${1:-runs/wds_evidence}
-SEEDS=(--seeds 1 --seeds 2 --seeds 3)
-RECIPE=(--methods promptkd --methods comkd --methods no-ifalign --methods no-eduattention)
-PAPER=(--methods promptkd --methods comkd)
+SEEDS=(--seed 1 --seed 2 --seed 3)
+RECIPE=(--method promptkd --method comkd --method no-ifalign --method no-eduattention)
+PAPER=(--method promptkd --method comkd)
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 mkdir -p "$OUT"
 

@@ -119,14 +119,14 @@ def main() -> None:
             "--out-dir",
             str(out),
             "--resume",
-            *[x for m in args.methods for x in ("--methods", m)],
+            *[x for m in args.methods for x in ("--method", m)],
             "--set",
             "eval_split=val",
             "--set",
             "progress=false",
         ]
         for s in args.seeds:
-            cmd += ["--seeds", str(s)]
+            cmd += ["--seed", str(s)]
         for s in [*VARIANTS[name], *args.sets]:
             cmd += ["--set", s]
         base_res = base / "results.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -133,7 +134,7 @@ def test_cross_dataset_and_domain_generalisation_protocols_run(tmp_path, protoco
         "digits",
         "--dataset",
         "digits",
-        "--methods",
+        "--method",
         "promptkd",
         "--out-dir",
         str(tmp_path),
@@ -219,4 +220,36 @@ def test_the_old_out_of_a_folder_command_still_works_with_a_note(tmp_path, monke
     r = CliRunner().invoke(
         cli.app, ["distill", "--out", str(tmp_path / "a"), "--out-dir", str(tmp_path / "b")]
     )
+    assert r.exit_code == 2 and "once" in r.output
+
+
+def test_one_spelling_per_option_across_commands() -> None:
+    """No visible option is the plural of another command's (``run --seeds`` beside ``--seed``)."""
+    import typer.main
+
+    group = typer.main.get_command(cli.app)
+    shown = {o for cmd in group.commands.values() for p in cmd.params if not p.hidden for o in p.opts}
+    assert {"--seed", "--method", "--dataset"} <= shown
+    assert sorted(o for o in shown if o.endswith("s") and o[:-1] in shown) == []
+
+
+def test_run_takes_the_old_plural_names_with_a_note(tmp_path, monkeypatch) -> None:
+    seen: dict = {}
+
+    def fake_run(cfg, out, **kw):
+        seen.update(kw)
+        (Path(out) / "report.md").parent.mkdir(parents=True, exist_ok=True)
+        (Path(out) / "report.md").write_text("table\n")
+        return {}
+
+    monkeypatch.setattr("comkd.protocols.runner.run_protocol", fake_run)
+    base = ["run", "--config", "demo", "--out-dir", str(tmp_path / "r")]
+    r = CliRunner().invoke(cli.app, [*base, "--seed", "1", "--seed", "2", "--method", "comkd"])
+    assert r.exit_code == 0, r.output
+    assert seen["seeds"] == [1, 2] and seen["methods"] == ["comkd"]
+    r = CliRunner().invoke(cli.app, [*base, "--seeds", "3", "--methods", "promptkd"])
+    assert r.exit_code == 0, r.output
+    assert seen["seeds"] == [3] and seen["methods"] == ["promptkd"]
+    assert "--seeds is now --seed" in r.output and "--methods is now --method" in r.output
+    r = CliRunner().invoke(cli.app, [*base, "--seed", "1", "--seeds", "2"])
     assert r.exit_code == 2 and "once" in r.output

@@ -188,7 +188,7 @@ def test_unlabelled_folder_to_full_protocol_to_predictions_that_score_as_evaluat
             str(pool),
             "--out-dir",
             str(out),
-            "--methods",
+            "--method",
             "comkd",
             "--set",
             f"data.classes_file={names_file}",

@@ -184,6 +184,19 @@ def _out_dir(out: Path | None, old_out: Path | None) -> Path | None:
     return old_out
 
 
+def _plural_alias(name: str, given: list | None, old: list | None) -> list | None:
+    """A repeatable option of ``run`` under its old plural name (``--seeds``, ``--methods``), taken
+    with a note; the two spellings together are an error."""
+    if not old:
+        return given
+    if given:
+        _usage_error(f"give {name} once: {name}s is its old name")
+    typer.secho(
+        f"note: {name}s is now {name} (repeat the flag), as in the other commands", fg="yellow", err=True
+    )
+    return old
+
+
 def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path | None) -> RunConfig:
     try:
         cfg = load_config(config, overrides, sets)
@@ -515,10 +528,18 @@ def run(
     protocol: Annotated[str | None, typer.Option(help="base2novel | cross | dg | full")] = None,
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset(s); repeat the flag.")] = None,
     root: RootOpt = None,
-    seeds: Annotated[list[int] | None, typer.Option("--seeds", help="Seeds; repeat the flag.")] = None,
+    seeds: Annotated[
+        list[int] | None, typer.Option("--seed", help="Seed(s), as in the other commands; repeat the flag.")
+    ] = None,
     methods: Annotated[
         list[str] | None,
-        typer.Option("--methods", help="Methods (" + ", ".join(METHODS) + "); repeat the flag."),
+        typer.Option("--method", help="Method(s) (" + ", ".join(METHODS) + "); repeat the flag."),
+    ] = None,
+    old_seeds: Annotated[
+        list[int] | None, typer.Option("--seeds", hidden=True, help="Old name of --seed.")
+    ] = None,
+    old_methods: Annotated[
+        list[str] | None, typer.Option("--methods", hidden=True, help="Old name of --method.")
     ] = None,
     source: Annotated[str, typer.Option(help="cross/dg: the teacher's source dataset.")] = "imagenet",
     select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
@@ -530,6 +551,8 @@ def run(
     """All stages for datasets × seeds × methods, then one results table (report.md)."""
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
+    seeds = _plural_alias("--seed", seeds, old_seeds)
+    methods = _plural_alias("--method", methods, old_methods)
     ov = _overrides(protocol=protocol, root=root, select=select, recipe=recipe, device=device)
     cfg = _cfg(config, sets, ov, out)
     from .methods import canonical_methods
