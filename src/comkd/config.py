@@ -163,6 +163,12 @@ class TeacherTrainConfig:
     # the text regulariser's templates: PromptSRC's 60 ImageNet templates, or the dataset's own
     # (for CLIPs pre-trained here on the dataset's captions only)
     text_templates: Literal["promptsrc", "dataset"] = "promptsrc"
+    # PromptSRC's Gaussian prompt aggregation: the saved prompts are every epoch's prompts averaged
+    # with weights N(epoch; gpa_mean, gpa_std) over epochs 1..E (gpa_mean null: 0.75 E, PromptSRC's
+    # 15 of 20); none keeps the last epoch's prompts
+    prompt_averaging: Literal["none", "gaussian"] = "none"
+    gpa_mean: float | None = None
+    gpa_std: float = 1.0
 
 
 @dataclass
@@ -383,6 +389,12 @@ def _validate(obj: Any, prefix: str) -> None:
             )
         if not (math.isfinite(obj.self_train_keep) and 0 < obj.self_train_keep <= 1):
             raise ConfigError(f"{prefix}self_train_keep: must be in (0, 1], got {obj.self_train_keep}")
+    if isinstance(obj, TeacherTrainConfig):
+        _positive_finite(obj.gpa_std, f"{prefix}gpa_std")
+        if obj.gpa_mean is not None and not (math.isfinite(obj.gpa_mean) and 1 <= obj.gpa_mean <= obj.optim.epochs):
+            raise ConfigError(
+                f"{prefix}gpa_mean: must be an epoch in [1, {obj.optim.epochs}] (or null), got {obj.gpa_mean}"
+            )
     if isinstance(obj, DataConfig) and obj.shuffle_buffer < 0:
         raise ConfigError(f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {obj.shuffle_buffer}")
     if isinstance(obj, DistillConfig):

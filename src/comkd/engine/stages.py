@@ -44,6 +44,7 @@ from .tasks import (
     PretrainTask,
     TeacherOutputs,
     TeacherPromptTask,
+    gaussian_epoch_weights,
 )
 from .utils import (
     MetricsLog,
@@ -251,10 +252,17 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
         augment=tt.augment,
     )
     templates = promptsrc_templates() if tt.text_templates == "promptsrc" else ds.templates
-    task = TeacherPromptTask(
-        teacher, ds.classnames, templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight
+    weights = (
+        gaussian_epoch_weights(tt.optim.epochs, tt.gpa_mean, tt.gpa_std)
+        if tt.prompt_averaging == "gaussian"
+        else None
     )
-    fit(task, ds, tt.optim, **_fit_kwargs(cfg, out, device, metrics, resume))
+    task = TeacherPromptTask(
+        teacher, ds.classnames, templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight, weights
+    )
+    fit(task, ds, tt.optim, **_fit_kwargs(cfg, out, device, metrics, resume), on_epoch_end=task.on_epoch_end)
+    if (averaged := task.averaged_prompts()) is not None:
+        teacher.load_prompts(averaged)
     path = out / TEACHER_PROMPTS
     if is_main():
         with atomic_path(path) as tmp:

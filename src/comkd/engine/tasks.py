@@ -3,6 +3,8 @@ evaluation helpers."""
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -139,6 +141,17 @@ class PretrainTask(TaskBase):
 
 
 # -- stage 1 -----------------------------------------------------------------------------------
+def gaussian_epoch_weights(epochs: int, mean: float | None = None, std: float = 1.0) -> list[float]:
+    """PromptSRC's Gaussian prompt-aggregation weights for epochs 1..``epochs``: the normal density
+    at each epoch number (``mean`` default 0.75 x epochs), normalised to sum to 1."""
+    mean = 0.75 * epochs if mean is None else float(mean)
+    dens = [math.exp(-0.5 * ((e - mean) / std) ** 2) for e in range(1, epochs + 1)]
+    total = sum(dens)
+    if not total > 0:
+        raise ValueError(f"gaussian prompt averaging: no weight on epochs 1..{epochs} (mean {mean}, std {std})")
+    return [d / total for d in dens]
+
+
 class TeacherPromptTask(TaskBase):
     """PromptSRC prompt learning: CE on labelled shots plus the self-regularisers (L1 to frozen
     text features averaged over templates, L1 to frozen image features, KL to frozen zero-shot
@@ -154,6 +167,7 @@ class TeacherPromptTask(TaskBase):
         text_l1_weight: float = 25.0,
         image_l1_weight: float = 10.0,
         kl_weight: float = 1.0,
+        epoch_weights: list[float] | None = None,
     ):
         super().__init__()
         self.teacher, self.classnames = teacher, list(classnames)
@@ -161,6 +175,35 @@ class TeacherPromptTask(TaskBase):
         self.frozen_text = teacher.encode_templates(self.classnames, templates)  # [N, d]
         for p in teacher.prompt_parameters():
             p.requires_grad_(True)
+        # Gaussian prompt aggregation: the running sum of w_e x prompts after epoch e (checkpointed
+        # with the task, so a resumed run averages the same epochs)
+        self.epoch_weights = epoch_weights
+        self.averaged: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        """Add this epoch's prompts to the weighted average (``epoch`` counts from 0)."""
+        if self.epoch_weights is None:
+            return {}
+        w = self.epoch_weights[epoch]
+        now = {k: v.detach().float().cpu() for k, v in self.teacher.prompt_state_dict().items()}
+        if self.averaged is None:
+            self.averaged = {k: torch.zeros_like(v) for k, v in now.items()}
+        for k, v in now.items():
+            self.averaged[k] += w * v
+        return {"gpa_weight": w}
+
+    def averaged_prompts(self) -> dict[str, torch.Tensor] | None:
+        """The aggregated prompts, cast to the prompts' own dtype (None without averaging)."""
+        if self.averaged is None:
+            return None
+        own = self.teacher.prompt_state_dict()
+        return {k: v.to(own[k].dtype) for k, v in self.averaged.items()}
+
+    def state_dict(self) -> dict | None:
+        return None if self.averaged is None else {"averaged": self.averaged}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaged = {k: v.float().cpu() for k, v in state["averaged"].items()}
 
     def modules(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher}

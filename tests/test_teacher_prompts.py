@@ -1,0 +1,101 @@
+"""Stage 1's Gaussian prompt aggregation (PromptSRC): the weights against the normal density, the
+saved prompts against the weighted sum of every epoch's prompts, and resume mid-stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy.stats import norm
+
+from comkd.config import ConfigError, load_config
+from comkd.engine import stages
+from comkd.engine.tasks import TeacherPromptTask, gaussian_epoch_weights
+
+
+@pytest.mark.parametrize(("epochs", "mean", "std"), [(20, 15, 1.0), (5, None, 2.0), (3, 1, 0.5)])
+def test_gaussian_weights_are_the_normalised_normal_density(epochs, mean, std) -> None:
+    e = np.arange(1, epochs + 1)
+    ref = norm.pdf(e, loc=0.75 * epochs if mean is None else mean, scale=std)
+    np.testing.assert_allclose(gaussian_epoch_weights(epochs, mean, std), ref / ref.sum(), rtol=1e-12)
+
+
+def test_gpa_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="train_teacher.gpa_mean"):
+        load_config("demo", sets=["train_teacher.gpa_mean=99"])
+    with pytest.raises(ConfigError, match="train_teacher.gpa_std"):
+        load_config("demo", sets=["train_teacher.gpa_std=0"])
+    with pytest.raises(ConfigError, match="prompt_averaging"):
+        load_config("demo", sets=["train_teacher.prompt_averaging=mean"])
+
+
+def _cfg(*extra: str):
+    return load_config(
+        "demo",
+        sets=[
+            "teacher.pretrained=none",
+            "data.image_size=16",
+            "train_teacher.optim.epochs=3",
+            "train_teacher.optim.batch_size=16",
+            "train_teacher.prompt_averaging=gaussian",
+            "train_teacher.gpa_mean=2",
+            "train_teacher.gpa_std=0.8",
+            "progress=false",
+            *extra,
+        ],
+    )
+
+
+def test_saved_prompts_are_the_gaussian_average_of_every_epochs(tmp_path, monkeypatch, one_thread) -> None:
+    seen: list[dict] = []
+    original = TeacherPromptTask.on_epoch_end
+
+    def spy(self, epoch):
+        seen.append({k: v.detach().double().clone() for k, v in self.teacher.prompt_state_dict().items()})
+        return original(self, epoch)
+
+    monkeypatch.setattr(TeacherPromptTask, "on_epoch_end", spy)
+    stages.run_train_teacher(_cfg(), tmp_path)
+    saved = load_file(str(tmp_path / stages.TEACHER_PROMPTS))
+    w = norm.pdf([1, 2, 3], loc=2, scale=0.8)
+    w = w / w.sum()
+    assert len(seen) == 3 and set(saved) == set(seen[0])
+    for k, v in saved.items():
+        ref = sum(wi * s[k] for wi, s in zip(w, seen, strict=True))
+        torch.testing.assert_close(v.double(), ref, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(v.double(), seen[-1][k])  # not just the last epoch's prompts
+
+
+def test_a_resumed_stage_averages_the_same_epochs(tmp_path, monkeypatch, one_thread) -> None:
+    whole = tmp_path / "whole"
+    stages.run_train_teacher(_cfg(), whole)
+    cut = tmp_path / "cut"
+    original = TeacherPromptTask.on_epoch_end
+
+    class Killed(Exception):
+        pass
+
+    def die_in_epoch_2(self, epoch):  # epoch 1's checkpoint is on disk, epoch 2's is not
+        if epoch == 1:
+            raise Killed
+        return original(self, epoch)
+
+    monkeypatch.setattr(TeacherPromptTask, "on_epoch_end", die_in_epoch_2)
+    with pytest.raises(Killed):
+        stages.run_train_teacher(_cfg(), cut)
+    monkeypatch.setattr(TeacherPromptTask, "on_epoch_end", original)
+    stages.run_train_teacher(_cfg(), cut, resume=True)
+    a, b = load_file(str(whole / stages.TEACHER_PROMPTS)), load_file(str(cut / stages.TEACHER_PROMPTS))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_the_paper_pair_teacher_is_promptkds_promptsrc_recipe() -> None:
+    """PromptKD's configs/trainers/PromptSRC/vit_l14_c2_ep20_batch8_4+4ctx.yaml, value by value."""
+    tt = load_config("full_vitl14_vitb16").train_teacher
+    o = tt.optim
+    assert (o.optimizer, o.lr, o.batch_size, o.epochs, o.warmup_epochs, o.warmup_lr) == ("sgd", 0.005, 8, 20, 1, 1e-5)
+    assert (tt.prompt_averaging, tt.gpa_mean, tt.gpa_std) == ("gaussian", 15, 1.0)
+    assert (tt.text_l1_weight, tt.image_l1_weight) == (25.0, 10.0)
+    assert load_config().train_teacher.prompt_averaging == "none"  # the default stays the last epoch's
