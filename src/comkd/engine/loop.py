@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import OptimConfig
@@ -116,242 +115,299 @@ def fit(
     state equals an uninterrupted run's with the same seed. ``on_epoch_end(epoch)`` may return
     evaluation metrics, logged with the epoch record. ``stop_after_steps`` ends the run early (tests).
     """
-    out_dir = Path(out_dir)
-    ckpt_path = out_dir / "checkpoint.pt"
-    if is_main():  # temp files of a run killed mid-save
-        for stray in [*out_dir.glob(".checkpoint.pt.tmp*"), *out_dir.glob(".checkpoint.prev.pt.tmp*")]:
-            stray.unlink(missing_ok=True)
-    mods = task.modules()
-    ddp_mods: dict[str, nn.Module] = {}
-    if world_size() > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    run = _Trainer(task, dataset, cfg, Path(out_dir), seed, device, metrics, progress, num_workers)
+    if resume and run.ckpt_path.exists():
+        run.restore()
+    run.start()
+    for epoch in range(run.start_epoch, cfg.epochs):
+        for batch in run.batches(epoch):
+            run.step(batch, epoch)
+            run.after_step(epoch, log_every, ckpt_every)
+            if stop_after_steps is not None and run.global_step >= stop_after_steps:
+                run.close_bar()
+                return run.result
+        run.end_epoch(epoch, on_epoch_end)
+    run.result.checkpoint = run.ckpt_path
+    return run.result
 
-        for k, m in mods.items():
-            if any(p.requires_grad for p in m.parameters()):
-                ddp_mods[k] = DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
-        task.wrap(ddp_mods)
-    optimizer = build_optimizer(cfg, task.parameter_groups())
-    autocast, use_scaler = amp_context(device, cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    streaming = bool(getattr(dataset, "streaming", False))
-    if streaming:  # the dataset streams itself (WebDataset shards): shuffled and split per rank
-        sampler: EpochBatchSampler | StreamBatches = StreamBatches(
-            dataset, cfg.batch_size * cfg.grad_accum, seed, num_workers, device.type == "cuda"
-        )
-    else:
-        sampler = EpochBatchSampler(len(dataset), cfg.batch_size * cfg.grad_accum, seed)
-    steps_per_epoch = sampler.num_batches()
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{task.name}: {len(dataset)} training images are fewer than one batch of "
-            f"{cfg.batch_size * cfg.grad_accum}; lower the batch size"
-        )
-    result = FitResult()
-    start_epoch, start_batch, global_step = 0, 0, 0
-    # running sums of the epoch in progress: checkpointed so a resumed epoch's metrics equal an
-    # uninterrupted run's (they average every batch of the epoch, not only those after the resume)
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
+class _Trainer:
+    """The state of one ``fit``: modules, optimiser, sampler, step counters, the running sums of the
+    epoch in progress, and the checkpoint files. ``fit`` is the epoch loop over its methods."""
+
+    def __init__(
+        self, task, dataset, cfg: OptimConfig, out_dir: Path, seed, device, metrics, progress, num_workers
+    ):
+        self.task, self.dataset, self.cfg, self.out_dir = task, dataset, cfg, out_dir
+        self.seed, self.device, self.metrics = seed, device, metrics
+        self.progress, self.num_workers = progress, num_workers
+        self.ckpt_path = out_dir / "checkpoint.pt"
+        self.prev_path = self.ckpt_path.with_name("checkpoint.prev.pt")
+        if is_main():  # temp files of a run killed mid-save
+            for stray in [*out_dir.glob(".checkpoint.pt.tmp*"), *out_dir.glob(".checkpoint.prev.pt.tmp*")]:
+                stray.unlink(missing_ok=True)
+        self.mods = task.modules()
+        if world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            task.wrap(
+                {
+                    k: DDP(m, device_ids=ids)
+                    for k, m in self.mods.items()
+                    if any(p.requires_grad for p in m.parameters())
+                }
+            )
+        self.optimizer = build_optimizer(cfg, task.parameter_groups())
+        self.autocast, use_scaler = amp_context(device, cfg.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.streaming = bool(getattr(dataset, "streaming", False))
+        per_step = cfg.batch_size * cfg.grad_accum
+        if self.streaming:  # the dataset streams itself (WebDataset shards): shuffled and split per rank
+            self.sampler: EpochBatchSampler | StreamBatches = StreamBatches(
+                dataset, per_step, seed, num_workers, device.type == "cuda"
+            )
+        else:
+            self.sampler = EpochBatchSampler(len(dataset), per_step, seed)
+        self.steps_per_epoch = self.sampler.num_batches()
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{task.name}: {len(dataset)} training images are fewer than one batch of {per_step}; "
+                "lower the batch size"
+            )
+        self.result = FitResult()
+        self.start_epoch, self.start_batch, self.global_step = 0, 0, 0
+        # running sums of the epoch in progress: checkpointed so a resumed epoch's metrics equal an
+        # uninterrupted run's (they average every batch of the epoch, not only those after the resume)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.lr_now = self.optimizer.param_groups[0]["lr"]
+        self.bar = None
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from ``checkpoint.pt``: every key checked before anything is restored."""
+        task, path = self.task, self.ckpt_path
+        state = load_checkpoint(path)
         if state.get("task") != task.name:
-            raise ValueError(f"{ckpt_path} belongs to stage {state.get('task')!r}, not {task.name!r}")
-        check_resume_optim(state.get("optim"), cfg, ckpt_path)
-        check_checkpoint(state, ckpt_path, mods)  # every key, before anything is restored
+            raise ValueError(f"{path} belongs to stage {state.get('task')!r}, not {task.name!r}")
+        check_resume_optim(state.get("optim"), self.cfg, path)
+        check_checkpoint(state, path, self.mods)
         # the parts that can still fail first, the module weights (checked above) last
-        restore_part(ckpt_path, "optimizer", lambda: optimizer.load_state_dict(state["optimizer"]))
-        restore_part(ckpt_path, "scaler", lambda: scaler.load_state_dict(state["scaler"]))
-        restore_part(ckpt_path, "rng", lambda: set_rng_state(state["rng"]))
-        for k, m in mods.items():
+        restore_part(path, "optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"]))
+        restore_part(path, "scaler", lambda: self.scaler.load_state_dict(state["scaler"]))
+        restore_part(path, "rng", lambda: set_rng_state(state["rng"]))
+        for k, m in self.mods.items():
             m.load_state_dict(state["modules"][k], strict=False)  # exactly its checkpointed keys
         if hasattr(task, "load_state_dict") and state.get("task_state") is not None:
-            restore_part(ckpt_path, "task_state", lambda: task.load_state_dict(state["task_state"]))
-        sums = {k: v.to(device) for k, v in state.get("sums", {}).items()}
-        count = state.get("count", 0)
-        start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["global_step"]
-        result.history = state["history"]
-        result.resumed_from = {"epoch": start_epoch, "batch": start_batch, "global_step": global_step}
-        if metrics is not None:
-            metrics.truncate_after(task.name, global_step)
-        if start_batch >= steps_per_epoch:
-            start_epoch, start_batch = start_epoch + 1, 0
-        if start_epoch >= cfg.epochs:
+            restore_part(path, "task_state", lambda: task.load_state_dict(state["task_state"]))
+        self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()}
+        self.count = state.get("count", 0)
+        self.start_epoch, self.start_batch = state["epoch"], state["batch"]
+        self.global_step = state["global_step"]
+        self.result.history = state["history"]
+        self.result.resumed_from = {
+            "epoch": self.start_epoch,
+            "batch": self.start_batch,
+            "global_step": self.global_step,
+        }
+        if self.metrics is not None:
+            self.metrics.truncate_after(task.name, self.global_step)
+        if self.start_batch >= self.steps_per_epoch:
+            self.start_epoch, self.start_batch = self.start_epoch + 1, 0
+        if self.start_epoch >= self.cfg.epochs:
             log.warning(
                 "%s: the run in %s already finished its %d epochs; nothing to train (--resume is a no-op)",
                 task.name,
-                out_dir,
-                cfg.epochs,
+                self.out_dir,
+                self.cfg.epochs,
             )
         else:
             log.info(
-                "%s: resumed from %s at epoch %d batch %d", task.name, ckpt_path, start_epoch, start_batch
+                "%s: resumed from %s at epoch %d batch %d",
+                task.name,
+                path,
+                self.start_epoch,
+                self.start_batch,
             )
 
-    # the last two checkpoints' steps: a NaN found at a check may come from the weights of the
-    # newest one (saved after the diverging update), so the one before it is kept too
-    saved_steps: list[int] = [global_step] if result.resumed_from else []
-    prev_path = ckpt_path.with_name("checkpoint.prev.pt")
-    if not result.resumed_from and is_main():  # a fresh run keeps nothing of an earlier run's
-        prev_path.unlink(missing_ok=True)
+    def start(self) -> None:
+        # the last two checkpoints' steps: a NaN found at a check may come from the weights of the
+        # newest one (saved after the diverging update), so the one before it is kept too
+        self.saved_steps: list[int] = [self.global_step] if self.result.resumed_from else []
+        if not self.result.resumed_from and is_main():  # a fresh run keeps nothing of an earlier run's
+            self.prev_path.unlink(missing_ok=True)
+        # a log (stderr not a terminal) gets a line per epoch, and one a minute inside a long epoch
+        self.lines = self.progress and is_main() and not show_progress(self.progress)
+        self.t_fit = self.t_line = time.perf_counter()
+        self.lr_now = self.optimizer.param_groups[0]["lr"]
 
-    def save(epoch: int, batch: int) -> None:
+    def save(self, epoch: int, batch: int) -> None:
         if is_main():
-            if saved_steps:  # the current file is this run's: keep it as the previous one
-                link_previous(ckpt_path, prev_path)
+            if self.saved_steps:  # the current file is this run's: keep it as the previous one
+                link_previous(self.ckpt_path, self.prev_path)
+            task = self.task
             atomic_torch_save(
                 {
                     "task": task.name,
-                    "modules": {k: trainable_state(m) for k, m in mods.items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
+                    "modules": {k: trainable_state(m) for k, m in self.mods.items()},
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
                     "rng": rng_state(),
                     "task_state": task.state_dict() if hasattr(task, "state_dict") else None,
-                    "sums": {k: v.detach().cpu() for k, v in sums.items()} if batch else {},
-                    "count": count if batch else 0,
+                    "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if batch else {},
+                    "count": self.count if batch else 0,
                     "epoch": epoch,
                     "batch": batch,
-                    "global_step": global_step,
-                    "history": result.history,
-                    "optim": optim_settings(cfg),
+                    "global_step": self.global_step,
+                    "history": self.result.history,
+                    "optim": optim_settings(self.cfg),
                 },
-                ckpt_path,
+                self.ckpt_path,
             )
-        saved_steps[:] = [*saved_steps[-1:], global_step]
+        self.saved_steps[:] = [*self.saved_steps[-1:], self.global_step]
         barrier()
 
-    def check_finite() -> None:
-        step = _bad_step(bad_step)
+    def check_finite(self, epoch: int) -> None:
+        step = _bad_step(self.bad_step)
         if step == -1:
             return
-        kept = keep_good_checkpoint(ckpt_path, prev_path, saved_steps, step)
+        kept = keep_good_checkpoint(self.ckpt_path, self.prev_path, self.saved_steps, step)
         where = f"optimiser step {step + 1}" if step >= 0 else "another process"
         raise NonFiniteLossError(
-            f"{task.name}: the loss became NaN/inf at {where} (epoch {epoch + 1}); {kept}"
+            f"{self.task.name}: the loss became NaN/inf at {where} (epoch {epoch + 1}); {kept}"
         )
 
-    set_epoch = getattr(dataset, "set_epoch", None)
-    # a log (stderr not a terminal) gets a line per epoch, and one a minute inside a long epoch
-    lines = progress and is_main() and not show_progress(progress)
-    t_fit, t_line = time.perf_counter(), time.perf_counter()
-    lr_now = optimizer.param_groups[0]["lr"]
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-        if set_epoch is not None:
+    # -- one epoch ---------------------------------------------------------------------------
+    def batches(self, epoch: int):
+        """The epoch's batches (a resumed epoch skips those already trained); resets the epoch state."""
+        first = self.start_batch if epoch == self.start_epoch else 0
+        self.sampler.set_epoch(epoch, first)
+        if (set_epoch := getattr(self.dataset, "set_epoch", None)) is not None:
             set_epoch(epoch)
-        for m in mods.values():
+        for m in self.mods.values():
             m.train()
-        loader = (
-            sampler
-            if streaming
-            else DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                num_workers=num_workers,
-                pin_memory=device.type == "cuda",
-                persistent_workers=False,
-                # own generator: creating the iterator must not draw from the global torch RNG, or a
-                # resumed run (one extra iterator per resume) would see a shifted RNG stream
-                generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
-            )
+        if first == 0:
+            self.sums, self.count = {}, 0
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.bar = _progress(
+            len(self.sampler), f"{self.task.name} {epoch + 1}/{self.cfg.epochs}", self.progress and is_main()
         )
-        if epoch != start_epoch or start_batch == 0:
-            sums, count = {}, 0
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        bar = _progress(len(sampler), f"{task.name} {epoch + 1}/{cfg.epochs}", progress and is_main())
-        t0 = time.perf_counter()
-        batch_idx = sampler.start_batch
-        for batch in loader:
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(cfg, g["base_lr"], epoch, batch_idx, steps_per_epoch)
-            lr_now = optimizer.param_groups[0]["lr"]  # the main group's (others may be scaled)
-            optimizer.zero_grad(set_to_none=True)
-            micro = _split(batch, cfg.grad_accum)
-            for mb in micro:
-                mb = _to_device(mb, device)
-                with autocast:
-                    losses = task.step(mb, epoch)
-                loss = losses["loss"] / len(micro)
-                scaler.scale(loss).backward()
-                finite = torch.isfinite(losses["loss"].detach())
-                bad_step = torch.where(
-                    (~finite) & (bad_step < 0), torch.full_like(bad_step, global_step), bad_step
-                )
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() / len(micro)
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            batch_idx += 1
-            count += 1
-            if bar is not None:
-                bar.update(1)
-            at_log = global_step % log_every == 0
-            at_ckpt = ckpt_every and global_step % ckpt_every == 0
-            if at_log or at_ckpt or batch_idx == steps_per_epoch:
-                check_finite()
-            if at_log:
-                # running means of the epoch so far, averaged over the ranks (all ranks take part)
-                means = {
-                    k: float(all_reduce_sum(v.to(device))) / (count * world_size()) for k, v in sums.items()
-                }
-            if at_log and metrics is not None and is_main():
-                rec = {"stage": task.name, "epoch": epoch, "step": global_step, "lr": lr_now}
+        self.t0 = time.perf_counter()
+        self.batch_idx = self.sampler.start_batch
+        if self.streaming:
+            return self.sampler
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            # own generator: creating the iterator must not draw from the global torch RNG, or a
+            # resumed run (one extra iterator per resume) would see a shifted RNG stream
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch),
+        )
+
+    def step(self, batch, epoch: int) -> None:
+        """One optimiser step: the schedule's lr, ``grad_accum`` micro-batches, clipping, the update."""
+        cfg, opt = self.cfg, self.optimizer
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, g["base_lr"], epoch, self.batch_idx, self.steps_per_epoch)
+        self.lr_now = opt.param_groups[0]["lr"]  # the main group's (others may be scaled)
+        opt.zero_grad(set_to_none=True)
+        micro = _split(batch, cfg.grad_accum)
+        for mb in micro:
+            mb = _to_device(mb, self.device)
+            with self.autocast:
+                losses = self.task.step(mb, epoch)
+            self.scaler.scale(losses["loss"] / len(micro)).backward()
+            finite = torch.isfinite(losses["loss"].detach())
+            self.bad_step = torch.where(
+                (~finite) & (self.bad_step < 0),
+                torch.full_like(self.bad_step, self.global_step),
+                self.bad_step,
+            )
+            for k, v in losses.items():
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float() / len(micro)
+        if cfg.grad_clip:
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        self.scaler.step(opt)
+        self.scaler.update()
+        self.global_step += 1
+        self.batch_idx += 1
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def after_step(self, epoch: int, log_every: int, ckpt_every: int) -> None:
+        """The NaN check, the step record, a mid-epoch checkpoint and the minute line, when due."""
+        at_log = self.global_step % log_every == 0
+        at_ckpt = ckpt_every and self.global_step % ckpt_every == 0
+        inside = self.batch_idx < self.steps_per_epoch
+        if at_log or at_ckpt or not inside:
+            self.check_finite(epoch)
+        if at_log:
+            # running means of the epoch so far, averaged over the ranks (all ranks take part)
+            n = self.count * world_size()
+            means = {k: float(all_reduce_sum(v.to(self.device))) / n for k, v in self.sums.items()}
+            if self.metrics is not None and is_main():
+                rec = {"stage": self.task.name, "epoch": epoch, "step": self.global_step, "lr": self.lr_now}
                 rec.update(means)
-                rec.update(task.extra_metrics() if hasattr(task, "extra_metrics") else {})
-                metrics.log(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if at_ckpt and batch_idx < steps_per_epoch:
-                save(epoch, batch_idx)
-            if lines and time.perf_counter() - t_line >= LINE_EVERY_S and batch_idx < steps_per_epoch:
-                t_line = time.perf_counter()
-                _say(
-                    f"{task.name} epoch {epoch + 1}/{cfg.epochs} batch {batch_idx}/{steps_per_epoch}: "
-                    f"{_terms({k: float(v) / count for k, v in sums.items()})}, lr {lr_now:.3g}, "
-                    f"{count * cfg.batch_size * cfg.grad_accum / (t_line - t0):.1f} images/s, "
-                    f"{_elapsed(t_line - t_fit)} elapsed"
-                )
-            if stop_after_steps is not None and global_step >= stop_after_steps:
-                if bar is not None:
-                    bar.close()
-                return result
-        if bar is not None:
-            bar.close()
-        n = all_reduce_sum(torch.tensor(float(count), device=device))
-        epoch_rec = {
+                rec.update(self.task.extra_metrics() if hasattr(self.task, "extra_metrics") else {})
+                self.metrics.log(rec)
+                if self.bar is not None:
+                    self.bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if at_ckpt and inside:
+            self.save(epoch, self.batch_idx)
+        if self.lines and time.perf_counter() - self.t_line >= LINE_EVERY_S and inside:
+            self.t_line = time.perf_counter()
+            _say(
+                f"{self.task.name} epoch {epoch + 1}/{self.cfg.epochs} batch {self.batch_idx}/{self.steps_per_epoch}: "
+                f"{_terms({k: float(v) / self.count for k, v in self.sums.items()})}, lr {self.lr_now:.3g}, "
+                f"{self._images_per_s(self.t_line - self.t0):.1f} images/s, "
+                f"{_elapsed(self.t_line - self.t_fit)} elapsed"
+            )
+
+    def _images_per_s(self, seconds: float) -> float:
+        return self.count * self.cfg.batch_size * self.cfg.grad_accum / max(seconds, 1e-9)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def end_epoch(self, epoch: int, on_epoch_end: Callable[[int], dict] | None) -> None:
+        """The epoch record (means over the ranks, the task's metrics, ``on_epoch_end``'s), its
+        log line, and the epoch-end checkpoint."""
+        self.close_bar()
+        task = self.task
+        n = all_reduce_sum(torch.tensor(float(self.count), device=self.device))
+        rec = {
             "stage": task.name,
             "type": "epoch",
             "epoch": epoch,
-            "step": global_step,
+            "step": self.global_step,
             "world_size": world_size(),
         }
-        for k, v in sums.items():
-            epoch_rec[k] = float(all_reduce_sum(v.to(device)) / n) if count else float("nan")
-        epoch_rec["time_s"] = time.perf_counter() - t0
-        epoch_rec.update(task.extra_metrics() if hasattr(task, "extra_metrics") else {})
+        for k, v in self.sums.items():
+            rec[k] = float(all_reduce_sum(v.to(self.device)) / n) if self.count else float("nan")
+        rec["time_s"] = time.perf_counter() - self.t0
+        rec.update(task.extra_metrics() if hasattr(task, "extra_metrics") else {})
         if on_epoch_end is not None:
-            epoch_rec.update(on_epoch_end(epoch) or {})
-        result.history.append(epoch_rec)
-        if lines:
-            t_line = time.perf_counter()
-            terms = {k: v for k, v in epoch_rec.items() if k in sums}
+            rec.update(on_epoch_end(epoch) or {})
+        self.result.history.append(rec)
+        if self.lines:
+            self.t_line = time.perf_counter()
+            terms = {k: v for k, v in rec.items() if k in self.sums}
             _say(
-                f"{task.name} epoch {epoch + 1}/{cfg.epochs}: {_terms(terms)}, lr {lr_now:.3g}, "
-                f"{count * cfg.batch_size * cfg.grad_accum / max(epoch_rec['time_s'], 1e-9):.1f} images/s, "
-                f"{_elapsed(t_line - t_fit)} elapsed"
+                f"{task.name} epoch {epoch + 1}/{self.cfg.epochs}: {_terms(terms)}, lr {self.lr_now:.3g}, "
+                f"{self._images_per_s(rec['time_s']):.1f} images/s, "
+                f"{_elapsed(self.t_line - self.t_fit)} elapsed"
             )
-        if metrics is not None and is_main():
-            metrics.log(epoch_rec)
-        save(epoch + 1, 0)
-        start_batch = 0
-    result.checkpoint = ckpt_path
-    return result
+        if self.metrics is not None and is_main():
+            self.metrics.log(rec)
+        self.save(epoch + 1, 0)
+        self.start_batch = 0
 
 
 def _bad_step(bad_step: torch.Tensor) -> int:
