@@ -11,27 +11,47 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
+from .config_io import (
+    NONE_IS_A_VALUE,
+    ConfigError,
+    merge,
+    parse_overrides,
+    positive_finite,
+    read_yaml_mapping,
+    validate_tree,
+)
 from .fileio import atomic_write_text
 from .methods import METHODS, RECIPES, canonical_method, paper_kd_weight, recipe_updates
 
+__all__ = [
+    "PRESET_DIR",
+    "SECTION_ALIASES",
+    "AugmentConfig",
+    "ConfigError",
+    "DataConfig",
+    "DistillConfig",
+    "FullConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "RunConfig",
+    "StudentConfig",
+    "TeacherConfig",
+    "TeacherTrainConfig",
+    "list_presets",
+    "load_config",
+    "parse_overrides",
+    "resolve_recipe",
+    "save_config",
+    "to_dict",
+]
+
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config key or value that is not allowed; the message names the dotted key."""
-
-
-# a key where the word ``none`` is a value of its own (``pretrained: none``: random weights on
-# purpose), not YAML's null (the key left unset)
-_NONE_IS_A_VALUE = {"none_is_a_value": True}
 
 
 @dataclass
@@ -55,11 +75,19 @@ class DataConfig:
     test_folder: str | None = None
     shuffle_buffer: int = 1000
 
+    def validate(self, prefix: str) -> None:
+        if self.num_shots <= 0:
+            raise ConfigError(f"{prefix}num_shots: must be > 0, got {self.num_shots}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(
+                f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {self.shuffle_buffer}"
+            )
+
 
 @dataclass
 class TeacherConfig:
     model: str = "ViT-L-14"
-    pretrained: str | None = field(default=None, metadata=_NONE_IS_A_VALUE)  # 'none': random weights
+    pretrained: str | None = field(default=None, metadata=NONE_IS_A_VALUE)  # 'none': random weights
     prompts: str | None = None  # learned prompts from stage 1
     text_ctx: int = 4
     text_depth: int | None = None  # None: min(9, layers)
@@ -72,7 +100,7 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     model: str = "ViT-B-16"
-    pretrained: str | None = field(default=None, metadata=_NONE_IS_A_VALUE)  # 'none': random weights
+    pretrained: str | None = field(default=None, metadata=NONE_IS_A_VALUE)  # 'none': random weights
     vision_tokens: int = 4
     vision_depth: int | None = None
     edu_heads: int = 1
@@ -108,6 +136,18 @@ class OptimConfig:
     amp: Literal["auto", "on", "off"] = "auto"
     grad_clip: float | None = None
 
+    def validate(self, prefix: str) -> None:
+        for name in ("lr", "epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(self, name)}")
+        positive_finite(self.lr, f"{prefix}lr")
+        positive_finite(self.warmup_lr, f"{prefix}warmup_lr")
+        positive_finite(self.weight_decay, f"{prefix}weight_decay", allow_zero=True)
+        positive_finite(self.momentum, f"{prefix}momentum", allow_zero=True)
+        positive_finite(self.grad_clip, f"{prefix}grad_clip")  # None: no clipping; 0 would clip to nothing
+        if self.warmup_epochs < 0 or self.warmup_epochs >= max(self.epochs, 1) and self.warmup_epochs:
+            raise ConfigError(f"{prefix}warmup_epochs: must be in [0, epochs), got {self.warmup_epochs}")
+
 
 @dataclass
 class AugmentConfig:
@@ -115,6 +155,10 @@ class AugmentConfig:
 
     crop_scale_min: float = 0.08
     hflip: float = 0.5
+
+    def validate(self, prefix: str) -> None:
+        if not (0 < self.crop_scale_min <= 1 and 0 <= self.hflip <= 1):
+            raise ConfigError(f"{prefix}crop_scale_min must be in (0, 1] and hflip in [0, 1]")
 
 
 @dataclass
@@ -149,6 +193,25 @@ class PretrainConfig:
     self_train_keep: float = 0.4
     self_train_epochs: int = 60
 
+    def validate(self, prefix: str) -> None:
+        for name, unset in (
+            ("teacher_epochs", "optim.epochs"),
+            ("student_epochs", "optim.epochs"),
+            ("teacher_shots", "every image of the split"),
+            ("student_shots", "every image of the split"),
+        ):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{prefix}{name}: must be >= 1 (or null: {unset}), got {getattr(self, name)}"
+                )
+        if self.self_train_rounds < 0 or self.self_train_epochs < 1:
+            raise ConfigError(
+                f"{prefix}self_train_rounds must be >= 0 and {prefix}self_train_epochs >= 1, "
+                f"got {self.self_train_rounds} and {self.self_train_epochs}"
+            )
+        if not (math.isfinite(self.self_train_keep) and 0 < self.self_train_keep <= 1):
+            raise ConfigError(f"{prefix}self_train_keep: must be in (0, 1], got {self.self_train_keep}")
+
 
 @dataclass
 class TeacherTrainConfig:
@@ -169,6 +232,14 @@ class TeacherTrainConfig:
     prompt_averaging: Literal["none", "gaussian"] = "none"
     gpa_mean: float | None = None
     gpa_std: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        positive_finite(self.gpa_std, f"{prefix}gpa_std")
+        epochs = self.optim.epochs
+        if self.gpa_mean is not None and not (math.isfinite(self.gpa_mean) and 1 <= self.gpa_mean <= epochs):
+            raise ConfigError(
+                f"{prefix}gpa_mean: must be an epoch in [1, {epochs}] (or null), got {self.gpa_mean}"
+            )
 
 
 @dataclass
@@ -199,6 +270,15 @@ class DistillConfig:
     projector_init: Literal["random", "ridge"] = "random"  # ridge: closed-form fit to u_t before step 1
     ridge_lambda: float = 1e-3
     tower_lr_scale: float = 0.1  # student.scope=full: the tower learns at optim.lr × this
+
+    def validate(self, prefix: str) -> None:
+        self.method = _method_name(self.method, f"{prefix}method")
+        for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale"):
+            positive_finite(getattr(self, name), f"{prefix}{name}")
+        positive_finite(self.kd_weight, f"{prefix}kd_weight")
+        positive_finite(self.temperature, f"{prefix}temperature")
+        positive_finite(self.align_weight, f"{prefix}align_weight", allow_zero=True)
+        positive_finite(self.feature_weight, f"{prefix}feature_weight", allow_zero=True)
 
 
 @dataclass
@@ -238,181 +318,18 @@ class RunConfig:
         """The stage-1 section under its earlier key (``train_teacher`` is the one spelling)."""
         return self.train_teacher
 
-
-# -- conversion ------------------------------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (coercing strings from the command line)."""
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is list:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = get_args(tp)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is Literal:
-        allowed = get_args(tp)
-        if isinstance(value, bool) and {"on", "off"} <= set(allowed):  # YAML 1.1 reads on/off as booleans
-            value = "on" if value else "off"
-        if value not in allowed:
+    def validate(self, prefix: str) -> None:
+        if self.log_every < 1:
+            raise ConfigError(f"{prefix}log_every: must be >= 1, got {self.log_every}")
+        if self.ckpt_every < 0:
             raise ConfigError(
-                f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}"
+                f"{prefix}ckpt_every: must be >= 0 (0: at epoch ends only), got {self.ckpt_every}"
             )
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-    if tp is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+        _check_device(self.device, f"{prefix}device")
 
 
 #: earlier spellings of config sections, accepted on input (YAML files, --set) and read as the new key
 SECTION_ALIASES = {"teacher_train": "train_teacher"}
-
-
-def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    names = set(fields)
-    if isinstance(obj, RunConfig):
-        updates = {SECTION_ALIASES.get(k, k): v for k, v in updates.items()}
-    for k, v in updates.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(sorted(names))}")
-        current = getattr(obj, k)
-        if fields[k].metadata.get("none_is_a_value") and isinstance(v, str) and v.strip().lower() == "none":
-            setattr(obj, k, "none")
-        elif dataclasses.is_dataclass(current):
-            if not isinstance(v, dict):
-                raise ConfigError(
-                    f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}"
-                )
-            _merge(current, v, key + ".")
-        else:
-            setattr(obj, k, _coerce(v, hints[k], key))
-
-
-def _validate_tree(obj: Any, prefix: str = "") -> None:
-    """Validate the merged config once, so a later layer can fix what an earlier one set."""
-    _validate(obj, prefix)
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if dataclasses.is_dataclass(v):
-            _validate_tree(v, f"{prefix}{f.name}.")
-
-
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _positive_finite(value: float | None, key: str, allow_zero: bool = False) -> None:
-    """A learning rate, weight or scale: finite, within float32 and > 0 (>= 0 with ``allow_zero``)."""
-    if value is None:
-        return
-    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-        raise ConfigError(f"{key}: must be a finite number within float32's range, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}: must be {'>=' if allow_zero else '>'} 0, got {value!r}")
-
-
-def _validate(obj: Any, prefix: str) -> None:
-    if isinstance(obj, OptimConfig):
-        for name in ("lr", "epochs", "batch_size", "grad_accum"):
-            if getattr(obj, name) <= 0:
-                raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(obj, name)}")
-        _positive_finite(obj.lr, f"{prefix}lr")
-        _positive_finite(obj.warmup_lr, f"{prefix}warmup_lr")
-        _positive_finite(obj.weight_decay, f"{prefix}weight_decay", allow_zero=True)
-        _positive_finite(obj.momentum, f"{prefix}momentum", allow_zero=True)
-        _positive_finite(obj.grad_clip, f"{prefix}grad_clip")  # None: no clipping; 0 would clip to nothing
-        if obj.warmup_epochs < 0 or obj.warmup_epochs >= max(obj.epochs, 1) and obj.warmup_epochs:
-            raise ConfigError(f"{prefix}warmup_epochs: must be in [0, epochs), got {obj.warmup_epochs}")
-    if isinstance(obj, AugmentConfig) and not (0 < obj.crop_scale_min <= 1 and 0 <= obj.hflip <= 1):
-        raise ConfigError(f"{prefix}crop_scale_min must be in (0, 1] and hflip in [0, 1]")
-    if isinstance(obj, DataConfig) and obj.num_shots <= 0:
-        raise ConfigError(f"{prefix}num_shots: must be > 0, got {obj.num_shots}")
-    if isinstance(obj, PretrainConfig):
-        for name, unset in (
-            ("teacher_epochs", "optim.epochs"),
-            ("student_epochs", "optim.epochs"),
-            ("teacher_shots", "every image of the split"),
-            ("student_shots", "every image of the split"),
-        ):
-            if getattr(obj, name) is not None and getattr(obj, name) < 1:
-                raise ConfigError(
-                    f"{prefix}{name}: must be >= 1 (or null: {unset}), got {getattr(obj, name)}"
-                )
-        if obj.self_train_rounds < 0 or obj.self_train_epochs < 1:
-            raise ConfigError(
-                f"{prefix}self_train_rounds must be >= 0 and {prefix}self_train_epochs >= 1, "
-                f"got {obj.self_train_rounds} and {obj.self_train_epochs}"
-            )
-        if not (math.isfinite(obj.self_train_keep) and 0 < obj.self_train_keep <= 1):
-            raise ConfigError(f"{prefix}self_train_keep: must be in (0, 1], got {obj.self_train_keep}")
-    if isinstance(obj, TeacherTrainConfig):
-        _positive_finite(obj.gpa_std, f"{prefix}gpa_std")
-        if obj.gpa_mean is not None and not (math.isfinite(obj.gpa_mean) and 1 <= obj.gpa_mean <= obj.optim.epochs):
-            raise ConfigError(
-                f"{prefix}gpa_mean: must be an epoch in [1, {obj.optim.epochs}] (or null), got {obj.gpa_mean}"
-            )
-    if isinstance(obj, DataConfig) and obj.shuffle_buffer < 0:
-        raise ConfigError(f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {obj.shuffle_buffer}")
-    if isinstance(obj, DistillConfig):
-        obj.method = _method_name(obj.method, f"{prefix}method")
-        for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale"):
-            _positive_finite(getattr(obj, name), f"{prefix}{name}")
-        _positive_finite(obj.kd_weight, f"{prefix}kd_weight")
-        _positive_finite(obj.temperature, f"{prefix}temperature")
-        _positive_finite(obj.align_weight, f"{prefix}align_weight", allow_zero=True)
-        _positive_finite(obj.feature_weight, f"{prefix}feature_weight", allow_zero=True)
-    if isinstance(obj, RunConfig):
-        if obj.log_every < 1:
-            raise ConfigError(f"{prefix}log_every: must be >= 1, got {obj.log_every}")
-        if obj.ckpt_every < 0:
-            raise ConfigError(
-                f"{prefix}ckpt_every: must be >= 0 (0: at epoch ends only), got {obj.ckpt_every}"
-            )
-        _check_device(obj.device, f"{prefix}device")
 
 
 def _method_name(name: str, key: str) -> str:
@@ -448,25 +365,14 @@ def list_presets() -> dict[str, str]:
 
 
 def _read_yaml(path: str | Path) -> dict:
+    """A config file, or the preset of that name."""
     p = Path(path)
     if not p.is_file():
         cand = PRESET_DIR / f"{path}.yaml"
-        if cand.is_file():
-            p = cand
-        else:
+        if not cand.is_file():
             raise ConfigError(f"config file not found: {path} (presets: {', '.join(list_presets())})")
-    try:
-        with open(p) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read the config file ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping")
-    return data
+        p = cand
+    return read_yaml_mapping(p)
 
 
 def _read_layers(path: str | Path, seen: tuple[str, ...] = ()) -> list[dict]:
@@ -480,22 +386,6 @@ def _read_layers(path: str | Path, seen: tuple[str, ...] = ()) -> list[dict]:
     return [*_read_layers(base, (*seen, str(path))), data]
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["distill.optim.lr=0.01", "seed=2"]`` → nested dict (values parsed as YAML scalars)."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
-
-
 def load_config(
     config: str | Path | None = None, overrides: dict | None = None, sets: list[str] | None = None
 ) -> RunConfig:
@@ -507,7 +397,7 @@ def load_config(
         _merge_layer(cfg, overrides)
     if sets:
         _merge_layer(cfg, parse_overrides(sets))
-    _validate_tree(cfg)
+    validate_tree(cfg)
     return cfg
 
 
@@ -519,8 +409,8 @@ def _merge_layer(cfg: RunConfig, layer: dict) -> None:
         name = distill["recipe"]
         if name not in RECIPES:
             raise ConfigError(f"distill.recipe: {name!r} is not allowed; choose one of {', '.join(RECIPES)}")
-        _merge(cfg, recipe_updates(name))
-    _merge(cfg, layer)
+        merge(cfg, recipe_updates(name), aliases=SECTION_ALIASES)
+    merge(cfg, layer, aliases=SECTION_ALIASES)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -1,0 +1,182 @@
+"""Generic config I/O, apart from the schema in ``comkd.config``: checking a value against a type
+annotation (coercing command-line strings), merging nested mappings into dataclasses, validating
+a tree of dataclasses section by section, reading a YAML mapping, and ``--set key=value`` parsing.
+Nothing here knows a config key."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed; the message names the dotted key."""
+
+
+# a key where the word ``none`` is a value of its own (``pretrained: none``: random weights on
+# purpose), not YAML's null (the key left unset)
+NONE_IS_A_VALUE = {"none_is_a_value": True}
+
+
+def type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (coercing strings from the command line)."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        allowed = get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}"
+            )
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {type_name(tp)}")
+
+
+def merge(obj: Any, updates: dict, prefix: str = "", aliases: dict[str, str] | None = None) -> None:
+    """Set the dataclass tree ``obj`` from the nested mapping ``updates``, checking every key and
+    value; ``aliases`` maps earlier spellings of ``obj``'s own keys to the current ones."""
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    names = set(fields)
+    if aliases:
+        updates = {aliases.get(k, k): v for k, v in updates.items()}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, k)
+        if fields[k].metadata.get("none_is_a_value") and isinstance(v, str) and v.strip().lower() == "none":
+            setattr(obj, k, "none")
+        elif dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(
+                    f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}"
+                )
+            merge(current, v, key + ".")
+        else:
+            setattr(obj, k, coerce(v, hints[k], key))
+
+
+def deep_update(a: dict, b: dict) -> dict:
+    """Merge the nested mapping ``b`` into ``a`` (in place; ``b`` wins) and return ``a``."""
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            deep_update(a[k], v)
+        else:
+            a[k] = v
+    return a
+
+
+def validate_tree(obj: Any, prefix: str = "") -> None:
+    """Validate a merged dataclass tree once, each section by its own ``validate(prefix)``, so a
+    later layer can fix what an earlier one set."""
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            validate_tree(v, f"{prefix}{f.name}.")
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def positive_finite(value: float | None, key: str, allow_zero: bool = False) -> None:
+    """A learning rate, weight or scale: finite, within float32 and > 0 (>= 0 with ``allow_zero``)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ConfigError(f"{key}: must be a finite number within float32's range, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>=' if allow_zero else '>'} 0, got {value!r}")
+
+
+def read_yaml_mapping(p: Path) -> dict:
+    """A YAML file whose top level is a mapping; a one-line ConfigError naming the file (and the
+    line and column of a syntax error) otherwise."""
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["distill.optim.lr=0.01", "seed=2"]`` → nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
