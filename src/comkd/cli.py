@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from .config import ConfigError, RunConfig, list_presets, load_config
+from .config_io import deep_update
 from .methods import METHODS, RECIPE_HELP
 
 app = typer.Typer(
@@ -163,15 +164,6 @@ def _overrides(**flags) -> dict:
 def _stage_optim(section: str, epochs: int | None, lr: float | None, batch_size: int | None) -> dict:
     o = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
     return {section: {"optim": o}} if o else {}
-
-
-def _merge(a: dict, b: dict) -> dict:
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(a.get(k), dict):
-            _merge(a[k], v)
-        else:
-            a[k] = v
-    return a
 
 
 def _out_dir(out: Path | None, old_out: Path | None) -> Path | None:
@@ -332,7 +324,7 @@ def pretrain(
     """Stage 0: contrastive CLIP pre-training (offline teachers and students)."""
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
-    ov = _merge(
+    ov = deep_update(
         _overrides(dataset=dataset, root=root, teacher=teacher, student=student, seed=seed, device=device),
         _stage_optim("pretrain", epochs, lr, batch_size),
     )
@@ -372,7 +364,7 @@ def train_teacher(
     """Stage 1: PromptSRC prompt learning on labelled few-shot base classes."""
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
-    ov = _merge(
+    ov = deep_update(
         _overrides(
             dataset=dataset,
             root=root,
@@ -427,7 +419,7 @@ def distill(
     """Stage 2: distil the teacher into the student on unlabelled images."""
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
-    ov = _merge(
+    ov = deep_update(
         _overrides(
             method=method,
             recipe=recipe,
