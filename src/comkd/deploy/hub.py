@@ -70,20 +70,8 @@ def card_metrics(results: dict | None) -> list[dict[str, Any]]:
     return []
 
 
-def model_card(
-    student: Any,
-    repo_id: str,
-    *,
-    results: dict | None = None,
-    config: dict | None = None,
-    license: str = "other",
-    with_onnx: bool = False,
-) -> str:
-    """The README.md of a pushed student: the hub's YAML header, then what it is, its scores, its
-    teacher, its recipe, how to use it and its limits."""
-    dataset = (results or {}).get("dataset") or ((config or {}).get("data") or {}).get("dataset")
-    protocol = (results or {}).get("protocol") or (config or {}).get("protocol")
-    metrics = card_metrics(results)
+def card_header(repo_id: str, dataset: str | None, metrics: list[dict], license: str) -> str:
+    """The hub's YAML header: licence, library, tags, datasets and a model-index with the scores."""
     header: dict[str, Any] = {
         "license": license,
         "library_name": "comkd",
@@ -105,69 +93,47 @@ def model_card(
                 ],
             }
         ]
-    teacher = student.teacher_identity or {}
-    distill = (config or {}).get("distill") or {}
-    arch = student.arch
-    lines = [
-        "---",
-        yaml.safe_dump(header, sort_keys=False).rstrip(),
-        "---",
+    return "\n".join(["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---"])
+
+
+def _scores_section(metrics: list[dict], dataset: str | None, protocol: str | None) -> list[str]:
+    if not metrics:
+        return ["No results.json was given with this student; no scores are claimed."]
+    head = [f"On `{dataset}` ({protocol}, the run's test split):", "", "| metric | value |", "|---|---|"]
+    return head + [f"| {m['name']} | {m['value']:.2f} |" for m in metrics]
+
+
+def _teacher_section(teacher: dict) -> list[str]:
+    if not teacher:
+        return ["The student file does not record its teacher."]
+    return [
+        f"- model: `{teacher.get('model')}`, input {teacher.get('image_size')} px",
+        f"- weights SHA-256: `{teacher.get('weights_sha256')}`",
+        f"- prompts SHA-256: `{teacher.get('prompts_sha256')}`",
         "",
-        f"# {repo_id.split('/')[1]}",
-        "",
-        f"A small CLIP image classifier distilled with comkd (ComKD-CLIP / PromptKD) from a "
-        f"larger CLIP teacher. Student: `{arch.model}` image tower with deep visual prompts, a projector"
-        f"{' and EduAttention' if student.edu_attention is not None else ''}; {len(student.classnames)} classes "
-        f"stored with it (the teacher's text features), so it needs no text encoder.",
-        "",
-        "## Scores",
-        "",
+        "New class names need this same teacher (`comkd classes`); another teacher is refused.",
     ]
-    if metrics:
-        lines += [
-            f"On `{dataset}` ({protocol}, the run's test split):",
-            "",
-            "| metric | value |",
-            "|---|---|",
-        ]
-        lines += [f"| {m['name']} | {m['value']:.2f} |" for m in metrics]
-    else:
-        lines.append("No results.json was given with this student; no scores are claimed.")
-    lines += ["", "## Teacher", ""]
-    if teacher:
-        lines += [
-            f"- model: `{teacher.get('model')}`, input {teacher.get('image_size')} px",
-            f"- weights SHA-256: `{teacher.get('weights_sha256')}`",
-            f"- prompts SHA-256: `{teacher.get('prompts_sha256')}`",
-            "",
-            "New class names need this same teacher (`comkd classes`); another teacher is refused.",
-        ]
-    else:
-        lines.append("The student file does not record its teacher.")
-    lines += ["", "## Recipe", ""]
-    if distill:
-        keys = (
-            "method",
-            "recipe",
-            "kd_weight",
-            "temperature",
-            "align_weight",
-            "projector_init",
-            "ifalign_on",
-        )
-        lines += [f"- `distill.{k}`: `{distill[k]}`" for k in keys if k in distill]
-        optim = distill.get("optim") or {}
-        lines += [
-            f"- `distill.optim.{k}`: `{optim[k]}`"
-            for k in ("optimizer", "lr", "epochs", "batch_size")
-            if k in optim
-        ]
-    else:
-        lines.append("No config.yaml was found beside the student file.")
-    lines += [
-        "",
-        "## Use",
-        "",
+
+
+RECIPE_KEYS = ("method", "recipe", "kd_weight", "temperature", "align_weight", "projector_init", "ifalign_on")
+
+
+def _recipe_section(distill: dict) -> list[str]:
+    if not distill:
+        return ["No config.yaml was found beside the student file."]
+    optim = distill.get("optim") or {}
+    return [f"- `distill.{k}`: `{distill[k]}`" for k in RECIPE_KEYS if k in distill] + [
+        f"- `distill.optim.{k}`: `{optim[k]}`"
+        for k in ("optimizer", "lr", "epochs", "batch_size")
+        if k in optim
+    ]
+
+
+def _use_section(repo_id: str, with_onnx: bool) -> list[str]:
+    onnx = (
+        f" (ONNX Runtime: `--runtime onnx`, the `{ONNX_FILENAME}` in this repository)." if with_onnx else "."
+    )
+    return [
         "```python",
         "import comkd",
         "",
@@ -175,21 +141,49 @@ def model_card(
         'print(student.predict("photo.jpg", top_k=3)[0].classes)',
         "```",
         "",
-        f"or `comkd predict hf-hub:{repo_id} photos/`"
-        + (
-            f" (ONNX Runtime: `--runtime onnx`, the `{ONNX_FILENAME}` in this repository)."
-            if with_onnx
-            else "."
-        ),
-        "",
-        "## Intended use and limits",
-        "",
-        "- Classifies into the stored class names only; other names need the teacher above.",
-        "- Inherits the biases and licence terms of the teacher's and the student's CLIP weights.",
-        "- Scores hold for the data named above; check it on your own validation images before use.",
-        "",
+        f"or `comkd predict hf-hub:{repo_id} photos/`" + onnx,
     ]
-    return "\n".join(lines)
+
+
+LIMITS = [
+    "- Classifies into the stored class names only; other names need the teacher above.",
+    "- Inherits the biases and licence terms of the teacher's and the student's CLIP weights.",
+    "- Scores hold for the data named above; check it on your own validation images before use.",
+]
+
+
+def model_card(
+    student: Any,
+    repo_id: str,
+    *,
+    results: dict | None = None,
+    config: dict | None = None,
+    license: str = "other",
+    with_onnx: bool = False,
+) -> str:
+    """The README.md of a pushed student: the hub's YAML header, then what it is, its scores, its
+    teacher, its recipe, how to use it and its limits."""
+    dataset = (results or {}).get("dataset") or ((config or {}).get("data") or {}).get("dataset")
+    protocol = (results or {}).get("protocol") or (config or {}).get("protocol")
+    metrics = card_metrics(results)
+    edu = " and EduAttention" if student.edu_attention is not None else ""
+    what = (
+        f"A small CLIP image classifier distilled with comkd (ComKD-CLIP / PromptKD) from a "
+        f"larger CLIP teacher. Student: `{student.arch.model}` image tower with deep visual prompts, a "
+        f"projector{edu}; {len(student.classnames)} classes stored with it (the teacher's text features), "
+        "so it needs no text encoder."
+    )
+    sections = [
+        ("Scores", _scores_section(metrics, dataset, protocol)),
+        ("Teacher", _teacher_section(student.teacher_identity or {})),
+        ("Recipe", _recipe_section((config or {}).get("distill") or {})),
+        ("Use", _use_section(repo_id, with_onnx)),
+        ("Intended use and limits", LIMITS),
+    ]
+    lines = [card_header(repo_id, dataset, metrics, license), "", f"# {repo_id.split('/')[1]}", "", what]
+    for title, body in sections:
+        lines += ["", f"## {title}", "", *body]
+    return "\n".join([*lines, ""])
 
 
 def push_student(
