@@ -201,7 +201,7 @@ def export_student(
     folders, its accuracy and the change from the float student's (percentage points). An export whose top-1 disagrees on any image is refused.
     """
     from ..models.io import load_student
-    from ..models.predict import iter_batches, student_logits
+    from ..models.predict import student_logits
 
     if fmt not in FORMATS:
         raise ModelError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -225,21 +225,8 @@ def export_student(
     meta = export_metadata(
         student, {k: v for k, v in file_meta.items() if k in ("comkd.student_config", "comkd.teacher")}
     )
-    labels = None
-    if check_images:
-        labels = folder_labels(check_images, student.classnames)
-        source = f"{len(check_images)} images"
-
-        def batches() -> Iterator[torch.Tensor]:
-            for x, _ in iter_batches(student, list(check_images), batch_size):
-                yield x
-    else:
-        s = student.preprocess.image_size
-        source = "16 random inputs (no --check-images given)"
-
-        def batches() -> Iterator[torch.Tensor]:
-            yield torch.randn(16, 3, s, s, generator=torch.Generator().manual_seed(0))
-
+    labels = folder_labels(check_images, student.classnames) if check_images else None
+    source, batches = _check_batches(student, check_images, batch_size)
     report: dict[str, Any] = {
         "format": fmt,
         "file": str(out),
@@ -247,42 +234,13 @@ def export_student(
         "classes": len(student.classnames),
         "image_size": student.preprocess.image_size,
     }
-    others: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    if fmt == "onnx":
-        from .onnx_runtime import OnnxStudent
-
-        export_onnx(student, out, meta)
-        others["export"] = OnnxStudent(out).predict_logits
-        if quantize:
-            qpath = out.with_name(out.stem + ".int8.onnx")
-            quantize_onnx(out, qpath)
-            others["int8"] = OnnxStudent(qpath).predict_logits
-    else:
-        _, traced = export_torchscript(student, out, meta)
-        device = next(student.parameters()).device
-
-        def run_traced(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return traced(x.to(device))
-
-        others["export"] = run_traced
+    others = _write_and_load(student, fmt, out, meta, quantize)
     res = compare(student_logits(student), others, batches(), labels)  # one pass over the images
     report["parity"] = {k: v for k, v in res["export"].items() if k != "accuracy"}
     if labels is not None:  # class folders named after the classes: accuracy is measurable
         report["accuracy"] = res["reference"]["accuracy"]
     if "int8" in res:
-        q = res["int8"]
-        report["int8"] = {
-            "file": str(qpath),
-            "bytes": qpath.stat().st_size,
-            "parity": {k: v for k, v in q.items() if k != "accuracy"},
-        }
-        if labels is not None:
-            report["int8"].update(
-                accuracy=q["accuracy"],
-                float_accuracy=res["reference"]["accuracy"],
-                accuracy_change=q["accuracy"] - res["reference"]["accuracy"],
-            )
+        report["int8"] = _int8_report(res, out.with_name(out.stem + ".int8.onnx"), labels is not None)
     report["bytes"] = out.stat().st_size
     p = report["parity"]
     if p["top1_agree"] != p["images"]:
@@ -300,6 +258,69 @@ def export_student(
         p["max_abs_logit_diff"],
     )
     return report
+
+
+def _check_batches(student, check_images: Sequence[str], batch_size: int):
+    """What the export is checked on (a label for the report) and a generator of its batches: the
+    check images through the student's ``preprocess``, else 16 seeded random inputs."""
+    from ..models.predict import iter_batches
+
+    if check_images:
+
+        def batches() -> Iterator[torch.Tensor]:
+            for x, _ in iter_batches(student, list(check_images), batch_size):
+                yield x
+
+        return f"{len(check_images)} images", batches
+    s = student.preprocess.image_size
+
+    def random_batch() -> Iterator[torch.Tensor]:
+        yield torch.randn(16, 3, s, s, generator=torch.Generator().manual_seed(0))
+
+    return "16 random inputs (no --check-images given)", random_batch
+
+
+def _write_and_load(
+    student, fmt: str, out: Path, meta: dict, quantize: str | None
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Write the export (and its int8 copy) and return each as ``images -> logits``."""
+    others: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    if fmt == "onnx":
+        from .onnx_runtime import OnnxStudent
+
+        export_onnx(student, out, meta)
+        others["export"] = OnnxStudent(out).predict_logits
+        if quantize:
+            qpath = out.with_name(out.stem + ".int8.onnx")
+            quantize_onnx(out, qpath)
+            others["int8"] = OnnxStudent(qpath).predict_logits
+        return others
+    _, traced = export_torchscript(student, out, meta)
+    device = next(student.parameters()).device
+
+    def run_traced(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return traced(x.to(device))
+
+    others["export"] = run_traced
+    return others
+
+
+def _int8_report(res: dict, qpath: Path, labelled: bool) -> dict[str, Any]:
+    """The int8 file's size and agreement with the float student (and accuracy change, labelled)."""
+    q = res["int8"]
+    out = {
+        "file": str(qpath),
+        "bytes": qpath.stat().st_size,
+        "parity": {k: v for k, v in q.items() if k != "accuracy"},
+    }
+    if labelled:
+        out.update(
+            accuracy=q["accuracy"],
+            float_accuracy=res["reference"]["accuracy"],
+            accuracy_change=q["accuracy"] - res["reference"]["accuracy"],
+        )
+    return out
 
 
 def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
