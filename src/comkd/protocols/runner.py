@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -200,84 +201,103 @@ def run_protocol(
     protocol = cfg.protocol
     if datasets is None:
         datasets = {"base2novel": [cfg.data.dataset], "cross": CROSS_TARGETS, "dg": DG_TARGETS}[protocol]
-    table: dict[str, dict] = {}
-    curves: dict[str, dict[str, list[dict]]] = {}
-    n_classes: dict[str, dict[str, int]] = {}
-    warnings: list[str] = []
+    acc = _Tally()
     if protocol == "base2novel":
-        for ds_name in datasets:
-            dcfg = _pretrain_if_enabled(_for_dataset(cfg, ds_name), out / ds_name, resume)
-            warnings += [w for w in announce(random_tower_warnings(dcfg)) if w not in warnings]
-            zs = P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)
-            for seed in seeds:
-                scfg = copy.deepcopy(dcfg)
-                scfg.seed = seed
-                sdir = out / ds_name / f"seed{seed}"
-                tcfg = _teacher_stage(scfg, sdir / "teacher", resume)
-                teacher = P.build_teacher(tcfg, P.resolve_device(tcfg.device))
-                tres = P.evaluate_teacher(tcfg, teacher, split=cfg.eval_split)
-                _append(table, ds_name, "teacher", _scores(tres))
-                n_classes[ds_name] = _class_counts(tres)
-                del teacher
-                _append(table, ds_name, "student_zeroshot", _scores(zs))
-                for m in methods:
-                    res = _distill_and_eval(tcfg, m, sdir / m, resume)
-                    _append(table, ds_name, m, _scores(res))
-                    curves.setdefault(ds_name, {}).setdefault(m, []).append(
-                        [r for r in read_metrics(sdir / m / "metrics.jsonl") if r.get("type") == "epoch"]
-                    )
+        _base2novel(cfg, out, datasets, seeds, methods, resume, acc)
     else:
-        # cross / dg: one teacher per seed, prompt-tuned on all classes of the source dataset
-        scfg0 = _pretrain_if_enabled(_for_dataset(cfg, source), out / source, resume)
-        warnings += announce(random_tower_warnings(scfg0))
-        for seed in seeds:
-            scfg = copy.deepcopy(scfg0)
-            scfg.seed = seed
-            scfg.train_teacher.subsample = "all"
-            tcfg = _teacher_stage(scfg, out / source / f"seed{seed}" / "teacher", resume)
-            for ds_name in datasets:
-                dcfg = protocol_recipe(_for_dataset(tcfg, ds_name), protocol)
-                if protocol == "dg":
-                    dcfg.distill.split = "test"  # transductive: distilled on the target images
-                teacher = P.build_teacher(dcfg, P.resolve_device(dcfg.device))
-                tres = P.evaluate_teacher(dcfg, teacher, split=cfg.eval_split)
-                _append(table, ds_name, "teacher", _scores(tres))
-                n_classes[ds_name] = _class_counts(tres)
-                del teacher
-                _append(
-                    table,
-                    ds_name,
-                    "student_zeroshot",
-                    _scores(P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)),
-                )
-                for m in methods:
-                    res = _distill_and_eval(dcfg, m, out / ds_name / f"seed{seed}" / m, resume)
-                    _append(table, ds_name, m, _scores(res))
-    for ds_name, rows in table.items():
+        _transfer(cfg, out, source, datasets, seeds, methods, resume, acc)
+    for ds_name, rows in acc.table.items():
         who = {m: f"student distilled with {m}" for m in rows} | {
             "teacher": "teacher",
             "student_zeroshot": "undistilled student",
         }
-        warnings += announce(chance_warnings(rows, n_classes.get(ds_name, {}), who, f" on {ds_name}"))
+        acc.warn(chance_warnings(rows, acc.n_classes.get(ds_name, {}), who, f" on {ds_name}"))
     results = {
         "protocol": protocol,
         "selection": cfg.distill.select,
         "split": cfg.eval_split,
         "seeds": seeds,
-        "datasets": table,
-        "warnings": warnings,
+        "datasets": acc.table,
+        "warnings": acc.warnings,
     }
     if protocol == "base2novel":  # the paper's HM (of the means over seeds); table's "hm": per seed
         from .report import hm_of_means
 
-        results["hm_of_means"] = {d: {m: hm_of_means(row) for m, row in t.items()} for d, t in table.items()}
-    if protocol == "base2novel" and len(table) > 1:
-        results["average"] = average_base2novel(table)
+        results["hm_of_means"] = {
+            d: {m: hm_of_means(row) for m, row in t.items()} for d, t in acc.table.items()
+        }
+    if protocol == "base2novel" and len(acc.table) > 1:
+        results["average"] = average_base2novel(acc.table)
     write_json(out / "results.json", results)
     from .report import write_report
 
-    write_report(results, out, curves=curves)
+    write_report(results, out, curves=acc.curves)
     return results
+
+
+@dataclass
+class _Tally:
+    """What a protocol run gathers: scores per dataset and method, epoch curves, class counts of
+    each half, and the warnings (each once, announced in the log as it is found)."""
+
+    table: dict[str, dict] = field(default_factory=dict)
+    curves: dict[str, dict[str, list[list[dict]]]] = field(default_factory=dict)
+    n_classes: dict[str, dict[str, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, found: list[str]) -> None:
+        self.warnings += [w for w in announce(found) if w not in self.warnings]
+
+    def teacher(self, ds_name: str, tcfg: RunConfig, split: str) -> None:
+        """Score the prompted teacher of ``tcfg`` (then free it)."""
+        teacher = P.build_teacher(tcfg, P.resolve_device(tcfg.device))
+        tres = P.evaluate_teacher(tcfg, teacher, split=split)
+        _append(self.table, ds_name, "teacher", _scores(tres))
+        self.n_classes[ds_name] = _class_counts(tres)
+        del teacher
+
+
+def _base2novel(cfg, out: Path, datasets, seeds, methods, resume: bool, acc: _Tally) -> None:
+    """Per dataset: stage 0 once; per seed the teacher's prompts on base classes, then each method."""
+    for ds_name in datasets:
+        dcfg = _pretrain_if_enabled(_for_dataset(cfg, ds_name), out / ds_name, resume)
+        acc.warn(random_tower_warnings(dcfg))
+        zs = P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)
+        for seed in seeds:
+            scfg = copy.deepcopy(dcfg)
+            scfg.seed = seed
+            sdir = out / ds_name / f"seed{seed}"
+            tcfg = _teacher_stage(scfg, sdir / "teacher", resume)
+            acc.teacher(ds_name, tcfg, cfg.eval_split)
+            _append(acc.table, ds_name, "student_zeroshot", _scores(zs))
+            for m in methods:
+                res = _distill_and_eval(tcfg, m, sdir / m, resume)
+                _append(acc.table, ds_name, m, _scores(res))
+                acc.curves.setdefault(ds_name, {}).setdefault(m, []).append(
+                    [r for r in read_metrics(sdir / m / "metrics.jsonl") if r.get("type") == "epoch"]
+                )
+
+
+def _transfer(cfg, out: Path, source: str, datasets, seeds, methods, resume: bool, acc: _Tally) -> None:
+    """cross / dg: one teacher per seed, prompt-tuned on all classes of the source dataset, then
+    each method on each target dataset (dg: distilled on the target images, transductively)."""
+    scfg0 = _pretrain_if_enabled(_for_dataset(cfg, source), out / source, resume)
+    acc.warn(random_tower_warnings(scfg0))
+    for seed in seeds:
+        scfg = copy.deepcopy(scfg0)
+        scfg.seed = seed
+        scfg.train_teacher.subsample = "all"
+        tcfg = _teacher_stage(scfg, out / source / f"seed{seed}" / "teacher", resume)
+        for ds_name in datasets:
+            dcfg = protocol_recipe(_for_dataset(tcfg, ds_name), cfg.protocol)
+            if cfg.protocol == "dg":
+                dcfg.distill.split = "test"
+            acc.teacher(ds_name, dcfg, cfg.eval_split)
+            zs = P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)
+            _append(acc.table, ds_name, "student_zeroshot", _scores(zs))
+            for m in methods:
+                res = _distill_and_eval(dcfg, m, out / ds_name / f"seed{seed}" / m, resume)
+                _append(acc.table, ds_name, m, _scores(res))
 
 
 def average_base2novel(table: dict) -> dict:
