@@ -95,7 +95,14 @@ def test_the_paper_pair_teacher_is_promptkds_promptsrc_recipe() -> None:
     """PromptKD's configs/trainers/PromptSRC/vit_l14_c2_ep20_batch8_4+4ctx.yaml, value by value."""
     tt = load_config("full_vitl14_vitb16").train_teacher
     o = tt.optim
-    assert (o.optimizer, o.lr, o.batch_size, o.epochs, o.warmup_epochs, o.warmup_lr) == ("sgd", 0.005, 8, 20, 1, 1e-5)
+    assert (o.optimizer, o.lr, o.batch_size, o.epochs, o.warmup_epochs, o.warmup_lr) == (
+        "sgd",
+        0.005,
+        8,
+        20,
+        1,
+        1e-5,
+    )
     assert (tt.prompt_averaging, tt.gpa_mean, tt.gpa_std) == ("gaussian", 15, 1.0)
     assert (tt.text_l1_weight, tt.image_l1_weight) == (25.0, 10.0)
     assert load_config().train_teacher.prompt_averaging == "none"  # the default stays the last epoch's

@@ -4,7 +4,6 @@ evaluation helpers."""
 from __future__ import annotations
 
 import math
-
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -148,7 +147,9 @@ def gaussian_epoch_weights(epochs: int, mean: float | None = None, std: float = 
     dens = [math.exp(-0.5 * ((e - mean) / std) ** 2) for e in range(1, epochs + 1)]
     total = sum(dens)
     if not total > 0:
-        raise ValueError(f"gaussian prompt averaging: no weight on epochs 1..{epochs} (mean {mean}, std {std})")
+        raise ValueError(
+            f"gaussian prompt averaging: no weight on epochs 1..{epochs} (mean {mean}, std {std})"
+        )
     return [d / total for d in dens]
 
 
