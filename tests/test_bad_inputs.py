@@ -79,7 +79,7 @@ def _teacher_files(tmp_path):
 
 
 def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path) -> None:
-    from comkd.engine.cache import StaleCacheError, read_cache_info
+    from comkd.engine.cache_format import StaleCacheError, read_cache_info
 
     f = _teacher_files(tmp_path)
     sets = [*TINY, "distill.optim.epochs=1", "distill.optim.warmup_epochs=0"]
@@ -572,7 +572,7 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capsys, monkey
 def test_cache_teacher_honours_progress(tmp_path, monkeypatch, progress) -> None:
     import sys
 
-    from comkd.engine import cache
+    from comkd.engine import cache_build
 
     seen = {}
 
@@ -580,7 +580,7 @@ def test_cache_teacher_honours_progress(tmp_path, monkeypatch, progress) -> None
         seen.update(kw)
         return tmp_path / "c.bin"
 
-    monkeypatch.setattr(cache, "build_teacher_cache", build)
+    monkeypatch.setattr(cache_build, "build_teacher_cache", build)
     monkeypatch.setattr(
         sys.stderr, "isatty", lambda: True, raising=False
     )  # a terminal: only the setting decides

@@ -1,4 +1,4 @@
-"""Tests for comkd.engine.cache: the text-feature cache (W) and the teacher image-feature cache (u_t).
+"""Tests for the teacher image-feature cache (u_t): comkd.engine.cache_format, cache_build, cache_read.
 
 Tiny models on CPU, the embedded digits (a 48-item slice of the train split, so a cache builds
 in about a second).
@@ -15,20 +15,15 @@ import torch
 from comkd.config import OptimConfig
 from comkd.data import build_dataset, build_transform, derive_view_seed
 from comkd.data.dataset import ImageDataset
-from comkd.engine import cache as cache_mod
-from comkd.engine.cache import (
-    CachedTeacherOutputs,
-    StaleCacheError,
-    build_teacher_cache,
-    load_or_compute_text_features,
-    read_cache_info,
-    teacher_key,
-    text_features_key,
-)
+from comkd.engine import cache_read
+from comkd.engine.cache_build import build_teacher_cache
+from comkd.engine.cache_format import StaleCacheError, read_cache_info, text_features_key
+from comkd.engine.cache_read import CachedTeacherOutputs
 from comkd.engine.loop import fit
 from comkd.engine.tasks import DistillTask, TeacherOutputs
 from comkd.losses import build_loss
 from comkd.models import TINY_STUDENT, TINY_TEACHER, create_student, create_teacher
+from comkd.models.identity import teacher_key
 
 ITEMS = 48
 SEED = 1
@@ -214,51 +209,21 @@ def test_failed_build_leaves_no_file(teacher, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# -- W cache -----------------------------------------------------------------------------------
-def test_text_features_reused_on_same_key_and_recomputed_after_prompt_change(teacher, tmp_path, monkeypatch):
+# -- W's key ------------------------------------------------------------------------------------
+def test_text_features_key_follows_prompts_class_names_and_weights(teacher):
     t = copy.deepcopy(teacher)
     names = digits().full_classnames
-    w1 = load_or_compute_text_features(t, names, tmp_path)
     key = text_features_key(t, names)
-    assert (tmp_path / f"text_features-{key}.safetensors").is_file()
-    torch.testing.assert_close(w1, t.class_text_features(names))
-
-    calls = []
-    real = cache_mod._compute_text_features
-    monkeypatch.setattr(cache_mod, "_compute_text_features", lambda *a: calls.append(a) or real(*a))
-    w2 = load_or_compute_text_features(t, names, tmp_path)
-    assert calls == [] and torch.equal(w1, w2)
-
     with torch.no_grad():
-        t.text.ctx.add_(0.1)  # new prompts: new key, W recomputed
+        t.text.ctx.add_(0.1)  # new prompts: new key
     key2 = text_features_key(t, names)
     assert key2 != key
-    w3 = load_or_compute_text_features(t, names, tmp_path)
-    assert len(calls) == 1 and not torch.allclose(w1, w3)
-    assert (tmp_path / f"text_features-{key2}.safetensors").is_file()
 
-    # other class names, templates and frozen weights each change the key
+    # other class names and frozen weights each change the key
     assert text_features_key(t, names[:5]) != key2
-    assert text_features_key(t, names, ["a photo of the digit {}."]) != key2
     with torch.no_grad():
         t.clip.ln_final.weight.mul_(1.01)
     assert text_features_key(t, names) != key2
-
-
-def test_text_features_file_with_wrong_key_is_recomputed(teacher, tmp_path):
-    names = digits().full_classnames
-    w = load_or_compute_text_features(teacher, names, tmp_path)
-    (f,) = tmp_path.glob("text_features-*.safetensors")
-    from safetensors.torch import save_file
-
-    save_file({"text_features": torch.zeros_like(w)}, str(f), metadata={"comkd.key": "bad"})
-    torch.testing.assert_close(load_or_compute_text_features(teacher, names, tmp_path), w)
-
-
-def test_template_features_cached(teacher, tmp_path):
-    names, tpl = digits().full_classnames, ["a photo of the digit {}.", "a {}."]
-    w = load_or_compute_text_features(teacher, names, tmp_path, templates=tpl)
-    torch.testing.assert_close(w, teacher.encode_templates(names, tpl))
 
 
 # -- distillation through fit ------------------------------------------------------------------
@@ -276,7 +241,7 @@ def _distill(teacher, outputs_for, tmp: Path, epochs: int) -> list[dict]:
 
 def test_distillation_with_cache_matches_online(teacher, built, tmp_path):
     def online(ds, student):
-        cache_mod.replay_cached_views(ds, 2)  # same views as the cached run, epoch 2 = view 0
+        cache_read.replay_cached_views(ds, 2)  # same views as the cached run, epoch 2 = view 0
         return TeacherOutputs(teacher, student.preprocess)
 
     def cached(ds, student):

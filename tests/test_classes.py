@@ -191,7 +191,7 @@ def test_check_teacher_names_each_differing_field() -> None:
 
 @pytest.mark.slow
 def test_a_student_distilled_from_a_teacher_cache_records_the_cached_teacher(tmp_path) -> None:
-    from comkd.engine.cache import read_cache_info
+    from comkd.engine.cache_format import read_cache_info
 
     common = [
         "--config",

@@ -221,7 +221,9 @@ def test_teacher_cache_rows_are_keyed_by_sample_key(tmp_path):
     """A cache built from the stream holds, in row i, the teacher's feature of view k of item i
     (computed here independently, one image at a time); its fingerprint is the sample keys, so
     moving the shards keeps it valid, and distillation replay reads the right rows."""
-    from comkd.engine.cache import CachedTeacherOutputs, build_teacher_cache, dataset_fingerprint
+    from comkd.engine.cache_build import build_teacher_cache
+    from comkd.engine.cache_format import dataset_fingerprint
+    from comkd.engine.cache_read import CachedTeacherOutputs
     from comkd.engine.tasks import adapt_images
     from comkd.models import TINY_TEACHER, create_teacher
 

@@ -321,7 +321,9 @@ def run_distill(
     out, device, metrics = start_stage(cfg, out_dir, resume, stage="distill")
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
-        from .cache import CachedTeacherOutputs, read_cache_info, teacher_sources
+        from ..models.identity import teacher_sources
+        from .cache_format import read_cache_info
+        from .cache_read import CachedTeacherOutputs
 
         info = read_cache_info(d.teacher_cache)
         want = Path(cfg.teacher.model).stem if cfg.teacher.model.endswith(".json") else cfg.teacher.model
@@ -436,7 +438,8 @@ def run_cache_teacher(
     """Store the teacher's image features for ``views`` augmented views (default: one per
     distillation epoch) of every ``distill.split`` image in ``out_dir/teacher_cache.bin``; then
     ``distill --teacher-cache`` with the same seed never runs the teacher."""
-    from .cache import build_teacher_cache, teacher_sources
+    from ..models.identity import teacher_sources
+    from .cache_build import build_teacher_cache
 
     k = views if views is not None else cfg.distill.optim.epochs
     if k < 1:

@@ -3,7 +3,9 @@
 A student file records its teacher (``comkd.teacher``: model name, input size, SHA-256 of its
 frozen weights and of its prompts). New class names need that same teacher: its text features
 live in the space the student was distilled into, and a teacher that differs in any recorded
-field is refused.
+field is refused. A teacher cache (``engine.cache_format``) records the same digests
+(``teacher_digests``, ``teacher_key``) and the files the teacher was built from
+(``teacher_sources``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..digests import tensor_digest
-from .backbones import ModelError, weights_version
+from ..digests import file_sha256, tensor_digest
+from .backbones import ModelError, _is_local_file, weights_version
 
 if TYPE_CHECKING:
     from .student import Student
@@ -56,6 +58,30 @@ def teacher_digests(teacher: Teacher) -> dict[str, Any]:
     }
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return ident
+
+
+def teacher_key(teacher: Teacher) -> str:
+    """SHA-256 identifying the teacher: model name, preprocessing, frozen weights and prompts."""
+    return teacher_digests(teacher)["key"]
+
+
+def teacher_sources(pretrained: str | None, prompts: str | None) -> dict[str, str | None]:
+    """What the teacher was built from, as the config names it: ``teacher.pretrained`` and
+    ``teacher.prompts``, each the SHA-256 of the file for a local file, else the value itself
+    (an open_clip tag, ``none``, None). A run with a cache never loads the teacher, so these are
+    what it can compare."""
+
+    def ident(value: str | None, is_file: bool) -> str | None:
+        if not value or not is_file:
+            return value or None
+        if not Path(value).is_file():
+            raise FileNotFoundError(f"teacher file not found: {value}")
+        return "sha256:" + file_sha256(value)
+
+    return {
+        "teacher.pretrained": ident(pretrained, _is_local_file(pretrained)),
+        "teacher.prompts": ident(prompts, True),
+    }
 
 
 def teacher_identity(teacher: Teacher | dict) -> dict[str, Any]:

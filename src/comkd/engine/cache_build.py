@@ -1,0 +1,283 @@
+"""Building a teacher cache: the teacher's image features u_t for K augmented views of every
+training image, in one file (``cache_format``), so distillation can run without the teacher.
+
+View k of item i is the train transform drawn with ``derive_view_seed(seed, k, i)``, exactly the
+view an ``ImageDataset`` with ``view_seed=seed`` yields in epoch k. So the cache's ``seed`` must
+equal the distillation run's seed (``cfg.seed``, the dataset's ``view_seed``);
+``cache_read.CachedTeacherOutputs.open`` checks it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.dataset import derive_view_seed
+from ..fileio import atomic_path
+from ..models import PreprocessSpec
+from .cache_format import (
+    STORAGE_DTYPES,
+    cache_header,
+    encode_header,
+    encode_rows,
+    numpy_dtype,
+    spec_dict,
+    spec_of_transform,
+    train_transform_of,
+)
+from .tasks import adapt_images
+from .utils import amp_context, show_progress
+
+if TYPE_CHECKING:
+    from ..models import Teacher
+
+log = logging.getLogger(__name__)
+
+
+class _Views(Dataset):
+    """View ``k`` of every item: ``(get_view(i, derive_view_seed(seed, k, i)), i)``."""
+
+    def __init__(self, dataset: Any, seed: int, k: int):
+        self.dataset, self.seed, self.k = dataset, int(seed), int(k)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.dataset.get_view(i, derive_view_seed(self.seed, self.k, i)), i
+
+
+class _StreamViews(torch.utils.data.IterableDataset):
+    """The same for a streaming dataset (WebDataset shards): its ``replay_stream(seed, k)`` yields
+    ``(view, label, i)`` in shard order, view k of item i drawn as ``get_view`` would."""
+
+    def __init__(self, dataset: Any, seed: int, k: int):
+        self.stream = dataset.replay_stream(seed, k)
+
+    def __iter__(self):
+        for image, _, i in self.stream:
+            yield image, i
+
+
+def _views(dataset: Any, seed: int, k: int) -> Dataset:
+    return (
+        _StreamViews(dataset, seed, k) if getattr(dataset, "streaming", False) else _Views(dataset, seed, k)
+    )
+
+
+def _checked_transform(
+    dataset: Any,
+    *,
+    views: int,
+    seed: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    student_spec: PreprocessSpec | None,
+) -> tuple[Any, PreprocessSpec]:
+    """Check a build request; return the dataset's train transform and the ``PreprocessSpec`` of
+    its tensors. Raises ``ValueError`` for bad sizes, an unknown dtype or a ``student_spec`` the
+    transform disagrees with; warns when ``seed`` is not the dataset's ``view_seed``."""
+    if views < 1 or batch_size < 1:
+        raise ValueError(
+            f"teacher cache: views and batch_size must be >= 1, got views={views}, batch_size={batch_size}"
+        )
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"teacher cache: dtype must be one of {list(STORAGE_DTYPES)}, got {dtype}")
+    transform = train_transform_of(dataset)
+    tf_spec = spec_of_transform(transform)
+    if student_spec is not None and spec_dict(student_spec) != spec_dict(tf_spec):
+        raise ValueError(
+            f"teacher cache: student_spec {spec_dict(student_spec)} disagrees with the dataset's train transform "
+            f"{spec_dict(tf_spec)}; the dataset must use the student's preprocessing"
+        )
+    view_seed = getattr(dataset, "view_seed", None)
+    if view_seed is not None and int(view_seed) != int(seed):
+        log.warning(
+            "teacher cache: seed %d differs from the dataset's view_seed %d; the cache is for runs with seed %d",
+            seed,
+            view_seed,
+            seed,
+        )
+    return transform, tf_spec
+
+
+def _progress_bar(progress: bool, total: int):
+    """A tqdm bar over ``total`` teacher batches, or None when progress is off."""
+    if not show_progress(progress):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="teacher cache", dynamic_ncols=True, mininterval=0.5)
+
+
+def _fill_features(
+    features: np.memmap,
+    teacher: Teacher,
+    dataset: Any,
+    *,
+    seed: int,
+    tf_spec: PreprocessSpec,
+    dtype: torch.dtype,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    autocast: Any,
+    bar: Any,
+) -> None:
+    """Write u_t of every view into ``features`` ``[K, n_items, d]``: row i of view k is the
+    L2-normalised teacher feature of item i drawn with ``derive_view_seed(seed, k, i)``, in ``dtype``;
+    the teacher runs under ``autocast`` and ``bar`` (tqdm or None) advances once per batch."""
+    for k in range(features.shape[0]):
+        loader = DataLoader(
+            _views(dataset, seed, k),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        for images, idx in loader:
+            images = images.to(device, non_blocking=True)
+            with torch.no_grad(), autocast:
+                u = teacher.encode_image(adapt_images(images, tf_spec, teacher.preprocess))
+            features[k, idx.numpy()] = encode_rows(F.normalize(u.float(), dim=-1).to(dtype).cpu())
+            if bar is not None:
+                bar.update(1)
+
+
+def _write_file(
+    path: Path,
+    header: dict[str, Any],
+    *,
+    shape: tuple[int, int, int],
+    np_dtype: np.dtype,
+    w: torch.Tensor,
+    fill: Callable[[np.memmap], None],
+) -> int:
+    """Write a cache file atomically (a kill leaves no half cache): ``header``, then u_t
+    ``shape`` = ``[K, n_items, d]`` (stored as ``np_dtype``) filled in place by ``fill`` on the
+    memory map, then W ``[N, d]`` float32. Returns the file size in bytes."""
+    head, offset = encode_header(header)
+    feat_bytes = int(np.prod(shape)) * np_dtype.itemsize
+    total = offset + feat_bytes + w.numel() * 4
+    with atomic_path(path, fsync=True) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            f.truncate(total)
+        mm = np.memmap(tmp, dtype=np_dtype, mode="r+", offset=offset, shape=shape)
+        fill(mm)
+        mm.flush()
+        del mm
+        wm = np.memmap(tmp, dtype=np.float32, mode="r+", offset=offset + feat_bytes, shape=tuple(w.shape))
+        wm[:] = w.numpy()
+        wm.flush()
+        del wm
+    return total
+
+
+def build_teacher_cache(
+    teacher: Teacher,
+    dataset: Any,
+    path: str | Path,
+    *,
+    views: int,
+    seed: int,
+    batch_size: int,
+    device: str | torch.device,
+    student_spec: PreprocessSpec | None = None,
+    dtype: torch.dtype = torch.float16,
+    num_workers: int = 0,
+    amp: str = "auto",
+    progress: bool = True,
+    sources: dict[str, str | None] | None = None,
+) -> Path:
+    """Store the teacher's L2-normalised image features u_t for ``views`` augmented views of every
+    item of ``dataset`` (an ``ImageDataset`` with the *student's* train transform).
+
+    Args:
+        teacher: the frozen, prompted teacher (its image tower runs here, once per view).
+        dataset: the distillation dataset; view k of item i is ``get_view(i, derive_view_seed(seed, k, i))``.
+        path: the cache file to write (atomically: a temp file renamed at the end).
+        views: K, the number of views (epoch e of a distillation run reads view ``e % K``; use
+            K = epochs for the exact online behaviour).
+        seed: the distillation run's seed (= the dataset's ``view_seed`` during distillation).
+        batch_size: teacher batch size.
+        device: where the teacher runs.
+        student_spec: the student's ``PreprocessSpec``: what the dataset's tensors are normalised
+            for. Default: read from the dataset's train transform (it must agree with it). Images
+            are re-expressed for the teacher with ``tasks.adapt_images``, as online distillation does.
+        dtype: storage dtype of u_t (float16, bfloat16 or float32).
+        num_workers: DataLoader workers for decoding/augmenting.
+        amp: autocast for the teacher, as in ``fit`` (``auto``: on CUDA only).
+        progress: show a tqdm progress bar.
+        sources: ``models.identity.teacher_sources(...)`` of the files the teacher was built from,
+            recorded so a run that never loads the teacher can refuse a cache built from other files.
+
+    Returns the path written. The file also embeds W ``[N, d]`` for ``dataset.full_classnames`` and
+    the teacher's logit scale, so distillation from it needs no teacher.
+    """
+    transform, tf_spec = _checked_transform(
+        dataset, views=views, seed=seed, batch_size=batch_size, dtype=dtype, student_spec=student_spec
+    )
+    path, device = Path(path), torch.device(device)
+    dtype_name = STORAGE_DTYPES[dtype]
+    np_dtype = numpy_dtype(dtype_name)
+    was_training = teacher.training
+    teacher.eval()
+    classnames = list(getattr(dataset, "full_classnames", None) or dataset.classnames)
+    header = cache_header(
+        teacher,
+        dataset,
+        transform,
+        classnames=classnames,
+        seed=seed,
+        views=views,
+        dtype_name=dtype_name,
+        sources=sources,
+    )
+    w = teacher.class_text_features(classnames).detach().float().cpu().contiguous()
+    n, d = len(dataset), int(teacher.embed_dim)
+    autocast, _ = amp_context(device, amp)
+    bar = _progress_bar(progress, int(views) * math.ceil(n / batch_size))
+    try:
+        total = _write_file(
+            path,
+            header,
+            shape=(int(views), n, d),
+            np_dtype=np_dtype,
+            w=w,
+            fill=lambda mm: _fill_features(
+                mm,
+                teacher,
+                dataset,
+                seed=seed,
+                tf_spec=tf_spec,
+                dtype=dtype,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                device=device,
+                autocast=autocast,
+                bar=bar,
+            ),
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        teacher.train(was_training)
+    log.info(
+        "teacher cache: %d views x %d items x %d (%s) -> %s (%.1f MB)",
+        views,
+        n,
+        d,
+        dtype_name,
+        path,
+        total / 2**20,
+    )
+    return path

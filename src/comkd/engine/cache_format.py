@@ -1,0 +1,242 @@
+"""The teacher-cache file format: layout, header, storage dtypes, and the fingerprints of what a
+cache depends on.
+
+File layout (little-endian)::
+
+    b"COMKDTC1" | uint64 header length H | H bytes of JSON header (space-padded, so the data
+    starts at a multiple of 64) | u_t  [K, n_items, d]  (dtype from the header, C order)
+                                | W    [N, d]  float32 (the teacher's text features for the
+                                  dataset's ``full_classnames``)
+
+The header (``cache_header``) holds the teacher's identity (model, weights and prompt digests,
+key, logit scale, preprocessing; ``models.identity.teacher_digests``), the files the teacher was
+built from (``models.identity.teacher_sources``), the dataset fingerprint (name, item count,
+SHA-256 of the image paths, or for WebDataset shards of the ``<shard>#<key>`` sample keys in row
+order; labels are never read), the transform fingerprint, the seed, K, the dtype, d, and the key
+and class names of W. Everything a distillation run needs from the teacher (u_t, W, s_t) is in
+the file, so a run with a cache never has to load the teacher at all.
+
+``cache_build`` writes this format, ``cache_read`` reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..data.records import virtual_reader
+from ..models import PreprocessSpec
+from ..models.identity import teacher_digests, teacher_key
+
+if TYPE_CHECKING:
+    from ..models import Teacher
+
+CACHE_FORMAT = "comkd-teacher-cache/1"
+#: the format tag hashed into W's key (``text_features_key``); part of the header, so it stays
+TEXT_FORMAT = "comkd-text-features/1"
+MAGIC = b"COMKDTC1"
+_ALIGN = 64
+#: the storage dtypes a cache may hold u_t in, by their header name
+STORAGE_DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.bfloat16: "bfloat16"}
+# on-disk element type of each storage dtype (bfloat16 is stored as raw 16-bit words)
+_NP_DTYPES: dict[str, Any] = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+
+
+class StaleCacheError(ValueError):
+    """A cache that does not fit the current teacher, data, transform or seed; the message names
+    every stale field with the cached and the current value."""
+
+
+# -- storage dtype codec -----------------------------------------------------------------------
+def numpy_dtype(name: str) -> np.dtype:
+    """The on-disk element type of storage dtype ``name`` (``float16``, ``bfloat16``, ``float32``)."""
+    return np.dtype(_NP_DTYPES[name])
+
+
+def encode_rows(u: torch.Tensor) -> np.ndarray:
+    """u_t rows ``[B, d]`` (CPU, already in their storage dtype) as the array written to disk."""
+    return u.view(torch.uint16).numpy() if u.dtype == torch.bfloat16 else u.numpy()
+
+
+def decode_rows(rows: np.ndarray, name: str) -> torch.Tensor:
+    """Stored rows (a writable, contiguous array) as a tensor of storage dtype ``name``,
+    sharing their memory."""
+    t = torch.from_numpy(rows)
+    return t.view(torch.bfloat16) if name == "bfloat16" else t
+
+
+# -- fingerprints of what a cache depends on -----------------------------------------------------
+def text_features_key(teacher: Teacher, classnames: Sequence[str]) -> str:
+    """SHA-256 of (teacher key, class names): the identity of the prompted W
+    (``Teacher.class_text_features``) a cache embeds."""
+    payload = {
+        "format": TEXT_FORMAT,
+        "teacher": teacher_key(teacher),
+        "classnames": list(classnames),
+        "templates": None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def dataset_fingerprint(dataset: Any) -> dict[str, Any]:
+    """Name, item count and SHA-256 of the ordered image paths (labels are never read).
+
+    For virtual images (``data.records.virtual_reader``, e.g. the embedded digits) the rendering size
+    is included too.
+    """
+    ids = getattr(dataset, "item_ids", None)  # streamed shards: "<shard name>#<sample key>"
+    paths = list(ids) if ids is not None else [d.path for d in dataset.data]
+    fp: dict[str, Any] = {
+        "name": getattr(dataset, "name", ""),
+        "items": len(paths),
+        "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+    }
+    if any(virtual_reader(p) is not None for p in paths):  # rendered images: their size is content too
+        fp["digits_size"] = int(getattr(dataset, "digits_size", 0))
+    return fp
+
+
+def train_transform_of(dataset: Any):
+    """The dataset's seedable train transform (the one a cache's views are drawn with)."""
+    t = getattr(dataset, "train_transform", None) or getattr(dataset, "transform", None)
+    if t is None or not getattr(t, "train", False) or not hasattr(t, "fingerprint"):
+        raise ValueError(
+            f"teacher cache: dataset {getattr(dataset, 'name', '') or dataset!r} has no seedable train transform "
+            "(build it with train_transform=build_transform(..., train=True))"
+        )
+    return t
+
+
+def spec_of_transform(transform: Any) -> PreprocessSpec:
+    """The ``PreprocessSpec`` that describes the tensors a ``build_transform`` transform produces."""
+    return PreprocessSpec(
+        image_size=int(transform.image_size),
+        mean=tuple(float(x) for x in transform.mean),
+        std=tuple(float(x) for x in transform.std),
+        interpolation=transform.interpolation,
+    )
+
+
+def spec_dict(spec: PreprocessSpec) -> dict[str, Any]:
+    """``spec`` as recorded in (and compared with) a header's ``student_spec``."""
+    return {
+        "image_size": int(spec.image_size),
+        "mean": [round(float(x), 8) for x in spec.mean],
+        "std": [round(float(x), 8) for x in spec.std],
+        "interpolation": spec.interpolation,
+    }
+
+
+# -- header --------------------------------------------------------------------------------------
+def cache_header(
+    teacher: Teacher,
+    dataset: Any,
+    transform: Any,
+    *,
+    classnames: list[str],
+    seed: int,
+    views: int,
+    dtype_name: str,
+    sources: dict[str, str | None] | None,
+) -> dict[str, Any]:
+    """The JSON header of a cache of ``teacher``'s features for ``views`` views of ``dataset``
+    drawn with ``transform`` and ``seed``, stored as ``dtype_name``, with W for ``classnames``."""
+    d = int(teacher.embed_dim)
+    return {
+        "format": CACHE_FORMAT,
+        "teacher": {
+            **teacher_digests(teacher),
+            "logit_scale": float(teacher.logit_scale),
+            "embed_dim": d,
+        },
+        "teacher_files": sources,
+        "dataset": dataset_fingerprint(dataset),
+        "transform": transform.fingerprint,
+        "student_spec": spec_dict(spec_of_transform(transform)),
+        "seed": int(seed),
+        "views": int(views),
+        "dtype": dtype_name,
+        "dim": d,
+        "text_features": {
+            "key": text_features_key(teacher, classnames),
+            "classnames": classnames,
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+    }
+
+
+@dataclass
+class CacheInfo:
+    """The header of a teacher cache file and where its data starts (see the module docstring)."""
+
+    header: dict[str, Any]
+    data_offset: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(K, n_items, d)`` of u_t."""
+        return (int(self.header["views"]), int(self.header["dataset"]["items"]), int(self.header["dim"]))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.header["dtype"])
+
+    @property
+    def features_bytes(self) -> int:
+        k, n, d = self.shape
+        return k * n * d * numpy_dtype(self.dtype).itemsize
+
+    @property
+    def text_offset(self) -> int:
+        return self.data_offset + self.features_bytes
+
+    @property
+    def text_shape(self) -> tuple[int, int]:
+        """``(N, d)`` of W."""
+        return (len(self.header["text_features"]["classnames"]), int(self.header["dim"]))
+
+
+def encode_header(header: dict[str, Any]) -> tuple[bytes, int]:
+    """The bytes before the data (magic, length, padded JSON) and the data offset (a multiple of 64)."""
+    body = json.dumps(header, indent=1, sort_keys=True).encode()
+    start = len(MAGIC) + 8
+    total = math.ceil((start + len(body)) / _ALIGN) * _ALIGN
+    body += b" " * (total - start - len(body))
+    return MAGIC + struct.pack("<Q", len(body)) + body, total
+
+
+def read_cache_info(path: str | Path) -> CacheInfo:
+    """Read and check a cache file's header (no feature data is loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher cache not found: {path} (build it with `comkd cache-teacher`)")
+    with open(path, "rb") as f:
+        magic = f.read(len(MAGIC))
+        if magic != MAGIC:
+            raise ValueError(f"{path} is not a comkd teacher cache (bad magic {magic!r})")
+        (n,) = struct.unpack("<Q", f.read(8))
+        try:
+            header = json.loads(f.read(n).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable teacher-cache header ({e})") from None
+    if header.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: cache format {header.get('format')!r}, this comkd reads {CACHE_FORMAT!r}")
+    info = CacheInfo(header=header, data_offset=len(MAGIC) + 8 + n)
+    want = info.text_offset + info.text_shape[0] * info.text_shape[1] * 4
+    size = path.stat().st_size
+    if size != want:
+        raise ValueError(
+            f"{path}: file has {size} bytes, its header describes {want}; the file is truncated or corrupt"
+        )
+    return info

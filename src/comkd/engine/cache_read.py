@@ -1,0 +1,214 @@
+"""Reading a teacher cache (``cache_format``, written by ``cache_build``) during distillation:
+``CachedTeacherOutputs`` is a drop-in for ``tasks.TeacherOutputs`` that never runs the teacher.
+
+Epoch e reads view ``e % K``, and ``CachedTeacherOutputs.open`` makes the dataset replay that same
+view (for e >= K); it refuses a cache built for another teacher, data, transform or seed
+(``StaleCacheError``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..models.identity import teacher_digests
+from .cache_format import (
+    CacheInfo,
+    StaleCacheError,
+    dataset_fingerprint,
+    decode_rows,
+    numpy_dtype,
+    read_cache_info,
+    spec_dict,
+    train_transform_of,
+)
+
+if TYPE_CHECKING:
+    from ..models import PreprocessSpec, Teacher
+
+log = logging.getLogger(__name__)
+
+
+def replay_cached_views(dataset: Any, views: int) -> None:
+    """Make ``dataset`` (an ``ImageDataset``) draw, in epoch e, the view of epoch ``e % views``
+    (what the cache holds)."""
+    if not hasattr(dataset, "view_period"):
+        raise TypeError(f"a teacher cache replays views of an ImageDataset, got {type(dataset).__name__}")
+    dataset.view_period = int(views)
+
+
+def _diff(what: str, cached: Any, now: Any) -> list[str]:
+    return [] if cached == now else [f"other {what}: cache has {cached!r}, now {now!r}"]
+
+
+def _stale_teacher(
+    header: dict[str, Any],
+    path: Path,
+    teacher: Teacher | None,
+    teacher_key: str | None,
+    sources: dict[str, str | None] | None,
+) -> list[str]:
+    """The teacher fields of ``header`` that differ from ``teacher`` (its full identity), else from
+    ``teacher_key``, and from ``sources`` (the files it was built from), each as one message."""
+    stale: list[str] = []
+    if teacher is not None:
+        ident, ct = teacher_digests(teacher), header["teacher"]
+        stale += _diff("teacher model", ct["model"], ident["model"])
+        stale += _diff("teacher weights (sha256)", ct["weights_sha256"], ident["weights_sha256"])
+        stale += _diff("teacher prompts (sha256)", ct["prompts_sha256"], ident["prompts_sha256"])
+        stale += _diff("teacher preprocessing", ct["preprocess"], ident["preprocess"])
+    elif teacher_key is not None:
+        stale += _diff("teacher (key)", header["teacher"]["key"], teacher_key)
+    else:
+        log.info("teacher cache %s: teacher identity not checked (no teacher or teacher_key given)", path)
+    if sources is not None:
+        recorded = header.get("teacher_files")
+        if recorded is None:
+            stale.append("teacher files: the cache records none (built without `comkd cache-teacher`)")
+        else:
+            for field in sorted(sources):
+                stale += _diff(f"{field} (file sha256, or the value)", recorded.get(field), sources[field])
+    return stale
+
+
+def _stale_data(header: dict[str, Any], dataset: Any, student_spec: PreprocessSpec | None) -> list[str]:
+    """The data fields of ``header`` (dataset fingerprint, transform, student preprocessing, seed)
+    that differ from ``dataset`` and ``student_spec``, each as one message."""
+    stale: list[str] = []
+    fp, cd = dataset_fingerprint(dataset), header["dataset"]
+    for field in sorted(set(cd) | set(fp)):
+        stale += _diff(f"data ({field})", cd.get(field), fp.get(field))
+    stale += _diff("transform", header["transform"], train_transform_of(dataset).fingerprint)
+    if student_spec is not None:
+        stale += _diff("student preprocessing", header["student_spec"], spec_dict(student_spec))
+    view_seed = getattr(dataset, "view_seed", None)
+    if view_seed is None:
+        stale.append(
+            "other seed: the dataset draws no replayable views (view_seed=None); distil with view_seed = "
+            f"the cache's seed {header['seed']}"
+        )
+    else:
+        stale += _diff(
+            "seed (the run seed / dataset view_seed must equal the cache's seed)",
+            header["seed"],
+            int(view_seed),
+        )
+    return stale
+
+
+class CachedTeacherOutputs:
+    """Teacher image features u_t read from a cache built by ``cache_build.build_teacher_cache``.
+
+    Callable like ``tasks.TeacherOutputs``: ``(images [B,3,H,W], indices [B], epoch) -> u_t [B, d]``
+    (float32, on ``device``), the rows ``indices`` of view ``epoch % views``. Also carries what the
+    distillation needs from the teacher besides u_t: ``text_features`` (W ``[N, d]`` for
+    ``classnames``) and ``logit_scale`` (s_t). Open it with ``CachedTeacherOutputs.open``.
+    """
+
+    #: largest view (bytes) kept whole on an accelerator by default
+    DEVICE_VIEW_BUDGET = 2 * 2**30
+
+    def __init__(self, path: Path, info: CacheInfo, device: torch.device, preload_view: bool | None = None):
+        self.path, self.info, self.device = path, info, device
+        k, n, d = info.shape
+        self.views, self.items, self.dim = k, n, d
+        view_bytes = n * d * numpy_dtype(info.dtype).itemsize
+        if preload_view is None:
+            preload_view = device.type != "cpu" and view_bytes <= self.DEVICE_VIEW_BUDGET
+        # On an accelerator the current epoch's view lives on the device, so a step indexes it with
+        # the batch's (device) indices: no host round trip, no synchronisation per step.
+        self.preload_view = bool(preload_view)
+        self._view: tuple[int, torch.Tensor] | None = None
+        self._features = np.memmap(
+            path, dtype=numpy_dtype(info.dtype), mode="r", offset=info.data_offset, shape=(k, n, d)
+        )
+        w = np.fromfile(path, dtype=np.float32, count=int(np.prod(info.text_shape)), offset=info.text_offset)
+        self.text_features = torch.from_numpy(w.reshape(info.text_shape).copy()).to(device)
+        self.classnames: list[str] = list(info.header["text_features"]["classnames"])
+        self.logit_scale = float(info.header["teacher"]["logit_scale"])
+        self.teacher_key = str(info.header["teacher"]["key"])
+        self.teacher_model = str(info.header["teacher"]["model"])
+        self.seed = int(info.header["seed"])
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        dataset: Any,
+        device: str | torch.device,
+        teacher: Teacher | None = None,
+        teacher_key: str | None = None,
+        student_spec: PreprocessSpec | None = None,
+        preload_view: bool | None = None,
+        sources: dict[str, str | None] | None = None,
+    ) -> CachedTeacherOutputs:
+        """Open a cache for distillation on ``dataset`` (the run's ``ImageDataset``, whose
+        ``view_seed`` is the run seed) after checking that it is not stale.
+
+        Checked: the dataset (name, item count, image paths), its train transform's fingerprint,
+        its ``view_seed`` against the cache's seed, ``student_spec`` if given, and the teacher —
+        the full identity when ``teacher`` is given (model, preprocessing, weights, prompts), the
+        key when only ``teacher_key`` is given (a run that never loads the teacher), nothing
+        when neither is; ``sources`` (``models.identity.teacher_sources``) against the files the
+        cache was built from. Raises ``StaleCacheError`` naming every stale field.
+
+        ``preload_view``: keep the current epoch's view ``[n_items, d]`` on ``device`` (default: on
+        accelerators when it fits in ``DEVICE_VIEW_BUDGET``); otherwise rows are read from the
+        memory-mapped file each step.
+
+        Side effect: the dataset replays view ``e % views`` in epoch ``e`` (``replay_cached_views``).
+        """
+        path = Path(path)
+        info = read_cache_info(path)
+        stale = _stale_teacher(info.header, path, teacher, teacher_key, sources)
+        stale += _stale_data(info.header, dataset, student_spec)
+        if stale:
+            raise StaleCacheError(
+                f"teacher cache {path} is stale:\n  "
+                + "\n  ".join(stale)
+                + "\nrebuild it for this teacher, data, transform and seed (`comkd cache-teacher`)"
+            )
+        out = cls(path, info, torch.device(device), preload_view)
+        replay_cached_views(dataset, out.views)
+        return out
+
+    def view_of_epoch(self, epoch: int) -> int:
+        return int(epoch) % self.views
+
+    def _rows(self, view: int, idx: np.ndarray | slice) -> torch.Tensor:
+        arr = self._features[view, idx]
+        # a slice of the read-only map is copied; fancy indexing already returns a copy
+        return decode_rows(
+            np.array(arr) if isinstance(idx, slice) else np.ascontiguousarray(arr), self.info.dtype
+        )
+
+    def __call__(self, images: torch.Tensor | None, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """u_t ``[B, d]`` float32 on ``self.device`` for dataset items ``indices`` in ``epoch``."""
+        view = self.view_of_epoch(epoch)
+        if self.preload_view and torch.is_tensor(indices):
+            if self._view is None or self._view[0] != view:
+                self._view = (view, self._rows(view, slice(None)).to(self.device))
+            if images is not None and indices.shape[0] != images.shape[0]:
+                raise ValueError(
+                    f"teacher cache: {indices.shape[0]} indices for a batch of {images.shape[0]} images"
+                )
+            return self._view[1][indices.to(self.device, non_blocking=True)].float()
+        idx = np.asarray(indices.detach().cpu() if torch.is_tensor(indices) else indices, dtype=np.int64)
+        if images is not None and idx.shape[0] != images.shape[0]:
+            raise ValueError(f"teacher cache: {idx.shape[0]} indices for a batch of {images.shape[0]} images")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.items):
+            raise IndexError(
+                f"teacher cache {self.path}: item index {int(idx.max())} outside 0..{self.items - 1}"
+            )
+        return self._rows(view, idx).to(self.device, non_blocking=True).float()
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedTeacherOutputs({self.path}, views={self.views}, items={self.items}, dim={self.dim}, "
+            f"dtype={self.info.dtype}, teacher={self.teacher_model})"
+        )
