@@ -1,0 +1,181 @@
+"""``run_bench``: every measurement in turn, one JSON file (what ``comkd bench`` runs).
+
+Builds the shared fixtures once (the tiny teacher, the digits set, its class features and a
+teacher cache), runs the sections of ``training``, ``inference``, ``memory`` and ``data_path``,
+and writes the figures with the machine they were measured on (``report``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine.cache_build import build_teacher_cache
+from ..engine.utils import resolve_device
+from ..models import TINY_STUDENT, TINY_TEACHER, Teacher, create_student, create_teacher
+from .errors import BenchError
+from .fixtures import digits, quiet
+from .inference import bench_deployed_student, bench_inference_paper, bench_inference_tiny
+from .memory import bench_peak_memory
+from .report import machine_info, ordered, write_json
+from .sizes import FULL, QUICK, WEIGHTS_NOTE, BenchSizes
+from .training import bench_cache_and_loop, bench_epoch_scaling, bench_step_ratio
+
+log = logging.getLogger("comkd.bench")
+
+Say = Callable[..., None]
+
+
+def run_bench(
+    out: Path,
+    quick: bool = False,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+    shards: str | None = None,
+    only: str | None = None,
+) -> dict[str, Any]:
+    """Run every benchmark and write the figures to ``out`` (a JSON file; a folder gets ``bench.json``).
+
+    Args:
+        out: the JSON file (or a folder for ``bench.json``).
+        quick: small sizes for a smoke run (< 1 minute on 2 CPU cores); figures not for reporting.
+        device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ...
+        threads: torch intra-op threads during the bench (default: torch's choice). On a machine
+            shared with other busy processes, 1 thread gives far steadier figures.
+        progress: log each section as it starts (logger ``comkd.bench``, level INFO).
+        shards: WebDataset shards for the data-path figures (default: CIFAR-10's in ../shared, if
+            there; see ``comkd.bench.data_path``).
+        only: ``data`` runs the data-path section alone and merges it into an existing ``out``.
+
+    Returns the dict written: ``machine`` (object), the numbers listed in ``FIGURES``,
+    ``peak_memory_mb`` and ``epoch_time_s`` (objects) and supporting figures.
+    """
+    out = Path(out)
+    if out.suffix != ".json":
+        out = out / "bench.json"
+    dev = resolve_device(device)
+    sz = QUICK if quick else FULL
+    say = log.info if progress else log.debug
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    t_start = time.perf_counter()
+    res: dict[str, Any] = {
+        "machine": machine_info(dev),
+        "quick": quick,
+        "weights": WEIGHTS_NOTE,
+        "sizes": asdict(sz),
+    }
+    if only is not None:
+        return _only_data(out, only, dev, shards, quick, threads, t_start, say)
+    try:
+        with tempfile.TemporaryDirectory(prefix="comkd-bench-") as tmp, quiet():
+            timings = _run_sections(res, Path(tmp), dev, sz, shards, quick, threads, say)
+    finally:
+        torch.set_num_threads(old_threads)
+    if hasattr(os, "getloadavg"):
+        res["machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+    res["section_wall_s"] = timings
+    res["wall_s"] = time.perf_counter() - t_start
+    res = ordered(res)
+    write_json(out, res)
+    say("bench: wrote %s (%.0f s)", out, res["wall_s"])
+    return res
+
+
+def _only_data(
+    out: Path,
+    only: str,
+    dev: torch.device,
+    shards: str | None,
+    quick: bool,
+    threads: int | None,
+    t_start: float,
+    say: Say,
+) -> dict[str, Any]:
+    """``only="data"``: the data-path section alone, merged into the JSON already at ``out``."""
+    if only != "data":
+        raise BenchError(f"only: {only!r} is not a section; choose 'data'")
+    say("bench: data path (shards vs folder, streamed epoch memory) ...")
+    prev = json.loads(out.read_text()) if out.exists() else {}
+    data = _data_path(shards, quick, threads)
+    data["data_path"]["machine"] = machine_info(dev)
+    data["data_path"]["wall_s"] = time.perf_counter() - t_start
+    res = {**prev, **data}
+    write_json(out, res)
+    return res
+
+
+def _run_sections(
+    res: dict[str, Any],
+    work: Path,
+    dev: torch.device,
+    sz: BenchSizes,
+    shards: str | None,
+    quick: bool,
+    threads: int | None,
+    say: Say,
+) -> dict[str, float]:
+    """Build the fixtures, run each section and add its figures to ``res``; each section's wall
+    time (s, rounded to 0.01)."""
+    torch.manual_seed(0)
+    teacher = create_teacher(TINY_TEACHER, device=dev)
+    ds = digits(sz.items)
+    w = teacher.class_text_features(ds.full_classnames)
+    cache, res["cache_build_s_per_item_view"] = _teacher_cache(teacher, sz, dev, work)
+    sections: list[tuple[str, Callable[[], dict]]] = [
+        ("ComKD vs PromptKD step", lambda: bench_step_ratio(teacher, ds, w, sz, dev)),
+        ("cache speedup, loop overhead", lambda: bench_cache_and_loop(teacher, ds, cache, w, sz, dev, work)),
+        ("tiny-pair inference", lambda: bench_inference_tiny(teacher, w, sz, dev)),
+        ("epoch-time scaling", lambda: bench_epoch_scaling(teacher, w, sz, dev, work)),
+        ("paper-pair inference (ViT-L/14 vs ViT-B/16)", lambda: bench_inference_paper(sz, dev)),
+        ("peak memory per stage", lambda: bench_peak_memory(dev, cache, sz, work)),
+        (
+            "deployed student: eager / TorchScript / ONNX Runtime (CPU)",
+            lambda: bench_deployed_student(sz, work),
+        ),
+        ("data path: shards vs folder, streamed epoch memory", lambda: _data_path(shards, quick, threads)),
+    ]
+    timings: dict[str, float] = {}
+    for name, fn in sections:
+        say("bench: %s ...", name)
+        t0 = time.perf_counter()
+        res.update(fn())
+        timings[name] = round(time.perf_counter() - t0, 2)
+    return timings
+
+
+def _teacher_cache(teacher: Teacher, sz: BenchSizes, dev: torch.device, work: Path) -> tuple[Path, float]:
+    """The teacher cache of the first ``sz.items`` digits images (one view) in ``work``, and its
+    build time in seconds per item and view."""
+    spec = create_student(TINY_STUDENT, teacher_dim=teacher.embed_dim).preprocess
+    t0 = time.perf_counter()
+    cache = build_teacher_cache(
+        teacher,
+        digits(sz.items),
+        work / "teacher.tcache",
+        views=1,
+        seed=1,
+        batch_size=64,
+        device=dev,
+        student_spec=spec,
+        progress=False,
+    )
+    return cache, (time.perf_counter() - t0) / sz.items
+
+
+def _data_path(shards: str | None, quick: bool, threads: int | None) -> dict[str, Any]:
+    from .data_path import bench_data_path
+
+    return bench_data_path(shards, quick=quick, threads=int(threads or 1))
