@@ -308,6 +308,69 @@ def run_distill(
     images of all classes. Writes ``student.safetensors``. ``step0_fn(student)``, when given, scores
     the student before the first step; its result is returned as ``step0`` (after the warm start
     when there is one, with the score of the random-init projector under ``step0["random_init"]``)."""
+    _check_distill_settings(cfg, eval_fn)
+    out, device, metrics = start_stage(cfg, out_dir, resume, stage="distill")
+    d = cfg.distill
+    student, ds, outputs, w, s_t = _teacher_side(cfg, device)
+    n_train = student.num_trainable()
+    log.info(
+        "distill %s: student %s has %d trainable parameters (%.3f M)",
+        d.method,
+        cfg.student.model,
+        n_train,
+        n_train / 1e6,
+    )
+    kd_weight = resolve_recipe(cfg).distill.kd_weight  # what start_stage saved in config.yaml
+    loss = build_loss(
+        d.method,
+        kd_weight=kd_weight,
+        temperature=d.temperature,
+        align_weight=d.align_weight,
+        ifalign_stats=d.ifalign_stats,
+        feature_weight=d.feature_weight,
+        kd_reduction=d.kd_reduction,
+    )
+    fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
+    step0 = _start_student(student, ds, outputs, cfg, device, step0_fn) if fresh else None
+    make_task = get_method(d.method).make_task or DistillTask  # a method may bring its own task
+    task = make_task(
+        student,
+        outputs,
+        w,
+        s_t,
+        loss,
+        edu_lr_scale=d.edu_lr_scale,
+        ifalign_on=d.ifalign_on,
+        tower_lr_scale=d.tower_lr_scale,
+    )
+    best = _BestEpoch(student, eval_fn) if (d.select == "promptkd" and eval_fn is not None) else None
+    fit_res = fit(
+        task,
+        ds,
+        d.optim,
+        **_fit_kwargs(cfg, out, device, metrics, resume),
+        on_epoch_end=best.on_epoch_end if best is not None else None,
+    )
+    if best is not None and best.state is not None:
+        student.load_state_dict(best.state)
+    path = out / STUDENT_FILE
+    if is_main():
+        save_student(student, path)  # the file records student.arch (what the model is), not the method
+    barrier()  # the other ranks may read the file next (evaluation, later stages)
+    alpha = float(student.edu_attention.alpha.detach()) if student.edu_attention is not None else None
+    return {
+        "student": str(path),
+        "alpha": alpha,
+        "train_images": len(ds),
+        "trainable_params": n_train,
+        "history": fit_res.history,
+        "step0": step0,
+        "selected_epoch": best.epoch if best is not None else None,
+    }
+
+
+def _check_distill_settings(cfg: RunConfig, eval_fn) -> None:
+    """Settings only ``comkd run`` can honour, refused before anything is loaded."""
     if cfg.distill.select == "promptkd" and eval_fn is None:
         raise ConfigError(
             "distill.select: 'promptkd' picks the epoch with the best test accuracy, which needs an "
@@ -318,7 +381,11 @@ def run_distill(
             "distill.teacher_cache: 'auto' (one cache per seed, shared by every method) is a setting "
             "of `comkd run`; here give a cache file made by `comkd cache-teacher`"
         )
-    out, device, metrics = start_stage(cfg, out_dir, resume, stage="distill")
+
+
+def _teacher_side(cfg: RunConfig, device: torch.device):
+    """The student (W stored, teacher recorded), the unlabelled pool, the teacher's outputs u_t
+    (online, or from ``distill.teacher_cache`` without loading the teacher), W and s_t."""
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
         from ..models.identity import teacher_sources
@@ -343,92 +410,50 @@ def run_distill(
         )
         if outputs.classnames != ds.full_classnames:
             raise ValueError(f"teacher cache {d.teacher_cache}: its W is for other class names")
-        w, s_t = outputs.text_features, float(outputs.logit_scale)
+        w, s_t, recorded = outputs.text_features, float(outputs.logit_scale), info.header["teacher"]
     else:
         teacher = build_teacher(cfg, device)
         student = build_student(cfg, teacher.embed_dim, device)
         ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
-        w, s_t = teacher.class_text_features(ds.full_classnames), float(teacher.logit_scale)
+        w, s_t, recorded = (
+            teacher.class_text_features(ds.full_classnames),
+            float(teacher.logit_scale),
+            teacher,
+        )
         outputs = TeacherOutputs(teacher, student.preprocess)
     student.set_text_features(w, ds.full_classnames)
-    student.teacher_identity = teacher_identity(info.header["teacher"] if d.teacher_cache else teacher)
+    student.teacher_identity = teacher_identity(recorded)
     student.teacher_identity["source"] = teacher_source(cfg)  # comkd classes rebuilds it from this
-    n_train = student.num_trainable()
-    log.info(
-        "distill %s: student %s has %d trainable parameters (%.3f M)",
-        d.method,
-        cfg.student.model,
-        n_train,
-        n_train / 1e6,
-    )
-    kd_weight = resolve_recipe(cfg).distill.kd_weight  # what start_stage saved in config.yaml
-    loss = build_loss(
-        d.method,
-        kd_weight=kd_weight,
-        temperature=d.temperature,
-        align_weight=d.align_weight,
-        ifalign_stats=d.ifalign_stats,
-        feature_weight=d.feature_weight,
-        kd_reduction=d.kd_reduction,
-    )
-    fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
-    step0 = None
-    if step0_fn is not None and fresh:
-        step0 = step0_fn(student)
-    if d.projector_init == "ridge" and fresh:  # a resumed run restores the fitted projector instead
+    return student, ds, outputs, w, s_t
+
+
+def _start_student(student, ds, outputs, cfg: RunConfig, device, step0_fn) -> dict | None:
+    """A fresh run's start: the score before the first step (``step0_fn``), and the ridge warm start
+    of the projector (``distill.projector_init: ridge``; a resumed run restores it instead)."""
+    step0 = step0_fn(student) if step0_fn is not None else None
+    if cfg.distill.projector_init == "ridge":
         n_fit = warm_start_projector(student, ds, outputs, cfg, device)
-        log.info("distill %s: projector fitted by ridge regression on %d images", d.method, n_fit)
+        log.info("distill %s: projector fitted by ridge regression on %d images", cfg.distill.method, n_fit)
         if step0_fn is not None:
             step0 = {**step0_fn(student), "random_init": step0}
-    make_task = get_method(d.method).make_task or DistillTask  # a method may bring its own task
-    task = make_task(
-        student,
-        outputs,
-        w,
-        s_t,
-        loss,
-        edu_lr_scale=d.edu_lr_scale,
-        ifalign_on=d.ifalign_on,
-        tower_lr_scale=d.tower_lr_scale,
-    )
-    best: dict[str, Any] = {"score": -1.0}
+    return step0
 
-    def on_epoch_end(epoch: int) -> dict:
-        if eval_fn is None:
-            return {}
-        student.eval()
-        res = eval_fn(student)
-        if res["score"] > best["score"]:
-            best.update(
-                score=res["score"],
-                epoch=epoch,
-                state={k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
-            )
+
+class _BestEpoch:
+    """``distill.select: promptkd``: score the student after every epoch with ``eval_fn`` and keep
+    the weights of the best epoch."""
+
+    def __init__(self, student, eval_fn):
+        self.student, self.eval_fn = student, eval_fn
+        self.score, self.epoch, self.state = -1.0, None, None
+
+    def on_epoch_end(self, epoch: int) -> dict:
+        self.student.eval()
+        res = self.eval_fn(self.student)
+        if res["score"] > self.score:
+            self.score, self.epoch = res["score"], epoch
+            self.state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
         return {k: v for k, v in res.items() if isinstance(v, (int, float))}
-
-    fit_res = fit(
-        task,
-        ds,
-        d.optim,
-        **_fit_kwargs(cfg, out, device, metrics, resume),
-        on_epoch_end=on_epoch_end if (d.select == "promptkd" and eval_fn is not None) else None,
-    )
-    if d.select == "promptkd" and "state" in best:
-        student.load_state_dict(best["state"])
-    path = out / STUDENT_FILE
-    if is_main():
-        save_student(student, path)  # the file records student.arch (what the model is), not the method
-    barrier()  # the other ranks may read the file next (evaluation, later stages)
-    alpha = float(student.edu_attention.alpha.detach()) if student.edu_attention is not None else None
-    return {
-        "student": str(path),
-        "alpha": alpha,
-        "train_images": len(ds),
-        "trainable_params": n_train,
-        "history": fit_res.history,
-        "step0": step0,
-        "selected_epoch": best.get("epoch") if d.select == "promptkd" else None,
-    }
 
 
 @locked_run()  # no --resume: a cache is rebuilt whole, the same for the same seed
