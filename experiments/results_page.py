@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from comkd.cli import QuietOpt, VerboseOpt, _read_json, _run, _setup_logging, _shape_errors
+from comkd.cli import QuietOpt, VerboseOpt, read_json, run_command, setup_logging, shape_errors
 from comkd.engine.utils import atomic_write_text, read_metrics, write_json
 from comkd.protocols.report import (
     LABELS,
@@ -1052,7 +1052,7 @@ def collect(
     verbose: VerboseOpt = False,
 ) -> None:
     """Gather run folders into docs/results.json (+ docs/curves.json) for `python -m experiments.results_page page`."""
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     pairs = {}
     for item in runs:
         label, sep, path = item.partition("=")
@@ -1064,15 +1064,15 @@ def collect(
 
     def body():
         for path in pairs.values():
-            res = _read_json(path / "results.json", "run results")
+            res = read_json(path / "results.json", "run results")
             if not isinstance(res, dict):
                 raise ValueError(f"{path / 'results.json'}: expected a JSON object from `comkd run`")
-        return _shape_errors(
+        return shape_errors(
             f"run folders {', '.join(map(str, pairs.values()))}",
             lambda: collect_runs(pairs, out, curves_path, attention=attention),
         )
 
-    _run(body)
+    run_command(body)
     typer.echo(f"wrote {out} and {curves_path}")
 
 
@@ -1088,10 +1088,10 @@ def page(
     verbose: VerboseOpt = False,
 ) -> None:
     """Write the results page (tables, plots, analysis) from results.json and curves.json."""
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
 
     def body():
-        data = _read_json(results, "results file")
+        data = read_json(results, "results file")
         if isinstance(data, dict) and "protocol" in data and isinstance(data.get("datasets"), dict):
             data = data["datasets"]  # a `comkd run` results.json
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
@@ -1101,10 +1101,10 @@ def page(
             )
         curves = results.with_name("curves.json")
         if curves.exists():
-            _read_json(curves, "curves file")
-        return _shape_errors(str(results), lambda: write_results_page(results, out))
+            read_json(curves, "curves file")
+        return shape_errors(str(results), lambda: write_results_page(results, out))
 
-    path = _run(body)
+    path = run_command(body)
     typer.echo(f"wrote {path}")
 
 

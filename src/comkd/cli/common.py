@@ -1,0 +1,178 @@
+"""What every command shares: the typer app and its --version, the config a command runs with,
+logging, and the one-line errors with their exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import ConfigError, RunConfig, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Distil a large CLIP teacher into a small, fast student with ComKD-CLIP.",
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"comkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Distil a large CLIP teacher into a small, fast student with ComKD-CLIP."""
+
+
+def _out_dir(out: Path | None, old_out: Path | None) -> Path | None:
+    """``--out-dir``, or the old ``--out`` of a folder command (with a warning); both is an error."""
+    if old_out is None:
+        return out
+    if out is not None:
+        _usage_error("give the folder once: --out-dir (--out is its old name here)")
+    typer.secho("note: --out is now --out-dir for commands that write a folder", fg="yellow", err=True)
+    return old_out
+
+
+def _plural_alias(name: str, given: list | None, old: list | None) -> list | None:
+    """A repeatable option of ``run`` under its old plural name (``--seeds``, ``--methods``), taken
+    with a note; the two spellings together are an error."""
+    if not old:
+        return given
+    if given:
+        _usage_error(f"give {name} once: {name}s is its old name")
+    typer.secho(
+        f"note: {name}s is now {name} (repeat the flag), as in the other commands", fg="yellow", err=True
+    )
+    return old
+
+
+def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path | None) -> RunConfig:
+    try:
+        cfg = load_config(config, overrides, sets)
+    except ConfigError as e:
+        typer.secho(f"config error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if out is not None:
+        cfg.output_dir = str(out)
+    if _QUIET:
+        cfg.progress = False
+    return cfg
+
+
+def _usage_error(msg: str) -> None:
+    typer.secho(f"config error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+_QUIET = False
+
+
+def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    global _QUIET
+    _QUIET = quiet
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("comkd").setLevel(logging.INFO)
+    logging.getLogger().handlers[0].setLevel(level)
+    for noisy in ("root", "open_clip", "timm"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _run(fn):
+    """Run a command body; expected user errors become one red line and exit code 1, and so does
+    a full or read-only disk (named as such)."""
+    from ..data import DataError
+    from ..engine.loop import NonFiniteLossError
+    from ..models import ModelError
+
+    try:
+        return fn()
+    except (ConfigError, DataError, ModelError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 - only disk errors are turned into a line; the rest re-raise
+        msg = _disk_error(e)
+        if msg is None:
+            raise
+        typer.secho(f"error: {msg}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def _disk_error(e: BaseException) -> str | None:
+    """'disk full' / 'read-only' for an exception from writing a file (torch and safetensors raise
+    their own types with the OS message inside), else None."""
+    import errno
+
+    code = e.errno if isinstance(e, OSError) else None
+    text = str(e)
+    where = f" while writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+    if code == errno.ENOSPC or "No space left on device" in text:
+        return f"disk full{where}; free some space and rerun (with --resume where the command has it)"
+    if code == errno.EROFS or "Read-only file system" in text:
+        return (
+            f"cannot write{where or ' the output'}: read-only file system; choose another --out-dir or --out"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {e.filename}" if e.filename else f"permission denied ({text})"
+    return None
+
+
+def _write_results(path: Path, res) -> None:
+    """Write ``results.json``; if the disk refuses, print the results first so they are not lost."""
+    from ..engine import pipeline as P
+
+    try:
+        P.write_json(path, res)
+    except Exception as e:
+        if _disk_error(e) is not None:
+            typer.echo(json.dumps(res, indent=2, default=str))
+        raise
+
+
+def _read_json(path: Path, what: str):
+    """A user-given JSON file, or a one-line error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _shape_errors(path_desc: str, fn):
+    """Run ``fn``; a file of the wrong shape (KeyError, TypeError, ...) becomes a ValueError naming it."""
+    import yaml
+
+    try:
+        return fn()
+    except (KeyError, TypeError, AttributeError, IndexError, yaml.YAMLError) as e:
+        raise ValueError(
+            f"{path_desc}: not the expected content ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+# public names, for tools built on this command line (experiments/): the same functions
+run_command = _run
+read_json = _read_json
+setup_logging = _setup_logging
+shape_errors = _shape_errors
+print_json = _print_json

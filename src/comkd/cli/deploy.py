@@ -1,0 +1,231 @@
+"""The commands around a distilled student: predict, export, classes, push; and bench, presets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import list_presets
+from . import train  # noqa: F401  (the training commands register first: comkd --help lists them first)
+from .common import (
+    _cfg,
+    _print_json,
+    _run,
+    _setup_logging,
+    app,
+)
+from .options import (
+    ConfigOpt,
+    DeviceOpt,
+    QuietOpt,
+    SetOpt,
+    VerboseOpt,
+    _overrides,
+)
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write.")] = Path("bench.json"),
+    quick: Annotated[bool, typer.Option(help="A < 1 minute smoke run.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    shards: Annotated[str | None, typer.Option(help="WebDataset shards for the data-path figures.")] = None,
+    only: Annotated[
+        str | None, typer.Option(help="'data': only the data-path section, merged into --out.")
+    ] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Speed and memory benchmarks (JSON with machine and versions)."""
+    _setup_logging(verbose, quiet)
+    from ..bench import run_bench
+
+    _print_json(run_bench(out, quick=quick, device=device, threads=threads, shards=shards, only=only))
+
+
+@app.command()
+def presets(quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+    """List the built-in config presets."""
+    _setup_logging(verbose, quiet)
+    presets_ = list_presets()
+    width = max(map(len, presets_))
+    for name, what in presets_.items():
+        typer.echo(f"{name:<{width}}  {what}")
+
+
+# -- using the student --------------------------------------------------------------------------
+@app.command("predict")
+def predict_cmd(
+    student_file: Annotated[
+        Path, typer.Argument(help="student.safetensors, its .onnx export, or hf-hub:ORG/NAME.")
+    ],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="CSV or JSONL file (default: stdout).")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="csv | jsonl (default: from --out's suffix).")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes per image.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    runtime: Annotated[str, typer.Option(help="auto | torch | onnx (auto: by the file's suffix).")] = "auto",
+    device: Annotated[str, typer.Option(help="torch runtime: auto, cpu, cuda, ...")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
+    skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images instead of stopping.")] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Top-k class names and probabilities for images, one row per image (CSV or JSON lines)."""
+    _setup_logging(verbose, quiet)
+    from ..data.unlabelled import collect_images
+    from ..deploy.predict import load_predictor, predict_files
+
+    def body():
+        model = load_predictor(student_file, runtime, device)
+        return predict_files(
+            model,
+            collect_images(images),
+            out,
+            fmt=fmt,
+            top_k=top_k,
+            batch_size=batch_size,
+            progress=progress,
+            skip_bad=skip_bad,
+        )
+
+    summary = _run(body)
+    typer.echo(json.dumps(summary, default=str), err=out is None)
+
+
+@app.command("export")
+def export_cmd(
+    student_file: Annotated[
+        Path, typer.Argument(help="student.safetensors from distill, or hf-hub:ORG/NAME.")
+    ],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="File to write (default: next to the student).")
+    ] = None,
+    check_images: Annotated[
+        list[str] | None,
+        typer.Option("--check-images", help="Images (files, folders, globs; repeat) to check the export on."),
+    ] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: also write an int8 ONNX (dynamic quantisation).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per check batch.")] = 64,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A deployable student (dynamic batch, preprocessing in the file's metadata), checked against
+    PyTorch on real images: top-1 agreement and max |Δ logit|."""
+    _setup_logging(verbose, quiet)
+    from ..data.unlabelled import collect_images
+    from ..deploy.export import export_student
+
+    _print_json(
+        _run(
+            lambda: export_student(
+                student_file,
+                fmt,
+                out,
+                batch_size=batch_size,
+                quantize=quantize,
+                check_images=collect_images(check_images) if check_images else (),
+            )
+        )
+    )
+
+
+@app.command("classes")
+def classes_cmd(
+    student_file: Annotated[
+        Path, typer.Argument(help="student.safetensors from distill, or hf-hub:ORG/NAME.")
+    ],
+    names: Annotated[Path, typer.Option("--names", help="New class names, one a line.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="New student file (default: next to it).")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    teacher: Annotated[str | None, typer.Option(help="The teacher it was distilled from.")] = None,
+    teacher_pretrained: Annotated[str | None, typer.Option(help="That teacher's weights.")] = None,
+    teacher_prompts: Annotated[
+        str | None, typer.Option(help="That teacher's prompts (train-teacher).")
+    ] = None,
+    device: DeviceOpt = None,
+    force: Annotated[
+        bool, typer.Option(help="Skip the check that the teacher is the student's own.")
+    ] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """New class names: W recomputed by the teacher's text tower and prompts, in a new student file.
+    Without --config or --teacher the teacher is rebuilt from what the student file records; a
+    teacher other than the recorded one is refused, naming the digest that differs."""
+    _setup_logging(verbose, quiet)
+    cfg = _cfg(
+        config,
+        sets,
+        _overrides(
+            teacher=teacher,
+            teacher_pretrained=teacher_pretrained,
+            teacher_prompts=teacher_prompts,
+            device=device,
+        ),
+        None,
+    )
+    from ..deploy.classes import recompute_classes
+
+    # no --config and no --teacher: the teacher the student file records
+    from_record = config is None and teacher is None
+    _print_json(
+        _run(lambda: recompute_classes(cfg, student_file, names, out, force=force, from_record=from_record))
+    )
+
+
+@app.command("push")
+def push_cmd(
+    student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository ORG/NAME (created if missing).")],
+    onnx: Annotated[
+        Path | None, typer.Option(help="ONNX export to upload too (default: STUDENT.onnx when it exists).")
+    ] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="results.json for the model card (default: beside the student).")
+    ] = None,
+    license: Annotated[
+        str, typer.Option(help="Licence id for the card's header (e.g. mit, apache-2.0).")
+    ] = "other",
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    token: Annotated[str | None, typer.Option(help="Hub token (default: huggingface_hub's login).")] = None,
+    dry_run: Annotated[
+        Path | None,
+        typer.Option("--dry-run", help="Write the folder that would be uploaded here; upload nothing."),
+    ] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Publish a student on the Hugging Face Hub: the student file, its ONNX export and a model card
+    (scores from results.json, the teacher, the recipe); load it with hf-hub:ORG/NAME."""
+    _setup_logging(verbose, quiet)
+    from ..deploy.hub import push_student
+
+    _print_json(
+        _run(
+            lambda: push_student(
+                student_file,
+                repo_id,
+                onnx=onnx,
+                results=results,
+                license=license,
+                private=private,
+                token=token,
+                dry_run=dry_run,
+            )
+        )
+    )
