@@ -520,3 +520,53 @@ def test_walk_through_a_diamond_of_links_lists_each_image_once(tmp_path: Path, c
         "also-deep/1.jpg",
     ]
     assert both == got and not _loop_warnings(caplog)  # a diamond is no loop
+
+
+def _members(proto) -> set[str]:
+    import typing
+
+    names = set(typing.get_type_hints(proto)) | {
+        n
+        for n, v in vars(proto).items()
+        if not n.startswith("_") and (callable(v) or isinstance(v, property))
+    }
+    for base in proto.__mro__[1:]:
+        if getattr(base, "_is_protocol", False) and base.__name__ != "Protocol":
+            names |= _members(base)
+    return names | {"__len__"}
+
+
+def test_both_dataset_classes_satisfy_the_written_contract(tmp_path) -> None:
+    """Every member of ``TrainingDataset`` on a file dataset and on a shard stream, and every member
+    of ``StreamingDataset`` on the stream: the attributes the engine reads are the ones written."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from comkd.data import StreamingDataset, TrainingDataset, WdsImageDataset, build_dataset
+
+    files = build_dataset("digits", split="train", unlabelled=True)
+    shard = tmp_path / "s-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(buf, format="PNG")
+            for name, data in ((f"k{i}.png", buf.getvalue()), (f"k{i}.cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    names = tmp_path / "classes.txt"
+    names.write_text("a\nb\n")
+    stream = build_dataset("wds", root=str(shard), split="train", classes_file=str(names))
+    assert isinstance(stream, WdsImageDataset)
+    need = _members(TrainingDataset)
+    assert {"full_classnames", "class_indices", "view_seed", "view_period", "set_epoch", "labels"} <= need
+    for ds in (files, stream):
+        missing = sorted(m for m in need if not hasattr(ds, m))
+        assert missing == [], (type(ds).__name__, missing)
+        assert isinstance(ds, TrainingDataset)
+    stream_need = _members(StreamingDataset) - need
+    assert {"streaming", "item_ids", "training_stream", "replay_stream"} <= stream_need
+    assert sorted(m for m in stream_need if not hasattr(stream, m)) == [] and stream.streaming is True
+    assert not getattr(files, "streaming", False)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .builtin import DEFAULT_SIZE, DIGITS_FRACTIONS, load_digits_splits
+from .contract import StreamingDataset, TrainingDataset
 from .coop import (
     COOP_SPECS,
     load_coop_json,
@@ -43,6 +44,8 @@ __all__ = [
     "DatasetSplits",
     "Datum",
     "ImageDataset",
+    "StreamingDataset",
+    "TrainingDataset",
     "WdsImageDataset",
     "base_novel_split",
     "build_dataset",
