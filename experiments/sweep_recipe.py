@@ -38,7 +38,7 @@ def _val_attention(out: Path, res: dict) -> dict[str, list[float]]:
     """EduAttention of each seed's saved comkd student on the val images: normalised entropy and how
     often the most-attended class is the student's prediction (experiments.results_page)."""
     from comkd.config import load_config
-    from experiments.results_page import attention_stats
+    from experiments.results_collect import attention_stats
 
     cfg = load_config(out / "config.yaml")
     ((ds_key, _),) = res["datasets"].items()

@@ -221,8 +221,13 @@ def test_pretrain_student_shots_give_the_student_fewer_labelled_images(tmp_path)
 
 # -- item 7: both HM conventions, labelled ------------------------------------------------------
 def test_tables_report_the_papers_hm_of_means_next_to_the_mean_per_seed_hm(tmp_path) -> None:
-    from comkd.protocols.report import HM_OF_MEANS, HM_PER_SEED, results_table, write_report
-    from comkd.protocols.runner import average_base2novel
+    from comkd.protocols.report import (
+        HM_OF_MEANS,
+        HM_PER_SEED,
+        average_base2novel,
+        results_table,
+        write_report,
+    )
 
     hm = [2 * b * n / (b + n) for b, n in ((90.0, 50.0), (50.0, 90.0))]  # 64.29 each seed
     row = {"base": [90.0, 50.0], "novel": [50.0, 90.0], "hm": hm}

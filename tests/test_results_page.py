@@ -112,7 +112,7 @@ def test_runner_results_json_is_accepted(tmp_path) -> None:
 
 def test_collect_reads_run_folders_into_page_format(tmp_path) -> None:
     from comkd.config import load_config, save_config
-    from experiments.results_page import collect_runs
+    from experiments.results_collect import collect_runs
 
     run = tmp_path / "run"
     save_config(load_config("demo"), run / "config.yaml")
@@ -221,7 +221,7 @@ def test_page_keeps_dated_earlier_results_and_shows_val_sweeps_and_step0(tmp_pat
 
 
 def test_a_variant_run_is_folded_into_its_base_label():
-    from experiments.results_page import _merge_variants
+    from experiments.results_collect import _merge_variants
 
     ref = {"teacher": {"hm": [70.0]}, "student_zeroshot": {"hm": [50.0]}}
     results = {"c": {**ref, "comkd": {"hm": [60.0]}}, "c+paper": {**ref, "comkd": {"hm": [55.0]}}}

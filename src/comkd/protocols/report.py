@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..engine.utils import atomic_write_text
+from ..fileio import atomic_write_text
 from ..methods import METHODS, report_order
 from ..stats import harmonic_mean, mean_std
 from .sanity import banner
@@ -266,3 +266,16 @@ def write_report(
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def average_base2novel(table: dict) -> dict:
+    """Across datasets: mean base and novel accuracy, the HM of those means (``hm``, the paper's),
+    and the mean over datasets of the mean per-seed HM (``hm_per_seed``)."""
+    out: dict[str, dict] = {}
+    methods = set.intersection(*(set(v) for v in table.values()))
+    for m in sorted(methods):
+        base = sum(mean_std(table[d][m]["base"])[0] for d in table) / len(table)
+        novel = sum(mean_std(table[d][m]["novel"])[0] for d in table) / len(table)
+        per_seed = sum(mean_std(table[d][m]["hm"])[0] for d in table) / len(table)
+        out[m] = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel), "hm_per_seed": per_seed}
+    return out

@@ -26,7 +26,7 @@ from ..engine.utils import read_metrics, write_json
 from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH, canonical_methods
 from ..models.io import load_student
 from ..runlock import locked_run
-from ..stats import harmonic_mean, mean_std
+from .report import average_base2novel
 from .sanity import announce, chance_warnings, random_tower_warnings
 
 log = logging.getLogger(__name__)
@@ -298,16 +298,3 @@ def _transfer(cfg, out: Path, source: str, datasets, seeds, methods, resume: boo
             for m in methods:
                 res = _distill_and_eval(dcfg, m, out / ds_name / f"seed{seed}" / m, resume)
                 _append(acc.table, ds_name, m, _scores(res))
-
-
-def average_base2novel(table: dict) -> dict:
-    """Across datasets: mean base and novel accuracy, the HM of those means (``hm``, the paper's),
-    and the mean over datasets of the mean per-seed HM (``hm_per_seed``)."""
-    out: dict[str, dict] = {}
-    methods = set.intersection(*(set(v) for v in table.values()))
-    for m in sorted(methods):
-        base = sum(mean_std(table[d][m]["base"])[0] for d in table) / len(table)
-        novel = sum(mean_std(table[d][m]["novel"])[0] for d in table) / len(table)
-        per_seed = sum(mean_std(table[d][m]["hm"])[0] for d in table) / len(table)
-        out[m] = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel), "hm_per_seed": per_seed}
-    return out
