@@ -18,6 +18,7 @@ Regenerate with ``python -m experiments.results_page page --results docs/results
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -561,12 +562,12 @@ def _score(row: dict) -> list[float]:
     return list(row["hm"] if "hm" in row else row["acc"])
 
 
-def glance_section(results: dict) -> list[str]:
+def glance_section(results: dict, heading: str | None = "## At a glance") -> list[str]:
     """The first screen: per dataset one table (teacher, undistilled student, each method, the
     share of the teacher gap each closes, and each method − PromptKD over paired seeds with its 95%
     interval and the smallest difference the seeds could detect at 80% power), then a verdict
     that follows the interval."""
-    out = ["## At a glance", ""]
+    out = [heading, ""] if heading else []
     for ds, table in results.items():
         if "teacher" not in table or "student_zeroshot" not in table:
             continue
@@ -624,6 +625,66 @@ def glance_section(results: dict) -> list[str]:
     return out
 
 
+PAIRED_SEEDS_CMD = "bash experiments/run_paired_seeds.sh"
+HEADROOM_CMD = "python -m experiments.headroom runs/paired_seeds/cifar10_wds --out docs/headroom.json"
+
+
+def headroom_table(summary: dict[str, dict[str, float]], seeds: int) -> list[str]:
+    """The headroom probe's table (``docs/headroom.json``'s ``summary``): per head fitted alone on
+    the PromptKD students, the KD-loss reduction on the pool and on val, and the val HM change."""
+
+    def f(m: float, s: float) -> str:
+        return f"{m:+.2f}" + ("" if math.isnan(s) else f" ± {s:.2f}")
+
+    lines = [
+        f"| head fitted alone on the PromptKD student ({seeds} seeds) | KD loss reduction, pool | "
+        "KD loss reduction, val | val HM change |",
+        "|---|---|---|---|",
+    ]
+    for kind, r in summary.items():
+        lines.append(
+            f"| {kind} | {f(r['kd_pool_reduction_pct'], r['kd_pool_reduction_pct_sd'])}% | "
+            f"{f(r['kd_val_reduction_pct'], r['kd_val_reduction_pct_sd'])}% | "
+            f"{f(r['hm_change'], r['hm_change_sd'])} |"
+        )
+    return lines
+
+
+def paired_seeds_section(seeds_json: Path, headroom_json: Path) -> list[str]:
+    """The run that settles ComKD − PromptKD (``docs/paired_seeds.json``: one dataset, many paired
+    seeds) and the headroom probe (``docs/headroom.json``), when those files exist."""
+    lines: list[str] = []
+    if seeds_json.exists():
+        res = json.loads(seeds_json.read_text())
+        ((label, table),) = res.items()
+        n = len(_score(table["promptkd"]))
+        lines += [
+            f"## ComKD − PromptKD over {n} paired seeds ({label})",
+            "",
+            f"The CIFAR-10 shards regime of the table above, rerun with {n} seeds for PromptKD, ComKD and "
+            "ComKD without EduAttention (stage 0 shared, one teacher per seed, recommended recipe); "
+            f"reproduce with `{PAIRED_SEEDS_CMD}`. Figures from `{seeds_json.name}`.",
+            "",
+            *glance_section(res, heading=None)[:-2],
+        ]
+    if headroom_json.exists():
+        h = json.loads(headroom_json.read_text())
+        seeds = len(h["seeds"])
+        lines += [
+            "### Headroom: what any gate-type reading could add",
+            "",
+            "On each seed's saved PromptKD student (no retraining), each head below is fitted alone, "
+            "everything else frozen, to the same KD loss stage 2 minimises (full-batch Adam, "
+            f"{h['steps']} steps, lr {h['lr']}), on the unaugmented distillation pool; it starts as PromptKD "
+            "itself, so it can only lower the pool loss. Scored on the val pool (mean ± sd over seeds). "
+            f"Reproduce with `{HEADROOM_CMD}` (`{headroom_json.name}`).",
+            "",
+            *headroom_table(h["summary"], seeds),
+            "",
+        ]
+    return lines
+
+
 def write_results_page(
     results_json: str | Path,
     out_md: str | Path,
@@ -658,6 +719,9 @@ def write_results_page(
         "over seeds; HM is the harmonic mean of base and novel accuracy (per seed, then averaged).",
         "",
         *glance_section(results),
+        *paired_seeds_section(
+            results_json.with_name("paired_seeds.json"), results_json.with_name("headroom.json")
+        ),
         "## Setup",
         "",
         *_setup_section(extra.get("setup", {})),

@@ -334,3 +334,36 @@ def test_the_page_has_a_gap_share_figure_and_no_legend_over_the_bars(tmp_path) -
         plt.Figure.savefig = real
     assert seen["ylim"][0] > 40 and seen["ylim"][1] < 70  # zoomed: not from 0
     assert seen["ax_legend"] is None and len(seen["fig_legends"]) == 1  # one legend, outside the panels
+
+
+def test_paired_seeds_and_headroom_sections_read_their_files(tmp_path) -> None:
+    from experiments.results_page import paired_seeds_section
+
+    row = lambda hm: {"base": hm, "novel": hm, "hm": hm}  # noqa: E731
+    table = {
+        "teacher": row([60.0] * 4),
+        "student_zeroshot": row([50.0] * 4),
+        "promptkd": row([57.0, 56.0, 58.0, 57.0]),
+        "comkd": row([57.1, 56.2, 57.9, 57.2]),
+    }
+    seeds = tmp_path / "paired_seeds.json"
+    seeds.write_text(json.dumps({"cifar10_wds": table}))
+    summary = {
+        k: {
+            f"{m}{sd}": v
+            for m in ("kd_pool_reduction_pct", "kd_val_reduction_pct", "hm_change")
+            for sd, v in (("", 1.5), ("_sd", 0.25))
+        }
+        for k in ("cosine gate", "class bias")
+    }
+    head = tmp_path / "headroom.json"
+    head.write_text(json.dumps({"seeds": {"1": {}, "2": {}}, "steps": 400, "lr": 0.01, "summary": summary}))
+    text = "\n".join(paired_seeds_section(seeds, head))
+    assert "ComKD − PromptKD over 4 paired seeds (cifar10_wds)" in text
+    # paired differences +0.1, +0.2, -0.1, +0.2: mean +0.10, interval from the t quantile with 3 dof
+    diffs = [0.1, 0.2, -0.1, 0.2]
+    m, s = sum(diffs) / 4, (sum((d - 0.1) ** 2 for d in diffs) / 3) ** 0.5
+    half = 3.182446305284263 * s / 2
+    assert f"+{m:.2f} [{m - half:+.2f}, {m + half:+.2f}]" in text
+    assert "| cosine gate | +1.50 ± 0.25% | +1.50 ± 0.25% | +1.50 ± 0.25 |" in text and "2 seeds" in text
+    assert paired_seeds_section(tmp_path / "absent.json", tmp_path / "absent2.json") == []
