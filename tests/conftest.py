@@ -1,5 +1,6 @@
 """Shared test helpers: argv lists for cheap tiny runs, subprocess environments, thread pinning,
-and a toy task for the training loop."""
+tiny teacher and student files (``tiny_teacher_files``, ``write_tiny_student``), and a toy task for
+the training loop."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +91,53 @@ def one_thread() -> Iterator[None]:
     """Tiny models run as fast on one thread, and far steadier on a busy shared CPU."""
     with torch_threads(1):
         yield
+
+
+# -- shared tiny models on disk ------------------------------------------------------------------
+def write_tiny_student(
+    path: Path, classnames: list[str], *, seed: int = 0, alpha: float | None = None
+) -> Path:
+    """A tiny (undistilled) student file: ``comkd-tiny-student`` at 16 px against a 32-d teacher,
+    a random unit-norm W over ``classnames``; ``alpha`` sets EduAttention's gate."""
+    from comkd.models import create_student
+    from comkd.models.io import save_student
+
+    torch.manual_seed(seed)
+    s = create_student("comkd-tiny-student", None, teacher_dim=32, image_size=16)
+    s.set_text_features(torch.nn.functional.normalize(torch.randn(len(classnames), 32), dim=-1), classnames)
+    if alpha is not None:
+        with torch.no_grad():
+            s.edu_attention.alpha.fill_(alpha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_student(s, path)
+    return path
+
+
+def write_tiny_teacher(folder: Path, tag: str, seed: int) -> tuple[Path, Path]:
+    """Weights and prompts files of a random ``comkd-tiny-teacher`` (16 px) drawn with ``seed``:
+    ``folder/teacher_<tag>.safetensors`` and ``folder/prompts_<tag>.safetensors``."""
+    from safetensors.torch import save_file
+
+    from comkd.models import create_teacher, load_clip, save_clip_weights
+
+    torch.manual_seed(seed)
+    m = load_clip("comkd-tiny-teacher", None, image_size=16)
+    weights, prompts = folder / f"teacher_{tag}.safetensors", folder / f"prompts_{tag}.safetensors"
+    save_clip_weights(m.model, weights, m.name, m.config)
+    t = create_teacher("comkd-tiny-teacher", str(weights), image_size=16)
+    save_file({k: v.contiguous() for k, v in t.prompt_state_dict().items()}, str(prompts))
+    return weights, prompts
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_files(tmp_path_factory) -> dict[str, Path]:
+    """Two different random tiny teachers on disk: ``weights_a``/``prompts_a`` and ``weights_b``/
+    ``prompts_b`` (seeds 0 and 1), shared by every test that needs teacher files."""
+    d = tmp_path_factory.mktemp("tiny_teachers")
+    out = {}
+    for tag, seed in (("a", 0), ("b", 1)):
+        out[f"weights_{tag}"], out[f"prompts_{tag}"] = write_tiny_teacher(d, tag, seed)
+    return out
 
 
 # -- a toy task for the loop: a linear regression without batch statistics ---------------------

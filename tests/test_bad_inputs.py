@@ -63,25 +63,10 @@ def test_student_on_its_own_classes_still_evaluates(tmp_path) -> None:
 
 
 # -- item 13: a teacher cache from other teacher files --------------------------------------------
-def _teacher_files(tmp_path):
-    from comkd.models import create_teacher, load_clip, save_clip_weights
-
-    config = load_clip("comkd-tiny-teacher").config
-    out = {}
-    for tag, seed in (("a", 0), ("b", 1)):
-        torch.manual_seed(seed)
-        t = create_teacher("comkd-tiny-teacher", image_size=16)
-        out[f"weights_{tag}"] = tmp_path / f"teacher_{tag}.safetensors"
-        save_clip_weights(t.clip, out[f"weights_{tag}"], "comkd-tiny-teacher", config)
-        out[f"prompts_{tag}"] = tmp_path / f"prompts_{tag}.safetensors"
-        save_file({k: v.contiguous() for k, v in t.prompt_state_dict().items()}, str(out[f"prompts_{tag}"]))
-    return out
-
-
-def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path) -> None:
+def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path, tiny_teacher_files) -> None:
     from comkd.engine.cache_format import StaleCacheError, read_cache_info
 
-    f = _teacher_files(tmp_path)
+    f = tiny_teacher_files
     sets = [*TINY, "distill.optim.epochs=1", "distill.optim.warmup_epochs=0"]
     cfg = load_config(
         "demo", sets=[*sets, f"teacher.pretrained={f['weights_a']}", f"teacher.prompts={f['prompts_a']}"]

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from comkd import cli, load_student
-from comkd.models import ModelError, create_student, create_teacher, load_clip, save_clip_weights
+from comkd.models import ModelError, create_student, create_teacher
 from comkd.models.identity import check_teacher, teacher_identity
 from comkd.models.io import save_student
-from conftest import TINY_DISTILL_OPTS
+from conftest import TINY_DISTILL_OPTS, write_tiny_teacher
 
 NEW = ["cat", "dog", "bird"]
 
@@ -31,11 +30,9 @@ def _teacher(weights: Path, prompts: Path | None = None):
 def distilled(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("classes")
     for s in (0, 1):
-        torch.manual_seed(s)
-        m = load_clip("comkd-tiny-teacher", None, image_size=16)
-        save_clip_weights(m.model, d / f"t{s}.safetensors", m.name, m.config)
-        t = create_teacher("comkd-tiny-teacher", str(d / f"t{s}.safetensors"), image_size=16)
-        save_file({k: v.contiguous() for k, v in t.prompt_state_dict().items()}, str(d / f"p{s}.safetensors"))
+        w, p = write_tiny_teacher(d, str(s), s)
+        w.rename(d / f"t{s}.safetensors")
+        p.rename(d / f"p{s}.safetensors")
     r = CliRunner().invoke(
         cli.app,
         [

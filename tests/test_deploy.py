@@ -17,9 +17,7 @@ from typer.testing import CliRunner
 
 from comkd import cli, load_student
 from comkd.data import DataError, build_transform, collect_images
-from comkd.models import create_student
-from comkd.models.io import save_student
-from conftest import TINY_DISTILL_OPTS
+from conftest import TINY_DISTILL_OPTS, write_tiny_student
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COMKD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -38,14 +36,8 @@ def cifar_images(per_class: int, split: str = "test") -> list[str]:
 @pytest.fixture(scope="module")
 def student_file(tmp_path_factory) -> Path:
     """An (undistilled) tiny student with a random W over the CIFAR-10 names, saved as a student file."""
-    torch.manual_seed(0)
-    s = create_student("comkd-tiny-student", None, teacher_dim=32, image_size=16)
-    s.set_text_features(torch.nn.functional.normalize(torch.randn(10, 32), dim=-1), CLASSES)
-    with torch.no_grad():  # a non-zero gate, so EduAttention is part of what is checked
-        s.edu_attention.alpha.fill_(0.5)
-    path = tmp_path_factory.mktemp("student") / "student.safetensors"
-    save_student(s, path)
-    return path
+    # a non-zero gate, so EduAttention is part of what is checked
+    return write_tiny_student(tmp_path_factory.mktemp("student") / "student.safetensors", CLASSES, alpha=0.5)
 
 
 def test_loaded_student_has_preprocess_classnames_and_predict(student_file) -> None:

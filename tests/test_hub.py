@@ -14,15 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
 from comkd import cli
-from comkd.models import ModelError, create_student, load_student, save_student
+from comkd.models import ModelError, load_student, save_student
 from comkd.models.hub import parse_hub_ref
-from conftest import subprocess_env
+from conftest import subprocess_env, write_tiny_student
 
 CLASSES = ["cat", "dog", "ship"]
 TEACHER = {
@@ -36,11 +35,9 @@ TEACHER = {
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished run's folder: student file, results.json and config.yaml as distill writes them."""
-    torch.manual_seed(0)
-    s = create_student("comkd-tiny-student", None, teacher_dim=32, image_size=16)
-    s.set_text_features(torch.nn.functional.normalize(torch.randn(3, 32), dim=-1), CLASSES)
-    s.teacher_identity = dict(TEACHER)
     d = tmp_path_factory.mktemp("run")
+    s = load_student(write_tiny_student(d / "student.safetensors", CLASSES))
+    s.teacher_identity = dict(TEACHER)
     save_student(s, d / "student.safetensors")
     results = {
         "protocol": "base2novel",
