@@ -619,7 +619,12 @@ def glance_section(results: dict, heading: str | None = "## At a glance") -> lis
     out += [
         "Settings were chosen on validation pools only (the sweeps below); every figure here is on test "
         "images. The paired difference is per seed (same stage 0, same teacher), so seed-to-seed "
-        "variation shared by both methods cancels.",
+        "variation shared by both methods cancels. Rows marked (paper equations, project schedule) are "
+        "the paper's stage-2 reading (`--recipe paper`: dot-product EduAttention, random projector, "
+        "BatchNorm in training mode, SGD 0.005, EduAttention at 0.01× lr, which it needs to stay finite) "
+        "run on this project's schedule for the tiny CLIPs (the preset's batch size, epochs and crop, no "
+        "warm-up epoch): not PromptKD's published schedule (batch 8, 20 epochs at 224 px, one warm-up "
+        "epoch, crop 0.08–1), which no row here runs.",
         "",
     ]
     return out
@@ -731,7 +736,7 @@ def write_results_page(
         "no-ifalign, no-eduattention in the recipe), `comkd run --config cifar10_wds_paper` (promptkd and comkd in "
         "the paper's reading, reusing stages 0 and 1), the same pair for DTD-10 (`dtd10_tiny`, "
         "`dtd10_tiny_paper`), then `python -m experiments.results_page collect cifar10_wds=... cifar10_wds+paper=... dtd10=... dtd10+paper=... "
-        "--out docs/results.json` (a `LABEL+paper` run becomes the `(paper reading)` rows of `LABEL`) and the "
+        "--out docs/results.json` (a `LABEL+paper` run becomes the `(paper equations, project schedule)` rows of `LABEL`) and the "
         "`page` command above. Stage 0 runs once per dataset and is shared by the seeds, like a "
         "public pretrained CLIP; the run seed drives stage 1's shots, stage 1 and stage 2.",
         "",

@@ -13,7 +13,7 @@ from .sanity import banner
 # rows that are not distillation methods, then the method table's order and labels; a run folded in
 # as ``LABEL+VARIANT`` (results_page._merge_variants) adds ``<method>_<variant>`` rows, listed last
 _BASELINES = {"teacher": "Teacher (prompted)", "student_zeroshot": "Student, undistilled (zero-shot)"}
-_VARIANTS = {"paper": "paper reading"}
+_VARIANTS = {"paper": "paper equations, project schedule"}
 METHOD_ORDER = [*_BASELINES, *report_order(), *(f"{m}_{v}" for v in _VARIANTS for m in report_order())]
 LABELS = {
     **_BASELINES,
