@@ -206,7 +206,7 @@ def main(
         "docs/headroom.json"
     ),
     method: Annotated[str, typer.Option(help="The stage-2 folder probed in every seed.")] = "promptkd",
-    steps: Annotated[int, typer.Option(help="Full-batch Adam steps per head.")] = 400,
+    steps: Annotated[int, typer.Option(help="Full-batch Adam steps per head.")] = 1000,
     lr: Annotated[float, typer.Option(help="Adam learning rate of the heads.")] = 1e-2,
 ) -> None:
     """Fit each head alone on every seed's saved student; write per-seed figures and the summary."""

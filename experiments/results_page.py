@@ -631,7 +631,9 @@ def glance_section(results: dict, heading: str | None = "## At a glance") -> lis
 
 
 PAIRED_SEEDS_CMD = "bash experiments/run_paired_seeds.sh"
-HEADROOM_CMD = "python -m experiments.headroom runs/paired_seeds/cifar10_wds --out docs/headroom.json"
+HEADROOM_CMD = (
+    "python -m experiments.headroom runs/paired_seeds/cifar10_wds --out docs/headroom.json --steps 1000"
+)
 
 
 def headroom_table(summary: dict[str, dict[str, float]], seeds: int) -> list[str]:

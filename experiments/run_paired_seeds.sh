@@ -13,5 +13,5 @@ comkd run --config cifar10_wds "${SEEDS[@]}" --method promptkd --method comkd --
   --out-dir "$OUT/cifar10_wds" --resume --set progress=false
 python -m experiments.results_page collect "cifar10_wds=$OUT/cifar10_wds" \
   --out docs/paired_seeds.json --curves docs/paired_seeds_curves.json
-python -m experiments.headroom "$OUT/cifar10_wds" --out docs/headroom.json
+python -m experiments.headroom "$OUT/cifar10_wds" --out docs/headroom.json --steps 1000
 python -m experiments.results_page page --results docs/results.json --out docs/results.md
