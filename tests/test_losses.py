@@ -285,3 +285,40 @@ def test_the_textbook_kl_reading_matches_numpy_and_is_promptkds_times_n(tau: flo
     assert float(loss(s, t, u, u)["loss"]) == pytest.approx(got, rel=1e-6)
     with pytest.raises(ValueError, match="reduction must be one of"):
         kd_kl(s, t, tau, reduction="mean")
+
+
+# -- what IFAlign compares (distill.ifalign_on) ------------------------------------------------
+def test_ifalign_pairs_against_numpy() -> None:
+    from comkd.engine.tasks import ifalign_pair
+
+    g = torch.Generator().manual_seed(3)
+    feats = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    proj = 2.5 * torch.randn(6, 4, generator=g)
+    u_t = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    a, t = ifalign_pair(feats, None, u_t, "features")
+    assert a is feats and t is u_t
+    a, t = ifalign_pair(None, proj, u_t, "projected")
+    assert a is proj and t is u_t
+    a, t = ifalign_pair(None, proj, u_t, "projected_matched")
+    scale = np.linalg.norm(proj.numpy(), axis=1).mean()
+    assert a is proj
+    np.testing.assert_allclose(t.numpy(), u_t.numpy() * scale, rtol=1e-6)
+    with pytest.raises(ValueError, match="projected_matched"):
+        ifalign_pair(feats, proj, u_t, "logits")
+
+
+def test_matched_ifalign_ignores_the_students_scale_and_projected_does_not() -> None:
+    """P(f) = k · u_t: the matched reading sees no difference for any k, the plain one a scale gap."""
+    from comkd.engine.tasks import ifalign_pair
+    from comkd.losses import ifalign
+
+    g = torch.Generator().manual_seed(4)
+    u_t = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=-1)
+    for k in (0.3, 1.0, 7.0):
+        proj = (k * u_t).requires_grad_(True)
+        matched = ifalign(*ifalign_pair(None, proj, u_t, "projected_matched"))
+        plain = ifalign(*ifalign_pair(None, proj, u_t, "projected"))
+        assert float(matched) == pytest.approx(0.0, abs=1e-6)
+        assert (float(plain) > 1e-3) == (k != 1.0)
+        _, target = ifalign_pair(None, proj, u_t, "projected_matched")
+        assert not target.requires_grad  # the scale is a constant: no gradient flows through it

@@ -266,7 +266,8 @@ class DistillConfig:
     select: Literal["last", "promptkd"] = "last"
     teacher_cache: str | None = None  # a `comkd cache-teacher` file; 'auto' (comkd run): one per seed
     # docs/method.md, "Extensions"; the first value of each is the paper's reading
-    ifalign_on: Literal["features", "projected"] = "features"  # u_s, or P(f) before normalisation
+    # u_s; P(f) before normalisation against unit u_t; or against u_t at P(f)'s mean norm
+    ifalign_on: Literal["features", "projected", "projected_matched"] = "features"
     projector_init: Literal["random", "ridge"] = "random"  # ridge: closed-form fit to u_t before step 1
     ridge_lambda: float = 1e-3
     tower_lr_scale: float = 0.1  # student.scope=full: the tower learns at optim.lr × this

@@ -251,6 +251,30 @@ class TeacherOutputs:
         return self.teacher.encode_image(adapt_images(images, self.spec, self.teacher.preprocess))
 
 
+#: what IFAlign compares (``distill.ifalign_on``); see ``ifalign_pair``
+IFALIGN_ON = ("features", "projected", "projected_matched")
+
+
+def ifalign_pair(
+    features: torch.Tensor | None, projected: torch.Tensor | None, u_t: torch.Tensor, on: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two feature sets IFAlign matches, ``[B, d]`` each.
+
+    ``features``: u_s against u_t, both unit-norm (the paper). ``projected``: P(f) before its
+    normalisation against the unit-norm u_t, so IFAlign also pulls P(f)'s scale towards 1.
+    ``projected_matched``: P(f) against u_t scaled to P(f)'s mean norm over the batch (a constant,
+    no gradient): both sides on the same scale, so only the spread of P(f) around its scale and its
+    channel statistics are matched, not the scale itself (which the logits never see).
+    """
+    if on == "features":
+        return features, u_t
+    if on == "projected":
+        return projected, u_t
+    if on == "projected_matched":
+        return projected, u_t * projected.detach().norm(dim=-1).mean()
+    raise ValueError(f"ifalign_on must be one of {', '.join(IFALIGN_ON)}, got {on!r}")
+
+
 class DistillTask(TaskBase):
     """Stage 2: the student learns from the teacher's image features and logits on unlabelled
     images (labels in the batch are never read)."""
@@ -271,8 +295,8 @@ class DistillTask(TaskBase):
         super().__init__()
         self.student, self.teacher_outputs, self.loss = student, teacher_outputs, loss
         self.edu_lr_scale, self.tower_lr_scale = edu_lr_scale, tower_lr_scale
-        if ifalign_on not in ("features", "projected"):
-            raise ValueError(f"ifalign_on must be 'features' or 'projected', got {ifalign_on!r}")
+        if ifalign_on not in IFALIGN_ON:
+            raise ValueError(f"ifalign_on must be one of {', '.join(IFALIGN_ON)}, got {ifalign_on!r}")
         self.ifalign_on = ifalign_on
         self.w = text_features
         self.s_t = float(teacher_logit_scale)
@@ -302,15 +326,13 @@ class DistillTask(TaskBase):
         out = self._m("student", self.student)(images)
         # IFAlign's batch statistics are those of the global batch: under DDP every rank gathers
         # all ranks' features (differentiably); a single process uses its batch as it is
-        align = out.projected if self.ifalign_on == "projected" else out.features
-        return self.loss(
-            out.logits,
-            q_t,
-            out.features,
-            u_t,
-            align_features=gather_batch(align, grad=True),
-            align_targets=gather_batch(u_t.detach()),
+        align, targets = ifalign_pair(
+            gather_batch(out.features, grad=True) if self.ifalign_on == "features" else None,
+            gather_batch(out.projected, grad=True) if self.ifalign_on != "features" else None,
+            gather_batch(u_t.detach()),
+            self.ifalign_on,
         )
+        return self.loss(out.logits, q_t, out.features, u_t, align_features=align, align_targets=targets)
 
     def extra_metrics(self) -> dict[str, float]:
         edu = self.student.edu_attention
