@@ -283,7 +283,9 @@ def test_the_first_screen_states_the_paired_interval_and_a_verdict_that_follows_
     # the share of the gap: (57.03 - 50) / (61 - 50) = 64%
     assert "| ComKD-CLIP | 57.03 | 64% |" in text
     # paper-reading rows are compared with PromptKD in the same reading (+0.50, not -4.5)
-    paper_line = next(ln for ln in text.splitlines() if ln.startswith("| ComKD-CLIP (paper equations, project schedule)"))
+    paper_line = next(
+        ln for ln in text.splitlines() if ln.startswith("| ComKD-CLIP (paper equations, project schedule)")
+    )
     assert "+0.50 [" in paper_line
 
 
