@@ -46,6 +46,14 @@ def test_quick_bench_writes_all_figures(tmp_path):
     assert set(d["student_teacher_speedup_b64"]) == {"eager", "torchscript", "onnxruntime"}
     assert on_disk["deployed_onnxruntime_vs_eager_b64"] == d["vs_eager_speedup_b64"]["onnxruntime"] > 0
     assert max(d["max_abs_logit_diff_vs_eager"].values()) < 1e-3
+    peak = on_disk["matmul_peak"]  # the machine's limit, measured in the same run
+    assert peak["fp32_gflops_per_s"] == max(v for k, v in peak["shapes"].items() if k.startswith("fp32")) > 0
+    for role in ("teacher", "student"):
+        u = on_disk[f"paper_{role}_utilisation"]
+        assert u["gflops_per_s"] == pytest.approx(
+            on_disk[f"paper_{role}_images_per_s"] * on_disk[f"paper_{role}_gflops_per_image"]
+        )
+        assert u["mfu"] == pytest.approx(u["gflops_per_s"] / peak["fp32_gflops_per_s"]) and u["mfu"] > 0
     dp = on_disk["data_path"]  # shards vs a folder of the same images; streamed epoch memory
     if "skipped" not in dp:
         assert dp["read"]["images"] == 100 and all(v > 0 for v in dp["read"]["images_per_s"].values())
@@ -72,3 +80,43 @@ def test_full_bench_builds_the_paper_pair(no_weight_init):
     del teacher, student, w
     teacher, student, _ = paper_pair(FULL)
     assert student.preprocess.image_size == teacher.preprocess.image_size == FULL.paper_image_size
+
+
+def test_gemm_shapes_are_a_vit_blocks_and_the_timer_counts_two_flops_per_mac(monkeypatch) -> None:
+    from comkd.bench import limits
+
+    assert limits.gemm_shapes(768, 201, 8) == [(1608, 768, 3072), (1608, 3072, 768), (1608, 768, 2304)]
+    assert limits.paper_towers(224) == {"vit_l14": (1024, 257), "vit_b16": (768, 201)}
+    # perf_counter: the start, the loop's checks after 2 and 3 matmuls, the end: 3 matmuls in 2 s
+    ticks = iter([0.0, 0.0, 2.0, 2.0])
+    monkeypatch.setattr(limits.time, "perf_counter", lambda: next(ticks))
+    assert limits.time_gemm(10, 20, 30, torch.float32, torch.device("cpu"), min_s=1.0) == pytest.approx(
+        2 * 10 * 20 * 30 * 3 / 2.0 / 1e9
+    )
+
+
+def test_limits_section_reads_each_figure_against_the_peak(monkeypatch) -> None:
+    from comkd.bench import limits
+
+    monkeypatch.setattr(limits, "matmul_peak", lambda *a, **k: {"fp32_gflops_per_s": 100.0, "shapes": {}})
+    res = {
+        "paper_teacher_images_per_s": 0.5,
+        "paper_teacher_gflops_per_image": 100.0,
+        "paper_student_images_per_s": 2.0,
+        "paper_student_gflops_per_image": 20.0,
+        "deployed_student": {
+            "student": "ViT-B-16",
+            "batch": 64,
+            "latency_ms_b1": {"eager": 500.0, "onnxruntime": 250.0, "teacher_eager": 9.0},
+            "throughput_ips_b64": {"eager": 1.0, "teacher_eager": 9.0},
+        },
+    }
+    out = limits.limits_section(res, torch.device("cpu"), 1, 224, 0.0)
+    assert out["paper_teacher_utilisation"] == {"gflops_per_s": 50.0, "mfu": 0.5}
+    assert out["paper_student_utilisation"] == {"gflops_per_s": 40.0, "mfu": 0.4}
+    dep = out["deployed_student_utilisation"]
+    assert set(dep) == {"eager b1", "onnxruntime b1", "eager b64"}
+    assert dep["eager b1"]["gflops_per_s"] == pytest.approx(40.0) and dep["onnxruntime b1"][
+        "mfu"
+    ] == pytest.approx(0.8)
+    assert dep["eager b64"]["mfu"] == pytest.approx(0.2)

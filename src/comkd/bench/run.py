@@ -25,6 +25,7 @@ from ..models import TINY_STUDENT, TINY_TEACHER, Teacher, create_student, create
 from .errors import BenchError
 from .fixtures import digits, quiet
 from .inference import bench_deployed_student, bench_inference_paper, bench_inference_tiny
+from .limits import limits_section
 from .memory import bench_peak_memory
 from .report import machine_info, ordered, write_json
 from .sizes import FULL, QUICK, WEIGHTS_NOTE, BenchSizes
@@ -146,6 +147,10 @@ def _run_sections(
             lambda: bench_deployed_student(sz, work),
         ),
         ("data path: shards vs folder, streamed epoch memory", lambda: _data_path(shards, quick, threads)),
+        (
+            "machine limit: matmul peak and each paper-pair figure's share of it",
+            lambda: limits_section(res, dev, sz.peak_batch, sz.paper_image_size, sz.peak_min_s),
+        ),
     ]
     timings: dict[str, float] = {}
     for name, fn in sections:

@@ -51,6 +51,8 @@ class BenchSizes:
     deploy_paper: bool = True  # deployed-student runtimes: the paper pair (else the tiny pair at 32 px)
     deploy_batch: int = 64
     deploy_reps: int = 2
+    peak_batch: int = 8  # images in the matmul-peak GEMMs (rows = batch × tokens)
+    peak_min_s: float = 0.5  # seconds each GEMM shape is repeated for
 
 
 FULL = BenchSizes()
@@ -69,6 +71,8 @@ QUICK = BenchSizes(
     scaling_reps=1,
     memory_steps=2,
     deploy_paper=False,
+    peak_batch=2,
+    peak_min_s=0.05,
 )
 
 
