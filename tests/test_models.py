@@ -807,3 +807,31 @@ def test_a_student_file_records_the_readings_and_older_files_take_the_paper_read
     assert (old.edu_scale, old.renorm_fused) == ("sqrt_c", True)
     with pytest.raises(ModelError, match="edu_scale must be one of sqrt_c, temperature"):
         make_student(teacher, edu_scale="cube_root")
+
+
+def test_cpu_inference_in_chunks_gives_each_image_the_same_outputs() -> None:
+    """A batch larger than ``infer_chunk`` runs in chunks in eval mode without autograd: the same
+    outputs, image by image; training, autograd and export see the whole batch."""
+    from comkd.models import create_student
+
+    torch.manual_seed(0)
+    s = create_student("comkd-tiny-student", None, teacher_dim=32, image_size=16).eval()
+    s.set_text_features(torch.nn.functional.normalize(torch.randn(5, 32), dim=-1), list("abcde"))
+    with torch.no_grad():
+        s.edu_attention.alpha.fill_(0.5)
+    x = torch.randn(11, 3, 16, 16)
+    seen: list[int] = []
+    hook = s.visual.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        s.infer_chunk = 4
+        chunked = s(x, class_subset=[0, 2, 4])
+        assert seen == [4, 4, 3]
+        s.infer_chunk = 0
+        whole = s(x, class_subset=[0, 2, 4])
+    assert seen[-1] == 11
+    for f in ("features", "fused", "logits", "projected"):
+        torch.testing.assert_close(getattr(chunked, f), getattr(whole, f), rtol=1e-5, atol=1e-6)
+    s.infer_chunk = 4
+    s(x)  # autograd on: one pass
+    assert seen[-1] == 11
+    hook.remove()

@@ -137,3 +137,41 @@ def bench_deployed_student(sz: BenchSizes, work: Path) -> dict[str, Any]:
         "deployed_onnxruntime_vs_eager_b1": r["vs_eager_speedup_b1"]["onnxruntime"],
         f"deployed_onnxruntime_vs_eager_b{b}": r[f"vs_eager_speedup_b{b}"]["onnxruntime"],
     }
+
+
+def bench_eager_scaling(
+    sz: BenchSizes, device: torch.device, batches: tuple[int, ...] = (1, 8, 64)
+) -> dict[str, Any]:
+    """Eager images/s of the paper-pair student (no grad) at each batch size, as deployed (CPU
+    batches run in chunks of ``Student.infer_chunk``) and, at the largest batch, unchunked: the
+    figure the chunking exists for. Medians of 3 repetitions (2 at the largest batch)."""
+    import statistics
+
+    from .timing import sync
+
+    _, student, _ = paper_pair(sz, device)
+    s = sz.paper_image_size
+    g = torch.Generator().manual_seed(0)
+
+    def rate(b: int) -> float:
+        x = torch.randn(b, 3, s, s, generator=g).to(device)
+        times = []
+        with torch.no_grad():
+            student(x[: min(b, 8)])
+            for _ in range(2 if b == max(batches) else 3):
+                sync(device)
+                t0 = time.perf_counter()
+                student(x)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+        return b / statistics.median(times)
+
+    by_batch = {str(b): rate(b) for b in batches}
+    chunk, student.infer_chunk = student.infer_chunk, 0
+    unchunked = rate(max(batches))
+    student.infer_chunk = chunk
+    return {
+        "eager_student_images_per_s_by_batch": by_batch,
+        "eager_student_unchunked_images_per_s": {str(max(batches)): unchunked},
+        "eager_student_infer_chunk": chunk,
+    }

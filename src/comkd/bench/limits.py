@@ -100,7 +100,10 @@ def limits_section(res: dict[str, Any], device, batch: int, image_size: int, min
         ips, gf = res.get(f"paper_{role}_images_per_s"), res.get(f"paper_{role}_gflops_per_image")
         if ips and gf:
             out[f"paper_{role}_utilisation"] = utilisation(ips, gf, p32)
-    dep, gf = res.get("deployed_student"), res.get("paper_student_gflops_per_image")
+    by_batch, gf = res.get("eager_student_images_per_s_by_batch"), res.get("paper_student_gflops_per_image")
+    if isinstance(by_batch, dict) and gf:
+        out["eager_student_utilisation_by_batch"] = {b: utilisation(v, gf, p32) for b, v in by_batch.items()}
+    dep = res.get("deployed_student")
     if isinstance(dep, dict) and gf and dep.get("student") == "ViT-B-16":
         b = dep["batch"]
         rates = {

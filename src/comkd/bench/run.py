@@ -24,7 +24,12 @@ from ..engine.utils import resolve_device
 from ..models import TINY_STUDENT, TINY_TEACHER, Teacher, create_student, create_teacher
 from .errors import BenchError
 from .fixtures import digits, quiet
-from .inference import bench_deployed_student, bench_inference_paper, bench_inference_tiny
+from .inference import (
+    bench_deployed_student,
+    bench_eager_scaling,
+    bench_inference_paper,
+    bench_inference_tiny,
+)
 from .limits import limits_section
 from .memory import bench_peak_memory
 from .report import machine_info, ordered, write_json
@@ -57,7 +62,7 @@ def run_bench(
         progress: log each section as it starts (logger ``comkd.bench``, level INFO).
         shards: WebDataset shards for the data-path figures (default: CIFAR-10's in ../shared, if
             there; see ``comkd.bench.data_path``).
-        only: ``data`` runs the data-path section alone and merges it into an existing ``out``.
+        only: one section alone (``ONLY``: data, eager, limits), merged into an existing ``out``.
 
     Returns the dict written: ``machine`` (object), the numbers listed in ``FIGURES``,
     ``peak_memory_mb`` and ``epoch_time_s`` (objects) and supporting figures.
@@ -79,7 +84,7 @@ def run_bench(
         "sizes": asdict(sz),
     }
     if only is not None:
-        return _only_data(out, only, dev, shards, quick, threads, t_start, say)
+        return _only_data(out, only, dev, shards, quick, threads, t_start, say, old_threads)
     try:
         with tempfile.TemporaryDirectory(prefix="comkd-bench-") as tmp, quiet():
             timings = _run_sections(res, Path(tmp), dev, sz, shards, quick, threads, say)
@@ -95,6 +100,14 @@ def run_bench(
     return res
 
 
+#: the sections ``only`` runs alone
+ONLY = {
+    "data": "data path (shards vs folder, streamed epoch memory)",
+    "eager": "the paper student's eager images/s by batch",
+    "limits": "the machine's matmul peak and each figure's share of it",
+}
+
+
 def _only_data(
     out: Path,
     only: str,
@@ -104,16 +117,30 @@ def _only_data(
     threads: int | None,
     t_start: float,
     say: Say,
+    old_threads: int,
 ) -> dict[str, Any]:
-    """``only="data"``: the data-path section alone, merged into the JSON already at ``out``."""
-    if only != "data":
-        raise BenchError(f"only: {only!r} is not a section; choose 'data'")
-    say("bench: data path (shards vs folder, streamed epoch memory) ...")
+    """One section alone, merged into the JSON already at ``out``: ``data`` (the data path),
+    ``eager`` (the paper student's eager images/s by batch) or ``limits`` (the matmul peak, and the
+    utilisation of the figures already in ``out``)."""
+    if only not in ONLY:
+        raise BenchError(f"only: {only!r} is not a section; choose one of {', '.join(ONLY)}")
     prev = json.loads(out.read_text()) if out.exists() else {}
-    data = _data_path(shards, quick, threads)
-    data["data_path"]["machine"] = machine_info(dev)
-    data["data_path"]["wall_s"] = time.perf_counter() - t_start
-    res = {**prev, **data}
+    sz = QUICK if quick else FULL
+    say("bench: %s ...", ONLY[only])
+    try:
+        if only == "data":
+            part = _data_path(shards, quick, threads)
+            part["data_path"]["machine"] = machine_info(dev)
+            part["data_path"]["wall_s"] = time.perf_counter() - t_start
+        elif only == "eager":
+            part = bench_eager_scaling(sz, dev)
+        else:
+            part = limits_section(prev, dev, sz.peak_batch, sz.paper_image_size, sz.peak_min_s)
+    finally:
+        torch.set_num_threads(old_threads)
+    if only != "data":  # where and when this section ran (the rest of ``out`` may be older)
+        part[f"{only}_machine"] = {**machine_info(dev), "wall_s": time.perf_counter() - t_start}
+    res = {**prev, **part}
     write_json(out, res)
     return res
 

@@ -35,7 +35,11 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
     shards: Annotated[str | None, typer.Option(help="WebDataset shards for the data-path figures.")] = None,
     only: Annotated[
-        str | None, typer.Option(help="'data': only the data-path section, merged into --out.")
+        str | None,
+        typer.Option(
+            help="One section alone, merged into --out: data (the data path), eager (the paper "
+            "student's eager images/s at batch 1, 8, 64), limits (the matmul peak and each figure's share)."
+        ),
     ] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
