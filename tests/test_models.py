@@ -810,7 +810,7 @@ def test_a_student_file_records_the_readings_and_older_files_take_the_paper_read
 
 
 def test_cpu_inference_in_chunks_gives_each_image_the_same_outputs() -> None:
-    """A batch larger than ``infer_chunk`` runs in chunks in eval mode without autograd: the same
+    """A batch of more than ``infer_chunk_pixels`` input pixels runs in chunks in eval mode without autograd: the same
     outputs, image by image; training, autograd and export see the whole batch."""
     from comkd.models import create_student
 
@@ -823,15 +823,16 @@ def test_cpu_inference_in_chunks_gives_each_image_the_same_outputs() -> None:
     seen: list[int] = []
     hook = s.visual.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     with torch.no_grad():
-        s.infer_chunk = 4
+        s.infer_chunk_pixels = 4 * 16 * 16
         chunked = s(x, class_subset=[0, 2, 4])
         assert seen == [4, 4, 3]
-        s.infer_chunk = 0
+        s.infer_chunk_pixels = 0
         whole = s(x, class_subset=[0, 2, 4])
     assert seen[-1] == 11
     for f in ("features", "fused", "logits", "projected"):
         torch.testing.assert_close(getattr(chunked, f), getattr(whole, f), rtol=1e-5, atol=1e-6)
-    s.infer_chunk = 4
+    s.infer_chunk_pixels = 4 * 16 * 16
     s(x)  # autograd on: one pass
     assert seen[-1] == 11
+    assert s.infer_chunk_pixels // (16 * 16) == 4
     hook.remove()

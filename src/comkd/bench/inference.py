@@ -143,7 +143,7 @@ def bench_eager_scaling(
     sz: BenchSizes, device: torch.device, batches: tuple[int, ...] = (1, 8, 64)
 ) -> dict[str, Any]:
     """Eager images/s of the paper-pair student (no grad) at each batch size, as deployed (CPU
-    batches run in chunks of ``Student.infer_chunk``) and, at the largest batch, unchunked: the
+    batches run in chunks of ``Student.infer_chunk_pixels``) and, at the largest batch, unchunked: the
     figure the chunking exists for. Medians of 3 repetitions (2 at the largest batch)."""
     import statistics
 
@@ -167,11 +167,11 @@ def bench_eager_scaling(
         return b / statistics.median(times)
 
     by_batch = {str(b): rate(b) for b in batches}
-    chunk, student.infer_chunk = student.infer_chunk, 0
+    chunk, student.infer_chunk_pixels = student.infer_chunk_pixels, 0
     unchunked = rate(max(batches))
-    student.infer_chunk = chunk
+    student.infer_chunk_pixels = chunk
     return {
         "eager_student_images_per_s_by_batch": by_batch,
         "eager_student_unchunked_images_per_s": {str(max(batches)): unchunked},
-        "eager_student_infer_chunk": chunk,
+        "eager_student_infer_chunk_images": max(1, chunk // (s * s)),
     }

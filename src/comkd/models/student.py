@@ -252,12 +252,13 @@ class Student(nn.Module):
         prompts = getattr(self.visual, "prompts", None)
         return [p for p in self.visual.parameters() if p.requires_grad and p is not prompts]
 
-    #: CPU inference (eval mode, no autograd) runs a batch in chunks of this many images: past
-    #: about 8 images at 224 px the tower's activations leave the CPU's caches and its memory-bound
-    #: ops (GELU, copies, the attention's batched matmuls) slow down per image (ViT-B/16, one
-    #: thread: 3.06 images/s at batch 64 unchunked, 3.83 in chunks of 8, 3.76 of 16; batch 8 3.83);
-    #: each image's result is the same. 0: never chunk. Not on GPUs, nor while tracing or exporting.
-    infer_chunk: int = 8
+    #: CPU inference (eval mode, no autograd) runs a batch in chunks of at most this many input
+    #: pixels (8 images at 224 px): past that a ViT's activations leave the CPU's caches and its
+    #: memory-bound ops (GELU, copies, the attention's batched matmuls) slow down per image
+    #: (ViT-B/16, one thread: 3.10 images/s at batch 64 unchunked, 3.92 chunked; batch 8 3.87).
+    #: Small inputs (the tiny presets' 16-32 px) are rarely chunked. Each image's outputs are the
+    #: same. 0: never chunk. Not on GPUs, nor while tracing or exporting.
+    infer_chunk_pixels: int = 8 * 224 * 224
 
     def forward(
         self, images: torch.Tensor, class_subset: torch.Tensor | list[int] | None = None
@@ -267,9 +268,10 @@ class Student(nn.Module):
         ``class_subset``: indices into W; logits are sliced to those classes (base-to-novel
         evaluation). With ``attend='subset'`` EduAttention also only sees those classes.
         """
-        n = self.infer_chunk
+        n = max(1, self.infer_chunk_pixels // max(1, images.shape[-1] * images.shape[-2]))
         if (
-            n
+            self.infer_chunk_pixels
+            and images.device.type == "cpu"
             and images.shape[0] > n
             and not self.training
             and not torch.is_grad_enabled()
