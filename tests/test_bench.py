@@ -59,6 +59,9 @@ def test_quick_bench_writes_all_figures(tmp_path):
     assert set(res["eager_student_images_per_s_by_batch"]) == {"1", "8", "64"}
     assert all(v > 0 for v in res["eager_student_images_per_s_by_batch"].values())
     assert res["eager_student_unchunked_images_per_s"]["64"] > 0 and res["eager_machine"]["device"] == "cpu"
+    assert res["onnxruntime_vs_eager_b1"] == pytest.approx(
+        res["onnxruntime_student_images_per_s_b1"] / res["eager_student_images_per_s_by_batch"]["1"]
+    )
     assert res["comkd_vs_promptkd_step_ratio"] == on_disk["comkd_vs_promptkd_step_ratio"]  # kept
     res = run_bench(tmp_path / "bench.json", quick=True, device="cpu", threads=1, only="limits")
     assert set(res["eager_student_utilisation_by_batch"]) == {"1", "8", "64"}

@@ -167,6 +167,7 @@ def bench_eager_scaling(
         return b / statistics.median(times)
 
     by_batch = {str(b): rate(b) for b in batches}
+    onnx = _onnx_vs_eager_b1(student, s, by_batch.get("1"))
     chunk, student.infer_chunk_pixels = student.infer_chunk_pixels, 0
     unchunked = rate(max(batches))
     student.infer_chunk_pixels = chunk
@@ -174,4 +175,39 @@ def bench_eager_scaling(
         "eager_student_images_per_s_by_batch": by_batch,
         "eager_student_unchunked_images_per_s": {str(max(batches)): unchunked},
         "eager_student_infer_chunk_images": max(1, chunk // (s * s)),
+        **onnx,
     }
+
+
+def _onnx_vs_eager_b1(student, image_size: int, eager_ips: float | None) -> dict[str, Any]:
+    """ONNX Runtime's batch-1 images/s of the same student (exported as ``comkd export`` does, as
+    many intra-op threads as torch, ONNX Runtime's default full graph optimisation) and its ratio
+    to eager; empty without onnxruntime."""
+    import statistics
+    import tempfile
+
+    try:
+        from ..deploy.export import export_metadata, export_onnx
+        from ..deploy.onnx_runtime import OnnxStudent
+    except ImportError:
+        return {}
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="comkd-onnx-") as tmp:
+        path = Path(tmp) / "student.onnx"
+        export_onnx(student, path, export_metadata(student, {}))
+        ort = OnnxStudent(path, threads=torch.get_num_threads())
+        x = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+        ort.predict_logits(x)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            ort.predict_logits(x)
+            times.append(time.perf_counter() - t0)
+    ips = 1.0 / statistics.median(times)
+    out: dict[str, Any] = {"onnxruntime_student_images_per_s_b1": ips}
+    if eager_ips:
+        out["onnxruntime_vs_eager_b1"] = ips / eager_ips
+    return out
