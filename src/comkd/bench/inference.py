@@ -147,10 +147,18 @@ def bench_eager_scaling(
     figure the chunking exists for. Medians of 3 repetitions (2 at the largest batch)."""
     import statistics
 
+    import torch.nn.functional as F
+
+    from ..models import RANDOM_WEIGHTS, create_student
     from .timing import sync
 
-    _, student, _ = paper_pair(sz, device)
+    torch.manual_seed(0)  # the student alone (no ViT-L/14 to build): 768-d, as against the teacher
     s = sz.paper_image_size
+    student = create_student(
+        PAPER_STUDENT, RANDOM_WEIGHTS, teacher_dim=768, image_size=s, device=device
+    ).eval()
+    w = F.normalize(torch.randn(sz.paper_classes, 768, device=device), dim=-1)
+    student.set_text_features(w, [f"class {i}" for i in range(sz.paper_classes)])
     g = torch.Generator().manual_seed(0)
 
     def rate(b: int) -> float:

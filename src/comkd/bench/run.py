@@ -133,7 +133,7 @@ def _only_data(
             part["data_path"]["machine"] = machine_info(dev)
             part["data_path"]["wall_s"] = time.perf_counter() - t_start
         elif only == "eager":
-            part = bench_eager_scaling(sz, dev)
+            part = bench_eager_scaling(sz, dev, sz.eager_batches)
         else:
             part = limits_section(prev, dev, sz.peak_batch, sz.paper_image_size, sz.peak_min_s)
     finally:

@@ -52,6 +52,7 @@ class BenchSizes:
     deploy_batch: int = 64
     deploy_reps: int = 2
     peak_batch: int = 8  # images in the matmul-peak GEMMs (rows = batch × tokens)
+    eager_batches: tuple[int, ...] = (1, 8, 64)  # batch sizes of the eager-scaling figure
     peak_min_s: float = 0.5  # seconds each GEMM shape is repeated for
 
 
@@ -72,6 +73,7 @@ QUICK = BenchSizes(
     memory_steps=2,
     deploy_paper=False,
     peak_batch=2,
+    eager_batches=(1, 2, 8),
     peak_min_s=0.05,
 )
 
