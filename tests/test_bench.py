@@ -134,3 +134,31 @@ def test_limits_section_reads_each_figure_against_the_peak(monkeypatch) -> None:
         "mfu"
     ] == pytest.approx(0.8)
     assert dep["eager b64"]["mfu"] == pytest.approx(0.2)
+
+
+def test_the_gpu_check_runs_in_its_quick_form_and_writes_every_key(tmp_path) -> None:
+    """``comkd bench --profile gpu --quick`` on the CPU: every section's keys as on a GPU (bf16 and
+    CUDA memory null here), rates positive, utilisation against the measured peak."""
+    from typer.testing import CliRunner
+
+    from comkd import cli
+    from comkd.bench.gpu_check import GPU_QUICK, PRECISIONS, SECTIONS
+
+    out = tmp_path / "gpu.json"
+    r = CliRunner().invoke(
+        cli.app, ["bench", "--profile", "gpu", "--quick", "--device", "cpu", "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert set(SECTIONS) <= set(res) and res["quick"] is True and res["machine"]["device"] == "cpu"
+    peak = res["matmul_peak"]["fp32_gflops_per_s"]
+    for sec in ("teacher_forward", "distill_online", "distill_cached"):
+        assert set(PRECISIONS) <= set(res[sec]) and res[sec]["bf16"] is None
+        fp = res[sec]["fp32"]
+        assert fp["images_per_s"] > 0 and fp["peak_memory_mb"] is None
+        assert fp["mfu"] == pytest.approx(fp["gflops_per_s"] / peak)
+    assert "skipped" in res["distill_online"]["compiled"]
+    assert set(res["stage1_step_s"]) == {str(n) for n in GPU_QUICK.classes}
+    assert all(v["seconds"] > 0 for v in res["stage1_step_s"].values())
+    r = CliRunner().invoke(cli.app, ["bench", "--profile", "tpu", "--out", str(out)])
+    assert r.exit_code == 2 and "--profile" in r.output

@@ -15,6 +15,7 @@ from .common import (
     _print_json,
     _run,
     _setup_logging,
+    _usage_error,
     app,
 )
 from .options import (
@@ -41,11 +42,29 @@ def bench(
             "student's eager images/s at batch 1, 8, 64), limits (the matmul peak and each figure's share)."
         ),
     ] = None,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="cpu: the benchmarks above; gpu: the GPU check (paper pair, random weights: stage-2 "
+            "images/s online and cached, bf16, torch.compile, stage-1 step time, peak memory, utilisation)."
+        ),
+    ] = "cpu",
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Speed and memory benchmarks (JSON with machine and versions)."""
     _setup_logging(verbose, quiet)
+    if profile not in ("cpu", "gpu"):
+        _usage_error(f"--profile: {profile!r} is not allowed; choose cpu or gpu")
+    if profile == "gpu":
+        from ..bench.gpu_check import gpu_check
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        _print_json(_run(lambda: gpu_check(out, quick=quick, device=device)))
+        return
     from ..bench import run_bench
 
     _print_json(run_bench(out, quick=quick, device=device, threads=threads, shards=shards, only=only))
