@@ -73,6 +73,13 @@ def test_quick_bench_writes_all_figures(tmp_path):
         assert dp["read"]["images"] == 100 and all(v > 0 for v in dp["read"]["images_per_s"].values())
         assert dp["distill_epoch"]["pool_items"] == {"1x": 64, "2x": 128, "4x": 256}
         assert all(math.isfinite(v) for v in dp["distill_epoch"]["peak_mb"].values())
+        dec = dp["decode"]
+        if "skipped" not in dec:  # PIL vs torchvision's decoder on the same JPEGs, per core
+            assert dec["pil_images_per_s_per_core"] > 0 and dec["torchvision_images_per_s_per_core"] > 0
+            assert dec["torchvision_vs_pil"] == pytest.approx(
+                dec["torchvision_images_per_s_per_core"] / dec["pil_images_per_s_per_core"]
+            )
+            assert dec["pil_cores_to_feed_gpu"][0] == pytest.approx(1300 / dec["pil_images_per_s_per_core"])
 
 
 @pytest.fixture

@@ -185,4 +185,96 @@ def bench_data_path(shards: str | None, quick: bool = False, threads: int = 1) -
     items = 100 if quick else len(scan_shard(expand_shards(found)[0]))
     res = {"shards": found, "read": read_rate(found, items, reps=1 if quick else 3)}
     res["distill_epoch"] = epoch_peak_memory(found, 64 if quick else 1000, threads=threads)
+    res["decode"] = decode_section(quick)
     return {"data_path": res}
+
+
+#: what a GPU's stage 2 would need from the host: the paper pair's stage-2 rate estimated from
+#: FLOPs for one H200-class GPU (online teacher; several times more from the teacher cache)
+GPU_STAGE2_IMAGES_PER_S = (1300, 2500)
+
+
+def decode_section(quick: bool) -> dict[str, Any]:
+    """``decode_rates`` on DTD-10's JPEGs next to the repository (``skipped`` without them), with
+    the cores each decoder would need to feed ``GPU_STAGE2_IMAGES_PER_S``."""
+    if not Path(DEFAULT_DECODE_FOLDER).is_dir():
+        return {"skipped": f"no JPEG folder at {DEFAULT_DECODE_FOLDER}"}
+    r = decode_rates(DEFAULT_DECODE_FOLDER, 40 if quick else 200, reps=1 if quick else 2)
+    lo, hi = GPU_STAGE2_IMAGES_PER_S
+    r["gpu_stage2_images_per_s_estimate"] = [lo, hi]
+    for name in ("pil", "torchvision"):
+        per_core = r[f"{name}_images_per_s_per_core"]
+        r[f"{name}_cores_to_feed_gpu"] = [lo / per_core, hi / per_core]
+    return r
+
+
+DEFAULT_DECODE_FOLDER = "../shared/data/dtd10/images"
+
+
+def decode_rates(folder: str | Path, n: int = 200, size: int = 224, reps: int = 2) -> dict[str, Any]:
+    """Images per second on one core to read, decode and crop the paper's training view
+    (RandomResizedCrop(``size``, 0.08-1), flip, to a float tensor) of ``n`` JPEG files, with PIL and
+    with torchvision's decoder (``torchvision.io.decode_jpeg``, libjpeg-turbo), and how far the two
+    decoders' pixels differ on the same files (0-255 levels, before any crop)."""
+    import random
+
+    import numpy as np
+    import torch
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    files = sorted(str(p) for p in Path(folder).rglob("*.jpg"))[:n]
+    if not files:
+        raise FileNotFoundError(f"no .jpg files under {folder}")
+    view = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+    def pil(path: str) -> torch.Tensor:
+        with Image.open(path) as im:
+            return view(T.functional.pil_to_tensor(im.convert("RGB")))
+
+    def tv(path: str) -> torch.Tensor:
+        return view(decode_jpeg(read_file(path), mode=ImageReadMode.RGB))
+
+    out: dict[str, Any] = {"files": len(files), "size": size, "folder": str(folder)}
+    import warnings
+
+    # torchvision 0.29 deprecates its decoders (superseded by TorchCodec) and warns on every call
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for name, fn in (("pil", pil), ("torchvision", tv)):
+                random.seed(0)
+                torch.manual_seed(0)
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    for f in files:
+                        fn(f)
+                    best = min(best, time.perf_counter() - t0)
+                out[f"{name}_images_per_s_per_core"] = len(files) / best
+            diffs = []
+            for f in files[:50]:
+                with Image.open(f) as im:
+                    a = np.asarray(im.convert("RGB"), dtype=np.int16)
+                b = (
+                    decode_jpeg(read_file(f), mode=ImageReadMode.RGB)
+                    .permute(1, 2, 0)
+                    .numpy()
+                    .astype(np.int16)
+                )
+                diffs.append(np.abs(a - b))
+            out["max_abs_pixel_diff"] = int(max(d.max() for d in diffs))
+            out["mean_abs_pixel_diff"] = float(np.mean([d.mean() for d in diffs]))
+        finally:
+            torch.set_num_threads(threads)
+    out["torchvision_vs_pil"] = out["torchvision_images_per_s_per_core"] / out["pil_images_per_s_per_core"]
+    return out
