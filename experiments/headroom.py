@@ -213,7 +213,6 @@ def main(
     from comkd.engine.utils import write_json
     from experiments.results_page import headroom_table
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     res = json.loads((run_dir / "results.json").read_text())
     ((ds_key, _),) = res["datasets"].items()
     per_seed = {}

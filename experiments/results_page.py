@@ -562,7 +562,7 @@ def _score(row: dict) -> list[float]:
     return list(row["hm"] if "hm" in row else row["acc"])
 
 
-def glance_section(results: dict, heading: str | None = "## At a glance") -> list[str]:
+def glance_section(results: dict, heading: str | None = "## At a glance", footer: bool = True) -> list[str]:
     """The first screen: per dataset one table (teacher, undistilled student, each method, the
     share of the teacher gap each closes, and each method − PromptKD over paired seeds with its 95%
     interval and the smallest difference the seeds could detect at 80% power), then a verdict
@@ -616,6 +616,8 @@ def glance_section(results: dict, heading: str | None = "## At a glance") -> lis
                     f"{verdict['n']} paired seeds: a measurable {side}."
                 )
             out += [said, ""]
+    if not footer:
+        return out
     out += [
         "Settings were chosen on validation pools only (the sweeps below); every figure here is on test "
         "images. The paired difference is per seed (same stage 0, same teacher), so seed-to-seed "
@@ -672,7 +674,7 @@ def paired_seeds_section(seeds_json: Path, headroom_json: Path) -> list[str]:
             "ComKD without EduAttention (stage 0 shared, one teacher per seed, recommended recipe); "
             f"reproduce with `{PAIRED_SEEDS_CMD}`. Figures from `{seeds_json.name}`.",
             "",
-            *glance_section(res, heading=None)[:-2],
+            *glance_section(res, heading=None, footer=False),
         ]
     if headroom_json.exists():
         h = json.loads(headroom_json.read_text())

@@ -110,8 +110,8 @@ def _pair(sz: GpuSizes, device: torch.device):
     return build_pair(sz.teacher, sz.student, sz.image_size, max(sz.classes), device)
 
 
-def _distill_step(student, teacher, w, device, outputs):
-    """One ComKD optimiser step (AdamW) on a random batch, the teacher online or from a table."""
+def _distill_task(student, teacher, w, outputs):
+    """The ComKD task and its AdamW optimiser, the teacher online (``outputs`` None) or from a table."""
     from ..engine.tasks import DistillTask, TeacherOutputs
     from ..losses import build_loss
 
@@ -138,7 +138,7 @@ def gpu_check(out: str | Path, *, quick: bool = False, device: str = "auto") -> 
     dev = resolve_device(device)
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    peak = matmul_peak(dev, sz.peak_batch, sz.peak_min_s, paper_towers(max(sz.image_size, 28)))
+    peak = matmul_peak(dev, sz.peak_batch, sz.peak_min_s, paper_towers(sz.image_size))
     res: dict[str, Any] = {
         "machine": machine_info(dev),
         "quick": quick,
@@ -187,7 +187,7 @@ def _distill_sections(sz, dev, teacher, student, w, x, p32, pbf) -> tuple[dict, 
     out: dict[str, dict] = {"distill_online": {}, "distill_cached": {}}
     for kind in out:
         table = None if kind == "distill_online" else (lambda images, indices, epoch: u_t[indices])
-        task, opt = _distill_step(student, teacher, w, dev, table)
+        task, opt = _distill_task(student, teacher, w, table)
 
         def step(prec: str, task=task, opt=opt):
             def fn():

@@ -147,18 +147,12 @@ def bench_eager_scaling(
     figure the chunking exists for. Medians of 3 repetitions (2 at the largest batch)."""
     import statistics
 
-    import torch.nn.functional as F
-
-    from ..models import RANDOM_WEIGHTS, create_student
+    from ..deploy.bench import build_student
     from .timing import sync
 
-    torch.manual_seed(0)  # the student alone (no ViT-L/14 to build): 768-d, as against the teacher
+    torch.manual_seed(0)  # the student alone (no ViT-L/14 to build), against a 768-d teacher
     s = sz.paper_image_size
-    student = create_student(
-        PAPER_STUDENT, RANDOM_WEIGHTS, teacher_dim=768, image_size=s, device=device
-    ).eval()
-    w = F.normalize(torch.randn(sz.paper_classes, 768, device=device), dim=-1)
-    student.set_text_features(w, [f"class {i}" for i in range(sz.paper_classes)])
+    student, _ = build_student(PAPER_STUDENT, s, sz.paper_classes, 768, device)
     g = torch.Generator().manual_seed(0)
 
     def rate(b: int) -> float:
@@ -195,14 +189,12 @@ def _onnx_vs_eager_b1(student, image_size: int, eager_ips: float | None) -> dict
     import tempfile
 
     try:
-        from ..deploy.export import export_metadata, export_onnx
-        from ..deploy.onnx_runtime import OnnxStudent
-    except ImportError:
-        return {}
-    try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return {}
+    from ..deploy.export import export_metadata, export_onnx
+    from ..deploy.onnx_runtime import OnnxStudent
+
     with tempfile.TemporaryDirectory(prefix="comkd-onnx-") as tmp:
         path = Path(tmp) / "student.onnx"
         export_onnx(student, path, export_metadata(student, {}))

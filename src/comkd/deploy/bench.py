@@ -39,6 +39,19 @@ def _time(fns: dict[str, Any], x: torch.Tensor, reps: int, warmup: dict[str, int
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def build_student(
+    student_name: str, image_size: int, classes: int, teacher_dim: int, device: str | torch.device = "cpu"
+) -> tuple[Student, torch.Tensor]:
+    """The benchmarked student in eval mode, random weights on purpose, and W: ``classes`` random
+    unit rows of ``teacher_dim`` stored in it (the random state is the caller's)."""
+    student = create_student(
+        student_name, RANDOM_WEIGHTS, teacher_dim=teacher_dim, image_size=image_size, device=device
+    )
+    w = F.normalize(torch.randn(classes, teacher_dim, device=device), dim=-1)
+    student.set_text_features(w, [f"class {i}" for i in range(classes)])
+    return student.eval(), w
+
+
 def build_pair(
     teacher_name: str,
     student_name: str,
@@ -51,12 +64,8 @@ def build_pair(
     needed), and W: ``classes`` random unit rows stored in the student."""
     torch.manual_seed(0)
     teacher = create_teacher(teacher_name, RANDOM_WEIGHTS, image_size=image_size, device=device).eval()
-    student = create_student(
-        student_name, RANDOM_WEIGHTS, teacher_dim=teacher.embed_dim, image_size=image_size, device=device
-    )
-    w = F.normalize(torch.randn(classes, teacher.embed_dim, device=device), dim=-1)
-    student.set_text_features(w, [f"class {i}" for i in range(classes)])
-    return teacher, student.eval(), w
+    student, w = build_student(student_name, image_size, classes, teacher.embed_dim, device)
+    return teacher, student, w
 
 
 def bench_deployed(

@@ -255,7 +255,7 @@ class Student(nn.Module):
     #: CPU inference (eval mode, no autograd) runs a batch in chunks of at most this many input
     #: pixels (8 images at 224 px): past that a ViT's activations leave the CPU's caches and its
     #: memory-bound ops (GELU, copies, the attention's batched matmuls) slow down per image
-    #: (ViT-B/16, one thread: 3.10 images/s at batch 64 unchunked, 3.92 chunked; batch 8 3.87).
+    #: (ViT-B/16 at 224 px, one thread: `comkd bench --only eager`, docs/performance.md).
     #: Small inputs (the tiny presets' 16-32 px) are rarely chunked. Each image's outputs are the
     #: same. 0: never chunk. Not on GPUs, nor while tracing or exporting.
     infer_chunk_pixels: int = 8 * 224 * 224
@@ -268,15 +268,8 @@ class Student(nn.Module):
         ``class_subset``: indices into W; logits are sliced to those classes (base-to-novel
         evaluation). With ``attend='subset'`` EduAttention also only sees those classes.
         """
-        n = max(1, self.infer_chunk_pixels // max(1, images.shape[-1] * images.shape[-2]))
-        if (
-            self.infer_chunk_pixels
-            and images.device.type == "cpu"
-            and images.shape[0] > n
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not _exporting()
-        ):
+        n = self._chunk(images) if not self.training else 0  # training: one attribute check
+        if n:
             parts = [self._forward(images[i : i + n], class_subset) for i in range(0, images.shape[0], n)]
             return StudentOutput(
                 **{
@@ -287,6 +280,19 @@ class Student(nn.Module):
                 }
             )
         return self._forward(images, class_subset)
+
+    def _chunk(self, images: torch.Tensor) -> int:
+        """Images per chunk for this inference batch; 0: run it whole (small batch, GPU, autograd on,
+        tracing or export)."""
+        if (
+            not self.infer_chunk_pixels
+            or images.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or _exporting()
+        ):
+            return 0
+        n = max(1, self.infer_chunk_pixels // max(1, images.shape[-1] * images.shape[-2]))
+        return n if images.shape[0] > n else 0
 
     def _forward(self, images: torch.Tensor, class_subset) -> StudentOutput:
         w = self.text_features
