@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from comkd.config import OptimConfig
 from comkd.engine.loop import fit
-from comkd.engine.utils import MetricsLog, init_distributed, is_main, rank, world_size
+from comkd.engine.utils import MetricsLog, init_distributed, is_main, rank, shutdown_distributed, world_size
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -78,6 +78,7 @@ def run(out):
 
 if __name__ == "__main__":
     run(sys.argv[1])
+    shutdown_distributed()  # what a finished comkd command does (cli.common._run)
 """
 
 
@@ -279,3 +280,23 @@ def test_ddp_ifalign_uses_global_batch_statistics(tmp_path):
     s1, s2 = load_file(str(one / "student.safetensors")), load_file(str(two / "student.safetensors"))
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_a_finished_command_leaves_the_process_group(tmp_path):
+    """A rank that exits with its gloo group alive can abort in thread teardown after its work is
+    written (seen in CI); a command that finishes meets the other ranks and destroys the group."""
+    import torch.distributed as dist
+
+    from comkd.cli.common import _run
+    from comkd.engine.utils import shutdown_distributed
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert _run(lambda: 7) == 7
+        assert not dist.is_initialized()
+        shutdown_distributed()  # idempotent: nothing left to leave
+        shutdown_distributed(wait=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -101,7 +102,9 @@ def _run(fn):
     from ..models import ModelError
 
     try:
-        return fn()
+        result = fn()
+        _leave_process_group()
+        return result
     except (ConfigError, DataError, ModelError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -111,6 +114,16 @@ def _run(fn):
             raise
         typer.secho(f"error: {msg}", fg="red", err=True)
         raise typer.Exit(1) from None
+
+
+def _leave_process_group() -> None:
+    """After a command finished under torchrun, meet the other ranks and destroy the group (a rank
+    that exits with the group alive can abort in gloo's thread teardown, failing a finished run)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from ..engine.utils import shutdown_distributed
+
+        shutdown_distributed()
 
 
 def _disk_error(e: BaseException) -> str | None:

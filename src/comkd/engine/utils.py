@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -67,9 +68,28 @@ def init_distributed() -> bool:
         return dist.is_initialized()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend)
+    # A group left alive at interpreter exit races gloo's threads against their destructors: now
+    # and then a rank aborts ("terminate called without an active exception") after all its work
+    # is written. Commands leave it cleanly (cli.common._run); this hook covers every other exit.
+    atexit.register(shutdown_distributed, wait=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return True
+
+
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group if one is up (idempotent).
+
+    With ``wait`` (a clean finish) the ranks first meet at a barrier, so none closes its
+    connections while a peer still uses them. The exit hook ``init_distributed`` registers does not
+    wait: a rank that failed must not leave the others hanging in a barrier.
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def rank() -> int:
