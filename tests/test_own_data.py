@@ -322,6 +322,8 @@ def test_full_protocol_on_a_labelled_dataset_uses_its_own_shots_and_test_split(t
         *TINY,
         "--set",
         "data.dataset=digits",
+        "--set",
+        "pretrain.optim.epochs=2",  # what is checked is the protocol's splits, not the towers' skill
     ]
     r = CliRunner().invoke(cli.app, args)
     assert r.exit_code == 0, r.output
