@@ -298,6 +298,8 @@ def test_cli_names_the_csv_with_a_phantom_label(tmp_path) -> None:
         ("distill.temperature=0", "distill.temperature"),
         ("distill.align_weight=-1", "distill.align_weight"),
         ("log_every=0", "log_every"),
+        ("ckpt_interval_s=-1", "ckpt_interval_s"),
+        ("ckpt_interval_s=.nan", "ckpt_interval_s"),
         ("distill.optim.lr=.inf", "distill.optim.lr"),
         ("distill.optim.lr=.nan", "distill.optim.lr"),
         ("pretrain.optim.lr=1e39", "pretrain.optim.lr"),

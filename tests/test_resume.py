@@ -70,6 +70,24 @@ def test_in_process_resume_mid_epoch_matches_uninterrupted(tmp_path):
     )
 
 
+def test_epoch_end_checkpoints_wait_for_the_interval_but_the_last_epoch_is_always_saved(tmp_path):
+    """``ckpt_interval_s`` skips epoch-end checkpoints (sub-second epochs spent their time saving);
+    the training itself is untouched, and the last epoch's checkpoint is written."""
+    ref = _toy_fit(tmp_path / "every", ToyTask(noise=True))
+    _toy_fit(tmp_path / "cut", ToyTask(noise=True), ckpt_interval_s=1e9, stop_after_steps=17)
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # two epoch ends passed, none was due
+    task = ToyTask(noise=True)
+    res = _toy_fit(tmp_path / "rare", task, ckpt_interval_s=1e9)
+    state = torch.load(tmp_path / "rare" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["global_step"]) == (3, 0, 24)
+    assert torch.equal(state["modules"]["model"]["weight"], task.model.weight)
+    assert _strip(res.history) == _strip(ref.history)
+    # a short interval is met at every epoch end: the same checkpoints as the default
+    res = _toy_fit(tmp_path / "short", ToyTask(noise=True), ckpt_interval_s=1e-9, stop_after_steps=17)
+    state = torch.load(tmp_path / "short" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (2, 16)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError) as e:

@@ -304,6 +304,9 @@ class RunConfig:
     eval_split: str = "test"  # the split protocol runs report; `val` to choose settings without test images
     log_every: int = 10
     ckpt_every: int = 0  # also checkpoint every N optimiser steps (0: at epoch ends only)
+    # skip an epoch-end checkpoint written less than this many seconds after the last one (the last
+    # epoch's is always written): many sub-second epochs otherwise spend their time saving
+    ckpt_interval_s: float = 0.0
     tensorboard: bool = False
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
@@ -325,6 +328,10 @@ class RunConfig:
         if self.ckpt_every < 0:
             raise ConfigError(
                 f"{prefix}ckpt_every: must be >= 0 (0: at epoch ends only), got {self.ckpt_every}"
+            )
+        if not self.ckpt_interval_s >= 0:  # also refuses NaN
+            raise ConfigError(
+                f"{prefix}ckpt_interval_s: must be >= 0 seconds (0: every epoch end), got {self.ckpt_interval_s}"
             )
         _check_device(self.device, f"{prefix}device")
 

@@ -103,6 +103,7 @@ def fit(
     resume: bool = False,
     log_every: int = 10,
     ckpt_every: int = 0,
+    ckpt_interval_s: float = 0.0,
     progress: bool = True,
     num_workers: int = 0,
     on_epoch_end: Callable[[int], dict] | None = None,
@@ -111,7 +112,8 @@ def fit(
     """Train ``task`` on ``dataset`` for ``cfg.epochs`` epochs.
 
     Checkpoints go to ``out_dir/checkpoint.pt`` (atomic; every epoch end and every ``ckpt_every``
-    optimiser steps). With ``resume`` the run continues from that file mid-epoch, and its final
+    optimiser steps; an epoch end less than ``ckpt_interval_s`` seconds after the last checkpoint
+    is skipped, except the last epoch's). With ``resume`` the run continues from that file mid-epoch, and its final
     state equals an uninterrupted run's with the same seed. ``on_epoch_end(epoch)`` may return
     evaluation metrics, logged with the epoch record. ``stop_after_steps`` ends the run early (tests).
     """
@@ -126,7 +128,7 @@ def fit(
             if stop_after_steps is not None and run.global_step >= stop_after_steps:
                 run.close_bar()
                 return run.result
-        run.end_epoch(epoch, on_epoch_end)
+        run.end_epoch(epoch, on_epoch_end, ckpt_interval_s)
     run.result.checkpoint = run.ckpt_path
     return run.result
 
@@ -239,7 +241,7 @@ class _Trainer:
             self.prev_path.unlink(missing_ok=True)
         # a log (stderr not a terminal) gets a line per epoch, and one a minute inside a long epoch
         self.lines = self.progress and is_main() and not show_progress(self.progress)
-        self.t_fit = self.t_line = time.perf_counter()
+        self.t_fit = self.t_line = self.t_saved = time.perf_counter()
         self.lr_now = self.optimizer.param_groups[0]["lr"]
 
     def save(self, epoch: int, batch: int) -> None:
@@ -265,6 +267,7 @@ class _Trainer:
                 },
                 self.ckpt_path,
             )
+        self.t_saved = time.perf_counter()
         self.saved_steps[:] = [*self.saved_steps[-1:], self.global_step]
         barrier()
 
@@ -376,9 +379,11 @@ class _Trainer:
         if self.bar is not None:
             self.bar.close()
 
-    def end_epoch(self, epoch: int, on_epoch_end: Callable[[int], dict] | None) -> None:
+    def end_epoch(
+        self, epoch: int, on_epoch_end: Callable[[int], dict] | None, ckpt_interval_s: float = 0.0
+    ) -> None:
         """The epoch record (means over the ranks, the task's metrics, ``on_epoch_end``'s), its
-        log line, and the epoch-end checkpoint."""
+        log line, and the epoch-end checkpoint when due (the last epoch's always)."""
         self.close_bar()
         task = self.task
         n = all_reduce_sum(torch.tensor(float(self.count), device=self.device))
@@ -406,8 +411,24 @@ class _Trainer:
             )
         if self.metrics is not None and is_main():
             self.metrics.log(rec)
-        self.save(epoch + 1, 0)
+        # every rank decides alike: rank 0's clock, sent to the others (save() holds a barrier)
+        due = (
+            epoch + 1 == self.cfg.epochs
+            or ckpt_interval_s <= 0
+            or _all_agree(time.perf_counter() - self.t_saved >= ckpt_interval_s, self.device)
+        )
+        if due:
+            self.save(epoch + 1, 0)
         self.start_batch = 0
+
+
+def _all_agree(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (one broadcast under torchrun; ``flag`` itself otherwise)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def _bad_step(bad_step: torch.Tensor) -> int:

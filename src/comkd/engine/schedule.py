@@ -34,9 +34,13 @@ def lr_at(cfg: OptimConfig, base_lr: float, epoch: int, step_in_epoch: int, step
 
 
 def build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """SGD or AdamW over ``groups``, with the multi-tensor (``foreach``) update on every device: on
+    a CPU it equals the default per-tensor loop bit for bit and is faster over many small tensors."""
     for g in groups:
         g.setdefault("lr", cfg.lr * g.pop("lr_scale", 1.0))
         g["base_lr"] = g["lr"]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
+        )
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)

@@ -79,7 +79,17 @@ def start_stage(
 
 # settings a resumed run may change: where it runs and what it prints, not what it computes
 RESUME_FREE = frozenset(
-    {"device", "output_dir", "protocol", "eval_split", "log_every", "ckpt_every", "tensorboard", "progress"}
+    {
+        "device",
+        "output_dir",
+        "protocol",
+        "eval_split",
+        "log_every",
+        "ckpt_every",
+        "ckpt_interval_s",
+        "tensorboard",
+        "progress",
+    }
 )
 RESUME_FREE_KEYS = frozenset({"data.num_workers", "data.eval_batch_size"})  # and every *.optim.amp
 
@@ -147,6 +157,7 @@ def _fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: Metric
         "resume": resume,
         "log_every": cfg.log_every,
         "ckpt_every": cfg.ckpt_every,
+        "ckpt_interval_s": cfg.ckpt_interval_s,
         "progress": cfg.progress,
         "num_workers": cfg.data.num_workers,
     }
