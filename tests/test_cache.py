@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from comkd.config import OptimConfig
+from comkd.config import OptimConfig, load_config
 from comkd.data import build_dataset, build_transform, derive_view_seed
 from comkd.data.dataset import ImageDataset
 from comkd.engine import cache_read
+from comkd.engine import pipeline as P
 from comkd.engine.cache_build import build_teacher_cache
 from comkd.engine.cache_format import StaleCacheError, read_cache_info, text_features_key
 from comkd.engine.cache_read import CachedTeacherOutputs
@@ -24,6 +25,7 @@ from comkd.engine.tasks import DistillTask, TeacherOutputs
 from comkd.losses import build_loss
 from comkd.models import TINY_STUDENT, TINY_TEACHER, create_student, create_teacher
 from comkd.models.identity import teacher_key
+from support import TINY_SETS
 
 ITEMS = 48
 SEED = 1
@@ -254,3 +256,47 @@ def test_distillation_with_cache_matches_online(teacher, built, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-4)
         assert a["kd"] == pytest.approx(b["kd"], rel=1e-3, abs=1e-4)
         assert a["align"] == pytest.approx(b["align"], rel=1e-3, abs=1e-5)
+
+
+# -- a teacher cache from other teacher files --------------------------------------------
+def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path, tiny_teacher_files) -> None:
+    from comkd.engine.cache_format import StaleCacheError, read_cache_info
+
+    f = tiny_teacher_files
+    sets = [*TINY_SETS, "distill.optim.epochs=1", "distill.optim.warmup_epochs=0"]
+    cfg = load_config(
+        "demo", sets=[*sets, f"teacher.pretrained={f['weights_a']}", f"teacher.prompts={f['prompts_a']}"]
+    )
+    info = P.run_cache_teacher(cfg, tmp_path / "cache", views=1)
+    header = read_cache_info(info["cache"]).header
+    assert header["teacher_files"]["teacher.pretrained"].startswith("sha256:")
+    for key, other in (("teacher.pretrained", f["weights_b"]), ("teacher.prompts", f["prompts_b"])):
+        bad = load_config(
+            "demo",
+            sets=[
+                *sets,
+                f"teacher.pretrained={f['weights_a']}",
+                f"teacher.prompts={f['prompts_a']}",
+                f"{key}={other}",
+                f"distill.teacher_cache={info['cache']}",
+            ],
+        )
+        with pytest.raises(StaleCacheError) as err:
+            P.run_distill(bad, tmp_path / key)
+        assert key in str(err.value)
+        assert ("teacher.prompts" if key == "teacher.pretrained" else "teacher.pretrained") not in str(
+            err.value
+        )
+    # the same files under another path are the same teacher: accepted
+    copy = tmp_path / "moved.safetensors"
+    copy.write_bytes(f["prompts_a"].read_bytes())
+    ok = load_config(
+        "demo",
+        sets=[
+            *sets,
+            f"teacher.pretrained={f['weights_a']}",
+            f"teacher.prompts={copy}",
+            f"distill.teacher_cache={info['cache']}",
+        ],
+    )
+    assert P.run_distill(ok, tmp_path / "ok")["train_images"] > 0

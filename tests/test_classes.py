@@ -15,7 +15,7 @@ from comkd import cli, load_student
 from comkd.models import ModelError, create_student, create_teacher
 from comkd.models.identity import check_teacher, teacher_identity
 from comkd.models.io import save_student
-from conftest import TINY_DISTILL_OPTS, write_tiny_teacher
+from support import TINY_DISTILL_OPTS, write_tiny_teacher
 
 NEW = ["cat", "dog", "bird"]
 

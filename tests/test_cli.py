@@ -1,4 +1,5 @@
-"""End-to-end: the `comkd` command line on the embedded digits data (tiny models, few epochs)."""
+"""End-to-end: the `comkd` command line on the embedded digits data (tiny models, few epochs):
+its output (progress, --quiet/--verbose), and a full or read-only disk."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from comkd import cli
+from comkd.config import load_config
+from comkd.engine import pipeline as P
+from comkd.engine import stages
+from support import demo_student_file, one_line_error, resave_student, subprocess_env
 
 FAST = [
     "--set",
@@ -253,3 +259,113 @@ def test_run_takes_the_old_plural_names_with_a_note(tmp_path, monkeypatch) -> No
     assert "--seeds is now --seed" in r.output and "--methods is now --method" in r.output
     r = CliRunner().invoke(cli.app, [*base, "--seed", "1", "--seeds", "2"])
     assert r.exit_code == 2 and "once" in r.output
+
+
+def test_a_full_disk_says_so_and_prints_the_results_it_could_not_write(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from comkd.data.builtin import load_digits_splits
+
+    path, _ = demo_student_file(tmp_path, load_digits_splits().classnames)
+
+    def full(p, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(p))
+
+    monkeypatch.setattr(P, "write_json", full)
+    r = CliRunner().invoke(
+        cli.app, ["evaluate", str(path), "--config", "demo", "--out-dir", str(tmp_path / "ev")]
+    )
+    one_line_error(r, "disk full", "results.json")
+    printed = json.loads(r.output[r.output.index("{") : r.output.rindex("}") + 1])
+    assert set(printed) >= {"base", "novel", "hm"}  # the work is not lost
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch) -> None:
+    import errno
+
+    def read_only(cfg, p):
+        raise OSError(errno.EROFS, "Read-only file system", str(p))
+
+    monkeypatch.setattr(stages, "save_config", read_only)
+    r = CliRunner().invoke(cli.app, ["train-teacher", "--config", "demo", "--out-dir", str(tmp_path / "ro")])
+    one_line_error(r, "read-only", "config.yaml")
+
+
+# -- output ------------------------------------------------------------------------------
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch) -> None:
+    import sys
+
+    from comkd.config import OptimConfig
+    from comkd.engine import loop
+    from support import ToyData, ToyTask
+
+    cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
+    res = loop.fit(
+        ToyTask(noise=True),
+        ToyData(),
+        cfg,
+        out_dir=tmp_path,
+        seed=5,
+        device=torch.device("cpu"),
+        progress=True,
+    )
+    assert len(res.history) == 3
+    err = capsys.readouterr().err
+    assert "\r" not in err and "toy 1/3" not in err  # a redirected log gets no bar redraws
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = loop._progress(3, "toy", True)
+    assert bar is not None
+    bar.close()
+    assert loop._progress(3, "toy", False) is None
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_cache_teacher_honours_progress(tmp_path, monkeypatch, progress) -> None:
+    import sys
+
+    from comkd.engine import cache_build
+
+    seen = {}
+
+    def build(*a, **kw):
+        seen.update(kw)
+        return tmp_path / "c.bin"
+
+    monkeypatch.setattr(cache_build, "build_teacher_cache", build)
+    monkeypatch.setattr(
+        sys.stderr, "isatty", lambda: True, raising=False
+    )  # a terminal: only the setting decides
+    cfg = load_config("demo", sets=[f"progress={str(progress).lower()}", "data.image_size=16"])
+    P.run_cache_teacher(cfg, tmp_path, views=1)
+    assert seen["progress"] is progress
+
+
+def test_every_command_has_quiet_verbose_and_the_cli_a_version() -> None:
+    import comkd
+
+    names = [c.name or c.callback.__name__.replace("_", "-") for c in cli.app.registered_commands]
+    assert len(names) >= 11
+    for name in names:
+        r = CliRunner().invoke(cli.app, [name, "--help"])
+        assert r.exit_code == 0 and "--quiet" in r.output and "--verbose" in r.output, name
+    r = CliRunner().invoke(cli.app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"comkd {comkd.__version__}"
+
+
+@pytest.mark.slow
+def test_quiet_hides_warnings_and_default_shows_them(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from comkd.data.builtin import load_digits_splits
+
+    src, _ = demo_student_file(tmp_path, load_digits_splits().classnames)
+    old = tmp_path / "old.safetensors"  # a file from before the digest: loads with a warning
+    resave_student(src, old, keep_digest=False)
+    env = subprocess_env()
+    base = [sys.executable, "-m", "comkd.cli", "evaluate", str(old), "--config", "demo"]
+    loud = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    quiet = subprocess.run([*base, "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
+    assert "no comkd.sha256 digest" in loud.stderr and "WARNING" in loud.stderr
+    assert "WARNING" not in quiet.stderr and '"hm"' in quiet.stdout

@@ -1,5 +1,6 @@
 """Config: defaults < --config YAML < flags (< --set); strict keys and values; the resolved
-config.yaml in the run folder re-runs the same run on its own."""
+config.yaml in the run folder re-runs the same run on its own; settings that would train silently
+wrong or do nothing are refused naming the key."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from comkd import cli
 from comkd.config import ConfigError, RunConfig, load_config, save_config, to_dict
-from conftest import TINY_MODEL_ARGS
+from support import TINY_MODEL_ARGS, one_line_error
 
 TINY_ARGS = TINY_MODEL_ARGS
 
@@ -270,3 +271,73 @@ def test_presets_are_listed_with_a_one_line_description():
     r = CliRunner().invoke(cli.app, ["presets"])
     assert r.exit_code == 0 and [ln.split()[0] for ln in r.output.splitlines()] == list(presets)
     assert presets["own_tiny"] in r.output
+
+
+# -- settings that make training silently wrong -------------------------------------------
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("distill.optim.grad_clip=0", "distill.optim.grad_clip"),
+        ("train_teacher.optim.grad_clip=-1", "train_teacher.optim.grad_clip"),
+        ("distill.kd_weight=0", "distill.kd_weight"),
+        ("distill.kd_weight=-5", "distill.kd_weight"),
+        ("distill.temperature=0", "distill.temperature"),
+        ("distill.align_weight=-1", "distill.align_weight"),
+        ("log_every=0", "log_every"),
+        ("ckpt_interval_s=-1", "ckpt_interval_s"),
+        ("ckpt_interval_s=.nan", "ckpt_interval_s"),
+        ("distill.optim.lr=.inf", "distill.optim.lr"),
+        ("distill.optim.lr=.nan", "distill.optim.lr"),
+        ("pretrain.optim.lr=1e39", "pretrain.optim.lr"),
+        ("device=foo", "device"),
+    ],
+)
+def test_settings_that_train_silently_wrong_are_refused(setting, key) -> None:
+    from comkd.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(sets=[setting])
+    assert str(err.value).startswith(key + ":")
+    r = CliRunner().invoke(cli.app, ["distill", "--set", setting])
+    one_line_error(r, key, code=2)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["pretrain", "--config", "demo", "--which", "teachers"], ["--which", "teachers"]),
+        (["cache-teacher", "--config", "demo", "--views", "0"], ["--views", "0"]),
+        (["cache-teacher", "--config", "demo", "--dtype", "float8"], ["--dtype", "float8"]),
+        (["distill", "--config", "demo", "--device", "foo"], ["device", "foo"]),
+    ],
+)
+def test_bad_command_line_values_are_refused(tmp_path, args, words) -> None:
+    r = CliRunner().invoke(cli.app, [*args, "--out-dir", str(tmp_path / "o")])
+    one_line_error(r, *words, code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_yaml_parse_error_names_the_file_and_line(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill:\n  optim: {lr: 0.1\nseed: 2\n")
+    r = CliRunner().invoke(cli.app, ["distill", "--config", str(bad)])
+    one_line_error(r, "bad.yaml", "line 3", "not valid YAML", code=2)
+
+
+# -- settings that would silently do nothing -----------------------------------------------
+def test_select_promptkd_is_refused_without_an_evaluation_set(tmp_path) -> None:
+    r = CliRunner().invoke(
+        cli.app,
+        ["distill", "--config", "demo", "--set", "distill.select=promptkd", "--out-dir", str(tmp_path / "d")],
+    )
+    assert r.exit_code == 1 and "distill.select" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "d").exists()  # refused before anything is written
+
+
+def test_protocol_all_is_not_accepted() -> None:
+    from comkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="protocol: 'all' is not allowed"):
+        load_config(sets=["protocol=all"])
+    r = CliRunner().invoke(cli.app, ["run", "--protocol", "all"])
+    assert r.exit_code == 2 and "protocol" in r.output and "KeyError" not in r.output

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from comkd import cli
+from comkd.config import load_config
 from comkd.data import (
     DATASETS,
     DataError,
@@ -24,6 +27,8 @@ from comkd.data import (
     subsample_classes,
     transform_fingerprint,
 )
+from comkd.engine import pipeline as P
+from support import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COMKD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -570,3 +575,79 @@ def test_both_dataset_classes_satisfy_the_written_contract(tmp_path) -> None:
     assert {"streaming", "item_ids", "training_stream", "replay_stream"} <= stream_need
     assert sorted(m for m in stream_need if not hasattr(stream, m)) == [] and stream.streaming is True
     assert not getattr(files, "streaming", False)
+
+
+# -- labels that would build phantom classes, and one-class data ------------------------
+def _csv(tmp_path, labels, names_file=None, images=False):
+    lines = ["path,label"] + [f"img{i}.png,{y}" for i, y in enumerate(labels)]
+    if images:
+        from PIL import Image
+
+        for i in range(len(labels)):
+            Image.new("RGB", (8, 8), (40 * i % 255, 0, 0)).save(tmp_path / f"img{i}.png")
+    p = tmp_path / "labels.csv"
+    p.write_text("\n".join(lines) + "\n")
+    if names_file is not None:
+        (tmp_path / "classnames.txt").write_text("\n".join(names_file) + "\n")
+    return p
+
+
+@pytest.mark.parametrize(
+    ("labels", "words"),
+    [
+        ([0, 1, 2, 3, 99] * 3, ["labels.csv", "without gaps", "95 label(s)", "largest label 99"]),
+        ([0, 2, 3] * 3, ["labels.csv", "without gaps", "[1]"]),
+    ],
+)
+def test_csv_labels_with_gaps_or_one_class_are_refused(tmp_path, labels, words) -> None:
+    from comkd.data import load_splits
+
+    with pytest.raises(DataError) as err:
+        load_splits("csv", str(_csv(tmp_path, labels)))
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+@pytest.mark.parametrize(
+    ("labels", "subsample", "words"),
+    [([0] * 6, "all", "has 1 class"), ([0, 1] * 6, "base", "'base' classes")],
+)
+def test_one_class_is_refused_up_front(tmp_path, labels, subsample, words) -> None:
+    cfg = load_config("demo", sets=["data.dataset=csv", f"data.root={_csv(tmp_path, labels, images=True)}"])
+    spec = P.build_student(cfg, 32, "cpu").preprocess
+    with pytest.raises(DataError) as err:
+        P.make_dataset(cfg, "train", spec, train=True, subsample=subsample, few_shot=subsample == "base")
+    assert words in str(err.value) and "labels.csv" in str(err.value) and "at least 2" in str(err.value)
+
+
+def test_csv_with_a_class_file_drops_empty_classes_with_a_warning(tmp_path, caplog) -> None:
+    from comkd.data import load_splits
+
+    path = _csv(tmp_path, [0, 2] * 10, names_file=["apple", "banana", "cherry"])
+    with caplog.at_level("WARNING"):
+        s = load_splits("csv", str(path))
+    assert s.classnames == ["apple", "cherry"]
+    assert {d.label for d in s.train + s.val + s.test} == {0, 1}
+    assert {d.classname for d in s.train if d.label == 1} == {"cherry"}
+    assert "banana" in caplog.text and "dropped" in caplog.text
+
+
+def test_cli_names_the_csv_with_a_phantom_label(tmp_path) -> None:
+    path = _csv(tmp_path, [0, 1, 2, 3, 99] * 3)
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "train-teacher",
+            "--config",
+            "demo",
+            "--dataset",
+            "csv",
+            "--root",
+            str(path),
+            "--out-dir",
+            str(tmp_path / "t"),
+            "--set",
+            "progress=false",
+        ],
+    )
+    one_line_error(r, "labels.csv", "99")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import subprocess_env
+from support import subprocess_env
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = subprocess_env(PYTHONUNBUFFERED="1")  # torchrun starts the ranks itself

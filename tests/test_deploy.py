@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from comkd import cli, load_student
 from comkd.data import DataError, build_transform, collect_images
-from conftest import TINY_DISTILL_OPTS, write_tiny_student
+from support import TINY_DISTILL_OPTS, write_tiny_student
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COMKD_SHARED_DATA", REPO.parent / "shared" / "data"))

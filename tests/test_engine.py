@@ -17,7 +17,7 @@ from comkd.engine.loop import fit
 from comkd.engine.sampling import EpochBatchSampler
 from comkd.engine.schedule import lr_at
 from comkd.engine.utils import amp_context, atomic_torch_save, read_metrics
-from conftest import ToyData, ToyTask
+from support import ToyData, ToyTask
 
 TINY = {
     "teacher": {"model": "comkd-tiny-teacher"},

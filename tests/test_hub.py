@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from comkd import cli
 from comkd.models import ModelError, load_student, save_student
 from comkd.models.hub import parse_hub_ref
-from conftest import subprocess_env, write_tiny_student
+from support import subprocess_env, write_tiny_student
 
 CLASSES = ["cat", "dog", "ship"]
 TEACHER = {

@@ -1,5 +1,6 @@
 """The recipe table (``comkd.methods``): one spelling, derived choices, resolved defaults, and a
-new method added as one table entry plus its loss code."""
+new method added as one table entry plus its loss code; PromptKD's distillation step replayed from
+its definition in plain torch."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from comkd.methods import (
     unregister_method,
 )
 from comkd.protocols.report import LABELS, METHOD_ORDER
-from conftest import TINY_DISTILL_OPTS
+from support import TINY_DISTILL_OPTS
 
 
 class CosineKDLoss(nn.Module):
@@ -186,3 +187,106 @@ def test_run_refuses_an_unknown_method_before_any_stage(tmp_path) -> None:
     assert r.exit_code == 1
     assert "unknown distillation method 'comkdd'; choose one of comkd, promptkd" in r.output
     assert not (tmp_path / "r").exists()  # nothing ran, nothing written
+
+
+# -- PromptKD's distillation step, replayed from its definition ----------------------------------
+def test_promptkd_steps_replayed_in_plain_torch_match_comkd_distill(tmp_path, one_thread) -> None:
+    """PromptKD's stage 2 written out from its definition, in plain torch, against
+    ``comkd distill --method promptkd --recipe paper`` on the tiny pair: two optimiser steps (so
+    the momentum acts), the same images in the same order. Logits from each side's own scale;
+    loss = KD_WEIGHT · kl_div(log_softmax(q_s/T), softmax(q_t/T), 'sum') · T² / numel; SGD with
+    momentum 0.9 and weight decay 5e-4 on the prompts and the projector. The run's logged losses
+    and its saved weights must match to 1e-6; the same replay with another reduction, weight or
+    optimiser is shown to miss by far more, so the comparison has the power to catch them."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from comkd.engine import pipeline as P
+    from comkd.engine.sampling import EpochBatchSampler
+    from comkd.engine.utils import seed_everything
+
+    sets = ["data.image_size=16", "distill.optim.epochs=1", "distill.optim.warmup_epochs=0", "progress=false"]
+    sets += ["log_every=1", "teacher.model=comkd-tiny-teacher", "student.model=comkd-tiny-student"]
+    sets += ["distill.method=promptkd", "distill.recipe=paper"]
+    cfg = load_config(sets=sets)
+    d = cfg.distill
+    assert (d.optim.optimizer, d.optim.lr, d.optim.momentum, d.optim.weight_decay) == (
+        "sgd",
+        0.005,
+        0.9,
+        5e-4,
+    )
+
+    # the pair, the images and the order, as the run draws them (the models are not the subject here)
+    seed_everything(cfg.seed)
+    device = torch.device("cpu")
+    teacher = P.build_teacher(cfg, device)
+    student = P.build_student(cfg, teacher.embed_dim, device)
+    ds = P.make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
+    w = teacher.class_text_features(ds.full_classnames).detach()
+    s_t = float(teacher.logit_scale)
+    batch = len(ds) // 2
+    sampler = EpochBatchSampler(len(ds), batch, cfg.seed)
+    sampler.set_epoch(0)
+    ds.set_epoch(0)
+    batches = [torch.stack([ds[i][0] for i in idx]) for idx in sampler]
+    assert len(batches) == 2
+    teacher_out = P.TeacherOutputs(teacher, student.preprocess)
+    u_t = [teacher_out(x, None, 0).detach() for x in batches]
+
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "distill",
+            "--out-dir",
+            str(tmp_path / "run"),
+            "--no-evaluate",
+            "--set",
+            f"distill.optim.batch_size={batch}",
+        ]
+        + [a for s in sets for a in ("--set", s)],
+    )
+    assert r.exit_code == 0, r.output
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        rec["loss"] for rec in logged if rec.get("stage") == "distill" and "lr" in rec and "type" not in rec
+    ]
+    run_sd = load_file(str(tmp_path / "run" / "student.safetensors"))
+    start = {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+    def replay(reduction: str = "sum", kd_weight: float = 1000.0, momentum: float = 0.9):
+        student.load_state_dict(start)
+        names = [n for n, p in student.named_parameters() if p.requires_grad]
+        assert names and all(n.startswith(("visual.prompts", "projector.")) for n in names), names
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.005, momentum=momentum, weight_decay=5e-4)
+        student.train()
+        losses = []
+        for x, ut in zip(batches, u_t, strict=True):
+            q_t = s_t * ut @ w.t()
+            u_s = F.normalize(student.projector(student.visual(x)), dim=-1)
+            q_s = student.logit_scale * u_s @ w.t()
+            T = 1.0
+            kl = F.kl_div(F.log_softmax(q_s / T, dim=1), F.softmax(q_t / T, dim=1), reduction=reduction)
+            loss = kd_weight * (kl * T * T / q_s.numel() if reduction == "sum" else kl)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        running = [losses[0], (losses[0] + losses[1]) / 2]  # the log holds the epoch's running mean
+        return running, {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+    losses, sd = replay()
+    assert d.temperature == 1.0
+    # one thread (the fixture): float32 sums split over threads come in another order, and w_kd =
+    # 1000 scales that rounding up past 1e-6 within two steps
+    assert logged == pytest.approx(losses, rel=1e-6, abs=1e-6)
+    trained = [k for k in sd if k.startswith(("visual.prompts", "projector."))]
+    assert any(float((sd[k].float() - start[k].float()).abs().max()) > 1e-4 for k in trained)  # it moved
+    for k in trained:
+        torch.testing.assert_close(run_sd[k], sd[k], atol=1e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    # the power of the comparison: another reduction, weight or optimiser misses by far more than 1e-6
+    for other in (dict(reduction="batchmean"), dict(kd_weight=200.0), dict(momentum=0.0)):
+        o_losses, o_sd = replay(**other)
+        gap = max(float((run_sd[k].float() - o_sd[k].float()).abs().max()) for k in trained)
+        assert gap > 1e-5 or abs(o_losses[1] - logged[1]) > 1e-3, other

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from experiments import results_page as tool
 from experiments.results_page import write_results_page
+from support import one_line_error
 
 METHODS = ["teacher", "student_zeroshot", "promptkd", "comkd", "no-ifalign", "no-eduattention"]
 
@@ -369,3 +370,34 @@ def test_paired_seeds_and_headroom_sections_read_their_files(tmp_path) -> None:
     assert f"+{m:.2f} [{m - half:+.2f}, {m + half:+.2f}]" in text
     assert "| cosine gate | +1.50 ± 0.25% | +1.50 ± 0.25% | +1.50 ± 0.25 |" in text and "2 seeds" in text
     assert paired_seeds_section(tmp_path / "absent.json", tmp_path / "absent2.json") == []
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ('{"dtd": ', "not valid JSON"),
+        ("[1, 2]", "expected {dataset"),
+        ('{"dtd": {"comkd": {"base": "x"}}}', "not the expected content"),
+        (None, "not found"),
+    ],
+)
+def test_results_page_on_bad_input_is_one_line_naming_the_file(tmp_path, content, words) -> None:
+    path = tmp_path / "res.json"
+    if content is not None:
+        path.write_text(content)
+    from experiments import results_page as tool
+
+    r = CliRunner().invoke(tool.app, ["page", "--results", str(path), "--out", str(tmp_path / "p.md")])
+    one_line_error(r, "res.json", words)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"), [("{oops", "not valid JSON"), ('{"protocol": "cross"}', "run1")]
+)
+def test_collect_on_bad_input_is_one_line_naming_the_folder(tmp_path, content, words) -> None:
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "results.json").write_text(content)
+    from experiments import results_page as tool
+
+    r = CliRunner().invoke(tool.app, ["collect", f"a={tmp_path / 'run1'}", "--out", str(tmp_path / "o.json")])
+    one_line_error(r, "run1", words)

@@ -1,11 +1,12 @@
 """Checkpoints and resume: a killed run continues mid-epoch to the same final state and metrics
 as an uninterrupted run; a NaN/inf loss stops the run naming the step and keeps the last good
-checkpoint."""
+checkpoint; a damaged checkpoint or other settings on resume are refused in one line."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -13,17 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from comkd.config import OptimConfig
+from comkd import cli
+from comkd.config import OptimConfig, load_config
+from comkd.engine import pipeline as P
 from comkd.engine.loop import NonFiniteLossError, fit
 from comkd.engine.utils import MetricsLog, read_metrics
-from conftest import DISTILL_CMD, ToyData, ToyTask, subprocess_env
+from support import DISTILL_CMD, TINY_SETS, ToyData, ToyTask, one_line_error, subprocess_env
 
 ENV = subprocess_env(PYTHONUNBUFFERED="1")
 DISTILL = DISTILL_CMD
 
 
-# -- the toy task (conftest): no batch statistics; with noise it uses the global RNG like dropout
+# -- the toy task (support.py): no batch statistics; with noise it uses the global RNG like dropout
 def _toy_fit(out: Path, task: ToyTask, **kw):
     torch.manual_seed(0)
     cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
@@ -332,3 +336,147 @@ def test_resume_may_change_where_a_run_runs_and_what_it_prints(tmp_path) -> None
     free = ["device=cpu", "progress=false", "log_every=3", "ckpt_every=2", "data.num_workers=1"]
     free += ["distill.optim.amp=on", "pretrain.optim.lr=0.5"]  # another stage's section: not this stage's
     P.start_stage(load_config("demo", sets=free), tmp_path, resume=True, stage="distill")
+
+
+def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
+    import yaml
+
+    from comkd.config import ConfigError, save_config
+
+    cfg = load_config("demo")
+    save_config(cfg, tmp_path / "config.yaml")
+    before = (tmp_path / "config.yaml").read_text()
+    changed = load_config("demo", sets=["distill.optim.lr=0.05"])
+    lr = cfg.distill.optim.lr
+    assert lr != 0.05
+    with pytest.raises(
+        ConfigError, match=rf"distill\.optim\.lr is 0\.05 now .* started with {re.escape(str(lr))};"
+    ):
+        P.start_stage(changed, tmp_path, resume=True, stage="distill")
+    assert (tmp_path / "config.yaml").read_text() == before  # never claims a value not in effect
+    P.start_stage(cfg, tmp_path, resume=True, stage="distill")  # the same settings resume
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["distill"]["optim"]["lr"] == lr
+    P.start_stage(
+        changed, tmp_path, resume=True, stage="teacher_train"
+    )  # another stage's settings: not checked
+
+
+def test_resume_checks_the_checkpoints_own_settings(tmp_path) -> None:
+    from comkd.config import OptimConfig
+    from comkd.engine.checkpoint import CheckpointError
+    from comkd.engine.loop import fit
+    from support import ToyData, ToyTask
+
+    def run(**kw):
+        cfg = OptimConfig(epochs=2, batch_size=8, lr=kw.pop("lr", 0.05))
+        return fit(
+            ToyTask(noise=True),
+            ToyData(),
+            cfg,
+            out_dir=tmp_path,
+            seed=5,
+            device=torch.device("cpu"),
+            progress=False,
+            **kw,
+        )
+
+    run(stop_after_steps=9, ckpt_every=4)
+    with pytest.raises(CheckpointError, match=r"lr 0\.05 in the checkpoint, 0\.1 now"):
+        run(lr=0.1, resume=True)
+    assert run(resume=True).resumed_from["global_step"] == 8
+
+
+# -- NaN stops, half-written metrics, stray temp files ---------------------------------------
+def test_nan_stop_keeps_the_checkpoint_from_before_the_diverging_update(tmp_path) -> None:
+    from comkd.engine.loop import NonFiniteLossError
+    from support import ToyTask
+    from test_resume import _toy_fit
+
+    with pytest.raises(NonFiniteLossError) as err:  # the loss of step 11 uses the weights after update 10
+        _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=11), ckpt_every=1, log_every=100)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["global_step"] == 9  # not 10, whose weights already gave the NaN
+    assert "step 9" in str(err.value) and "before the diverging update" in str(err.value)
+    assert _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=1, resume=True).resumed_from["global_step"] == 9
+
+
+def test_nan_right_after_a_resume_falls_back_to_the_checkpoint_before(tmp_path) -> None:
+    from comkd.engine.loop import NonFiniteLossError
+    from support import ToyTask
+    from test_resume import _toy_fit
+
+    _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10)  # checkpoints of steps 4 and 8
+    with pytest.raises(NonFiniteLossError, match="kept the checkpoint of step 4"):
+        _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=1), ckpt_every=4, log_every=100, resume=True)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
+
+
+def test_nan_stop_with_a_single_suspect_checkpoint_says_so(tmp_path) -> None:
+    from comkd.engine.loop import NonFiniteLossError
+    from support import ToyTask
+    from test_resume import _toy_fit
+
+    with pytest.raises(
+        NonFiniteLossError, match="the only checkpoint, of step 4, was taken after the diverging"
+    ):
+        _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=5), ckpt_every=4, log_every=100)
+    # kept in place: a --resume must not silently start from scratch
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
+
+
+def test_a_half_written_metrics_line_does_not_block_resume_and_stray_temps_go(tmp_path) -> None:
+    from comkd.engine.utils import read_metrics
+    from support import ToyTask
+    from test_resume import _toy_fit
+
+    _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "toy", "epoch": 1, "st')  # killed mid-write
+    (tmp_path / ".checkpoint.pt.tmp4242").write_bytes(b"half a checkpoint")
+    res = _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, resume=True)
+    assert res.resumed_from["global_step"] == 8
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs if r.get("type") != "epoch"] == list(range(1, 25))
+    assert not list(tmp_path.glob(".checkpoint.pt.tmp*"))
+
+
+# -- unreadable inputs and a full or read-only disk -----------------------------------------
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_resume_from_an_unreadable_checkpoint_is_one_line(tmp_path, damage) -> None:
+    from support import ToyTask
+    from test_resume import _toy_fit
+
+    _toy_fit(tmp_path / "toy", ToyTask(noise=True), ckpt_every=4, stop_after_steps=5)
+    good = (tmp_path / "toy" / "checkpoint.pt").read_bytes()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"" if damage == "empty" else good[: len(good) // 2])
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "distill",
+            "--config",
+            "demo",
+            "--resume",
+            "--out-dir",
+            str(out),
+            *sum((["--set", s] for s in TINY_SETS), []),
+        ],
+    )
+    one_line_error(r, "checkpoint.pt", "cannot resume")
+
+
+def test_a_fresh_run_never_falls_back_to_an_earlier_runs_checkpoint(tmp_path) -> None:
+    from comkd.engine.loop import NonFiniteLossError
+    from support import ToyTask
+    from test_resume import _toy_fit
+
+    _toy_fit(
+        tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10
+    )  # an earlier run: steps 4 and 8
+    with pytest.raises(NonFiniteLossError, match="the only checkpoint, of step 4"):
+        _toy_fit(
+            tmp_path, ToyTask(noise=True, nan_at_step=5), ckpt_every=4, log_every=100
+        )  # fresh, not --resume
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 4
+    assert not (tmp_path / "checkpoint.prev.pt").exists()

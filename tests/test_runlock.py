@@ -26,7 +26,7 @@ from comkd.runlock import (
     locked_run,
     run_lock,
 )
-from conftest import DISTILL_CMD, subprocess_env
+from support import DISTILL_CMD, subprocess_env
 
 HOLDER = (
     "import sys\n"

@@ -59,7 +59,7 @@ def test_resume_from_crafted_checkpoint_through_the_cli(tmp_path) -> None:
     out.mkdir()
     marker = tmp_path / "pwned"
     _write_exploit(out / "checkpoint.pt", marker)
-    from conftest import DISTILL_CMD, subprocess_env
+    from support import DISTILL_CMD, subprocess_env
 
     cmd = [*DISTILL_CMD, "--out-dir", str(out), "--resume"]
     env = subprocess_env()

@@ -1,4 +1,6 @@
-"""The student file: what it records (``StudentArch``), the older format, and the light import."""
+"""The student file: what it records (``StudentArch``), the older format, the light import; a
+damaged student or weight file is a one-line error naming it, and a student is refused on other
+classes."""
 
 from __future__ import annotations
 
@@ -12,9 +14,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from comkd import cli
+from comkd.config import load_config
+from comkd.data import DataError
+from comkd.engine import pipeline as P
 from comkd.models import StudentArch, create_student
 from comkd.models.io import STUDENT_CONFIG_KEY, STUDENT_DIGEST_KEY, load_student, save_student, student_digest
+from support import demo_student_file, one_line_error, resave_student
 
 
 def _saved(tmp_path, **options):
@@ -114,7 +122,6 @@ def test_create_student_refuses_an_unknown_option_naming_it() -> None:
 
 
 def test_the_models_are_built_from_the_config_sections_by_name() -> None:
-    from comkd.config import load_config
     from comkd.engine.pipeline import build_student, build_teacher, student_arch, teacher_arch
 
     cfg = load_config(
@@ -219,3 +226,116 @@ def test_a_student_with_nan_weights_is_not_written(tmp_path) -> None:
     with pytest.raises(ModelError, match=r"not writing .*student\.safetensors: tensor .* holds NaN/inf"):
         save_student(s, path)
     assert path.read_bytes() == before  # the earlier file is kept
+
+
+# -- a student evaluated on other classes ---------------------------------------------
+@pytest.mark.parametrize("names", [[f"class {i}" for i in range(10)], [str(i) for i in range(5)]])
+def test_student_on_a_dataset_with_other_classes_is_refused(tmp_path, names) -> None:
+    path, cfg = demo_student_file(tmp_path, names)
+    student = load_student(path)
+    with pytest.raises(DataError) as err:
+        P.evaluate_student(cfg, student)
+    msg = str(err.value)
+    assert repr(names[0]) in msg and "'digits'" in msg and f"stores {len(names)} classes" in msg
+    r = CliRunner().invoke(cli.app, ["evaluate", str(path), "--config", "demo"])
+    one_line_error(r, repr(names[0]), "digits")
+
+
+def test_student_on_its_own_classes_still_evaluates(tmp_path) -> None:
+    from comkd.data.builtin import load_digits_splits
+
+    names = load_digits_splits().classnames
+    path, cfg = demo_student_file(tmp_path, names)
+    res = P.evaluate_student(cfg, load_student(path))
+    assert 0 <= res["base"]["acc"] <= 100 and 0 <= res["novel"]["acc"] <= 100
+
+
+# -- damaged student and weight files -----------------------------------------------
+def _flip_last_bit(src, dst):
+    b = bytearray(src.read_bytes())
+    b[-3] ^= 0x01  # inside the last tensor's data
+    dst.write_bytes(bytes(b))
+
+
+def _edit_heads(meta):
+    c = json.loads(meta["comkd.student_config"])
+    c["edu_heads"] = 2
+    return {"comkd.student_config": json.dumps(c)}
+
+
+DAMAGED_STUDENTS = {
+    "flipped bit": (lambda s, d: _flip_last_bit(s, d), "corrupt or was edited"),
+    "edited metadata": (lambda s, d: resave_student(s, d, meta_edit=_edit_heads), "corrupt or was edited"),
+    "missing tensor, no digest": (
+        lambda s, d: resave_student(s, d, drop=("visual.visual.proj",), keep_digest=False),
+        "does not rebuild",
+    ),
+    "missing W, no digest": (
+        lambda s, d: resave_student(s, d, drop=("text_features",), keep_digest=False),
+        "text_features",
+    ),
+    "truncated": (lambda s, d: d.write_bytes(s.read_bytes()[: s.stat().st_size // 2]), "not a readable"),
+    "empty": (lambda s, d: d.write_bytes(b""), "not a readable"),
+    "not safetensors": (lambda s, d: d.write_text("student = 'hello'\n"), "not a readable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_STUDENTS))
+def test_a_damaged_student_file_is_one_line_naming_it(tmp_path, case) -> None:
+    from comkd.data.builtin import load_digits_splits
+
+    src, _ = demo_student_file(tmp_path, load_digits_splits().classnames)
+    make, words = DAMAGED_STUDENTS[case]
+    bad = tmp_path / "bad_student.safetensors"
+    make(src, bad)
+    r = CliRunner().invoke(cli.app, ["evaluate", str(bad), "--config", "demo"])
+    one_line_error(r, "bad_student.safetensors", words)
+
+
+def test_an_intact_student_file_verifies(tmp_path) -> None:
+    from safetensors import safe_open
+
+    from comkd.data.builtin import load_digits_splits
+
+    src, _ = demo_student_file(tmp_path, load_digits_splits().classnames)
+    with safe_open(str(src), framework="pt") as f:
+        assert len(f.metadata()[STUDENT_DIGEST_KEY]) == 64
+    assert load_student(src).classnames == load_digits_splits().classnames
+
+
+def _weights_with_edited_metadata(path) -> None:
+    from comkd.models import create_teacher, load_clip, save_clip_weights
+
+    save_clip_weights(
+        create_teacher("comkd-tiny-teacher").clip,
+        path,
+        "comkd-tiny-teacher",
+        load_clip("comkd-tiny-teacher").config,
+    )
+    resave_student(path, path, meta_edit=lambda m: {"comkd.embed_dim": "sixty-four"})
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a weight file", b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":', None]
+)
+def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path, content) -> None:
+    bad = tmp_path / "teacher_bad.safetensors"
+    if content is None:  # edited metadata
+        _weights_with_edited_metadata(bad)
+    else:
+        bad.write_bytes(content)
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "train-teacher",
+            "--config",
+            "demo",
+            "--teacher-pretrained",
+            str(bad),
+            "--out-dir",
+            str(tmp_path / "t"),
+            "--set",
+            "progress=false",
+        ],
+    )
+    one_line_error(r, "teacher_bad.safetensors")

@@ -1,9 +1,11 @@
 """Stage 1's Gaussian prompt aggregation (PromptSRC): the weights against the normal density, the
-saved prompts against the weighted sum of every epoch's prompts, and resume mid-stage."""
+saved prompts against the weighted sum of every epoch's prompts, and resume mid-stage; the text
+regulariser's target (PromptSRC's templates)."""
 
 from __future__ import annotations
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -106,3 +108,68 @@ def test_the_paper_pair_teacher_is_promptkds_promptsrc_recipe() -> None:
     assert (tt.prompt_averaging, tt.gpa_mean, tt.gpa_std) == ("gaussian", 15, 1.0)
     assert (tt.text_l1_weight, tt.image_l1_weight) == (25.0, 10.0)
     assert load_config().train_teacher.prompt_averaging == "none"  # the default stays the last epoch's
+
+
+# -- PromptSRC's text regulariser target ------------------------------------------------
+def test_promptsrc_templates_are_shipped() -> None:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from comkd.data import promptsrc_templates
+
+    t = promptsrc_templates()
+    assert len(t) == len(set(t)) == 60  # PromptSRC's IMAGENET_TEMPLATES
+    assert t[0] == "a photo of a {}." and t[-1] == "itap of the {}."
+    assert set(t) <= {f("{}") for f in OPENAI_IMAGENET_TEMPLATES}  # all from CLIP's 80 ImageNet prompts
+
+
+def test_frozen_text_target_is_the_normalised_mean_of_unnormalised_features() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from comkd.models import create_teacher
+
+    torch.manual_seed(0)
+    teacher = create_teacher("comkd-tiny-teacher").eval()
+    names, templates = ["cat", "dog", "ship"], ["a photo of a {}.", "a sketch of the {}.", "itap of the {}."]
+    tok = open_clip.get_tokenizer("comkd-tiny-teacher")
+    with torch.no_grad():  # open_clip's own frozen text tower, not comkd's prompted encoder
+        raw = torch.stack(
+            [teacher.clip.encode_text(tok([t.format(c) for c in names])).float() for t in templates]
+        )
+    want = F.normalize(raw.mean(0), dim=-1)
+    got = teacher.encode_templates(names, templates)
+    assert torch.allclose(got, want, atol=1e-5)
+    one_template_each = F.normalize(F.normalize(raw, dim=-1).mean(0), dim=-1)
+    assert not torch.allclose(got, one_template_each, atol=1e-5)  # the old reading is a different target
+
+
+@pytest.mark.parametrize("choice", ["promptsrc", "dataset"])
+def test_stage1_regularises_towards_promptsrc_templates_by_default(monkeypatch, tmp_path, choice) -> None:
+    from comkd.data import promptsrc_templates
+    from comkd.data.builtin import DIGITS_TEMPLATE
+    from comkd.engine import pipeline as P
+    from comkd.engine import stages
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def task(teacher, classnames, templates, *a):
+        seen["templates"] = list(templates)
+        raise Stop
+
+    monkeypatch.setattr(stages, "TeacherPromptTask", task)
+    assert load_config().teacher_train.text_templates == "promptsrc"
+    cfg = load_config("demo", sets=[f"teacher_train.text_templates={choice}"])
+    with pytest.raises(Stop):
+        P.run_train_teacher(cfg, tmp_path)
+    assert seen["templates"] == (promptsrc_templates() if choice == "promptsrc" else [DIGITS_TEMPLATE])
+
+
+def test_cross_depth_is_capped_at_a_small_towers_layers() -> None:
+    from comkd.protocols.runner import protocol_recipe
+
+    tiny = protocol_recipe(load_config("demo"), "cross")  # comkd-tiny-student has 2 layers
+    assert (tiny.student.vision_depth, tiny.distill.kd_weight) == (2, 1000.0)
+    assert protocol_recipe(load_config(), "dg").student.vision_depth == 3  # ViT-B-16: 12 layers

@@ -96,8 +96,14 @@ def test_extra_pool_and_test_folder(shards):
         "wds", shards, pools=["pretrain_student=0:8", "train=8:48"], test_folder=str(CIFAR / "train_subset")
     )
     assert len(s.split("pretrain_student")) == 8 and len(s.test) == 1000
+    # the loader says how each split is read: its pools from the shards, the test folder as files
+    assert [s.reader(k) for k in ("pretrain_student", "train", "test")] == ["shards", "shards", "files"]
     ds = build_dataset("wds", shards, "pretrain_student", None, pools=["pretrain_student=0:8", "train=8:48"])
     assert len(ds) == 8 and ds.streaming
+    test = build_dataset(
+        "wds", shards, "test", None, pools=["train=8:48"], test_folder=str(CIFAR / "train_subset")
+    )
+    assert len(test) == 1000 and not getattr(test, "streaming", False)
     with pytest.raises(DataError, match="unknown split 'nope'.*pretrain_student"):
         build_dataset("wds", shards, "nope", None, pools=["pretrain_student=0:8"])
 

@@ -34,7 +34,7 @@ from .records import DatasetSplits, Datum
 from .splits import base_novel_split, few_shot, split_per_class, subsample_classes
 from .transforms import CLIP_MEAN, CLIP_STD, build_transform, transform_fingerprint
 from .unlabelled import collect_images, load_unlabelled_folder
-from .wds import WdsImageDataset, is_wds_path, load_wds
+from .wds import WdsImageDataset, load_wds
 
 __all__ = [
     "CLIP_MEAN",
@@ -297,14 +297,10 @@ def build_dataset(
         raise DataError(
             f"split {split!r} of dataset {name!r} is empty (subsample={subsample!r}, num_shots={num_shots})"
         )
-    streamed = [is_wds_path(d.path) for d in data]
-    if any(streamed) and not all(streamed):
-        raise DataError(f"split {split!r} of dataset {name!r} mixes WebDataset samples and image files")
-    cls: Any = WdsImageDataset if streamed[0] else ImageDataset
-    if streamed[0]:
-        kw_extra = {"shuffle_buffer": shuffle_buffer}
-    else:
-        kw_extra = {}
+    # the class that reads the items is the one the split's loader names (DatasetSplits.readers)
+    streamed = splits.reader(split) == "shards"
+    cls: Any = WdsImageDataset if streamed else ImageDataset
+    kw_extra = {"shuffle_buffer": shuffle_buffer} if streamed else {}
     ds = cls(
         data,
         classnames,

@@ -43,6 +43,13 @@ class DatasetSplits:
     #: further named pools beside the four splits (WebDataset ``data.pools``, e.g. a student's
     #: pre-training pool), usable wherever a split name is
     pools: dict[str, list[Datum]] = field(default_factory=dict)
+    #: how a split's (or pool's) items are read, as its loader says: ``"shards"`` (samples streamed
+    #: from WebDataset shards) or ``"files"`` (an image file each), the reader of any name not listed
+    readers: dict[str, str] = field(default_factory=dict)
+
+    def reader(self, split: str) -> str:
+        """``"shards"`` or ``"files"``: how ``split``'s items are read."""
+        return self.readers.get(split, "files")
 
     @property
     def split_names(self) -> tuple[str, ...]:

@@ -137,7 +137,9 @@ def load_wds(
                 f"{where}: data.test_folder and a 'test' pool both define the test split; keep one"
             )
         splits["test"] = load_image_folder(test_folder, classes_file=cfile, fractions=(0, 0, 0, 1)).test
-    return DatasetSplits(name, classnames, templates=list(templates), pools=extra, **splits)
+    # every split and pool is streamed from the shards, but a test split read from data.test_folder
+    readers = {k: "shards" for k in [*splits, *extra] if not (k == "test" and test_folder is not None)}
+    return DatasetSplits(name, classnames, templates=list(templates), pools=extra, readers=readers, **splits)
 
 
 # -- streaming ---------------------------------------------------------------------------------

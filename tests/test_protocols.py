@@ -1,0 +1,147 @@
+"""The protocols' choices, each against what PromptKD's scripts and docs/method.md say: the
+cross-dataset and DG student, stage 0 scored on val, the tables' two HM conventions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from comkd.config import ConfigError, load_config
+
+
+# -- the cross-dataset / DG student ------------------------------------------------------
+def _record_protocol(monkeypatch, cfg, protocol, datasets):
+    """Run ``run_protocol`` with every stage replaced by a recorder of the config it gets."""
+    from comkd.protocols import report, runner
+
+    seen: dict[str, tuple] = {}
+
+    def distill(c, method, out, resume):
+        seen[c.data.dataset] = (c.student.vision_depth, c.distill.kd_weight)
+        return (
+            {"acc": 50.0}
+            if protocol != "base2novel"
+            else {"base": {"acc": 50.0}, "novel": {"acc": 40.0}, "hm": 44.4}
+        )
+
+    monkeypatch.setattr(runner, "_pretrain_if_enabled", lambda c, root, resume: c)
+    monkeypatch.setattr(runner, "_teacher_stage", lambda c, out, resume: c)
+    monkeypatch.setattr(runner, "_distill_and_eval", distill)
+    monkeypatch.setattr(runner, "read_metrics", lambda path: [])
+    monkeypatch.setattr(runner.P, "build_teacher", lambda c, device: None)
+    monkeypatch.setattr(runner.P, "evaluate_teacher", lambda c, t, split: distill(c, "teacher", None, False))
+    monkeypatch.setattr(
+        runner.P, "evaluate_clip_zero_shot", lambda c, role, split: distill(c, "zs", None, False)
+    )
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: None)
+    cfg.protocol = protocol
+    runner.run_protocol(cfg, cfg.output_dir, datasets=datasets, methods=["comkd"], source="imagenet")
+    return seen
+
+
+@pytest.mark.parametrize("protocol", ["cross", "dg"])
+def test_cross_and_dg_use_promptkds_cross_dataset_student(monkeypatch, tmp_path, protocol) -> None:
+    # PromptKD's cross-dataset scripts: prompt depth 3 and w_kd 1000 for every target, including
+    # the three whose base-to-novel weight is 200
+    cfg = load_config(sets=[f"output_dir={tmp_path}"])
+    seen = _record_protocol(monkeypatch, cfg, protocol, ["fgvc_aircraft", "oxford_flowers", "dtd", "eurosat"])
+    assert seen == {d: (3, 1000.0) for d in ("fgvc_aircraft", "oxford_flowers", "dtd", "eurosat")}
+    assert cfg.student.vision_depth is None and cfg.distill.kd_weight is None  # the caller's cfg untouched
+
+
+def test_cross_keeps_what_the_user_set(monkeypatch, tmp_path) -> None:
+    cfg = load_config(sets=[f"output_dir={tmp_path}", "student.vision_depth=5", "distill.kd_weight=50"])
+    assert _record_protocol(monkeypatch, cfg, "cross", ["dtd"]) == {"dtd": (5, 50.0)}
+
+
+def test_base2novel_keeps_the_per_dataset_recipe(monkeypatch, tmp_path) -> None:
+    from comkd.methods import paper_kd_weight
+
+    cfg = load_config(sets=[f"output_dir={tmp_path}", "data.dataset=dtd"])
+    assert _record_protocol(monkeypatch, cfg, "base2novel", ["dtd"]) == {"dtd": (None, None)}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["hm_of_means"]["dtd"]["comkd"] == pytest.approx(2 * 50 * 40 / 90)  # item 7: the paper's HM
+    assert paper_kd_weight("dtd") == 200.0 and paper_kd_weight("eurosat") == 1000.0
+
+
+# -- stage-0 choices do not look at test data ---------------------------------------------
+def test_pretrain_is_scored_on_val_where_the_dataset_has_one(tmp_path) -> None:
+    from comkd.engine.pipeline import pretrain_eval_split
+
+    assert load_config().pretrain.eval_split is None
+    assert pretrain_eval_split(load_config("demo")) == "val"  # digits: pretrain/train/val/test
+    assert pretrain_eval_split(load_config("demo", sets=["pretrain.eval_split=test"])) == "test"
+    for c in "ab":  # an image folder split without a val share
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            (tmp_path / c / f"{i}.png").write_bytes(b"")
+    cfg = load_config(
+        sets=["data.dataset=imagefolder", f"data.root={tmp_path}", "data.fractions=[0.5,0.5,0,0]"]
+    )
+    assert pretrain_eval_split(cfg) == "test"
+    cfg.data.fractions = [0.25, 0.25, 0.25, 0.25]
+    assert pretrain_eval_split(cfg) == "val"
+
+
+@pytest.mark.slow
+def test_pretrain_reports_the_split_it_was_scored_on(tmp_path) -> None:
+    from comkd.engine.pipeline import run_pretrain
+
+    cfg = load_config(
+        "demo", sets=["pretrain.optim.epochs=1", "pretrain.optim.warmup_epochs=0", "progress=false"]
+    )
+    res = run_pretrain(cfg, tmp_path, which=("student",))
+    assert res["student"]["eval_split"] == "val"
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["pretrain"]["eval_split"] is None
+
+
+@pytest.mark.slow
+def test_pretrain_student_shots_give_the_student_fewer_labelled_images(tmp_path) -> None:
+    from comkd.engine.builders import make_dataset
+    from comkd.engine.pipeline import run_pretrain
+    from comkd.models.backbones import load_clip
+
+    sets = ["pretrain.optim.epochs=1", "pretrain.optim.warmup_epochs=0", "pretrain.optim.batch_size=8"]
+    cfg = load_config("demo", sets=[*sets, "progress=false", "pretrain.student_shots=3"])
+    full = load_config("demo", sets=sets)
+    spec = load_clip(cfg.student.model, image_size=cfg.data.image_size).preprocess
+    whole = make_dataset(full, full.pretrain.split, spec, train=True)
+    res = run_pretrain(cfg, tmp_path, which=("student",))
+    assert res["student"]["pool_images"] == 3 * len(whole.classnames) < len(whole)
+    few = make_dataset(cfg, cfg.pretrain.split, spec, train=True, shots=3)
+    labels = list(few.labels)
+    assert sorted(labels.count(c) for c in set(labels)) == [3] * len(whole.classnames)
+    with pytest.raises(ConfigError, match="pretrain.student_shots: must be >= 1"):
+        load_config("demo", sets=["pretrain.student_shots=0"])
+
+
+# -- both HM conventions, labelled ------------------------------------------------------
+def test_tables_report_the_papers_hm_of_means_next_to_the_mean_per_seed_hm(tmp_path) -> None:
+    from comkd.protocols.report import (
+        HM_OF_MEANS,
+        HM_PER_SEED,
+        average_base2novel,
+        results_table,
+        write_report,
+    )
+
+    hm = [2 * b * n / (b + n) for b, n in ((90.0, 50.0), (50.0, 90.0))]  # 64.29 each seed
+    row = {"base": [90.0, 50.0], "novel": [50.0, 90.0], "hm": hm}
+    table = {"dtd": {"comkd": row}, "eurosat": {"comkd": {"base": [80.0], "novel": [60.0], "hm": [960 / 14]}}}
+    md = results_table(table)
+    line = next(x for x in md.splitlines() if x.startswith("| ComKD-CLIP") and "70.00" in x)
+    assert line.split(" | ")[3:5] == ["70.00", "64.29 ± 0.00 |"]  # paper HM(70, 70), then the per-seed mean
+    assert HM_OF_MEANS in md and HM_PER_SEED in md
+    avg = average_base2novel(table)["comkd"]
+    assert avg["hm"] == pytest.approx(2 * 75 * 65 / 140)  # HM of the averaged base and novel
+    assert avg["hm_per_seed"] == pytest.approx((hm[0] + 960 / 14) / 2)
+    results = {"protocol": "base2novel", "seeds": [1, 2], "datasets": table, "average": {"comkd": avg}}
+    report = write_report(results, tmp_path).read_text()
+    assert (
+        "(paper)" in report
+        and f"{avg['hm_per_seed']:.2f}" in report
+        and "HM(mean base, mean novel)" in report
+    )
