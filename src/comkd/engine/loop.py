@@ -113,8 +113,8 @@ def fit(
 
     Checkpoints go to ``out_dir/checkpoint.pt`` (atomic; every epoch end and every ``ckpt_every``
     optimiser steps; an epoch end less than ``ckpt_interval_s`` seconds after the last checkpoint
-    is skipped, except the last epoch's). With ``resume`` the run continues from that file mid-epoch, and its final
-    state equals an uninterrupted run's with the same seed. ``on_epoch_end(epoch)`` may return
+    is skipped, except the last epoch's). With ``resume`` the run continues from that file
+    mid-epoch, and its final state equals an uninterrupted run's with the same seed. ``on_epoch_end(epoch)`` may return
     evaluation metrics, logged with the epoch record. ``stop_after_steps`` ends the run early (tests).
     """
     run = _Trainer(task, dataset, cfg, Path(out_dir), seed, device, metrics, progress, num_workers)
