@@ -16,7 +16,7 @@ from comkd import cli
 from comkd.config import load_config
 from comkd.engine import pipeline as P
 from comkd.engine import stages
-from support import demo_student_file, one_line_error, resave_student, subprocess_env
+from support import ToyData, ToyTask, demo_student_file, one_line_error, resave_student, subprocess_env
 
 FAST = [
     "--set",
@@ -297,7 +297,6 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capsys, monkey
 
     from comkd.config import OptimConfig
     from comkd.engine import loop
-    from support import ToyData, ToyTask
 
     cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
     res = loop.fit(

@@ -28,9 +28,9 @@ DISTILL = DISTILL_CMD
 
 
 # -- the toy task (support.py): no batch statistics; with noise it uses the global RNG like dropout
-def _toy_fit(out: Path, task: ToyTask, **kw):
+def _toy_fit(out: Path, task: ToyTask, *, epochs: int = 3, lr: float = 0.05, **kw):
     torch.manual_seed(0)
-    cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
+    cfg = OptimConfig(epochs=epochs, batch_size=8, lr=lr)
     kw.setdefault("log_every", 1)
     return fit(
         task,
@@ -362,23 +362,10 @@ def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
 
 
 def test_resume_checks_the_checkpoints_own_settings(tmp_path) -> None:
-    from comkd.config import OptimConfig
     from comkd.engine.checkpoint import CheckpointError
-    from comkd.engine.loop import fit
-    from support import ToyData, ToyTask
 
-    def run(**kw):
-        cfg = OptimConfig(epochs=2, batch_size=8, lr=kw.pop("lr", 0.05))
-        return fit(
-            ToyTask(noise=True),
-            ToyData(),
-            cfg,
-            out_dir=tmp_path,
-            seed=5,
-            device=torch.device("cpu"),
-            progress=False,
-            **kw,
-        )
+    def run(lr: float = 0.05, **kw):
+        return _toy_fit(tmp_path, ToyTask(noise=True), epochs=2, lr=lr, **kw)
 
     run(stop_after_steps=9, ckpt_every=4)
     with pytest.raises(CheckpointError, match=r"lr 0\.05 in the checkpoint, 0\.1 now"):
@@ -388,10 +375,6 @@ def test_resume_checks_the_checkpoints_own_settings(tmp_path) -> None:
 
 # -- NaN stops, half-written metrics, stray temp files ---------------------------------------
 def test_nan_stop_keeps_the_checkpoint_from_before_the_diverging_update(tmp_path) -> None:
-    from comkd.engine.loop import NonFiniteLossError
-    from support import ToyTask
-    from test_resume import _toy_fit
-
     with pytest.raises(NonFiniteLossError) as err:  # the loss of step 11 uses the weights after update 10
         _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=11), ckpt_every=1, log_every=100)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -401,10 +384,6 @@ def test_nan_stop_keeps_the_checkpoint_from_before_the_diverging_update(tmp_path
 
 
 def test_nan_right_after_a_resume_falls_back_to_the_checkpoint_before(tmp_path) -> None:
-    from comkd.engine.loop import NonFiniteLossError
-    from support import ToyTask
-    from test_resume import _toy_fit
-
     _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10)  # checkpoints of steps 4 and 8
     with pytest.raises(NonFiniteLossError, match="kept the checkpoint of step 4"):
         _toy_fit(tmp_path, ToyTask(noise=True, nan_at_step=1), ckpt_every=4, log_every=100, resume=True)
@@ -412,10 +391,6 @@ def test_nan_right_after_a_resume_falls_back_to_the_checkpoint_before(tmp_path) 
 
 
 def test_nan_stop_with_a_single_suspect_checkpoint_says_so(tmp_path) -> None:
-    from comkd.engine.loop import NonFiniteLossError
-    from support import ToyTask
-    from test_resume import _toy_fit
-
     with pytest.raises(
         NonFiniteLossError, match="the only checkpoint, of step 4, was taken after the diverging"
     ):
@@ -425,10 +400,6 @@ def test_nan_stop_with_a_single_suspect_checkpoint_says_so(tmp_path) -> None:
 
 
 def test_a_half_written_metrics_line_does_not_block_resume_and_stray_temps_go(tmp_path) -> None:
-    from comkd.engine.utils import read_metrics
-    from support import ToyTask
-    from test_resume import _toy_fit
-
     _toy_fit(tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"stage": "toy", "epoch": 1, "st')  # killed mid-write
@@ -443,9 +414,6 @@ def test_a_half_written_metrics_line_does_not_block_resume_and_stray_temps_go(tm
 # -- unreadable inputs and a full or read-only disk -----------------------------------------
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_resume_from_an_unreadable_checkpoint_is_one_line(tmp_path, damage) -> None:
-    from support import ToyTask
-    from test_resume import _toy_fit
-
     _toy_fit(tmp_path / "toy", ToyTask(noise=True), ckpt_every=4, stop_after_steps=5)
     good = (tmp_path / "toy" / "checkpoint.pt").read_bytes()
     out = tmp_path / "run"
@@ -467,10 +435,6 @@ def test_resume_from_an_unreadable_checkpoint_is_one_line(tmp_path, damage) -> N
 
 
 def test_a_fresh_run_never_falls_back_to_an_earlier_runs_checkpoint(tmp_path) -> None:
-    from comkd.engine.loop import NonFiniteLossError
-    from support import ToyTask
-    from test_resume import _toy_fit
-
     _toy_fit(
         tmp_path, ToyTask(noise=True), ckpt_every=4, stop_after_steps=10
     )  # an earlier run: steps 4 and 8

@@ -178,8 +178,13 @@ def epoch_peak_memory(
     out: dict[str, Any] = {}
     if together:
         procs = {m: start(m) for m in (1, 2, 4)}
-        for m, proc in procs.items():
-            out[f"{m}x"] = finish(m, proc)
+        try:
+            for m, proc in procs.items():
+                out[f"{m}x"] = finish(m, proc)
+        finally:  # one failed: the others are not left running
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
     else:
         for m in (1, 2, 4):
             out[f"{m}x"] = finish(m, start(m))
@@ -202,9 +207,10 @@ def bench_data_path(shards: str | None, quick: bool = False, threads: int = 1) -
 
     # a whole shard (streaming reads every sample of a shard it touches; a partial pool would be
     # charged for samples it skips), or 100 samples in the smoke run
-    items = 100 if quick else len(scan_shard(expand_shards(found)[0]))
+    first = expand_shards(found)[0]
+    items = 100 if quick else len(scan_shard(first))
     # the smoke run's 64-256 items come from the first shard, so it indexes only that one
-    source = expand_shards(found)[0] if quick else found
+    source = first if quick else found
     res = {"shards": source, "read": read_rate(source, items, reps=1 if quick else 3)}
     res["distill_epoch"] = (
         epoch_peak_memory(source, 64, threads=threads, together=True)
