@@ -1,5 +1,6 @@
 """Shared fixtures: ``one_thread`` (tiny models on one torch thread) and ``tiny_teacher_files``
-(two random tiny teachers on disk). Plain helpers are in support.py."""
+(two random tiny teachers on disk), and a guard that refuses rerun plugins. Plain helpers are in
+support.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ from pathlib import Path
 import pytest
 
 from support import torch_threads, write_tiny_teacher
+
+# plugins that rerun or skip a failing test and report it passed: a flaky test is a failing test here
+_RERUNNERS = ("rerunfailures", "flaky", "pytest_rerunfailures", "retry", "pytest_retry")
+
+
+def pytest_configure(config) -> None:
+    active = [name for name in _RERUNNERS if config.pluginmanager.hasplugin(name)]
+    if active:
+        raise pytest.UsageError(
+            f"test rerun plugin(s) {', '.join(active)} loaded: comkd's suite reruns nothing; "
+            "disable with -p no:<name> or uninstall"
+        )
 
 
 @pytest.fixture
