@@ -15,7 +15,7 @@ from comkd import cli, load_student
 from comkd.models import ModelError, create_student, create_teacher
 from comkd.models.identity import check_teacher, teacher_identity
 from comkd.models.io import save_student
-from support import TINY_DISTILL_OPTS, write_tiny_teacher
+from support import TINY_DISTILL_OPTS, one_line_error, resave_student, write_tiny_student, write_tiny_teacher
 
 NEW = ["cat", "dog", "bird"]
 
@@ -261,3 +261,101 @@ def test_the_python_student_speaks_clip_and_takes_new_classes(distilled) -> None
     with pytest.raises(ModelError, match="prompts_sha256"):
         s.set_classes(["x", "y"], _teacher(d / "t0.safetensors", d / "p1.safetensors"))
     assert s.classnames == NEW  # a refused teacher changes nothing
+
+
+# -- a crafted or mistaken teacher record: one line naming the file and the field, nothing built ---
+_ARCH = {
+    "model": "comkd-tiny-teacher",
+    "text_ctx": 4,
+    "text_depth": None,
+    "ctx_init": "a photo of a",
+    "vision_tokens": 4,
+    "vision_depth": None,
+    "image_size": 16,
+    "quick_gelu": None,
+}
+_RECORD = {
+    "model": "comkd-tiny-teacher",
+    "weights_sha256": "0" * 64,
+    "prompts_sha256": "0" * 64,
+    "image_size": 16,
+    "source": {"pretrained": None, "prompts": None, "arch": _ARCH},
+}
+
+
+def _source(**edits) -> str:
+    return json.dumps({**_RECORD, "source": {**_RECORD["source"], **edits}})
+
+
+def _arch(**edits) -> str:
+    return _source(arch={**_ARCH, **edits})
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        ("[1, 2]", "comkd.teacher must be a JSON object, got list"),
+        ('"a teacher"', "comkd.teacher must be a JSON object, got str"),
+        (json.dumps({**_RECORD, "image_size": "16"}), "comkd.teacher.image_size must be an integer"),
+        (
+            json.dumps({k: v for k, v in _RECORD.items() if k != "model"}),
+            "comkd.teacher has no field 'model'",
+        ),
+        (json.dumps({**_RECORD, "source": [1]}), "comkd.teacher.source must be a JSON object, got list"),
+        (_source(arch="model text_ctx"), "comkd.teacher.source.arch must be a JSON object, got str"),
+        (_source(arch=["model"]), "comkd.teacher.source.arch must be a JSON object, got list"),
+        (_arch(text_ctx="4"), "comkd.teacher.source.arch.text_ctx must be an integer in 0..1024, got '4'"),
+        (_arch(text_ctx=-3), "comkd.teacher.source.arch.text_ctx must be an integer in 0..1024, got -3"),
+        # ~5 GB of context for the tiny teacher (more for a real one): refused before anything is built
+        (_arch(text_ctx=10**9), "comkd.teacher.source.arch.text_ctx must be an integer in 0..1024"),
+        (_arch(vision_tokens=10**9), "comkd.teacher.source.arch.vision_tokens must be an integer in 0..1024"),
+        (_arch(image_size=10**9), "comkd.teacher.source.arch.image_size must be an integer in 1..4096"),
+        (_arch(model=5), "comkd.teacher.source.arch.model must be a string, got 5"),
+        (_arch(ctx_init=[1]), "comkd.teacher.source.arch.ctx_init must be a string"),
+        (_arch(layers=12), "comkd.teacher.source.arch has an unknown field 'layers'"),
+        (_source(pretrained="hf-hub:org/clip"), "comkd.teacher.source.pretrained must be an open_clip tag"),
+        (_source(prompts="hf-hub:org/prompts"), "comkd.teacher.source.prompts must be a local prompts file"),
+        (_source(pretrained=["a"]), "comkd.teacher.source.pretrained must be a string, got ['a']"),
+        ("[" * 30000 + "]" * 30000, "comkd.teacher is nested deeper than 16 levels"),
+        ("[" * 100000 + "]" * 100000, "comkd.teacher is 200000 characters long, more than the 65536"),
+    ],
+)
+def test_a_crafted_teacher_record_is_one_line_before_anything_is_built(
+    tmp_path, monkeypatch, record, words
+) -> None:
+    from comkd.models.teacher import Teacher
+
+    src = write_tiny_student(tmp_path / "s.safetensors", ["a", "b"])
+    bad = tmp_path / "crafted.safetensors"
+    resave_student(src, bad, meta_edit=lambda m: {"comkd.teacher": record})
+    (tmp_path / "names.txt").write_text("x\ny\n")
+
+    def never(*a, **k):
+        raise AssertionError("a teacher was built from a record that does not pass")
+
+    monkeypatch.setattr(Teacher, "build", classmethod(never))
+    out = tmp_path / "new.safetensors"
+    r = CliRunner().invoke(
+        cli.app, ["classes", str(bad), "--names", str(tmp_path / "names.txt"), "--out", str(out)]
+    )
+    one_line_error(r, "crafted.safetensors", words)
+    assert not out.exists()
+
+
+def test_a_recorded_teacher_that_cannot_be_rebuilt_names_the_file_and_the_record(tmp_path) -> None:
+    src = write_tiny_student(tmp_path / "s.safetensors", ["a", "b"])
+    bad = tmp_path / "moved.safetensors"
+    record = _arch(model=str(tmp_path / "gone" / "teacher.json"))
+    resave_student(src, bad, meta_edit=lambda m: {"comkd.teacher": record})
+    (tmp_path / "names.txt").write_text("x\ny\n")
+    r = CliRunner().invoke(cli.app, ["classes", str(bad), "--names", str(tmp_path / "names.txt")])
+    one_line_error(r, "moved.safetensors", "comkd.teacher.source", "teacher.json")
+
+
+def test_a_text_context_longer_than_the_text_towers_is_refused_naming_both() -> None:
+    # the tiny teacher's text tower holds 16 tokens: start, end and a class name leave 13
+    assert create_teacher("comkd-tiny-teacher", text_ctx=13, image_size=16).text.n_ctx == 13
+    with pytest.raises(ModelError, match=r"text context of 14 tokens .* context of 16 tokens \(at most 13"):
+        create_teacher("comkd-tiny-teacher", text_ctx=14, image_size=16)
+    with pytest.raises(ModelError, match=r"text prompt tokens and depth must be >= 0, got n_ctx=-1"):
+        create_teacher("comkd-tiny-teacher", text_ctx=-1, image_size=16)

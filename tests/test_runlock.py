@@ -228,3 +228,31 @@ def test_two_distillations_into_one_folder_the_second_is_refused(tmp_path):
     # killed: its lock is stale, and a --resume takes it over (checked in-process, no training)
     with run_lock(out):
         assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "symlink"])
+def test_a_lock_path_that_is_not_a_file_is_one_line_naming_it_and_left_alone(tmp_path, kind):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    if kind == "folder":
+        lock.mkdir()
+        (lock / "keep.txt").write_text("mine")
+    elif kind == "fifo":
+        os.mkfifo(lock)  # reading it would block for ever
+    else:
+        (tmp_path / "elsewhere.json").write_text(
+            json.dumps({"pid": _dead_pid(), "host": socket.gethostname()})
+        )
+        lock.symlink_to(tmp_path / "elsewhere.json")
+    said = {"folder": "a folder", "fifo": "a special file", "symlink": "a symbolic link"}[kind]
+    with pytest.raises(RunLockError) as e, run_lock(out):
+        pytest.fail("the lock was taken over")
+    assert str(e.value).startswith(f"{lock}: the run lock's path is {said}") and "\n" not in str(e.value)
+    r = CliRunner().invoke(cli.app, ["distill", "--config", "demo", "--out-dir", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {lock}: the run lock's path is {said}"), r.output
+    assert sorted(os.listdir(out)) == [LOCK_NAME]  # nothing moved aside, nothing written
+    if kind == "folder":
+        assert (lock / "keep.txt").read_text() == "mine"

@@ -216,6 +216,82 @@ def test_an_absurd_input_size_in_a_student_file_is_refused_before_building(tmp_p
         load_student(bad)
 
 
+def _config_edit(**edits):
+    """A ``comkd.student_config`` edit: the saved arch with ``edits`` (a value None drops the key)."""
+
+    def edit(meta: dict) -> str:
+        arch = {**json.loads(meta[STUDENT_CONFIG_KEY]), **edits}
+        return json.dumps({k: v for k, v in arch.items() if v is not None})
+
+    return edit
+
+
+DEEP = "[" * 30000 + "]" * 30000  # deep enough to exhaust the JSON parser's recursion
+CRAFTED_METADATA = {
+    "deep class names": ("comkd.classnames", DEEP, "comkd.classnames is nested deeper than 16 levels"),
+    "huge class names": (
+        "comkd.classnames",
+        "[" * 20_000_000 + "]" * 20_000_000,
+        "comkd.classnames is 40000000 characters long, more than the 33554432",
+    ),
+    "deep preprocess": ("comkd.preprocess", DEEP, "comkd.preprocess is nested deeper than 16 levels"),
+    "preprocess a list": ("comkd.preprocess", "[1, 2]", "comkd.preprocess"),
+    "deep config": (STUDENT_CONFIG_KEY, DEEP, "comkd.student_config is nested deeper than 16 levels"),
+    "config a list": (STUDENT_CONFIG_KEY, "[1]", "comkd.student_config must be a JSON object, got list"),
+    "prompt tokens": (
+        STUDENT_CONFIG_KEY,
+        _config_edit(vision_tokens=10**9),
+        "comkd.student_config.vision_tokens must be an integer in 0..1024, got 1000000000",
+    ),
+    "teacher_dim a string": (
+        STUDENT_CONFIG_KEY,
+        _config_edit(teacher_dim="32"),
+        "comkd.student_config.teacher_dim must be an integer in 1..65536, got '32'",
+    ),
+    "teacher_dim not W's": (
+        STUDENT_CONFIG_KEY,
+        _config_edit(teacher_dim=60000),
+        "its W (text_features) has shape [3, 32], not [classes, 60000]",
+    ),
+    "heads a bool": (
+        STUDENT_CONFIG_KEY,
+        _config_edit(edu_heads=True),
+        "comkd.student_config.edu_heads must be an integer in 1..1024, got True",
+    ),
+    "model a number": (
+        STUDENT_CONFIG_KEY,
+        _config_edit(model=5),
+        "comkd.student_config.model must be a string, got 5",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_METADATA))
+def test_crafted_student_metadata_is_one_line_naming_the_file_and_key(tmp_path, case) -> None:
+    from PIL import Image
+
+    key, value, words = CRAFTED_METADATA[case]
+    _, src = _saved(tmp_path)
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    bad = _edited(tmp_path, "crafted.safetensors", **{key: value(meta) if callable(value) else value})
+    img = tmp_path / "img.png"
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(img)
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(cli.app, ["predict", str(bad), str(img), "--out", str(out), "--no-progress"])
+    one_line_error(r, "crafted.safetensors", words)
+    assert not out.exists()
+
+
+def test_duplicate_class_names_are_found_in_linear_time() -> None:
+    from comkd.models.io import check_classnames
+
+    names = [f"c{i}" for i in range(200_000)]
+    assert check_classnames(names, "w") is names  # quadratic counting would take minutes
+    with pytest.raises(ValueError, match=r"w lists \['c7'\] more than once"):
+        check_classnames([*names, "c7"], "w")
+
+
 def test_a_student_with_nan_weights_is_not_written(tmp_path) -> None:
     from comkd.models import ModelError
 

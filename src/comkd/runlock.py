@@ -4,10 +4,11 @@ A run holds ``OUT/.comkd.lock`` while it writes ``OUT`` (``run_lock``): the file
 ``O_CREAT | O_EXCL`` and holds the holder's pid, host and start time as JSON; it is removed when the
 run ends, however it ends short of a kill. A second run into the same folder is refused with a
 one-line ``RunLockError`` naming the folder and the holder. A lock left by a killed run (a pid that
-no longer exists on this host) is named in a warning and taken over. The lock is re-entrant within
-a process: a protocol that holds ``OUT`` may run a stage that locks ``OUT`` again; stages in
-sub-folders take their own locks. Only the main process of a torchrun job (``RANK`` 0) locks, as
-only it writes.
+no longer exists on this host) is named in a warning and taken over; anything at the lock's path
+that is not a regular file (a folder, a link, a FIFO) is refused in one line naming it, and left
+alone. The lock is re-entrant within a process: a protocol that holds ``OUT`` may run a stage that
+locks ``OUT`` again; stages in sub-folders take their own locks. Only the main process of a
+torchrun job (``RANK`` 0) locks, as only it writes.
 
 A fresh run (no ``--resume``) into a folder that holds a finished run's results is refused
 (``FinishedRunError``) unless overwriting was asked for: ``overwrite=True`` on a runner decorated
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -65,11 +67,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_holder(path: Path) -> dict[str, Any] | None:
-    """The lock file's JSON, or None when it is absent, empty or not a holder record."""
+_MAX_LOCK_BYTES = 64 * 1024  # a holder record is ~150 bytes: anything far larger is not one
+
+
+def _not_a_lock_file(path: Path) -> str | None:
+    """What ``path`` is when something other than a regular file sits there (a folder, a link, a
+    FIFO, ...), else None (a regular file or nothing)."""
     try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a special file (FIFO, socket or device)"
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    """The lock file's JSON, or None when it is absent, empty, not a regular file or not a holder
+    record."""
+    if _not_a_lock_file(path):
+        return None  # never open a FIFO or follow a link planted at the lock's path
+    try:
+        with open(path, "rb") as f:
+            info = json.loads(f.read(_MAX_LOCK_BYTES).decode())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or not info.get("host"):
         return None
@@ -126,6 +151,11 @@ def _acquire(folder: Path) -> str:
                 f.flush()
                 os.fsync(f.fileno())
             return token
+        odd = _not_a_lock_file(path)
+        if odd:  # not left by a run: never moved or deleted here
+            raise RunLockError(
+                f"{path}: the run lock's path is {odd}, not a lock file; remove it or choose another --out-dir"
+            )
         holder = _read_holder(path)
         if holder is None:
             if not path.exists():

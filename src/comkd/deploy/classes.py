@@ -88,7 +88,14 @@ def recompute_classes(
     recorded = student.teacher_identity
     tcfg = teacher_config(cfg, recorded, student_path, from_record=from_record)
     seed_everything(cfg.seed)  # prompts that were never trained are drawn from the seed, as in distill
-    teacher = build_teacher(tcfg, device)
+    try:
+        teacher = build_teacher(tcfg, device)
+    except ModelError as e:
+        if not from_record:
+            raise
+        raise ModelError(
+            f"{student_path}: cannot rebuild the teacher its metadata comkd.teacher.source records: {e}"
+        ) from None
     current = teacher_identity(teacher)
     if not force:
         check_teacher(recorded, current, student_path)

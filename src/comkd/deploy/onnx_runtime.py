@@ -4,15 +4,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..fileio import parse_json
 from ..models.backbones import ModelError, PreprocessSpec, spec_from_metadata
-from ..models.io import check_classnames
+from ..models.io import MAX_CLASSNAMES_CHARS, MAX_RECORD_CHARS, check_classnames
 from ..models.predict import predict_images
+from ..models.student import check_finite_images
 
 
 class OnnxStudent:
@@ -44,6 +45,13 @@ class OnnxStudent:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.path = path
         self.metadata: dict[str, str] = dict(meta)
+        if "comkd.preprocess" in meta:  # bounded (size, nesting) before it is read as a spec
+            parse_json(
+                meta["comkd.preprocess"],
+                f"{path}: metadata comkd.preprocess",
+                max_chars=MAX_RECORD_CHARS,
+                error=ModelError,
+            )
         self.preprocess: PreprocessSpec = spec_from_metadata(meta, str(path))
         self.classnames: list[str] = _classnames(meta, path)
         n_out = self.session.get_outputs()[0].shape[-1]
@@ -68,6 +76,7 @@ class OnnxStudent:
         s = self.preprocess.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ModelError(f"{self.path} takes images [B, 3, {s}, {s}], got {list(images.shape)}")
+        check_finite_images(images)
         x = images.detach().float().cpu().contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
 
@@ -81,8 +90,6 @@ def _classnames(meta: dict[str, str], path: Path) -> list[str]:
     one-line ``ModelError`` naming the file and the key."""
     if "comkd.classnames" not in meta:
         raise ModelError(f"{path} has no comkd.classnames metadata (not a comkd export?)")
-    try:
-        names = json.loads(meta["comkd.classnames"])
-    except ValueError:
-        raise ModelError(f"{path}: metadata comkd.classnames is not valid JSON") from None
-    return check_classnames(names, f"{path}: metadata comkd.classnames")
+    where = f"{path}: metadata comkd.classnames"
+    names = parse_json(meta["comkd.classnames"], where, max_chars=MAX_CLASSNAMES_CHARS, error=ModelError)
+    return check_classnames(names, where)

@@ -16,7 +16,9 @@ order; labels are never read), the transform fingerprint, the seed, K, the dtype
 and class names of W. Everything a distillation run needs from the teacher (u_t, W, s_t) is in
 the file, so a run with a cache never has to load the teacher at all.
 
-``cache_build`` writes this format, ``cache_read`` reads it.
+``cache_build`` writes this format, ``cache_read`` reads it. ``read_cache_info`` bounds the header
+length by the file's size before reading it, and checks every field a reader uses
+(``check_header``): a crafted or damaged header is one ``ValueError`` line naming the file and field.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import numpy as np
 import torch
 
 from ..data.records import virtual_reader
+from ..fileio import check_value, parse_json, short
 from ..models import PreprocessSpec
+from ..models.backbones import MAX_IMAGE_SIZE
 from ..models.identity import teacher_digests, teacher_key
 
 if TYPE_CHECKING:
@@ -216,25 +220,106 @@ def encode_header(header: dict[str, Any]) -> tuple[bytes, int]:
     return MAGIC + struct.pack("<Q", len(body)) + body, total
 
 
+#: the longest header read (class names and fingerprints: far below this), bounded before reading
+MAX_HEADER_BYTES = 64 * 2**20
+
+# the type of each header field a reader uses ("dict"/"list": checked further below), and ranges
+_HEADER_TYPES = {
+    "format": "str",
+    "teacher": "dict",
+    "teacher_files": "dict | None",
+    "dataset": "dict",
+    "transform": "str",
+    "student_spec": "dict",
+    "seed": "int",
+    "views": "int",
+    "dtype": "str",
+    "dim": "int",
+    "text_features": "dict",
+}
+_TEACHER_TYPES = {
+    "model": "str",
+    "weights_sha256": "str",
+    "prompts_sha256": "str",
+    "key": "str",
+    "preprocess": "dict",
+    "logit_scale": "float",
+}
+_RANGES = {
+    "views": (1, 1 << 20),
+    "dim": (1, 1 << 16),
+    "items": (0, 1 << 40),
+    "image_size": (1, MAX_IMAGE_SIZE),
+}
+
+
+def check_header(header: Any, path: Path) -> dict[str, Any]:
+    """``header`` when every field a reader uses has its type and range, else a one-line
+    ``ValueError`` naming ``path`` and the field (a crafted or damaged header is never indexed)."""
+    where = f"{path}: teacher-cache header"
+    if not isinstance(header, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(header).__name__}")
+    if header.get("format") != CACHE_FORMAT:
+        raise ValueError(
+            f"{path}: cache format {short(header.get('format'))}, this comkd reads {CACHE_FORMAT!r}"
+        )
+
+    def need(obj: dict, key: str, kind: str, prefix: str) -> Any:
+        if key not in obj:
+            raise ValueError(f"{where} has no field {prefix}{key}")
+        lo, hi = _RANGES.get(key, (None, None))
+        return check_value(obj[key], kind, f"{where} field {prefix}{key}", lo=lo, hi=hi, max_chars=4096)
+
+    for key, kind in _HEADER_TYPES.items():
+        need(header, key, kind, "")
+    if header["dtype"] not in _NP_DTYPES:
+        raise ValueError(
+            f"{where} field dtype must be one of {sorted(_NP_DTYPES)}, got {short(header['dtype'])}"
+        )
+    teacher = header["teacher"]
+    for key, kind in _TEACHER_TYPES.items():
+        need(teacher, key, kind, "teacher.")
+    need(teacher["preprocess"], "image_size", "int", "teacher.preprocess.")
+    need(header["dataset"], "items", "int", "dataset.")
+    text = header["text_features"]
+    need(text, "key", "str", "text_features.")
+    names = need(text, "classnames", "list", "text_features.")
+    bad = next((n for n in names if not isinstance(n, str)), None)
+    if bad is not None:
+        raise ValueError(f"{where} field text_features.classnames holds {short(bad)}, not a class name")
+    files = header["teacher_files"]
+    for key, value in (files or {}).items():
+        check_value(value, "str | None", f"{where} field teacher_files.{key}", max_chars=4096)
+    return header
+
+
 def read_cache_info(path: str | Path) -> CacheInfo:
-    """Read and check a cache file's header (no feature data is loaded)."""
+    """Read and check a cache file's header (no feature data is loaded): its length is bounded by
+    the file's size before it is read, and each field a reader uses is checked (``check_header``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher cache not found: {path} (build it with `comkd cache-teacher`)")
+    size = path.stat().st_size
+    start = len(MAGIC) + 8
     with open(path, "rb") as f:
         magic = f.read(len(MAGIC))
         if magic != MAGIC:
             raise ValueError(f"{path} is not a comkd teacher cache (bad magic {magic!r})")
-        (n,) = struct.unpack("<Q", f.read(8))
-        try:
-            header = json.loads(f.read(n).decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: unreadable teacher-cache header ({e})") from None
-    if header.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path}: cache format {header.get('format')!r}, this comkd reads {CACHE_FORMAT!r}")
-    info = CacheInfo(header=header, data_offset=len(MAGIC) + 8 + n)
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: teacher cache ends inside its header length; the file is truncated")
+        (n,) = struct.unpack("<Q", raw)
+        room = size - start  # a header longer than the rest of the file is refused before reading
+        if n > min(room, MAX_HEADER_BYTES):
+            limit = (
+                f"the {room} bytes the file holds after it" if n > room else f"the {MAX_HEADER_BYTES} allowed"
+            )
+            raise ValueError(
+                f"{path}: teacher-cache header length {n} is more than {limit}; the file is truncated or corrupt"
+            )
+        header = parse_json(f.read(n), f"{path}: teacher-cache header", max_chars=MAX_HEADER_BYTES)
+    info = CacheInfo(header=check_header(header, path), data_offset=start + n)
     want = info.text_offset + info.text_shape[0] * info.text_shape[1] * 4
-    size = path.stat().st_size
     if size != want:
         raise ValueError(
             f"{path}: file has {size} bytes, its header describes {want}; the file is truncated or corrupt"

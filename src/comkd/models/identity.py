@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..digests import file_sha256, tensor_digest
-from .backbones import ModelError, _is_local_file, weights_version
+from ..fileio import check_value, short
+from .backbones import MAX_IMAGE_SIZE, ModelError, _is_local_file, weights_version
+from .prompts import MAX_PROMPT_DEPTH, MAX_PROMPT_TOKENS
 
 if TYPE_CHECKING:
     from .student import Student
@@ -93,6 +95,68 @@ def teacher_identity(teacher: Teacher | dict) -> dict[str, Any]:
     out = {k: teacher[k] for k in ("model", "weights_sha256", "prompts_sha256")}
     out["image_size"] = int(teacher["preprocess"]["image_size"])
     return out
+
+
+#: the type of each field of a recorded identity (``teacher_identity``), and of its ``source``
+_IDENTITY_TYPES = {"model": "str", "weights_sha256": "str", "prompts_sha256": "str", "image_size": "int"}
+_SOURCE_TYPES = {"pretrained": "str | None", "prompts": "str | None", "arch": "dict"}
+#: the range of each integer field of a recorded ``TeacherArch``
+_ARCH_RANGES = {
+    "text_ctx": (0, MAX_PROMPT_TOKENS),
+    "vision_tokens": (0, MAX_PROMPT_TOKENS),
+    "text_depth": (0, MAX_PROMPT_DEPTH),
+    "vision_depth": (0, MAX_PROMPT_DEPTH),
+    "image_size": (1, MAX_IMAGE_SIZE),
+}
+
+
+def _check_mapping(value: Any, types: dict[str, str], where: str, *, required: tuple[str, ...]) -> dict:
+    if not isinstance(value, dict):
+        raise ModelError(f"{where} must be a JSON object, got {type(value).__name__} {short(value, 40)}")
+    extra = sorted(set(value) - set(types))
+    if extra:
+        raise ModelError(f"{where} has an unknown field {short(extra[0])}")
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise ModelError(f"{where} has no field {missing[0]!r}")
+    return value
+
+
+def check_teacher_record(recorded: Any, where: str) -> dict[str, Any] | None:
+    """``recorded`` (a student file's ``comkd.teacher``, parsed) when every field has the type and
+    range its writer gives it, else a one-line ``ModelError`` naming ``where`` and the field: the
+    identity (``IDENTITY_KEYS``) and, when present, ``source`` (``pretrained`` and ``prompts`` as
+    given: a tag, ``none`` or a local file; ``arch``: the fields of ``TeacherArch``, prompt sizes
+    within ``MAX_PROMPT_TOKENS``). Nothing is built from the record before it passes."""
+    from .teacher import TeacherArch
+
+    if recorded is None:
+        return None
+    _check_mapping(recorded, {**_IDENTITY_TYPES, "source": "dict"}, where, required=IDENTITY_KEYS)
+    for k, kind in _IDENTITY_TYPES.items():
+        lo, hi = (1, MAX_IMAGE_SIZE) if k == "image_size" else (None, None)
+        check_value(recorded[k], kind, f"{where}.{k}", lo=lo, hi=hi, max_chars=512, error=ModelError)
+    source = recorded.get("source")
+    if source is None:
+        return recorded
+    _check_mapping(source, _SOURCE_TYPES, f"{where}.source", required=("arch",))
+    for k in ("pretrained", "prompts"):
+        value = check_value(source.get(k), "str | None", f"{where}.source.{k}", error=ModelError)
+        if isinstance(value, str) and value.startswith(("hf-hub:", "local-dir:")):
+            said = (
+                "a local prompts file"
+                if k == "prompts"
+                else "an open_clip tag, 'none' or a local weight file"
+            )
+            raise ModelError(f"{where}.source.{k} must be {said}, got {short(value)}")
+    types = {f.name: str(f.type) for f in fields(TeacherArch)}
+    arch = _check_mapping(source["arch"], types, f"{where}.source.arch", required=("model",))
+    for k, value in arch.items():
+        lo, hi = _ARCH_RANGES.get(k, (None, None))
+        check_value(
+            value, types[k], f"{where}.source.arch.{k}", lo=lo, hi=hi, max_chars=512, error=ModelError
+        )
+    return recorded
 
 
 def check_teacher(recorded: dict[str, Any] | None, current: dict[str, Any], student_path: Path) -> None:

@@ -11,7 +11,11 @@ and in its metadata what the student is:
   is known (``comkd classes`` checks it).
 * ``comkd.sha256``: a digest over the tensors and the metadata above, checked at load.
 
-Loading needs neither the teacher, a text encoder, the training engine nor the config system.
+Loading needs neither the teacher, a text encoder, the training engine nor the config system. The
+metadata is data from the user: each string is bounded in size and nesting before it is parsed
+(``fileio.parse_json``) and each field checked for type and range (``StudentArch``'s, the teacher
+record's: ``identity.check_teacher_record``) before anything is built from it; a bad one is a
+one-line ``ModelError`` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any
 import torch
 
 from ..digests import tensor_digest
-from ..fileio import atomic_path
-from .backbones import MAX_IMAGE_SIZE, RANDOM_WEIGHTS, ModelError
+from ..fileio import atomic_path, check_value, parse_json, short
+from .backbones import MAX_IMAGE_SIZE, RANDOM_WEIGHTS, ModelError, spec_from_metadata
+from .identity import check_teacher_record
+from .prompts import MAX_PROMPT_DEPTH, MAX_PROMPT_TOKENS
 from .student import Student, StudentArch
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,19 @@ log = logging.getLogger(__name__)
 STUDENT_CONFIG_KEY = "comkd.student_config"
 STUDENT_DIGEST_KEY = "comkd.sha256"
 _STUDENT_META = (STUDENT_CONFIG_KEY, "comkd.classnames", "comkd.preprocess")
+#: the longest metadata string read: class names (a million classes of ~30 characters), the rest
+MAX_CLASSNAMES_CHARS = 32 * 2**20
+MAX_RECORD_CHARS = 64 * 2**10
+#: the range of each integer field of a recorded ``StudentArch`` (``teacher_dim`` must also equal
+#: the width of the stored W); checked before anything is built
+_ARCH_RANGES = {
+    "teacher_dim": (1, 1 << 16),
+    "vision_tokens": (0, MAX_PROMPT_TOKENS),
+    "vision_depth": (0, MAX_PROMPT_DEPTH),
+    "edu_heads": (1, 1024),
+    "edu_attn_dim": (1, 1 << 16),
+    "image_size": (1, MAX_IMAGE_SIZE),
+}
 
 # Files written before ``StudentArch`` name the distillation method instead of saying whether the
 # student has EduAttention; these are the only names such files can hold (frozen: new methods
@@ -73,32 +92,42 @@ def check_classnames(names: Any, where: str, *, allow_empty: bool = False) -> li
         raise ModelError(f"{where} must be a non-empty JSON list of class names, got {type(names).__name__}")
     bad = [n for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
-        raise ModelError(f"{where} holds {bad[0]!r}, not a class name (a string)")
-    dup = sorted({n for n in names if names.count(n) > 1})
+        raise ModelError(f"{where} holds {short(bad[0])}, not a class name (a string)")
+    seen: set[str] = set()
+    dup = sorted({n for n in names if n in seen or seen.add(n)})
     if dup:
-        raise ModelError(f"{where} lists {dup[:5]} more than once")
+        raise ModelError(f"{where} lists {short(dup[:5], 200)} more than once")
     return names
 
 
 def arch_from_metadata(c: dict[str, Any]) -> StudentArch:
-    """The ``StudentArch`` recorded in a file's ``comkd.student_config`` (either format)."""
+    """The ``StudentArch`` recorded in a file's ``comkd.student_config`` (either format), each
+    field checked against its type and range (a ``ValueError`` naming it) before anything is built."""
+    if not isinstance(c, dict):
+        raise ValueError(f"{STUDENT_CONFIG_KEY} must be a JSON object, got {type(c).__name__}")
     c = dict(c)
     if "edu_attention" not in c:  # the older format: a method name says whether EduAttention is there
-        method = str(c.pop("method")).replace("_", "-").lower()
+        if "method" not in c:
+            raise ValueError(f"{STUDENT_CONFIG_KEY} has neither 'edu_attention' nor 'method'")
+        method = str(check_value(c.pop("method"), "str", f"{STUDENT_CONFIG_KEY}.method", max_chars=100))
+        method = method.replace("_", "-").lower()
         if method not in LEGACY_METHOD_EDU_ATTENTION:
             raise ValueError(f"method {method!r} is not one a student file was ever written with")
         c["edu_attention"] = LEGACY_METHOD_EDU_ATTENTION[method]
-    known = {f.name for f in dataclasses.fields(StudentArch)}
-    extra = sorted(set(c) - known)
+    types = {f.name: str(f.type) for f in dataclasses.fields(StudentArch)}
+    extra = sorted(set(c) - set(types))
     if extra:
-        raise ValueError(f"unknown field {extra[0]!r} in {STUDENT_CONFIG_KEY}")
-    size = c.get("image_size")
-    if size is not None and (
-        isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE
-    ):
-        raise ValueError(
-            f"{STUDENT_CONFIG_KEY}.image_size must be an integer in 1..{MAX_IMAGE_SIZE}, got {size!r}"
-        )
+        raise ValueError(f"unknown field {short(extra[0])} in {STUDENT_CONFIG_KEY}")
+    missing = [
+        f.name
+        for f in dataclasses.fields(StudentArch)
+        if f.name not in c and f.default is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"{STUDENT_CONFIG_KEY} has no field {missing[0]!r}")
+    for k, value in c.items():
+        lo, hi = _ARCH_RANGES.get(k, (None, None))
+        check_value(value, types[k], f"{STUDENT_CONFIG_KEY}.{k}", lo=lo, hi=hi, max_chars=512)
     return StudentArch(**c)
 
 
@@ -154,20 +183,49 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     bad = non_finite(sd)
     if bad:
         raise ModelError(f"{path}: tensor {bad!r} holds NaN/inf; this file is not a usable student")
+    where = f"{path}: metadata"
+    classnames = parse_json(
+        meta.get("comkd.classnames", "[]"),
+        f"{where} comkd.classnames",
+        max_chars=MAX_CLASSNAMES_CHARS,
+        error=ModelError,
+    )
+    check_classnames(classnames, f"{where} comkd.classnames", allow_empty=True)
+    if "comkd.preprocess" in meta:  # not used to rebuild (the arch says it) but checked as recorded
+        parse_json(
+            meta["comkd.preprocess"],
+            f"{where} comkd.preprocess",
+            max_chars=MAX_RECORD_CHARS,
+            error=ModelError,
+        )
+        spec_from_metadata(meta, str(path))
+    teacher = None
+    if "comkd.teacher" in meta:  # checked before anything is built from it (comkd classes)
+        teacher = parse_json(
+            meta["comkd.teacher"], f"{where} comkd.teacher", max_chars=MAX_RECORD_CHARS, error=ModelError
+        )
+        teacher = check_teacher_record(teacher, f"{where} comkd.teacher")
+    config = parse_json(
+        meta[STUDENT_CONFIG_KEY],
+        f"{where} {STUDENT_CONFIG_KEY}",
+        max_chars=MAX_RECORD_CHARS,
+        error=ModelError,
+    )
     try:
-        classnames = json.loads(meta.get("comkd.classnames", "[]"))
-    except ValueError:
-        raise ModelError(f"{path}: metadata comkd.classnames is not valid JSON") from None
-    check_classnames(classnames, f"{path}: metadata comkd.classnames", allow_empty=True)
-    try:
-        arch = arch_from_metadata(json.loads(meta[STUDENT_CONFIG_KEY]))
-        # s and every weight come from the file: the random init is overwritten
-        student = Student.build(arch, RANDOM_WEIGHTS, logit_scale=1.0, device=device)
+        arch = arch_from_metadata(config)
         if "text_features" not in sd:
             raise ModelError("no text_features tensor (the stored W)")
-        student.set_text_features(sd["text_features"], classnames)
+        w = sd["text_features"]
+        if w.ndim != 2 or w.shape[1] != arch.teacher_dim:
+            raise ModelError(
+                f"its W (text_features) has shape {list(w.shape)}, not [classes, {arch.teacher_dim}] "
+                f"({STUDENT_CONFIG_KEY}.teacher_dim)"
+            )
+        # s and every weight come from the file: the random init is overwritten
+        student = Student.build(arch, RANDOM_WEIGHTS, logit_scale=1.0, device=device)
+        student.set_text_features(w, classnames)
         student.load_state_dict(sd, strict=True)
-        student.teacher_identity = json.loads(meta["comkd.teacher"]) if "comkd.teacher" in meta else None
+        student.teacher_identity = teacher
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # edited metadata, missing/extra tensors
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
         raise ModelError(f"{path}: does not rebuild a student: {what}") from None

@@ -17,6 +17,12 @@ from torch import nn
 
 from .backbones import ModelError
 
+#: most prompt tokens (visual, or text context) a config or a file may ask for; a text context is
+#: also bounded by its tower's own context length (77 for CLIP). Checked before any allocation.
+MAX_PROMPT_TOKENS = 1024
+#: deepest prompt depth a file may record (each tower also refuses a depth above its layer count)
+MAX_PROMPT_DEPTH = 1024
+
 
 def _run_blocks(
     transformer: nn.Module, x: torch.Tensor, hook, attn_mask: torch.Tensor | None = None
@@ -52,6 +58,8 @@ class PromptedVisionTower(nn.Module):
             raise ModelError(f"visual prompt depth {depth} exceeds the tower's {layers} layers")
         if n_tokens < 0 or depth < 0:
             raise ModelError(f"prompt tokens and depth must be >= 0, got n_tokens={n_tokens}, depth={depth}")
+        if n_tokens > MAX_PROMPT_TOKENS:  # checked before the prompts are allocated
+            raise ModelError(f"{n_tokens} visual prompt tokens are more than the {MAX_PROMPT_TOKENS} allowed")
         self.visual = visual
         self.n_tokens = n_tokens if depth > 0 else 0
         self.depth = depth if n_tokens > 0 else 0
@@ -131,8 +139,16 @@ class PromptedTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         owner = self.parts.owner
         layers = len(owner.transformer.resblocks)
+        if n_ctx < 0 or depth < 0:
+            raise ModelError(f"text prompt tokens and depth must be >= 0, got n_ctx={n_ctx}, depth={depth}")
         if depth > layers:
             raise ModelError(f"text prompt depth {depth} exceeds the text tower's {layers} layers")
+        context = int(owner.positional_embedding.shape[0])
+        if n_ctx > context - 3:  # checked before the context is allocated
+            raise ModelError(
+                f"text context of {n_ctx} tokens does not fit the text tower's context of {context} tokens "
+                f"(at most {context - 3}: a start, an end and one class-name token are needed too)"
+            )
         self.n_ctx = n_ctx if depth > 0 else 0
         self.depth = depth if n_ctx > 0 else 0
         width = owner.transformer.width
