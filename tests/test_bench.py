@@ -169,3 +169,78 @@ def test_the_gpu_check_runs_in_its_quick_form_and_writes_every_key(tmp_path) -> 
     assert all(v["seconds"] > 0 for v in res["stage1_step_s"].values())
     r = CliRunner().invoke(cli.app, ["bench", "--profile", "tpu", "--out", str(out)])
     assert r.exit_code == 2 and "--profile" in r.output
+
+
+# -- bad options: one line, before any work ------------------------------------------------------
+@pytest.fixture
+def no_bench_work(monkeypatch):
+    """Every entry into the bench's work fails loudly: an option error must come before it."""
+    import comkd.bench.limits as limits
+    import comkd.bench.run as run_mod
+
+    def work(*a, **k):
+        raise AssertionError("the bench started work before checking its options")
+
+    for mod, name in ((run_mod, "_run_sections"), (run_mod, "_only_data"), (limits, "matmul_peak")):
+        monkeypatch.setattr(mod, name, work)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--only", "bogus"], ["--only", "'bogus'", "eager, limits"]),
+        (["--threads", "-1"], ["--threads", "-1"]),
+        (["--device", "bogus"], ["--device", "'bogus'"]),
+        (["--shards", "{tmp}/nowhere-{{000..001}}.tar"], ["--shards", "nowhere-000.tar"]),
+        (["--out", "{tmp}/a-file/bench.json"], ["--out", "a-file is a file"]),
+        (["--only", "eager", "--out", "{tmp}/a-file"], ["--out", "a-file", "not a bench JSON"]),
+        (["--profile", "gpu", "--only", "eager"], ["--only", "--profile gpu"]),
+    ],
+)
+def test_bench_refuses_a_bad_option_in_one_line_before_any_work(tmp_path, no_bench_work, args, words) -> None:
+    from typer.testing import CliRunner
+
+    from comkd import cli
+    from support import one_line_error
+
+    (tmp_path / "a-file").write_text("not json")
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = CliRunner().invoke(cli.app, ["bench", "--quick", "--out", str(tmp_path / "b.json"), *args])
+    one_line_error(r, *words, code=2)
+    assert (tmp_path / "a-file").read_text() == "not json" and not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize(
+    "args", [["--device", "cuda"], ["--profile", "gpu"], ["--profile", "gpu", "--device", "cpu"]]
+)
+def test_bench_without_a_gpu_says_so_for_cuda_and_the_full_gpu_check(tmp_path, no_bench_work, args) -> None:
+    """The full GPU check refuses a machine without a GPU (its --quick form runs anywhere, above)."""
+    from typer.testing import CliRunner
+
+    from comkd import cli
+    from support import one_line_error
+
+    r = CliRunner().invoke(cli.app, ["bench", "--out", str(tmp_path / "g.json"), *args])
+    one_line_error(r, "CUDA" if "--device" in args and "gpu" not in args else "no GPU is available", code=2)
+    assert not (tmp_path / "g.json").exists()
+
+
+def test_bench_out_with_any_name_writes_that_file(tmp_path, monkeypatch) -> None:
+    """``--out r/bench7.txt`` writes r/bench7.txt (not a folder of that name); an existing folder
+    gets bench.json."""
+    from typer.testing import CliRunner
+
+    import comkd.bench.run as run_mod
+    from comkd import cli
+
+    monkeypatch.setattr(
+        run_mod, "limits_section", lambda prev, *a: {"matmul_peak": {"fp32_gflops_per_s": 1.0}}
+    )
+    args = ["bench", "--only", "limits", "--quick", "--device", "cpu"]
+    r = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r" / "bench7.txt")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "bench7.txt").read_text())["matmul_peak"]["fp32_gflops_per_s"] == 1.0
+    r = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert "matmul_peak" in json.loads((tmp_path / "r" / "bench.json").read_text())

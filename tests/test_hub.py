@@ -233,3 +233,69 @@ def test_comkd_predict_takes_a_hub_id_offline_and_names_a_missing_one(run_dir, h
         and "not in the local Hugging Face cache" in r3.stderr
         and "Traceback" not in r3.stderr
     )
+
+
+# -- push: bad input is one line, and nothing of the user's is overwritten -------------------------
+def _folder_listing(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("where", "words"),
+    [
+        ("own", ["the student's own folder"]),
+        ("file", ["a-file is a file, not a folder"]),
+        ("under_file", ["a-file is a file, not a folder"]),
+    ],
+)
+def test_push_dry_run_into_a_folder_it_cannot_use_is_one_line(run_dir, tmp_path, where, words) -> None:
+    from support import one_line_error
+
+    (tmp_path / "a-file").write_text("keep")
+    target = {"own": run_dir, "file": tmp_path / "a-file", "under_file": tmp_path / "a-file" / "sub"}[where]
+    before = _folder_listing(run_dir)
+    r = CliRunner().invoke(
+        cli.app, ["push", str(run_dir / "student.safetensors"), "org/t", "--dry-run", str(target)]
+    )
+    one_line_error(r, "--dry-run", str(target), *words)
+    assert _folder_listing(run_dir) == before and (tmp_path / "a-file").read_text() == "keep"
+
+
+def test_push_dry_run_never_overwrites_the_users_readme(run_dir, tmp_path) -> None:
+    from support import one_line_error
+
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "README.md").write_text("my own notes")
+    r = CliRunner().invoke(
+        cli.app, ["push", str(run_dir / "student.safetensors"), "org/t", "--dry-run", str(d)]
+    )
+    one_line_error(r, "--dry-run", str(d), "not empty", "README.md")
+    assert _folder_listing(d) == {"README.md": b"my own notes"}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("results.json", "5", ["results.json", "holds a number"]),
+        ("results.json", "[1, 2]", ["results.json", "holds a list"]),
+        ("results.json", '{"hm": 3, "base": 5}', ["results.json", "'base' is a number"]),
+        ("results.json", '{"acc": "high"}', ["results.json", "'acc' is text"]),
+        ("results.json", '{"hm": 3, "novel": {"acc": [1]}}', ["results.json", "'novel.acc' is a list"]),
+        ("config.yaml", "5\n", ["config.yaml", "holds a number"]),
+        ("config.yaml", "distill: 5\n", ["config.yaml", "'distill' is a number"]),
+        ("config.yaml", "data: [1]\n", ["config.yaml", "'data' is a list"]),
+        ("config.yaml", "distill: {optim: 3}\n", ["config.yaml", "'distill.optim' is a number"]),
+    ],
+)
+def test_push_names_a_run_file_of_the_wrong_shape(run_dir, tmp_path, name, content, words) -> None:
+    from support import one_line_error
+
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copyfile(run_dir / "student.safetensors", d / "student.safetensors")
+    (d / name).write_text(content)
+    r = CliRunner().invoke(
+        cli.app, ["push", str(d / "student.safetensors"), "org/t", "--dry-run", str(tmp_path / "out")]
+    )
+    one_line_error(r, *words)

@@ -135,3 +135,41 @@ def test_a_broken_zip_as_weights_is_one_line_naming_it(tmp_path, flag, command) 
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and str(bad) in lines[0], r.output
+
+
+def _pickled_teacher(path, marker, legacy: bool) -> None:
+    """Tiny-teacher weights with a payload the weights-only reader refuses (it would open a file)."""
+    sd = load_clip(TINY_TEACHER, None, image_size=16).model.state_dict()
+    obj = {"state_dict": sd, "payload": _Exploit(str(marker))}
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+
+
+@pytest.mark.parametrize("kind", ["legacy .bin", "zip .pt", "local-dir folder"])
+def test_a_pickled_teacher_is_refused_in_one_line_with_how_to_convert_it(tmp_path, kind) -> None:
+    """Nothing of the pickle runs; the line names the file, says it is a pickle and how to convert it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from comkd import cli
+    from support import TINY_DISTILL_OPTS, one_line_error
+
+    marker = tmp_path / "pwned"
+    if kind == "local-dir folder":
+        folder = tmp_path / "teacher"
+        folder.mkdir()
+        weights = folder / "open_clip_pytorch_model.bin"
+        _pickled_teacher(weights, marker, legacy=False)
+        cfg = {"model_cfg": load_clip(TINY_TEACHER, None).config, "preprocess_cfg": {}}
+        (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+        flags = ["--teacher", f"local-dir:{folder}"]
+    else:
+        weights = tmp_path / ("teacher.bin" if kind.startswith("legacy") else "teacher.pt")
+        _pickled_teacher(weights, marker, legacy=kind.startswith("legacy"))
+        flags = ["--teacher", TINY_TEACHER, "--teacher-pretrained", str(weights)]
+    r = CliRunner().invoke(cli.app, ["distill", *flags, *TINY_DISTILL_OPTS, "--out-dir", str(tmp_path / "o")])
+    one_line_error(
+        r, f"{weights} is a pickle", "weights only", "safetensors.torch.save_file", "if you trust it"
+    )
+    assert not marker.exists(), "unpickling the teacher executed code"
+    assert not (tmp_path / "o" / "student.safetensors").exists()

@@ -128,14 +128,15 @@ def _distill_task(student, teacher, w, outputs):
 
 
 def gpu_check(out: str | Path, *, quick: bool = False, device: str = "auto") -> dict[str, Any]:
-    """Run every section on ``device`` and write the JSON to ``out`` (see the module docstring)."""
-    from ..engine.utils import resolve_device
+    """Run every section on ``device`` and write the JSON to ``out`` (see the module docstring). The
+    full form needs a CUDA device; every argument is checked first (``run.check_request``)."""
     from .limits import matmul_peak, paper_towers
     from .report import machine_info, write_json
+    from .run import check_request
     from .timing import count_flops
 
+    out, dev = check_request(out, device=device, profile="gpu", quick=quick)
     sz = GPU_QUICK if quick else GPU_FULL
-    dev = resolve_device(device)
     t_start = time.perf_counter()
     torch.manual_seed(0)
     peak = matmul_peak(dev, sz.peak_batch, sz.peak_min_s, paper_towers(sz.image_size))
@@ -170,7 +171,7 @@ def gpu_check(out: str | Path, *, quick: bool = False, device: str = "auto") -> 
     )
     res["stage1_step_s"] = _stage1(sz, dev, teacher)
     res["wall_s"] = time.perf_counter() - t_start
-    write_json(Path(out), res)
+    write_json(out, res)
     return res
 
 

@@ -53,8 +53,11 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run every benchmark and write the figures to ``out`` (a JSON file; a folder gets ``bench.json``).
 
+    Every argument is checked before any work starts (``check_request``: a ``BenchError`` naming it).
+
     Args:
-        out: the JSON file (or a folder for ``bench.json``).
+        out: the JSON file, written under the name given (``bench7.txt`` too); an existing folder,
+            or a name without a suffix, gets ``bench.json`` inside.
         quick: small sizes for a smoke run (< 1 minute on 2 CPU cores); figures not for reporting.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ...
         threads: torch intra-op threads during the bench (default: torch's choice). On a machine
@@ -67,10 +70,7 @@ def run_bench(
     Returns the dict written: ``machine`` (object), the numbers listed in ``FIGURES``,
     ``peak_memory_mb`` and ``epoch_time_s`` (objects) and supporting figures.
     """
-    out = Path(out)
-    if out.suffix != ".json":
-        out = out / "bench.json"
-    dev = resolve_device(device)
+    out, dev = check_request(out, device=device, threads=threads, shards=shards, only=only)
     sz = QUICK if quick else FULL
     say = log.info if progress else log.debug
     old_threads = torch.get_num_threads()
@@ -122,9 +122,7 @@ def _only_data(
     """One section alone, merged into the JSON already at ``out``: ``data`` (the data path),
     ``eager`` (the paper student's eager images/s by batch) or ``limits`` (the matmul peak, and the
     utilisation of the figures already in ``out``)."""
-    if only not in ONLY:
-        raise BenchError(f"only: {only!r} is not a section; choose one of {', '.join(ONLY)}")
-    prev = json.loads(out.read_text()) if out.exists() else {}
+    prev = _previous(out) if out.exists() else {}
     sz = QUICK if quick else FULL
     say("bench: %s ...", ONLY[only])
     try:
@@ -143,6 +141,78 @@ def _only_data(
     res = {**prev, **part}
     write_json(out, res)
     return res
+
+
+def bench_out(out: str | Path) -> Path:
+    """The file a bench writes for ``--out``: the name given, or ``bench.json`` inside an existing
+    folder or a name without a suffix."""
+    out = Path(out)
+    return out / "bench.json" if out.is_dir() or not (out.suffix or out.exists()) else out
+
+
+def check_request(
+    out: str | Path,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    shards: str | None = None,
+    only: str | None = None,
+    profile: str = "cpu",
+    quick: bool = False,
+) -> tuple[Path, torch.device]:
+    """Check every option of a bench run before any work starts: a ``BenchError`` (one line naming
+    the option) for a section, thread count, device, shard file or output path the run could not
+    use, and for the full GPU check on a machine without a GPU. Returns the file to write and the
+    device."""
+    if profile not in ("cpu", "gpu"):
+        raise BenchError(f"--profile: {profile!r} is not allowed; choose cpu or gpu")
+    if only is not None and only not in ONLY:
+        raise BenchError(f"--only: {only!r} is not a section; choose one of {', '.join(ONLY)}")
+    if profile == "gpu" and (only is not None or shards is not None):
+        which = "--only" if only is not None else "--shards"
+        raise BenchError(
+            f"{which}: belongs to the cpu profile; the GPU check (--profile gpu) has no sections"
+        )
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise BenchError(f"--threads: must be a positive number of threads, got {threads}")
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise BenchError(f"--{e}" if str(e).startswith("device ") else f"--device: {e}") from None
+    if profile == "gpu" and not quick and dev.type != "cuda":
+        why = "no GPU is available" if not torch.cuda.is_available() else f"--device {device} is not a GPU"
+        raise BenchError(
+            f"--profile gpu: {why} (device {dev}); the GPU check needs a CUDA device "
+            "(--quick runs its small form on any device)"
+        )
+    if shards is not None and only in (None, "data"):
+        from ..data.errors import DataError
+        from ..data.shards import expand_shards
+
+        try:
+            expand_shards(shards)
+        except DataError as e:
+            raise BenchError(f"--shards: {e}") from None
+    path = bench_out(out)
+    from ..fileio import file_problem
+
+    problem = file_problem(path)
+    if problem:
+        raise BenchError(f"--out {out}: {problem}")
+    if only is not None and path.exists():
+        _previous(path)
+    return path, dev
+
+
+def _previous(out: Path) -> dict[str, Any]:
+    """The bench JSON ``--only`` merges into; a file that is not one is a ``BenchError`` naming it."""
+    try:
+        prev = json.loads(out.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BenchError(f"--out {out}: not a bench JSON to merge --only into ({type(e).__name__})") from None
+    if not isinstance(prev, dict):
+        raise BenchError(f"--out {out}: not a bench JSON to merge --only into (a {type(prev).__name__})")
+    return prev
 
 
 def _run_sections(

@@ -62,7 +62,33 @@ def _plural_alias(name: str, given: list | None, old: list | None) -> list | Non
     return old
 
 
+def _note_method_spelling(given: list[str] | str | None) -> None:
+    """Echo the table's spelling of a method named another way (``COMKD``, ``no_ifalign``)."""
+    from ..methods import canonical_method
+
+    for name in [given] if isinstance(given, str) else given or []:
+        try:
+            canon = canonical_method(name)
+        except ValueError:
+            continue  # refused later, with the list of names
+        if canon != name:
+            typer.secho(f"note: method {name!r} is read as {canon!r}", fg="yellow", err=True)
+
+
+def _check_seeds(seeds: list[int] | None) -> None:
+    """Every ``--seed`` in numpy's range, before any work."""
+    from ..config import check_seed
+
+    for s in seeds or []:
+        try:
+            check_seed(s, "--seed")
+        except ConfigError as e:
+            _usage_error(str(e))
+
+
 def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path | None) -> RunConfig:
+    """The config a command runs with; ``out`` (``--out-dir``) is checked first: a folder it can write."""
+    _check_out_dir(out)
     try:
         cfg = load_config(config, overrides, sets)
     except ConfigError as e:
@@ -73,6 +99,24 @@ def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path 
     if _QUIET:
         cfg.progress = False
     return cfg
+
+
+def _check_out_dir(out: Path | None, option: str = "--out-dir") -> None:
+    """A folder option that names a file (or a path under one) is refused before any work starts."""
+    from ..fileio import folder_problem
+
+    problem = folder_problem(out) if out is not None else None
+    if problem:
+        _usage_error(f"{option} {out}: {problem}")
+
+
+def _check_out_file(out: Path | None, option: str = "--out") -> None:
+    """A file option that names a folder (or a path under a file) is refused before any work starts."""
+    from ..fileio import file_problem
+
+    problem = file_problem(out) if out is not None else None
+    if problem:
+        _usage_error(f"{option} {out}: {problem}")
 
 
 def _usage_error(msg: str) -> None:
@@ -98,6 +142,7 @@ def _run(fn):
     """Run a command body; expected user errors become one red line and exit code 1, and so does
     a full or read-only disk (named as such)."""
     from ..data import DataError
+    from ..engine.checkpoint import DiskFullError
     from ..engine.loop import NonFiniteLossError
     from ..models import ModelError
 
@@ -105,7 +150,15 @@ def _run(fn):
         result = fn()
         _leave_process_group()
         return result
-    except (ConfigError, DataError, ModelError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (
+        ConfigError,
+        DataError,
+        DiskFullError,
+        ModelError,
+        NonFiniteLossError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
     except Exception as e:  # noqa: BLE001 - only disk errors are turned into a line; the rest re-raise
@@ -134,7 +187,8 @@ def _disk_error(e: BaseException) -> str | None:
     code = e.errno if isinstance(e, OSError) else None
     text = str(e)
     where = f" while writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
-    if code == errno.ENOSPC or "No space left on device" in text:
+    short_write = "inline_container.cc" in text and "unexpected pos" in text  # torch.save on a full disk
+    if code == errno.ENOSPC or "No space left on device" in text or short_write:
         return f"disk full{where}; free some space and rerun (with --resume where the command has it)"
     if code == errno.EROFS or "Read-only file system" in text:
         return (
@@ -165,6 +219,8 @@ def _read_json(path: Path, what: str):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
 
 
 def _shape_errors(path_desc: str, fn):

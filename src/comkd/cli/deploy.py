@@ -12,6 +12,7 @@ from ..config import list_presets
 from . import train  # noqa: F401  (the training commands register first: comkd --help lists them first)
 from .common import (
     _cfg,
+    _check_out_file,
     _print_json,
     _run,
     _setup_logging,
@@ -30,7 +31,9 @@ from .options import (
 
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write.")] = Path("bench.json"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="JSON file to write (an existing folder gets bench.json).")
+    ] = Path("bench.json"),
     quick: Annotated[bool, typer.Option(help="A < 1 minute smoke run.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
@@ -54,20 +57,35 @@ def bench(
 ) -> None:
     """Speed and memory benchmarks (JSON with machine and versions)."""
     _setup_logging(verbose, quiet)
-    if profile not in ("cpu", "gpu"):
-        _usage_error(f"--profile: {profile!r} is not allowed; choose cpu or gpu")
+    from ..bench.run import check_request
+
+    try:  # every option, before any work starts
+        check_request(
+            out, device=device, threads=threads, shards=shards, only=only, profile=profile, quick=quick
+        )
+    except ValueError as e:
+        _usage_error(str(e))
     if profile == "gpu":
         from ..bench.gpu_check import gpu_check
 
-        if threads:
+        def gpu_body():
             import torch
 
-            torch.set_num_threads(int(threads))
-        _print_json(_run(lambda: gpu_check(out, quick=quick, device=device)))
+            old = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(int(threads))
+            try:
+                return gpu_check(out, quick=quick, device=device)
+            finally:
+                torch.set_num_threads(old)
+
+        _print_json(_run(gpu_body))
         return
     from ..bench import run_bench
 
-    _print_json(run_bench(out, quick=quick, device=device, threads=threads, shards=shards, only=only))
+    _print_json(
+        _run(lambda: run_bench(out, quick=quick, device=device, threads=threads, shards=shards, only=only))
+    )
 
 
 @app.command()
@@ -104,6 +122,7 @@ def predict_cmd(
 ) -> None:
     """Top-k class names and probabilities for images, one row per image (CSV or JSON lines)."""
     _setup_logging(verbose, quiet)
+    _check_out_file(out)
     from ..data.unlabelled import collect_images
     from ..deploy.predict import load_predictor, predict_files
 
@@ -147,6 +166,7 @@ def export_cmd(
     """A deployable student (dynamic batch, preprocessing in the file's metadata), checked against
     PyTorch on real images: top-1 agreement and max |Δ logit|."""
     _setup_logging(verbose, quiet)
+    _check_out_file(out)  # before the export's work
     from ..data.unlabelled import collect_images
     from ..deploy.export import export_student
 
@@ -191,6 +211,7 @@ def classes_cmd(
     Without --config or --teacher the teacher is rebuilt from what the student file records; a
     teacher other than the recorded one is refused, naming the digest that differs."""
     _setup_logging(verbose, quiet)
+    _check_out_file(out)
     cfg = _cfg(
         config,
         sets,

@@ -25,15 +25,60 @@ from ..models.hub import ONNX_FILENAME, STUDENT_FILENAME, parse_hub_ref
 TAGS = ["comkd", "clip", "knowledge-distillation", "image-classification", "safetensors"]
 
 
+_KINDS = {
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "text",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
+def _type_name(v: Any) -> str:
+    """What a JSON / YAML value is, in words (with its article)."""
+    return "null" if v is None else _KINDS.get(type(v), f"a {type(v).__name__}")
+
+
+def _check_types(data: dict, path: Path, want: dict[str, tuple[type, ...]], prefix: str = "") -> None:
+    """Each key of ``want`` present in ``data`` holds one of its types (or null); else a one-line
+    ``ModelError`` naming the file and the key."""
+    for key, types in want.items():
+        v = data.get(key)
+        if v is None or (isinstance(v, types) and not isinstance(v, bool)):
+            continue
+        kind = "a mapping" if dict in types else "a number" if int in types else "text"
+        fix = "give --results FILE or fix it" if path.suffix == ".json" else "fix or remove it"
+        raise ModelError(f"{path}: '{prefix}{key}' is {_type_name(v)}, not {kind}; {fix}")
+
+
+_NUMBER = (int, float)
+RESULTS_TYPES = {
+    "base": (dict,),
+    "novel": (dict,),
+    "hm": _NUMBER,
+    "acc": _NUMBER,
+    "dataset": (str,),
+    "protocol": (str,),
+}
+CONFIG_TYPES = {"data": (dict,), "distill": (dict,), "protocol": (str,)}
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         raise ModelError(f"{path} is not valid JSON; give --results FILE or remove it") from None
     if not isinstance(data, dict):
-        raise ModelError(f"{path} is not a results object (a JSON object with acc or base/novel/hm)")
+        raise ModelError(
+            f"{path} holds {_type_name(data)}, not a results object (a JSON object with acc or "
+            "base/novel/hm); give --results FILE or remove it"
+        )
+    _check_types(data, path, RESULTS_TYPES)
+    for part in ("base", "novel"):
+        _check_types(data.get(part) or {}, path, {"acc": _NUMBER}, f"{part}.")
     return data
 
 
@@ -42,9 +87,41 @@ def _read_yaml(path: Path) -> dict | None:
         return None
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise ModelError(f"{path} is not valid YAML") from None
-    return data if isinstance(data, dict) else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ModelError(f"{path} is not valid YAML; fix or remove it") from None
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} holds {_type_name(data)}, not a config mapping; fix or remove it")
+    _check_types(data, path, CONFIG_TYPES)
+    _check_types(data.get("data") or {}, path, {"dataset": (str,)}, "data.")
+    _check_types(data.get("distill") or {}, path, {"optim": (dict,)}, "distill.")
+    return data
+
+
+def _check_dry_run(folder: Path, student_file: Path) -> None:
+    """``--dry-run DIR`` must be a new or empty folder: never the student's own folder, a file, a
+    path under a file, or a folder holding files (a README.md of the user's) that push would
+    overwrite. Checked before anything is written."""
+    from ..fileio import folder_problem
+
+    problem = folder_problem(folder)
+    if problem:
+        raise ModelError(f"--dry-run {folder}: {problem}")
+    if not folder.is_dir():
+        return
+    if folder.resolve() == student_file.resolve().parent:
+        raise ModelError(
+            f"--dry-run {folder}: the student's own folder (push writes {STUDENT_FILENAME} and README.md "
+            "there); give a new or empty folder"
+        )
+    held = sorted(p.name for p in folder.iterdir())
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ModelError(
+            f"--dry-run {folder}: not empty (holds {shown}); push writes {STUDENT_FILENAME} and README.md "
+            "there and overwrites nothing of yours: give a new or empty folder"
+        )
 
 
 def card_metrics(results: dict | None) -> list[dict[str, Any]]:
@@ -206,6 +283,8 @@ def push_student(
 
     repo_id, _ = parse_hub_ref(repo_id)
     student_file = Path(student_file)
+    if dry_run is not None:
+        _check_dry_run(Path(dry_run), student_file)
     student = load_student(student_file)  # checked (digest, shapes, finite) before anything is sent
     onnx_path = Path(onnx) if onnx is not None else student_file.with_suffix(".onnx")
     if onnx is not None and not onnx_path.is_file():

@@ -29,6 +29,35 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely; the message names the file."""
 
 
+class DiskFullError(RuntimeError):
+    """The disk filled while a checkpoint was written; the message names the file, the checkpoint
+    kept and how to go on."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` from writing a file says the disk (or quota) is full: an ``OSError`` with
+    ENOSPC / EDQUOT, or torch.save's zip writer failing mid-file (``[enforce fail at
+    inline_container.cc:...] . unexpected pos ...``: a short write)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    text = str(e)
+    return "No space left on device" in text or (
+        "inline_container.cc" in text and ("unexpected pos" in text or "failed writing" in text)
+    )
+
+
+def disk_full_message(path: Path, had_previous: bool) -> str:
+    """The one line for a checkpoint that could not be written for want of disk space."""
+    kept = (
+        f"the previous checkpoint {path} is kept; free space and rerun with --resume"
+        if had_previous
+        else "no checkpoint was written yet; free space and rerun"
+    )
+    return f"disk full while writing {path}; {kept}"
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a training checkpoint as data only (``weights_only=True``: tensors, numbers, strings,
     containers). A file that would need code to unpickle, or a truncated/empty one, is refused

@@ -22,8 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import OptimConfig
 from .checkpoint import (
+    DiskFullError,
     check_checkpoint,
     check_resume_optim,
+    disk_full_message,
+    is_disk_full,
     keep_good_checkpoint,
     link_previous,
     load_checkpoint,
@@ -246,30 +249,39 @@ class _Trainer:
 
     def save(self, epoch: int, batch: int) -> None:
         if is_main():
-            if self.saved_steps:  # the current file is this run's: keep it as the previous one
-                link_previous(self.ckpt_path, self.prev_path)
-            task = self.task
-            atomic_torch_save(
-                {
-                    "task": task.name,
-                    "modules": {k: trainable_state(m) for k, m in self.mods.items()},
-                    "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "rng": rng_state(),
-                    "task_state": task.state_dict() if hasattr(task, "state_dict") else None,
-                    "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if batch else {},
-                    "count": self.count if batch else 0,
-                    "epoch": epoch,
-                    "batch": batch,
-                    "global_step": self.global_step,
-                    "history": self.result.history,
-                    "optim": optim_settings(self.cfg),
-                },
-                self.ckpt_path,
-            )
+            had_previous = self.ckpt_path.exists()
+            try:
+                self._write_checkpoint(epoch, batch)
+            except Exception as e:  # a full disk: one line; the atomic write left the old file in place
+                if not is_disk_full(e):
+                    raise
+                raise DiskFullError(disk_full_message(self.ckpt_path, had_previous)) from None
         self.t_saved = time.perf_counter()
         self.saved_steps[:] = [*self.saved_steps[-1:], self.global_step]
         barrier()
+
+    def _write_checkpoint(self, epoch: int, batch: int) -> None:
+        if self.saved_steps:  # the current file is this run's: keep it as the previous one
+            link_previous(self.ckpt_path, self.prev_path)
+        task = self.task
+        atomic_torch_save(
+            {
+                "task": task.name,
+                "modules": {k: trainable_state(m) for k, m in self.mods.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+                "task_state": task.state_dict() if hasattr(task, "state_dict") else None,
+                "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if batch else {},
+                "count": self.count if batch else 0,
+                "epoch": epoch,
+                "batch": batch,
+                "global_step": self.global_step,
+                "history": self.result.history,
+                "optim": optim_settings(self.cfg),
+            },
+            self.ckpt_path,
+        )
 
     def check_finite(self, epoch: int) -> None:
         step = _bad_step(self.bad_step)

@@ -164,6 +164,25 @@ def _is_torchscript_archive(path: Path) -> bool:
         raise ModelError(f"cannot read weight file {path}: a damaged zip archive ({e})") from None
 
 
+def pickle_refusal(path: str | Path, error: BaseException) -> str | None:
+    """The one line for a weight file that ``torch.load(weights_only=True)`` refused because its
+    pickle needs code (a class or function to run), with how to convert it; None for any other
+    failure. Nothing of the file is executed."""
+    import pickle
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if not isinstance(error, pickle.UnpicklingError) or found is None:
+        return None
+    is_file = Path(path).is_file()
+    src, target = (path, Path(path).with_suffix(".safetensors")) if is_file else ("FILE", "x.safetensors")
+    return (
+        f"{path} is a pickle (it needs {found.group(1)} to load); comkd loads weights only: convert it "
+        f"once, only if you trust it: safetensors.torch.save_file(torch.load('{src}', weights_only=False), "
+        f"'{target}') (its state dict of tensors: take ['state_dict'] first where it is nested)"
+    )
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
     """Read a weight file. Returns (state_dict, metadata, is_openai_style).
 
@@ -197,7 +216,11 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            refusal = pickle_refusal(path, e)
+            if refusal:
+                raise ModelError(refusal) from None
+            text = str(e).split("WeightsUnpickler error:")[-1].strip()  # torch's advice is not for us
+            first = text.splitlines()[0] if text else type(e).__name__
             raise ModelError(f"cannot read checkpoint {path} as weights (data only): {first[:200]}") from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             meta = (
@@ -323,6 +346,16 @@ def _quiet_random_init(quiet: bool):
         root.removeFilter(f)
 
 
+def _folder_weights(model_name: str) -> str:
+    """The weight file open_clip reads for a ``local-dir:`` / ``hf-hub:`` model (for messages)."""
+    if model_name.startswith("local-dir:"):
+        folder = Path(model_name[len("local-dir:") :])
+        find = getattr(open_clip.factory, "_find_checkpoint_in_dir", None)
+        found = find(folder) if find is not None and folder.is_dir() else None
+        return str(found or folder)
+    return f"the weight file of {model_name}"
+
+
 def load_clip(
     model_name: str,
     pretrained: str | None = None,
@@ -388,6 +421,11 @@ def load_clip(
             )
     except RuntimeError as e:
         raise ModelError(f"cannot create '{model_name}' with pretrained={pretrained!r}: {e}") from e
+    except Exception as e:  # a pickled weight file in a hub or local-dir folder: one line, nothing run
+        refusal = pickle_refusal(_folder_weights(model_name), e)
+        if refusal is None:
+            raise
+        raise ModelError(refusal) from None
     if local:
         load_local_weights(model, pretrained, model_cfg, model_name)
     model.eval()
