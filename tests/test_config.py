@@ -27,8 +27,11 @@ def test_precedence_defaults_yaml_flags_sets(tmp_path):
     assert c.distill.optim.momentum == 0.9  # untouched keys keep their defaults
     c = load_config(y, overrides={"distill": {"optim": {"lr": 0.2}}})
     assert (c.seed, c.distill.optim.lr, c.distill.optim.epochs) == (5, 0.2, 7)
-    c = load_config(y, overrides={"distill": {"optim": {"lr": 0.2}}}, sets=["distill.optim.lr=0.3", "seed=9"])
-    assert (c.seed, c.distill.optim.lr, c.distill.optim.epochs) == (9, 0.3, 7)
+    c = load_config(
+        y, overrides={"distill": {"optim": {"lr": 0.2}}}, sets=["distill.optim.epochs=3", "seed=9"]
+    )
+    assert (c.seed, c.distill.optim.lr, c.distill.optim.epochs) == (9, 0.2, 3)  # --set over the file
+    # a flag and --set on one key: refused (test_a_key_given_by_a_flag_and_by_set_to_two_values...)
 
 
 def test_yaml_preset_chain(tmp_path):
@@ -89,7 +92,10 @@ def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
         (["seed=abc"], ["seed", "integer", "'abc'"]),
         (["distill.optim.lr=-1"], ["distill.optim.lr", "> 0"]),
         (["distill.optim.grad_accum=0"], ["distill.optim.grad_accum", "> 0"]),
-        (["distill.optim.warmup_epochs=20"], ["distill.optim.warmup_epochs", "[0, epochs)"]),
+        (["distill.optim.warmup_epochs=-1"], ["distill.optim.warmup_epochs", ">= 0", "sgd"]),
+        (["pretrain.optim.warmup_frac=1"], ["pretrain.optim.warmup_frac", "[0, 1)", "adamw"]),
+        (["seed=-1"], ["seed", "[0, 2**32 - 1]", "-1"]),
+        ([f"seed={2**32}"], ["seed", "[0, 2**32 - 1]", str(2**32)]),
         (["progress=maybe"], ["progress", "true/false"]),
         (["data.fractions=[0.1,x]"], ["data.fractions[1]", "number"]),
         (["distill.optim=3"], ["distill.optim", "mapping", "lr"]),
@@ -127,9 +133,46 @@ def test_bad_yaml_key_is_rejected_and_the_cli_exits_2(tmp_path):
 
 
 def test_validation_applies_to_the_final_config_not_each_layer():
-    # the flags make epochs=1 (invalid with the default warmup_epochs=1); --set then fixes it
-    c = load_config(overrides={"distill": {"optim": {"epochs": 1}}}, sets=["distill.optim.warmup_epochs=0"])
-    assert (c.distill.optim.epochs, c.distill.optim.warmup_epochs) == (1, 0)
+    # the flags put GPA's peak at epoch 30 (invalid with the default 20 epochs); --set then fixes it
+    c = load_config(overrides={"train_teacher": {"gpa_mean": 30}}, sets=["train_teacher.optim.epochs=40"])
+    assert (c.train_teacher.optim.epochs, c.train_teacher.gpa_mean) == (40, 30)
+
+
+def test_the_largest_numpy_seed_is_taken():
+    assert load_config(sets=[f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**40)])
+def test_run_refuses_a_seed_outside_numpys_range_before_any_stage(tmp_path, seed):
+    r = CliRunner().invoke(
+        cli.app, ["run", "--config", "demo", "--seed", seed, "--out-dir", str(tmp_path / "r")]
+    )
+    assert (
+        r.exit_code == 2 and "--seed: must be an integer in [0, 2**32 - 1]" in r.output and seed in r.output
+    )
+    assert not (tmp_path / "r").exists()
+
+
+# -- schedules that follow the epochs --------------------------------------------------------
+def test_a_warm_up_as_long_as_the_schedule_is_cut_to_leave_one_cosine_epoch():
+    from comkd.config import resolve_recipe
+    from comkd.engine.schedule import lr_at
+
+    c = load_config(sets=["distill.optim.epochs=1"])  # sgd, warmup_epochs 1 by default
+    o = c.distill.optim
+    assert (o.warmup_epochs, o.sgd_warmup_epochs) == (1, 0)
+    assert lr_at(o, o.lr, 0, 0, 10) == pytest.approx(o.lr)  # epoch 0 trains at the full lr
+    assert resolve_recipe(c).distill.optim.warmup_epochs == 0  # what config.yaml records
+    long = load_config(sets=["distill.optim.epochs=5", "distill.optim.warmup_epochs=2"]).distill.optim
+    assert [lr_at(long, long.lr, e, 0, 1) for e in range(3)] == pytest.approx(
+        [long.warmup_lr, long.warmup_lr, long.lr]
+    )  # an ordinary warm-up is unchanged
+
+
+def test_the_adamw_recipe_runs_one_epoch():
+    # the recommended stage 2 is AdamW: sgd's warmup_epochs is not its setting and is not checked
+    c = load_config("demo", sets=["distill.optim.epochs=1"])
+    assert (c.distill.optim.optimizer, c.distill.optim.epochs) == ("adamw", 1)
 
 
 def test_saved_config_roundtrips_exactly(tmp_path):
@@ -341,3 +384,29 @@ def test_protocol_all_is_not_accepted() -> None:
         load_config(sets=["protocol=all"])
     r = CliRunner().invoke(cli.app, ["run", "--protocol", "all"])
     assert r.exit_code == 2 and "protocol" in r.output and "KeyError" not in r.output
+
+
+def test_a_key_given_by_a_flag_and_by_set_to_two_values_is_refused(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"teacher.model is given twice, by a flag \('ViT-B-32'\) and by --set"
+    ):
+        load_config(overrides={"teacher": {"model": "ViT-B-32"}}, sets=["teacher.model=ViT-L-14"])
+    same = load_config(overrides={"teacher": {"model": "ViT-B-32"}}, sets=["teacher.model=ViT-B-32"])
+    assert same.teacher.model == "ViT-B-32"  # the same value twice is no conflict
+    old_name = ["teacher_train.optim.lr=0.01"]  # a section's earlier spelling is the same key
+    with pytest.raises(ConfigError, match="train_teacher.optim.lr is given twice"):
+        load_config(overrides={"train_teacher": {"optim": {"lr": 0.002}}}, sets=old_name)
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "distill",
+            "--teacher",
+            "ViT-B-32",
+            "--set",
+            "teacher.model=ViT-L-14",
+            "--out-dir",
+            str(tmp_path / "d"),
+        ],
+    )
+    assert r.exit_code == 2 and "teacher.model is given twice" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "d").exists()

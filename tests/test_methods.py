@@ -189,6 +189,15 @@ def test_run_refuses_an_unknown_method_before_any_stage(tmp_path) -> None:
     assert not (tmp_path / "r").exists()  # nothing ran, nothing written
 
 
+def test_a_method_named_another_way_runs_under_its_table_spelling_and_says_so(tmp_path) -> None:
+    args = ["run", "--config", "demo", "--method", "COMKD", "--method", "no_ifalign", "--method", "promptkd"]
+    r = CliRunner().invoke(cli.app, [*args, "--dataset", "nonexist", "--out-dir", str(tmp_path / "r")])
+    assert "note: method 'COMKD' is read as 'comkd'" in r.output
+    assert "note: method 'no_ifalign' is read as 'no-ifalign'" in r.output
+    assert "'promptkd' is read" not in r.output  # the table's own spelling passes without a note
+    assert r.exit_code == 1 and "unknown dataset 'nonexist'" in r.output  # then the cheap stop
+
+
 # -- PromptKD's distillation step, replayed from its definition ----------------------------------
 def test_promptkd_steps_replayed_in_plain_torch_match_comkd_distill(tmp_path, one_thread) -> None:
     """PromptKD's stage 2 written out from its definition, in plain torch, against

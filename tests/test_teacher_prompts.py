@@ -26,6 +26,12 @@ def test_gaussian_weights_are_the_normalised_normal_density(epochs, mean, std) -
 def test_gpa_settings_are_validated() -> None:
     with pytest.raises(ConfigError, match="train_teacher.gpa_mean"):
         load_config("demo", sets=["train_teacher.gpa_mean=99"])
+    with pytest.raises(
+        ConfigError, match=r"train_teacher.gpa_mean: must be an epoch in \(0, 20\] \(gpa_epochs"
+    ):
+        load_config("full_vitl14_vitb16", sets=["train_teacher.gpa_mean=21", "train_teacher.optim.epochs=40"])
+    with pytest.raises(ConfigError, match="train_teacher.gpa_epochs"):
+        load_config("demo", sets=["train_teacher.gpa_epochs=0"])
     with pytest.raises(ConfigError, match="train_teacher.gpa_std"):
         load_config("demo", sets=["train_teacher.gpa_std=0"])
     with pytest.raises(ConfigError, match="prompt_averaging"):
@@ -105,9 +111,34 @@ def test_the_paper_pair_teacher_is_promptkds_promptsrc_recipe() -> None:
         1,
         1e-5,
     )
-    assert (tt.prompt_averaging, tt.gpa_mean, tt.gpa_std) == ("gaussian", 15, 1.0)
+    assert (tt.prompt_averaging, tt.gpa_mean, tt.gpa_std, tt.gpa_epochs) == ("gaussian", 15, 1.0, 20)
+    assert tt.resolved_gpa() == (15.0, 1.0)
     assert (tt.text_l1_weight, tt.image_l1_weight) == (25.0, 10.0)
     assert load_config().train_teacher.prompt_averaging == "none"  # the default stays the last epoch's
+
+
+@pytest.mark.parametrize(
+    "epochs, mean, std", [(1, 0.75, 0.05), (4, 3.0, 0.2), (20, 15.0, 1.0), (40, 30.0, 2.0)]
+)
+def test_the_paper_gaussian_follows_the_stages_epochs(epochs, mean, std) -> None:
+    """N(15, 1) of 20 epochs is the same curve on any schedule: peak and spread scale with E, and
+    config.yaml (resolve_recipe) holds them in the stage's own epochs."""
+    from comkd.config import resolve_recipe
+
+    cfg = load_config("full_vitl14_vitb16", sets=[f"train_teacher.optim.epochs={epochs}"])
+    assert cfg.train_teacher.resolved_gpa() == pytest.approx((mean, std))
+    saved = resolve_recipe(cfg).train_teacher
+    assert (saved.gpa_mean, saved.gpa_std, saved.gpa_epochs) == (
+        pytest.approx(mean),
+        pytest.approx(std),
+        epochs,
+    )
+    assert saved.resolved_gpa() == pytest.approx((mean, std))  # rereading config.yaml changes nothing
+    w = gaussian_epoch_weights(epochs, *cfg.train_teacher.resolved_gpa())
+    e = np.arange(1, epochs + 1)
+    ref = norm.pdf(e / epochs, loc=0.75, scale=0.05)  # the curve on the stage's fraction of epochs
+    np.testing.assert_allclose(w, ref / ref.sum(), rtol=1e-9, atol=1e-300)
+    assert load_config().train_teacher.resolved_gpa() == (15.0, 1.0)  # null: 0.75 E (of 20), std in epochs
 
 
 # -- PromptSRC's text regulariser target ------------------------------------------------

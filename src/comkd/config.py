@@ -145,8 +145,17 @@ class OptimConfig:
         positive_finite(self.weight_decay, f"{prefix}weight_decay", allow_zero=True)
         positive_finite(self.momentum, f"{prefix}momentum", allow_zero=True)
         positive_finite(self.grad_clip, f"{prefix}grad_clip")  # None: no clipping; 0 would clip to nothing
-        if self.warmup_epochs < 0 or self.warmup_epochs >= max(self.epochs, 1) and self.warmup_epochs:
-            raise ConfigError(f"{prefix}warmup_epochs: must be in [0, epochs), got {self.warmup_epochs}")
+        # each optimiser's own warm-up: epochs for sgd (cut to epochs - 1, so a short schedule still
+        # runs one cosine epoch), a fraction of the steps for adamw
+        if self.optimizer == "sgd" and self.warmup_epochs < 0:
+            raise ConfigError(f"{prefix}warmup_epochs: must be >= 0 for sgd, got {self.warmup_epochs}")
+        if self.optimizer == "adamw" and not (math.isfinite(self.warmup_frac) and 0 <= self.warmup_frac < 1):
+            raise ConfigError(f"{prefix}warmup_frac: must be in [0, 1) for adamw, got {self.warmup_frac}")
+
+    @property
+    def sgd_warmup_epochs(self) -> int:
+        """The sgd warm-up in effect: ``warmup_epochs``, at most ``epochs - 1``."""
+        return max(0, min(self.warmup_epochs, self.epochs - 1))
 
 
 @dataclass
@@ -228,18 +237,35 @@ class TeacherTrainConfig:
     text_templates: Literal["promptsrc", "dataset"] = "promptsrc"
     # PromptSRC's Gaussian prompt aggregation: the saved prompts are every epoch's prompts averaged
     # with weights N(epoch; gpa_mean, gpa_std) over epochs 1..E (gpa_mean null: 0.75 E, PromptSRC's
-    # 15 of 20); none keeps the last epoch's prompts
+    # 15 of 20); none keeps the last epoch's prompts. gpa_epochs: the stage length gpa_mean and
+    # gpa_std are written for (null: optim.epochs); when optim.epochs differs, both scale by
+    # epochs / gpa_epochs, so N(15, 1) of 20 epochs is N(0.75, 0.05) of one. config.yaml holds the
+    # resolved values (in the stage's own epochs).
     prompt_averaging: Literal["none", "gaussian"] = "none"
     gpa_mean: float | None = None
     gpa_std: float = 1.0
+    gpa_epochs: int | None = None
 
     def validate(self, prefix: str) -> None:
         positive_finite(self.gpa_std, f"{prefix}gpa_std")
-        epochs = self.optim.epochs
-        if self.gpa_mean is not None and not (math.isfinite(self.gpa_mean) and 1 <= self.gpa_mean <= epochs):
+        if self.gpa_epochs is not None and self.gpa_epochs < 1:
             raise ConfigError(
-                f"{prefix}gpa_mean: must be an epoch in [1, {epochs}] (or null), got {self.gpa_mean}"
+                f"{prefix}gpa_epochs: must be >= 1 (or null: optim.epochs), got {self.gpa_epochs}"
             )
+        ref = self.gpa_epochs or self.optim.epochs
+        if self.gpa_mean is not None and not (math.isfinite(self.gpa_mean) and 0 < self.gpa_mean <= ref):
+            where = "gpa_epochs" if self.gpa_epochs else "optim.epochs"
+            raise ConfigError(
+                f"{prefix}gpa_mean: must be an epoch in (0, {ref}] ({where}; or null), got {self.gpa_mean}"
+            )
+
+    def resolved_gpa(self) -> tuple[float, float]:
+        """(mean, std) of the Gaussian in this stage's epochs: gpa_mean (null: 0.75 x gpa_epochs)
+        and gpa_std scaled by optim.epochs / gpa_epochs."""
+        ref = self.gpa_epochs or self.optim.epochs
+        scale = self.optim.epochs / ref
+        mean = 0.75 * ref if self.gpa_mean is None else float(self.gpa_mean)
+        return mean * scale, float(self.gpa_std) * scale
 
 
 @dataclass
@@ -271,9 +297,19 @@ class DistillConfig:
     projector_init: Literal["random", "ridge"] = "random"  # ridge: closed-form fit to u_t before step 1
     ridge_lambda: float = 1e-3
     tower_lr_scale: float = 0.1  # student.scope=full: the tower learns at optim.lr × this
+    # the teacher checked before it teaches (comkd run): after stage 1 the prompted teacher and the
+    # undistilled student are scored on the val split; a teacher less than teacher_margin points ahead
+    # (HM for base2novel, top-1 otherwise) is named in the log, report.md and results.json, and
+    # require_teacher_ahead stops the run there, before stage 2 (docs/demo_seeds.md: the evidence)
+    teacher_margin: float = 3.0
+    require_teacher_ahead: bool = False
 
     def validate(self, prefix: str) -> None:
         self.method = _method_name(self.method, f"{prefix}method")
+        if not (math.isfinite(self.teacher_margin) and abs(self.teacher_margin) <= 100):
+            raise ConfigError(
+                f"{prefix}teacher_margin: must be in [-100, 100] points, got {self.teacher_margin}"
+            )
         for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale"):
             positive_finite(getattr(self, name), f"{prefix}{name}")
         positive_finite(self.kd_weight, f"{prefix}kd_weight")
@@ -323,6 +359,7 @@ class RunConfig:
         return self.train_teacher
 
     def validate(self, prefix: str) -> None:
+        check_seed(self.seed, f"{prefix}seed")
         if self.log_every < 1:
             raise ConfigError(f"{prefix}log_every: must be >= 1, got {self.log_every}")
         if self.ckpt_every < 0:
@@ -334,6 +371,12 @@ class RunConfig:
                 f"{prefix}ckpt_interval_s: must be >= 0 seconds (0: every epoch end), got {self.ckpt_interval_s}"
             )
         _check_device(self.device, f"{prefix}device")
+
+
+def check_seed(seed, key: str = "seed") -> None:
+    """A seed numpy, torch and Python all take: an integer in [0, 2**32 - 1]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"{key}: must be an integer in [0, 2**32 - 1] (numpy's seed range), got {seed!r}")
 
 
 #: earlier spellings of config sections, accepted on input (YAML files, --set) and read as the new key
@@ -397,16 +440,42 @@ def _read_layers(path: str | Path, seen: tuple[str, ...] = ()) -> list[dict]:
 def load_config(
     config: str | Path | None = None, overrides: dict | None = None, sets: list[str] | None = None
 ) -> RunConfig:
-    """Defaults < ``config`` (a YAML path or preset name) < ``overrides`` (flags) < ``sets``."""
+    """Defaults < ``config`` (a YAML path or preset name) < ``overrides`` (flags) and ``sets``
+    (``--set``); a key given by both to different values is refused."""
     cfg = RunConfig()
     for layer in _read_layers(config) if config else []:
         _merge_layer(cfg, layer)
+    parsed = parse_overrides(sets) if sets else {}
+    _refuse_flag_conflicts(overrides or {}, parsed)
     if overrides:
         _merge_layer(cfg, overrides)
-    if sets:
-        _merge_layer(cfg, parse_overrides(sets))
+    if parsed:
+        _merge_layer(cfg, parsed)
     validate_tree(cfg)
     return cfg
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, top-level sections under their one spelling."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        k = SECTION_ALIASES.get(k, k) if not prefix else k
+        if isinstance(v, dict) and v:
+            out.update(_flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _refuse_flag_conflicts(flags: dict, sets: dict) -> None:
+    """A key set by a named flag (``--teacher``) and by ``--set`` to two values is refused: neither
+    silently wins. The same value twice is taken."""
+    given = _flat_keys(flags)
+    for key, value in _flat_keys(sets).items():
+        if key in given and given[key] != value:
+            raise ConfigError(
+                f"{key} is given twice, by a flag ({given[key]!r}) and by --set {key}={value!r}: give it once"
+            )
 
 
 def _merge_layer(cfg: RunConfig, layer: dict) -> None:
@@ -428,10 +497,19 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 def resolve_recipe(cfg: RunConfig) -> RunConfig:
     """A copy of ``cfg`` with every recipe default left unset filled with the value in effect:
     ``distill.kd_weight`` None -> ``comkd.methods.paper_kd_weight(data.dataset)``;
-    ``distill.method`` in the table's spelling. The stage runners save and use this copy, so
-    ``config.yaml`` holds real values."""
+    ``distill.method`` in the table's spelling; each sgd stage's ``warmup_epochs`` as cut to
+    ``epochs - 1``; with Gaussian prompt averaging,
+    ``train_teacher.gpa_mean``/``gpa_std`` in the stage's own epochs (``gpa_epochs`` = its epochs).
+    The stage runners save and use this copy, so ``config.yaml`` holds real values."""
     c = copy.deepcopy(cfg)
     c.distill.method = canonical_method(c.distill.method)
+    for stage in (c.pretrain, c.train_teacher, c.distill):
+        if stage.optim.optimizer == "sgd":
+            stage.optim.warmup_epochs = stage.optim.sgd_warmup_epochs
+    tt = c.train_teacher
+    if tt.prompt_averaging == "gaussian":
+        tt.gpa_mean, tt.gpa_std = tt.resolved_gpa()
+        tt.gpa_epochs = tt.optim.epochs
     if c.distill.kd_weight is None:
         c.distill.kd_weight = paper_kd_weight(c.data.dataset)
     return c

@@ -14,6 +14,8 @@ from ..config_io import deep_update
 from ..methods import METHODS
 from .common import (
     _cfg,
+    _check_seeds,
+    _note_method_spelling,
     _out_dir,
     _plural_alias,
     _print_json,
@@ -198,6 +200,7 @@ def distill(
         _stage_optim("distill", epochs, lr, batch_size),
     )
     cfg = _cfg(config, sets, ov, out)
+    _note_method_spelling(method)
     from ..engine import pipeline as P
     from ..models.io import load_student
 
@@ -233,11 +236,15 @@ def evaluate(
     protocol: ProtocolOpt = None,
     split: Annotated[str, typer.Option(help="Split to score: test (default) or val.")] = "test",
     device: DeviceOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace OUT_DIR/results.json when it holds a run's results.")
+    ] = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Accuracy of a distilled student (base/novel/HM for base2novel), printed as JSON; with --out-dir
-    also written to OUT_DIR/results.json."""
+    also written to OUT_DIR/results.json (under the folder's run lock; a run's own results.json is
+    kept unless --overwrite)."""
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
     cfg = _cfg(
@@ -250,6 +257,8 @@ def evaluate(
     from ..models.io import load_student
 
     def body():
+        if out is not None:  # a cheap refusal before the student is scored
+            _check_not_a_runs_results(Path(cfg.output_dir) / "results.json", overwrite)
         student = load_student(student_file, P.resolve_device(cfg.device))
         ecfg = cfg
         if cfg.protocol == "full":  # the labelled test images of an own-data run (full.test)
@@ -260,10 +269,32 @@ def evaluate(
                 raise ConfigError("protocol full: no labelled test images; set full.test=FOLDER_OR_CSV")
         res = P.evaluate_student(ecfg, student, split=split)
         if out is not None:
-            _write_results(Path(cfg.output_dir) / "results.json", res)
+            from ..runlock import run_lock
+
+            with run_lock(cfg.output_dir):
+                _check_not_a_runs_results(Path(cfg.output_dir) / "results.json", overwrite)
+                _write_results(Path(cfg.output_dir) / "results.json", {"command": "evaluate", **res})
         return res
 
     _print_json(_run(body))
+
+
+def _check_not_a_runs_results(path: Path, overwrite: bool) -> None:
+    """``evaluate --out-dir``: a ``results.json`` that another command wrote (a run's: teacher,
+    methods, warnings) is not replaced unless ``--overwrite``; an earlier evaluate's is."""
+    import json
+
+    if overwrite or not path.exists():
+        return
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError):
+        held = None
+    if not (isinstance(held, dict) and held.get("command") == "evaluate"):
+        raise ValueError(
+            f"{path} holds a run's results, which evaluate would replace: give another --out-dir, "
+            "or --overwrite to replace it"
+        )
 
 
 @app.command()
@@ -307,7 +338,10 @@ def run(
     from ..methods import canonical_methods
     from ..protocols.runner import run_protocol
 
+    _check_seeds(seeds)
+    methods_given = methods
     methods = _run(lambda: canonical_methods(methods))  # a typo fails here, before stage 0
+    _note_method_spelling(methods_given)
     res = _run(
         lambda: run_protocol(
             cfg,
@@ -368,10 +402,12 @@ def cache_teacher(
     student: StudentOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Store the teacher's image features for K augmented views of every training image."""
+    """Store the teacher's image features for K augmented views of every training image (a folder
+    that holds a cache is refused unless --overwrite)."""
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
     cfg = _cfg(
@@ -396,4 +432,6 @@ def cache_teacher(
         _usage_error(f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(CACHE_DTYPES)}")
     from ..engine.pipeline import run_cache_teacher
 
-    _print_json(_run(lambda: run_cache_teacher(cfg, cfg.output_dir, views=views, dtype=dtype)))
+    _print_json(
+        _run(lambda: run_cache_teacher(cfg, cfg.output_dir, views=views, dtype=dtype, overwrite=overwrite))
+    )

@@ -16,15 +16,16 @@ log = logging.getLogger(__name__)
 def lr_at(cfg: OptimConfig, base_lr: float, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
     """The learning rate of a step, derived from the position alone (nothing to checkpoint).
 
-    ``sgd``: constant ``warmup_lr`` for ``warmup_epochs`` (w), then cosine stepped per epoch that
+    ``sgd``: constant ``warmup_lr`` for ``warmup_epochs`` (w, at most ``epochs - 1``), then cosine stepped per epoch that
     restarts after the warm-up: epoch e >= w runs at ``½·lr·(1 + cos(π·(e − w)/E))``, E = ``epochs``
     (Dassl/PromptKD's ConstantWarmup + CosineAnnealingLR with ``WARMUP_RECOUNT``). ``adamw``: per-step linear warm-up
     over ``warmup_frac`` of the steps, then cosine to zero (one-cycle).
     """
     if cfg.optimizer == "sgd":
-        if epoch < cfg.warmup_epochs:  # a group with its own lr scales the warm-up value with it
+        w = cfg.sgd_warmup_epochs  # at most epochs - 1: a short schedule keeps one cosine epoch
+        if epoch < w:  # a group with its own lr scales the warm-up value with it
             return cfg.warmup_lr * base_lr / cfg.lr
-        return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+        return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - w) / cfg.epochs))
     total = cfg.epochs * steps_per_epoch
     t = epoch * steps_per_epoch + step_in_epoch
     warm = max(1, int(cfg.warmup_frac * total))
