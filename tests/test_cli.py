@@ -41,8 +41,11 @@ def test_demo_end_to_end_writes_results_report_and_a_usable_student(tmp_path) ->
     r = CliRunner().invoke(cli.app, ["demo", "--out-dir", str(out), *FAST])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"teacher", "student_zeroshot", "promptkd", "comkd", "warnings"}
+    assert set(res) == {"teacher", "student_zeroshot", "promptkd", "comkd", "warnings", "teacher_check"}
     assert isinstance(res.pop("warnings"), list)  # FAST's short stage 0 may leave a model near chance
+    check = res.pop("teacher_check")  # the teacher scored against the undistilled student on val
+    assert check["metric"] == "hm" and check["margin"] == 3.0 and isinstance(check["ahead"], bool)
+    assert check["ahead"] == (check["teacher"] - check["student_zeroshot"] >= 3.0)
     for m, v in res.items():
         assert set(v) == {"base", "novel", "hm"}, m
         assert all(0.0 <= v[k] <= 100.0 for k in v), (m, v)
@@ -368,3 +371,120 @@ def test_quiet_hides_warnings_and_default_shows_them(tmp_path) -> None:
     assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
     assert "no comkd.sha256 digest" in loud.stderr and "WARNING" in loud.stderr
     assert "WARNING" not in quiet.stderr and '"hm"' in quiet.stdout
+
+
+# -- mistakes on the command line: one line, before any work ----------------------------------------
+@pytest.fixture
+def no_models(monkeypatch):
+    """Building or loading any model fails loudly: an option error must come before it."""
+
+    def build(*a, **k):
+        raise AssertionError("a model was built before the options were checked")
+
+    for where in ("comkd.models.teacher", "comkd.models.student"):
+        monkeypatch.setattr(f"{where}.load_clip", build)
+    monkeypatch.setattr("comkd.models.io.load_student", build)
+
+
+@pytest.mark.parametrize("command", ["distill", "evaluate", "run"])
+@pytest.mark.parametrize("under", [False, True])
+def test_an_out_dir_that_is_a_file_is_one_line_before_any_work(tmp_path, no_models, command, under) -> None:
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep")
+    out = taken / "sub" if under else taken
+    args = [command, *(["student.safetensors"] if command == "evaluate" else []), "--config", "demo"]
+    r = CliRunner().invoke(cli.app, [*args, "--out-dir", str(out)])
+    one_line_error(r, "--out-dir", str(out), f"{taken} is a file", code=2)
+    assert taken.read_text() == "keep"
+
+
+def test_an_export_out_that_is_a_folder_is_one_line_before_any_work(tmp_path, monkeypatch) -> None:
+    from comkd.deploy import export
+    from support import write_tiny_student
+
+    student = write_tiny_student(tmp_path / "student.safetensors", ["a", "b"])
+    monkeypatch.setattr(export, "export_student", lambda *a, **k: pytest.fail("the export ran"))
+    (tmp_path / "exports").mkdir()
+    r = CliRunner().invoke(
+        cli.app, ["export", str(student), "--format", "onnx", "--out", str(tmp_path / "exports")]
+    )
+    one_line_error(r, "--out", str(tmp_path / "exports"), "is a folder, not a file", code=2)
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+@pytest.mark.parametrize("item", ["distill.optim.lr=[1,", "seed=a: b: c", "seed='x", "a: b: c"])
+def test_a_malformed_set_value_is_one_line_naming_the_item(tmp_path, no_models, item) -> None:
+    r = CliRunner().invoke(cli.app, ["distill", "--set", item, "--out-dir", str(tmp_path / "o")])
+    one_line_error(r, "--set", item, code=2)
+    assert len(r.output.strip().splitlines()) == 1 and "^" not in r.output
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+@pytest.mark.parametrize("error", ["enforce", "enospc"])
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
+    tmp_path, monkeypatch, fail_at, error
+) -> None:
+    """torch.save on a full disk fails mid-file (``[enforce fail at inline_container.cc] ...
+    unexpected pos``) or with ENOSPC: one line naming the file; the last checkpoint stays whole."""
+    import errno
+
+    from comkd.engine import utils as engine_utils
+    from support import TINY_MODEL_ARGS
+
+    real_save, saved = torch.save, []
+
+    def save(obj, f, *a, **k):
+        if len(saved) + 1 == fail_at:
+            if error == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4314")
+        saved.append(obj["global_step"])
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(engine_utils.torch, "save", save)
+    out = tmp_path / "d"
+    opts = [
+        "--set",
+        "distill.optim.epochs=1",
+        "--set",
+        "distill.optim.warmup_epochs=0",
+        "--set",
+        "ckpt_every=2",
+    ]
+    r = CliRunner().invoke(
+        cli.app, ["distill", *TINY_MODEL_ARGS, *opts, "--no-evaluate", "--out-dir", str(out)]
+    )
+    ckpt = out / "checkpoint.pt"
+    one_line_error(r, "disk full while writing", str(ckpt))
+    if fail_at == 1:
+        assert "no checkpoint was written yet" in r.output and not ckpt.exists()
+    else:
+        assert f"the previous checkpoint {ckpt} is kept" in r.output and "--resume" in r.output
+        monkeypatch.undo()
+        assert torch.load(ckpt, weights_only=True)["global_step"] == saved[-1] == 2  # whole, loadable
+    assert not list(out.glob(".checkpoint*.tmp*"))  # no half-written temp left behind
+
+
+def test_evaluate_keeps_a_runs_results_and_replaces_only_its_own(tmp_path) -> None:
+    from comkd.data.builtin import load_digits_splits
+
+    path, _ = demo_student_file(tmp_path, load_digits_splits().classnames)
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = {"teacher": {"hm": 97.97}, "methods": {"comkd": {"hm": 93.5}}, "warnings": []}
+    (run / "results.json").write_text(json.dumps(mine))
+    args = ["evaluate", str(path), "--out-dir", str(run)]
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"{run / 'results.json'} holds a run's results" in r.output and "--overwrite" in r.output
+    assert json.loads((run / "results.json").read_text()) == mine  # kept, byte for byte in content
+    fresh = tmp_path / "fresh"
+    for _ in range(2):  # into a new folder, then over its own earlier record
+        r = CliRunner().invoke(cli.app, [*args[:-1], str(fresh)])
+        assert r.exit_code == 0, r.output
+        held = json.loads((fresh / "results.json").read_text())
+        assert held["command"] == "evaluate" and 0 <= held["hm"] <= 100
+    r = CliRunner().invoke(cli.app, [*args, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "results.json").read_text())["command"] == "evaluate"
+    assert not (run / ".comkd.lock").exists()  # the lock was held and released

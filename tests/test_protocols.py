@@ -31,6 +31,7 @@ def _record_protocol(monkeypatch, cfg, protocol, datasets):
     monkeypatch.setattr(runner, "_distill_and_eval", distill)
     monkeypatch.setattr(runner, "read_metrics", lambda path: [])
     monkeypatch.setattr(runner.P, "build_teacher", lambda c, device: None)
+    monkeypatch.setattr(runner.P, "has_val_split", lambda c: False)  # no teacher check (no data)
     monkeypatch.setattr(runner.P, "evaluate_teacher", lambda c, t, split: distill(c, "teacher", None, False))
     monkeypatch.setattr(
         runner.P, "evaluate_clip_zero_shot", lambda c, role, split: distill(c, "zs", None, False)
@@ -145,3 +146,74 @@ def test_tables_report_the_papers_hm_of_means_next_to_the_mean_per_seed_hm(tmp_p
         and f"{avg['hm_per_seed']:.2f}" in report
         and "HM(mean base, mean novel)" in report
     )
+
+
+# -- the teacher checked before it teaches ---------------------------------------------------
+@pytest.mark.parametrize(
+    "teacher, student, margin, warns",
+    [
+        (97.78, 94.55, 2.0, False),
+        (92.07, 96.73, 2.0, True),
+        (95.0, 94.0, 2.0, True),
+        (95.0, 93.0, 2.0, False),
+    ],
+)
+def test_the_teacher_check_line_names_both_scores_and_the_lead(teacher, student, margin, warns) -> None:
+    from comkd.protocols.sanity import teacher_ahead_warning
+
+    line = teacher_ahead_warning(teacher, student, margin, "HM", " on digits (seed 5)")
+    assert (line is not None) == warns
+    if warns:
+        lead = f"{teacher - student:+.2f} points"
+        assert f"val HM {teacher:.2f}" in line and f"{student:.2f}" in line and lead in line
+        assert f"under the {margin:g}-point margin" in line
+        assert "on digits (seed 5)" in line and "distill.require_teacher_ahead=true" in line
+
+
+def _tiny_b2n(tmp_path, *sets: str):
+    from comkd.protocols.runner import run_protocol
+
+    cfg = load_config(
+        "demo",
+        sets=[
+            "pretrain.enabled=false",
+            "teacher.model=comkd-tiny-teacher",
+            "student.model=comkd-tiny-student",
+            "data.image_size=16",
+            "train_teacher.optim.epochs=1",
+            "distill.optim.epochs=1",
+            "progress=false",
+            *sets,
+        ],
+    )
+    return run_protocol(cfg, tmp_path, methods=["promptkd"])
+
+
+@pytest.mark.slow
+def test_a_teacher_behind_its_student_on_val_is_named_and_can_stop_the_run(tmp_path, one_thread) -> None:
+    # random tiny towers: the margin decides; 100 points is a lead no teacher has, -100 any has
+    res = _tiny_b2n(tmp_path / "warn", "distill.teacher_margin=100")
+    check = res["teacher_check"]["digits"]["1"]
+    assert check["metric"] == "hm" and check["ahead"] is False and check["margin"] == 100
+    assert 0 <= check["teacher"] <= 100 and 0 <= check["student_zeroshot"] <= 100
+    line = next(
+        w for w in res["warnings"] if w.startswith("teacher not clearly ahead of its student on digits")
+    )
+    assert f"val HM {check['teacher']:.2f}" in line
+    assert json.loads((tmp_path / "warn" / "results.json").read_text())["warnings"] == res["warnings"]
+    assert line in (tmp_path / "warn" / "report.md").read_text()
+    assert (tmp_path / "warn" / "digits" / "seed1" / "promptkd" / "student.safetensors").exists()
+
+    res = _tiny_b2n(tmp_path / "quiet", "distill.teacher_margin=-100")
+    assert res["teacher_check"]["digits"]["1"]["ahead"] is True
+    assert not any(w.startswith("teacher not clearly ahead") for w in res["warnings"])
+
+    from comkd.protocols.sanity import TeacherNotAheadError
+
+    stop = tmp_path / "stop"
+    with pytest.raises(
+        TeacherNotAheadError, match=r"stopped before stage 2 \(distill.require_teacher_ahead\)"
+    ):
+        _tiny_b2n(stop, "distill.teacher_margin=100", "distill.require_teacher_ahead=true")
+    assert (stop / "digits" / "seed1" / "teacher" / "teacher_prompts.safetensors").exists()  # kept
+    assert not (stop / "digits" / "seed1" / "promptkd").exists()  # stage 2 never started

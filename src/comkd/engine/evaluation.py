@@ -49,13 +49,17 @@ def clip_zero_shot(model, tokenizer, ds: ImageDataset, templates: list[str], loa
     return accuracy(preds, labels)
 
 
+def has_val_split(cfg: RunConfig) -> bool:
+    """Whether ``cfg.data``'s dataset has a non-empty val split (settings are chosen there)."""
+    return bool(load_splits(cfg.data.dataset, cfg.data.root, **loader_options(cfg)).val)
+
+
 def pretrain_eval_split(cfg: RunConfig) -> str:
     """The split stage 0 is scored on: ``pretrain.eval_split`` if set, else ``val`` where the
     dataset has one (choices made on stage 0 must not look at test data), else ``test``."""
     if cfg.pretrain.eval_split:
         return cfg.pretrain.eval_split
-    kw = loader_options(cfg)
-    if load_splits(cfg.data.dataset, cfg.data.root, **kw).val:
+    if has_val_split(cfg):
         return "val"
     log.warning("%s has no val split: stage 0 is scored on test", cfg.data.dataset)
     return "test"

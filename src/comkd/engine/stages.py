@@ -148,6 +148,42 @@ def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
             )
 
 
+#: what a whole run (``comkd run --resume``) may change: the stage list less what scores the rows
+#: (protocol, eval_split), plus the teacher check's warning settings
+RUN_RESUME_FREE_KEYS = (RESUME_FREE - {"protocol", "eval_split"}) | RESUME_FREE_KEYS
+RUN_RESUME_FREE_KEYS |= {"distill.teacher_margin", "distill.require_teacher_ahead"}
+
+
+def check_resume_run(cfg: RunConfig, path: Path) -> None:
+    """``comkd run --resume``: every setting that changes a result (data, test set, classes, seed,
+    method settings, recipe, every stage's section) is compared with the run's ``config.yaml``
+    before any stage is skipped, so no row is read back from a run made with other settings. The
+    message names the first key that differs."""
+    import yaml
+
+    from ..config import load_config, to_dict
+
+    if not path.is_file():
+        return
+    try:
+        old = load_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"--resume: {path} is not a config this run can be compared with ({e})") from None
+
+    def flat(c: RunConfig) -> dict[str, Any]:
+        d = _flat(yaml.safe_load(yaml.safe_dump(to_dict(resolve_recipe(c)), sort_keys=False)))
+        return {k: v for k, v in d.items() if k not in RUN_RESUME_FREE_KEYS and not k.endswith(".optim.amp")}
+
+    saved, current = flat(old), flat(cfg)
+    for k, v in current.items():
+        if saved.get(k) != v:
+            raise ConfigError(
+                f"--resume: {k} is {v!r} now but the run in {path.parent} was made with {saved.get(k)!r}; "
+                "its finished rows would be read back from the old setting: resume with the run's "
+                "settings, or start a new run in another folder"
+            )
+
+
 def _fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: MetricsLog, resume: bool) -> dict:
     return {
         "out_dir": out,
@@ -264,7 +300,7 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
     )
     templates = promptsrc_templates() if tt.text_templates == "promptsrc" else ds.templates
     weights = (
-        gaussian_epoch_weights(tt.optim.epochs, tt.gpa_mean, tt.gpa_std)
+        gaussian_epoch_weights(tt.optim.epochs, *tt.resolved_gpa())
         if tt.prompt_averaging == "gaussian"
         else None
     )
@@ -467,7 +503,9 @@ class _BestEpoch:
         return {k: v for k, v in res.items() if isinstance(v, (int, float))}
 
 
-@locked_run()  # no --resume: a cache is rebuilt whole, the same for the same seed
+# no --resume: a cache is rebuilt whole, the same for the same seed; a folder holding one is refused
+# unless overwrite=True
+@locked_run(results=("teacher_cache.bin",))
 def run_cache_teacher(
     cfg: RunConfig, out_dir: str | Path, *, views: int | None = None, dtype: str = "float16"
 ) -> dict[str, Any]:

@@ -30,6 +30,7 @@ def run_demo(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
         for m in ["teacher", "student_zeroshot", *DEMO_METHODS]
     }
     flat["warnings"] = res["warnings"]  # chance-level or random-weight models, as in report.md
+    flat["teacher_check"] = res["teacher_check"].get(cfg.data.dataset, {}).get(str(cfg.seed))
     write_json(out / "results.json", flat)
     from ..engine.utils import read_metrics
 

@@ -27,7 +27,13 @@ from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH, canonical_met
 from ..models.io import load_student
 from ..runlock import locked_run
 from .report import average_base2novel
-from .sanity import announce, chance_warnings, random_tower_warnings
+from .sanity import (
+    TeacherNotAheadError,
+    announce,
+    chance_warnings,
+    random_tower_warnings,
+    teacher_ahead_warning,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +196,19 @@ def run_protocol(
     if cfg.protocol == "full":  # the user's own classes: one dataset, one seed (protocols/full.py)
         from .full import run_full
 
-        return run_full(
-            _for_dataset(cfg, datasets[0] if datasets else None), out_dir, methods=methods, resume=resume
-        )
+        if seeds and len(seeds) > 1:
+            raise ValueError(
+                f"the full protocol runs one seed per run folder, got {len(seeds)} "
+                f"({', '.join(map(str, seeds))}): run each seed with its own --out-dir"
+            )
+        fcfg = _for_dataset(cfg, datasets[0] if datasets else None)
+        if seeds:
+            fcfg.seed = seeds[0]
+        return run_full(fcfg, out_dir, methods=methods, resume=resume)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:  # before any finished stage is read back
+        P.check_resume_run(cfg, out / "config.yaml")
     save_config(cfg, out / "config.yaml")
     seeds = seeds or [cfg.seed]
     methods = methods or ["promptkd", "comkd"]
@@ -219,6 +233,7 @@ def run_protocol(
         "seeds": seeds,
         "datasets": acc.table,
         "warnings": acc.warnings,
+        "teacher_check": acc.teacher_checks,
     }
     if protocol == "base2novel":  # the paper's HM (of the means over seeds); table's "hm": per seed
         from .report import hm_of_means
@@ -244,17 +259,51 @@ class _Tally:
     curves: dict[str, dict[str, list[list[dict]]]] = field(default_factory=dict)
     n_classes: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # dataset -> seed -> the val scores of the teacher check ({"teacher", "student_zeroshot", ...})
+    teacher_checks: dict[str, dict[str, dict]] = field(default_factory=dict)
+    _student_val: dict[str, float] = field(default_factory=dict)
 
     def warn(self, found: list[str]) -> None:
         self.warnings += [w for w in announce(found) if w not in self.warnings]
 
     def teacher(self, ds_name: str, tcfg: RunConfig, split: str) -> None:
-        """Score the prompted teacher of ``tcfg`` (then free it)."""
+        """Score the prompted teacher of ``tcfg`` on ``split``, and check it is ahead of the
+        undistilled student on val before stage 2 (then free it)."""
         teacher = P.build_teacher(tcfg, P.resolve_device(tcfg.device))
         tres = P.evaluate_teacher(tcfg, teacher, split=split)
         _append(self.table, ds_name, "teacher", _scores(tres))
         self.n_classes[ds_name] = _class_counts(tres)
+        self.check_teacher(ds_name, tcfg, teacher, tres if split == "val" else None)
         del teacher
+
+    def check_teacher(self, ds_name: str, tcfg: RunConfig, teacher, val_res: dict | None) -> None:
+        """The teacher before it teaches: its val score (HM for base2novel, top-1 otherwise) against
+        the undistilled student's; a lead under ``distill.teacher_margin`` is a warning, or stops the
+        run with ``distill.require_teacher_ahead``. A dataset without a val split is not checked."""
+        if not P.has_val_split(tcfg):
+            log.info("%s has no val split: the teacher is not checked before stage 2", ds_name)
+            return
+        metric = "hm" if tcfg.protocol == "base2novel" else "acc"
+        t = _scores(val_res or P.evaluate_teacher(tcfg, teacher, split="val"))[metric]
+        if ds_name not in self._student_val:
+            zs = P.evaluate_clip_zero_shot(tcfg, "student", split="val")
+            self._student_val[ds_name] = _scores(zs)[metric]
+        s, margin = self._student_val[ds_name], tcfg.distill.teacher_margin
+        line = teacher_ahead_warning(
+            t, s, margin, metric.upper() if metric == "hm" else "top-1", f" on {ds_name} (seed {tcfg.seed})"
+        )
+        self.teacher_checks.setdefault(ds_name, {})[str(tcfg.seed)] = {
+            "metric": metric,
+            "teacher": t,
+            "student_zeroshot": s,
+            "margin": margin,
+            "ahead": line is None,
+        }
+        if line is not None and tcfg.distill.require_teacher_ahead:
+            raise TeacherNotAheadError(
+                f"stopped before stage 2 (distill.require_teacher_ahead): {line.split(' (stop here')[0]}"
+            )
+        self.warn([line] if line else [])
 
 
 def _base2novel(cfg, out: Path, datasets, seeds, methods, resume: bool, acc: _Tally) -> None:

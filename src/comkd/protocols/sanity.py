@@ -1,5 +1,6 @@
-"""Results that say nothing: a model within a few points of chance, or a tower with random weights,
-named in a run's log, at the top of its ``report.md`` and in its ``results.json`` (``warnings``)."""
+"""Results that say nothing: a model within a few points of chance, a tower with random weights, or
+a teacher no better than its student on val, named in a run's log, at the top of its
+``report.md`` and in its ``results.json`` (``warnings``)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,26 @@ def random_tower_warnings(cfg: RunConfig) -> list[str]:
                 "chance; give weights, or pre-train (pretrain.enabled, e.g. --config own_tiny)"
             )
     return out
+
+
+class TeacherNotAheadError(ValueError):
+    """``distill.require_teacher_ahead`` and a teacher that is not ahead on val: the run stops
+    before stage 2 (its teacher prompts stay on disk for a rerun)."""
+
+
+def teacher_ahead_warning(
+    teacher: float, student: float, margin: float, metric: str, where: str = ""
+) -> str | None:
+    """A line when the prompted teacher's val score is less than ``margin`` points above the
+    undistilled student's (both in %); None when it is ahead by at least the margin."""
+    lead = teacher - student
+    if lead >= margin:
+        return None
+    return (
+        f"teacher not clearly ahead of its student{where}: val {metric} {teacher:.2f} vs the undistilled "
+        f"student's {student:.2f} ({lead:+.2f} points, under the {margin:g}-point margin); distilling "
+        "from it can cost the student accuracy (stop here with distill.require_teacher_ahead=true)"
+    )
 
 
 def announce(warnings: list[str]) -> list[str]:
