@@ -300,3 +300,116 @@ def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path
         ],
     )
     assert P.run_distill(ok, tmp_path / "ok")["train_images"] > 0
+
+
+# -- a crafted or damaged header: one line naming the file and the field ----------------------
+def _with_header(built: Path, dst: Path, edit=None, *, raw: bytes | None = None, length: int | None = None):
+    """``built`` with its header replaced: ``edit(header)``'s result, or ``raw`` bytes, under the
+    recorded ``length`` when given (the data after the header is kept)."""
+    import struct
+
+    from comkd.engine.cache_format import MAGIC, encode_header
+
+    info = read_cache_info(built)
+    data = built.read_bytes()[info.data_offset :]
+    if raw is None:
+        head, _ = encode_header(edit(copy.deepcopy(info.header)))
+    else:
+        head = MAGIC + struct.pack("<Q", len(raw)) + raw
+    if length is not None:
+        head = head[: len(MAGIC)] + struct.pack("<Q", length) + head[len(MAGIC) + 8 :]
+    dst.write_bytes(head + data)
+    return dst
+
+
+def _drop(*keys):
+    def edit(h):
+        obj = h
+        for k in keys[:-1]:
+            obj = obj[k]
+        del obj[keys[-1]]
+        return h
+
+    return edit
+
+
+def _set(value, *keys):
+    def edit(h):
+        obj = h
+        for k in keys[:-1]:
+            obj = obj[k]
+        obj[keys[-1]] = value
+        return h
+
+    return edit
+
+
+CRAFTED_HEADERS = {
+    "huge length": (dict(raw=b"{}", length=2**62), "header length 4611686018427387904 is more than the"),
+    "a list": (dict(raw=b"[1, 2]"), "teacher-cache header must be a JSON object, got list"),
+    "a string": (dict(raw=b'"header"'), "teacher-cache header must be a JSON object, got str"),
+    "not json": (dict(raw=b"{oops"), "teacher-cache header is not valid JSON"),
+    "deep": (dict(raw=b"[" * 30000 + b"]" * 30000), "teacher-cache header is nested deeper than 16 levels"),
+    "no views": (dict(edit=_drop("views")), "teacher-cache header has no field views"),
+    "no teacher key": (dict(edit=_drop("teacher", "key")), "teacher-cache header has no field teacher.key"),
+    "no items": (dict(edit=_drop("dataset", "items")), "has no field dataset.items"),
+    "views a string": (
+        dict(edit=_set("2", "views")),
+        "field views must be an integer in 1..1048576, got '2'",
+    ),
+    "negative dim": (dict(edit=_set(-1, "dim")), "field dim must be an integer in 1..65536, got -1"),
+    "teacher a list": (dict(edit=_set([], "teacher")), "field teacher must be a JSON object, got []"),
+    "unknown dtype": (dict(edit=_set("int8", "dtype")), "field dtype must be one of"),
+    "names not strings": (
+        dict(edit=_set([1, 2], "text_features", "classnames")),
+        "field text_features.classnames holds 1, not a class name",
+    ),
+    "scale not a number": (dict(edit=_set("1e400", "teacher", "logit_scale")), "field teacher.logit_scale"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_HEADERS))
+def test_a_crafted_cache_header_is_one_line_naming_the_file_and_field(built, tmp_path, case) -> None:
+    from typer.testing import CliRunner
+
+    from comkd import cli
+    from support import one_line_error
+
+    how, words = CRAFTED_HEADERS[case]
+    bad = _with_header(
+        built, tmp_path / "crafted.tcache", how.get("edit"), raw=how.get("raw"), length=how.get("length")
+    )
+    with pytest.raises(ValueError, match="crafted.tcache") as err:
+        read_cache_info(bad)
+    assert words in str(err.value) and "\n" not in str(err.value)
+    r = CliRunner().invoke(
+        cli.app,
+        ["distill", "--config", "demo", "--teacher-cache", str(bad), "--out-dir", str(tmp_path / "run")],
+    )
+    one_line_error(r, "crafted.tcache", words)
+
+
+def test_a_cache_cut_inside_its_header_length_is_one_line(tmp_path) -> None:
+    from comkd.engine.cache_format import MAGIC
+
+    bad = tmp_path / "cut.tcache"
+    bad.write_bytes(MAGIC + b"\x01\x02")
+    with pytest.raises(ValueError, match=r"cut\.tcache: teacher cache ends inside its header length"):
+        read_cache_info(bad)
+
+
+def test_a_second_cache_teacher_into_the_same_folder_is_refused_unless_overwrite(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from comkd import cli
+    from support import TINY_MODEL_ARGS
+
+    args = ["cache-teacher", *TINY_MODEL_ARGS, "--views", "1", "--out-dir", str(tmp_path)]
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, r.output
+    first = (tmp_path / "teacher_cache.bin").read_bytes()
+    r = CliRunner().invoke(cli.app, [*args[:-2], "--seed", "2", "--out-dir", str(tmp_path)])
+    assert r.exit_code == 1 and f"{tmp_path} holds a finished run (teacher_cache.bin)" in r.output
+    assert (tmp_path / "teacher_cache.bin").read_bytes() == first  # the first cache is untouched
+    r = CliRunner().invoke(cli.app, [*args, "--overwrite"])
+    assert r.exit_code == 0, r.output

@@ -307,9 +307,10 @@ def test_predict_out_naming_a_folder_is_one_line_and_writes_nothing(student_file
     folder = tmp_path / "preds"
     folder.mkdir()
     r = CliRunner().invoke(cli.app, ["predict", str(student_file), str(img), "--out", str(folder)])
-    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output  # an option mistake, checked first
     lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and f"--out {folder} is a folder" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("config error: --out ") and str(folder) in lines[0]
+    assert "is a folder, not a file" in lines[0]
     assert os.listdir(folder) == []
 
 
@@ -338,6 +339,7 @@ def _onnx_with_meta(student_file, path: Path, key: str, value: str) -> Path:
         (json.dumps(["cat"] * 10), "lists ['cat'] more than once"),
         (json.dumps(CLASSES[:3]), "names 3 classes but the model has 10 outputs"),
         ("[not json", "is not valid JSON"),
+        ("[" * 30000 + "]" * 30000, "comkd.classnames is nested deeper than 16 levels"),
     ],
 )
 def test_onnx_class_names_metadata_is_checked(student_file, tmp_path, value, words) -> None:
@@ -369,6 +371,11 @@ def _preprocess_meta(**edits) -> str:
         (_preprocess_meta(std=[0.25, 0.25]), "comkd.preprocess.std must be three finite numbers"),
         (_preprocess_meta(image_size=60000), "image_size must be an integer in 1..4096, got 60000"),
         (_preprocess_meta(image_size=24), "image_size is 24 but the graph takes input"),
+        ("[" * 30000 + "]" * 30000, "metadata comkd.preprocess is nested deeper than 16 levels"),
+        (
+            "[" * 100000 + "]" * 100000,
+            "metadata comkd.preprocess is 200000 characters long, more than the 65536",
+        ),
     ],
 )
 def test_onnx_preprocess_metadata_is_checked_before_any_image(student_file, tmp_path, value, words) -> None:
@@ -420,6 +427,31 @@ def test_predict_refuses_nan_scores_naming_the_image(student_file, tmp_path) -> 
     from comkd.models import ModelError
 
     out = tmp_path / "p.csv"
+    with pytest.raises(ModelError, match=r"a\.png: NaN/inf values after preprocessing"):
+        predict_files(s, [str(img)], out, progress=False)
+    assert not out.exists()
+    s.preprocess = real  # finite images, a student whose scores turn NaN (a damaged gate): named too
+    with torch.no_grad():
+        s.edu_attention.alpha.fill_(float("nan"))
     with pytest.raises(ModelError, match=r"gave NaN/inf scores for .*a\.png"):
         predict_files(s, [str(img)], out, progress=False)
     assert not out.exists()
+
+
+def test_the_python_api_refuses_non_finite_images_and_top_k_below_one(student_file) -> None:
+    """What `comkd predict` refuses, the API refuses with the same kind of message (a NaN or inf
+    image, top_k < 1), instead of NaN embeddings and probabilities or an empty prediction."""
+    from comkd.models import ModelError
+
+    s = load_student(student_file)
+    x = s.preprocess(Image.new("RGB", (16, 16), (9, 9, 9)))
+    for bad in (float("nan"), float("inf")):
+        batch = torch.stack([x, x.clone()])
+        batch[1, 0, 2, 3] = bad
+        for call in (s.encode_image, s, s.predict):
+            with pytest.raises(ModelError, match=r"input image 1 of the batch holds NaN or inf values"):
+                call(batch)
+    for k in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"top_k must be an integer >= 1, got {k}"):
+            s.predict(torch.stack([x]), top_k=k)
+    assert s.predict(torch.stack([x]), top_k=1)[0].top1 in CLASSES  # and a good call still answers

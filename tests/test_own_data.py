@@ -336,3 +336,46 @@ def test_full_protocol_on_a_labelled_dataset_uses_its_own_shots_and_test_split(t
     m = res["methods"]["comkd"]
     assert set(m["per_class"]) == set(res["classes"]) and 0 <= m["acc"] <= 100
     assert {"acc", "per_class"} <= set(res["teacher"]) and 0 <= res["student_zeroshot"]["acc"] <= 100
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_full_protocol_runs_the_seed_it_is_given(tmp_path, names_file) -> None:
+    from safetensors.torch import load_file
+
+    pool = make_pool(tmp_path / "pool", range(100, 104))
+    base = [
+        "run",
+        "--protocol",
+        "full",
+        "--root",
+        str(pool),
+        "--set",
+        f"data.classes_file={names_file}",
+        *TINY,
+    ]
+    students = {}
+    for seed in (1, 3):
+        out = tmp_path / f"seed{seed}"
+        r = CliRunner().invoke(cli.app, [*base, "--out-dir", str(out), "--seed", str(seed)])
+        assert r.exit_code == 0, r.output
+        assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == seed
+        assert json.loads((out / "results.json").read_text())["seed"] == seed
+        students[seed] = load_file(str(out / "comkd" / "student.safetensors"))
+    differ = [k for k in students[1] if not torch.equal(students[1][k], students[3][k])]
+    assert differ, "seed 3 trained the same student as seed 1"
+    # resuming the finished run with another test set (or seed) is refused before any row is read
+    out = tmp_path / "seed3"
+    before = (out / "results.json").read_text()
+    test = make_labelled(tmp_path / "test", range(0, 1))
+    for change in (["--seed", "3", "--set", f"full.test={test}"], ["--seed", "4"]):
+        r = CliRunner().invoke(cli.app, [*base, "--out-dir", str(out), "--resume", *change])
+        assert r.exit_code == 1 and "--resume: " in r.output and "Traceback" not in r.output, r.output
+        assert ("full.test is" if "--set" in change else "seed is 4 now") in r.output
+        assert (out / "results.json").read_text() == before
+        assert yaml.safe_load((out / "config.yaml").read_text())["full"]["test"] is None  # not rewritten
+    r = CliRunner().invoke(cli.app, [*base, "--out-dir", str(out), "--resume", "--seed", "3"])
+    assert r.exit_code == 0, r.output  # the same settings resume (nothing left to do)
+    r = CliRunner().invoke(cli.app, [*base, "--out-dir", str(tmp_path / "two"), "--seed", "1", "--seed", "2"])
+    assert r.exit_code == 1 and "the full protocol runs one seed per run folder, got 2 (1, 2)" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "two" / "comkd").exists()

@@ -105,6 +105,14 @@ def predict_files(
         with bar:
             task = bar.add_task("predict", total=len(paths))
             for x, batch_paths in iter_batches(model, list(paths), batch_size):
+                bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+                if bool(bad.any()):
+                    from ..models.backbones import ModelError
+
+                    raise ModelError(
+                        f"{batch_paths[int(bad.nonzero()[0])]}: NaN/inf values after preprocessing; "
+                        "the model's preprocessing is damaged"
+                    )
                 logits = fn(x)
                 finite = torch.isfinite(logits).all(dim=-1)
                 if not bool(finite.all()):

@@ -112,7 +112,10 @@ def predict_images(
     batch_size: int = 64,
 ) -> list[Prediction]:
     """Top-k predictions of ``model`` for PIL images or image files (one or a list), or for a batch
-    ``[B, 3, S, S]`` already preprocessed with ``model.preprocess``."""
+    ``[B, 3, S, S]`` already preprocessed with ``model.preprocess``. ``top_k`` below 1 is
+    refused, as ``comkd predict --top-k`` refuses it."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     fn = logits_fn(model)
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:

@@ -26,6 +26,17 @@ def _exporting() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
 
 
+def check_finite_images(images: torch.Tensor) -> None:
+    """A ``ModelError`` naming the first image of a batch with NaN or inf values: a model maps it
+    to NaN scores (``comkd predict`` refuses such scores the same way)."""
+    bad = ~torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        raise ModelError(
+            f"input image {int(bad.nonzero()[0])} of the batch holds NaN or inf values "
+            f"({int(bad.sum())} of {images.shape[0]} images); images must be finite"
+        )
+
+
 @dataclass
 class StudentOutput:
     """Outputs of one student forward pass.
@@ -266,9 +277,12 @@ class Student(nn.Module):
         """Student features, fused features and logits against the stored W.
 
         ``class_subset``: indices into W; logits are sliced to those classes (base-to-novel
-        evaluation). With ``attend='subset'`` EduAttention also only sees those classes.
+        evaluation). With ``attend='subset'`` EduAttention also only sees those classes. In eval
+        mode, images with NaN or inf values are refused (a ``ModelError`` naming the first).
         """
-        n = self._chunk(images) if not self.training else 0  # training: one attribute check
+        if not self.training and not _exporting():  # training: one attribute check
+            check_finite_images(images)
+        n = self._chunk(images) if not self.training else 0
         if n:
             parts = [self._forward(images[i : i + n], class_subset) for i in range(0, images.shape[0], n)]
             return StudentOutput(

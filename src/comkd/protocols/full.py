@@ -231,6 +231,8 @@ def run_full(
     """Run the ``full`` protocol (see the module docstring); writes results.json and report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:  # before any finished stage is read back (a new full.test, classes, data...)
+        P.check_resume_run(cfg, out / "config.yaml")
     save_config(cfg, out / "config.yaml")
     methods = canonical_methods(methods) or [cfg.distill.method]
     names = class_names(cfg)
@@ -244,6 +246,7 @@ def run_full(
     device = P.resolve_device(cfg.device)
     results: dict[str, Any] = {
         "protocol": "full",
+        "seed": cfg.seed,
         "classes": names,
         "teacher_mode": mode,
         "test": ecfg.data.root if ecfg is not None else None,
