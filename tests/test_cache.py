@@ -7,8 +7,10 @@ in about a second).
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -413,3 +415,115 @@ def test_a_second_cache_teacher_into_the_same_folder_is_refused_unless_overwrite
     assert (tmp_path / "teacher_cache.bin").read_bytes() == first  # the first cache is untouched
     r = CliRunner().invoke(cli.app, [*args, "--overwrite"])
     assert r.exit_code == 0, r.output
+
+
+# -- integrity: corrupted bytes are refused, never trained on ----------------------------------
+def test_row_checksums_equal_a_plain_python_sum_and_catch_any_one_word_change():
+    from comkd.engine.cache_format import row_checksums
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((5, 7)).astype(np.float16)  # 7 half-floats: an odd row length
+    words = rows.view(np.uint16)
+    ref = [sum((2 * j + 1) * int(w) for j, w in enumerate(row)) % 2**32 for row in words]
+    assert row_checksums(rows).tolist() == ref
+    for j in range(7):
+        for bit in (0, 7, 15):
+            bad = words.copy()
+            bad[2, j] ^= 1 << bit
+            assert row_checksums(bad.view(np.float16))[2] != ref[2], (j, bit)
+    assert row_checksums(np.zeros_like(rows))[0] != ref[0]  # a zeroed row
+
+
+def _damaged(built: Path, tmp_path: Path, offset_of, length: int, value: bytes | None = None) -> Path:
+    """A copy of ``built`` with ``length`` bytes at ``offset_of(info)`` zeroed (or xor-ed by value)."""
+    import shutil
+
+    bad = tmp_path / "bad.tcache"
+    shutil.copy(built, bad)
+    at = offset_of(read_cache_info(bad))
+    with open(bad, "r+b") as f:
+        f.seek(at)
+        old = f.read(length)
+        f.seek(at)
+        f.write(bytes(a ^ b for a, b in zip(old, value, strict=True)) if value else bytes(length))
+    return bad
+
+
+@pytest.mark.parametrize(
+    "part, offset_of, length, value, needle",
+    [
+        (
+            "features zeroed",
+            lambda i: i.data_offset + 3 * 256,
+            256,
+            None,
+            "view 0, item 3 does not match its checksum",
+        ),
+        (
+            "one feature byte flipped",
+            lambda i: i.data_offset + 40,
+            1,
+            b"\x10",
+            "view 0, item 0 does not match",
+        ),
+        (
+            "W zeroed",
+            lambda i: i.text_offset,
+            512,
+            None,
+            "W or the row checksums do not match the file's digest",
+        ),
+        ("a checksum flipped", lambda i: i.checksum_offset + 4, 1, b"\x01", "do not match the file's digest"),
+        ("the digest flipped", lambda i: i.digest_offset, 1, b"\x80", "do not match the file's digest"),
+    ],
+)
+def test_a_corrupted_cache_is_refused_naming_the_file_and_part(
+    teacher, built, tmp_path, part, offset_of, length, value, needle
+):
+    from comkd.engine.cache_read import CorruptCacheError
+
+    bad = _damaged(built, tmp_path, offset_of, length, value)
+    with pytest.raises(CorruptCacheError, match=needle) as e:
+        cached = CachedTeacherOutputs.open(bad, teacher=teacher, dataset=digits(), device="cpu")
+        cached(None, torch.arange(ITEMS), 0)  # a run reads every row of view 0 in its first epoch
+    assert str(bad) in str(e.value) and "rebuild" in str(e.value), part
+
+
+def test_a_cache_damaged_or_cut_while_a_run_reads_it_ends_in_one_line(teacher, built, tmp_path):
+    import shutil
+
+    from comkd.engine.cache_read import CorruptCacheError
+
+    live = tmp_path / "live.tcache"
+    shutil.copy(built, live)
+    cached = CachedTeacherOutputs.open(live, teacher=teacher, dataset=digits(), device="cpu")
+    assert cached(None, torch.arange(8), 0).shape == (8, 128)  # reads fine
+    info = read_cache_info(live)
+    with open(live, "r+b") as f:  # another process zeroes item 5 of view 1 mid-run
+        f.seek(info.data_offset + (ITEMS + 5) * 128 * 2)
+        f.write(bytes(256))
+    cached(None, torch.arange(8), 0)  # view 0 is intact
+    with pytest.raises(CorruptCacheError, match="view 1, item 5 does not match its checksum"):
+        cached(None, torch.arange(8), 1)
+    os.truncate(live, info.data_offset + 100)  # then cuts the file: the map must not be touched
+    with pytest.raises(CorruptCacheError, match=r"shrank from \d+ to \d+ bytes while this run read it"):
+        cached(None, torch.arange(8), 0)
+    cached.close()
+
+
+def test_distill_from_a_corrupted_cache_is_one_line(tmp_path, tiny_teacher_files):
+    from typer.testing import CliRunner
+
+    from comkd import cli
+
+    f = tiny_teacher_files
+    sets = [*TINY_SETS, "distill.optim.epochs=1", "distill.optim.warmup_epochs=0"]
+    sets += [f"teacher.pretrained={f['weights_a']}", f"teacher.prompts={f['prompts_a']}"]
+    built = Path(P.run_cache_teacher(load_config("demo", sets=sets), tmp_path / "cache", views=1)["cache"])
+    for name, offset_of in (("W", lambda i: i.text_offset), ("features", lambda i: i.data_offset)):
+        bad = _damaged(built, tmp_path, offset_of, 256)
+        args = ["distill", "--config", "demo", "--teacher-cache", str(bad), "--out-dir", str(tmp_path / name)]
+        r = CliRunner().invoke(cli.app, [*args, *(a for x in sets for a in ("--set", x))])
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert f"teacher cache {bad}" in r.output and ("digest" if name == "W" else "checksum") in r.output
+        assert not (tmp_path / name / "student.safetensors").exists()  # no student from bad features

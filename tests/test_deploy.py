@@ -455,3 +455,16 @@ def test_the_python_api_refuses_non_finite_images_and_top_k_below_one(student_fi
         with pytest.raises(ValueError, match=rf"top_k must be an integer >= 1, got {k}"):
             s.predict(torch.stack([x]), top_k=k)
     assert s.predict(torch.stack([x]), top_k=1)[0].top1 in CLASSES  # and a good call still answers
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_predict_refuses_a_batch_size_below_one_before_printing_anything(
+    student_file, tmp_path, size
+) -> None:
+    img = tmp_path / "img.png"
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(img)
+    r = CliRunner().invoke(
+        cli.app, ["predict", str(student_file), str(img), "--batch-size", size, "--no-progress"]
+    )
+    assert r.exit_code == 1 and f"--batch-size must be >= 1, got {size}" in r.stderr
+    assert r.stdout == ""  # no CSV header before the error

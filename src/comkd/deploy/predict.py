@@ -72,6 +72,8 @@ def predict_files(
     k = min(int(top_k), len(model.classnames))
     if k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    if batch_size < 1:  # before the table's header is written
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     fn = logits_fn(model)
     skipped: list[tuple[str, str]] = []
     if skip_bad:

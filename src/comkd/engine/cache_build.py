@@ -24,6 +24,7 @@ from ..data.dataset import derive_view_seed
 from ..fileio import atomic_path
 from ..models import PreprocessSpec
 from .cache_format import (
+    DIGEST_BYTES,
     STORAGE_DTYPES,
     cache_header,
     encode_header,
@@ -31,7 +32,9 @@ from .cache_format import (
     numpy_dtype,
     spec_dict,
     spec_of_transform,
+    tail_digest,
     train_transform_of,
+    view_checksums,
 )
 from .tasks import adapt_images
 from .utils import amp_context, show_progress
@@ -163,10 +166,12 @@ def _write_file(
 ) -> int:
     """Write a cache file atomically (a kill leaves no half cache): ``header``, then u_t
     ``shape`` = ``[K, n_items, d]`` (stored as ``np_dtype``) filled in place by ``fill`` on the
-    memory map, then W ``[N, d]`` float32. Returns the file size in bytes."""
+    memory map, then W ``[N, d]`` float32, each row's checksum and the digest of W and the
+    checksums (``cache_format``, "Integrity"). Returns the file size in bytes."""
     head, offset = encode_header(header)
     feat_bytes = int(np.prod(shape)) * np_dtype.itemsize
-    total = offset + feat_bytes + w.numel() * 4
+    k, n, _ = shape
+    total = offset + feat_bytes + w.numel() * 4 + k * n * 4 + DIGEST_BYTES
     with atomic_path(path, fsync=True) as tmp:
         with open(tmp, "wb") as f:
             f.write(head)
@@ -174,11 +179,15 @@ def _write_file(
         mm = np.memmap(tmp, dtype=np_dtype, mode="r+", offset=offset, shape=shape)
         fill(mm)
         mm.flush()
+        sums = np.stack([view_checksums(mm[v]) for v in range(k)]).reshape(k, n)
         del mm
-        wm = np.memmap(tmp, dtype=np.float32, mode="r+", offset=offset + feat_bytes, shape=tuple(w.shape))
-        wm[:] = w.numpy()
-        wm.flush()
-        del wm
+        w_bytes = np.ascontiguousarray(w.numpy(), dtype=np.float32).tobytes()
+        sum_bytes = np.ascontiguousarray(sums, dtype=np.uint32).tobytes()
+        with open(tmp, "r+b") as f:
+            f.seek(offset + feat_bytes)
+            f.write(w_bytes)
+            f.write(sum_bytes)
+            f.write(tail_digest(w_bytes, sum_bytes))
     return total
 
 

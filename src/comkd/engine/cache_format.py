@@ -7,6 +7,14 @@ File layout (little-endian)::
     starts at a multiple of 64) | u_t  [K, n_items, d]  (dtype from the header, C order)
                                 | W    [N, d]  float32 (the teacher's text features for the
                                   dataset's ``full_classnames``)
+                                | S    [K, n_items]  uint32: each u_t row's checksum
+                                | 32 bytes: SHA-256 of W's and S's bytes
+
+Integrity: S holds ``row_checksums`` of every stored row, a position-weighted sum of the row's
+16-bit words modulo 2^32 (odd weights, so any change to one word, a flipped bit or a zeroed row
+changes it); a reader checks W and S against the digest when it opens the file and every row it
+reads against S (``cache_read``), so corrupted features or W are refused in one line, never
+trained on.
 
 The header (``cache_header``) holds the teacher's identity (model, weights and prompt digests,
 key, logit scale, preprocessing; ``models.identity.teacher_digests``), the files the teacher was
@@ -45,7 +53,7 @@ from ..models.identity import teacher_digests, teacher_key
 if TYPE_CHECKING:
     from ..models import Teacher
 
-CACHE_FORMAT = "comkd-teacher-cache/1"
+CACHE_FORMAT = "comkd-teacher-cache/2"  # /2: row checksums and a digest (/1 had none)
 #: the format tag hashed into W's key (``text_features_key``); part of the header, so it stays
 TEXT_FORMAT = "comkd-text-features/1"
 MAGIC = b"COMKDTC1"
@@ -210,6 +218,50 @@ class CacheInfo:
         """``(N, d)`` of W."""
         return (len(self.header["text_features"]["classnames"]), int(self.header["dim"]))
 
+    @property
+    def checksum_offset(self) -> int:
+        """Where S ``[K, n_items]`` uint32 starts (after W)."""
+        return self.text_offset + self.text_shape[0] * self.text_shape[1] * 4
+
+    @property
+    def digest_offset(self) -> int:
+        """Where the 32-byte SHA-256 of W and S starts (the file's last bytes)."""
+        k, n, _ = self.shape
+        return self.checksum_offset + k * n * 4
+
+    @property
+    def file_size(self) -> int:
+        return self.digest_offset + DIGEST_BYTES
+
+
+DIGEST_BYTES = 32
+
+
+def row_checksums(rows: np.ndarray) -> np.ndarray:
+    """``[..., d]`` stored rows -> ``[...]`` uint32: sum_j (2j + 1) * w_j mod 2^32 over the row's
+    16-bit words w_j. A change of one word by δ (0 < |δ| < 2^16) moves the sum by an odd multiple
+    of δ, never a multiple of 2^32, so every single-word corruption is caught."""
+    rows = np.ascontiguousarray(rows)
+    words = rows.view(np.uint16).reshape(*rows.shape[:-1], -1).astype(np.uint64)
+    weights = 2 * np.arange(words.shape[-1], dtype=np.uint64) + 1
+    return ((words * weights).sum(axis=-1) % (1 << 32)).astype(np.uint32)
+
+
+def view_checksums(view: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """``row_checksums`` of a whole view ``[n_items, d]`` (a memory map is fine), ``chunk`` rows at a
+    time so the widened words never take more than ``chunk x d x 8`` bytes."""
+    return np.concatenate(
+        [row_checksums(np.asarray(view[i : i + chunk])) for i in range(0, view.shape[0], chunk)]
+        or [np.zeros(0, np.uint32)]
+    )
+
+
+def tail_digest(w_bytes: bytes, checksum_bytes: bytes) -> bytes:
+    """The SHA-256 the file ends with: of W's bytes, then S's."""
+    h = hashlib.sha256(w_bytes)
+    h.update(checksum_bytes)
+    return h.digest()
+
 
 def encode_header(header: dict[str, Any]) -> tuple[bytes, int]:
     """The bytes before the data (magic, length, padded JSON) and the data offset (a multiple of 64)."""
@@ -261,7 +313,8 @@ def check_header(header: Any, path: Path) -> dict[str, Any]:
         raise ValueError(f"{where} must be a JSON object, got {type(header).__name__}")
     if header.get("format") != CACHE_FORMAT:
         raise ValueError(
-            f"{path}: cache format {short(header.get('format'))}, this comkd reads {CACHE_FORMAT!r}"
+            f"{path}: cache format {short(header.get('format'))}, this comkd reads {CACHE_FORMAT!r} "
+            "(with checksums); rebuild it with `comkd cache-teacher`"
         )
 
     def need(obj: dict, key: str, kind: str, prefix: str) -> Any:
@@ -319,7 +372,7 @@ def read_cache_info(path: str | Path) -> CacheInfo:
             )
         header = parse_json(f.read(n), f"{path}: teacher-cache header", max_chars=MAX_HEADER_BYTES)
     info = CacheInfo(header=check_header(header, path), data_offset=start + n)
-    want = info.text_offset + info.text_shape[0] * info.text_shape[1] * 4
+    want = info.file_size
     if size != want:
         raise ValueError(
             f"{path}: file has {size} bytes, its header describes {want}; the file is truncated or corrupt"

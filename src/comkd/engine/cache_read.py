@@ -3,12 +3,17 @@
 
 Epoch e reads view ``e % K``, and ``CachedTeacherOutputs.open`` makes the dataset replay that same
 view (for e >= K); it refuses a cache built for another teacher, data, transform or seed
-(``StaleCacheError``).
+(``StaleCacheError``). Integrity (``cache_format``, "Integrity"): W and the row checksums are
+checked against the file's digest when it is opened, every row read against its checksum, and the
+file's size before every read of the memory map, so a corrupted cache, or one that shrinks under
+a running job, ends in one ``CorruptCacheError`` line naming the file (not a wrong student, not
+SIGBUS).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,20 +22,29 @@ import torch
 
 from ..models.identity import teacher_digests
 from .cache_format import (
+    DIGEST_BYTES,
     CacheInfo,
     StaleCacheError,
     dataset_fingerprint,
     decode_rows,
     numpy_dtype,
     read_cache_info,
+    row_checksums,
     spec_dict,
+    tail_digest,
     train_transform_of,
+    view_checksums,
 )
 
 if TYPE_CHECKING:
     from ..models import PreprocessSpec, Teacher
 
 log = logging.getLogger(__name__)
+
+
+class CorruptCacheError(ValueError):
+    """A cache whose bytes are not the ones written (a digest or row checksum that differs, or a
+    file that shrank while a run read it); the message names the file and the part."""
 
 
 def replay_cached_views(dataset: Any, views: int) -> None:
@@ -123,11 +137,26 @@ class CachedTeacherOutputs:
         # the batch's (device) indices: no host round trip, no synchronisation per step.
         self.preload_view = bool(preload_view)
         self._view: tuple[int, torch.Tensor] | None = None
+        # the file object keeps the mapped inode; its size is checked before every read of the map
+        self._file = open(path, "rb")  # noqa: SIM115 - open for the object's lifetime
         self._features = np.memmap(
-            path, dtype=numpy_dtype(info.dtype), mode="r", offset=info.data_offset, shape=(k, n, d)
+            self._file, dtype=numpy_dtype(info.dtype), mode="r", offset=info.data_offset, shape=(k, n, d)
         )
-        w = np.fromfile(path, dtype=np.float32, count=int(np.prod(info.text_shape)), offset=info.text_offset)
-        self.text_features = torch.from_numpy(w.reshape(info.text_shape).copy()).to(device)
+        self._file.seek(info.text_offset)
+        tail = self._file.read(info.file_size - info.text_offset)
+        w_len = int(np.prod(info.text_shape)) * 4
+        w_bytes, sum_bytes = tail[:w_len], tail[w_len : len(tail) - DIGEST_BYTES]
+        if (
+            len(tail) != info.file_size - info.text_offset
+            or tail_digest(w_bytes, sum_bytes) != tail[-DIGEST_BYTES:]
+        ):
+            raise CorruptCacheError(
+                f"teacher cache {path}: W or the row checksums do not match the file's digest; the file "
+                "is corrupt: rebuild it with `comkd cache-teacher`"
+            )
+        self._sums = np.frombuffer(sum_bytes, dtype=np.uint32).reshape(k, n)
+        w = np.frombuffer(w_bytes, dtype=np.float32).reshape(info.text_shape)
+        self.text_features = torch.from_numpy(w.copy()).to(device)
         self.classnames: list[str] = list(info.header["text_features"]["classnames"])
         self.logit_scale = float(info.header["teacher"]["logit_scale"])
         self.teacher_key = str(info.header["teacher"]["key"])
@@ -181,11 +210,30 @@ class CachedTeacherOutputs:
         return int(epoch) % self.views
 
     def _rows(self, view: int, idx: np.ndarray | slice) -> torch.Tensor:
-        arr = self._features[view, idx]
+        size = os.fstat(self._file.fileno()).st_size
+        if size < self.info.file_size:  # reading the map past the file's end would be SIGBUS
+            raise CorruptCacheError(
+                f"teacher cache {self.path} shrank from {self.info.file_size} to {size} bytes while this "
+                "run read it; rebuild it and rerun with --resume"
+            )
         # a slice of the read-only map is copied; fancy indexing already returns a copy
-        return decode_rows(
-            np.array(arr) if isinstance(idx, slice) else np.ascontiguousarray(arr), self.info.dtype
-        )
+        arr = self._features[view, idx]
+        rows = np.array(arr) if isinstance(idx, slice) else np.ascontiguousarray(arr)
+        sums = view_checksums(rows) if isinstance(idx, slice) else row_checksums(rows)
+        bad = np.flatnonzero(sums != self._sums[view, idx])
+        if bad.size:
+            item = int(np.arange(self.items)[idx][bad[0]])
+            raise CorruptCacheError(
+                f"teacher cache {self.path}: view {view}, item {item} does not match its checksum "
+                f"({bad.size} of {rows.shape[0]} rows read); the file is corrupt: rebuild it with "
+                "`comkd cache-teacher`"
+            )
+        return decode_rows(rows, self.info.dtype)
+
+    def close(self) -> None:
+        """Release the memory map and the file."""
+        self._features = None  # type: ignore[assignment]
+        self._file.close()
 
     def __call__(self, images: torch.Tensor | None, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """u_t ``[B, d]`` float32 on ``self.device`` for dataset items ``indices`` in ``epoch``."""
