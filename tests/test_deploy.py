@@ -468,3 +468,16 @@ def test_predict_refuses_a_batch_size_below_one_before_printing_anything(
     )
     assert r.exit_code == 1 and f"--batch-size must be >= 1, got {size}" in r.stderr
     assert r.stdout == ""  # no CSV header before the error
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_onnx_file_with_an_unknown_interpolation_prints_nothing_before_its_error(student_file, tmp_path):
+    onnx_path = _onnx_with_meta(
+        student_file, tmp_path / "s.onnx", "comkd.preprocess", _preprocess_meta(interpolation="sinc9")
+    )
+    img = tmp_path / "img.png"
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(img)
+    r = CliRunner().invoke(cli.app, ["predict", str(onnx_path), str(img), "--no-progress"])  # to stdout
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert str(onnx_path) in r.stderr and "interpolation" in r.stderr
+    assert r.stdout == ""  # no CSV header before the error

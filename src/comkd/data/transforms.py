@@ -29,6 +29,10 @@ _INTERP = {
 }
 
 
+#: the interpolation names a ``PreprocessSpec`` may record
+INTERPOLATIONS = tuple(_INTERP)
+
+
 def _resample(interpolation: str) -> Image.Resampling:
     try:
         return _INTERP[interpolation]

@@ -103,8 +103,10 @@ def spec_from_metadata(meta: dict[str, str], source: str) -> PreprocessSpec:
             raise ModelError(f"{key}.{name} must be three finite numbers, got {v!r}")
     if not all(x > 0 for x in std):
         raise ModelError(f"{key}.std must be positive (it divides the pixels), got {std!r}")
-    if not isinstance(interp, str):
-        raise ModelError(f"{key}.interpolation must be a string, got {interp!r}")
+    from ..data.transforms import INTERPOLATIONS
+
+    if not isinstance(interp, str) or interp not in INTERPOLATIONS:
+        raise ModelError(f"{key}.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interp!r}")
     return PreprocessSpec(size, tuple(float(x) for x in mean), tuple(float(x) for x in std), interp)
 
 
