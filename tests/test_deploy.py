@@ -481,3 +481,33 @@ def test_an_onnx_file_with_an_unknown_interpolation_prints_nothing_before_its_er
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert str(onnx_path) in r.stderr and "interpolation" in r.stderr
     assert r.stdout == ""  # no CSV header before the error
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_load_student_on_an_onnx_export_says_how_to_run_it(student_file, tmp_path) -> None:
+    from comkd.deploy.onnx_runtime import OnnxStudent
+    from comkd.models import ModelError
+
+    onnx_path = _onnx_with_meta(student_file, tmp_path / "s.onnx", "comkd.unused", "")
+    with pytest.raises(ModelError, match=r"s\.onnx is an ONNX export.*--runtime onnx.*OnnxStudent"):
+        load_student(onnx_path)
+    x = load_student(student_file).preprocess(Image.new("RGB", (16, 16), (1, 2, 3)))
+    assert OnnxStudent(onnx_path).predict(torch.stack([x]), top_k=1)[0].top1 in CLASSES  # the way named
+
+
+def test_predictions_name_images_as_the_user_gave_them(student_file, tmp_path, monkeypatch) -> None:
+    from comkd.data import collect_images
+
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    for name in ("photos/a/1.png", "photos/2.png"):
+        Image.new("RGB", (20, 20), (10, 200, 30)).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert collect_images(["photos"]) == ["photos/2.png", "photos/a/1.png"]
+    assert collect_images(["photos/2.png", "./photos/a/1.png"]) == ["photos/2.png", "./photos/a/1.png"]
+    assert collect_images([str(tmp_path / "photos")])[0] == str(tmp_path / "photos" / "2.png")  # absolute in
+    r = CliRunner().invoke(
+        cli.app, ["predict", str(student_file), "photos", "--out", "p.csv", "--no-progress"]
+    )
+    assert r.exit_code == 0, r.output
+    with open("p.csv", newline="") as f:
+        assert [row["path"] for row in csv.DictReader(f)] == ["photos/2.png", "photos/a/1.png"]

@@ -278,6 +278,20 @@ def test_atomic_torch_save_roundtrip(tmp_path):
     assert os.listdir(p.parent) == ["ck.pt"]
 
 
+def test_atomic_writes_are_as_readable_as_the_umask_makes_any_file(tmp_path):
+    """safetensors creates its files owner-only (0600); a student file is an output like any other."""
+    from safetensors.torch import save_file
+
+    from comkd.fileio import atomic_path
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # under this process's umask, as comkd's writes are
+    with atomic_path(tmp_path / "s.safetensors") as tmp:
+        save_file({"w": torch.ones(2)}, str(tmp))
+        assert os.stat(tmp).st_mode & 0o077 == 0  # what safetensors itself leaves: owner-only
+    assert os.stat(tmp_path / "s.safetensors").st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
 def test_atomic_torch_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
     p = tmp_path / "checkpoint.pt"
     atomic_torch_save({"good": torch.ones(4)}, p)

@@ -25,6 +25,15 @@ from pathlib import Path
 from typing import Any
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import (os.umask sets it while it reads it)
+
+
 def temp_path(path: str | Path) -> Path:
     """The temp file that ``atomic_path`` writes before renaming it to ``path``."""
     path = Path(path)
@@ -44,6 +53,9 @@ def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
+        # as readable as any file the user's umask makes (some writers, safetensors among them,
+        # create theirs owner-only)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

@@ -135,8 +135,9 @@ def glob_images(pattern: str) -> list[str]:
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
     """Expand image files, folders (recursively) and glob patterns into a sorted-per-input, de-duplicated
-    list of absolute paths (each real file once, whatever links name it). An input that matches
-    nothing raises ``DataError`` naming it."""
+    list of paths as the user gave them (a file as named, a folder's images under the folder as
+    named, so ``photos/`` gives ``photos/a/1.jpg``; each real file once, whatever links name it).
+    An input that matches nothing raises ``DataError`` naming it."""
     seen: set[tuple[int, int] | str] = set()
     out: list[str] = []
 
@@ -150,12 +151,12 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
     for item in inputs:
         s = os.path.expanduser(str(item))
         if os.path.isdir(s):
-            found = list_images_recursive(s)
+            found = sorted(os.path.join(s, *parts) for parts, _ in walk_images(s))
             if not found:
                 raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under folder {s}")
             add(found)
         elif os.path.isfile(s):
-            add([os.path.abspath(s)])
+            add([s])
         elif glob.has_magic(s):
             files = glob_images(s)
             if not files:

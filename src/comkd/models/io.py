@@ -164,6 +164,12 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     path = student_path(path)
     if not path.is_file():
         raise ModelError(f"student file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        raise ModelError(
+            f"{path} is an ONNX export, which load_student (PyTorch) does not read: run it with "
+            f"`comkd predict {path} IMAGES --runtime onnx`, or in Python with "
+            "comkd.deploy.onnx_runtime.OnnxStudent(path).predict(images)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
