@@ -488,3 +488,28 @@ def test_evaluate_keeps_a_runs_results_and_replaces_only_its_own(tmp_path) -> No
     assert r.exit_code == 0, r.output
     assert json.loads((run / "results.json").read_text())["command"] == "evaluate"
     assert not (run / ".comkd.lock").exists()  # the lock was held and released
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_the_training_commands_take_threads(tmp_path, monkeypatch, command) -> None:
+    import torch
+
+    seen = {}
+
+    def fake(cfg, out, **kw):
+        seen["threads"] = torch.get_num_threads()
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "report.md").write_text("table\n")
+        return {}
+
+    monkeypatch.setattr("comkd.protocols.runner.run_protocol", fake)
+    monkeypatch.setattr("comkd.protocols.demo.run_demo", fake)
+    before = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(cli.app, [command, "--threads", "1", "--out-dir", str(tmp_path / "r")])
+        assert r.exit_code == 0, r.output
+        assert seen["threads"] == 1
+        r = CliRunner().invoke(cli.app, [command, "--threads", "0", "--out-dir", str(tmp_path / "s")])
+        assert r.exit_code == 2 and "--threads: must be a positive number of threads, got 0" in r.output
+    finally:
+        torch.set_num_threads(before)

@@ -75,6 +75,17 @@ def _note_method_spelling(given: list[str] | str | None) -> None:
             typer.secho(f"note: method {name!r} is read as {canon!r}", fg="yellow", err=True)
 
 
+def _set_threads(threads: int | None) -> None:
+    """``--threads N``: torch's intra-op threads for this command (checked first: N >= 1)."""
+    if threads is None:
+        return
+    if threads < 1:
+        _usage_error(f"--threads: must be a positive number of threads, got {threads}")
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
 def _check_seeds(seeds: list[int] | None) -> None:
     """Every ``--seed`` in numpy's range, before any work."""
     from ..config import check_seed

@@ -92,6 +92,13 @@ KdWeightOpt = Annotated[
 ]
 AlignWeightOpt = Annotated[float | None, typer.Option(help="Weight of IFAlign (distill.align_weight).")]
 
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads for torch (default: torch's, one per core); on a busy machine fewer run "
+        "faster (two 2-thread jobs on 2 cores ran the demo ~10x slower)."
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no warnings, no progress bars.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also log each step's information.")]
 

@@ -20,6 +20,7 @@ from .common import (
     _plural_alias,
     _print_json,
     _run,
+    _set_threads,
     _setup_logging,
     _usage_error,
     _write_results,
@@ -53,6 +54,7 @@ from .options import (
     TeacherPretrainedOpt,
     TeacherPromptsOpt,
     TemperatureOpt,
+    ThreadsOpt,
     VerboseOpt,
     _overrides,
     _stage_optim,
@@ -325,11 +327,13 @@ def run(
     select: Annotated[str | None, typer.Option(help="last | promptkd")] = None,
     recipe: RecipeOpt = None,
     device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """All stages for datasets × seeds × methods, then one results table (report.md)."""
     _setup_logging(verbose, quiet)
+    _set_threads(threads)
     out = _out_dir(out, old_out)
     seeds = _plural_alias("--seed", seeds, old_seeds)
     methods = _plural_alias("--method", methods, old_methods)
@@ -366,12 +370,14 @@ def demo(
     sets: SetOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """The main job on the embedded digits data: pre-train a tiny teacher and student, prompt-tune
     the teacher on base classes, distil with PromptKD and ComKD, evaluate, write report.md."""
     _setup_logging(verbose, quiet)
+    _set_threads(threads)
     out = _out_dir(out, old_out)
     cfg = _cfg(config or "demo", sets, {}, out)
     from ..protocols.demo import run_demo
