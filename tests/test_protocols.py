@@ -217,3 +217,188 @@ def test_a_teacher_behind_its_student_on_val_is_named_and_can_stop_the_run(tmp_p
         _tiny_b2n(stop, "distill.teacher_margin=100", "distill.require_teacher_ahead=true")
     assert (stop / "digits" / "seed1" / "teacher" / "teacher_prompts.safetensors").exists()  # kept
     assert not (stop / "digits" / "seed1" / "promptkd").exists()  # stage 2 never started
+
+
+# -- the paper's base-to-novel preset: the teacher never sees a novel class (issue 34) ---------
+def test_the_b2n_preset_is_the_paper_pair_with_promptkds_teacher_on_base_classes() -> None:
+    """PromptKD's configs/trainers/PromptSRC/vit_l14_c2_ep20_batch8_4+4ctx.yaml on the base classes
+    (value by value), its ViT-B/16 student's 20 epochs at batch 8, the per-dataset w_kd."""
+    from comkd.config import list_presets, to_dict
+
+    assert "b2n_vitl14_vitb16" in list_presets()
+    cfg = load_config("b2n_vitl14_vitb16")
+    assert (cfg.protocol, cfg.train_teacher.subsample) == ("base2novel", "base")
+    assert (cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.quick_gelu) == ("ViT-L-14", "openai", True)
+    assert (cfg.student.model, cfg.student.pretrained, cfg.student.quick_gelu) == ("ViT-B-16", "openai", True)
+    assert (cfg.data.num_shots, cfg.data.image_size) == (16, 224)
+    tt = cfg.train_teacher
+    o = tt.optim
+    assert (o.optimizer, o.lr, o.batch_size, o.epochs, o.warmup_epochs, o.warmup_lr) == (
+        "sgd",
+        0.005,
+        8,
+        20,
+        1,
+        1e-5,
+    )
+    assert (tt.prompt_averaging, tt.gpa_mean, tt.gpa_std, tt.gpa_epochs) == ("gaussian", 15, 1.0, 20)
+    assert tt.resolved_gpa() == (15.0, 1.0)
+    assert (tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight) == (25.0, 10.0, 1.0)
+    assert (cfg.teacher.text_ctx, cfg.teacher.vision_tokens, cfg.teacher.ctx_init) == (4, 4, "a photo of a")
+    # the own-data preset's teacher recipe, but for the classes it learns on
+    full = to_dict(load_config("full_vitl14_vitb16"))["train_teacher"]
+    assert {**to_dict(cfg)["train_teacher"], "subsample": "all"} == full
+    d = cfg.distill
+    assert (d.recipe, d.method, d.optim.epochs, d.optim.batch_size) == ("recommended", "comkd", 20, 8)
+    assert d.kd_weight is None  # PromptKD's per-dataset w_kd: 200 for dtd, 1000 for eurosat
+    from comkd.config import resolve_recipe
+
+    assert (
+        resolve_recipe(load_config("b2n_vitl14_vitb16", sets=["data.dataset=dtd"])).distill.kd_weight == 200
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "protocol", "sets", "given"),
+    [
+        ("full_vitl14_vitb16", "base2novel", [], "all"),  # the own-data preset's teacher: all classes
+        (None, "base2novel", ["train_teacher.subsample=all"], "all"),
+        ("demo", None, ["train_teacher.subsample=all"], "all"),  # the preset's protocol
+        ("b2n_vitl14_vitb16", "cross", [], "base"),
+        (None, "dg", ["train_teacher.subsample=base"], "base"),
+        ("own_tiny", None, ["train_teacher.subsample=base"], "base"),  # protocol full
+    ],
+)
+def test_a_teacher_on_other_classes_than_the_protocols_is_refused_in_one_line(
+    tmp_path, config, protocol, sets, given
+) -> None:
+    from typer.testing import CliRunner
+
+    from comkd import cli
+
+    run_protocol = protocol or load_config(config).protocol
+    need = "base" if run_protocol == "base2novel" else "all"
+    out = tmp_path / "run"
+    common = (["--config", config] if config else []) + [a for s in sets for a in ("--set", s)]
+    r = CliRunner().invoke(
+        cli.app, ["run", *common, *(["--protocol", protocol] if protocol else []), "--out-dir", str(out)]
+    )
+    assert r.exit_code == 2, r.output
+    (line,) = r.output.strip().splitlines()
+    assert line.startswith(
+        f"config error: train_teacher.subsample: {given!r} contradicts protocol {run_protocol}, whose teacher"
+    )
+    assert f"set train_teacher.subsample={need} or leave it unset" in line
+    assert ("--config b2n_vitl14_vitb16" in line) == (need == "base")
+    assert not out.exists()  # nothing ran, not even the run folder
+    # stage 1 on its own is held to the same rule (train-teacher takes the protocol through --set)
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "train-teacher",
+            *common,
+            *(["--set", f"protocol={protocol}"] if protocol else []),
+            "--out-dir",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [line], r.output
+    assert not out.exists()
+
+
+def test_the_python_api_refuses_it_too_before_any_stage(monkeypatch, tmp_path) -> None:
+    from comkd.protocols import full, runner
+
+    def never(*a, **k):
+        raise AssertionError("a stage ran")
+
+    for name in ("_pretrain_if_enabled", "_teacher_stage", "_distill_and_eval"):
+        monkeypatch.setattr(runner, name, never)
+    monkeypatch.setattr(full, "_pretrain_stage", never)
+    cfg = load_config(sets=[f"output_dir={tmp_path}"])
+    cfg.train_teacher.subsample = "all"  # set after validation: run_protocol checks again
+    with pytest.raises(ConfigError, match=r"^train_teacher.subsample: 'all' contradicts protocol base2novel"):
+        runner.run_protocol(cfg, tmp_path / "b2n", methods=["comkd"])
+    cfg = load_config("own_tiny")
+    cfg.train_teacher.subsample = "base"
+    with pytest.raises(ConfigError, match=r"^train_teacher.subsample: 'base' contradicts protocol full"):
+        full.run_full(cfg, tmp_path / "full", methods=["comkd"])
+    assert not (tmp_path / "b2n").exists() and not (tmp_path / "full").exists()
+
+
+@pytest.mark.parametrize(("protocol", "classes"), [("base2novel", "base"), ("cross", "all"), ("dg", "all")])
+def test_unset_the_teacher_learns_on_the_protocols_classes_and_results_say_which(
+    monkeypatch, tmp_path, protocol, classes
+) -> None:
+    from comkd.config import resolve_recipe
+
+    cfg = load_config(sets=[f"output_dir={tmp_path}"], overrides={"protocol": protocol})
+    assert cfg.train_teacher.subsample is None  # unset: the protocol's
+    assert resolve_recipe(cfg).train_teacher.subsample == classes  # what a stage's config.yaml records
+    cfg = load_config(sets=[f"output_dir={tmp_path}"])
+    _record_protocol(monkeypatch, cfg, protocol, ["dtd"])
+    assert json.loads((tmp_path / "results.json").read_text())["teacher_classes"] == classes
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train_teacher"]["subsample"] == classes
+
+
+def test_stage_one_on_its_own_learns_on_the_protocols_classes(one_thread) -> None:
+    from comkd.engine.builders import make_dataset
+    from comkd.models.backbones import load_clip
+
+    cfg = load_config("demo", sets=["data.image_size=16"])
+    spec = load_clip(cfg.teacher.model, image_size=16).preprocess
+    ds = make_dataset(cfg, "train", spec, train=True, subsample=cfg.train_teacher.subsample, few_shot=True)
+    assert ds.classnames == ds.full_classnames[:5] and set(ds.labels) == set(range(5))
+    cfg.protocol = "cross"
+    ds = make_dataset(cfg, "train", spec, train=True, subsample=cfg.train_teacher.subsample, few_shot=True)
+    assert ds.classnames == ds.full_classnames and len(ds.classnames) == 10
+
+
+@pytest.mark.slow
+def test_the_b2n_preset_trains_the_teacher_on_base_classes_only(monkeypatch, tmp_path, one_thread) -> None:
+    from typer.testing import CliRunner
+
+    from comkd import cli
+    from comkd.engine import stages
+
+    seen: list[dict] = []
+    make = stages.make_dataset
+
+    def spy(cfg, split, spec, **kw):
+        ds = make(cfg, split, spec, **kw)
+        if kw.get("few_shot"):  # stage 1's labelled shots
+            names, every = list(ds.classnames), list(ds.full_classnames)
+            seen.append(
+                {"subsample": kw.get("subsample"), "classes": names, "all": every, "labels": set(ds.labels)}
+            )
+        return ds
+
+    monkeypatch.setattr(stages, "make_dataset", spy)
+    tiny = [
+        "teacher.model=comkd-tiny-teacher",
+        "student.model=comkd-tiny-student",
+        "teacher.pretrained=none",
+        "student.pretrained=none",
+        "data.dataset=digits",
+        "data.image_size=16",
+        "data.num_workers=0",
+        "train_teacher.optim.epochs=1",
+        "distill.optim.epochs=1",
+        "progress=false",
+    ]
+    out = tmp_path / "b2n"
+    args = ["run", "--config", "b2n_vitl14_vitb16", "--protocol", "base2novel", "--method", "comkd"]
+    args += [a for s in tiny for a in ("--set", s)] + ["--out-dir", str(out)]
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, r.output
+    assert len(seen) == 1, seen  # one teacher: one dataset, one seed
+    (t,) = seen
+    assert t["subsample"] == "base" and len(t["all"]) == 10
+    assert t["classes"] == t["all"][:5]  # the first half of the sorted labels, relabelled from 0
+    assert t["labels"] == set(range(5))
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"] == "base2novel" and res["teacher_classes"] == "base"
+    saved = yaml.safe_load((out / "digits" / "seed1" / "teacher" / "config.yaml").read_text())
+    assert saved["train_teacher"]["subsample"] == "base"
+    row = res["datasets"]["digits"]["comkd"]
+    assert len(row["novel"]) == 1 and 0 <= row["novel"][0] <= 100

@@ -32,6 +32,7 @@ from .methods import METHODS, RECIPES, canonical_method, paper_kd_weight, recipe
 __all__ = [
     "PRESET_DIR",
     "SECTION_ALIASES",
+    "TEACHER_CLASSES",
     "AugmentConfig",
     "ConfigError",
     "DataConfig",
@@ -43,11 +44,13 @@ __all__ = [
     "StudentConfig",
     "TeacherConfig",
     "TeacherTrainConfig",
+    "check_teacher_classes",
     "list_presets",
     "load_config",
     "parse_overrides",
     "resolve_recipe",
     "save_config",
+    "teacher_classes",
     "to_dict",
 ]
 
@@ -231,7 +234,9 @@ class TeacherTrainConfig:
     text_l1_weight: float = 25.0
     image_l1_weight: float = 10.0
     kl_weight: float = 1.0
-    subsample: Literal["base", "all"] = "base"
+    # the classes the prompts learn on; null: the protocol's (TEACHER_CLASSES), and any other value
+    # than the protocol's is refused (check_teacher_classes)
+    subsample: Literal["base", "all"] | None = None
     # the text regulariser's templates: PromptSRC's 60 ImageNet templates, or the dataset's own
     # (for CLIPs pre-trained here on the dataset's captions only)
     text_templates: Literal["promptsrc", "dataset"] = "promptsrc"
@@ -371,6 +376,46 @@ class RunConfig:
                 f"{prefix}ckpt_interval_s: must be >= 0 seconds (0: every epoch end), got {self.ckpt_interval_s}"
             )
         _check_device(self.device, f"{prefix}device")
+        check_teacher_classes(self, prefix)
+
+
+#: the classes each protocol's teacher learns its prompts on (``train_teacher.subsample``; unset: these).
+#: PromptKD's base-to-novel teacher learns on 16 shots of the base classes only, so that the novel
+#: classes stay unseen; its cross-dataset and DG teacher on all classes of the source dataset
+#: (ImageNet); ``full`` on all of the user's classes.
+TEACHER_CLASSES: dict[str, Literal["base", "all"]] = {
+    "base2novel": "base",
+    "cross": "all",
+    "dg": "all",
+    "full": "all",
+}
+_WHY_TEACHER_CLASSES = {
+    "base2novel": "learns on the base classes only (novel classes seen in stage 1 would inflate every novel "
+    "and HM score)",
+    "cross": "learns on all classes of the source dataset",
+    "dg": "learns on all classes of the source dataset",
+    "full": "learns on all of your classes",
+}
+
+
+def check_teacher_classes(cfg: RunConfig, prefix: str = "") -> None:
+    """Refuse a ``train_teacher.subsample`` other than the protocol's (``TEACHER_CLASSES``), in one
+    line naming the key and the protocol; unset (null) is the protocol's."""
+    need, got = TEACHER_CLASSES[cfg.protocol], cfg.train_teacher.subsample
+    if got is None or got == need:
+        return
+    hint = " (the paper's ViT-L/14 -> ViT-B/16 pair: --config b2n_vitl14_vitb16)" if need == "base" else ""
+    raise ConfigError(
+        f"{prefix}train_teacher.subsample: {got!r} contradicts protocol {cfg.protocol}, whose teacher "
+        f"{_WHY_TEACHER_CLASSES[cfg.protocol]}; set train_teacher.subsample={need} or leave it unset{hint}"
+    )
+
+
+def teacher_classes(cfg: RunConfig) -> Literal["base", "all"]:
+    """The classes stage 1 learns on: ``train_teacher.subsample``, or the protocol's when unset; a
+    value that contradicts the protocol is refused (``check_teacher_classes``)."""
+    check_teacher_classes(cfg)
+    return cfg.train_teacher.subsample or TEACHER_CLASSES[cfg.protocol]
 
 
 def check_seed(seed, key: str = "seed") -> None:
@@ -497,7 +542,8 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 def resolve_recipe(cfg: RunConfig) -> RunConfig:
     """A copy of ``cfg`` with every recipe default left unset filled with the value in effect:
     ``distill.kd_weight`` None -> ``comkd.methods.paper_kd_weight(data.dataset)``;
-    ``distill.method`` in the table's spelling; each sgd stage's ``warmup_epochs`` as cut to
+    ``distill.method`` in the table's spelling; ``train_teacher.subsample`` None -> the protocol's
+    classes (``TEACHER_CLASSES``); each sgd stage's ``warmup_epochs`` as cut to
     ``epochs - 1``; with Gaussian prompt averaging,
     ``train_teacher.gpa_mean``/``gpa_std`` in the stage's own epochs (``gpa_epochs`` = its epochs).
     The stage runners save and use this copy, so ``config.yaml`` holds real values."""
@@ -507,6 +553,7 @@ def resolve_recipe(cfg: RunConfig) -> RunConfig:
         if stage.optim.optimizer == "sgd":
             stage.optim.warmup_epochs = stage.optim.sgd_warmup_epochs
     tt = c.train_teacher
+    tt.subsample = teacher_classes(c)
     if tt.prompt_averaging == "gaussian":
         tt.gpa_mean, tt.gpa_std = tt.resolved_gpa()
         tt.gpa_epochs = tt.optim.epochs

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import AugmentConfig, ConfigError, RunConfig
+from ..config import AugmentConfig, ConfigError, RunConfig, teacher_classes
 from ..data import DataError, WdsImageDataset, build_dataset, build_transform
 from ..data.dataset import ImageDataset
 from ..methods import get_method
@@ -129,7 +129,7 @@ def make_dataset(
     spec: PreprocessSpec,
     *,
     train: bool,
-    subsample: str = "all",
+    subsample: str | None = "all",
     few_shot: bool = False,
     shots: int | None = None,
     unlabelled: bool = False,
@@ -137,7 +137,10 @@ def make_dataset(
 ) -> ImageDataset | WdsImageDataset:
     """A split of the configured dataset with the backbone's transforms; train splits draw
     reproducible views from the run seed. ``few_shot``: keep ``data.num_shots`` items per class
-    (stage 1); ``shots``: keep that many instead (stage 0's ``pretrain.*_shots``)."""
+    (stage 1); ``shots``: keep that many instead (stage 0's ``pretrain.*_shots``). ``subsample``
+    None: the teacher's classes (``train_teacher.subsample`` unset: the protocol's)."""
+    if subsample is None:
+        subsample = teacher_classes(cfg)
     train_tf, test_tf = _transforms(spec, augment)
     if shots is None and few_shot:
         shots = cfg.data.num_shots

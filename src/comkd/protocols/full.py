@@ -27,12 +27,13 @@ import copy
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import ConfigError, RunConfig, save_config
+from ..config import ConfigError, RunConfig, check_teacher_classes, save_config
 from ..data import DataError, load_splits
 from ..engine import pipeline as P
 from ..engine.tasks import accuracy, predict
@@ -229,6 +230,8 @@ def run_full(
     cfg: RunConfig, out_dir: str | Path, *, methods: list[str] | None = None, resume: bool = False
 ) -> dict[str, Any]:
     """Run the ``full`` protocol (see the module docstring); writes results.json and report.md."""
+    # the teacher learns on all classes: a config that says otherwise is refused before any stage
+    check_teacher_classes(replace(cfg, protocol="full"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if resume:  # before any finished stage is read back (a new full.test, classes, data...)
@@ -249,6 +252,8 @@ def run_full(
         "seed": cfg.seed,
         "classes": names,
         "teacher_mode": mode,
+        # what stage 1 learned on (None: no stage 1, the teacher zero-shot or its prompts given)
+        "teacher_classes": "all" if mode == "prompted" else None,
         "test": ecfg.data.root if ecfg is not None else None,
         "methods": {},
         "warnings": warnings,

@@ -7,7 +7,8 @@ Folder layout of a protocol run ``OUT``::
     OUT/<dataset>/seed<k>/teacher/           stage 1 (base2novel; cross/dg: OUT/source/seed<k>/teacher)
     OUT/<dataset>/seed<k>/<method>/          stage 2 + its results.json
 
-``results.json``: ``{"protocol", "selection", "datasets": {dataset: {method: {"base": [per seed],
+``results.json``: ``{"protocol", "selection", "teacher_classes" (what stage 1 learned on: ``base``
+for base2novel, ``all`` otherwise), "datasets": {dataset: {method: {"base": [per seed],
 "novel": [...], "hm": [...]}}}}`` for base2novel (``{"acc": [...]}`` otherwise), with methods
 including ``teacher`` and ``student_zeroshot``.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, save_config
+from ..config import RunConfig, save_config, teacher_classes
 from ..engine import pipeline as P
 from ..engine.utils import read_metrics, write_json
 from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH, canonical_methods
@@ -78,6 +79,15 @@ def protocol_recipe(cfg: RunConfig, protocol: str) -> RunConfig:
             c.student.vision_depth = min(CROSS_STUDENT_VISION_DEPTH, layers or CROSS_STUDENT_VISION_DEPTH)
         if c.distill.kd_weight is None:
             c.distill.kd_weight = CROSS_KD_WEIGHT
+    return c
+
+
+def _with_teacher_classes(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` whose ``train_teacher.subsample`` is the protocol's classes (base2novel:
+    base; cross, dg, full: all), so ``config.yaml`` and ``results.json`` record them; a value that
+    contradicts the protocol is a one-line ``ConfigError`` (``config.check_teacher_classes``)."""
+    c = copy.deepcopy(cfg)
+    c.train_teacher.subsample = teacher_classes(c)
     return c
 
 
@@ -193,6 +203,7 @@ def run_protocol(
     """Run ``cfg.protocol`` for datasets × seeds × methods; write results.json and report.md.
     ``methods`` are checked (and spelled as the table spells them) before any stage runs."""
     methods = canonical_methods(methods)
+    cfg = _with_teacher_classes(cfg)  # one contradicting the protocol is refused here, before any stage
     if cfg.protocol == "full":  # the user's own classes: one dataset, one seed (protocols/full.py)
         from .full import run_full
 
@@ -231,6 +242,7 @@ def run_protocol(
         "selection": cfg.distill.select,
         "split": cfg.eval_split,
         "seeds": seeds,
+        "teacher_classes": cfg.train_teacher.subsample,  # what stage 1 learned on: base2novel base, else all
         "datasets": acc.table,
         "warnings": acc.warnings,
         "teacher_check": acc.teacher_checks,
