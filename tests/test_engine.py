@@ -391,11 +391,23 @@ def test_a_redirected_run_logs_one_line_per_epoch_and_a_heartbeat(tmp_path, monk
     beats = [ln for ln in lines if " batch " in ln]
     assert [ln.split(":")[0] for ln in epochs] == ["toy epoch 1/2", "toy epoch 2/2"]
     assert all("loss " in ln and "lr " in ln and "images/s" in ln and "elapsed" in ln for ln in epochs)
+    assert "left" in epochs[0] and "left" not in epochs[1]  # the stage's time left, while any is
+    assert lines[0] == f"== toy: 2 epochs of 3 steps (batch 4) -> {tmp_path}"  # the stage's header
     assert [ln.split(":")[0] for ln in beats] == [
         f"toy epoch {e}/2 batch {b}/3" for e in (1, 2) for b in (1, 2)
     ]
     fit(ToyTask(), ToyData(12), cfg, **{**kw, "out_dir": tmp_path / "quiet"}, progress=False)
     assert capsys.readouterr().err == ""  # --quiet / progress=false: nothing
+
+
+def test_a_terminal_keeps_a_header_and_a_line_per_epoch_beside_its_bar(tmp_path, monkeypatch, capsys):
+    """On a terminal the bar is transient: the header and the epoch lines (no heartbeat) stay."""
+    monkeypatch.setattr(loop, "show_progress", lambda enabled: bool(enabled))
+    monkeypatch.setattr(loop, "LINE_EVERY_S", 0.0)
+    cfg = OptimConfig(optimizer="adamw", lr=1e-2, epochs=2, batch_size=4, warmup_epochs=0)
+    fit(ToyTask(), ToyData(12), cfg, out_dir=tmp_path, seed=0, device=torch.device("cpu"), progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("==", "toy epoch"))]
+    assert [ln.split(":")[0] for ln in lines] == ["== toy", "toy epoch 1/2", "toy epoch 2/2"]
 
 
 def test_write_json_refuses_non_finite_numbers_naming_the_key(tmp_path):

@@ -203,9 +203,13 @@ def test_a_teacher_behind_its_student_on_val_is_named_and_can_stop_the_run(tmp_p
     assert json.loads((tmp_path / "warn" / "results.json").read_text())["warnings"] == res["warnings"]
     assert line in (tmp_path / "warn" / "report.md").read_text()
     assert (tmp_path / "warn" / "digits" / "seed1" / "promptkd" / "student.safetensors").exists()
+    # each finished stage's checkpoints are gone (resume reads its outputs), unless kept on request
+    assert not list((tmp_path / "warn").rglob("checkpoint*.pt"))
 
-    res = _tiny_b2n(tmp_path / "quiet", "distill.teacher_margin=-100")
+    res = _tiny_b2n(tmp_path / "quiet", "distill.teacher_margin=-100", "keep_checkpoints=true")
     assert res["teacher_check"]["digits"]["1"]["ahead"] is True
+    kept = {p.parent.name for p in (tmp_path / "quiet").rglob("checkpoint.pt")}
+    assert kept == {"teacher", "promptkd"}
     assert not any(w.startswith("teacher not clearly ahead") for w in res["warnings"])
 
     from comkd.protocols.sanity import TeacherNotAheadError

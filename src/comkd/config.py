@@ -348,6 +348,9 @@ class RunConfig:
     # skip an epoch-end checkpoint written less than this many seconds after the last one (the last
     # epoch's is always written): many sub-second epochs otherwise spend their time saving
     ckpt_interval_s: float = 0.0
+    # comkd run / demo: keep a stage's checkpoints once its outputs are written (default: deleted,
+    # as a protocol resumes a finished stage from its outputs; a killed stage keeps its own)
+    keep_checkpoints: bool = False
     tensorboard: bool = False
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)

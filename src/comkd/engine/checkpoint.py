@@ -58,6 +58,30 @@ def disk_full_message(path: Path, had_previous: bool) -> str:
     return f"disk full while writing {path}; {kept}"
 
 
+#: the files a training stage checkpoints to (``engine.loop``): the last, and the one before it
+CHECKPOINT_NAMES = ("checkpoint.pt", "checkpoint.prev.pt")
+
+
+def prune_checkpoints(folder: str | Path, *, keep: bool = False) -> int:
+    """Delete the checkpoints under ``folder`` (its sub-folders too) once the stage that wrote them
+    is finished and its outputs are on disk (``comkd run`` / ``demo``; ``keep``: the run's
+    ``keep_checkpoints``, which leaves them): a protocol resumes a finished stage from its outputs,
+    never from its checkpoint. Returns the bytes freed (0 on a non-main torchrun rank, which
+    writes nothing)."""
+    from .utils import is_main
+
+    if keep or not is_main():
+        return 0
+    freed = 0
+    for name in CHECKPOINT_NAMES:
+        for path in Path(folder).rglob(name):
+            freed += path.stat().st_size
+            path.unlink(missing_ok=True)
+    if freed:
+        log.info("%s is finished: its checkpoints (%.1f MB) are deleted", folder, freed / 2**20)
+    return freed
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a training checkpoint as data only (``weights_only=True``: tensors, numbers, strings,
     containers). A file that would need code to unpickle, or a truncated/empty one, is refused

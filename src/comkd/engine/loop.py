@@ -242,10 +242,19 @@ class _Trainer:
         self.saved_steps: list[int] = [self.global_step] if self.result.resumed_from else []
         if not self.result.resumed_from and is_main():  # a fresh run keeps nothing of an earlier run's
             self.prev_path.unlink(missing_ok=True)
-        # a log (stderr not a terminal) gets a line per epoch, and one a minute inside a long epoch
+        # a log (stderr not a terminal) gets a line a minute inside a long epoch, where a terminal
+        # has its bar; both get a header and a line per epoch that stays (with the time left)
         self.lines = self.progress and is_main() and not show_progress(self.progress)
+        self.epoch_lines = bool(self.progress) and is_main()
         self.t_fit = self.t_line = self.t_saved = time.perf_counter()
+        self.first_epoch = self.start_epoch
         self.lr_now = self.optimizer.param_groups[0]["lr"]
+        if self.epoch_lines and self.start_epoch < self.cfg.epochs:
+            resumed = f", resumed at epoch {self.start_epoch + 1}" if self.result.resumed_from else ""
+            _say(
+                f"== {self.task.name}: {self.cfg.epochs} epochs of {self.steps_per_epoch} steps "
+                f"(batch {self.cfg.batch_size}){resumed} -> {self.out_dir}"
+            )
 
     def save(self, epoch: int, batch: int) -> None:
         if is_main():
@@ -413,13 +422,15 @@ class _Trainer:
         if on_epoch_end is not None:
             rec.update(on_epoch_end(epoch) or {})
         self.result.history.append(rec)
-        if self.lines:
+        if self.epoch_lines:
             self.t_line = time.perf_counter()
             terms = {k: v for k, v in rec.items() if k in self.sums}
+            spent, run_epochs = self.t_line - self.t_fit, epoch + 1 - self.first_epoch
+            left = self.cfg.epochs - epoch - 1
+            eta = f", about {_elapsed(spent / run_epochs * left)} left" if left else ""
             _say(
                 f"{task.name} epoch {epoch + 1}/{self.cfg.epochs}: {_terms(terms)}, lr {self.lr_now:.3g}, "
-                f"{self._images_per_s(rec['time_s']):.1f} images/s, "
-                f"{_elapsed(self.t_line - self.t_fit)} elapsed"
+                f"{self._images_per_s(rec['time_s']):.1f} images/s, {_elapsed(spent)} elapsed{eta}"
             )
         if self.metrics is not None and is_main():
             self.metrics.log(rec)

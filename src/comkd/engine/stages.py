@@ -87,6 +87,7 @@ RESUME_FREE = frozenset(
         "log_every",
         "ckpt_every",
         "ckpt_interval_s",
+        "keep_checkpoints",
         "tensorboard",
         "progress",
     }

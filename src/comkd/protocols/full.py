@@ -36,6 +36,7 @@ import torch
 from ..config import ConfigError, RunConfig, check_teacher_classes, save_config
 from ..data import DataError, load_splits
 from ..engine import pipeline as P
+from ..engine.checkpoint import prune_checkpoints
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, write_json
 from ..methods import canonical_methods
@@ -134,6 +135,7 @@ def _pretrain_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -
     sub = out / "pretrain"
     if not (resume and (sub / P.STUDENT_CLIP).exists() and (sub / P.TEACHER_CLIP).exists()):
         P.run_pretrain(pcfg, sub, resume=resume, pool=cfg if cfg.data.dataset == "unlabelled" else None)
+    prune_checkpoints(sub, keep=cfg.keep_checkpoints)
     c = copy.deepcopy(cfg)
     c.teacher.pretrained, c.student.pretrained = str(sub / P.TEACHER_CLIP), str(sub / P.STUDENT_CLIP)
     return c
@@ -153,6 +155,7 @@ def _teacher_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) ->
     prompts = out / "teacher" / P.TEACHER_PROMPTS
     if not (resume and prompts.exists()):
         P.run_train_teacher(scfg, out / "teacher", resume=resume)
+    prune_checkpoints(out / "teacher", keep=cfg.keep_checkpoints)
     t = copy.deepcopy(cfg)
     t.teacher.prompts = str(prompts)
     return t, "prompted"
@@ -289,6 +292,7 @@ def run_full(
                 plot_confusion(torch.tensor(res["confusion"]), names, plot, f"{m}: {res['acc']:.2f}% top-1")
                 res["confusion_plot"] = str(plot.relative_to(out))
             write_json(done, res)
+        prune_checkpoints(mdir, keep=c.keep_checkpoints)
         results["methods"][m] = res
     if ecfg is not None:
         scored = {"teacher": results["teacher"], "student_zeroshot": results["student_zeroshot"]}

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import RunConfig, save_config, teacher_classes
 from ..engine import pipeline as P
+from ..engine.checkpoint import prune_checkpoints
 from ..engine.utils import read_metrics, write_json
 from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH, canonical_methods
 from ..models.io import load_student
@@ -138,6 +139,7 @@ def _pretrain_if_enabled(cfg: RunConfig, root: Path, resume: bool) -> RunConfig:
     done = out / P.STUDENT_CLIP
     if not (resume and done.exists() and (out / P.TEACHER_CLIP).exists()):
         P.run_pretrain(cfg, out, resume=resume)
+    prune_checkpoints(out, keep=cfg.keep_checkpoints)
     cfg = copy.deepcopy(cfg)
     cfg.teacher.pretrained = str(out / P.TEACHER_CLIP)
     cfg.student.pretrained = str(out / P.STUDENT_CLIP)
@@ -148,6 +150,7 @@ def _teacher_stage(cfg: RunConfig, out: Path, resume: bool) -> RunConfig:
     prompts = out / P.TEACHER_PROMPTS
     if not (resume and prompts.exists()):
         P.run_train_teacher(cfg, out, resume=resume)
+    prune_checkpoints(out, keep=cfg.keep_checkpoints)
     cfg = copy.deepcopy(cfg)
     cfg.teacher.prompts = str(prompts)
     return cfg
@@ -186,6 +189,7 @@ def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> d
         trainable_params=info["trainable_params"],
     )
     write_json(done, res)
+    prune_checkpoints(out, keep=c.keep_checkpoints)
     return res
 
 
