@@ -919,3 +919,19 @@ def test_cli_refuses_the_paper_teacher_without_weights(tmp_path) -> None:
     r = CliRunner().invoke(cli.app, ["train-teacher", "--out-dir", str(tmp_path), "--set", "progress=false"])
     assert r.exit_code == 1
     assert "ViT-L-14" in r.output and "none" in r.output and "Traceback" not in r.output
+
+
+def test_hub_weights_go_with_the_model_name_and_are_refused_as_a_weights_value() -> None:
+    """open_clip reads a hub id only as the model; given as the weights it failed deep in
+    open_clip, and a tag beside a hub model was silently ignored. Both are one line, offline."""
+    from comkd.models import ModelError
+    from comkd.models.backbones import load_clip
+
+    with pytest.raises(
+        ModelError, match=r"weights 'hf-hub:org/x': a hub model names its own weights.*--teacher"
+    ):
+        load_clip("ViT-B-32", "hf-hub:org/x")
+    with pytest.raises(
+        ModelError, match=r"model 'hf-hub:org/x' names its own weights; weights 'openai' would be"
+    ):
+        load_clip("hf-hub:org/x", "openai")

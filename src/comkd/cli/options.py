@@ -61,7 +61,10 @@ DatasetOpt = Annotated[
 ]
 TeacherPretrainedOpt = Annotated[
     str | None,
-    typer.Option(help="Teacher weights: an open_clip tag, hf-hub:ORG/NAME, a local file, or none (random)."),
+    typer.Option(
+        help="Teacher weights: an open_clip tag, a local file, or none (random); an hf-hub:ORG/NAME "
+        "model names its own (give it as --teacher)."
+    ),
 ]
 TeacherOpt = Annotated[
     str | None, typer.Option(help="Teacher open_clip model (e.g. ViT-L-14, comkd-tiny-teacher).")
@@ -78,7 +81,10 @@ TeacherPromptsOpt = Annotated[
 ]
 StudentPretrainedOpt = Annotated[
     str | None,
-    typer.Option(help="Student weights: an open_clip tag, hf-hub:ORG/NAME, a local file, or none (random)."),
+    typer.Option(
+        help="Student weights: an open_clip tag, a local file, or none (random); an hf-hub:ORG/NAME "
+        "model names its own (give it as --student)."
+    ),
 ]
 ProtocolOpt = Annotated[
     str | None, typer.Option(help="base2novel | cross | dg | full (how the student is scored).")

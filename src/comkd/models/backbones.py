@@ -387,9 +387,20 @@ def load_clip(
         pretrained = None
     if model_name.startswith("timm:"):
         return _load_timm(model_name, pretrained, image_size=image_size, device=device)
+    if isinstance(pretrained, str) and pretrained.startswith("hf-hub:"):
+        raise ModelError(
+            f"weights {pretrained!r}: a hub model names its own weights; give it as the model "
+            f"(--teacher / --student {pretrained}, or teacher.model / student.model) and leave the "
+            "weights unset"
+        )
     model_name = _resolve_name(model_name)
     local = _is_local_file(pretrained)
     is_hub = model_name.startswith(("hf-hub:", "local-dir:"))
+    if is_hub and pretrained and not random_on_purpose:
+        raise ModelError(
+            f"model {model_name!r} names its own weights; weights {pretrained!r} would be ignored: "
+            "leave --teacher-pretrained / --student-pretrained (teacher.pretrained / student.pretrained) unset"
+        )
     if not is_hub and open_clip.get_model_config(model_name) is None:
         known = [m for m in open_clip.list_models() if m.startswith("comkd-")]
         raise ModelError(
