@@ -515,3 +515,25 @@ def test_the_training_commands_take_threads(tmp_path, monkeypatch, command) -> N
         assert r.exit_code == 2 and "--threads: must be a positive number of threads, got 0" in r.output
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--root", "/nonexistent/dtd", "--dataset", "dtd"], "data.root /nonexistent/dtd"),
+        (["--set", "data.split_file=/nonexistent/split.json"], "data.split_file /nonexistent/split.json"),
+        (["--set", "full.test=/nonexistent/test"], "full.test /nonexistent/test"),
+    ],
+)
+def test_a_missing_input_path_stops_before_any_weights_are_fetched(tmp_path, monkeypatch, args, key) -> None:
+    import open_clip
+
+    def no_download(*a, **k):
+        raise AssertionError("weights were fetched before the paths were checked")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_download)
+    monkeypatch.setattr(open_clip, "create_model", no_download)
+    big = ["--teacher", "ViT-L-14", "--teacher-pretrained", "openai", "--student", "ViT-B-16"]
+    r = CliRunner().invoke(cli.app, ["distill", *big, *args, "--out-dir", str(tmp_path / "d")])
+    assert r.exit_code == 2 and f"config error: {key}: no such file or folder" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "d").exists()

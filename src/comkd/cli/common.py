@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -109,7 +110,29 @@ def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path 
         cfg.output_dir = str(out)
     if _QUIET:
         cfg.progress = False
+    _check_input_paths(cfg)
     return cfg
+
+
+#: roots that name shards, patterns or remote data rather than one local path (read by their loaders)
+_NOT_A_LOCAL_PATH = ("{", "*", "?", "::", "://", "pipe:")
+
+
+def _check_input_paths(cfg: RunConfig) -> None:
+    """The local files and folders a config names (data root, split and class files, own-data
+    shots and test set) exist: checked before any import of the model stack, weights or data,
+    so a mistyped path costs a second, not a download or a stage."""
+    for key, value in (
+        ("data.root", cfg.data.root),
+        ("data.split_file", cfg.data.split_file),
+        ("data.classes_file", getattr(cfg.data, "classes_file", None)),
+        ("full.shots", cfg.full.shots),
+        ("full.test", cfg.full.test),
+    ):
+        if not value or any(m in str(value) for m in _NOT_A_LOCAL_PATH):
+            continue
+        if not os.path.exists(os.path.expanduser(str(value))):
+            _usage_error(f"{key} {value}: no such file or folder")
 
 
 def _check_out_dir(out: Path | None, option: str = "--out-dir") -> None:
