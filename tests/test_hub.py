@@ -299,3 +299,184 @@ def test_push_names_a_run_file_of_the_wrong_shape(run_dir, tmp_path, name, conte
         cli.app, ["push", str(d / "student.safetensors"), "org/t", "--dry-run", str(tmp_path / "out")]
     )
     one_line_error(r, *words)
+
+
+# -- the model card: huggingface_hub's ModelCard, read back with its own loader --------------------
+def _own_run(root: Path, student: Path) -> Path:
+    """A ``comkd run --protocol full`` folder as it is written: OUT/results.json (teacher,
+    undistilled student, methods), OUT/comkd/ the stage (student, its results.json and config.yaml)."""
+    stage = root / "comkd"
+    stage.mkdir(parents=True)
+    shutil.copyfile(student, stage / "student.safetensors")
+    config = {
+        "seed": 1,
+        "protocol": "full",
+        "data": {"dataset": "unlabelled", "root": "/home/alice/private/photos"},
+        "full": {"test": "/home/alice/private/labelled_test/", "shots": None},
+        "teacher": {"model": "comkd-tiny-teacher", "pretrained": "openai"},
+        "student": {"model": "comkd-tiny-student"},
+        "distill": {"method": "comkd", "recipe": "recommended", "optim": {"lr": 0.001}},
+    }
+    for d in (root, stage):
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+    own = {"method": "comkd", "student": str(stage / "student.safetensors"), "acc": 70.0, "images": 30}
+    (stage / "results.json").write_text(json.dumps({**own, "per_class": {}, "confusion": []}))
+    run = {
+        "protocol": "full",
+        "seed": 1,
+        "classes": CLASSES,
+        "teacher_mode": "prompted",
+        "test": config["full"]["test"],
+        "teacher": {"acc": 80.0, "images": 30, "per_class": {}},
+        "student_zeroshot": {"acc": 45.0},
+        "methods": {"comkd": own, "promptkd": {**own, "method": "promptkd", "acc": 65.0}},
+        "test_size": {"all": {"classes": 3, "images": 30}},
+        "warnings": [],
+    }
+    (root / "results.json").write_text(json.dumps(run))
+    return stage / "student.safetensors"
+
+
+def test_push_dry_run_of_a_run_folder_writes_a_card_huggingface_hub_loads(run_dir, tmp_path) -> None:
+    from huggingface_hub import EvalResult, ModelCard
+
+    student = _own_run(tmp_path / "own", run_dir / "student.safetensors")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(
+        cli.app, ["push", str(student), "org/own", "--license", "mit", "--dry-run", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    card = ModelCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "comkd" and meta["license"] == "mit"
+    assert meta["pipeline_tag"] == "image-classification"
+    assert {"knowledge-distillation", "clip", "comkd", "image-classification"} <= set(meta["tags"])
+    # the data as the user named it (folder names, no local path), never the loader "unlabelled"
+    assert meta["datasets"] == ["photos", "labelled_test"]
+    assert meta["model-index"][0]["name"] == "own"
+    assert card.data.eval_results == [
+        EvalResult(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type="labelled_test",
+            dataset_name="labelled_test",
+            dataset_split="test",
+            metric_type="accuracy",
+            metric_name="top-1 accuracy",
+            metric_value=70.0,
+        )
+    ]  # the student's own score only: the teacher's and the baseline's are not claimed for it
+    text = card.text
+    assert "/home/alice" not in str(card)
+    assert "3 classes, in the order of its outputs: `cat`, `dog`, `ship`." in text
+    assert "every image of `photos` (`data.dataset: unlabelled`)" in text
+    assert "| teacher `comkd-tiny-teacher` (prompted) | 80.00 |" in text
+    assert "| student CLIP `comkd-tiny-student` undistilled (zero-shot, its own text tower) | 45.00 |" in text
+    assert "| **this student** (distilled with `comkd`) | 70.00 |" in text
+    assert "| chance level (100 / classes) | 33.33 |" in text and "30 images of 3 classes" in text
+    assert "not on PyPI" in text and "`pip install -e .` in a checkout" in text
+    assert "comkd predict hf-hub:org/own photos/" in text
+    assert 'student = comkd.load_student("hf-hub:org/own")' in text and "student.predict([" in text
+
+
+def test_the_card_of_a_base2novel_student_takes_its_seed_and_the_runs_baselines(run_dir, tmp_path) -> None:
+    from huggingface_hub import ModelCard
+
+    stage = tmp_path / "b2n" / "digits" / "seed2" / "comkd"
+    stage.mkdir(parents=True)
+    for f in ("student.safetensors", "results.json"):
+        shutil.copyfile(run_dir / f, stage / f)
+    (stage / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "seed": 2,
+                "protocol": "base2novel",
+                "data": {"dataset": "digits"},
+                "distill": {"method": "comkd"},
+            }
+        )
+    )
+    seeds = {
+        "teacher": {"base": [95.0, 96.0], "novel": [85.0, 86.0], "hm": [89.7, 90.8]},
+        "student_zeroshot": {"base": [50.0, 50.0], "novel": [40.0, 40.0], "hm": [44.4, 44.4]},
+        "comkd": {"base": [90.0, 91.234], "novel": [79.0, 80.0], "hm": [84.1, 85.2541]},
+    }
+    run = {"protocol": "base2novel", "seeds": [1, 2], "datasets": {"digits": seeds}}
+    (tmp_path / "b2n" / "results.json").write_text(json.dumps(run))
+    r = CliRunner().invoke(
+        cli.app, ["push", str(stage / "student.safetensors"), "org/b", "--dry-run", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 0, r.output
+    card = ModelCard.load(tmp_path / "o" / "README.md")
+    assert [(e.metric_name, e.metric_value) for e in card.data.eval_results] == [
+        ("base-class accuracy", 91.23),
+        ("novel-class accuracy", 80.0),
+        ("harmonic mean", 85.25),
+    ]
+    assert {e.dataset_name for e in card.data.eval_results} == {"digits"}
+    text = card.text
+    assert "seed 2 of the run's 2" in text
+    assert "| teacher `comkd-tiny-teacher` | 96.00 | 86.00 | 90.80 |" in text  # seed 2's, not seed 1's
+    assert "undistilled (zero-shot, its own text tower) | 50.00 | 40.00 | 44.40 |" in text
+    assert "| chance level (100 / classes) | 50.00 | 100.00 | 66.67 |" in text
+    assert "base classes: 10 images of 2 classes; novel classes: 5 images of 1 class." in text
+
+    # comkd demo's flat results.json given with --results: the same rows, from that file alone
+    demo = {m: {"base": v["base"][0], "novel": v["novel"][0], "hm": v["hm"][0]} for m, v in seeds.items()}
+    (tmp_path / "demo.json").write_text(json.dumps({**demo, "warnings": [], "teacher_check": None}))
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "push",
+            str(stage / "student.safetensors"),
+            "org/d",
+            "--results",
+            str(tmp_path / "demo.json"),
+            "--dry-run",
+            str(tmp_path / "d"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    card = ModelCard.load(tmp_path / "d" / "README.md")
+    assert [e.metric_value for e in card.data.eval_results] == [90.0, 79.0, 84.1]
+    assert "| teacher `comkd-tiny-teacher` | 95.00 | 85.00 | 89.70 |" in card.text
+
+
+def test_the_card_lists_many_classes_by_the_first_hundred_and_a_count() -> None:
+    from types import SimpleNamespace
+
+    from comkd.deploy.hub import model_card
+
+    names = [f"class{i}" for i in range(250)]
+    student = SimpleNamespace(
+        classnames=names, edu_attention=None, arch=SimpleNamespace(model="m"), teacher_identity=None
+    )
+    text = model_card(student, "org/many").text
+    assert "250 classes" in text and "`class99`, ... and 150 more" in text and "`class100`" not in text
+    assert "no scores are claimed" in text
+
+
+def test_the_cards_python_snippet_runs_as_written(run_dir, hub_cache, tmp_path) -> None:
+    import re
+
+    out = tmp_path / "card"
+    r = CliRunner().invoke(
+        cli.app, ["push", str(run_dir / "student.safetensors"), "org/tiny", "--dry-run", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    snippet = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in re.findall(r'"(photo\d\.jpg)"', snippet):
+        Image.new("RGB", (20, 20), (200, 10, 30)).save(work / name)
+    r = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=work,
+        env=_offline(hub_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(any(c in line for c in CLASSES) for line in lines)

@@ -336,6 +336,24 @@ def test_full_protocol_on_a_labelled_dataset_uses_its_own_shots_and_test_split(t
     m = res["methods"]["comkd"]
     assert set(m["per_class"]) == set(res["classes"]) and 0 <= m["acc"] <= 100
     assert {"acc", "per_class"} <= set(res["teacher"]) and 0 <= res["student_zeroshot"]["acc"] <= 100
+    # the report names the chance level and the test-set size, and has a confusion matrix per model
+    report = (out / "report.md").read_text()
+    n = res["test_size"]["all"]["images"]
+    assert res["test_size"]["all"]["classes"] == 10 and n == res["teacher"]["images"] == m["images"] > 0
+    assert "| Chance level (100 / classes) | 10.00 |" in report
+    assert f"Scored on the `test` split: all classes: {n} images of 10 classes, chance 10.00%." in report
+    for who in ("teacher", "student_zeroshot", "comkd"):
+        assert (
+            out / "plots" / f"confusion_{who}.png"
+        ).stat().st_size > 0 and f"confusion_{who}.png" in report
+    assert sum(map(sum, res["student_zeroshot"]["confusion"])) == n
+    # the undistilled student is scored as `evaluate_clip_zero_shot` scores it (same accuracy)
+    from comkd.engine.pipeline import evaluate_clip_zero_shot
+    from comkd.protocols.full import eval_config
+
+    stage = eval_config(load_config(str(out / "comkd" / "config.yaml")))
+    zs = evaluate_clip_zero_shot(stage, "student")
+    assert res["student_zeroshot"]["acc"] == pytest.approx(zs["acc"], abs=1e-4) and zs["images"] == n
 
 
 @pytest.mark.slow

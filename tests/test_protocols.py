@@ -406,3 +406,50 @@ def test_the_b2n_preset_trains_the_teacher_on_base_classes_only(monkeypatch, tmp
     assert saved["train_teacher"]["subsample"] == "base"
     row = res["datasets"]["digits"]["comkd"]
     assert len(row["novel"]) == 1 and 0 <= row["novel"][0] <= 100
+
+
+# -- each table names the chance level and the test-set size ------------------------------------
+def test_a_protocol_report_names_the_chance_level_and_test_size_of_each_part(monkeypatch, tmp_path) -> None:
+    from comkd.protocols import runner
+
+    def scored(c, *a, **k):  # an evaluate_* result: 4 base classes (40 images), 2 novel (30 images)
+        return {
+            "base": {"acc": 60.0, "classes": 4, "images": 40},
+            "novel": {"acc": 50.0, "classes": 2, "images": 30},
+            "hm": 2 * 60 * 50 / 110,
+        }
+
+    monkeypatch.setattr(runner, "_pretrain_if_enabled", lambda c, root, resume: c)
+    monkeypatch.setattr(runner, "_teacher_stage", lambda c, out, resume: c)
+    monkeypatch.setattr(runner, "_distill_and_eval", lambda c, m, out, resume: scored(c))
+    monkeypatch.setattr(runner, "read_metrics", lambda path: [])
+    monkeypatch.setattr(runner.P, "build_teacher", lambda c, device: None)
+    monkeypatch.setattr(runner.P, "has_val_split", lambda c: False)
+    monkeypatch.setattr(runner.P, "evaluate_teacher", scored)
+    monkeypatch.setattr(runner.P, "evaluate_clip_zero_shot", scored)
+    cfg = load_config(sets=[f"output_dir={tmp_path}", "data.dataset=dtd"])
+    runner.run_protocol(cfg, tmp_path, datasets=["dtd"], methods=["comkd"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test_size"] == {
+        "dtd": {"base": {"classes": 4, "images": 40}, "novel": {"classes": 2, "images": 30}}
+    }
+    report = (tmp_path / "report.md").read_text()
+    # base 100/4, novel 100/2; both HM columns: HM(25, 50)
+    assert "| Chance level (100 / classes) | 25.00 | 50.00 | 33.33 | 33.33 |" in report
+    assert (
+        "Scored on the `test` split: base classes: 40 images of 4 classes, chance 25.00%; "
+        "novel classes: 30 images of 2 classes, chance 50.00%." in report
+    )
+
+
+def test_an_accuracy_table_names_chance_and_size_and_an_old_run_says_they_are_not_recorded(tmp_path) -> None:
+    from comkd.protocols.report import results_table, write_report
+
+    table = {"eurosat": {"teacher": {"acc": [80.0]}, "comkd": {"acc": [70.0]}}}
+    sizes = {"eurosat": {"all": {"classes": 10, "images": 8100}}}
+    md = results_table(table, sizes, "val")
+    assert "| Chance level (100 / classes) | 10.00 |" in md
+    assert "Scored on the `val` split: all classes: 8100 images of 10 classes, chance 10.00%." in md
+    assert "Chance" not in results_table(table)  # the results page's tables: unchanged
+    old = write_report({"protocol": "cross", "seeds": [1], "datasets": table}, tmp_path).read_text()
+    assert "Test-set size and chance level: not recorded (split `test`)." in old

@@ -15,7 +15,8 @@
 
 Folder layout of a run ``OUT``::
 
-    OUT/config.yaml, results.json, report.md, plots/confusion_<method>.png
+    OUT/config.yaml, results.json, report.md
+    OUT/plots/confusion_<model>.png  the teacher, student_zeroshot (undistilled) and each method
     OUT/pretrain/        stage 0 (``pretrain.enabled``: both CLIPs learn on the labelled ``full.shots``)
     OUT/teacher/         stage 1 (absent when the teacher is zero-shot or its prompts were given)
     OUT/<method>/        stage 2: student.safetensors, metrics.jsonl, results.json
@@ -37,11 +38,14 @@ from ..config import ConfigError, RunConfig, check_teacher_classes, save_config
 from ..data import DataError, load_splits
 from ..engine import pipeline as P
 from ..engine.checkpoint import prune_checkpoints
+from ..engine.evaluation import clip_class_weights
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, write_json
 from ..methods import canonical_methods
+from ..models import load_clip
 from ..models.io import load_student
 from ..runlock import locked_run
+from .report import chance_level, size_line
 from .sanity import announce, banner, chance_warnings, random_tower_warnings
 
 log = logging.getLogger(__name__)
@@ -211,9 +215,12 @@ def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str) -
     plt.close(fig)
 
 
-def score(logits_fn, ecfg: RunConfig, spec, names: list[str], device: torch.device) -> dict[str, Any]:
-    """Accuracy overall and per class, and the confusion matrix, of ``logits_fn`` on the test images."""
-    ds = P.make_dataset(ecfg, "test", spec, train=False)
+def score(
+    logits_fn, ecfg: RunConfig, spec, names: list[str], device: torch.device, ds=None
+) -> dict[str, Any]:
+    """Accuracy overall and per class, and the confusion matrix, of ``logits_fn`` on the test
+    images (``ds``: the test dataset, already built with ``spec``)."""
+    ds = ds if ds is not None else P.make_dataset(ecfg, "test", spec, train=False)
     if ds.full_classnames != names:
         raise DataError(
             f"test set {ecfg.data.root}: its classes differ from the model's {len(names)} class names"
@@ -226,6 +233,29 @@ def score(logits_fn, ecfg: RunConfig, spec, names: list[str], device: torch.devi
         "per_class": per_class_accuracy(cm, names),
         "confusion": cm.tolist(),
     }
+
+
+def score_zero_shot_student(ecfg: RunConfig, names: list[str], device: torch.device) -> dict[str, Any]:
+    """The undistilled student CLIP, zero-shot with its own text tower, scored as ``score`` scores
+    the others (per class, confusion matrix): the model, prompt templates, classes and loader of
+    ``P.evaluate_clip_zero_shot``, so the accuracy is the one ``comkd evaluate`` would give it."""
+    m = ecfg.student
+    loaded = load_clip(
+        m.model, m.pretrained, image_size=ecfg.data.image_size, quick_gelu=m.quick_gelu or None, device=device
+    )
+    loaded.model.eval()
+    ds = P.make_dataset(ecfg, "test", loaded.preprocess, train=False)
+    w = clip_class_weights(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, device)
+    return score(
+        lambda x: loaded.model.encode_image(x).float() @ w.t(), ecfg, loaded.preprocess, names, device, ds=ds
+    )
+
+
+def _plot(res: dict[str, Any], names: list[str], out: Path, key: str, title: str) -> None:
+    """``out/plots/confusion_<key>.png`` of a scored model; its path goes into ``res``."""
+    plot = out / "plots" / f"confusion_{key}.png"
+    plot_confusion(torch.tensor(res["confusion"]), names, plot, f"{title}: {res['acc']:.2f}% top-1")
+    res["confusion_plot"] = str(plot.relative_to(out))
 
 
 @locked_run(results=("results.json",))  # one writer; no silent overwrite
@@ -269,7 +299,11 @@ def run_full(
             lambda x: teacher.encode_image(x) @ w.t(), ecfg, teacher.preprocess, names, device
         )
         del teacher
-        results["student_zeroshot"] = {"acc": P.evaluate_clip_zero_shot(ecfg, "student")["acc"]}
+        results["student_zeroshot"] = score_zero_shot_student(ecfg, names, device)
+        _plot(results["teacher"], names, out, "teacher", f"teacher {cfg.teacher.model} ({mode})")
+        _plot(results["student_zeroshot"], names, out, "student_zeroshot", f"undistilled {cfg.student.model}")
+        # the chance level and the test-set size of the report
+        results["test_size"] = {"all": {"classes": len(names), "images": results["teacher"]["images"]}}
     for m in methods:
         c = copy.deepcopy(tcfg)
         c.distill.method = m
@@ -288,9 +322,7 @@ def run_full(
             if ecfg is not None:
                 student = load_student(info["student"], device)
                 res.update(score(lambda x, s=student: s(x).logits, ecfg, student.preprocess, names, device))
-                plot = out / "plots" / f"confusion_{m}.png"
-                plot_confusion(torch.tensor(res["confusion"]), names, plot, f"{m}: {res['acc']:.2f}% top-1")
-                res["confusion_plot"] = str(plot.relative_to(out))
+                _plot(res, names, out, m, m)
             write_json(done, res)
         prune_checkpoints(mdir, keep=c.keep_checkpoints)
         results["methods"][m] = res
@@ -308,16 +340,21 @@ def run_full(
 
 
 def report(results: dict[str, Any]) -> str:
-    """Markdown: the accuracy table, per-class accuracy and the confusion plots."""
+    """Markdown: the accuracy table with the chance level and the test-set size, per-class
+    accuracy and the confusion plots of every model."""
     names = results["classes"]
+    scored = (
+        "teacher" in results
+    )  # a labelled test set: full.test, or the data's test split (root None: digits)
+    test = results["test"] or ("the data's test split" if scored else "none")
     lines = [
         "# Own classes (protocol full)",
         "",
         *banner(results.get("warnings", [])),
-        f"{len(names)} classes; teacher: {results['teacher_mode']}; test set: {results['test'] or 'none'}.",
+        f"{len(names)} classes; teacher: {results['teacher_mode']}; test set: {test}.",
         "",
     ]
-    if results["test"] is None:
+    if not scored:
         lines.append("No labelled test set was given (`full.test`), so no accuracy is reported.")
         return "\n".join(lines) + "\n"
     rows = [
@@ -325,19 +362,25 @@ def report(results: dict[str, Any]) -> str:
         ("Student, undistilled (zero-shot)", results["student_zeroshot"]),
     ]
     rows += [(m, r) for m, r in results["methods"].items()]
-    lines += ["| model | top-1 (%) |", "|---|---|"] + [f"| {n} | {r['acc']:.2f} |" for n, r in rows] + [""]
-    per = [(m, r["per_class"]) for m, r in results["methods"].items()]
+    sizes = results.get("test_size") or {}
+    n_classes = (sizes.get("all") or {}).get("classes") or len(names)
+    lines += ["| model | top-1 (%) |", "|---|---|"] + [f"| {who} | {r['acc']:.2f} |" for who, r in rows]
+    lines += [f"| Chance level (100 / classes) | {chance_level(n_classes):.2f} |", "", size_line(sizes), ""]
+    per = [("teacher", results["teacher"].get("per_class"))]
+    per += [("undistilled", results["student_zeroshot"].get("per_class"))]
+    per += [(m, r.get("per_class")) for m, r in results["methods"].items()]
+    per = [(m, p) for m, p in per if p is not None]  # a results.json of an older run: no undistilled column
     lines += [
         "## Accuracy per class (%)",
         "",
-        "| class | teacher | " + " | ".join(m for m, _ in per) + " |",
-        "|---|---|" + "---|" * len(per),
+        "| class | " + " | ".join(m for m, _ in per) + " |",
+        "|---|" + "---|" * len(per),
     ]
     for c in names:
-        cells = [results["teacher"]["per_class"].get(c)] + [p.get(c) for _, p in per]
+        cells = [p.get(c) for _, p in per]
         lines.append(f"| {c} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in cells) + " |")
-    lines.append("")
-    for m, r in results["methods"].items():
+    lines += ["", "## Confusion matrices", ""]
+    for m, r in rows:
         if "confusion_plot" in r:
             lines += [f"![confusion matrix, {m}]({r['confusion_plot']})", ""]
     return "\n".join(lines)

@@ -41,9 +41,49 @@ HM_OF_MEANS = "HM of mean base, novel (paper)"
 HM_PER_SEED = "mean of per-seed HMs"
 
 
-def results_table(datasets: dict[str, dict]) -> str:
+PART_NAMES = {"base": "base classes", "novel": "novel classes", "all": "all classes"}
+
+
+def chance_level(classes: int) -> float:
+    """Top-1 accuracy (%) of a uniform guess over ``classes`` classes."""
+    return 100.0 / classes
+
+
+def size_line(sizes: dict[str, dict[str, int]] | None, split: str = "test") -> str:
+    """One sentence: per scored part (base, novel, all) the images scored and the chance level
+    (100 / its classes); says so when the run did not record them."""
+    parts = [
+        f"{PART_NAMES.get(k, k)}: {v['images']} images of {v['classes']} class{'es' * (v['classes'] != 1)}, "
+        f"chance {chance_level(v['classes']):.2f}%"
+        for k, v in (sizes or {}).items()
+        if v.get("classes") and v.get("images")
+    ]
+    if not parts:
+        return f"Test-set size and chance level: not recorded (split `{split}`)."
+    return f"Scored on the `{split}` split: " + "; ".join(parts) + "."
+
+
+def _chance_cells(keys: list[str], sizes: dict[str, dict[str, int]], both: bool) -> list[str] | None:
+    """The table's chance row (100 / classes of each part; the HM columns: HM of the two), or
+    None when a part's class count is unknown."""
+    n = {k: (sizes.get("all" if k == "acc" else k) or {}).get("classes") for k in keys if k != "hm"}
+    if not all(n.values()):
+        return None
+    cells = {k: chance_level(c) for k, c in n.items()}
+    out = [f"{cells[k]:.2f}" for k in keys if k != "hm"]
+    if both:
+        hm = harmonic_mean(cells["base"], cells["novel"])
+        out += [f"{hm:.2f}", f"{hm:.2f}"]
+    return out
+
+
+def results_table(
+    datasets: dict[str, dict], test_size: dict[str, dict] | None = None, split: str = "test"
+) -> str:
     """Markdown table, one block per dataset; columns base/novel and both HMs, labelled (the
-    paper's HM of the means and the mean of per-seed HMs), or accuracy."""
+    paper's HM of the means and the mean of per-seed HMs), or accuracy. With ``test_size``
+    (dataset -> part -> ``{"classes", "images"}``, a run's results.json) each block also has a
+    chance-level row and a line naming the images scored per part."""
     lines = []
     for ds, methods in datasets.items():
         keys = [k for k in ("base", "novel", "hm", "acc") if k in next(iter(methods.values()))]
@@ -61,6 +101,12 @@ def results_table(datasets: dict[str, dict]) -> str:
             if both:
                 cells += [f"{hm_of_means(methods[m]):.2f}", _fmt(methods[m]["hm"])]
             lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+        if test_size is not None:
+            sizes = test_size.get(ds) or {}
+            chance = _chance_cells(keys, sizes, both)
+            if chance:
+                lines.append("| Chance level (100 / classes) | " + " | ".join(chance) + " |")
+            lines += ["", size_line(sizes, split)]
         lines.append("")
     return "\n".join(lines)
 
@@ -242,7 +288,7 @@ def write_report(
         + f'"{HM_OF_MEANS}" is the paper\'s convention, HM(mean base, mean novel); '
         + f'"{HM_PER_SEED}" averages each seed\'s HM.' * (results["protocol"] == "base2novel"),
         "",
-        results_table(results["datasets"]),
+        results_table(results["datasets"], results.get("test_size", {}), results.get("split") or "test"),
     ]
     if "average" in results:
         lines += [

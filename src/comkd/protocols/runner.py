@@ -126,6 +126,14 @@ def _class_counts(res: dict) -> dict[str, int]:
     return {k: int(v["classes"]) for k, v in parts.items() if "classes" in v}  # absent: not checked
 
 
+def _test_size(res: dict) -> dict[str, dict[str, int]]:
+    """part (``base``, ``novel`` or ``all``) -> ``{"classes", "images"}`` scored, from an
+    ``evaluate_*`` result (the report's chance level and test-set size)."""
+    parts = {"base": res["base"], "novel": res["novel"]} if "base" in res else {"all": res}
+    sizes = {k: {n: int(v[n]) for n in ("classes", "images") if n in v} for k, v in parts.items()}
+    return {k: v for k, v in sizes.items() if v}
+
+
 def _append(table: dict, dataset: str, method: str, scores: dict[str, float]) -> None:
     row = table.setdefault(dataset, {}).setdefault(method, {})
     for k, v in scores.items():
@@ -250,6 +258,8 @@ def run_protocol(
         "datasets": acc.table,
         "warnings": acc.warnings,
         "teacher_check": acc.teacher_checks,
+        # dataset -> part -> {"classes", "images"} of the split scored (chance level, test-set size)
+        "test_size": acc.test_size,
     }
     if protocol == "base2novel":  # the paper's HM (of the means over seeds); table's "hm": per seed
         from .report import hm_of_means
@@ -274,6 +284,7 @@ class _Tally:
     table: dict[str, dict] = field(default_factory=dict)
     curves: dict[str, dict[str, list[list[dict]]]] = field(default_factory=dict)
     n_classes: dict[str, dict[str, int]] = field(default_factory=dict)
+    test_size: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     # dataset -> seed -> the val scores of the teacher check ({"teacher", "student_zeroshot", ...})
     teacher_checks: dict[str, dict[str, dict]] = field(default_factory=dict)
@@ -289,6 +300,7 @@ class _Tally:
         tres = P.evaluate_teacher(tcfg, teacher, split=split)
         _append(self.table, ds_name, "teacher", _scores(tres))
         self.n_classes[ds_name] = _class_counts(tres)
+        self.test_size[ds_name] = _test_size(tres)
         self.check_teacher(ds_name, tcfg, teacher, tres if split == "val" else None)
         del teacher
 
