@@ -1,5 +1,6 @@
 """The README's own-data commands, run as written on five CIFAR-10 classes laid out as a user's
-folder (experiments/own_folder.py), so the README cannot drift from the CLI."""
+folder (experiments/own_folder.py), so the README cannot drift from the CLI. (Every other command of
+the README and docs/ is checked by tests/test_docs_commands.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from comkd import cli, load_student
 from experiments.own_folder import CHECK_CLASSES, CIFAR, make_own_folder
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-MARKER = "<!-- own-data commands:"
+MARKER = "<!-- docs-test: run-by tests/test_readme.py"  # tests/test_docs_commands.py reads it too
 
 
 def readme_commands(text: str, marker: str = MARKER) -> list[list[str]]:

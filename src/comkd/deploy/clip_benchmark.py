@@ -17,9 +17,14 @@ and ``model.encode_text(tokenizer(texts))``. Here:
 
 Use: ``register()`` adds the model type ``comkd`` to CLIP_benchmark, then
 ``clip_benchmark.models.load_clip("comkd", "student.safetensors", "stored", None, device)`` and
-its ``zeroshot_classification`` functions take the student. (CLIP_benchmark 1.6.2's own
-``accuracy`` fails under NumPy >= 2.4, which turns ``float()`` of a 1-element array into an error;
-its classifier and classification steps, which are what touch the model, work.)
+its ``zeroshot_classification`` functions take the student, ``evaluate`` included.
+
+CLIP_benchmark 1.6.2 (the newest release) computes top-k accuracy as ``float()`` of a 1-element
+NumPy array, which NumPy >= 2.4 refuses (``TypeError: only 0-dimensional arrays can be converted
+to Python scalars``), so its ``zeroshot_classification.evaluate`` (and its ``clip_benchmark eval``)
+crash after classifying every image. ``register()`` therefore replaces that module's ``accuracy``
+with the same computation taken as a Python scalar (``accuracy_numpy2``), and only where the
+installed one fails: a CLIP_benchmark that works under the installed NumPy is left as it is.
 """
 
 from __future__ import annotations
@@ -119,3 +124,28 @@ def register() -> None:
     cbm.TYPE2FUNC[MODEL_TYPE] = load_comkd
     if MODEL_TYPE not in cbm.MODEL_TYPES:
         cbm.MODEL_TYPES.append(MODEL_TYPE)
+    _fix_accuracy()
+
+
+def accuracy_numpy2(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:
+    """CLIP_benchmark's ``zeroshot_classification.accuracy`` (the fraction of the ``[N]`` targets
+    among each top-k of the ``[N, C]`` logits), with each count taken as a Python scalar."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    n = len(target)
+    return [float(correct[:k].reshape(-1).float().sum().item()) / n for k in topk]
+
+
+def _fix_accuracy() -> None:
+    """Put ``accuracy_numpy2`` in CLIP_benchmark's zero-shot module when its own ``accuracy``
+    raises the NumPy >= 2.4 error on a 2-image check (see the module docstring)."""
+    import clip_benchmark.metrics.zeroshot_classification as zs
+
+    if zs.accuracy is accuracy_numpy2:
+        return
+    try:
+        zs.accuracy(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]), topk=(1,))
+    except TypeError as e:
+        if "0-dimensional" not in str(e):
+            raise
+        zs.accuracy = accuracy_numpy2
