@@ -235,19 +235,8 @@ def test_the_b2n_preset_is_the_paper_pair_with_promptkds_teacher_on_base_classes
     assert (cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.quick_gelu) == ("ViT-L-14", "openai", True)
     assert (cfg.student.model, cfg.student.pretrained, cfg.student.quick_gelu) == ("ViT-B-16", "openai", True)
     assert (cfg.data.num_shots, cfg.data.image_size) == (16, 224)
-    tt = cfg.train_teacher
-    o = tt.optim
-    assert (o.optimizer, o.lr, o.batch_size, o.epochs, o.warmup_epochs, o.warmup_lr) == (
-        "sgd",
-        0.005,
-        8,
-        20,
-        1,
-        1e-5,
-    )
-    assert (tt.prompt_averaging, tt.gpa_mean, tt.gpa_std, tt.gpa_epochs) == ("gaussian", 15, 1.0, 20)
-    assert tt.resolved_gpa() == (15.0, 1.0)
-    assert (tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight) == (25.0, 10.0, 1.0)
+    tt = cfg.train_teacher  # PromptKD's PromptSRC recipe: test_teacher_prompts.py, both presets
+    assert tt.kl_weight == 1.0
     assert (cfg.teacher.text_ctx, cfg.teacher.vision_tokens, cfg.teacher.ctx_init) == (4, 4, "a photo of a")
     # the own-data preset's teacher recipe, but for the classes it learns on
     full = to_dict(load_config("full_vitl14_vitb16"))["train_teacher"]

@@ -99,9 +99,11 @@ def test_a_resumed_stage_averages_the_same_epochs(tmp_path, monkeypatch, one_thr
         torch.testing.assert_close(a[k], b[k])
 
 
-def test_the_paper_pair_teacher_is_promptkds_promptsrc_recipe() -> None:
-    """PromptKD's configs/trainers/PromptSRC/vit_l14_c2_ep20_batch8_4+4ctx.yaml, value by value."""
-    tt = load_config("full_vitl14_vitb16").train_teacher
+@pytest.mark.parametrize("preset", ["full_vitl14_vitb16", "b2n_vitl14_vitb16"])
+def test_the_paper_pair_teacher_is_promptkds_promptsrc_recipe(preset) -> None:
+    """PromptKD's configs/trainers/PromptSRC/vit_l14_c2_ep20_batch8_4+4ctx.yaml, value by value
+    (both paper-pair presets: own data, and base-to-novel)."""
+    tt = load_config(preset).train_teacher
     o = tt.optim
     assert (o.optimizer, o.lr, o.batch_size, o.epochs, o.warmup_epochs, o.warmup_lr) == (
         "sgd",
