@@ -23,3 +23,22 @@ def test_summary_gains_share_of_gap_and_every_seed() -> None:
     assert summarise(runs)["both_above_on_every_seed"] is True
     text = table({"runs": runs, "summary": summarise(runs), "split": "val", "config": "demo", "sets": []})
     assert "| 2 | 96.00 | 92.00 | 94.00 | 92.50 | +2.00 | +0.50 |" in text and "every seed: yes" in text
+
+
+def test_the_teacher_check_rows_of_the_page_come_from_their_json() -> None:
+    """docs/demo_seeds.md's (teacher's val lead -> PromptKD's val gain) row of this session's
+    machine is read off docs/demo_seeds_val_here.json (the command beside the table wrote it)."""
+    import json
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    runs = json.loads((docs / "demo_seeds_val_here.json").read_text())["runs"]
+
+    def pair(r: dict) -> str:
+        hm = r["hm"]
+        lead, gain = hm["teacher"] - hm["student_zeroshot"], hm["promptkd"] - hm["student_zeroshot"]
+        return f"{lead:+.2f} → {gain:+.2f}".replace("-", "−")
+
+    row = " | ".join(pair(r) for r in sorted(runs, key=lambda r: r["seed"]))
+    page = (docs / "demo_seeds.md").read_text()
+    assert f"(2 threads; `docs/demo_seeds_val_here.json`) | {row} |" in page

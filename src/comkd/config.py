@@ -20,6 +20,7 @@ import yaml
 from .config_io import (
     NONE_IS_A_VALUE,
     ConfigError,
+    flat_keys,
     merge,
     parse_overrides,
     positive_finite,
@@ -503,23 +504,11 @@ def load_config(
     return cfg
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, top-level sections under their one spelling."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        k = SECTION_ALIASES.get(k, k) if not prefix else k
-        if isinstance(v, dict) and v:
-            out.update(_flat_keys(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _refuse_flag_conflicts(flags: dict, sets: dict) -> None:
     """A key set by a named flag (``--teacher``) and by ``--set`` to two values is refused: neither
     silently wins. The same value twice is taken."""
-    given = _flat_keys(flags)
-    for key, value in _flat_keys(sets).items():
+    given = flat_keys(flags, aliases=SECTION_ALIASES)
+    for key, value in flat_keys(sets, aliases=SECTION_ALIASES).items():
         if key in given and given[key] != value:
             raise ConfigError(
                 f"{key} is given twice, by a flag ({given[key]!r}) and by --set {key}={value!r}: give it once"

@@ -115,6 +115,19 @@ def merge(obj: Any, updates: dict, prefix: str = "", aliases: dict[str, str] | N
             setattr(obj, k, coerce(v, hints[k], key))
 
 
+def flat_keys(tree: dict, prefix: str = "", aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (an empty mapping is a leaf); top-level keys under
+    their one spelling when ``aliases`` (earlier name -> name) is given."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        k = (aliases or {}).get(k, k) if not prefix else k
+        if isinstance(v, dict) and v:
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def deep_update(a: dict, b: dict) -> dict:
     """Merge the nested mapping ``b`` into ``a`` (in place; ``b`` wins) and return ``a``."""
     for k, v in b.items():

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, RunConfig, resolve_recipe, save_config
+from ..config_io import flat_keys
 from ..data import promptsrc_templates
 from ..fileio import atomic_path
 from ..losses import build_loss
@@ -95,16 +96,6 @@ RESUME_FREE = frozenset(
 RESUME_FREE_KEYS = frozenset({"data.num_workers", "data.eval_batch_size"})  # and every *.optim.amp
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
     """``--resume`` with any setting that changes what ``stage`` (a config section) computes other
     than the run's (its ``config.yaml``) is refused before ``config.yaml`` is rewritten, so it never
@@ -137,7 +128,7 @@ def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
             for k, v in d.items()
             if k not in RESUME_FREE and (k in sections or (k not in stage_names and not isinstance(v, dict)))
         }
-        flat = _flat(keep)
+        flat = flat_keys(keep)
         return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS and not k.endswith(".optim.amp")}
 
     saved, current = compared(old), compared(now)
@@ -172,7 +163,7 @@ def check_resume_run(cfg: RunConfig, path: Path) -> None:
         raise ConfigError(f"--resume: {path} is not a config this run can be compared with ({e})") from None
 
     def flat(c: RunConfig) -> dict[str, Any]:
-        d = _flat(yaml.safe_load(yaml.safe_dump(to_dict(resolve_recipe(c)), sort_keys=False)))
+        d = flat_keys(yaml.safe_load(yaml.safe_dump(to_dict(resolve_recipe(c)), sort_keys=False)))
         return {k: v for k, v in d.items() if k not in RUN_RESUME_FREE_KEYS and not k.endswith(".optim.amp")}
 
     saved, current = flat(old), flat(cfg)

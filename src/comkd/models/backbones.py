@@ -168,7 +168,7 @@ def _is_torchscript_archive(path: Path) -> bool:
 
 def pickle_refusal(path: str | Path, error: BaseException) -> str | None:
     """The one line for a weight file that ``torch.load(weights_only=True)`` refused because its
-    pickle needs code (a class or function to run), with how to convert it; None for any other
+    pickle needs code (a class or function to run), with what to use instead; None for any other
     failure. Nothing of the file is executed."""
     import pickle
     import re
@@ -176,12 +176,10 @@ def pickle_refusal(path: str | Path, error: BaseException) -> str | None:
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
     if not isinstance(error, pickle.UnpicklingError) or found is None:
         return None
-    is_file = Path(path).is_file()
-    src, target = (path, Path(path).with_suffix(".safetensors")) if is_file else ("FILE", "x.safetensors")
     return (
-        f"{path} is a pickle (it needs {found.group(1)} to load); comkd loads weights only: convert it "
-        f"once, only if you trust it: safetensors.torch.save_file(torch.load('{src}', weights_only=False), "
-        f"'{target}') (its state dict of tensors: take ['state_dict'] first where it is nested)"
+        f"{path} is a pickle (it needs {found.group(1)} to load); comkd loads weights only, never code "
+        "from a file: ask its publisher for a .safetensors (or plain state-dict) file, or re-save its "
+        "tensors as .safetensors from the code that made it"
     )
 
 

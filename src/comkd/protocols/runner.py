@@ -288,7 +288,7 @@ class _Tally:
     warnings: list[str] = field(default_factory=list)
     # dataset -> seed -> the val scores of the teacher check ({"teacher", "student_zeroshot", ...})
     teacher_checks: dict[str, dict[str, dict]] = field(default_factory=dict)
-    _student_val: dict[str, float] = field(default_factory=dict)
+    _student_val: dict[str, float | None] = field(default_factory=dict)  # None: no val split
 
     def warn(self, found: list[str]) -> None:
         self.warnings += [w for w in announce(found) if w not in self.warnings]
@@ -308,15 +308,16 @@ class _Tally:
         """The teacher before it teaches: its val score (HM for base2novel, top-1 otherwise) against
         the undistilled student's; a lead under ``distill.teacher_margin`` is a warning, or stops the
         run with ``distill.require_teacher_ahead``. A dataset without a val split is not checked."""
-        if not P.has_val_split(tcfg):
+        metric = "hm" if tcfg.protocol == "base2novel" else "acc"
+        if ds_name not in self._student_val:  # once per dataset: the undistilled student has no seed
+            has_val = P.has_val_split(tcfg)
+            zs = P.evaluate_clip_zero_shot(tcfg, "student", split="val") if has_val else None
+            self._student_val[ds_name] = _scores(zs)[metric] if zs else None
+        s, margin = self._student_val[ds_name], tcfg.distill.teacher_margin
+        if s is None:
             log.info("%s has no val split: the teacher is not checked before stage 2", ds_name)
             return
-        metric = "hm" if tcfg.protocol == "base2novel" else "acc"
         t = _scores(val_res or P.evaluate_teacher(tcfg, teacher, split="val"))[metric]
-        if ds_name not in self._student_val:
-            zs = P.evaluate_clip_zero_shot(tcfg, "student", split="val")
-            self._student_val[ds_name] = _scores(zs)[metric]
-        s, margin = self._student_val[ds_name], tcfg.distill.teacher_margin
         line = teacher_ahead_warning(
             t, s, margin, metric.upper() if metric == "hm" else "top-1", f" on {ds_name} (seed {tcfg.seed})"
         )
