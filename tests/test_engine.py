@@ -410,6 +410,41 @@ def test_a_terminal_keeps_a_header_and_a_line_per_epoch_beside_its_bar(tmp_path,
     assert [ln.split(":")[0] for ln in lines] == ["== toy", "toy epoch 1/2", "toy epoch 2/2"]
 
 
+def test_a_run_plan_prices_later_parts_by_the_kinds_already_timed(tmp_path, monkeypatch, capsys):
+    """The overall estimate in a stage's header: each later part at the mean time of the parts of
+    its kind that trained (a fake clock); untimed kinds counted, not guessed; read-back parts
+    (nothing trained) advance the plan without being timed."""
+    from comkd.engine import runplan
+
+    now = [0.0]
+    monkeypatch.setattr(runplan.time, "perf_counter", lambda: now[0])
+    with runplan.run_plan(["pretrain", "teacher", "distill", "teacher", "distill"]) as plan:
+        with runplan.plan_part("pretrain"):  # resumed: read back, no stage trained
+            now[0] += 5.0
+        with runplan.plan_part("teacher"):
+            assert runplan.plan_note() == "part 2 of 5, run 5s elapsed; 3 more parts, not yet timed"
+            now[0] += 60.0
+        with runplan.plan_part("distill"):
+            assert runplan.plan_note() == (
+                "part 3 of 5, run 1m05s elapsed; after this part about 1m00s (+1 part not yet timed)"
+            )
+            now[0] += 100.0
+        with runplan.plan_part("teacher"):
+            assert runplan.plan_note().endswith("; after this part about 1m40s")
+            now[0] += 80.0  # the teacher's mean becomes 70 s
+        assert plan.timed == {"teacher": [60.0, 80.0], "distill": [100.0]}
+        with runplan.plan_part("distill"):
+            assert runplan.plan_note() == "part 5 of 5, run 4m05s elapsed; the last part"
+    assert runplan.plan_note() == ""  # no plan outside a run
+    monkeypatch.undo()  # the real clock again
+    # fit's header carries the note of the part it trains in
+    cfg = OptimConfig(optimizer="adamw", lr=1e-2, epochs=1, batch_size=4, warmup_epochs=0)
+    with runplan.run_plan(["distill", "distill"]), runplan.plan_part("distill"):
+        fit(ToyTask(), ToyData(8), cfg, out_dir=tmp_path, seed=0, device=torch.device("cpu"), progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("== toy: 1 epochs") and lines[1].strip().startswith("part 1 of 2, run ")
+
+
 def test_write_json_refuses_non_finite_numbers_naming_the_key(tmp_path):
     from comkd.engine.utils import write_json
 

@@ -233,6 +233,31 @@ def test_unlabelled_folder_to_full_protocol_to_predictions_that_score_as_evaluat
     assert r.exit_code == 0, r.output
     ev = json.loads(r.output[r.output.index("{") :])
     assert ev["protocol"] == "full" and ev["images"] == 120 and ev["acc"] == pytest.approx(acc, abs=1e-5)
+    # stage 2 rerun from the config it saved scores on the run's full.test, as the run did (it used
+    # to train, then fail on the unlabelled pool, leaving a student that blocked the rerun)
+    again = tmp_path / "again"
+    r = CliRunner().invoke(
+        cli.app, ["distill", "--config", str(out / "comkd" / "config.yaml"), "--out-dir", str(again)]
+    )
+    assert r.exit_code == 0, r.output
+    rerun = json.loads((again / "results.json").read_text())
+    assert rerun["images"] == 120 and rerun["acc"] == pytest.approx(m["acc"], abs=1e-5)
+
+
+@needs_shared
+def test_distill_that_cannot_be_scored_stops_before_training(tmp_path, names_file) -> None:
+    """Unlabelled data to score on is one line before any weights load or any step trains; an
+    own-data config with no labelled test set trains, says it is not scored, and writes no score."""
+    pool = make_pool(tmp_path / "pool", range(100, 102))
+    args = ["distill", "--root", str(pool), "--set", f"data.classes_file={names_file}", *TINY]
+    r = CliRunner().invoke(cli.app, [*args, "--out-dir", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "no test split to score the student on" in r.output, r.output
+    assert not (tmp_path / "o").exists()  # nothing trained, nothing written
+    r = CliRunner().invoke(cli.app, [*args, "--out-dir", str(tmp_path / "f"), "--set", "protocol=full"])
+    assert r.exit_code == 0 and "the student is not scored" in r.output, r.output
+    assert (tmp_path / "f" / "student.safetensors").exists() and not (
+        tmp_path / "f" / "results.json"
+    ).exists()
 
 
 @pytest.mark.slow

@@ -79,10 +79,12 @@ def pretrain(
     batch_size: BatchSizeOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Stage 0: contrastive CLIP pre-training (offline teachers and students)."""
+    _set_threads(threads)
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
     ov = deep_update(
@@ -119,10 +121,12 @@ def train_teacher(
     batch_size: BatchSizeOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Stage 1: PromptSRC prompt learning on labelled few-shot base classes."""
+    _set_threads(threads)
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
     ov = deep_update(
@@ -174,10 +178,12 @@ def distill(
     evaluate: Annotated[
         bool, typer.Option(help="Score the student on the test split and write results.json.")
     ] = True,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Stage 2: distil the teacher into the student on unlabelled images."""
+    _set_threads(threads)
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
     ov = deep_update(
@@ -207,14 +213,25 @@ def distill(
     from ..models.io import load_student
 
     def body():
+        from ..protocols.full import scoring_config
         from ..runlock import run_lock
 
+        # what the student will be scored on, known before it trains (a stage config of an own-data
+        # run scores on its full.test; one with no labelled test set is not scored, as the run did)
+        ecfg = scoring_config(cfg) if evaluate else None
+        if evaluate and ecfg is None:
+            typer.secho(
+                f"note: {cfg.data.dataset} data has no labelled test set (full.test unset), so the student "
+                "is not scored; set full.test=FOLDER_OR_CSV to score it",
+                fg="yellow",
+                err=True,
+            )
         with run_lock(cfg.output_dir, overwrite=overwrite):  # held until results.json is written
             info = P.run_distill(cfg, cfg.output_dir, resume=resume)
             info.pop("history", None)
-            if evaluate:
+            if ecfg is not None:
                 student_m = load_student(info["student"], P.resolve_device(cfg.device))
-                res = P.evaluate_student(cfg, student_m)
+                res = P.evaluate_student(ecfg, student_m)
                 if P.is_main():
                     _write_results(Path(cfg.output_dir) / "results.json", res)
                 info["results"] = res
@@ -262,13 +279,11 @@ def evaluate(
         if out is not None:  # a cheap refusal before the student is scored
             _check_not_a_runs_results(Path(cfg.output_dir) / "results.json", overwrite)
         student = load_student(student_file, P.resolve_device(cfg.device))
-        ecfg = cfg
-        if cfg.protocol == "full":  # the labelled test images of an own-data run (full.test)
-            from ..protocols.full import eval_config
+        from ..protocols.full import scoring_config
 
-            ecfg = eval_config(cfg)
-            if ecfg is None:
-                raise ConfigError("protocol full: no labelled test images; set full.test=FOLDER_OR_CSV")
+        ecfg = scoring_config(cfg)  # an own-data run's labelled test images (full.test)
+        if ecfg is None:
+            raise ConfigError("protocol full: no labelled test images; set full.test=FOLDER_OR_CSV")
         res = P.evaluate_student(ecfg, student, split=split)
         if out is not None:
             from ..runlock import run_lock
@@ -409,11 +424,13 @@ def cache_teacher(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Store the teacher's image features for K augmented views of every training image (a folder
     that holds a cache is refused unless --overwrite)."""
+    _set_threads(threads)
     _setup_logging(verbose, quiet)
     out = _out_dir(out, old_out)
     cfg = _cfg(

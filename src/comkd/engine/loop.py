@@ -36,6 +36,7 @@ from .checkpoint import (
     set_rng_state,
     trainable_state,
 )
+from .runplan import plan_note
 from .sampling import EpochBatchSampler, StreamBatches
 from .schedule import build_optimizer, lr_at
 from .utils import (
@@ -251,9 +252,10 @@ class _Trainer:
         self.lr_now = self.optimizer.param_groups[0]["lr"]
         if self.epoch_lines and self.start_epoch < self.cfg.epochs:
             resumed = f", resumed at epoch {self.start_epoch + 1}" if self.result.resumed_from else ""
+            plan = plan_note()  # a whole run's part and overall time left (comkd run / demo)
             _say(
                 f"== {self.task.name}: {self.cfg.epochs} epochs of {self.steps_per_epoch} steps "
-                f"(batch {self.cfg.batch_size}){resumed} -> {self.out_dir}"
+                f"(batch {self.cfg.batch_size}){resumed} -> {self.out_dir}" + (f"\n   {plan}" if plan else "")
             )
 
     def save(self, epoch: int, batch: int) -> None:

@@ -39,6 +39,7 @@ from ..data import DataError, load_splits
 from ..engine import pipeline as P
 from ..engine.checkpoint import prune_checkpoints
 from ..engine.evaluation import clip_class_weights
+from ..engine.runplan import plan_part, run_plan
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, write_json
 from ..methods import canonical_methods
@@ -109,6 +110,19 @@ def eval_config(cfg: RunConfig) -> RunConfig | None:
     return None
 
 
+def scoring_config(cfg: RunConfig) -> RunConfig | None:
+    """The config whose test split scores a student of ``cfg``: an own-data run's (``protocol:
+    full``) labelled test images, None when it has none; ``cfg`` itself for the other protocols.
+    Unlabelled data to score on is refused here, in one line, before anything trains."""
+    ecfg = eval_config(cfg) if cfg.protocol == "full" else cfg
+    if ecfg is not None and ecfg.data.dataset == "unlabelled":
+        raise DataError(
+            f"data.root {ecfg.data.root}: unlabelled images have no test split to score the student on; "
+            "give labelled test images (--set protocol=full --set full.test=FOLDER_OR_CSV) or --no-evaluate"
+        )
+    return ecfg
+
+
 def zero_shot_teacher(cfg: RunConfig) -> RunConfig:
     """``cfg`` with a teacher whose prompt is exactly "a photo of a {class}." (no learned prompts)."""
     c = copy.deepcopy(cfg)
@@ -137,8 +151,9 @@ def _pretrain_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -
         pcfg.pretrain.split, pcfg.pretrain.teacher_split, pcfg.pretrain.student_split = "pretrain", None, None
         pcfg.pretrain.eval_split = pcfg.pretrain.eval_split or "pretrain"  # no val: the images it fitted
     sub = out / "pretrain"
-    if not (resume and (sub / P.STUDENT_CLIP).exists() and (sub / P.TEACHER_CLIP).exists()):
-        P.run_pretrain(pcfg, sub, resume=resume, pool=cfg if cfg.data.dataset == "unlabelled" else None)
+    with plan_part("pretrain"):
+        if not (resume and (sub / P.STUDENT_CLIP).exists() and (sub / P.TEACHER_CLIP).exists()):
+            P.run_pretrain(pcfg, sub, resume=resume, pool=cfg if cfg.data.dataset == "unlabelled" else None)
     prune_checkpoints(sub, keep=cfg.keep_checkpoints)
     c = copy.deepcopy(cfg)
     c.teacher.pretrained, c.student.pretrained = str(sub / P.TEACHER_CLIP), str(sub / P.STUDENT_CLIP)
@@ -157,8 +172,9 @@ def _teacher_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) ->
     _check_names(scfg, names, "full.shots" if cfg.full.shots else "the labelled data")
     scfg.train_teacher.subsample = "all"
     prompts = out / "teacher" / P.TEACHER_PROMPTS
-    if not (resume and prompts.exists()):
-        P.run_train_teacher(scfg, out / "teacher", resume=resume)
+    with plan_part("teacher"):
+        if not (resume and prompts.exists()):
+            P.run_train_teacher(scfg, out / "teacher", resume=resume)
     prune_checkpoints(out / "teacher", keep=cfg.keep_checkpoints)
     t = copy.deepcopy(cfg)
     t.teacher.prompts = str(prompts)
@@ -271,6 +287,19 @@ def run_full(
         P.check_resume_run(cfg, out / "config.yaml")
     save_config(cfg, out / "config.yaml")
     methods = canonical_methods(methods) or [cfg.distill.method]
+    with run_plan(_parts(cfg, methods)):
+        return _run_full(cfg, out, methods, resume)
+
+
+def _parts(cfg: RunConfig, methods: list[str]) -> list[str]:
+    """The parts of a full run, for its overall estimate of the time left."""
+    prompted = not cfg.teacher.prompts and (cfg.full.shots or cfg.data.dataset != "unlabelled")
+    return (
+        ["pretrain"] * bool(cfg.pretrain.enabled) + ["teacher"] * bool(prompted) + ["distill"] * len(methods)
+    )
+
+
+def _run_full(cfg: RunConfig, out: Path, methods: list[str], resume: bool) -> dict[str, Any]:
     names = class_names(cfg)
     ecfg = eval_config(cfg)
     if ecfg is not None and cfg.full.test:
@@ -312,7 +341,8 @@ def run_full(
         if resume and done.exists():
             res = json.loads(done.read_text())
         else:
-            info = P.run_distill(c, mdir, resume=resume)
+            with plan_part("distill"):
+                info = P.run_distill(c, mdir, resume=resume)
             res = {
                 "method": m,
                 "student": info["student"],

@@ -24,6 +24,7 @@ from typing import Any
 from ..config import RunConfig, save_config, teacher_classes
 from ..engine import pipeline as P
 from ..engine.checkpoint import prune_checkpoints
+from ..engine.runplan import plan_part, run_plan
 from ..engine.utils import read_metrics, write_json
 from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH, canonical_methods
 from ..models.io import load_student
@@ -145,8 +146,9 @@ def _pretrain_if_enabled(cfg: RunConfig, root: Path, resume: bool) -> RunConfig:
         return cfg
     out = root / "pretrain"
     done = out / P.STUDENT_CLIP
-    if not (resume and done.exists() and (out / P.TEACHER_CLIP).exists()):
-        P.run_pretrain(cfg, out, resume=resume)
+    with plan_part("pretrain"):
+        if not (resume and done.exists() and (out / P.TEACHER_CLIP).exists()):
+            P.run_pretrain(cfg, out, resume=resume)
     prune_checkpoints(out, keep=cfg.keep_checkpoints)
     cfg = copy.deepcopy(cfg)
     cfg.teacher.pretrained = str(out / P.TEACHER_CLIP)
@@ -156,8 +158,9 @@ def _pretrain_if_enabled(cfg: RunConfig, root: Path, resume: bool) -> RunConfig:
 
 def _teacher_stage(cfg: RunConfig, out: Path, resume: bool) -> RunConfig:
     prompts = out / P.TEACHER_PROMPTS
-    if not (resume and prompts.exists()):
-        P.run_train_teacher(cfg, out, resume=resume)
+    with plan_part("teacher"):
+        if not (resume and prompts.exists()):
+            P.run_train_teacher(cfg, out, resume=resume)
     prune_checkpoints(out, keep=cfg.keep_checkpoints)
     cfg = copy.deepcopy(cfg)
     cfg.teacher.prompts = str(prompts)
@@ -165,6 +168,11 @@ def _teacher_stage(cfg: RunConfig, out: Path, resume: bool) -> RunConfig:
 
 
 def _distill_and_eval(cfg: RunConfig, method: str, out: Path, resume: bool) -> dict:
+    with plan_part("distill"):
+        return _distill_and_score(cfg, method, out, resume)
+
+
+def _distill_and_score(cfg: RunConfig, method: str, out: Path, resume: bool) -> dict:
     c = copy.deepcopy(cfg)
     c.distill.method = method
     done = out / "results.json"
@@ -239,10 +247,14 @@ def run_protocol(
     if datasets is None:
         datasets = {"base2novel": [cfg.data.dataset], "cross": CROSS_TARGETS, "dg": DG_TARGETS}[protocol]
     acc = _Tally()
+    stage0 = ["pretrain"] * bool(cfg.pretrain.enabled)
     if protocol == "base2novel":
-        _base2novel(cfg, out, datasets, seeds, methods, resume, acc)
+        parts = len(datasets) * (stage0 + len(seeds) * ["teacher", *["distill"] * len(methods)])
+        with run_plan(parts):
+            _base2novel(cfg, out, datasets, seeds, methods, resume, acc)
     else:
-        _transfer(cfg, out, source, datasets, seeds, methods, resume, acc)
+        with run_plan(stage0 + len(seeds) * ["teacher", *["distill"] * (len(datasets) * len(methods))]):
+            _transfer(cfg, out, source, datasets, seeds, methods, resume, acc)
     for ds_name, rows in acc.table.items():
         who = {m: f"student distilled with {m}" for m in rows} | {
             "teacher": "teacher",
