@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"engine"},
     {"deploy"},
-    {"protocols", "bench"},
+    {"protocols"},
     {"cli"},
 ]
 
@@ -40,15 +40,15 @@ def _type_checking(node: ast.If) -> bool:
     )
 
 
-def imports_of(path: Path, modules: set[str]) -> set[str]:
+def imports_of(path: Path, modules: set[str], type_only: bool = False) -> set[str]:
     """The package modules ``path`` imports (``from .x import y`` counts ``.x.y`` when that is a
-    module, else ``.x``)."""
+    module, else ``.x``); ``type_only``: the imports under ``if TYPE_CHECKING:`` too."""
     me = module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _type_checking(node):
+        if isinstance(node, ast.If) and _type_checking(node) and not type_only:
             for child in node.orelse:
                 visit(child)
             return
@@ -75,10 +75,11 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(type_only: bool = False) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (``type_only``: type-checking imports too)."""
     files = sorted(PACKAGE.rglob("*.py"))
     modules = {module_name(p) for p in files}
-    return {module_name(p): {m for m in imports_of(p, modules) if m in modules} for p in files}
+    return {module_name(p): {m for m in imports_of(p, modules, type_only) if m in modules} for p in files}
 
 
 def layer_of(module: str) -> int | None:
@@ -164,10 +165,11 @@ def test_the_import_walk_sees_function_level_imports_and_skips_type_checking(tmp
     global PACKAGE
     saved, PACKAGE = PACKAGE, pkg
     try:
-        graph = import_graph()
+        graph, typed = import_graph(), import_graph(type_only=True)
     finally:
         PACKAGE = saved
     assert graph["comkd.models.student"] == {"comkd.deploy.predict"}
+    assert typed["comkd.models.student"] == {"comkd.deploy.predict", "comkd.config"}
     assert upward_edges(graph) == ["comkd.models.student -> comkd.deploy.predict"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -177,6 +179,8 @@ def test_imports_only_go_downward() -> None:
     assert not bad, "upward imports (docs/architecture.md, 'Layers'):\n" + "\n".join(bad)
 
 
-def test_no_import_cycles() -> None:
-    found = cycles(without_parents(import_graph()))
+def test_no_import_cycles_type_only_ones_included() -> None:
+    """A cycle through an ``if TYPE_CHECKING:`` import is a cycle too: the two modules cannot be
+    understood (or moved) one without the other."""
+    found = cycles(without_parents(import_graph(type_only=True)))
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)

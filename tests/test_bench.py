@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from comkd.bench import (
+from benchmarks import (
     FIGURES,
     FULL,
     PAPER_STUDENT,
@@ -20,7 +20,7 @@ from comkd.bench import (
     paper_pair,
     run_bench,
 )
-from comkd.deploy.bench import build_pair
+from benchmarks.deployed import build_pair
 
 
 @pytest.mark.slow
@@ -104,7 +104,7 @@ def test_full_bench_builds_the_paper_pair(no_weight_init):
 
 
 def test_gemm_shapes_are_a_vit_blocks_and_the_timer_counts_two_flops_per_mac(monkeypatch) -> None:
-    from comkd.bench import limits
+    from benchmarks import limits
 
     assert limits.gemm_shapes(768, 201, 8) == [(1608, 768, 3072), (1608, 3072, 768), (1608, 768, 2304)]
     assert limits.paper_towers(224) == {"vit_l14": (1024, 257), "vit_b16": (768, 201)}
@@ -117,7 +117,7 @@ def test_gemm_shapes_are_a_vit_blocks_and_the_timer_counts_two_flops_per_mac(mon
 
 
 def test_limits_section_reads_each_figure_against_the_peak(monkeypatch) -> None:
-    from comkd.bench import limits
+    from benchmarks import limits
 
     monkeypatch.setattr(limits, "matmul_peak", lambda *a, **k: {"fp32_gflops_per_s": 100.0, "shapes": {}})
     res = {
@@ -148,8 +148,8 @@ def test_the_gpu_check_runs_in_its_quick_form_and_writes_every_key(tmp_path) -> 
     CUDA memory null here), rates positive, utilisation against the measured peak."""
     from typer.testing import CliRunner
 
+    from benchmarks.gpu_check import GPU_QUICK, PRECISIONS, SECTIONS
     from comkd import cli
-    from comkd.bench.gpu_check import GPU_QUICK, PRECISIONS, SECTIONS
 
     out = tmp_path / "gpu.json"
     r = CliRunner().invoke(
@@ -175,8 +175,8 @@ def test_the_gpu_check_runs_in_its_quick_form_and_writes_every_key(tmp_path) -> 
 @pytest.fixture
 def no_bench_work(monkeypatch):
     """Every entry into the bench's work fails loudly: an option error must come before it."""
-    import comkd.bench.limits as limits
-    import comkd.bench.run as run_mod
+    import benchmarks.limits as limits
+    import benchmarks.run as run_mod
 
     def work(*a, **k):
         raise AssertionError("the bench started work before checking its options")
@@ -231,7 +231,7 @@ def test_bench_out_with_any_name_writes_that_file(tmp_path, monkeypatch) -> None
     gets bench.json."""
     from typer.testing import CliRunner
 
-    import comkd.bench.run as run_mod
+    import benchmarks.run as run_mod
     from comkd import cli
 
     monkeypatch.setattr(
@@ -244,3 +244,23 @@ def test_bench_out_with_any_name_writes_that_file(tmp_path, monkeypatch) -> None
     r = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
     assert "matmul_peak" in json.loads((tmp_path / "r" / "bench.json").read_text())
+
+
+def test_the_benchmarks_are_not_in_the_package_and_comkd_bench_says_where_they_run(tmp_path, monkeypatch):
+    """The benchmark code sits beside the package (a user's install holds none of it); outside a
+    checkout ``comkd bench`` is one line naming what to do, exit 2, before any work."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import comkd
+    from comkd import cli
+    from comkd.cli import deploy
+
+    package = Path(comkd.__file__).resolve().parent
+    assert not (package / "bench").exists() and not (package / "deploy" / "bench.py").exists()
+    monkeypatch.setattr(deploy, "__file__", str(tmp_path / "site" / "comkd" / "cli" / "deploy.py"))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli.app, ["bench", "--quick", "--out", str(tmp_path / "b.json")])
+    assert r.exit_code == 2 and "not installed with the package" in r.output, r.output
+    assert not (tmp_path / "b.json").exists()

@@ -415,7 +415,7 @@ def dry_run(argv: list[str], monkeypatch) -> str | None:
     there (and every CLIP it builds is given weights), else what stopped it."""
     import open_clip
 
-    import comkd.bench
+    import benchmarks
     import comkd.cli.common as common
     from comkd.models.backbones import register_tiny_configs
 
@@ -440,7 +440,7 @@ def dry_run(argv: list[str], monkeypatch) -> str | None:
     with monkeypatch.context() as mp:
         mp.setattr(common, "load_config", load_config)
         mp.setattr(open_clip, "create_model", create_model)
-        mp.setattr(comkd.bench, "run_bench", stop)
+        mp.setattr(benchmarks, "run_bench", stop)
         try:
             r = CliRunner().invoke(cli.app, list(argv))
         except _WouldLoadWeights:

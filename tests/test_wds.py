@@ -339,7 +339,7 @@ def test_distillation_streams_every_sample_once_per_epoch(tmp_path, procs, worke
 
 
 def test_data_path_bench_on_small_shards(tmp_path):
-    from comkd.bench.data_path import distill_epoch_peak, read_rate
+    from benchmarks.data_path import distill_epoch_peak, read_rate
 
     pattern = write_shards(tmp_path / "b")
     r = read_rate(pattern, 40, reps=1)

@@ -29,6 +29,23 @@ from .options import (
 )
 
 
+def _benchmarks() -> None:
+    """Make the repository's ``benchmarks`` package importable: it is not installed with comkd (a
+    user's wheel holds no benchmark code), so ``comkd bench`` runs from a source checkout: the one
+    an editable install points at, or the working folder. Elsewhere: one line, exit 2."""
+    import sys
+
+    for root in (Path(__file__).resolve().parents[3], Path.cwd()):  # src/comkd/cli/deploy.py -> repo
+        if (root / "benchmarks" / "run.py").is_file() and (root / "src" / "comkd").is_dir():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return
+    _usage_error(
+        "comkd bench: the benchmarks are not installed with the package; run it in a checkout of the "
+        "comkd repository (pip install -e . there, or run it from the repository's root folder)"
+    )
+
+
 @app.command()
 def bench(
     out: Annotated[
@@ -57,7 +74,8 @@ def bench(
 ) -> None:
     """Speed and memory benchmarks (JSON with machine and versions)."""
     _setup_logging(verbose, quiet)
-    from ..bench.run import check_request
+    _benchmarks()
+    from benchmarks.run import check_request
 
     try:  # every option, before any work starts
         check_request(
@@ -66,7 +84,7 @@ def bench(
     except ValueError as e:
         _usage_error(str(e))
     if profile == "gpu":
-        from ..bench.gpu_check import gpu_check
+        from benchmarks.gpu_check import gpu_check
 
         def gpu_body():
             import torch
@@ -81,7 +99,7 @@ def bench(
 
         _print_json(_run(gpu_body))
         return
-    from ..bench import run_bench
+    from benchmarks import run_bench
 
     _print_json(
         _run(lambda: run_bench(out, quick=quick, device=device, threads=threads, shards=shards, only=only))

@@ -23,7 +23,6 @@ from .backbones import MAX_IMAGE_SIZE, ModelError, _is_local_file, weights_versi
 from .prompts import MAX_PROMPT_DEPTH, MAX_PROMPT_TOKENS
 
 if TYPE_CHECKING:
-    from .student import Student
     from .teacher import Teacher
 
 # the frozen weights' digest per teacher object, with the weights' version it was taken at
@@ -174,13 +173,3 @@ def check_teacher(recorded: dict[str, Any] | None, current: dict[str, Any], stud
         raise ModelError(
             f"{student_path}: its W came from another teacher: {said}; give the teacher it was distilled from"
         )
-
-
-def set_classes(student: Student, names: list[str], teacher: Teacher, *, force: bool = False) -> None:
-    """Set ``student``'s W to ``teacher``'s prompted text features of ``names``; a teacher other
-    than the one the student records is refused (``ModelError`` naming the digest) unless ``force``."""
-    current = teacher_identity(teacher)
-    if not force:
-        check_teacher(student.teacher_identity, current, Path("the student"))
-    student.set_text_features(teacher.class_text_features(list(names)), list(names))
-    student.teacher_identity = {**(student.teacher_identity or {}), **current}

@@ -8,6 +8,7 @@ weights) and reused at training and at inference.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from .backbones import LoadedModel, ModelError, load_clip, uses_quick_gelu
 from .edu_attention import EDU_SCALES, EduAttention
+from .identity import check_teacher, teacher_identity
 from .projector import build_projector
 from .prompts import PromptedVisionTower
 
@@ -252,11 +254,13 @@ class Student(nn.Module):
 
     def set_classes(self, names: list[str], teacher, *, force: bool = False) -> None:
         """New class names, zero-shot: W = the teacher's prompted text features of ``names`` (what
-        ``comkd classes`` does, ``comkd.models.identity.set_classes``). ``teacher`` must be the one
-        recorded in the student (model, weights and prompts digests) unless ``force``."""
-        from .identity import set_classes
-
-        set_classes(self, names, teacher, force=force)
+        ``comkd classes`` does). ``teacher`` must be the one recorded in the student (model,
+        weights and prompts digests; else ``ModelError`` naming the digest) unless ``force``."""
+        current = teacher_identity(teacher)
+        if not force:
+            check_teacher(self.teacher_identity, current, Path("the student"))
+        self.set_text_features(teacher.class_text_features(list(names)), list(names))
+        self.teacher_identity = {**(self.teacher_identity or {}), **current}
 
     def tower_parameters(self) -> list[nn.Parameter]:
         """Trainable weights of the image tower itself (empty unless ``scope='full'``); prompts excluded."""
