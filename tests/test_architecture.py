@@ -184,3 +184,33 @@ def test_no_import_cycles_type_only_ones_included() -> None:
     understood (or moved) one without the other."""
     found = cycles(without_parents(import_graph(type_only=True)))
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_extension_guide_names_files_and_names_that_exist() -> None:
+    """docs/architecture.md, "Extending comkd": every ``src/...``/``tests/...`` path it names is a
+    file, and every other code name it puts in backticks is defined in one of the files named in
+    the same bullet (or is a config key or a quoted string)."""
+    import re
+
+    repo = PACKAGE.parents[1]
+    text = (repo / "docs" / "architecture.md").read_text()
+    guide = text[text.index("## Extending comkd") :]
+    guide = guide[: guide.index("\n## ", 3)]
+    bullets = re.split(r"\n- ", guide)[1:]
+    assert len(bullets) == 4  # method, dataset source, protocol, export format
+    for bullet in bullets:
+        names = re.findall(r"`([^`]+)`", bullet)
+        files = [n for n in names if n.startswith(("src/", "tests/"))]
+        for f in files:
+            assert (repo / f).is_file(), f"docs/architecture.md names {f}, which does not exist"
+        sources = "\n".join((repo / f).read_text() for f in files if f.endswith(".py"))
+        for n in names:
+            if (
+                n in files
+                or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n)
+                or "." in n
+                or n in ("protocol",)
+            ):
+                continue  # paths, config keys (distill.extra_teachers), phrases, the config field
+            defined = re.search(rf"^\s*(def|class) {n}\b|^\s*{n}\b.*=|^\s*{n}:", sources, re.M)
+            assert defined, f"docs/architecture.md names `{n}`, defined in none of {files}"

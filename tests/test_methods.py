@@ -157,7 +157,7 @@ class AnchoredTask(DistillTask):
 
 
 def test_a_method_with_its_own_task_is_a_table_entry_plus_the_task(tmp_path) -> None:
-    method = Method("toy-anchored", "Toy anchored KD", edu_attention=False, make_task=AnchoredTask)
+    method = Method("toy-anchored", "Toy anchored KD", edu_attention=False, make_task=AnchoredTask.from_sides)
     register_method(method)
     try:
         r = _tiny_distill("toy_anchored", tmp_path)
@@ -313,3 +313,93 @@ def test_promptkd_steps_replayed_in_plain_torch_match_comkd_distill(tmp_path, on
         loss_miss = max(abs(a - b) / abs(b) for a, b in zip(o_losses, ref_losses, strict=True))
         w_miss = max(float((ref_sd[k] - o_sd[k]).abs().max()) for k in trained)
         assert loss_miss > 10 * LOSS_RTOL or w_miss > 10 * W_ATOL, (other, loss_miss, w_miss)
+
+
+def test_two_teachers_target_is_the_mean_of_their_probabilities_against_numpy() -> None:
+    """The two-teacher method's KD target: τ · log p̄ with p̄ the mean of softmax(s_k u_k W_kᵀ / τ),
+    each teacher with its own W and s; the KL against it equals the KL against p̄ (NumPy)."""
+    import numpy as np
+
+    from comkd.engine.tasks import TeacherSide
+    from comkd.engine.two_teachers import TwoTeachersTask
+
+    g = torch.Generator().manual_seed(3)
+    b, n, tau = 5, 4, 2.0
+    u = [F.normalize(torch.randn(b, d, generator=g), dim=-1) for d in (8, 6)]  # two feature widths
+    w = [F.normalize(torch.randn(n, d, generator=g), dim=-1) for d in (8, 6)]
+    scales = (30.0, 12.5)
+    sides = [TeacherSide(lambda x, i, e, k=k: u[k], w[k], scales[k], {"model": f"t{k}"}) for k in (0, 1)]
+    loss = build_loss("two-teachers", kd_weight=1.0, temperature=tau)
+    task = TwoTeachersTask.from_sides(None, sides, loss)
+    images, idx = torch.zeros(b, 3, 2, 2), torch.arange(b)
+    target = task.teacher_logits(images, idx, 0, sides[0].outputs(images, idx, 0))
+
+    def softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+    q = [scales[k] * u[k].double().numpy() @ w[k].double().numpy().T for k in (0, 1)]
+    p_bar = (softmax(q[0] / tau) + softmax(q[1] / tau)) / 2
+    assert np.allclose(softmax(target.double().numpy() / tau), p_bar, atol=1e-6)
+    s = torch.randn(b, n, generator=g)
+    log_q = np.log(softmax(s.double().numpy() / tau))
+    want = (p_bar * (np.log(p_bar) - log_q)).sum() * tau**2 / (b * n)  # PromptKD's reduction
+    assert float(kd_kl(s, target, tau)) == pytest.approx(want, rel=1e-5)
+    # one side: the target is that teacher's own logits (up to a constant per row)
+    one = TwoTeachersTask.from_sides(None, sides[:1], loss).teacher_logits(images, idx, 0, u[0])
+    assert np.allclose(softmax(one.double().numpy() / tau), softmax(q[0] / tau), atol=1e-6)
+
+
+def test_the_two_teacher_method_runs_end_to_end_from_two_differently_seeded_teachers(
+    tmp_path, tiny_teacher_files, one_thread
+) -> None:
+    """A method owning two teacher sides, added as one module and one table entry: selectable as
+    --method, refused in one line without its second teacher, and its student records both."""
+    from comkd.models.io import load_student
+
+    f = tiny_teacher_files
+    first = ["--teacher-pretrained", str(f["weights_a"]), "--teacher-prompts", str(f["prompts_a"])]
+    second = f"distill.extra_teachers=[{{model: comkd-tiny-teacher, pretrained: {f['weights_b']}, prompts: {f['prompts_b']}}}]"
+    r = CliRunner().invoke(
+        cli.app,
+        ["distill", "--teacher", "comkd-tiny-teacher", "--method", "two-teachers", *first,
+         "--out-dir", str(tmp_path / "none"), *TINY_DISTILL_OPTS],
+    )  # fmt: skip
+    assert r.exit_code == 2 and "distils from 2 teachers" in r.output and "extra_teachers" in r.output, (
+        r.output
+    )
+    assert not (tmp_path / "none").exists()  # refused before anything was written
+    outs = {}
+    for method, extra in (("two-teachers", ["--set", second]), ("promptkd", [])):
+        out = tmp_path / method
+        r = CliRunner().invoke(
+            cli.app,
+            ["distill", "--teacher", "comkd-tiny-teacher", "--method", method, *first, *extra,
+             "--out-dir", str(out), *TINY_DISTILL_OPTS],
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        outs[method] = load_student(out / "student.safetensors")
+    both = outs["two-teachers"].teacher_identities
+    assert both is not None and len(both) == 2 and both[0] == outs["two-teachers"].teacher_identity
+    assert both[0]["prompts_sha256"] != both[1]["prompts_sha256"]  # two different teachers recorded
+    assert outs["promptkd"].teacher_identities is None  # one teacher: today's file format
+    assert outs["promptkd"].teacher_identity == both[0]
+    # same seed, data and first teacher: only the second teacher's half of the target differs
+    a, b = (outs[m].state_dict() for m in ("two-teachers", "promptkd"))
+    assert torch.equal(a["text_features"], b["text_features"])  # W is the first teacher's
+    assert any(not torch.equal(a[k], b[k]) for k in a if k != "text_features")
+    assert LABELS["two-teachers"] == "PromptKD, two teachers"
+    saved = yaml.safe_load((tmp_path / "two-teachers" / "config.yaml").read_text())
+    assert saved["distill"]["extra_teachers"][0]["prompts"] == str(f["prompts_b"])
+
+
+def test_a_run_with_a_method_of_two_teachers_and_one_teacher_is_refused_before_any_stage(tmp_path) -> None:
+    r = CliRunner().invoke(
+        cli.app,
+        ["run", "--config", "demo", "--method", "promptkd", "--method", "two-teachers", "--out-dir", str(tmp_path / "r")],
+    )  # fmt: skip
+    assert r.exit_code != 0 and "method 'two-teachers' distils from 2 teachers" in r.output, r.output
+    assert not (tmp_path / "r").exists()
+    # a single-teacher method beside the extra teachers of another is not refused by the config
+    cfg = load_config(sets=["distill.extra_teachers=[{model: comkd-tiny-teacher}]"])
+    assert cfg.distill.method == "comkd" and len(cfg.distill.extra_teachers) == 1

@@ -309,9 +309,18 @@ class DistillConfig:
     # require_teacher_ahead stops the run there, before stage 2 (docs/demo_seeds.md: the evidence)
     teacher_margin: float = 3.0
     require_teacher_ahead: bool = False
+    # the teachers after ``teacher`` that a method distilling from several reads (its ``teachers``
+    # count in comkd.methods): each a teacher section of its own (model, weights, prompts), same classes
+    extra_teachers: list[TeacherConfig] = field(default_factory=list)
 
     def validate(self, prefix: str) -> None:
         self.method = _method_name(self.method, f"{prefix}method")
+        check_teacher_count(self, prefix)
+        if self.extra_teachers and self.teacher_cache:
+            raise ConfigError(
+                f"{prefix}teacher_cache: a cache holds one teacher's outputs; method {self.method!r} runs its "
+                f"{len(self.extra_teachers) + 1} teachers online, so leave teacher_cache unset"
+            )
         if not (math.isfinite(self.teacher_margin) and abs(self.teacher_margin) <= 100):
             raise ConfigError(
                 f"{prefix}teacher_margin: must be in [-100, 100] points, got {self.teacher_margin}"
@@ -322,6 +331,19 @@ class DistillConfig:
         positive_finite(self.temperature, f"{prefix}temperature")
         positive_finite(self.align_weight, f"{prefix}align_weight", allow_zero=True)
         positive_finite(self.feature_weight, f"{prefix}feature_weight", allow_zero=True)
+
+
+def check_teacher_count(d: DistillConfig, prefix: str = "distill.", method: str | None = None) -> None:
+    """A method of several teachers needs them: ``teacher``, then as many ``distill.extra_teachers``
+    as its ``teachers`` count says (a method of fewer uses the first ones, or none). Checked on
+    every config, and for each method of a run before any stage."""
+    name = canonical_method(method or d.method)
+    wanted, got = METHODS[name].teachers, len(d.extra_teachers)
+    if got + 1 < wanted:
+        raise ConfigError(
+            f"{prefix}extra_teachers: method {name!r} distils from {wanted} teachers: `teacher` and "
+            f"{wanted - 1} here, got {got}; e.g. distill.extra_teachers=[{{model: M, pretrained: W, prompts: P}}]"
+        )
 
 
 @dataclass

@@ -47,6 +47,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):  # a section inside a list (distill.extra_teachers)
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}"
+            )
+        section = tp()
+        merge(section, value, key + ".")
+        return section
     if origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -147,6 +157,10 @@ def validate_tree(obj: Any, prefix: str = "") -> None:
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
             validate_tree(v, f"{prefix}{f.name}.")
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                if dataclasses.is_dataclass(item):
+                    validate_tree(item, f"{prefix}{f.name}[{i}].")
 
 
 _FLOAT32_MAX = 3.4028234663852886e38

@@ -1,7 +1,8 @@
 """The ComKD-CLIP objective (docs/method.md, "The objective") and its ablations: the switches of
 each named method are in ``comkd.methods``; ``build_loss`` turns a method name into its loss.
 
-``ComKDLoss`` returns a dict of named terms: ``loss`` (what is back-propagated), ``kd`` (weighted
+IFAlign is here whole: ``ifalign`` (the statistics matched) and ``ifalign_pair`` (which features
+it compares, ``distill.ifalign_on``). ``ComKDLoss`` returns a dict of named terms: ``loss`` (what is back-propagated), ``kd`` (weighted
 logit KL), ``align`` (unweighted IFAlign), and for the feature baselines ``feature``.
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from .methods import get_method
 
-__all__ = ["IFALIGN_STATS", "ComKDLoss", "build_loss", "ifalign", "kd_kl"]
+__all__ = ["IFALIGN_ON", "IFALIGN_STATS", "ComKDLoss", "build_loss", "ifalign", "ifalign_pair", "kd_kl"]
 
 IFALIGN_STATS = ("per_channel", "per_sample")
 
@@ -69,6 +70,30 @@ def ifalign(
     mu_s, mu_t = s.mean(dim), t.mean(dim)
     var_s, var_t = s.var(dim, unbiased=False), t.var(dim, unbiased=False)
     return (mu_s - mu_t).abs().mean() + (var_s - var_t).abs().mean()
+
+
+#: what IFAlign compares (``distill.ifalign_on``); see ``ifalign_pair``
+IFALIGN_ON = ("features", "projected", "projected_matched")
+
+
+def ifalign_pair(
+    features: torch.Tensor | None, projected: torch.Tensor | None, u_t: torch.Tensor, on: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two feature sets IFAlign matches, ``[B, d]`` each.
+
+    ``features``: u_s against u_t, both unit-norm (the paper). ``projected``: P(f) before its
+    normalisation against the unit-norm u_t, so IFAlign also pulls P(f)'s scale towards 1.
+    ``projected_matched``: P(f) against u_t scaled to P(f)'s mean norm over the batch (a constant,
+    no gradient): both sides on the same scale, so only the spread of P(f) around its scale and its
+    channel statistics are matched, not the scale itself (which the logits never see).
+    """
+    if on == "features":
+        return features, u_t
+    if on == "projected":
+        return projected, u_t
+    if on == "projected_matched":
+        return projected, u_t * projected.detach().norm(dim=-1).mean()
+    raise ValueError(f"ifalign_on must be one of {', '.join(IFALIGN_ON)}, got {on!r}")
 
 
 class ComKDLoss(nn.Module):

@@ -36,10 +36,14 @@ class Method:
         make_loss: builds the loss from the switches merged with the recipe values (``kd_weight``,
             ``temperature``, ``align_weight``, ``ifalign_stats``, ``feature_weight``); None:
             ``ComKDLoss``. A loss returns a dict of named terms with ``loss`` back-propagated.
-        make_task: builds the stage-2 task (``comkd.engine.tasks.DistillTask``'s signature:
-            ``(student, teacher_outputs, W, s_t, loss, *, edu_lr_scale, ifalign_on,
-            tower_lr_scale)``); None: ``DistillTask``. A method that needs other inputs or another
-            training step is a table entry plus its task.
+        make_task: builds the stage-2 task from its inputs: ``(student, sides, loss, *,
+            edu_lr_scale, ifalign_on, tower_lr_scale)``, ``sides`` the ``teachers`` teacher sides
+            (``comkd.engine.tasks.TeacherSide``: outputs u_t, W, s_t, identity), the first being
+            the one whose W the student stores. A callable, or ``"module:attribute"`` imported
+            when stage 2 starts (so this table imports no trainer code); None:
+            ``DistillTask.from_sides``. A method that needs other inputs or another training step
+            is a table entry plus its task.
+        teachers: how many teachers it distils from: ``teacher`` and ``distill.extra_teachers``.
         reference: a method the others are compared against (PromptKD): reports show it first.
     """
 
@@ -48,7 +52,8 @@ class Method:
     edu_attention: bool
     loss: dict[str, Any] = field(default_factory=dict)
     make_loss: Callable[..., nn.Module] | None = None
-    make_task: Callable[..., Any] | None = None
+    make_task: Callable[..., Any] | str | None = None
+    teachers: int = 1
     reference: bool = False
 
 
@@ -73,6 +78,14 @@ METHODS: dict[str, Method] = _entries(
         "Feature MSE",
         edu_attention=False,
         loss={"use_ifalign": False, "use_kd": False, "feature_loss": "mse"},
+    ),
+    Method(  # an extension: PromptKD's KL on the mean of two teachers' probabilities
+        "two-teachers",
+        "PromptKD, two teachers",
+        edu_attention=False,
+        loss={"use_ifalign": False},
+        make_task="comkd.engine.two_teachers:TwoTeachersTask.from_sides",
+        teachers=2,
     ),
 )
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, RunConfig, resolve_recipe, save_config
+from ..config import ConfigError, RunConfig, check_teacher_count, resolve_recipe, save_config
 from ..config_io import flat_keys
 from ..data import promptsrc_templates
 from ..fileio import atomic_path
@@ -45,6 +45,7 @@ from .tasks import (
     PretrainTask,
     TeacherOutputs,
     TeacherPromptTask,
+    TeacherSide,
     gaussian_epoch_weights,
 )
 from .utils import (
@@ -350,7 +351,7 @@ def run_distill(
     _check_distill_settings(cfg, eval_fn)
     out, device, metrics = start_stage(cfg, out_dir, resume, stage="distill")
     d = cfg.distill
-    student, ds, outputs, w, s_t = _teacher_side(cfg, device)
+    student, ds, sides = teacher_sides(cfg, device)
     n_train = student.num_trainable()
     log.info(
         "distill %s: student %s has %d trainable parameters (%.3f M)",
@@ -370,13 +371,10 @@ def run_distill(
         kd_reduction=d.kd_reduction,
     )
     fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
-    step0 = _start_student(student, ds, outputs, cfg, device, step0_fn) if fresh else None
-    make_task = get_method(d.method).make_task or DistillTask  # a method may bring its own task
-    task = make_task(
+    step0 = _start_student(student, ds, sides[0].outputs, cfg, device, step0_fn) if fresh else None
+    task = _task_maker(d.method)(
         student,
-        outputs,
-        w,
-        s_t,
+        sides,
         loss,
         edu_lr_scale=d.edu_lr_scale,
         ifalign_on=d.ifalign_on,
@@ -408,8 +406,27 @@ def run_distill(
     }
 
 
+def _task_maker(method: str):
+    """The method's ``make_task`` (a callable, or ``"module:attribute"`` imported now), else
+    ``DistillTask.from_sides``."""
+    make = get_method(method).make_task
+    if make is None:
+        return DistillTask.from_sides
+    if isinstance(make, str):
+        import importlib
+
+        module, _, attr = make.partition(":")
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return make
+
+
 def _check_distill_settings(cfg: RunConfig, eval_fn) -> None:
-    """Settings only ``comkd run`` can honour, refused before anything is loaded."""
+    """Settings only ``comkd run`` can honour, and the method's teacher count, refused before
+    anything is loaded."""
+    check_teacher_count(cfg.distill)
     if cfg.distill.select == "promptkd" and eval_fn is None:
         raise ConfigError(
             "distill.select: 'promptkd' picks the epoch with the best test accuracy, which needs an "
@@ -422,9 +439,10 @@ def _check_distill_settings(cfg: RunConfig, eval_fn) -> None:
         )
 
 
-def _teacher_side(cfg: RunConfig, device: torch.device):
-    """The student (W stored, teacher recorded), the unlabelled pool, the teacher's outputs u_t
-    (online, or from ``distill.teacher_cache`` without loading the teacher), W and s_t."""
+def teacher_sides(cfg: RunConfig, device: torch.device) -> tuple[Student, Any, list[TeacherSide]]:
+    """What stage 2 reads: the student (the first teacher's W stored, every teacher recorded), the
+    unlabelled pool, and one ``TeacherSide`` per teacher of the method: ``teacher`` (online, or
+    from ``distill.teacher_cache`` without loading it), then ``distill.extra_teachers`` (online)."""
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
         from ..models.identity import teacher_sources
@@ -450,20 +468,39 @@ def _teacher_side(cfg: RunConfig, device: torch.device):
         if outputs.classnames != ds.full_classnames:
             raise ValueError(f"teacher cache {d.teacher_cache}: its W is for other class names")
         w, s_t, recorded = outputs.text_features, float(outputs.logit_scale), info.header["teacher"]
+        first = TeacherSide(outputs, w, s_t, {**teacher_identity(recorded), "source": teacher_source(cfg)})
+        sides = [first]
     else:
         teacher = build_teacher(cfg, device)
         student = build_student(cfg, teacher.embed_dim, device)
         ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
-        w, s_t, recorded = (
-            teacher.class_text_features(ds.full_classnames),
-            float(teacher.logit_scale),
-            teacher,
-        )
-        outputs = TeacherOutputs(teacher, student.preprocess)
-    student.set_text_features(w, ds.full_classnames)
-    student.teacher_identity = teacher_identity(recorded)
-    student.teacher_identity["source"] = teacher_source(cfg)  # comkd classes rebuilds it from this
-    return student, ds, outputs, w, s_t
+        sides = [_online_side(cfg, teacher, student, ds)]
+        wanted = get_method(d.method).teachers
+        if len(d.extra_teachers) >= wanted:
+            log.warning(
+                "distill.extra_teachers: method %s distils from %d teacher(s); %d extra teacher(s) not used",
+                d.method,
+                wanted,
+                len(d.extra_teachers) - wanted + 1,
+            )
+        for i, tc in enumerate(d.extra_teachers[: wanted - 1]):
+            c = dataclasses.replace(cfg, teacher=tc)
+            sides.append(
+                _online_side(c, build_teacher(c, device), student, ds, f"distill.extra_teachers[{i}]")
+            )
+    student.set_text_features(sides[0].w, ds.full_classnames)
+    # comkd classes rebuilds the teacher from its "source"; several teachers: all recorded
+    student.teacher_identity = sides[0].identity
+    student.teacher_identities = [s.identity for s in sides] if len(sides) > 1 else None
+    return student, ds, sides
+
+
+def _online_side(cfg: RunConfig, teacher, student: Student, ds, key: str = "teacher") -> TeacherSide:
+    """A loaded teacher as stage 2 reads it: u_t online, W of the dataset's classes, s_t."""
+    w = teacher.class_text_features(ds.full_classnames)
+    identity = {**teacher_identity(teacher), "source": teacher_source(cfg)}
+    log.info("distill: %s %s, W %s", key, cfg.teacher.model, tuple(w.shape))
+    return TeacherSide(TeacherOutputs(teacher, student.preprocess), w, float(teacher.logit_scale), identity)
 
 
 def _start_student(student, ds, outputs, cfg: RunConfig, device, step0_fn) -> dict | None:

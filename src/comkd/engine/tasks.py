@@ -4,13 +4,15 @@ evaluation helpers."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import ComKDLoss
+from ..losses import IFALIGN_ON, ComKDLoss, ifalign_pair
 from ..models import PreprocessSpec, Student, Teacher
 from .utils import gather_batch
 
@@ -251,28 +253,27 @@ class TeacherOutputs:
         return self.teacher.encode_image(adapt_images(images, self.spec, self.teacher.preprocess))
 
 
-#: what IFAlign compares (``distill.ifalign_on``); see ``ifalign_pair``
-IFALIGN_ON = ("features", "projected", "projected_matched")
+@dataclass
+class TeacherSide:
+    """One teacher as stage 2 reads it (``Method.make_task`` receives a list of them).
 
-
-def ifalign_pair(
-    features: torch.Tensor | None, projected: torch.Tensor | None, u_t: torch.Tensor, on: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two feature sets IFAlign matches, ``[B, d]`` each.
-
-    ``features``: u_s against u_t, both unit-norm (the paper). ``projected``: P(f) before its
-    normalisation against the unit-norm u_t, so IFAlign also pulls P(f)'s scale towards 1.
-    ``projected_matched``: P(f) against u_t scaled to P(f)'s mean norm over the batch (a constant,
-    no gradient): both sides on the same scale, so only the spread of P(f) around its scale and its
-    channel statistics are matched, not the scale itself (which the logits never see).
+    Attributes:
+        outputs: ``outputs(images, indices, epoch)`` -> u_t ``[B, d_t]``, the teacher's unit-norm
+            image features of a batch (online, or read from a teacher cache).
+        w: ``[N, d_t]`` its prompted class text features, in the dataset's class order.
+        logit_scale: its s_t (teacher logits are ``s_t · u_t Wᵀ``).
+        identity: what the student file records of it (model, digests, sources).
     """
-    if on == "features":
-        return features, u_t
-    if on == "projected":
-        return projected, u_t
-    if on == "projected_matched":
-        return projected, u_t * projected.detach().norm(dim=-1).mean()
-    raise ValueError(f"ifalign_on must be one of {', '.join(IFALIGN_ON)}, got {on!r}")
+
+    outputs: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+    w: torch.Tensor
+    logit_scale: float
+    identity: dict[str, Any]
+
+    def logits(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """``s_t · u_t Wᵀ`` ``[B, N]`` in float32 on the images' device."""
+        u_t = self.outputs(images, indices, epoch).to(images.device)
+        return self.logit_scale * u_t.float() @ self.w.to(images.device).float().t()
 
 
 class DistillTask(TaskBase):
@@ -295,11 +296,20 @@ class DistillTask(TaskBase):
         super().__init__()
         self.student, self.teacher_outputs, self.loss = student, teacher_outputs, loss
         self.edu_lr_scale, self.tower_lr_scale = edu_lr_scale, tower_lr_scale
-        if ifalign_on not in IFALIGN_ON:
+        if ifalign_on not in IFALIGN_ON:  # checked here too: a task may be built without a config
             raise ValueError(f"ifalign_on must be one of {', '.join(IFALIGN_ON)}, got {ifalign_on!r}")
         self.ifalign_on = ifalign_on
         self.w = text_features
         self.s_t = float(teacher_logit_scale)
+
+    @classmethod
+    def from_sides(cls, student: Student, sides: list[TeacherSide], loss: ComKDLoss, **recipe: Any):
+        """The task of a method from its inputs (``Method.make_task``'s signature): the first
+        teacher side's u_t, W and s_t; the sides are kept as ``self.sides`` for subclasses."""
+        first = sides[0]
+        task = cls(student, first.outputs, first.w, first.logit_scale, loss, **recipe)
+        task.sides = list(sides)
+        return task
 
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -318,11 +328,17 @@ class DistillTask(TaskBase):
         rest = [p for p in self.student.trainable_parameters() if id(p) not in taken]
         return [{"params": rest}, *({"params": ps, "lr_scale": sc} for ps, sc in scaled)]
 
+    def teacher_logits(
+        self, images: torch.Tensor, indices: torch.Tensor, epoch: int, u_t: torch.Tensor
+    ) -> torch.Tensor:
+        """The KD target's logits ``[B, N]`` (float32): ``s_t · u_t Wᵀ`` of the first teacher. A
+        method with several teachers overrides this (``self.sides`` holds them all)."""
+        return self.s_t * u_t.float() @ self.w.to(device=images.device).float().t()
+
     def step(self, batch, epoch: int) -> dict[str, torch.Tensor]:
         images, _, indices = batch  # labels withheld by design
         u_t = self.teacher_outputs(images, indices, epoch).to(images.device)
-        w = self.w.to(device=images.device)
-        q_t = self.s_t * u_t.float() @ w.float().t()
+        q_t = self.teacher_logits(images, indices, epoch, u_t)
         out = self._m("student", self.student)(images)
         # IFAlign's batch statistics are those of the global batch: under DDP every rank gathers
         # all ranks' features (differentiably); a single process uses its batch as it is

@@ -8,7 +8,8 @@ and in its metadata what the student is:
   size, QuickGELU). Files written before ``StudentArch`` record a distillation ``method`` name
   instead of ``edu_attention``; they still load (``LEGACY_METHOD_EDU_ATTENTION``).
 * ``comkd.classnames``, ``comkd.preprocess``; ``comkd.teacher`` when the teacher that produced W
-  is known (``comkd classes`` checks it).
+  is known (``comkd classes`` checks it); ``comkd.teachers``, a list of such records (W's first),
+  when the student was distilled from several teachers (one teacher: absent, the format as before).
 * ``comkd.sha256``: a digest over the tensors and the metadata above, checked at load.
 
 Loading needs neither the teacher, a text encoder, the training engine nor the config system. The
@@ -43,7 +44,8 @@ STUDENT_DIGEST_KEY = "comkd.sha256"
 _STUDENT_META = (STUDENT_CONFIG_KEY, "comkd.classnames", "comkd.preprocess")
 #: the longest metadata string read: class names (a million classes of ~30 characters), the rest
 MAX_CLASSNAMES_CHARS = 32 * 2**20
-MAX_RECORD_CHARS = 64 * 2**10
+MAX_RECORD_CHARS = 64 * 2**10  # each teacher record, and the list of them
+MAX_TEACHERS = 16  # teacher records a student file may list (comkd.teachers)
 #: the range of each integer field of a recorded ``StudentArch`` (``teacher_dim`` must also equal
 #: the width of the stored W); checked before anything is built
 _ARCH_RANGES = {
@@ -143,6 +145,8 @@ def save_student(student: Student, path: str | Path) -> None:
     }
     if getattr(student, "teacher_identity", None):  # which teacher produced W (comkd classes checks it)
         meta["comkd.teacher"] = json.dumps(student.teacher_identity)
+    if getattr(student, "teacher_identities", None):  # several teachers: each, W's first
+        meta["comkd.teachers"] = json.dumps(student.teacher_identities)
     sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
     bad = non_finite(sd)
     if bad:  # a diverged run's weights are not a student: refuse to write them as one
@@ -211,6 +215,14 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
             meta["comkd.teacher"], f"{where} comkd.teacher", max_chars=MAX_RECORD_CHARS, error=ModelError
         )
         teacher = check_teacher_record(teacher, f"{where} comkd.teacher")
+    teachers = None
+    if "comkd.teachers" in meta:  # a student of several teachers: each record checked alike
+        teachers = parse_json(
+            meta["comkd.teachers"], f"{where} comkd.teachers", max_chars=MAX_RECORD_CHARS, error=ModelError
+        )
+        if not isinstance(teachers, list) or not 2 <= len(teachers) <= MAX_TEACHERS:
+            raise ModelError(f"{where} comkd.teachers must be a list of 2..{MAX_TEACHERS} teacher records")
+        teachers = [check_teacher_record(t, f"{where} comkd.teachers[{i}]") for i, t in enumerate(teachers)]
     config = parse_json(
         meta[STUDENT_CONFIG_KEY],
         f"{where} {STUDENT_CONFIG_KEY}",
@@ -232,6 +244,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
         student.set_text_features(w, classnames)
         student.load_state_dict(sd, strict=True)
         student.teacher_identity = teacher
+        student.teacher_identities = teachers
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # edited metadata, missing/extra tensors
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
         raise ModelError(f"{path}: does not rebuild a student: {what}") from None

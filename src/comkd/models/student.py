@@ -159,6 +159,8 @@ class Student(nn.Module):
         self.register_buffer("text_features", torch.zeros(0, teacher_dim))
         self.classnames: list[str] = []
         self.teacher_identity: dict | None = None  # the teacher that produced W, when known
+        # every teacher it was distilled from, in order (W's first), when there were several
+        self.teacher_identities: list[dict] | None = None
         self.arch = replace(
             arch,
             vision_tokens=int(getattr(self.visual, "n_tokens", 0)),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, save_config, teacher_classes
+from ..config import RunConfig, check_teacher_count, save_config, teacher_classes
 from ..engine import pipeline as P
 from ..engine.checkpoint import prune_checkpoints
 from ..engine.runplan import plan_part, run_plan
@@ -223,6 +223,8 @@ def run_protocol(
     """Run ``cfg.protocol`` for datasets × seeds × methods; write results.json and report.md.
     ``methods`` are checked (and spelled as the table spells them) before any stage runs."""
     methods = canonical_methods(methods)
+    for m in methods or []:  # a method of several teachers has them, before any stage
+        check_teacher_count(cfg.distill, method=m)
     cfg = _with_teacher_classes(cfg)  # one contradicting the protocol is refused here, before any stage
     if cfg.protocol == "full":  # the user's own classes: one dataset, one seed (protocols/full.py)
         from .full import run_full
