@@ -523,6 +523,16 @@ def test_the_training_commands_take_threads(tmp_path, monkeypatch, command) -> N
         (["--root", "/nonexistent/dtd", "--dataset", "dtd"], "data.root /nonexistent/dtd"),
         (["--set", "data.split_file=/nonexistent/split.json"], "data.split_file /nonexistent/split.json"),
         (["--set", "full.test=/nonexistent/test"], "full.test /nonexistent/test"),
+        (["--teacher-prompts", "/nonexistent/p.safetensors"], "teacher.prompts /nonexistent/p.safetensors"),
+        (
+            [
+                "--method",
+                "two-teachers",
+                "--set",
+                "distill.extra_teachers=[{model: ViT-L-14, prompts: /no/p2}]",
+            ],
+            "distill.extra_teachers[0].prompts /no/p2",
+        ),
     ],
 )
 def test_a_missing_input_path_stops_before_any_weights_are_fetched(tmp_path, monkeypatch, args, key) -> None:

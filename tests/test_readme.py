@@ -82,3 +82,37 @@ def test_the_readme_own_data_commands_run_as_written(tmp_path, monkeypatch) -> N
     exec(compile(snippet.group(1), "README.md", "exec"), scope)
     assert [p.path for p in scope["preds"]] == ["a.jpg", "b.jpg"] and len(scope["preds"][0].classes) == 3
     assert scope["emb"].shape == (1, scope["student"].text_features.shape[1])
+
+
+def test_the_readme_and_usage_figures_are_the_committed_thread_measurements() -> None:
+    """The demo and own_tiny figures README.md and docs/usage.md quote, per thread count, are those
+    of docs/thread_figures_here.json (the runs behind them), so a rerun that changes them changes
+    the page too."""
+    figures = json.loads((README.parent / "docs" / "thread_figures_here.json").read_text())
+    readme = " ".join(README.read_text().split())
+    usage = " ".join((README.parent / "docs" / "usage.md").read_text().split())
+    demo = figures["demo_hm"]
+    t2 = demo["threads_2"]
+    assert (
+        f"teacher HM {t2['teacher']:.2f}, undistilled student {t2['student_zeroshot']:.2f}, "
+        f"PromptKD {t2['promptkd']:.2f}, ComKD-CLIP {t2['comkd']:.2f}" in readme
+    )
+    for t in (1, 4):
+        row = demo[f"threads_{t}"]
+        quoted = " / ".join(f"{row[k]:.2f}" for k in ("teacher", "student_zeroshot", "promptkd", "comkd"))
+        assert f"{quoted} with `--threads {t}`" in readme
+    paper = figures["demo_paper_hm_threads_2"]
+    assert f"PromptKD {paper['promptkd']:.2f}, ComKD-CLIP {paper['comkd']:.2f}" in readme
+    own = figures["own_tiny_top1"]
+    o2 = own["threads_2"]
+    assert (
+        f"teacher {o2['teacher']:.1f}, undistilled {o2['student_zeroshot']:.1f}, ComKD {o2['comkd']:.1f}"
+        in usage
+    )
+    for t in (1, 4):
+        row = own[f"threads_{t}"]
+        assert (
+            f"`--threads {t}` gave {row['teacher']:.1f} / {row['student_zeroshot']:.1f} / {row['comkd']:.1f}"
+            in usage
+            or (f"{row['teacher']:.1f} / {row['student_zeroshot']:.1f} / {row['comkd']:.1f}" in usage)
+        )

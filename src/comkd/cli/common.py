@@ -120,14 +120,17 @@ _NOT_A_LOCAL_PATH = ("{", "*", "?", "::", "://", "pipe:")
 
 def _check_input_paths(cfg: RunConfig) -> None:
     """The local files and folders a config names (data root, split and class files, own-data
-    shots and test set) exist: checked before any import of the model stack, weights or data,
-    so a mistyped path costs a second, not a download or a stage."""
+    shots and test set, every teacher's prompts) exist: checked before any import of the model
+    stack, weights or data, so a mistyped path costs a second, not a download or a stage."""
+    extra = cfg.distill.extra_teachers
     for key, value in (
         ("data.root", cfg.data.root),
         ("data.split_file", cfg.data.split_file),
         ("data.classes_file", getattr(cfg.data, "classes_file", None)),
         ("full.shots", cfg.full.shots),
         ("full.test", cfg.full.test),
+        ("teacher.prompts", cfg.teacher.prompts),
+        *((f"distill.extra_teachers[{i}].prompts", t.prompts) for i, t in enumerate(extra)),
     ):
         if not value or any(m in str(value) for m in _NOT_A_LOCAL_PATH):
             continue
