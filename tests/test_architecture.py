@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "comkd"
 # Lowest first. A module may import its own layer or a lower one. The package root (its lazy
 # public names) and __main__ sit above everything.
 LAYERS: list[set[str]] = [
-    {"fileio", "stats", "runlock", "digests", "config_io"},
+    {"fileio", "stats", "runlock", "digests", "config_io", "choices"},
     {"methods"},
     {"config"},
     {"losses"},

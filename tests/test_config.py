@@ -410,3 +410,40 @@ def test_a_key_given_by_a_flag_and_by_set_to_two_values_is_refused(tmp_path):
     )
     assert r.exit_code == 2 and "teacher.model is given twice" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "d").exists()
+
+
+def test_each_allowed_value_is_written_once_and_a_rule_across_sections_holds() -> None:
+    """The config's enumerated fields are typed with comkd.choices' Literals, the same objects the
+    library checks against; the ridge warm start without frozen BatchNorm is refused (it spans the
+    distill and student sections)."""
+    import typing
+
+    from comkd import choices
+    from comkd.config import DistillConfig, StudentConfig
+    from comkd.losses import IFALIGN_ON, IFALIGN_STATS, KD_REDUCTIONS
+
+    student, distill = typing.get_type_hints(StudentConfig), typing.get_type_hints(DistillConfig)
+    for hints, field, choice in (
+        (student, "attend", choices.Attend),
+        (student, "edu_mode", choices.EduMode),
+        (student, "edu_scale", choices.EduScale),
+        (student, "projector", choices.Projector),
+        (student, "projector_bn", choices.ProjectorBN),
+        (student, "scope", choices.Scope),
+        (distill, "kd_reduction", choices.KdReduction),
+        (distill, "ifalign_stats", choices.IfalignStats),
+        (distill, "ifalign_on", choices.IfalignOn),
+    ):
+        assert hints[field] == choice, field
+    assert (IFALIGN_ON, IFALIGN_STATS, KD_REDUCTIONS) == tuple(
+        choices.values(c) for c in (choices.IfalignOn, choices.IfalignStats, choices.KdReduction)
+    )
+    with pytest.raises(
+        ConfigError, match=r"^distill\.projector_init: ridge needs student\.projector_bn: frozen"
+    ):
+        load_config(sets=["distill.recipe=recommended", "student.projector_bn=train"])
+    assert load_config(sets=["distill.recipe=recommended"]).student.projector_bn == "frozen"
+    linear = load_config(
+        sets=["distill.recipe=recommended", "student.projector_bn=train", "student.projector=linear"]
+    )
+    assert linear.distill.projector_init == "ridge"  # a linear projector has no BatchNorm to undo the fit

@@ -17,6 +17,17 @@ from typing import Any, Literal
 
 import yaml
 
+from .choices import (
+    Attend,
+    EduMode,
+    EduScale,
+    IfalignOn,
+    IfalignStats,
+    KdReduction,
+    Projector,
+    ProjectorBN,
+    Scope,
+)
 from .config_io import (
     NONE_IS_A_VALUE,
     ConfigError,
@@ -110,16 +121,16 @@ class StudentConfig:
     edu_heads: int = 1
     edu_attn_dim: int | None = None
     edu_shared_fc: bool = False
-    attend: Literal["all", "subset"] = "all"
+    attend: Attend = "all"
     logit_scale: float | None = None  # None: the student CLIP's own (PromptKD)
     quick_gelu: bool = False
     # docs/method.md, "Extensions"; the first value of each is the paper's reading
-    edu_mode: Literal["paper", "cosine"] = "paper"
-    edu_scale: Literal["sqrt_c", "temperature"] = "sqrt_c"  # paper mode: Q·Kᵀ / √C, or / C
+    edu_mode: EduMode = "paper"
+    edu_scale: EduScale = "sqrt_c"  # paper mode: Q·Kᵀ / √C, or / C
     renorm_fused: bool = True  # logits from norm(f_e); False: f_e as the gate left it
-    projector: Literal["mlp", "linear"] = "mlp"
-    projector_bn: Literal["train", "frozen"] = "train"
-    scope: Literal["prompts", "full"] = "prompts"  # full: the tower's weights learn too
+    projector: Projector = "mlp"
+    projector_bn: ProjectorBN = "train"
+    scope: Scope = "prompts"  # full: the tower's weights learn too
 
 
 @dataclass
@@ -287,9 +298,9 @@ class DistillConfig:
     temperature: float = 1.0
     # PromptKD's KL: sum · τ² / (B·N) times kd_weight; textbook: sum · τ² / B (per image; kd_weight = N
     # of PromptKD's)
-    kd_reduction: Literal["promptkd", "textbook"] = "promptkd"
+    kd_reduction: KdReduction = "promptkd"
     align_weight: float = 1.0
-    ifalign_stats: Literal["per_channel", "per_sample"] = "per_channel"
+    ifalign_stats: IfalignStats = "per_channel"
     feature_weight: float = 1.0
     # EduAttention and α learn at optim.lr × edu_lr_scale. The paper gives no value; at 1.0 the unbounded
     # gate α receives gradients scaled by w_kd · s (1000 · s) and diverges (see README, "Our readings").
@@ -299,7 +310,7 @@ class DistillConfig:
     teacher_cache: str | None = None  # a `comkd cache-teacher` file; 'auto' (comkd run): one per seed
     # docs/method.md, "Extensions"; the first value of each is the paper's reading
     # u_s; P(f) before normalisation against unit u_t; or against u_t at P(f)'s mean norm
-    ifalign_on: Literal["features", "projected", "projected_matched"] = "features"
+    ifalign_on: IfalignOn = "features"
     projector_init: Literal["random", "ridge"] = "random"  # ridge: closed-form fit to u_t before step 1
     ridge_lambda: float = 1e-3
     tower_lr_scale: float = 0.1  # student.scope=full: the tower learns at optim.lr × this
@@ -403,6 +414,14 @@ class RunConfig:
             )
         _check_device(self.device, f"{prefix}device")
         check_teacher_classes(self, prefix)
+        # rules that span sections (docs/method.md, "Extensions")
+        st = self.student
+        if self.distill.projector_init == "ridge" and st.projector == "mlp" and st.projector_bn != "frozen":
+            raise ConfigError(
+                f"{prefix}distill.projector_init: ridge needs {prefix}student.projector_bn: frozen (or "
+                f"{prefix}student.projector: linear): BatchNorm's running statistics at a small batch undo "
+                "the fit; got projector_bn: train"
+            )
 
 
 #: the classes each protocol's teacher learns its prompts on (``train_teacher.subsample``; unset: these).

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import IfalignOn, IfalignStats, KdReduction, values
 from .methods import get_method
 
 __all__ = ["IFALIGN_ON", "IFALIGN_STATS", "ComKDLoss", "build_loss", "ifalign", "ifalign_pair", "kd_kl"]
 
-IFALIGN_STATS = ("per_channel", "per_sample")
+IFALIGN_STATS = values(IfalignStats)
 
 
-KD_REDUCTIONS = ("promptkd", "textbook")
+KD_REDUCTIONS = values(KdReduction)
 
 
 def kd_kl(
@@ -73,7 +74,7 @@ def ifalign(
 
 
 #: what IFAlign compares (``distill.ifalign_on``); see ``ifalign_pair``
-IFALIGN_ON = ("features", "projected", "projected_matched")
+IFALIGN_ON = values(IfalignOn)
 
 
 def ifalign_pair(

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_path
-from ..models.backbones import ModelError, preprocess_metadata
+from ..models.backbones import PREPROCESS_STEPS, ModelError, spec_json
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def export_metadata(student: nn.Module, extra: dict[str, str] | None = None) -> 
     n = len(student.classnames)
     meta = {
         "comkd.format_version": "1",
-        "comkd.preprocess": json.dumps(preprocess_metadata(student.preprocess)),
+        "comkd.preprocess": json.dumps({**spec_json(student.preprocess), **PREPROCESS_STEPS}),
         "comkd.classnames": json.dumps(list(student.classnames)),
         "comkd.input": f"images: float32 [batch, 3, {s}, {s}], RGB, preprocessed as comkd.preprocess says",
         "comkd.output": f"logits: float32 [batch, {n}] in comkd.classnames order; softmax gives probabilities",

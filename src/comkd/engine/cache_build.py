@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.dataset import derive_view_seed
 from ..fileio import atomic_path
 from ..models import PreprocessSpec
+from ..models.backbones import spec_json
 from .cache_format import (
     DIGEST_BYTES,
     STORAGE_DTYPES,
@@ -30,7 +31,6 @@ from .cache_format import (
     encode_header,
     encode_rows,
     numpy_dtype,
-    spec_dict,
     spec_of_transform,
     tail_digest,
     train_transform_of,
@@ -96,10 +96,10 @@ def _checked_transform(
         raise ValueError(f"teacher cache: dtype must be one of {list(STORAGE_DTYPES)}, got {dtype}")
     transform = train_transform_of(dataset)
     tf_spec = spec_of_transform(transform)
-    if student_spec is not None and spec_dict(student_spec) != spec_dict(tf_spec):
+    if student_spec is not None and spec_json(student_spec) != spec_json(tf_spec):
         raise ValueError(
-            f"teacher cache: student_spec {spec_dict(student_spec)} disagrees with the dataset's train transform "
-            f"{spec_dict(tf_spec)}; the dataset must use the student's preprocessing"
+            f"teacher cache: student_spec {spec_json(student_spec)} disagrees with the dataset's train transform "
+            f"{spec_json(tf_spec)}; the dataset must use the student's preprocessing"
         )
     view_seed = getattr(dataset, "view_seed", None)
     if view_seed is not None and int(view_seed) != int(seed):

@@ -47,7 +47,7 @@ import torch
 from ..data.records import virtual_reader
 from ..fileio import check_value, parse_json, short
 from ..models import PreprocessSpec
-from ..models.backbones import MAX_IMAGE_SIZE
+from ..models.backbones import MAX_IMAGE_SIZE, spec_json
 from ..models.identity import teacher_digests, teacher_key
 
 if TYPE_CHECKING:
@@ -139,16 +139,6 @@ def spec_of_transform(transform: Any) -> PreprocessSpec:
     )
 
 
-def spec_dict(spec: PreprocessSpec) -> dict[str, Any]:
-    """``spec`` as recorded in (and compared with) a header's ``student_spec``."""
-    return {
-        "image_size": int(spec.image_size),
-        "mean": [round(float(x), 8) for x in spec.mean],
-        "std": [round(float(x), 8) for x in spec.std],
-        "interpolation": spec.interpolation,
-    }
-
-
 # -- header --------------------------------------------------------------------------------------
 def cache_header(
     teacher: Teacher,
@@ -174,7 +164,7 @@ def cache_header(
         "teacher_files": sources,
         "dataset": dataset_fingerprint(dataset),
         "transform": transform.fingerprint,
-        "student_spec": spec_dict(spec_of_transform(transform)),
+        "student_spec": spec_json(spec_of_transform(transform)),
         "seed": int(seed),
         "views": int(views),
         "dtype": dtype_name,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..models.backbones import spec_json
 from ..models.identity import teacher_digests
 from .cache_format import (
     DIGEST_BYTES,
@@ -30,7 +31,6 @@ from .cache_format import (
     numpy_dtype,
     read_cache_info,
     row_checksums,
-    spec_dict,
     tail_digest,
     train_transform_of,
     view_checksums,
@@ -98,7 +98,7 @@ def _stale_data(header: dict[str, Any], dataset: Any, student_spec: PreprocessSp
         stale += _diff(f"data ({field})", cd.get(field), fp.get(field))
     stale += _diff("transform", header["transform"], train_transform_of(dataset).fingerprint)
     if student_spec is not None:
-        stale += _diff("student preprocessing", header["student_spec"], spec_dict(student_spec))
+        stale += _diff("student preprocessing", header["student_spec"], spec_json(student_spec))
     view_seed = getattr(dataset, "view_seed", None)
     if view_seed is None:
         stale.append(

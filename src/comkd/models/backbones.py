@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +69,25 @@ class PreprocessSpec:
         return build_transform(self.image_size, self.mean, self.std, self.interpolation, train=False)(image)
 
 
-# -- the preprocessing spec as JSON (export metadata) -------------------------------------------
-def preprocess_metadata(spec: PreprocessSpec) -> dict[str, Any]:
-    """The JSON form of ``spec`` an export records (``comkd.preprocess``), with the steps in words."""
-    d = asdict(spec)
-    d["mean"], d["std"] = [float(x) for x in d["mean"]], [float(x) for x in d["std"]]
-    d.update(resize="shorter side to image_size", crop="centre, image_size x image_size", scale="1/255")
-    return d
+# -- the preprocessing spec as JSON -------------------------------------------------------------
+def spec_json(spec: PreprocessSpec) -> dict[str, Any]:
+    """The one JSON form of ``spec``: what a student file and an export record (``comkd.preprocess``;
+    ``spec_from_metadata`` reads it back) and what a teacher cache records and compares
+    (``student_spec``). Means and stds to 8 decimals, so that equal specs compare equal."""
+    return {
+        "image_size": int(spec.image_size),
+        "mean": [round(float(x), 8) for x in spec.mean],
+        "std": [round(float(x), 8) for x in spec.std],
+        "interpolation": spec.interpolation,
+    }
+
+
+#: the steps of ``PreprocessSpec.__call__`` in words, beside the spec in an export's metadata
+PREPROCESS_STEPS = {
+    "resize": "shorter side to image_size",
+    "crop": "centre, image_size x image_size",
+    "scale": "1/255",
+}
 
 
 MAX_IMAGE_SIZE = 4096  # an input side above this is refused before anything is allocated

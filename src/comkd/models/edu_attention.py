@@ -21,10 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EDU_MODES = ("paper", "cosine")
-#: ``paper`` mode's score divisor: √(C/h) (the scaled dot product), or C/h itself (Eq. 6 calls C a
-#: hyper-parameter; read as the softmax temperature)
-EDU_SCALES = ("sqrt_c", "temperature")
+from ..choices import EduMode, EduScale, check
 
 
 class EduAttention(nn.Module):
@@ -60,10 +57,8 @@ class EduAttention(nn.Module):
         attn_dim = dim if attn_dim is None else attn_dim
         if heads < 1 or attn_dim % heads:
             raise ValueError(f"EduAttention: attn_dim {attn_dim} is not divisible by heads {heads}")
-        if mode not in EDU_MODES:
-            raise ValueError(f"EduAttention: mode must be one of {EDU_MODES}, got {mode!r}")
-        if scale not in EDU_SCALES:
-            raise ValueError(f"EduAttention: scale must be one of {EDU_SCALES}, got {scale!r}")
+        check(mode, EduMode, "EduAttention: mode")
+        check(scale, EduScale, "EduAttention: scale")
         self.scale = scale
         if mode == "cosine" and not init_temperature > 0:
             raise ValueError(f"EduAttention: init_temperature must be > 0, got {init_temperature}")

@@ -32,7 +32,7 @@ import torch
 
 from ..digests import tensor_digest
 from ..fileio import atomic_path, check_value, parse_json, short
-from .backbones import MAX_IMAGE_SIZE, RANDOM_WEIGHTS, ModelError, spec_from_metadata
+from .backbones import MAX_IMAGE_SIZE, RANDOM_WEIGHTS, ModelError, spec_from_metadata, spec_json
 from .identity import check_teacher_record
 from .prompts import MAX_PROMPT_DEPTH, MAX_PROMPT_TOKENS
 from .student import Student, StudentArch
@@ -141,7 +141,7 @@ def save_student(student: Student, path: str | Path) -> None:
     meta = {
         STUDENT_CONFIG_KEY: json.dumps(dataclasses.asdict(student.arch)),
         "comkd.classnames": json.dumps(student.classnames),
-        "comkd.preprocess": json.dumps(student.preprocess.__dict__),
+        "comkd.preprocess": json.dumps(spec_json(student.preprocess)),
     }
     if getattr(student, "teacher_identity", None):  # which teacher produced W (comkd classes checks it)
         meta["comkd.teacher"] = json.dumps(student.teacher_identity)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PROJECTORS = ("mlp", "linear")
+from ..choices import Projector as ProjectorKind
+from ..choices import check
 
 
 class Projector(nn.Sequential):
@@ -30,8 +31,7 @@ class LinearProjector(nn.Sequential):
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Sequential:
-    if kind not in PROJECTORS:
-        raise ValueError(f"projector must be one of {PROJECTORS}, got {kind!r}")
+    check(kind, ProjectorKind, "projector")
     return Projector(in_dim, out_dim) if kind == "mlp" else LinearProjector(in_dim, out_dim)
 
 

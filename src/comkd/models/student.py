@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from ..choices import Attend, EduScale, ProjectorBN, Scope, check
 from .backbones import LoadedModel, ModelError, load_clip, uses_quick_gelu
-from .edu_attention import EDU_SCALES, EduAttention
+from .edu_attention import EduAttention
 from .identity import check_teacher, teacher_identity
 from .projector import build_projector
 from .prompts import PromptedVisionTower
@@ -100,14 +101,13 @@ class Student(nn.Module):
 
     def __init__(self, loaded: LoadedModel, arch: StudentArch, *, logit_scale: float | None = None):
         super().__init__()
-        if arch.attend not in ("all", "subset"):
-            raise ModelError(f"attend must be 'all' or 'subset', got {arch.attend!r}")
-        if arch.projector_bn not in ("train", "frozen"):
-            raise ModelError(f"projector_bn must be 'train' or 'frozen', got {arch.projector_bn!r}")
-        if arch.edu_scale not in EDU_SCALES:
-            raise ModelError(f"edu_scale must be one of {', '.join(EDU_SCALES)}, got {arch.edu_scale!r}")
-        if arch.scope not in ("prompts", "full"):
-            raise ModelError(f"scope must be 'prompts' or 'full', got {arch.scope!r}")
+        for value, choice, what in (
+            (arch.attend, Attend, "attend"),
+            (arch.projector_bn, ProjectorBN, "projector_bn"),
+            (arch.edu_scale, EduScale, "edu_scale"),
+            (arch.scope, Scope, "scope"),
+        ):
+            check(value, choice, what, ModelError)
         self.model_name = loaded.name
         self.preprocess = loaded.preprocess
         teacher_dim, vision_tokens, vision_depth = arch.teacher_dim, arch.vision_tokens, arch.vision_depth
@@ -205,8 +205,7 @@ class Student(nn.Module):
 
     @attend.setter
     def attend(self, value: str) -> None:
-        if value not in ("all", "subset"):
-            raise ModelError(f"attend must be 'all' or 'subset', got {value!r}")
+        check(value, Attend, "attend", ModelError)
         self.arch = replace(self.arch, attend=value)
 
     @property
