@@ -41,7 +41,7 @@ def _model_sizes(name: str, image_size: int | None) -> dict[str, Any]:
 
 def _split_sizes(cfg) -> dict[str, int]:
     from comkd.data import load_splits
-    from comkd.engine.pipeline import loader_options
+    from comkd.engine.builders import loader_options
 
     s = load_splits(cfg.data.dataset, cfg.data.root, **loader_options(cfg))
     return {k: len(s.split(k)) for k in s.split_names}
@@ -85,12 +85,12 @@ def attention_stats(
     of each image's FC_o(f_att) to their mean (1 = the same vector for every image)."""
     import torch
 
-    from comkd.engine import pipeline as P
+    from comkd.engine.builders import make_dataset
     from comkd.models.io import load_student
 
     student = load_student(student_path, "cpu")
     ea = student.edu_attention
-    ds = P.make_dataset(cfg, split, student.preprocess, train=False)
+    ds = make_dataset(cfg, split, student.preprocess, train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False, num_workers=0)
     w = student.text_features
     ent, top, agree, ratio, n = 0.0, 0.0, 0.0, 0.0, 0
@@ -312,7 +312,7 @@ def _merge_variants(results: dict, extra: dict) -> None:
 
 
 def _kd_weight(cfg) -> float:
-    from comkd.config import resolve_recipe
+    from comkd.config_rules import resolve_recipe
 
     return resolve_recipe(cfg).distill.kd_weight
 

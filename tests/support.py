@@ -197,11 +197,11 @@ def demo_student_file(folder: Path, names: list[str]) -> tuple[Path, Any]:
     """``folder/student.safetensors``: the demo preset's (undistilled) student against a 32-d
     teacher, a random W over ``names``; and that preset's config."""
     from comkd.config import load_config
-    from comkd.engine import pipeline
+    from comkd.engine.builders import build_student
     from comkd.models.io import save_student
 
     cfg = load_config("demo")
-    student = pipeline.build_student(cfg, 32, "cpu")
+    student = build_student(cfg, 32, "cpu")
     student.set_text_features(torch.nn.functional.normalize(torch.randn(len(names), 32), dim=-1), names)
     path = folder / "student.safetensors"
     save_student(student, path)

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "comkd"
 # public names) and __main__ sit above everything.
 LAYERS: list[set[str]] = [
     {"fileio", "stats", "runlock", "digests", "config_io", "choices"},
-    {"methods"},
+    {"methods", "config_rules"},
     {"config"},
     {"losses"},
     {"data"},

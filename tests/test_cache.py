@@ -18,11 +18,12 @@ from comkd.config import OptimConfig, load_config
 from comkd.data import build_dataset, build_transform, derive_view_seed
 from comkd.data.dataset import ImageDataset
 from comkd.engine import cache_read
-from comkd.engine import pipeline as P
 from comkd.engine.cache_build import build_teacher_cache
 from comkd.engine.cache_format import StaleCacheError, read_cache_info, text_features_key
 from comkd.engine.cache_read import CachedTeacherOutputs
+from comkd.engine.distill import run_distill
 from comkd.engine.loop import fit
+from comkd.engine.stages import run_cache_teacher
 from comkd.engine.tasks import DistillTask, TeacherOutputs
 from comkd.losses import build_loss
 from comkd.models import TINY_STUDENT, TINY_TEACHER, create_student, create_teacher
@@ -269,7 +270,7 @@ def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path
     cfg = load_config(
         "demo", sets=[*sets, f"teacher.pretrained={f['weights_a']}", f"teacher.prompts={f['prompts_a']}"]
     )
-    info = P.run_cache_teacher(cfg, tmp_path / "cache", views=1)
+    info = run_cache_teacher(cfg, tmp_path / "cache", views=1)
     header = read_cache_info(info["cache"]).header
     assert header["teacher_files"]["teacher.pretrained"].startswith("sha256:")
     for key, other in (("teacher.pretrained", f["weights_b"]), ("teacher.prompts", f["prompts_b"])):
@@ -284,7 +285,7 @@ def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path
             ],
         )
         with pytest.raises(StaleCacheError) as err:
-            P.run_distill(bad, tmp_path / key)
+            run_distill(bad, tmp_path / key)
         assert key in str(err.value)
         assert ("teacher.prompts" if key == "teacher.pretrained" else "teacher.pretrained") not in str(
             err.value
@@ -301,7 +302,7 @@ def test_teacher_cache_from_other_teacher_weights_or_prompts_is_refused(tmp_path
             f"distill.teacher_cache={info['cache']}",
         ],
     )
-    assert P.run_distill(ok, tmp_path / "ok")["train_images"] > 0
+    assert run_distill(ok, tmp_path / "ok")["train_images"] > 0
 
 
 # -- a crafted or damaged header: one line naming the file and the field ----------------------
@@ -519,7 +520,7 @@ def test_distill_from_a_corrupted_cache_is_one_line(tmp_path, tiny_teacher_files
     f = tiny_teacher_files
     sets = [*TINY_SETS, "distill.optim.epochs=1", "distill.optim.warmup_epochs=0"]
     sets += [f"teacher.pretrained={f['weights_a']}", f"teacher.prompts={f['prompts_a']}"]
-    built = Path(P.run_cache_teacher(load_config("demo", sets=sets), tmp_path / "cache", views=1)["cache"])
+    built = Path(run_cache_teacher(load_config("demo", sets=sets), tmp_path / "cache", views=1)["cache"])
     for name, offset_of in (("W", lambda i: i.text_offset), ("features", lambda i: i.data_offset)):
         bad = _damaged(built, tmp_path, offset_of, 256)
         args = ["distill", "--config", "demo", "--teacher-cache", str(bad), "--out-dir", str(tmp_path / name)]

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from comkd import cli
 from comkd.config import load_config
-from comkd.engine import pipeline as P
 from comkd.engine import stages
+from comkd.engine.stages import run_cache_teacher
 from support import ToyData, ToyTask, demo_student_file, one_line_error, resave_student, subprocess_env
 
 FAST = [
@@ -223,7 +223,7 @@ def test_out_names_a_file_and_out_dir_a_folder_in_every_command() -> None:
 def test_the_old_out_of_a_folder_command_still_works_with_a_note(tmp_path, monkeypatch) -> None:
     seen: dict = {}
     monkeypatch.setattr(
-        "comkd.engine.pipeline.run_distill", lambda cfg, out, **kw: seen.setdefault("out", str(out)) and {}
+        "comkd.engine.distill.run_distill", lambda cfg, out, **kw: seen.setdefault("out", str(out)) and {}
     )
     r = CliRunner().invoke(cli.app, ["distill", "--no-evaluate", "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
@@ -276,7 +276,7 @@ def test_a_full_disk_says_so_and_prints_the_results_it_could_not_write(tmp_path,
     def full(p, obj):
         raise OSError(errno.ENOSPC, "No space left on device", str(p))
 
-    monkeypatch.setattr(P, "write_json", full)
+    monkeypatch.setattr("comkd.engine.utils.write_json", full)
     r = CliRunner().invoke(
         cli.app, ["evaluate", str(path), "--config", "demo", "--out-dir", str(tmp_path / "ev")]
     )
@@ -340,7 +340,7 @@ def test_cache_teacher_honours_progress(tmp_path, monkeypatch, progress) -> None
         sys.stderr, "isatty", lambda: True, raising=False
     )  # a terminal: only the setting decides
     cfg = load_config("demo", sets=[f"progress={str(progress).lower()}", "data.image_size=16"])
-    P.run_cache_teacher(cfg, tmp_path, views=1)
+    run_cache_teacher(cfg, tmp_path, views=1)
     assert seen["progress"] is progress
 
 

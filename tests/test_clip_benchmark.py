@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import save_file
 
 from comkd.config import load_config
-from comkd.engine.pipeline import evaluate_student
+from comkd.engine.evaluation import evaluate_student
 from comkd.engine.utils import seed_everything
 from comkd.models import ModelError, create_student, create_teacher, load_clip, save_clip_weights
 from comkd.models.identity import teacher_identity

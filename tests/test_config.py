@@ -44,7 +44,6 @@ def test_yaml_preset_chain(tmp_path):
 
 def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
     """Through the real command: --config < named flags < --set."""
-    from comkd.engine import pipeline
 
     seen: dict = {}
 
@@ -52,7 +51,7 @@ def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
         seen["cfg"], seen["resume"] = cfg, resume
         return {"student": "-"}
 
-    monkeypatch.setattr(pipeline, "run_distill", fake_run_distill)
+    monkeypatch.setattr("comkd.engine.distill.run_distill", fake_run_distill)
     y = tmp_path / "c.yaml"
     y.write_text(
         yaml.safe_dump({"seed": 5, "distill": {"method": "promptkd", "optim": {"lr": 0.1, "epochs": 7}}})
@@ -155,7 +154,7 @@ def test_run_refuses_a_seed_outside_numpys_range_before_any_stage(tmp_path, seed
 
 # -- schedules that follow the epochs --------------------------------------------------------
 def test_a_warm_up_as_long_as_the_schedule_is_cut_to_leave_one_cosine_epoch():
-    from comkd.config import resolve_recipe
+    from comkd.config_rules import resolve_recipe
     from comkd.engine.schedule import lr_at
 
     c = load_config(sets=["distill.optim.epochs=1"])  # sgd, warmup_epochs 1 by default

@@ -27,7 +27,7 @@ from comkd.data import (
     subsample_classes,
     transform_fingerprint,
 )
-from comkd.engine import pipeline as P
+from comkd.engine.builders import build_student, make_dataset
 from support import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -614,9 +614,9 @@ def test_csv_labels_with_gaps_or_one_class_are_refused(tmp_path, labels, words) 
 )
 def test_one_class_is_refused_up_front(tmp_path, labels, subsample, words) -> None:
     cfg = load_config("demo", sets=["data.dataset=csv", f"data.root={_csv(tmp_path, labels, images=True)}"])
-    spec = P.build_student(cfg, 32, "cpu").preprocess
+    spec = build_student(cfg, 32, "cpu").preprocess
     with pytest.raises(DataError) as err:
-        P.make_dataset(cfg, "train", spec, train=True, subsample=subsample, few_shot=subsample == "base")
+        make_dataset(cfg, "train", spec, train=True, subsample=subsample, few_shot=subsample == "base")
     assert words in str(err.value) and "labels.csv" in str(err.value) and "at least 2" in str(err.value)
 
 

@@ -191,7 +191,7 @@ def test_grad_accum_equals_the_full_batch_without_batch_statistics(tmp_path):
 
 
 def _distill_parts(method: str, seed: int):
-    from comkd.engine.pipeline import build_student, build_teacher, make_dataset
+    from comkd.engine.builders import build_student, build_teacher, make_dataset
     from comkd.engine.tasks import DistillTask, TeacherOutputs
     from comkd.engine.utils import seed_everything
     from comkd.losses import build_loss
@@ -317,7 +317,7 @@ def test_atomic_torch_save_failure_leaves_no_partial_file(tmp_path, monkeypatch)
 # -- determinism and metrics of a real (tiny) distillation -------------------------------------
 @pytest.mark.slow
 def test_one_seed_gives_identical_runs_and_jsonl_metrics(tmp_path):
-    from comkd.engine.pipeline import run_distill
+    from comkd.engine.distill import run_distill
 
     def run(name: str, seed: int):
         cfg = load_config(
@@ -474,14 +474,15 @@ def test_cli_result_with_nan_is_one_line_naming_the_file_and_key(tmp_path, monke
     from typer.testing import CliRunner
 
     from comkd import cli
-    from comkd.engine import pipeline
 
     def fake_run_distill(cfg, out_dir, resume=False):
         return {"student": str(tmp_path / "student.safetensors"), "history": []}
 
-    monkeypatch.setattr(pipeline, "run_distill", fake_run_distill)
+    monkeypatch.setattr("comkd.engine.distill.run_distill", fake_run_distill)
     monkeypatch.setattr("comkd.models.io.load_student", lambda path, device: None)
-    monkeypatch.setattr(pipeline, "evaluate_student", lambda cfg, s: {"acc": float("nan"), "classes": 10})
+    monkeypatch.setattr(
+        "comkd.engine.evaluation.evaluate_student", lambda cfg, s: {"acc": float("nan"), "classes": 10}
+    )
     out = tmp_path / "run"
     r = CliRunner().invoke(cli.app, ["distill", "--config", "demo", "--out-dir", str(out)])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output

@@ -445,7 +445,7 @@ def test_the_card_of_a_base2novel_student_takes_its_seed_and_the_runs_baselines(
 def test_the_card_lists_many_classes_by_the_first_hundred_and_a_count() -> None:
     from types import SimpleNamespace
 
-    from comkd.deploy.hub import model_card
+    from comkd.deploy.card import model_card
 
     names = [f"class{i}" for i in range(250)]
     student = SimpleNamespace(

@@ -14,7 +14,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from comkd import cli
-from comkd.config import ConfigError, load_config, resolve_recipe
+from comkd.config import ConfigError, load_config
+from comkd.config_rules import resolve_recipe
 from comkd.engine.tasks import DistillTask
 from comkd.losses import build_loss, kd_kl
 from comkd.methods import (
@@ -210,8 +211,9 @@ def test_promptkd_steps_replayed_in_plain_torch_match_comkd_distill(tmp_path, on
     import torch.nn.functional as F
     from safetensors.torch import load_file
 
-    from comkd.engine import pipeline as P
+    from comkd.engine.builders import build_student, build_teacher, make_dataset
     from comkd.engine.sampling import EpochBatchSampler
+    from comkd.engine.tasks import TeacherOutputs
     from comkd.engine.utils import seed_everything
 
     sets = ["data.image_size=16", "distill.optim.epochs=1", "distill.optim.warmup_epochs=0", "progress=false"]
@@ -229,9 +231,9 @@ def test_promptkd_steps_replayed_in_plain_torch_match_comkd_distill(tmp_path, on
     # the pair, the images and the order, as the run draws them (the models are not the subject here)
     seed_everything(cfg.seed)
     device = torch.device("cpu")
-    teacher = P.build_teacher(cfg, device)
-    student = P.build_student(cfg, teacher.embed_dim, device)
-    ds = P.make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
+    teacher = build_teacher(cfg, device)
+    student = build_student(cfg, teacher.embed_dim, device)
+    ds = make_dataset(cfg, d.split, student.preprocess, train=True, unlabelled=True, augment=d.augment)
     w = teacher.class_text_features(ds.full_classnames).detach()
     s_t = float(teacher.logit_scale)
     batch = len(ds) // 2
@@ -240,7 +242,7 @@ def test_promptkd_steps_replayed_in_plain_torch_match_comkd_distill(tmp_path, on
     ds.set_epoch(0)
     batches = [torch.stack([ds[i][0] for i in idx]) for idx in sampler]
     assert len(batches) == 2
-    teacher_out = P.TeacherOutputs(teacher, student.preprocess)
+    teacher_out = TeacherOutputs(teacher, student.preprocess)
     u_t = [teacher_out(x, None, 0).detach() for x in batches]
 
     r = CliRunner().invoke(

@@ -877,7 +877,7 @@ def test_a_pretrained_tag_builds_the_activation_its_weights_need(monkeypatch, ta
 
 
 def test_a_student_file_records_the_activation_in_effect(tmp_path) -> None:
-    from comkd.engine.pipeline import build_student
+    from comkd.engine.builders import build_student
     from comkd.models.io import load_student, save_student
 
     cfg = load_config("demo", sets=["student.quick_gelu=true"])

@@ -307,7 +307,7 @@ def test_full_protocol_without_labels_uses_the_teacher_zero_shot(tmp_path, names
 
 @needs_shared
 def test_labelled_shots_and_test_sets_may_be_csv_files(tmp_path, names_file) -> None:
-    from comkd.engine.pipeline import make_dataset
+    from comkd.engine.builders import make_dataset
     from comkd.models import PreprocessSpec
     from comkd.protocols.full import class_names, eval_config
 
@@ -373,7 +373,7 @@ def test_full_protocol_on_a_labelled_dataset_uses_its_own_shots_and_test_split(t
         ).stat().st_size > 0 and f"confusion_{who}.png" in report
     assert sum(map(sum, res["student_zeroshot"]["confusion"])) == n
     # the undistilled student is scored as `evaluate_clip_zero_shot` scores it (same accuracy)
-    from comkd.engine.pipeline import evaluate_clip_zero_shot
+    from comkd.engine.evaluation import evaluate_clip_zero_shot
     from comkd.protocols.full import eval_config
 
     stage = eval_config(load_config(str(out / "comkd" / "config.yaml")))

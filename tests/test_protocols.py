@@ -30,11 +30,11 @@ def _record_protocol(monkeypatch, cfg, protocol, datasets):
     monkeypatch.setattr(runner, "_teacher_stage", lambda c, out, resume: c)
     monkeypatch.setattr(runner, "_distill_and_eval", distill)
     monkeypatch.setattr(runner, "read_metrics", lambda path: [])
-    monkeypatch.setattr(runner.P, "build_teacher", lambda c, device: None)
-    monkeypatch.setattr(runner.P, "has_val_split", lambda c: False)  # no teacher check (no data)
-    monkeypatch.setattr(runner.P, "evaluate_teacher", lambda c, t, split: distill(c, "teacher", None, False))
+    monkeypatch.setattr(runner, "build_teacher", lambda c, device: None)
+    monkeypatch.setattr(runner, "has_val_split", lambda c: False)  # no teacher check (no data)
+    monkeypatch.setattr(runner, "evaluate_teacher", lambda c, t, split: distill(c, "teacher", None, False))
     monkeypatch.setattr(
-        runner.P, "evaluate_clip_zero_shot", lambda c, role, split: distill(c, "zs", None, False)
+        runner, "evaluate_clip_zero_shot", lambda c, role, split: distill(c, "zs", None, False)
     )
     monkeypatch.setattr(report, "write_report", lambda *a, **k: None)
     cfg.protocol = protocol
@@ -69,7 +69,7 @@ def test_base2novel_keeps_the_per_dataset_recipe(monkeypatch, tmp_path) -> None:
 
 # -- stage-0 choices do not look at test data ---------------------------------------------
 def test_pretrain_is_scored_on_val_where_the_dataset_has_one(tmp_path) -> None:
-    from comkd.engine.pipeline import pretrain_eval_split
+    from comkd.engine.evaluation import pretrain_eval_split
 
     assert load_config().pretrain.eval_split is None
     assert pretrain_eval_split(load_config("demo")) == "val"  # digits: pretrain/train/val/test
@@ -88,7 +88,7 @@ def test_pretrain_is_scored_on_val_where_the_dataset_has_one(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_pretrain_reports_the_split_it_was_scored_on(tmp_path) -> None:
-    from comkd.engine.pipeline import run_pretrain
+    from comkd.engine.stages import run_pretrain
 
     cfg = load_config(
         "demo", sets=["pretrain.optim.epochs=1", "pretrain.optim.warmup_epochs=0", "progress=false"]
@@ -102,7 +102,7 @@ def test_pretrain_reports_the_split_it_was_scored_on(tmp_path) -> None:
 @pytest.mark.slow
 def test_pretrain_student_shots_give_the_student_fewer_labelled_images(tmp_path) -> None:
     from comkd.engine.builders import make_dataset
-    from comkd.engine.pipeline import run_pretrain
+    from comkd.engine.stages import run_pretrain
     from comkd.models.backbones import load_clip
 
     sets = ["pretrain.optim.epochs=1", "pretrain.optim.warmup_epochs=0", "pretrain.optim.batch_size=8"]
@@ -244,7 +244,7 @@ def test_the_b2n_preset_is_the_paper_pair_with_promptkds_teacher_on_base_classes
     d = cfg.distill
     assert (d.recipe, d.method, d.optim.epochs, d.optim.batch_size) == ("recommended", "comkd", 20, 8)
     assert d.kd_weight is None  # PromptKD's per-dataset w_kd: 200 for dtd, 1000 for eurosat
-    from comkd.config import resolve_recipe
+    from comkd.config_rules import resolve_recipe
 
     assert (
         resolve_recipe(load_config("b2n_vitl14_vitb16", sets=["data.dataset=dtd"])).distill.kd_weight == 200
@@ -323,7 +323,7 @@ def test_the_python_api_refuses_it_too_before_any_stage(monkeypatch, tmp_path) -
 def test_unset_the_teacher_learns_on_the_protocols_classes_and_results_say_which(
     monkeypatch, tmp_path, protocol, classes
 ) -> None:
-    from comkd.config import resolve_recipe
+    from comkd.config_rules import resolve_recipe
 
     cfg = load_config(sets=[f"output_dir={tmp_path}"], overrides={"protocol": protocol})
     assert cfg.train_teacher.subsample is None  # unset: the protocol's
@@ -412,10 +412,10 @@ def test_a_protocol_report_names_the_chance_level_and_test_size_of_each_part(mon
     monkeypatch.setattr(runner, "_teacher_stage", lambda c, out, resume: c)
     monkeypatch.setattr(runner, "_distill_and_eval", lambda c, m, out, resume: scored(c))
     monkeypatch.setattr(runner, "read_metrics", lambda path: [])
-    monkeypatch.setattr(runner.P, "build_teacher", lambda c, device: None)
-    monkeypatch.setattr(runner.P, "has_val_split", lambda c: False)
-    monkeypatch.setattr(runner.P, "evaluate_teacher", scored)
-    monkeypatch.setattr(runner.P, "evaluate_clip_zero_shot", scored)
+    monkeypatch.setattr(runner, "build_teacher", lambda c, device: None)
+    monkeypatch.setattr(runner, "has_val_split", lambda c: False)
+    monkeypatch.setattr(runner, "evaluate_teacher", scored)
+    monkeypatch.setattr(runner, "evaluate_clip_zero_shot", scored)
     cfg = load_config(sets=[f"output_dir={tmp_path}", "data.dataset=dtd"])
     runner.run_protocol(cfg, tmp_path, datasets=["dtd"], methods=["comkd"])
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -186,7 +186,9 @@ def test_ifalign_on_projected_features_and_frozen_bn_and_full_scope() -> None:
 @pytest.mark.slow
 def test_distill_with_ridge_warm_start_step0_and_saved_settings(tmp_path) -> None:
     from comkd.config import load_config
-    from comkd.engine import pipeline as P
+    from comkd.engine.builders import build_student, build_teacher, make_dataset
+    from comkd.engine.distill import run_distill
+    from comkd.engine.tasks import TeacherOutputs
     from comkd.models.projector import fit_projector as fit
 
     cfg = load_config(
@@ -212,23 +214,23 @@ def test_distill_with_ridge_warm_start_step0_and_saved_settings(tmp_path) -> Non
         return {"hm": float(seen["calls"])}
 
     torch.manual_seed(0)
-    info = P.run_distill(cfg, tmp_path / "run", step0_fn=step0)
+    info = run_distill(cfg, tmp_path / "run", step0_fn=step0)
     assert info["step0"] == {"hm": 2.0, "random_init": {"hm": 1.0}}
     # independent: the same features and teacher targets, fitted again from a fresh projector
     from comkd.engine.utils import seed_everything
 
     seed_everything(cfg.seed)  # as run_distill does, so the fresh models get the same random init
     device = torch.device("cpu")
-    teacher = P.build_teacher(cfg, device)
-    student = P.build_student(cfg, teacher.embed_dim, device)
-    ds = P.make_dataset(
+    teacher = build_teacher(cfg, device)
+    student = build_student(cfg, teacher.embed_dim, device)
+    ds = make_dataset(
         cfg, cfg.distill.split, student.preprocess, train=True, unlabelled=True, augment=cfg.distill.augment
     )
     ds.set_epoch(0)
     xs = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():
         f = student.visual(xs)
-        u_t = P.TeacherOutputs(teacher, student.preprocess)(xs, None, 0)
+        u_t = TeacherOutputs(teacher, student.preprocess)(xs, None, 0)
     fit(student.projector, f, u_t, cfg.distill.ridge_lambda)
     torch.testing.assert_close(seen["bn_mean"], student.projector[1].running_mean)
     torch.testing.assert_close(seen["head"], student.projector[-1].weight, atol=1e-4, rtol=1e-4)

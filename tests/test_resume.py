@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from comkd import cli
 from comkd.config import OptimConfig, load_config
-from comkd.engine import pipeline as P
 from comkd.engine.loop import NonFiniteLossError, fit
+from comkd.engine.stages import start_stage
 from comkd.engine.utils import MetricsLog, read_metrics
 from support import DISTILL_CMD, TINY_SETS, ToyData, ToyTask, one_line_error, subprocess_env
 
@@ -314,28 +314,28 @@ def test_resume_of_a_finished_run_is_a_no_op_that_says_so(tmp_path, caplog) -> N
     ],
 )
 def test_resume_with_a_setting_that_changes_the_result_is_refused_naming_it(tmp_path, change, key) -> None:
-    from comkd.config import ConfigError, load_config, resolve_recipe, save_config
-    from comkd.engine import pipeline as P
+    from comkd.config import ConfigError, load_config, save_config
+    from comkd.config_rules import resolve_recipe
 
     cfg = load_config("demo")
     save_config(resolve_recipe(cfg), tmp_path / "config.yaml")  # as a run writes it
     before = (tmp_path / "config.yaml").read_text()
     changed = load_config("demo", sets=[change])
     with pytest.raises(ConfigError, match=r"--resume: " + key.replace(".", r"\.")) as err:
-        P.start_stage(changed, tmp_path, resume=True, stage="distill")
+        start_stage(changed, tmp_path, resume=True, stage="distill")
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
     assert (tmp_path / "config.yaml").read_text() == before
 
 
 def test_resume_may_change_where_a_run_runs_and_what_it_prints(tmp_path) -> None:
-    from comkd.config import load_config, resolve_recipe, save_config
-    from comkd.engine import pipeline as P
+    from comkd.config import load_config, save_config
+    from comkd.config_rules import resolve_recipe
 
     cfg = load_config("demo")
     save_config(resolve_recipe(cfg), tmp_path / "config.yaml")
     free = ["device=cpu", "progress=false", "log_every=3", "ckpt_every=2", "data.num_workers=1"]
     free += ["distill.optim.amp=on", "pretrain.optim.lr=0.5"]  # another stage's section: not this stage's
-    P.start_stage(load_config("demo", sets=free), tmp_path, resume=True, stage="distill")
+    start_stage(load_config("demo", sets=free), tmp_path, resume=True, stage="distill")
 
 
 def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
@@ -352,11 +352,11 @@ def test_resume_with_other_optimiser_settings_is_refused(tmp_path) -> None:
     with pytest.raises(
         ConfigError, match=rf"distill\.optim\.lr is 0\.05 now .* started with {re.escape(str(lr))};"
     ):
-        P.start_stage(changed, tmp_path, resume=True, stage="distill")
+        start_stage(changed, tmp_path, resume=True, stage="distill")
     assert (tmp_path / "config.yaml").read_text() == before  # never claims a value not in effect
-    P.start_stage(cfg, tmp_path, resume=True, stage="distill")  # the same settings resume
+    start_stage(cfg, tmp_path, resume=True, stage="distill")  # the same settings resume
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["distill"]["optim"]["lr"] == lr
-    P.start_stage(
+    start_stage(
         changed, tmp_path, resume=True, stage="teacher_train"
     )  # another stage's settings: not checked
 

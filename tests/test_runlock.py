@@ -161,13 +161,14 @@ def test_finished_results_are_kept_without_resume_or_overwrite(tmp_path):
 def test_stage_runners_refuse_to_overwrite_a_finished_run(tmp_path):
     """The real runners: refused before anything in the folder is touched."""
     from comkd.config import load_config
-    from comkd.engine import pipeline as P
+    from comkd.engine.distill import run_distill
+    from comkd.engine.stages import run_pretrain, run_train_teacher
 
     cfg = load_config("demo")
     for name, run in (
-        ("student.safetensors", P.run_distill),
-        ("teacher_prompts.safetensors", P.run_train_teacher),
-        ("student_clip.safetensors", P.run_pretrain),
+        ("student.safetensors", run_distill),
+        ("teacher_prompts.safetensors", run_train_teacher),
+        ("student_clip.safetensors", run_pretrain),
     ):
         out = tmp_path / name
         out.mkdir()

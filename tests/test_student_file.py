@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from comkd import cli
 from comkd.config import load_config
 from comkd.data import DataError
-from comkd.engine import pipeline as P
+from comkd.engine.evaluation import evaluate_student
 from comkd.models import StudentArch, create_student
 from comkd.models.io import STUDENT_CONFIG_KEY, STUDENT_DIGEST_KEY, load_student, save_student, student_digest
 from support import demo_student_file, one_line_error, resave_student
@@ -122,7 +122,7 @@ def test_create_student_refuses_an_unknown_option_naming_it() -> None:
 
 
 def test_the_models_are_built_from_the_config_sections_by_name() -> None:
-    from comkd.engine.pipeline import build_student, build_teacher, student_arch, teacher_arch
+    from comkd.engine.builders import build_student, build_teacher, student_arch, teacher_arch
 
     cfg = load_config(
         "demo",
@@ -310,7 +310,7 @@ def test_student_on_a_dataset_with_other_classes_is_refused(tmp_path, names) -> 
     path, cfg = demo_student_file(tmp_path, names)
     student = load_student(path)
     with pytest.raises(DataError) as err:
-        P.evaluate_student(cfg, student)
+        evaluate_student(cfg, student)
     msg = str(err.value)
     assert repr(names[0]) in msg and "'digits'" in msg and f"stores {len(names)} classes" in msg
     r = CliRunner().invoke(cli.app, ["evaluate", str(path), "--config", "demo"])
@@ -322,7 +322,7 @@ def test_student_on_its_own_classes_still_evaluates(tmp_path) -> None:
 
     names = load_digits_splits().classnames
     path, cfg = demo_student_file(tmp_path, names)
-    res = P.evaluate_student(cfg, load_student(path))
+    res = evaluate_student(cfg, load_student(path))
     assert 0 <= res["base"]["acc"] <= 100 and 0 <= res["novel"]["acc"] <= 100
 
 

@@ -125,7 +125,7 @@ def test_the_paper_pair_teacher_is_promptkds_promptsrc_recipe(preset) -> None:
 def test_the_paper_gaussian_follows_the_stages_epochs(epochs, mean, std) -> None:
     """N(15, 1) of 20 epochs is the same curve on any schedule: peak and spread scale with E, and
     config.yaml (resolve_recipe) holds them in the stage's own epochs."""
-    from comkd.config import resolve_recipe
+    from comkd.config_rules import resolve_recipe
 
     cfg = load_config("full_vitl14_vitb16", sets=[f"train_teacher.optim.epochs={epochs}"])
     assert cfg.train_teacher.resolved_gpa() == pytest.approx((mean, std))
@@ -180,8 +180,8 @@ def test_frozen_text_target_is_the_normalised_mean_of_unnormalised_features() ->
 def test_stage1_regularises_towards_promptsrc_templates_by_default(monkeypatch, tmp_path, choice) -> None:
     from comkd.data import promptsrc_templates
     from comkd.data.builtin import DIGITS_TEMPLATE
-    from comkd.engine import pipeline as P
     from comkd.engine import stages
+    from comkd.engine.stages import run_train_teacher
 
     seen = {}
 
@@ -196,7 +196,7 @@ def test_stage1_regularises_towards_promptsrc_templates_by_default(monkeypatch, 
     assert load_config().teacher_train.text_templates == "promptsrc"
     cfg = load_config("demo", sets=[f"teacher_train.text_templates={choice}"])
     with pytest.raises(Stop):
-        P.run_train_teacher(cfg, tmp_path)
+        run_train_teacher(cfg, tmp_path)
     assert seen["templates"] == (promptsrc_templates() if choice == "promptsrc" else [DIGITS_TEMPLATE])
 
 

@@ -282,7 +282,7 @@ import json, os, sys
 from collections import defaultdict
 import torch
 from comkd.config import load_config
-from comkd.engine import pipeline as P
+from comkd.engine.distill import run_distill
 from comkd.engine import tasks as T
 from comkd.engine.utils import rank
 
@@ -302,7 +302,7 @@ cfg = load_config(sets=[
     "distill.optim.epochs=2", "distill.optim.batch_size=8", "distill.optim.warmup_epochs=0",
     "progress=false", "seed=2",
 ])
-P.run_distill(cfg, out)
+run_distill(cfg, out)
 with open(os.path.join(out, f"seen{rank()}.json"), "w") as f:
     json.dump(seen, f)
 """
@@ -398,7 +398,7 @@ def test_streamed_fit_resumes_mid_epoch_exactly(tmp_path, shards):
 
 def test_loader_options_follow_the_loader_signature(shards):
     from comkd.config import ConfigError, load_config
-    from comkd.engine.pipeline import loader_options
+    from comkd.engine.builders import loader_options
 
     cfg = load_config(
         sets=[

@@ -8,7 +8,6 @@ rejected with the key's dotted name and the allowed values. The resolved config 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -38,13 +37,19 @@ from .config_io import (
     read_yaml_mapping,
     validate_tree,
 )
+from .config_rules import (
+    check_device,
+    check_seed,
+    check_teacher_classes,
+    check_teacher_count,
+    method_name,
+)
 from .fileio import atomic_write_text
-from .methods import METHODS, RECIPES, canonical_method, paper_kd_weight, recipe_updates
+from .methods import RECIPES, recipe_updates
 
 __all__ = [
     "PRESET_DIR",
     "SECTION_ALIASES",
-    "TEACHER_CLASSES",
     "AugmentConfig",
     "ConfigError",
     "DataConfig",
@@ -56,13 +61,10 @@ __all__ = [
     "StudentConfig",
     "TeacherConfig",
     "TeacherTrainConfig",
-    "check_teacher_classes",
     "list_presets",
     "load_config",
     "parse_overrides",
-    "resolve_recipe",
     "save_config",
-    "teacher_classes",
     "to_dict",
 ]
 
@@ -325,7 +327,7 @@ class DistillConfig:
     extra_teachers: list[TeacherConfig] = field(default_factory=list)
 
     def validate(self, prefix: str) -> None:
-        self.method = _method_name(self.method, f"{prefix}method")
+        self.method = method_name(self.method, f"{prefix}method")
         check_teacher_count(self, prefix)
         if self.extra_teachers and self.teacher_cache:
             raise ConfigError(
@@ -342,19 +344,6 @@ class DistillConfig:
         positive_finite(self.temperature, f"{prefix}temperature")
         positive_finite(self.align_weight, f"{prefix}align_weight", allow_zero=True)
         positive_finite(self.feature_weight, f"{prefix}feature_weight", allow_zero=True)
-
-
-def check_teacher_count(d: DistillConfig, prefix: str = "distill.", method: str | None = None) -> None:
-    """A method of several teachers needs them: ``teacher``, then as many ``distill.extra_teachers``
-    as its ``teachers`` count says (a method of fewer uses the first ones, or none). Checked on
-    every config, and for each method of a run before any stage."""
-    name = canonical_method(method or d.method)
-    wanted, got = METHODS[name].teachers, len(d.extra_teachers)
-    if got + 1 < wanted:
-        raise ConfigError(
-            f"{prefix}extra_teachers: method {name!r} distils from {wanted} teachers: `teacher` and "
-            f"{wanted - 1} here, got {got}; e.g. distill.extra_teachers=[{{model: M, pretrained: W, prompts: P}}]"
-        )
 
 
 @dataclass
@@ -412,7 +401,7 @@ class RunConfig:
             raise ConfigError(
                 f"{prefix}ckpt_interval_s: must be >= 0 seconds (0: every epoch end), got {self.ckpt_interval_s}"
             )
-        _check_device(self.device, f"{prefix}device")
+        check_device(self.device, f"{prefix}device")
         check_teacher_classes(self, prefix)
         # rules that span sections (docs/method.md, "Extensions")
         st = self.student
@@ -424,72 +413,8 @@ class RunConfig:
             )
 
 
-#: the classes each protocol's teacher learns its prompts on (``train_teacher.subsample``; unset: these).
-#: PromptKD's base-to-novel teacher learns on 16 shots of the base classes only, so that the novel
-#: classes stay unseen; its cross-dataset and DG teacher on all classes of the source dataset
-#: (ImageNet); ``full`` on all of the user's classes.
-TEACHER_CLASSES: dict[str, Literal["base", "all"]] = {
-    "base2novel": "base",
-    "cross": "all",
-    "dg": "all",
-    "full": "all",
-}
-_WHY_TEACHER_CLASSES = {
-    "base2novel": "learns on the base classes only (novel classes seen in stage 1 would inflate every novel "
-    "and HM score)",
-    "cross": "learns on all classes of the source dataset",
-    "dg": "learns on all classes of the source dataset",
-    "full": "learns on all of your classes",
-}
-
-
-def check_teacher_classes(cfg: RunConfig, prefix: str = "") -> None:
-    """Refuse a ``train_teacher.subsample`` other than the protocol's (``TEACHER_CLASSES``), in one
-    line naming the key and the protocol; unset (null) is the protocol's."""
-    need, got = TEACHER_CLASSES[cfg.protocol], cfg.train_teacher.subsample
-    if got is None or got == need:
-        return
-    hint = " (the paper's ViT-L/14 -> ViT-B/16 pair: --config b2n_vitl14_vitb16)" if need == "base" else ""
-    raise ConfigError(
-        f"{prefix}train_teacher.subsample: {got!r} contradicts protocol {cfg.protocol}, whose teacher "
-        f"{_WHY_TEACHER_CLASSES[cfg.protocol]}; set train_teacher.subsample={need} or leave it unset{hint}"
-    )
-
-
-def teacher_classes(cfg: RunConfig) -> Literal["base", "all"]:
-    """The classes stage 1 learns on: ``train_teacher.subsample``, or the protocol's when unset; a
-    value that contradicts the protocol is refused (``check_teacher_classes``)."""
-    check_teacher_classes(cfg)
-    return cfg.train_teacher.subsample or TEACHER_CLASSES[cfg.protocol]
-
-
-def check_seed(seed, key: str = "seed") -> None:
-    """A seed numpy, torch and Python all take: an integer in [0, 2**32 - 1]."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"{key}: must be an integer in [0, 2**32 - 1] (numpy's seed range), got {seed!r}")
-
-
 #: earlier spellings of config sections, accepted on input (YAML files, --set) and read as the new key
 SECTION_ALIASES = {"teacher_train": "train_teacher"}
-
-
-def _method_name(name: str, key: str) -> str:
-    """The method table's spelling of ``name``; a one-line error listing the table's names."""
-    try:
-        return canonical_method(name)
-    except ValueError:
-        raise ConfigError(f"{key}: {name!r} is not allowed; choose one of {', '.join(METHODS)}") from None
-
-
-def _check_device(name: str, key: str) -> None:
-    import torch
-
-    if name == "auto":
-        return
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{key}: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -570,26 +495,3 @@ def _merge_layer(cfg: RunConfig, layer: dict) -> None:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def resolve_recipe(cfg: RunConfig) -> RunConfig:
-    """A copy of ``cfg`` with every recipe default left unset filled with the value in effect:
-    ``distill.kd_weight`` None -> ``comkd.methods.paper_kd_weight(data.dataset)``;
-    ``distill.method`` in the table's spelling; ``train_teacher.subsample`` None -> the protocol's
-    classes (``TEACHER_CLASSES``); each sgd stage's ``warmup_epochs`` as cut to
-    ``epochs - 1``; with Gaussian prompt averaging,
-    ``train_teacher.gpa_mean``/``gpa_std`` in the stage's own epochs (``gpa_epochs`` = its epochs).
-    The stage runners save and use this copy, so ``config.yaml`` holds real values."""
-    c = copy.deepcopy(cfg)
-    c.distill.method = canonical_method(c.distill.method)
-    for stage in (c.pretrain, c.train_teacher, c.distill):
-        if stage.optim.optimizer == "sgd":
-            stage.optim.warmup_epochs = stage.optim.sgd_warmup_epochs
-    tt = c.train_teacher
-    tt.subsample = teacher_classes(c)
-    if tt.prompt_averaging == "gaussian":
-        tt.gpa_mean, tt.gpa_std = tt.resolved_gpa()
-        tt.gpa_epochs = tt.optim.epochs
-    if c.distill.kd_weight is None:
-        c.distill.kd_weight = paper_kd_weight(c.data.dataset)
-    return c

@@ -89,7 +89,7 @@ def _set_threads(threads: int | None) -> None:
 
 def _check_seeds(seeds: list[int] | None) -> None:
     """Every ``--seed`` in numpy's range, before any work."""
-    from ..config import check_seed
+    from ..config_rules import check_seed
 
     for s in seeds or []:
         try:
@@ -238,10 +238,10 @@ def _disk_error(e: BaseException) -> str | None:
 
 def _write_results(path: Path, res) -> None:
     """Write ``results.json``; if the disk refuses, print the results first so they are not lost."""
-    from ..engine import pipeline as P
+    from ..engine.utils import write_json
 
     try:
-        P.write_json(path, res)
+        write_json(path, res)
     except Exception as e:
         if _disk_error(e) is not None:
             typer.echo(json.dumps(res, indent=2, default=str))

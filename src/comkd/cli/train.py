@@ -95,7 +95,7 @@ def pretrain(
     if which not in ("teacher", "student", "both"):
         _usage_error(f"--which: {which!r} is not allowed; choose one of teacher, student, both")
     roles = ("teacher", "student") if which == "both" else (which,)
-    from ..engine.pipeline import run_pretrain
+    from ..engine.stages import run_pretrain
 
     _print_json(
         _run(lambda: run_pretrain(cfg, cfg.output_dir, which=roles, resume=resume, overwrite=overwrite))
@@ -143,7 +143,7 @@ def train_teacher(
         _stage_optim("train_teacher", epochs, lr, batch_size),
     )
     cfg = _cfg(config, sets, ov, out)
-    from ..engine.pipeline import run_train_teacher
+    from ..engine.stages import run_train_teacher
 
     _print_json(_run(lambda: run_train_teacher(cfg, cfg.output_dir, resume=resume, overwrite=overwrite)))
 
@@ -209,7 +209,9 @@ def distill(
     )
     cfg = _cfg(config, sets, ov, out)
     _note_method_spelling(method)
-    from ..engine import pipeline as P
+    from ..engine.distill import run_distill
+    from ..engine.evaluation import evaluate_student
+    from ..engine.utils import is_main, resolve_device
     from ..models.io import load_student
 
     def body():
@@ -227,12 +229,12 @@ def distill(
                 err=True,
             )
         with run_lock(cfg.output_dir, overwrite=overwrite):  # held until results.json is written
-            info = P.run_distill(cfg, cfg.output_dir, resume=resume)
+            info = run_distill(cfg, cfg.output_dir, resume=resume)
             info.pop("history", None)
             if ecfg is not None:
-                student_m = load_student(info["student"], P.resolve_device(cfg.device))
-                res = P.evaluate_student(ecfg, student_m)
-                if P.is_main():
+                student_m = load_student(info["student"], resolve_device(cfg.device))
+                res = evaluate_student(ecfg, student_m)
+                if is_main():
                     _write_results(Path(cfg.output_dir) / "results.json", res)
                 info["results"] = res
         return info
@@ -272,19 +274,20 @@ def evaluate(
         _overrides(dataset=dataset, root=root, split_file=split_file, protocol=protocol, device=device),
         out,
     )
-    from ..engine import pipeline as P
+    from ..engine.evaluation import evaluate_student
+    from ..engine.utils import resolve_device
     from ..models.io import load_student
 
     def body():
         if out is not None:  # a cheap refusal before the student is scored
             _check_not_a_runs_results(Path(cfg.output_dir) / "results.json", overwrite)
-        student = load_student(student_file, P.resolve_device(cfg.device))
+        student = load_student(student_file, resolve_device(cfg.device))
         from ..protocols.full import scoring_config
 
         ecfg = scoring_config(cfg)  # an own-data run's labelled test images (full.test)
         if ecfg is None:
             raise ConfigError("protocol full: no labelled test images; set full.test=FOLDER_OR_CSV")
-        res = P.evaluate_student(ecfg, student, split=split)
+        res = evaluate_student(ecfg, student, split=split)
         if out is not None:
             from ..runlock import run_lock
 
@@ -453,7 +456,7 @@ def cache_teacher(
         _usage_error(f"--views: must be >= 1, got {views}")
     if dtype not in CACHE_DTYPES:
         _usage_error(f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(CACHE_DTYPES)}")
-    from ..engine.pipeline import run_cache_teacher
+    from ..engine.stages import run_cache_teacher
 
     _print_json(
         _run(lambda: run_cache_teacher(cfg, cfg.output_dir, views=views, dtype=dtype, overwrite=overwrite))

@@ -73,8 +73,8 @@ def recompute_classes(
     """Write a copy of the student with W = the teacher's prompted text features of the names in
     ``names_file`` (one a line). The teacher is the one the student file records (``from_record``)
     or ``cfg.teacher`` (see ``teacher_config``), at the recorded input size; its identity is checked."""
-    from ..engine.pipeline import build_teacher, resolve_device, teacher_source
-    from ..engine.utils import seed_everything
+    from ..engine.builders import build_teacher, teacher_source
+    from ..engine.utils import resolve_device, seed_everything
     from ..models.hub import hub_local_name, is_hub_ref
     from ..models.hub import student_path as local_student
     from ..models.io import load_student, save_student

@@ -90,7 +90,7 @@ def load_comkd(
 ) -> tuple[nn.Module, Any, Any]:
     """CLIP_benchmark's loader signature: ``(model, transform, tokenizer)`` for the student file
     ``model_name``; ``pretrained``: ``stored`` or ``teacher:CONFIG.yaml`` (see the module docstring)."""
-    from ..engine.pipeline import build_teacher
+    from ..engine.builders import build_teacher
     from ..engine.utils import seed_everything
     from ..models.identity import check_teacher, teacher_identity
     from ..models.io import load_student

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import AugmentConfig, ConfigError, RunConfig, teacher_classes
+from ..config import AugmentConfig, ConfigError, RunConfig
+from ..config_rules import teacher_classes
 from ..data import DataError, WdsImageDataset, build_dataset, build_transform
 from ..data.dataset import ImageDataset
 from ..methods import get_method

@@ -34,14 +34,25 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, RunConfig, check_teacher_classes, save_config
+from ..config import ConfigError, RunConfig, save_config
+from ..config_rules import check_teacher_classes
 from ..data import DataError, load_splits
-from ..engine import pipeline as P
+from ..engine.builders import (
+    STUDENT_CLIP,
+    TEACHER_CLIP,
+    TEACHER_PROMPTS,
+    build_teacher,
+    eval_loader,
+    loader_options,
+    make_dataset,
+)
 from ..engine.checkpoint import prune_checkpoints
+from ..engine.distill import run_distill
 from ..engine.evaluation import clip_class_weights
 from ..engine.runplan import plan_part, run_plan
+from ..engine.stages import check_resume_run, run_pretrain, run_train_teacher
 from ..engine.tasks import accuracy, predict
-from ..engine.utils import atomic_write_text, write_json
+from ..engine.utils import atomic_write_text, resolve_device, write_json
 from ..methods import canonical_methods
 from ..models import load_clip
 from ..models.io import load_student
@@ -87,7 +98,7 @@ def source_config(cfg: RunConfig, path: str, split: str, key: str) -> RunConfig:
 
 def class_names(cfg: RunConfig) -> list[str]:
     """The class names of ``cfg.data``."""
-    return load_splits(cfg.data.dataset, cfg.data.root, **P.loader_options(cfg)).classnames
+    return load_splits(cfg.data.dataset, cfg.data.root, **loader_options(cfg)).classnames
 
 
 def _check_names(cfg: RunConfig, names: list[str], what: str) -> None:
@@ -152,11 +163,11 @@ def _pretrain_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -
         pcfg.pretrain.eval_split = pcfg.pretrain.eval_split or "pretrain"  # no val: the images it fitted
     sub = out / "pretrain"
     with plan_part("pretrain"):
-        if not (resume and (sub / P.STUDENT_CLIP).exists() and (sub / P.TEACHER_CLIP).exists()):
-            P.run_pretrain(pcfg, sub, resume=resume, pool=cfg if cfg.data.dataset == "unlabelled" else None)
+        if not (resume and (sub / STUDENT_CLIP).exists() and (sub / TEACHER_CLIP).exists()):
+            run_pretrain(pcfg, sub, resume=resume, pool=cfg if cfg.data.dataset == "unlabelled" else None)
     prune_checkpoints(sub, keep=cfg.keep_checkpoints)
     c = copy.deepcopy(cfg)
-    c.teacher.pretrained, c.student.pretrained = str(sub / P.TEACHER_CLIP), str(sub / P.STUDENT_CLIP)
+    c.teacher.pretrained, c.student.pretrained = str(sub / TEACHER_CLIP), str(sub / STUDENT_CLIP)
     return c
 
 
@@ -171,10 +182,10 @@ def _teacher_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) ->
         return zero_shot_teacher(cfg), "zero-shot"
     _check_names(scfg, names, "full.shots" if cfg.full.shots else "the labelled data")
     scfg.train_teacher.subsample = "all"
-    prompts = out / "teacher" / P.TEACHER_PROMPTS
+    prompts = out / "teacher" / TEACHER_PROMPTS
     with plan_part("teacher"):
         if not (resume and prompts.exists()):
-            P.run_train_teacher(scfg, out / "teacher", resume=resume)
+            run_train_teacher(scfg, out / "teacher", resume=resume)
     prune_checkpoints(out / "teacher", keep=cfg.keep_checkpoints)
     t = copy.deepcopy(cfg)
     t.teacher.prompts = str(prompts)
@@ -236,12 +247,12 @@ def score(
 ) -> dict[str, Any]:
     """Accuracy overall and per class, and the confusion matrix, of ``logits_fn`` on the test
     images (``ds``: the test dataset, already built with ``spec``)."""
-    ds = ds if ds is not None else P.make_dataset(ecfg, "test", spec, train=False)
+    ds = ds if ds is not None else make_dataset(ecfg, "test", spec, train=False)
     if ds.full_classnames != names:
         raise DataError(
             f"test set {ecfg.data.root}: its classes differ from the model's {len(names)} class names"
         )
-    preds, labels = predict(logits_fn, P.eval_loader(ecfg, ds, device), device)
+    preds, labels = predict(logits_fn, eval_loader(ecfg, ds, device), device)
     cm = confusion_matrix(preds, labels, len(names))
     return {
         "acc": accuracy(preds, labels),
@@ -254,13 +265,13 @@ def score(
 def score_zero_shot_student(ecfg: RunConfig, names: list[str], device: torch.device) -> dict[str, Any]:
     """The undistilled student CLIP, zero-shot with its own text tower, scored as ``score`` scores
     the others (per class, confusion matrix): the model, prompt templates, classes and loader of
-    ``P.evaluate_clip_zero_shot``, so the accuracy is the one ``comkd evaluate`` would give it."""
+    ``evaluate_clip_zero_shot``, so the accuracy is the one ``comkd evaluate`` would give it."""
     m = ecfg.student
     loaded = load_clip(
         m.model, m.pretrained, image_size=ecfg.data.image_size, quick_gelu=m.quick_gelu or None, device=device
     )
     loaded.model.eval()
-    ds = P.make_dataset(ecfg, "test", loaded.preprocess, train=False)
+    ds = make_dataset(ecfg, "test", loaded.preprocess, train=False)
     w = clip_class_weights(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, device)
     return score(
         lambda x: loaded.model.encode_image(x).float() @ w.t(), ecfg, loaded.preprocess, names, device, ds=ds
@@ -284,7 +295,7 @@ def run_full(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if resume:  # before any finished stage is read back (a new full.test, classes, data...)
-        P.check_resume_run(cfg, out / "config.yaml")
+        check_resume_run(cfg, out / "config.yaml")
     save_config(cfg, out / "config.yaml")
     methods = canonical_methods(methods) or [cfg.distill.method]
     with run_plan(_parts(cfg, methods)):
@@ -308,7 +319,7 @@ def _run_full(cfg: RunConfig, out: Path, methods: list[str], resume: bool) -> di
     ecfg = eval_config(cfg)  # with the stage-0 weights, when there is a stage 0
     warnings = announce(random_tower_warnings(cfg))  # said before the stages run, and in the results
     tcfg, mode = _teacher_stage(cfg, out, names, resume)
-    device = P.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     results: dict[str, Any] = {
         "protocol": "full",
         "seed": cfg.seed,
@@ -321,7 +332,7 @@ def _run_full(cfg: RunConfig, out: Path, methods: list[str], resume: bool) -> di
         "warnings": warnings,
     }
     if ecfg is not None:
-        teacher = P.build_teacher(tcfg, device)
+        teacher = build_teacher(tcfg, device)
         teacher.eval()
         w = teacher.class_text_features(names)
         results["teacher"] = score(
@@ -342,7 +353,7 @@ def _run_full(cfg: RunConfig, out: Path, methods: list[str], resume: bool) -> di
             res = json.loads(done.read_text())
         else:
             with plan_part("distill"):
-                info = P.run_distill(c, mdir, resume=resume)
+                info = run_distill(c, mdir, resume=resume)
             res = {
                 "method": m,
                 "student": info["student"],

@@ -21,11 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, check_teacher_count, save_config, teacher_classes
-from ..engine import pipeline as P
+from ..config import RunConfig, save_config
+from ..config_rules import check_teacher_count, teacher_classes
+from ..engine.builders import STUDENT_CLIP, TEACHER_CLIP, TEACHER_PROMPTS, build_teacher, make_dataset
 from ..engine.checkpoint import prune_checkpoints
+from ..engine.distill import run_distill
+from ..engine.evaluation import (
+    evaluate_clip_zero_shot,
+    evaluate_student,
+    evaluate_subset,
+    evaluate_teacher,
+    has_val_split,
+)
 from ..engine.runplan import plan_part, run_plan
-from ..engine.utils import read_metrics, write_json
+from ..engine.stages import check_resume_run, run_cache_teacher, run_pretrain, run_train_teacher
+from ..engine.utils import read_metrics, resolve_device, write_json
 from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH, canonical_methods
 from ..models.io import load_student
 from ..runlock import locked_run
@@ -106,10 +116,10 @@ def _eval_fn(cfg: RunConfig):
 
     def fn(student) -> dict:
         if cfg.protocol == "base2novel":
-            ds = P.make_dataset(cfg, "test", student.preprocess, train=False, subsample="base")
-            acc = P.evaluate_subset(student, ds, cfg)
+            ds = make_dataset(cfg, "test", student.preprocess, train=False, subsample="base")
+            acc = evaluate_subset(student, ds, cfg)
             return {"score": acc, "select_base_test_acc": acc}
-        res = P.evaluate_student(cfg, student)
+        res = evaluate_student(cfg, student)
         return {"score": res["acc"], "select_test_acc": res["acc"]}
 
     return fn
@@ -145,22 +155,22 @@ def _pretrain_if_enabled(cfg: RunConfig, root: Path, resume: bool) -> RunConfig:
     if not cfg.pretrain.enabled:
         return cfg
     out = root / "pretrain"
-    done = out / P.STUDENT_CLIP
+    done = out / STUDENT_CLIP
     with plan_part("pretrain"):
-        if not (resume and done.exists() and (out / P.TEACHER_CLIP).exists()):
-            P.run_pretrain(cfg, out, resume=resume)
+        if not (resume and done.exists() and (out / TEACHER_CLIP).exists()):
+            run_pretrain(cfg, out, resume=resume)
     prune_checkpoints(out, keep=cfg.keep_checkpoints)
     cfg = copy.deepcopy(cfg)
-    cfg.teacher.pretrained = str(out / P.TEACHER_CLIP)
-    cfg.student.pretrained = str(out / P.STUDENT_CLIP)
+    cfg.teacher.pretrained = str(out / TEACHER_CLIP)
+    cfg.student.pretrained = str(out / STUDENT_CLIP)
     return cfg
 
 
 def _teacher_stage(cfg: RunConfig, out: Path, resume: bool) -> RunConfig:
-    prompts = out / P.TEACHER_PROMPTS
+    prompts = out / TEACHER_PROMPTS
     with plan_part("teacher"):
         if not (resume and prompts.exists()):
-            P.run_train_teacher(cfg, out, resume=resume)
+            run_train_teacher(cfg, out, resume=resume)
     prune_checkpoints(out, keep=cfg.keep_checkpoints)
     cfg = copy.deepcopy(cfg)
     cfg.teacher.prompts = str(prompts)
@@ -183,17 +193,17 @@ def _distill_and_score(cfg: RunConfig, method: str, out: Path, resume: bool) -> 
     if c.distill.teacher_cache == "auto":  # one cache per dataset and seed, shared by every method
         cache = out.parent / "teacher_cache" / "teacher_cache.bin"
         if not cache.exists():
-            P.run_cache_teacher(c, cache.parent)
+            run_cache_teacher(c, cache.parent)
         c.distill.teacher_cache = str(cache)
-    info = P.run_distill(
+    info = run_distill(
         c,
         out,
         resume=resume,
         eval_fn=_eval_fn(c) if c.distill.select == "promptkd" else None,
-        step0_fn=lambda s: _scores(P.evaluate_student(c, s, split=c.eval_split)),
+        step0_fn=lambda s: _scores(evaluate_student(c, s, split=c.eval_split)),
     )
-    student = load_student(info["student"], P.resolve_device(c.device))
-    res = P.evaluate_student(c, student, split=c.eval_split)
+    student = load_student(info["student"], resolve_device(c.device))
+    res = evaluate_student(c, student, split=c.eval_split)
     res["split"] = c.eval_split
     res["step0"] = info["step0"]
     res.update(
@@ -241,7 +251,7 @@ def run_protocol(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if resume:  # before any finished stage is read back
-        P.check_resume_run(cfg, out / "config.yaml")
+        check_resume_run(cfg, out / "config.yaml")
     save_config(cfg, out / "config.yaml")
     seeds = seeds or [cfg.seed]
     methods = methods or ["promptkd", "comkd"]
@@ -310,8 +320,8 @@ class _Tally:
     def teacher(self, ds_name: str, tcfg: RunConfig, split: str) -> None:
         """Score the prompted teacher of ``tcfg`` on ``split``, and check it is ahead of the
         undistilled student on val before stage 2 (then free it)."""
-        teacher = P.build_teacher(tcfg, P.resolve_device(tcfg.device))
-        tres = P.evaluate_teacher(tcfg, teacher, split=split)
+        teacher = build_teacher(tcfg, resolve_device(tcfg.device))
+        tres = evaluate_teacher(tcfg, teacher, split=split)
         _append(self.table, ds_name, "teacher", _scores(tres))
         self.n_classes[ds_name] = _class_counts(tres)
         self.test_size[ds_name] = _test_size(tres)
@@ -324,14 +334,14 @@ class _Tally:
         run with ``distill.require_teacher_ahead``. A dataset without a val split is not checked."""
         metric = "hm" if tcfg.protocol == "base2novel" else "acc"
         if ds_name not in self._student_val:  # once per dataset: the undistilled student has no seed
-            has_val = P.has_val_split(tcfg)
-            zs = P.evaluate_clip_zero_shot(tcfg, "student", split="val") if has_val else None
+            has_val = has_val_split(tcfg)
+            zs = evaluate_clip_zero_shot(tcfg, "student", split="val") if has_val else None
             self._student_val[ds_name] = _scores(zs)[metric] if zs else None
         s, margin = self._student_val[ds_name], tcfg.distill.teacher_margin
         if s is None:
             log.info("%s has no val split: the teacher is not checked before stage 2", ds_name)
             return
-        t = _scores(val_res or P.evaluate_teacher(tcfg, teacher, split="val"))[metric]
+        t = _scores(val_res or evaluate_teacher(tcfg, teacher, split="val"))[metric]
         line = teacher_ahead_warning(
             t, s, margin, metric.upper() if metric == "hm" else "top-1", f" on {ds_name} (seed {tcfg.seed})"
         )
@@ -354,7 +364,7 @@ def _base2novel(cfg, out: Path, datasets, seeds, methods, resume: bool, acc: _Ta
     for ds_name in datasets:
         dcfg = _pretrain_if_enabled(_for_dataset(cfg, ds_name), out / ds_name, resume)
         acc.warn(random_tower_warnings(dcfg))
-        zs = P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)
+        zs = evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)
         for seed in seeds:
             scfg = copy.deepcopy(dcfg)
             scfg.seed = seed
@@ -385,7 +395,7 @@ def _transfer(cfg, out: Path, source: str, datasets, seeds, methods, resume: boo
             if cfg.protocol == "dg":
                 dcfg.distill.split = "test"
             acc.teacher(ds_name, dcfg, cfg.eval_split)
-            zs = P.evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)
+            zs = evaluate_clip_zero_shot(dcfg, "student", split=cfg.eval_split)
             _append(acc.table, ds_name, "student_zeroshot", _scores(zs))
             for m in methods:
                 res = _distill_and_eval(dcfg, m, out / ds_name / f"seed{seed}" / m, resume)

@@ -1,0 +1,112 @@
+"""The config's rules that are more than a type: a method's teacher count, the classes each
+protocol's teacher learns on, the seed range, method names and devices. Each takes the values it
+checks (no import of ``comkd.config``), raises a one-line ``ConfigError`` naming the key, and is
+called by the config's ``validate`` and again where a run sets a value itself."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from .config_io import ConfigError
+from .methods import METHODS, canonical_method, paper_kd_weight
+
+
+def check_teacher_count(d: Any, prefix: str = "distill.", method: str | None = None) -> None:
+    """A method of several teachers needs them: ``teacher``, then as many ``distill.extra_teachers``
+    as its ``teachers`` count says (a method of fewer uses the first ones, or none). Checked on
+    every config, and for each method of a run before any stage."""
+    name = canonical_method(method or d.method)
+    wanted, got = METHODS[name].teachers, len(d.extra_teachers)
+    if got + 1 < wanted:
+        raise ConfigError(
+            f"{prefix}extra_teachers: method {name!r} distils from {wanted} teachers: `teacher` and "
+            f"{wanted - 1} here, got {got}; e.g. distill.extra_teachers=[{{model: M, pretrained: W, prompts: P}}]"
+        )
+
+
+#: the classes each protocol's teacher learns its prompts on (``train_teacher.subsample``; unset: these).
+#: PromptKD's base-to-novel teacher learns on 16 shots of the base classes only, so that the novel
+#: classes stay unseen; its cross-dataset and DG teacher on all classes of the source dataset
+#: (ImageNet); ``full`` on all of the user's classes.
+TEACHER_CLASSES: dict[str, Literal["base", "all"]] = {
+    "base2novel": "base",
+    "cross": "all",
+    "dg": "all",
+    "full": "all",
+}
+_WHY_TEACHER_CLASSES = {
+    "base2novel": "learns on the base classes only (novel classes seen in stage 1 would inflate every novel "
+    "and HM score)",
+    "cross": "learns on all classes of the source dataset",
+    "dg": "learns on all classes of the source dataset",
+    "full": "learns on all of your classes",
+}
+
+
+def check_teacher_classes(cfg: Any, prefix: str = "") -> None:
+    """Refuse a ``train_teacher.subsample`` other than the protocol's (``TEACHER_CLASSES``), in one
+    line naming the key and the protocol; unset (null) is the protocol's."""
+    need, got = TEACHER_CLASSES[cfg.protocol], cfg.train_teacher.subsample
+    if got is None or got == need:
+        return
+    hint = " (the paper's ViT-L/14 -> ViT-B/16 pair: --config b2n_vitl14_vitb16)" if need == "base" else ""
+    raise ConfigError(
+        f"{prefix}train_teacher.subsample: {got!r} contradicts protocol {cfg.protocol}, whose teacher "
+        f"{_WHY_TEACHER_CLASSES[cfg.protocol]}; set train_teacher.subsample={need} or leave it unset{hint}"
+    )
+
+
+def teacher_classes(cfg: Any) -> Literal["base", "all"]:
+    """The classes stage 1 learns on: ``train_teacher.subsample``, or the protocol's when unset; a
+    value that contradicts the protocol is refused (``check_teacher_classes``)."""
+    check_teacher_classes(cfg)
+    return cfg.train_teacher.subsample or TEACHER_CLASSES[cfg.protocol]
+
+
+def check_seed(seed, key: str = "seed") -> None:
+    """A seed numpy, torch and Python all take: an integer in [0, 2**32 - 1]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"{key}: must be an integer in [0, 2**32 - 1] (numpy's seed range), got {seed!r}")
+
+
+def method_name(name: str, key: str) -> str:
+    """The method table's spelling of ``name``; a one-line error listing the table's names."""
+    try:
+        return canonical_method(name)
+    except ValueError:
+        raise ConfigError(f"{key}: {name!r} is not allowed; choose one of {', '.join(METHODS)}") from None
+
+
+def check_device(name: str, key: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def resolve_recipe(cfg: Any) -> Any:
+    """A copy of ``cfg`` with every recipe default left unset filled with the value in effect:
+    ``distill.kd_weight`` None -> ``comkd.methods.paper_kd_weight(data.dataset)``;
+    ``distill.method`` in the table's spelling; ``train_teacher.subsample`` None -> the protocol's
+    classes (``TEACHER_CLASSES``); each sgd stage's ``warmup_epochs`` as cut to
+    ``epochs - 1``; with Gaussian prompt averaging,
+    ``train_teacher.gpa_mean``/``gpa_std`` in the stage's own epochs (``gpa_epochs`` = its epochs).
+    The stage runners save and use this copy, so ``config.yaml`` holds real values."""
+    c = copy.deepcopy(cfg)
+    c.distill.method = canonical_method(c.distill.method)
+    for stage in (c.pretrain, c.train_teacher, c.distill):
+        if stage.optim.optimizer == "sgd":
+            stage.optim.warmup_epochs = stage.optim.sgd_warmup_epochs
+    tt = c.train_teacher
+    tt.subsample = teacher_classes(c)
+    if tt.prompt_averaging == "gaussian":
+        tt.gpa_mean, tt.gpa_std = tt.resolved_gpa()
+        tt.gpa_epochs = tt.optim.epochs
+    if c.distill.kd_weight is None:
+        c.distill.kd_weight = paper_kd_weight(c.data.dataset)
+    return c
