@@ -124,7 +124,13 @@ def write_tiny_teacher(folder: Path, tag: str, seed: int) -> tuple[Path, Path]:
 
 # -- a toy task for the loop: a linear regression without batch statistics ---------------------
 class ToyData(torch.utils.data.Dataset):
-    """``(x [d], y, index)`` items, like the image datasets' ``(image, label, index)``."""
+    """``(x [d], y, index)`` items, like the image datasets' ``(image, label, index)``; the members
+    of the dataset contract the loop reads (items by index, no views to draw)."""
+
+    streaming = False
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
 
     def __init__(self, n: int = 64, dim: int = 5, seed: int = 0):
         g = torch.Generator().manual_seed(seed)

@@ -550,6 +550,7 @@ def test_both_dataset_classes_satisfy_the_written_contract(tmp_path) -> None:
     from PIL import Image
 
     from comkd.data import StreamingDataset, TrainingDataset, WdsImageDataset, build_dataset
+    from comkd.data.contract import SplitMetadata
 
     files = build_dataset("digits", split="train", unlabelled=True)
     shard = tmp_path / "s-000000.tar"
@@ -567,14 +568,41 @@ def test_both_dataset_classes_satisfy_the_written_contract(tmp_path) -> None:
     assert isinstance(stream, WdsImageDataset)
     need = _members(TrainingDataset)
     assert {"full_classnames", "class_indices", "view_seed", "view_period", "set_epoch", "labels"} <= need
+    assert {"streaming", "item_ids", "skipped", "parent_class_indices"} <= need  # the engine reads these too
     for ds in (files, stream):
         missing = sorted(m for m in need if not hasattr(ds, m))
         assert missing == [], (type(ds).__name__, missing)
-        assert isinstance(ds, TrainingDataset)
+        assert isinstance(ds, TrainingDataset) and isinstance(ds, SplitMetadata)  # one metadata record
     stream_need = _members(StreamingDataset) - need
-    assert {"streaming", "item_ids", "training_stream", "replay_stream"} <= stream_need
+    assert {"training_stream", "replay_stream"} <= stream_need
     assert sorted(m for m in stream_need if not hasattr(stream, m)) == [] and stream.streaming is True
-    assert not getattr(files, "streaming", False)
+    assert files.streaming is False and files.item_ids == [d.path for d in files.data]
+    assert stream.item_ids and all(i.startswith("s-000000.tar#k") for i in stream.item_ids)  # "<shard>#<key>"
+
+
+def test_build_dataset_looks_the_reader_up_by_the_name_the_loader_gives(tmp_path, monkeypatch) -> None:
+    """``DatasetSplits.readers`` names a reader per split; ``build_dataset`` takes its class from
+    ``READERS`` (a new item source is a class plus an entry), and an unknown name is one line."""
+    import comkd.data as data_mod
+    from comkd.data import READERS, DataError, ImageDataset, build_dataset, register_dataset
+
+    class Tagged(ImageDataset):
+        pass
+
+    @register_dataset("tagged-reader-test")
+    def _loader(root, *, split_file=None, skip_bad=False):
+        splits = data_mod.load_splits("digits")
+        splits.readers = {"train": "tagged", "test": "nowhere"}
+        return splits
+
+    try:
+        monkeypatch.setitem(READERS, "tagged", (Tagged, ()))
+        assert type(build_dataset("tagged-reader-test", split="train")) is Tagged
+        assert type(build_dataset("tagged-reader-test", split="val")) is ImageDataset  # default: files
+        with pytest.raises(DataError, match="reader 'nowhere' is not one of files, shards, tagged"):
+            build_dataset("tagged-reader-test", split="test")
+    finally:
+        data_mod.DATASETS.pop("tagged-reader-test")
 
 
 # -- labels that would build phantom classes, and one-class data ------------------------

@@ -27,6 +27,11 @@ from comkd.engine.utils import MetricsLog, init_distributed, is_main, rank, shut
 
 
 class ToyData(torch.utils.data.Dataset):
+    streaming = False  # the members of the dataset contract the loop reads
+
+    def set_epoch(self, epoch):
+        pass
+
     def __init__(self, n=72, dim=5):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, dim, generator=g, dtype=torch.float64)

@@ -37,6 +37,7 @@ from .unlabelled import collect_images, load_unlabelled_folder
 from .wds import WdsImageDataset, load_wds
 
 __all__ = [
+    "READERS",
     "CLIP_MEAN",
     "CLIP_STD",
     "DATASETS",
@@ -255,6 +256,15 @@ def load_splits(name: str, root: str | None = None, **kw: Any) -> DatasetSplits:
         raise
 
 
+#: reader name (``DatasetSplits.readers``; a loader names one per split, default "files") ->
+#: the dataset class that reads such items, and the ``build_dataset`` options it takes beyond the
+#: contract's. A new item source is a class satisfying ``TrainingDataset`` plus an entry here.
+READERS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "files": (ImageDataset, ()),
+    "shards": (WdsImageDataset, ("shuffle_buffer",)),
+}
+
+
 def build_dataset(
     name: str,
     root: str | None = None,
@@ -298,9 +308,12 @@ def build_dataset(
             f"split {split!r} of dataset {name!r} is empty (subsample={subsample!r}, num_shots={num_shots})"
         )
     # the class that reads the items is the one the split's loader names (DatasetSplits.readers)
-    streamed = splits.reader(split) == "shards"
-    cls: Any = WdsImageDataset if streamed else ImageDataset
-    kw_extra = {"shuffle_buffer": shuffle_buffer} if streamed else {}
+    if splits.reader(split) not in READERS:
+        raise DataError(
+            f"dataset {name!r}, split {split!r}: reader {splits.reader(split)!r} is not one of {', '.join(READERS)}"
+        )
+    cls, options = READERS[splits.reader(split)]
+    kw_extra = {k: v for k, v in (("shuffle_buffer", shuffle_buffer),) if k in options}
     ds = cls(
         data,
         classnames,

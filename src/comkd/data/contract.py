@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from .records import DEFAULT_TEMPLATE
+
 
 @runtime_checkable
 class TrainingDataset(Protocol):
@@ -29,6 +31,15 @@ class TrainingDataset(Protocol):
     view_period: int | None  # views repeat every this many epochs (a teacher cache of K views)
     digits_size: int  # the embedded digits' upsampled size (0 elsewhere): part of the fingerprint
     epoch: int  # the epoch whose views are drawn
+    parent_class_indices: list[int] | None  # each class's label in a parent label space (ImageNet-A/-R)
+    streaming: bool  # True: the split streams itself (``StreamingDataset``); False: items by index
+    skipped: list[tuple[str, str]]  # (item, reason) of every item dropped as missing or unreadable
+
+    @property
+    def item_ids(self) -> list[str]:
+        """A stable name of every item, in order (a file's path; a shard sample's "<shard>#<key>"):
+        what a teacher cache fingerprints and self-training relabels."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -43,14 +54,59 @@ class TrainingDataset(Protocol):
 
 class StreamingDataset(TrainingDataset, Protocol):
     """A split that streams itself (``streaming = True``): the loop asks it for a training stream
-    per rank instead of sampling indices, and a teacher cache replays one view of it; ``item_ids``
-    name its items stably ("<shard>#<key>") for the cache's fingerprint."""
-
-    streaming: bool
-
-    @property
-    def item_ids(self) -> list[str]: ...
+    per rank instead of sampling indices, and a teacher cache replays one view of it."""
 
     def training_stream(self, rank: int, world: int, seed: int) -> StreamingDataset: ...
 
     def replay_stream(self, seed: int, view: int) -> StreamingDataset: ...
+
+
+class SplitMetadata:
+    """What every dataset class holds besides its items, set once by ``_init_metadata`` (the
+    members of ``TrainingDataset`` that are not about items): both ``ImageDataset`` and
+    ``WdsImageDataset`` inherit it."""
+
+    skipped: list[tuple[str, str]]
+
+    def _init_metadata(
+        self,
+        classnames: Sequence[str],
+        transform: Callable[..., Any] | None = None,
+        *,
+        unlabelled: bool = False,
+        train_transform: Callable[..., Any] | None = None,
+        view_seed: int | None = None,
+        name: str = "",
+        templates: Sequence[str] = (DEFAULT_TEMPLATE,),
+        class_indices: Sequence[int] | None = None,
+        full_classnames: Sequence[str] | None = None,
+        parent_class_indices: Sequence[int] | None = None,
+        digits_size: int = 0,
+    ) -> None:
+        self.name = name
+        self.classnames = list(classnames)
+        self.transform = transform
+        self.train_transform = train_transform
+        self.unlabelled = bool(unlabelled)
+        self.view_seed = view_seed
+        #: teacher-output cache of K views: epoch e draws the view of epoch e % K (None: no cycling)
+        self.view_period: int | None = None
+        self.epoch = 0
+        self.templates = list(templates)
+        #: original label of each class in ``full_classnames`` (identity unless base/novel subsampled)
+        self.class_indices = (
+            list(class_indices) if class_indices is not None else list(range(len(self.classnames)))
+        )
+        self.full_classnames = list(full_classnames) if full_classnames is not None else list(self.classnames)
+        #: label of each class in a parent label space (ImageNet-1k for ImageNet-A/-R), else None
+        self.parent_class_indices = list(parent_class_indices) if parent_class_indices is not None else None
+        self.digits_size = int(digits_size)
+        self.skipped = []
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used to derive per-item view seeds (only matters when ``view_seed`` is set)."""
+        self.epoch = int(epoch)

@@ -15,8 +15,9 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from .builtin import DEFAULT_SIZE  # importing it registers the digits:// reader
+from .contract import SplitMetadata
 from .errors import DataError
-from .records import DEFAULT_TEMPLATE, Datum, virtual_reader
+from .records import Datum, virtual_reader
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def check_labels_in_range(data: Sequence[Datum], n: int, unlabelled: bool, where
             )
 
 
-class ImageDataset(Dataset):
+class ImageDataset(SplitMetadata, Dataset):
     """Images and labels for training or evaluation.
 
     ``__getitem__(i)`` returns ``(image, label, i)``: ``image`` is ``transform(pil_image)`` (a tensor
@@ -102,43 +103,22 @@ class ImageDataset(Dataset):
     teacher-output cache can replay any view later.
     """
 
+    streaming = False  # items by index (the loop samples them; TrainingDataset)
+
     def __init__(
         self,
         data: Sequence[Datum],
         classnames: Sequence[str],
         transform: Callable[..., Any] | None = None,
         *,
-        unlabelled: bool = False,
         skip_bad: bool = False,
-        train_transform: Callable[..., Any] | None = None,
-        view_seed: int | None = None,
-        name: str = "",
-        templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-        class_indices: Sequence[int] | None = None,
-        full_classnames: Sequence[str] | None = None,
-        parent_class_indices: Sequence[int] | None = None,
-        digits_size: int = DEFAULT_SIZE,
         source: str = "",
+        **meta: Any,
     ) -> None:
-        self.name = name
-        self.classnames = list(classnames)
-        self.transform = transform
-        self.train_transform = train_transform
-        self.unlabelled = bool(unlabelled)
-        self.view_seed = view_seed
-        #: teacher-output cache of K views: epoch e draws the view of epoch e % K (None: no cycling)
-        self.view_period: int | None = None
-        self.epoch = 0
-        self.templates = list(templates)
-        #: original label of each class in ``full_classnames`` (identity unless base/novel subsampled)
-        self.class_indices = (
-            list(class_indices) if class_indices is not None else list(range(len(self.classnames)))
-        )
-        self.full_classnames = list(full_classnames) if full_classnames is not None else list(self.classnames)
-        #: label of each class in a parent label space (ImageNet-1k for ImageNet-A/-R), else None
-        self.parent_class_indices = list(parent_class_indices) if parent_class_indices is not None else None
-        self.digits_size = int(digits_size)
-        self.skipped: list[tuple[str, str]] = []
+        # meta: SplitMetadata's keywords (unlabelled, train_transform, view_seed, name, templates,
+        # class_indices, full_classnames, parent_class_indices, digits_size)
+        self._init_metadata(classnames, transform, **{"digits_size": DEFAULT_SIZE, **meta})
+        name = self.name
         where = f" ({source})" if source else ""
         check_labels_in_range(data, len(self.classnames), self.unlabelled, where, name)
         kept = self._check_files(list(data), skip_bad, where)
@@ -204,12 +184,9 @@ class ImageDataset(Dataset):
         return [d.label for d in self.data]
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch used to derive per-item view seeds (only matters when ``view_seed`` is set)."""
-        self.epoch = int(epoch)
+    def item_ids(self) -> list[str]:
+        """Each item's path (a file, or a virtual image such as ``digits://<index>``)."""
+        return [d.path for d in self.data]
 
     def _view_transform(self) -> Callable[..., Any]:
         t = self.train_transform or self.transform

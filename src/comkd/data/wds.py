@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .contract import SplitMetadata
 from .dataset import check_labels_in_range, decode_image, derive_view_seed, seeded_view
 from .errors import DataError
 from .records import DEFAULT_TEMPLATE, DatasetSplits, Datum
@@ -168,7 +169,7 @@ def iter_shard(shard: str) -> Iterator[tuple[str, bytes | None]]:
         raise DataError(f"cannot read shard {shard} (truncated or damaged): {exc}") from None
 
 
-class WdsImageDataset(IterableDataset):
+class WdsImageDataset(SplitMetadata, IterableDataset):
     """One pool of WebDataset samples, streamed: yields ``(image, label, i)`` like ``ImageDataset``.
 
     ``image`` is ``transform(pil_image)`` (or, with ``view_seed`` set, the train transform drawn with
@@ -187,37 +188,16 @@ class WdsImageDataset(IterableDataset):
         classnames: Sequence[str],
         transform: Callable[..., Any] | None = None,
         *,
-        unlabelled: bool = False,
         skip_bad: bool = False,
-        train_transform: Callable[..., Any] | None = None,
-        view_seed: int | None = None,
-        name: str = "",
-        templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-        class_indices: Sequence[int] | None = None,
-        full_classnames: Sequence[str] | None = None,
         shuffle_buffer: int = 1000,
         source: str = "",
-        **_: Any,
+        **meta: Any,
     ) -> None:
-        self.name = name
-        self.classnames = list(classnames)
-        self.transform = transform
-        self.train_transform = train_transform
-        self.unlabelled = bool(unlabelled)
-        self.view_seed = view_seed
-        self.view_period: int | None = None
-        self.epoch = 0
-        self.templates = list(templates)
-        self.class_indices = (
-            list(class_indices) if class_indices is not None else list(range(len(self.classnames)))
-        )
-        self.full_classnames = list(full_classnames) if full_classnames is not None else list(self.classnames)
-        self.parent_class_indices = None
-        self.digits_size = 0
+        # meta: SplitMetadata's keywords; shard samples are never rendered images, nor ImageNet-A/-R
+        self._init_metadata(classnames, transform, **{**meta, "digits_size": 0, "parent_class_indices": None})
         self.shuffle_buffer = int(shuffle_buffer)
-        self.skipped: list[tuple[str, str]] = []
         self._where = f" ({source})" if source else ""
-        check_labels_in_range(data, len(self.classnames), self.unlabelled, self._where, name)
+        check_labels_in_range(data, len(self.classnames), self.unlabelled, self._where, self.name)
         self._train: tuple[int, int, int] | None = None  # (rank, world, seed) of a training stream
         self._set_data(list(data))
         if skip_bad:
@@ -266,17 +246,10 @@ class WdsImageDataset(IterableDataset):
         return [d.label for d in self.data]
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
-
-    @property
     def item_ids(self) -> list[str]:
         """``<shard file name>#<key>`` of every item: what a teacher cache keys its rows by (the
         shards' folder may move without invalidating it)."""
         return [f"{os.path.basename(s)}#{k}" for s, k in map(parse_item_path, (d.path for d in self.data))]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def training_stream(self, rank: int, world: int, seed: int) -> WdsImageDataset:
         """A copy that shuffles (shard order and a seeded buffer, per epoch) and keeps rank ``rank``'s

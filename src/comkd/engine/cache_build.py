@@ -71,9 +71,7 @@ class _StreamViews(torch.utils.data.IterableDataset):
 
 
 def _views(dataset: Any, seed: int, k: int) -> Dataset:
-    return (
-        _StreamViews(dataset, seed, k) if getattr(dataset, "streaming", False) else _Views(dataset, seed, k)
-    )
+    return _StreamViews(dataset, seed, k) if dataset.streaming else _Views(dataset, seed, k)
 
 
 def _checked_transform(
@@ -101,7 +99,7 @@ def _checked_transform(
             f"teacher cache: student_spec {spec_json(student_spec)} disagrees with the dataset's train transform "
             f"{spec_json(tf_spec)}; the dataset must use the student's preprocessing"
         )
-    view_seed = getattr(dataset, "view_seed", None)
+    view_seed = dataset.view_seed
     if view_seed is not None and int(view_seed) != int(seed):
         log.warning(
             "teacher cache: seed %d differs from the dataset's view_seed %d; the cache is for runs with seed %d",
@@ -240,7 +238,7 @@ def build_teacher_cache(
     np_dtype = numpy_dtype(dtype_name)
     was_training = teacher.training
     teacher.eval()
-    classnames = list(getattr(dataset, "full_classnames", None) or dataset.classnames)
+    classnames = list(dataset.full_classnames)
     header = cache_header(
         teacher,
         dataset,

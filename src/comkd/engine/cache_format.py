@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..data.contract import TrainingDataset
 from ..data.records import virtual_reader
 from ..fileio import check_value, parse_json, short
 from ..models import PreprocessSpec
@@ -100,30 +101,29 @@ def text_features_key(teacher: Teacher, classnames: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def dataset_fingerprint(dataset: Any) -> dict[str, Any]:
+def dataset_fingerprint(dataset: TrainingDataset) -> dict[str, Any]:
     """Name, item count and SHA-256 of the ordered image paths (labels are never read).
 
     For virtual images (``data.records.virtual_reader``, e.g. the embedded digits) the rendering size
     is included too.
     """
-    ids = getattr(dataset, "item_ids", None)  # streamed shards: "<shard name>#<sample key>"
-    paths = list(ids) if ids is not None else [d.path for d in dataset.data]
+    paths = dataset.item_ids  # files: their paths; streamed shards: "<shard name>#<sample key>"
     fp: dict[str, Any] = {
-        "name": getattr(dataset, "name", ""),
+        "name": dataset.name,
         "items": len(paths),
         "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
     }
     if any(virtual_reader(p) is not None for p in paths):  # rendered images: their size is content too
-        fp["digits_size"] = int(getattr(dataset, "digits_size", 0))
+        fp["digits_size"] = int(dataset.digits_size)
     return fp
 
 
-def train_transform_of(dataset: Any):
+def train_transform_of(dataset: TrainingDataset):
     """The dataset's seedable train transform (the one a cache's views are drawn with)."""
-    t = getattr(dataset, "train_transform", None) or getattr(dataset, "transform", None)
+    t = dataset.train_transform or dataset.transform
     if t is None or not getattr(t, "train", False) or not hasattr(t, "fingerprint"):
         raise ValueError(
-            f"teacher cache: dataset {getattr(dataset, 'name', '') or dataset!r} has no seedable train transform "
+            f"teacher cache: dataset {dataset.name or dataset!r} has no seedable train transform "
             "(build it with train_transform=build_transform(..., train=True))"
         )
     return t

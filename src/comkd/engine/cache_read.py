@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..data.contract import TrainingDataset
 from ..models.backbones import spec_json
 from ..models.identity import teacher_digests
 from .cache_format import (
@@ -47,11 +48,8 @@ class CorruptCacheError(ValueError):
     file that shrank while a run read it); the message names the file and the part."""
 
 
-def replay_cached_views(dataset: Any, views: int) -> None:
-    """Make ``dataset`` (an ``ImageDataset``) draw, in epoch e, the view of epoch ``e % views``
-    (what the cache holds)."""
-    if not hasattr(dataset, "view_period"):
-        raise TypeError(f"a teacher cache replays views of an ImageDataset, got {type(dataset).__name__}")
+def replay_cached_views(dataset: TrainingDataset, views: int) -> None:
+    """Make ``dataset`` draw, in epoch e, the view of epoch ``e % views`` (what the cache holds)."""
     dataset.view_period = int(views)
 
 
@@ -99,7 +97,7 @@ def _stale_data(header: dict[str, Any], dataset: Any, student_spec: PreprocessSp
     stale += _diff("transform", header["transform"], train_transform_of(dataset).fingerprint)
     if student_spec is not None:
         stale += _diff("student preprocessing", header["student_spec"], spec_json(student_spec))
-    view_seed = getattr(dataset, "view_seed", None)
+    view_seed = dataset.view_seed
     if view_seed is None:
         stale.append(
             "other seed: the dataset draws no replayable views (view_seed=None); distil with view_seed = "

@@ -50,8 +50,7 @@ def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: 
     from the teacher cache when there is one). Returns the number of images used."""
     from ..models.projector import fit_projector
 
-    if hasattr(ds, "set_epoch"):
-        ds.set_epoch(0)
+    ds.set_epoch(0)
     student.eval()
     feats, targets = [], []
     for images, _, idx in eval_loader(cfg, ds, device):

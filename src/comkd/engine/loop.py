@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..config import OptimConfig
+from ..data.contract import TrainingDataset
 from .checkpoint import (
     DiskFullError,
     check_checkpoint,
@@ -97,7 +98,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def fit(
     task: Task,
-    dataset: Dataset,
+    dataset: TrainingDataset,
     cfg: OptimConfig,
     *,
     out_dir: str | Path,
@@ -167,7 +168,7 @@ class _Trainer:
         self.optimizer = build_optimizer(cfg, task.parameter_groups())
         self.autocast, use_scaler = amp_context(device, cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        self.streaming = bool(getattr(dataset, "streaming", False))
+        self.streaming = dataset.streaming
         per_step = cfg.batch_size * cfg.grad_accum
         if self.streaming:  # the dataset streams itself (WebDataset shards): shuffled and split per rank
             self.sampler: EpochBatchSampler | StreamBatches = StreamBatches(
@@ -309,8 +310,7 @@ class _Trainer:
         """The epoch's batches (a resumed epoch skips those already trained); resets the epoch state."""
         first = self.start_batch if epoch == self.start_epoch else 0
         self.sampler.set_epoch(epoch, first)
-        if (set_epoch := getattr(self.dataset, "set_epoch", None)) is not None:
-            set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
         for m in self.mods.values():
             m.train()
         if first == 0:

@@ -99,7 +99,7 @@ def self_train(
         )
         idx, labels = select_confident(probs, per_class)
         data: Sequence[Datum] = list(shots.data) + [
-            Datum(pool.data[i].path, int(c), names[int(c)])
+            Datum(pool.item_ids[i], int(c), names[int(c)])
             for i, c in zip(idx.tolist(), labels.tolist(), strict=True)
         ]
         ds = ImageDataset(
