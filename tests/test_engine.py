@@ -490,3 +490,30 @@ def test_cli_result_with_nan_is_one_line_naming_the_file_and_key(tmp_path, monke
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output
     assert str(out / "results.json") in lines[0] and "acc is nan" in lines[0]
     assert not (out / "results.json").exists()
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_rank_waits(tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE set) a global batch the ranks cannot share is one line naming the
+    key, as soon as the config is read: before any heavy import, weights or process group. `comkd
+    run` checks every stage it will run, a stage command its own; a stage checks again itself."""
+    from typer.testing import CliRunner
+
+    from comkd import cli
+    from comkd.config import ConfigError, load_config
+    from comkd.engine import stages
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(stages, "init_distributed", lambda: (_ for _ in ()).throw(AssertionError("joined")))
+    r = CliRunner().invoke(cli.app, ["run", "--config", "demo", "--out-dir", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "pretrain.optim.batch_size: 64 images a step" in r.output, r.output
+    assert "3 processes" in r.output and not (tmp_path / "run").exists()
+    r = CliRunner().invoke(
+        cli.app, ["distill", "--config", "demo", "--no-evaluate", "--out-dir", str(tmp_path / "d")]
+    )
+    assert r.exit_code == 2 and "distill.optim.batch_size: 8 images a step" in r.output, r.output
+    with pytest.raises(ConfigError, match=r"^distill\.optim\.batch_size: 8 images"):  # the stage's own check
+        stages.start_stage(load_config("demo"), tmp_path / "s", resume=False, stage="distill")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # 64, 8 and 8 all split over 4
+    from comkd.config_rules import check_batches_split
+
+    check_batches_split(load_config("demo"), ("pretrain", "train_teacher", "distill"), 4)

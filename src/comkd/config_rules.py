@@ -79,10 +79,10 @@ def method_name(name: str, key: str) -> str:
 
 
 def check_device(name: str, key: str) -> None:
+    if name == "auto":  # checked without importing torch: a config error costs no 2-second import
+        return
     import torch
 
-    if name == "auto":
-        return
     try:
         torch.device(name)
     except (RuntimeError, ValueError):
@@ -110,3 +110,17 @@ def resolve_recipe(cfg: Any) -> Any:
     if c.distill.kd_weight is None:
         c.distill.kd_weight = paper_kd_weight(c.data.dataset)
     return c
+
+
+def check_batches_split(cfg: Any, stages: tuple[str, ...], world: int) -> None:
+    """Each of ``stages``' global batch (``optim.batch_size`` × ``grad_accum`` images a step) splits
+    evenly over the run's ``world`` processes, else a one-line ``ConfigError`` naming the key. The
+    command line checks it as soon as the config is read (torchrun's ``WORLD_SIZE``), before any
+    heavy import, weights, cache or warm start, and each stage again before its ranks meet."""
+    for stage in stages:
+        o = getattr(cfg, stage).optim
+        if (o.batch_size * o.grad_accum) % world:
+            raise ConfigError(
+                f"{stage}.optim.batch_size: {o.batch_size} images a step (x grad_accum {o.grad_accum}) do not "
+                f"split over the {world} processes of this run; use a multiple of {world} (the batch is global)"
+            )

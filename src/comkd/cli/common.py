@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ..config import ConfigError, RunConfig, load_config
+from ..config_rules import check_batches_split
 
 app = typer.Typer(
     add_completion=False,
@@ -98,11 +99,22 @@ def _check_seeds(seeds: list[int] | None) -> None:
             _usage_error(str(e))
 
 
-def _cfg(config: str | None, sets: list[str] | None, overrides: dict, out: Path | None) -> RunConfig:
-    """The config a command runs with; ``out`` (``--out-dir``) is checked first: a folder it can write."""
+def _cfg(
+    config: str | None,
+    sets: list[str] | None,
+    overrides: dict,
+    out: Path | None,
+    stages: tuple[str, ...] = (),
+) -> RunConfig:
+    """The config a command runs with; ``out`` (``--out-dir``) is checked first: a folder it can
+    write. ``stages``: the stages the command trains (``("run",)``: those of a whole run), whose
+    global batches must split over torchrun's processes, checked here before any heavy import."""
     _check_out_dir(out)
     try:
         cfg = load_config(config, overrides, sets)
+        if stages == ("run",):
+            stages = ("pretrain",) * bool(cfg.pretrain.enabled) + ("train_teacher", "distill")
+        check_batches_split(cfg, stages, max(1, int(os.environ.get("WORLD_SIZE", "1"))))
     except ConfigError as e:
         typer.secho(f"config error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -91,7 +91,7 @@ def pretrain(
         _overrides(dataset=dataset, root=root, teacher=teacher, student=student, seed=seed, device=device),
         _stage_optim("pretrain", epochs, lr, batch_size),
     )
-    cfg = _cfg(config, sets, ov, out)
+    cfg = _cfg(config, sets, ov, out, stages=("pretrain",))
     if which not in ("teacher", "student", "both"):
         _usage_error(f"--which: {which!r} is not allowed; choose one of teacher, student, both")
     roles = ("teacher", "student") if which == "both" else (which,)
@@ -142,7 +142,7 @@ def train_teacher(
         ),
         _stage_optim("train_teacher", epochs, lr, batch_size),
     )
-    cfg = _cfg(config, sets, ov, out)
+    cfg = _cfg(config, sets, ov, out, stages=("train_teacher",))
     from ..engine.stages import run_train_teacher
 
     _print_json(_run(lambda: run_train_teacher(cfg, cfg.output_dir, resume=resume, overwrite=overwrite)))
@@ -207,7 +207,7 @@ def distill(
         ),
         _stage_optim("distill", epochs, lr, batch_size),
     )
-    cfg = _cfg(config, sets, ov, out)
+    cfg = _cfg(config, sets, ov, out, stages=("distill",))
     _note_method_spelling(method)
     from ..engine.distill import run_distill
     from ..engine.evaluation import evaluate_student
@@ -356,7 +356,7 @@ def run(
     seeds = _plural_alias("--seed", seeds, old_seeds)
     methods = _plural_alias("--method", methods, old_methods)
     ov = _overrides(protocol=protocol, root=root, select=select, recipe=recipe, device=device)
-    cfg = _cfg(config, sets, ov, out)
+    cfg = _cfg(config, sets, ov, out, stages=("run",))
     from ..methods import canonical_methods
     from ..protocols.runner import run_protocol
 
@@ -397,7 +397,7 @@ def demo(
     _setup_logging(verbose, quiet)
     _set_threads(threads)
     out = _out_dir(out, old_out)
-    cfg = _cfg(config or "demo", sets, {}, out)
+    cfg = _cfg(config or "demo", sets, {}, out, stages=("run",))
     from ..protocols.demo import run_demo
 
     t0 = time.perf_counter()

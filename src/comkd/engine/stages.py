@@ -14,7 +14,7 @@ import torch
 
 from ..config import ConfigError, RunConfig, save_config
 from ..config_io import flat_keys
-from ..config_rules import resolve_recipe
+from ..config_rules import check_batches_split, resolve_recipe
 from ..data import promptsrc_templates
 from ..fileio import atomic_path
 from ..models import (
@@ -44,6 +44,7 @@ from .utils import (
     barrier,
     init_distributed,
     is_main,
+    launched_world_size,
     resolve_device,
     seed_everything,
     write_json,
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 def start_stage(
     cfg: RunConfig, out_dir: str | Path, resume: bool, stage: str | None = None
 ) -> tuple[Path, torch.device, MetricsLog]:
+    if stage is not None:  # before the group is joined: a refused batch leaves no rank waiting
+        check_batches_split(cfg, (stage,), launched_world_size())
     init_distributed()
     out = Path(out_dir)
     seed_everything(cfg.seed)

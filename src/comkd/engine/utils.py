@@ -109,6 +109,12 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def launched_world_size() -> int:
+    """The processes of this run: the group's size, or before it is joined the ``WORLD_SIZE``
+    torchrun set (1 outside torchrun), so checks can run before any rank waits for the others."""
+    return dist.get_world_size() if dist.is_initialized() else max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def is_main() -> bool:
     return rank() == 0
 
