@@ -305,3 +305,37 @@ def test_a_finished_command_leaves_the_process_group(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+NODES = """
+import os, sys
+os.chdir(os.path.join(sys.argv[1], "node" + os.environ["RANK"]))  # each rank on its own "disk"
+from comkd.cli import app
+app(["distill", "--config", "demo", "--no-evaluate", "--out-dir", "run"])
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_run_folder_stop_at_once_in_one_line(tmp_path):
+    """Two simulated nodes (each rank in its own working folder, the run folder relative): every
+    rank stops at the start of the stage with one line saying a shared filesystem is needed, no
+    hang and no late 'student file not found'."""
+    import time
+
+    script = tmp_path / "nodes.py"
+    script.write_text(NODES)
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir()
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [*TORCHRUN, str(script), str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode != 0
+    said = [ln for ln in r.stderr.splitlines() if "filesystem every node shares" in ln]
+    assert len(said) == 2 and all(ln.startswith("error: 1 of 2 processes cannot see") for ln in said), (
+        r.stderr[-3000:]
+    )
+    # no rank died with a traceback of its own (torchrun's agent prints one for any failed child)
+    assert "NotSharedError" not in r.stderr and "student file not found" not in r.stderr
+    assert not (tmp_path / "node0" / "run" / "student.safetensors").exists()
+    assert time.perf_counter() - t0 < 120

@@ -193,6 +193,7 @@ def _run(fn):
     from ..data import DataError
     from ..engine.checkpoint import DiskFullError
     from ..engine.loop import NonFiniteLossError
+    from ..engine.utils import NotSharedError
     from ..models import ModelError
 
     try:
@@ -205,6 +206,7 @@ def _run(fn):
         DiskFullError,
         ModelError,
         NonFiniteLossError,
+        NotSharedError,
         FileNotFoundError,
         ValueError,
     ) as e:

@@ -42,6 +42,7 @@ from .tasks import (
 from .utils import (
     MetricsLog,
     barrier,
+    check_shared_folder,
     init_distributed,
     is_main,
     launched_world_size,
@@ -64,6 +65,7 @@ def start_stage(
     device = resolve_device(cfg.device)
     if resume and stage is not None:
         _check_resume_config(cfg, out / "config.yaml", stage)
+    check_shared_folder(out)  # every rank reads what rank 0 writes here: refused at once if it cannot
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(resolve_recipe(cfg), out / "config.yaml")  # the recipe values in effect

@@ -149,6 +149,43 @@ def barrier() -> None:
         dist.barrier()
 
 
+class NotSharedError(RuntimeError):
+    """Under torchrun, a rank cannot see the run folder rank 0 writes (no shared filesystem)."""
+
+
+def check_shared_folder(folder: str | Path) -> None:
+    """Under torchrun, every rank must see the run folder rank 0 writes (the other ranks read its
+    prompts, checkpoints and student from it). Rank 0 writes a file with a fresh token there, every
+    rank looks for it, and all learn the result together: where any rank cannot see it, every rank
+    raises ``NotSharedError`` in one line at once, instead of one failing late (student file not
+    found) or ``--resume`` hanging (one rank restoring, another starting fresh). One process: no-op."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    import secrets
+
+    folder = Path(folder)
+    token = [secrets.token_hex(8) if is_main() else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = folder / f".comkd-shared-{token[0]}"
+    if is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    dist.barrier()
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    blind = all_reduce_sum(torch.tensor([0.0 if seen else 1.0])).item()
+    dist.barrier()
+    if is_main():
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise NotSharedError(
+            f"{int(blind)} of {dist.get_world_size()} processes cannot see {folder.resolve()}, the run folder rank 0 "
+            "writes: comkd under torchrun needs that folder on a filesystem every node shares (put --out-dir on it)"
+        )
+
+
 # -- files -----------------------------------------------------------------------------------
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """Write with ``torch.save`` to a temp file, fsync, then rename: a kill never leaves half a file."""
