@@ -208,8 +208,9 @@ class _Trainer:
             m.load_state_dict(state["modules"][k], strict=False)  # exactly its checkpointed keys
         if hasattr(task, "load_state_dict") and state.get("task_state") is not None:
             restore_part(path, "task_state", lambda: task.load_state_dict(state["task_state"]))
-        self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()}
-        self.count = state.get("count", 0)
+        # the epoch so far, summed over every rank when saved: rank 0 carries it, the others restart
+        self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()} if is_main() else {}
+        self.count = state.get("count", 0) if is_main() else 0
         self.start_epoch, self.start_batch = state["epoch"], state["batch"]
         self.global_step = state["global_step"]
         self.result.history = state["history"]
@@ -260,10 +261,12 @@ class _Trainer:
             )
 
     def save(self, epoch: int, batch: int) -> None:
+        # mid-epoch: the epoch's running sums over every rank (a collective: every rank saves)
+        totals = self._epoch_totals() if batch else ({}, 0)
         if is_main():
             had_previous = self.ckpt_path.exists()
             try:
-                self._write_checkpoint(epoch, batch)
+                self._write_checkpoint(epoch, batch, totals)
             except Exception as e:  # a full disk: one line; the atomic write left the old file in place
                 if not is_disk_full(e):
                     raise
@@ -272,7 +275,14 @@ class _Trainer:
         self.saved_steps[:] = [*self.saved_steps[-1:], self.global_step]
         barrier()
 
-    def _write_checkpoint(self, epoch: int, batch: int) -> None:
+    def _epoch_totals(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The running sums and step count of the epoch in progress, summed over the ranks: what a
+        checkpoint keeps, so a resumed epoch's record equals the uninterrupted one's under DDP too
+        (rank 0 restores the totals, the other ranks start from zero)."""
+        sums = {k: all_reduce_sum(v.to(self.device)).detach().cpu() for k, v in self.sums.items()}
+        return sums, int(all_reduce_sum(torch.tensor(float(self.count), device=self.device)).item())
+
+    def _write_checkpoint(self, epoch: int, batch: int, totals: tuple[dict[str, torch.Tensor], int]) -> None:
         if self.saved_steps:  # the current file is this run's: keep it as the previous one
             link_previous(self.ckpt_path, self.prev_path)
         task = self.task
@@ -284,8 +294,8 @@ class _Trainer:
                 "scaler": self.scaler.state_dict(),
                 "rng": rng_state(),
                 "task_state": task.state_dict() if hasattr(task, "state_dict") else None,
-                "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if batch else {},
-                "count": self.count if batch else 0,
+                "sums": totals[0],  # the epoch so far, over every rank (none at an epoch's end)
+                "count": totals[1],
                 "epoch": epoch,
                 "batch": batch,
                 "global_step": self.global_step,
@@ -375,7 +385,7 @@ class _Trainer:
             self.check_finite(epoch)
         if at_log:
             # running means of the epoch so far, averaged over the ranks (all ranks take part)
-            n = self.count * world_size()
+            n = float(all_reduce_sum(torch.tensor(float(self.count), device=self.device)))  # steps, all ranks
             means = {k: float(all_reduce_sum(v.to(self.device))) / n for k, v in self.sums.items()}
             if self.metrics is not None and is_main():
                 rec = {"stage": self.task.name, "epoch": epoch, "step": self.global_step, "lr": self.lr_now}
