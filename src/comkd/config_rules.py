@@ -124,3 +124,15 @@ def check_batches_split(cfg: Any, stages: tuple[str, ...], world: int) -> None:
                 f"{stage}.optim.batch_size: {o.batch_size} images a step (x grad_accum {o.grad_accum}) do not "
                 f"split over the {world} processes of this run; use a multiple of {world} (the batch is global)"
             )
+
+
+def run_stages(cfg: Any) -> tuple[str, ...]:
+    """The training stages a whole run (``comkd run`` / ``demo``) goes through."""
+    return ("pretrain",) * bool(cfg.pretrain.enabled) + ("train_teacher", "distill")
+
+
+def torchrun_world_size() -> int:
+    """The processes torchrun started for this run (its ``WORLD_SIZE``; 1 outside torchrun)."""
+    import os
+
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))

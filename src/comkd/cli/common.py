@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from ..config import ConfigError, RunConfig, load_config
-from ..config_rules import check_batches_split
+from ..config_rules import check_batches_split, run_stages, torchrun_world_size
 
 app = typer.Typer(
     add_completion=False,
@@ -112,9 +112,7 @@ def _cfg(
     _check_out_dir(out)
     try:
         cfg = load_config(config, overrides, sets)
-        if stages == ("run",):
-            stages = ("pretrain",) * bool(cfg.pretrain.enabled) + ("train_teacher", "distill")
-        check_batches_split(cfg, stages, max(1, int(os.environ.get("WORLD_SIZE", "1"))))
+        check_batches_split(cfg, run_stages(cfg) if stages == ("run",) else stages, torchrun_world_size())
     except ConfigError as e:
         typer.secho(f"config error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None

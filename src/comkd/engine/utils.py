@@ -112,7 +112,9 @@ def world_size() -> int:
 def launched_world_size() -> int:
     """The processes of this run: the group's size, or before it is joined the ``WORLD_SIZE``
     torchrun set (1 outside torchrun), so checks can run before any rank waits for the others."""
-    return dist.get_world_size() if dist.is_initialized() else max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    from ..config_rules import torchrun_world_size
+
+    return dist.get_world_size() if dist.is_initialized() else torchrun_world_size()
 
 
 def is_main() -> bool:

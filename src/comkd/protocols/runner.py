@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, save_config
-from ..config_rules import check_batches_split, check_teacher_count, teacher_classes
+from ..config_rules import check_batches_split, check_teacher_count, run_stages, teacher_classes
 from ..engine.builders import STUDENT_CLIP, TEACHER_CLIP, TEACHER_PROMPTS, build_teacher, make_dataset
 from ..engine.checkpoint import prune_checkpoints
 from ..engine.distill import run_distill
@@ -240,8 +240,9 @@ def run_protocol(
     methods = canonical_methods(methods)
     for m in methods or []:  # a method of several teachers has them, before any stage
         check_teacher_count(cfg.distill, method=m)
-    stages = ("pretrain",) * bool(cfg.pretrain.enabled) + ("train_teacher", "distill")
-    check_batches_split(cfg, stages, launched_world_size())  # every stage's batch splits over the ranks
+    check_batches_split(
+        cfg, run_stages(cfg), launched_world_size()
+    )  # every stage's batch splits over the ranks
     cfg = _with_teacher_classes(cfg)  # one contradicting the protocol is refused here, before any stage
     if cfg.protocol == "full":  # the user's own classes: one dataset, one seed (protocols/full.py)
         from .full import run_full
