@@ -396,3 +396,89 @@ def test_a_ddp_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path):
             # the running sums are float32: summed in another order after the resume, to ~1e-7
             same = x[k] == y[k] if isinstance(x[k], str) else x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-9)
             assert same, (k, x, y)
+
+
+# Each rank does its share of the work around the loop: the teacher cache (rank 0 writes the rows
+# every rank computes), the ridge warm start (strided shares, summed Gram matrices) and evaluation
+# (strided shares, predictions gathered). One thread a rank and one thread alone: same kernels.
+SHARES = r"""
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+from comkd.config import load_config
+from comkd.engine.builders import build_student, build_teacher, make_dataset
+from comkd.engine.cache_build import build_teacher_cache
+from comkd.engine.distill import warm_start_projector
+from comkd.engine.evaluation import evaluate_student, evaluate_teacher
+from comkd.engine.tasks import TeacherOutputs
+from comkd.engine.utils import init_distributed, is_main, shutdown_distributed
+
+init_distributed()
+out = sys.argv[1]
+cfg = load_config("demo")
+cfg.data.eval_batch_size = 64  # several batches a rank
+dev = torch.device("cpu")
+torch.manual_seed(0)
+teacher = build_teacher(cfg, dev, prompts="")
+student = build_student(cfg, teacher.embed_dim, dev)
+ds = make_dataset(cfg, cfg.distill.split, student.preprocess, train=True, unlabelled=True, augment=cfg.distill.augment)
+student.set_text_features(teacher.class_text_features(ds.full_classnames), ds.full_classnames)
+seen = {"student": 0, "teacher": 0}  # images each tower ran on, in this process
+student.visual.register_forward_hook(lambda m, a, o: seen.__setitem__("student", seen["student"] + len(a[0])))
+teacher_image = teacher.encode_image
+def counted(x, *a, **k):
+    seen["teacher"] += len(x)
+    return teacher_image(x, *a, **k)
+teacher.encode_image = counted
+build_teacher_cache(teacher, ds, os.path.join(out, "cache.bin"), views=2, seed=cfg.seed, batch_size=64, device=dev, progress=False)
+work = [dict(seen)]
+n = warm_start_projector(student, ds, TeacherOutputs(teacher, student.preprocess), cfg, dev)
+work.append(dict(seen))
+res = {"n": n, "student": evaluate_student(cfg, student)}
+work.append(dict(seen))
+res["teacher"] = evaluate_teacher(cfg, teacher)
+work.append(dict(seen))
+if is_main():
+    torch.save(student.projector.state_dict(), os.path.join(out, "projector.pt"))
+    with open(os.path.join(out, "res.json"), "w") as f:
+        json.dump(res, f)
+with open(os.path.join(out, f"items{os.environ.get('RANK', '0')}.json"), "w") as f:
+    json.dump(work, f)
+shutdown_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_cache_warm_start_and_evaluation_are_shared_by_the_ranks(tmp_path):
+    """Under ``torchrun --nproc_per_node 2`` the teacher cache file equals one process's (but for
+    its time stamp), the warm-started projector equals one process's to float64-sum rounding, the
+    student's and teacher's scores are the same, and each rank ran the models on half the images."""
+    from comkd.engine.cache_format import read_cache_info
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    script = tmp_path / "shares.py"
+    script.write_text(SHARES)
+    for d, cmd in ((one, [sys.executable, str(script)]), (two, [*TORCHRUN, str(script)])):
+        r = subprocess.run([*cmd, str(d)], env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+    a, b = (p / "cache.bin" for p in (one, two))
+    info = read_cache_info(a)
+    assert read_cache_info(b).header == {**info.header, "created": read_cache_info(b).header["created"]}
+    assert a.read_bytes()[info.data_offset :] == b.read_bytes()[info.data_offset :]
+    assert sorted(p.name for p in two.iterdir() if p.suffix == ".bin") == ["cache.bin"]  # no temp left
+    res1, res2 = (json.loads((d / "res.json").read_text()) for d in (one, two))
+    assert res2["n"] == res1["n"] == 539
+    assert res2["student"] == res1["student"] and res2["teacher"] == res1["teacher"]
+    p1, p2 = (torch.load(d / "projector.pt") for d in (one, two))
+    for k, v in p1.items():
+        torch.testing.assert_close(p2[k].float(), v.float(), rtol=1e-4, atol=1e-5, msg=k)
+    # images each tower ran on after the cache, the warm start, the student's and the teacher's evaluation
+    alone = json.loads((one / "items0.json").read_text())
+    ranks = [json.loads((two / f"items{r}.json").read_text()) for r in range(2)]
+    assert alone[:2] == [{"student": 0, "teacher": 2 * 539}, {"student": 539, "teacher": 3 * 539}]
+    for k, phase in enumerate(alone):
+        for tower, count in phase.items():
+            shares = [r[k][tower] for r in ranks]
+            assert sum(shares) == count and max(shares) - min(shares) <= 64, (k, tower, shares, count)

@@ -4,7 +4,9 @@ IFAlign on the projector output, the frozen-BN projector, and the student's trai
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from comkd.losses import ComKDLoss, ifalign
 from comkd.models import EduAttention, create_student, create_teacher
 from comkd.models.backbones import TINY_STUDENT, TINY_TEACHER
 from comkd.models.io import load_student
-from comkd.models.projector import LinearProjector, Projector, fit_projector, ridge
+from comkd.models.projector import LinearProjector, Projector, fit_projector, ridge, ridge_from_sums
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
@@ -150,6 +152,66 @@ def test_fit_projector_recovers_a_linear_map_and_fits_the_mlp_head() -> None:
         torch.testing.assert_close(mlp.eval()(x), (hidden.double() @ a.t() + b).float(), atol=1e-4, rtol=1e-4)
     after = float(((mlp.eval()(x) - y) ** 2).mean())
     assert after < 0.5 * before
+
+
+def test_ridge_from_sums_matches_ridge_on_the_rows() -> None:
+    """The fit torchrun ranks make from their summed rows (Σx, Σy, Σxxᵀ, Σxyᵀ) is ``ridge`` on all
+    the rows (checked against ``ridge``, itself checked against NumPy above)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(60, 5, generator=g, dtype=torch.float64) * 2 + 3  # off-centre: the n·x̄x̄ᵀ term matters
+    y = torch.randn(60, 3, generator=g, dtype=torch.float64) - 1
+    a, b = ridge(x, y, 0.02)
+    a2, b2 = ridge_from_sums(60.0, x.sum(0), y.sum(0), x.t() @ x, x.t() @ y, 0.02)
+    torch.testing.assert_close(a2, a, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(b2, b, rtol=1e-9, atol=1e-11)
+
+
+def _thread_all_reduce(n: int):
+    """``n`` all-reduce functions (one per simulated rank, each run in its own thread) that return
+    the sum of the ``n`` tensors given to the same call, as torch.distributed's would."""
+    slots: list[torch.Tensor | None] = [None] * n
+    meet = threading.Barrier(n)
+
+    def for_rank(r: int):
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            slots[r] = t
+            meet.wait()
+            total = sum(slots[1:], slots[0])
+            meet.wait()  # every rank has read the slots before the next call fills them
+            return total
+
+        return all_reduce
+
+    return [for_rank(r) for r in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_fit_projector_over_ranks_equals_one_process(kind: str) -> None:
+    """Three simulated ranks, each with its strided share of the rows and an all-reduce of their
+    sums, set the projector (BatchNorm statistics included) as one process with every row does,
+    and all three alike."""
+    torch.manual_seed(8)
+    x = torch.randn(97, 8) * 1.5 + 0.7
+    y = x @ torch.randn(12, 8).t() + 0.1 * torch.randn(97, 12)
+    torch.manual_seed(9)
+    one = (LinearProjector if kind == "linear" else Projector)(8, 12)
+    ranks = [copy.deepcopy(one) for _ in range(3)]
+    fit_projector(one, x, y, lam=1e-3)
+    reducers = _thread_all_reduce(3)
+    threads = [
+        threading.Thread(target=fit_projector, args=(p, x[r::3], y[r::3], 1e-3, reducers[r]))
+        for r, p in enumerate(ranks)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    want = one.state_dict()
+    for p in ranks:
+        for name, v in p.state_dict().items():
+            torch.testing.assert_close(v.float(), want[name].float(), rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(v, ranks[0].state_dict()[name], rtol=0, atol=0)
+    assert not torch.equal(ranks[0].state_dict()[list(want)[-1]], torch.zeros_like(want[list(want)[-1]]))
 
 
 def test_ifalign_on_projected_features_and_frozen_bn_and_full_scope() -> None:

@@ -199,6 +199,7 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
         self._where = f" ({source})" if source else ""
         check_labels_in_range(data, len(self.classnames), self.unlabelled, self._where, self.name)
         self._train: tuple[int, int, int] | None = None  # (rank, world, seed) of a training stream
+        self._share: tuple[int, int] = (0, 1)  # (rank, world) of a replay stream
         self._set_data(list(data))
         if skip_bad:
             self._drop_undecodable()
@@ -258,11 +259,13 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
         out._train = (int(rank), int(world), int(seed))
         return out
 
-    def replay_stream(self, seed: int, view: int) -> WdsImageDataset:
+    def replay_stream(self, seed: int, view: int, rank: int = 0, world: int = 1) -> WdsImageDataset:
         """A copy yielding view ``view`` of every item (``derive_view_seed(seed, view, i)``) in shard
-        order: what a teacher cache stores as its row ``i``."""
+        order: what a teacher cache stores as its row ``i``; with ``world`` > 1 only the items at
+        positions ``rank, rank + world, ...`` of that order (the others are read, not decoded)."""
         out = copy.copy(self)
         out._train, out.view_seed, out.view_period, out.epoch = None, int(seed), None, int(view)
+        out._share = (int(rank), int(world))
         return out
 
     # -- iteration -----------------------------------------------------------------------------
@@ -279,7 +282,7 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shards = list(self._by_shard)
-        rank, world, seed = self._train if self._train is not None else (0, 1, 0)
+        rank, world, seed = self._train if self._train is not None else (*self._share, 0)
         if self._train is not None:
             g = torch.Generator().manual_seed(seed * 100_003 + self.epoch)
             shards = [shards[j] for j in torch.randperm(len(shards), generator=g).tolist()]

@@ -22,6 +22,7 @@ from ..models import (
     Teacher,
 )
 from ..models.teacher import TeacherArch
+from .utils import RankShare, world_size
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +177,11 @@ def make_dataset(
 
 
 def eval_loader(cfg: RunConfig, ds, device: torch.device) -> DataLoader:
-    """The evaluation loader of ``ds``: in order, ``data.eval_batch_size`` and ``data.num_workers``."""
+    """The evaluation loader of ``ds``: in order, ``data.eval_batch_size`` and ``data.num_workers``.
+    Under torchrun it loads this rank's ``RankShare`` of a map-style ``ds`` (``tasks.predict``
+    gathers the ranks' predictions; a loop of its own sees only this rank's items)."""
     return DataLoader(
-        ds,
+        RankShare(ds) if world_size() > 1 and not ds.streaming else ds,
         batch_size=cfg.data.eval_batch_size,
         shuffle=False,
         num_workers=cfg.data.num_workers,

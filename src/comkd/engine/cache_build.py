@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ from .cache_format import (
     view_checksums,
 )
 from .tasks import adapt_images
-from .utils import amp_context, show_progress
+from .utils import amp_context, barrier, is_main, rank, show_progress, world_size
 
 if TYPE_CHECKING:
     from ..models import Teacher
@@ -63,15 +64,32 @@ class _StreamViews(torch.utils.data.IterableDataset):
     ``(view, label, i)`` in shard order, view k of item i drawn as ``get_view`` would."""
 
     def __init__(self, dataset: Any, seed: int, k: int):
-        self.stream = dataset.replay_stream(seed, k)
+        self.stream = dataset.replay_stream(seed, k, rank(), world_size())
 
     def __iter__(self):
         for image, _, i in self.stream:
             yield image, i
 
 
-def _views(dataset: Any, seed: int, k: int) -> Dataset:
-    return _StreamViews(dataset, seed, k) if dataset.streaming else _Views(dataset, seed, k)
+def _view_loader(
+    dataset: Any, seed: int, k: int, batch_size: int, num_workers: int, device: torch.device
+) -> DataLoader:
+    """View ``k``'s batches of ``(images, item indices)`` that this rank runs the teacher on: of a
+    map-style dataset, batches ``rank, rank + W, ...`` of the one-process order (the same batches,
+    so the same rows); of a stream, every W-th item of its replay."""
+    pin = device.type == "cuda"
+    if dataset.streaming:
+        return DataLoader(
+            _StreamViews(dataset, seed, k), batch_size=batch_size, num_workers=num_workers, pin_memory=pin
+        )
+    n = len(dataset)
+    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    return DataLoader(
+        _Views(dataset, seed, k),
+        batch_sampler=batches[rank() :: world_size()],
+        num_workers=num_workers,
+        pin_memory=pin,
+    )
 
 
 def _checked_transform(
@@ -120,11 +138,12 @@ def _progress_bar(progress: bool, total: int):
 
 
 def _fill_features(
-    features: np.memmap,
+    features: np.memmap | None,
     teacher: Teacher,
     dataset: Any,
     *,
     seed: int,
+    views: int,
     tf_spec: PreprocessSpec,
     dtype: torch.dtype,
     batch_size: int,
@@ -135,22 +154,63 @@ def _fill_features(
 ) -> None:
     """Write u_t of every view into ``features`` ``[K, n_items, d]``: row i of view k is the
     L2-normalised teacher feature of item i drawn with ``derive_view_seed(seed, k, i)``, in ``dtype``;
-    the teacher runs under ``autocast`` and ``bar`` (tqdm or None) advances once per batch."""
-    for k in range(features.shape[0]):
-        loader = DataLoader(
-            _views(dataset, seed, k),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        for images, idx in loader:
-            images = images.to(device, non_blocking=True)
-            with torch.no_grad(), autocast:
-                u = teacher.encode_image(adapt_images(images, tf_spec, teacher.preprocess))
-            features[k, idx.numpy()] = encode_rows(F.normalize(u.float(), dim=-1).to(dtype).cpu())
+    the teacher runs under ``autocast`` and ``bar`` (tqdm or None) advances once per batch.
+
+    Under torchrun every rank runs the teacher on its own batches (``_view_loader``) and sends the
+    rows to rank 0, the only writer (``features`` is None on the other ranks): one all-gather of a
+    batch of rows and their indices per rank and round, until no rank has a batch left."""
+    shared = world_size() > 1
+    d = int(teacher.embed_dim)
+    for k in range(views):
+        batches = iter(_view_loader(dataset, seed, k, batch_size, num_workers, device))
+        while True:
+            batch = next(batches, None)
+            if batch is not None:
+                images, idx = batch
+                images = images.to(device, non_blocking=True)
+                with torch.no_grad(), autocast:
+                    u = teacher.encode_image(adapt_images(images, tf_spec, teacher.preprocess))
+                rows = F.normalize(u.float(), dim=-1).to(dtype)
+            elif not shared:
+                break
+            if shared:
+                rows, idx = _gather_rows(
+                    rows if batch is not None else None, idx if batch is not None else None, batch_size, d
+                )
+                if idx is None:  # no rank had a batch left
+                    break
+            if features is not None:
+                features[k, idx.cpu().numpy()] = encode_rows(rows.to(dtype).cpu())
             if bar is not None:
                 bar.update(1)
+
+
+def _gather_rows(
+    rows: torch.Tensor | None, idx: torch.Tensor | None, batch_size: int, d: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every rank's batch of rows ``[b, d]`` and item indices ``[b]`` (None: none left), padded to
+    ``batch_size`` and gathered on every rank; returns the real rows and indices of all ranks, or
+    ``(empty, None)`` when no rank had a batch. Rows travel as float32 (exact for the storage dtypes)."""
+    import torch.distributed as dist
+
+    from .utils import _comm_device
+
+    dev = _comm_device()
+    pad_rows = torch.zeros(batch_size, d, dtype=torch.float32, device=dev)
+    pad_idx = torch.full((batch_size,), -1, dtype=torch.int64, device=dev)
+    if rows is not None:
+        pad_rows[: len(rows)] = rows.float()
+        pad_idx[: len(idx)] = idx.to(dev)
+    w = world_size()
+    all_rows = [torch.empty_like(pad_rows) for _ in range(w)]
+    all_idx = [torch.empty_like(pad_idx) for _ in range(w)]
+    dist.all_gather(all_idx, pad_idx)
+    ids = torch.cat(all_idx)
+    keep = ids >= 0
+    if not bool(keep.any()):
+        return pad_rows[:0], None
+    dist.all_gather(all_rows, pad_rows)
+    return torch.cat(all_rows)[keep], ids[keep]
 
 
 def _write_file(
@@ -160,16 +220,21 @@ def _write_file(
     shape: tuple[int, int, int],
     np_dtype: np.dtype,
     w: torch.Tensor,
-    fill: Callable[[np.memmap], None],
+    fill: Callable[[np.memmap | None], None],
 ) -> int:
     """Write a cache file atomically (a kill leaves no half cache): ``header``, then u_t
     ``shape`` = ``[K, n_items, d]`` (stored as ``np_dtype``) filled in place by ``fill`` on the
     memory map, then W ``[N, d]`` float32, each row's checksum and the digest of W and the
-    checksums (``cache_format``, "Integrity"). Returns the file size in bytes."""
+    checksums (``cache_format``, "Integrity"). Returns the file size in bytes. Under torchrun only
+    rank 0 writes; the other ranks call ``fill(None)`` (they compute rows, rank 0 stores them)."""
     head, offset = encode_header(header)
     feat_bytes = int(np.prod(shape)) * np_dtype.itemsize
     k, n, _ = shape
     total = offset + feat_bytes + w.numel() * 4 + k * n * 4 + DIGEST_BYTES
+    if not is_main():
+        fill(None)
+        barrier()  # rank 0 has renamed the finished file
+        return total
     with atomic_path(path, fsync=True) as tmp:
         with open(tmp, "wb") as f:
             f.write(head)
@@ -186,6 +251,7 @@ def _write_file(
             f.write(w_bytes)
             f.write(sum_bytes)
             f.write(tail_digest(w_bytes, sum_bytes))
+    barrier()
     return total
 
 
@@ -230,6 +296,7 @@ def build_teacher_cache(
     Returns the path written. The file also embeds W ``[N, d]`` for ``dataset.full_classnames`` and
     the teacher's logit scale, so distillation from it needs no teacher.
     """
+    t0 = time.perf_counter()
     transform, tf_spec = _checked_transform(
         dataset, views=views, seed=seed, batch_size=batch_size, dtype=dtype, student_spec=student_spec
     )
@@ -252,7 +319,10 @@ def build_teacher_cache(
     w = teacher.class_text_features(classnames).detach().float().cpu().contiguous()
     n, d = len(dataset), int(teacher.embed_dim)
     autocast, _ = amp_context(device, amp)
-    bar = _progress_bar(progress, int(views) * math.ceil(n / batch_size))
+    rounds = (
+        math.ceil(math.ceil(n / world_size()) / batch_size) if world_size() > 1 else math.ceil(n / batch_size)
+    )
+    bar = _progress_bar(progress and is_main(), int(views) * rounds)
     try:
         total = _write_file(
             path,
@@ -265,6 +335,7 @@ def build_teacher_cache(
                 teacher,
                 dataset,
                 seed=seed,
+                views=int(views),
                 tf_spec=tf_spec,
                 dtype=dtype,
                 batch_size=batch_size,
@@ -279,12 +350,14 @@ def build_teacher_cache(
             bar.close()
         teacher.train(was_training)
     log.info(
-        "teacher cache: %d views x %d items x %d (%s) -> %s (%.1f MB)",
+        "teacher cache: %d views x %d items x %d (%s) -> %s (%.1f MB) in %.1f s on %d process(es)",
         views,
         n,
         d,
         dtype_name,
         path,
         total / 2**20,
+        time.perf_counter() - t0,
+        world_size(),
     )
     return path

@@ -36,8 +36,11 @@ from .tasks import (
     TeacherSide,
 )
 from .utils import (
+    all_reduce_sum,
+    amp_context,
     barrier,
     is_main,
+    world_size,
 )
 
 log = logging.getLogger(__name__)
@@ -47,23 +50,30 @@ log = logging.getLogger(__name__)
 def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: torch.device) -> int:
     """Fit the projector in closed form (ridge, no labels) from the student tower's features to the
     teacher's image features u_t over the first epoch's views of the distillation images (read
-    from the teacher cache when there is one). Returns the number of images used."""
+    from the teacher cache when there is one), both towers under ``distill.optim.amp``'s autocast.
+    Under torchrun each rank runs its share of a map-style pool (``eval_loader``) and the fit adds
+    up every rank's sums. Returns the number of images used (all ranks')."""
     from ..models.projector import fit_projector
 
     ds.set_epoch(0)
     student.eval()
+    autocast, _ = amp_context(device, cfg.distill.optim.amp)
     feats, targets = [], []
     for images, _, idx in eval_loader(cfg, ds, device):
         images = images.to(device)
-        feats.append(student.visual(images).float().cpu())
-        targets.append(outputs(images, idx, 0).float().cpu())
+        with autocast:
+            feats.append(student.visual(images).float().cpu())
+            targets.append(outputs(images, idx, 0).float().cpu())
+    shared = world_size() > 1 and not ds.streaming  # a stream is read whole by every rank
     fit_projector(
         student.projector,
         torch.cat(feats).to(device),
         torch.cat(targets).to(device),
         cfg.distill.ridge_lambda,
+        all_reduce=all_reduce_sum if shared else None,
     )
-    return sum(len(f) for f in feats)
+    n = sum(len(f) for f in feats)
+    return int(all_reduce_sum(torch.tensor(float(n))).item()) if shared else n
 
 
 @locked_run(results=(STUDENT_FILE, "results.json"))

@@ -23,6 +23,7 @@ from ..data.dataset import ImageDataset
 from ..data.records import Datum
 from .builders import eval_loader, make_dataset
 from .evaluation import clip_class_weights
+from .utils import gather_loader_rows
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def select_confident(probs: torch.Tensor, per_class: int) -> tuple[torch.Tensor,
 def pool_probabilities(
     loaded, classnames: list[str], templates: list[str], pool, loader, device
 ) -> torch.Tensor:
-    """``[N, C]`` zero-shot class probabilities of an open_clip model on the pool images, in order."""
+    """``[N, C]`` zero-shot class probabilities of an open_clip model on the pool images, in order
+    (under torchrun each rank scores its share of ``eval_loader``'s and the ranks exchange them)."""
     model = loaded.model.eval()
     w = clip_class_weights(model, loaded.tokenizer, classnames, templates, device)
     scale = model.logit_scale.exp().float() if hasattr(model, "logit_scale") else torch.tensor(100.0)
@@ -63,7 +65,7 @@ def pool_probabilities(
     for images, _, _ in loader:
         f = torch.nn.functional.normalize(model.encode_image(images.to(device)).float(), dim=-1)
         out.append((scale * f @ w.t()).softmax(-1).cpu())
-    return torch.cat(out)
+    return gather_loader_rows(torch.cat(out), loader)
 
 
 def self_train(

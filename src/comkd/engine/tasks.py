@@ -14,7 +14,7 @@ from torch import nn
 
 from ..losses import IFALIGN_ON, ComKDLoss, ifalign_pair
 from ..models import PreprocessSpec, Student, Teacher
-from .utils import gather_batch
+from .utils import amp_context, gather_batch, gather_loader_rows
 
 
 @runtime_checkable
@@ -357,14 +357,19 @@ class DistillTask(TaskBase):
 
 # -- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
+@torch.no_grad()
 def predict(fn, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``fn(images) -> logits`` over a loader; returns (predictions, labels) on the CPU."""
+    """Run ``fn(images) -> logits`` over a loader (under autocast on a GPU); returns (predictions,
+    labels) on the CPU, of every item in order. Under torchrun a loader of a ``RankShare``
+    (``builders.eval_loader``'s) runs this rank's share and the ranks exchange their predictions."""
+    autocast, _ = amp_context(device, "auto")
     preds, labels = [], []
     for images, y, _ in loader:
-        logits = fn(images.to(device, non_blocking=True))
+        with autocast:
+            logits = fn(images.to(device, non_blocking=True))
         preds.append(logits.argmax(-1).cpu())
         labels.append(torch.as_tensor(y))
-    return torch.cat(preds), torch.cat(labels)
+    return gather_loader_rows(torch.cat(preds), loader), gather_loader_rows(torch.cat(labels), loader)
 
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:

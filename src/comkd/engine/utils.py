@@ -121,10 +121,55 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _comm_device() -> torch.device:
+    """Where the process group's collectives run: this rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (a copy, on ``t``'s device); ``t`` itself in one process."""
     if dist.is_initialized():
-        t = t.clone()
+        home = t.device
+        t = t.to(_comm_device(), copy=True)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = t.to(home)
+    return t
+
+
+class RankShare(torch.utils.data.Subset):
+    """This rank's strided share of a map-style dataset: items ``rank, rank + W, ...`` of ``n``
+    (every item of it in one process). ``gather_shares`` puts the ranks' results back in order."""
+
+    def __init__(self, dataset: Any):
+        self.total = len(dataset)
+        super().__init__(dataset, range(rank(), self.total, world_size()))
+
+
+def gather_shares(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows of every rank's ``RankShare`` result, back in item order, on every rank.
+
+    ``t`` ``[m_r, ...]``: rank r's rows for items ``r, r + W, ...`` of ``n``. Returns ``[n, ...]``
+    on ``t``'s device (``t`` itself in one process): one all-gather of ``ceil(n / W)`` rows per rank.
+    """
+    w = world_size()
+    if w == 1:
+        return t
+    per = -(-n // w)
+    pad = torch.zeros((per, *t.shape[1:]), dtype=t.dtype, device=_comm_device())
+    pad[: len(t)] = t
+    parts = [torch.empty_like(pad) for _ in range(w)]
+    dist.all_gather(parts, pad)
+    # row j of rank r is item j·W + r: interleave the ranks' rows
+    return torch.stack(parts, dim=1).reshape(per * w, *t.shape[1:])[:n].to(t.device)
+
+
+def gather_loader_rows(t: torch.Tensor, loader: Any) -> torch.Tensor:
+    """``t``, rows computed in order over ``loader``, for every item of its dataset: the ranks'
+    rows gathered when the loader reads a ``RankShare`` (``t`` itself otherwise)."""
+    if isinstance(loader.dataset, RankShare):
+        return gather_shares(t, loader.dataset.total)
     return t
 
 

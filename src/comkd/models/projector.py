@@ -53,9 +53,50 @@ def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, t
     return a, my - mx @ a.t()
 
 
+def ridge_from_sums(
+    n: float, sx: torch.Tensor, sy: torch.Tensor, sxx: torch.Tensor, sxy: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ridge`` from sums over the rows instead of the rows: ``n`` rows, ``sx`` = Σx ``[p]``,
+    ``sy`` = Σy ``[q]``, ``sxx`` = Σxxᵀ ``[p, p]``, ``sxy`` = Σxyᵀ ``[p, q]`` (what processes that
+    each hold some of the rows can add up). The same fit as ``ridge`` on all the rows, in float64:
+    the centred Gram matrix is Σxxᵀ − n·x̄x̄ᵀ."""
+    sx, sy, sxx, sxy = (t.double() for t in (sx, sy, sxx, sxy))
+    mx, my = sx / n, sy / n
+    gram = sxx - n * torch.outer(mx, mx)
+    cross = sxy - n * torch.outer(mx, my)
+    reg = lam * float(gram.diagonal().mean().clamp_min(1e-12))
+    a = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), cross).t()
+    return a, my - mx @ a.t()
+
+
+def _summed_ridge(
+    x: torch.Tensor, y: torch.Tensor, lam: float, all_reduce
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ridge`` over every process's rows: this process's ``x`` ``[m, p]``, ``y`` ``[m, q]``; one
+    all-reduce of the packed float64 sums."""
+    x, y = x.double(), y.double()
+    p, q = x.shape[1], y.shape[1]
+    parts = (
+        torch.tensor([float(len(x))], dtype=x.dtype, device=x.device),
+        x.sum(0),
+        y.sum(0),
+        x.t() @ x,
+        x.t() @ y,
+    )
+    total = all_reduce(torch.cat([t.reshape(-1) for t in parts]))
+    sx, sy = total[1 : 1 + p], total[1 + p : 1 + p + q]
+    sxx = total[1 + p + q : 1 + p + q + p * p].reshape(p, p)
+    sxy = total[1 + p + q + p * p :].reshape(p, q)
+    return ridge_from_sums(float(total[0]), sx, sy, sxx, sxy, lam)
+
+
 @torch.no_grad()
 def fit_projector(
-    projector: nn.Sequential, features: torch.Tensor, targets: torch.Tensor, lam: float = 1e-3
+    projector: nn.Sequential,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    lam: float = 1e-3,
+    all_reduce=None,
 ) -> None:
     """Warm start: set ``projector`` so that ``projector(features) ≈ targets`` with no labels.
 
@@ -64,20 +105,42 @@ def fit_projector(
     Linear keeps its random weights, BatchNorm's running statistics are set to those of its input
     over ``features`` (it must then stay frozen, in eval mode), and the last Linear is fitted on
     the hidden activations.
+
+    ``all_reduce`` (a sum over processes, e.g. ``engine.utils.all_reduce_sum``): ``features`` and
+    ``targets`` are this process's share of the rows, and the BatchNorm statistics and the ridge
+    fit are those of every process's rows (float64 sums, all-reduced: ``ridge_from_sums``). Without
+    it (one process) the fit is ``ridge`` on the rows themselves.
     """
     layers = list(projector)
     head = layers[-1]
     if len(layers) > 1:
         first, bn = layers[0], layers[1]
         z = first(features.to(first.weight.dtype))
-        bn.running_mean.copy_(z.mean(0))
-        bn.running_var.copy_(z.var(0, unbiased=True))
+        if all_reduce is None:
+            bn.running_mean.copy_(z.mean(0))
+            bn.running_var.copy_(z.var(0, unbiased=True))
+        else:
+            zd = z.double()
+            s = all_reduce(
+                torch.cat(
+                    [
+                        torch.tensor([float(len(zd))], dtype=zd.dtype, device=zd.device),
+                        zd.sum(0),
+                        (zd * zd).sum(0),
+                    ]
+                )
+            )
+            n, mean = float(s[0]), s[1 : 1 + z.shape[1]] / float(s[0])
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_((s[1 + z.shape[1] :] - n * mean * mean) / max(n - 1.0, 1.0))
         was = bn.training
         bn.eval()
         hidden = nn.Sequential(*layers[:-1])(features.to(first.weight.dtype))
         bn.train(was)
     else:
         hidden = features
-    a, b = ridge(hidden, targets, lam)
+    a, b = (
+        ridge(hidden, targets, lam) if all_reduce is None else _summed_ridge(hidden, targets, lam, all_reduce)
+    )
     head.weight.copy_(a.to(head.weight.dtype))
     head.bias.copy_(b.to(head.bias.dtype))
