@@ -9,7 +9,7 @@ both alike). Figures (see ``benchmarks/README.md`` for what each one means and i
 * ``cache_speedup``                  distillation epoch time online / with the teacher cache
 * ``loop_overhead_ratio``            ``engine.loop.fit`` step time on real data / bare step on one batch
 * ``inference_speedup_paper_pair``   student ViT-B/16 vs teacher ViT-L/14 images/s (224 px, batch 8)
-* ``flops_ratio_paper_pair``         teacher / student FLOPs per image (``FlopCounterMode``)
+* ``flops_ratio_paper_pair``         teacher / student FLOPs per image (``timing.count_flops``)
 * ``inference_speedup_tiny_pair``, ``flops_ratio_tiny_pair``   the same for the tiny configs
 * ``peak_memory_mb``                 per stage, each in a fresh process
 * ``epoch_time_s``, ``epoch_time_linearity``   distillation epoch time at 1x, 2x, 4x the data

@@ -34,7 +34,9 @@ def _inference_pair(
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     xt = torch.randn(batch, 3, teacher.preprocess.image_size, teacher.preprocess.image_size, device=device)
     with torch.no_grad():
-        f_t = count_flops(lambda: teacher.encode_image(xt)) / batch  # also the warm-up
+        # counting is also the warm-up, though attention runs its math path there, not the fused
+        # kernels timed below
+        f_t = count_flops(lambda: teacher.encode_image(xt)) / batch
         f_s = count_flops(lambda: student(x)) / batch
 
         def timed(fn, reps):

@@ -23,11 +23,26 @@ def median(xs: list[float]) -> float:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` (``torch.utils.flop_counter``: 2 per multiply-add)."""
+    """FLOPs of one call of ``fn``: ``torch.utils.flop_counter.FlopCounterMode``, 2 per multiply-add
+    of every matrix product and convolution (forward and, where ``fn`` runs one, backward);
+    norms, softmax, activations and other elementwise ops count nothing.
+
+    Attention is counted whatever kernel would run: while counting, ``nn.MultiheadAttention``'s
+    inference fast path is off (its fused native op is invisible to the counter, input and output
+    projections included) and ``scaled_dot_product_attention`` runs its math backend (the
+    counter has no formula for the CPU fused kernel), so QK^T and AV count as the matmuls they are.
+    Both settings are restored afterwards; ``fn`` runs once, so it is a warm-up of the math path,
+    not of the kernels a timed call uses."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as fc:
-        fn()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(fc.get_total_flops())
 
 
