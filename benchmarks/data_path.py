@@ -223,8 +223,10 @@ def bench_data_path(shards: str | None, quick: bool = False, threads: int = 1) -
 
 
 #: what a GPU's stage 2 would need from the host: the paper pair's stage-2 rate estimated from
-#: FLOPs for one H200-class GPU (online teacher; several times more from the teacher cache)
-GPU_STAGE2_IMAGES_PER_S = (1300, 2500)
+#: FLOPs for one H200-class GPU (online teacher; several times more from the teacher cache). It was
+#: (1300, 2500) from FLOP counts that missed attention; the corrected counts (2026-12-07: ViT-L/14
+#: teacher 164.6, ViT-B/16 student 36.2 GFLOPs per image, not 105.4 and 23.3) scale it by 0.64
+GPU_STAGE2_IMAGES_PER_S = (830, 1600)
 
 
 def decode_section(quick: bool) -> dict[str, Any]:
