@@ -33,6 +33,7 @@ from .inference import (
 )
 from .limits import limits_section
 from .memory import bench_peak_memory
+from .ranks import bench_ranks
 from .report import machine_info, ordered, write_json
 from .sizes import FULL, QUICK, WEIGHTS_NOTE, BenchSizes
 from .training import bench_cache_and_loop, bench_epoch_scaling, bench_step_ratio
@@ -106,6 +107,7 @@ ONLY = {
     "data": "data path (shards vs folder, streamed epoch memory)",
     "eager": "the paper student's eager images/s by batch",
     "limits": "the machine's matmul peak and each figure's share of it",
+    "ranks": "cache, warm start and evaluation: torchrun 2 ranks x 1 thread vs 1 process x 2 threads",
 }
 
 
@@ -121,8 +123,9 @@ def _only_data(
     old_threads: int,
 ) -> dict[str, Any]:
     """One section alone, merged into the JSON already at ``out``: ``data`` (the data path),
-    ``eager`` (the paper student's eager images/s by batch) or ``limits`` (the matmul peak, and the
-    utilisation of the figures already in ``out``)."""
+    ``eager`` (the paper student's eager images/s by batch), ``limits`` (the matmul peak, and the
+    utilisation of the figures already in ``out``) or ``ranks`` (the work around the loop under
+    torchrun, ``benchmarks.ranks``)."""
     prev = _previous(out) if out.exists() else {}
     sz = QUICK if quick else FULL
     say("bench: %s ...", ONLY[only])
@@ -133,6 +136,8 @@ def _only_data(
             part["data_path"]["wall_s"] = time.perf_counter() - t_start
         elif only == "eager":
             part = bench_eager_scaling(sz, dev, sz.eager_batches)
+        elif only == "ranks":
+            part = bench_ranks(quick)
         else:
             part = limits_section(prev, dev, sz.peak_batch, sz.paper_image_size, sz.peak_min_s)
     finally:

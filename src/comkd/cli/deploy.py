@@ -59,7 +59,8 @@ def bench(
         str | None,
         typer.Option(
             help="One section alone, merged into --out: data (the data path), eager (the paper "
-            "student's eager images/s at batch 1, 8, 64), limits (the matmul peak and each figure's share)."
+            "student's eager images/s at batch 1, 8, 64), limits (the matmul peak and each figure's share), "
+            "ranks (cache, warm start and evaluation under torchrun, 2 ranks vs 1 process)."
         ),
     ] = None,
     profile: Annotated[
