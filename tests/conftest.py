@@ -4,6 +4,9 @@ support.py."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +18,16 @@ from support import torch_threads, write_tiny_teacher
 _RERUNNERS = ("rerunfailures", "flaky", "pytest_rerunfailures", "retry", "pytest_retry")
 
 
+def pytest_unconfigure(config) -> None:
+    if getattr(config, "_comkd_cache_dir", None):
+        shutil.rmtree(config._comkd_cache_dir, ignore_errors=True)
+
+
 def pytest_configure(config) -> None:
+    # shard indexes kept between processes go to a folder of this session, not the user's ~/.cache
+    if "COMKD_CACHE_DIR" not in os.environ:
+        os.environ["COMKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="comkd-test-cache-")
+        config._comkd_cache_dir = os.environ["COMKD_CACHE_DIR"]
     active = [name for name in _RERUNNERS if config.pluginmanager.hasplugin(name)]
     if active:
         raise pytest.UsageError(

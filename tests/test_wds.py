@@ -5,6 +5,7 @@ workers, bad shards and samples, the teacher cache keyed by sample key, and dist
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from comkd.data import DataError, build_dataset, build_transform, load_splits
-from comkd.data.wds import parse_pools, scan_shard
+from comkd.data.shards import scan_shard
+from comkd.data.wds import parse_pools
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 pytestmark = pytest.mark.skipif(not (CIFAR / "train_subset").is_dir(), reason="needs ../shared/data/cifar10")
@@ -133,22 +135,66 @@ def test_training_streams_split_ranks_and_workers_exactly_once(shards):
         "wds", shards, "train", build_transform(train=False, image_size=32), pools=["train=0:48"]
     )
     ds.shuffle_buffer = 8
+
+    def first(
+        stream, n: int = 24
+    ) -> list[int]:  # a stream of several ranks is endless: the loop takes its batches
+        loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
+        return [int(i) for b in itertools.islice(loader, n // 4) for i in b[2]]
+
     for epoch in (0, 1):
         parts = []
         for r in range(2):
-            st = ds.training_stream(r, 2, seed=3)
+            st = ds.training_stream(r, 2, seed=3, workers=2)
             st.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(st, batch_size=4, num_workers=2)
-            parts.append([int(i) for b in loader for i in b[2]])
+            parts.append(first(st))
         assert sorted(parts[0] + parts[1]) == list(range(48)) and len(parts[0]) == len(parts[1]) == 24
         again = ds.training_stream(0, 2, seed=3)
         again.set_epoch(epoch)
-        assert [
-            int(i) for b in torch.utils.data.DataLoader(again, batch_size=4, num_workers=2) for i in b[2]
-        ] == parts[0]  # the order depends only on (seed, epoch, rank, worker)
+        assert first(again) == parts[0]  # the order depends only on (seed, epoch, rank, worker)
         if epoch == 0:
-            first = parts[0]
-    assert parts[0] != first  # a new epoch, a new order
+            first_epoch = parts[0]
+        # a rank's stream goes on past its share: its own samples again, reshuffled
+        st1 = ds.training_stream(1, 2, seed=3, workers=2)
+        st1.set_epoch(epoch)
+        later = first(st1, 48)[24:]
+        assert sorted(later) == sorted(parts[1]) and later != parts[1]
+    assert parts[0] != first_epoch  # a new epoch, a new order
+
+
+def test_each_rank_opens_only_its_own_shards(shards, monkeypatch):
+    """Two ranks of a training stream (and of a cache replay) open disjoint halves of the 4 shards;
+    one process opens each shard once; fewer shards than ranks x workers is refused in one line."""
+    import comkd.data.wds as wds
+
+    opened: list[str] = []
+    real = wds.iter_shard
+
+    def counting(shard):
+        opened.append(Path(shard).name)
+        return real(shard)
+
+    monkeypatch.setattr(wds, "iter_shard", counting)
+    tf = build_transform(train=True, image_size=32)
+    ds = build_dataset("wds", shards, "train", None, pools=["train=0:48"], train_transform=tf, view_seed=3)
+    per_rank, replayed = [], []
+    for r in range(2):
+        opened.clear()
+        st = ds.training_stream(r, 2, seed=3)
+        st.set_epoch(0)
+        assert len(list(itertools.islice(iter(st), 24))) == 24
+        per_rank.append(sorted(opened))
+        opened.clear()
+        assert len(list(ds.replay_stream(3, 0, r, 2))) == 24  # the cache replay splits the same way
+        replayed.append(sorted(opened))
+    for parts in (per_rank, replayed):
+        assert len(parts[0]) == len(parts[1]) == 2 and not set(parts[0]) & set(parts[1])
+    opened.clear()
+    one = ds.training_stream(0, 1, seed=3)
+    one.set_epoch(0)
+    assert len(list(one)) == 48 and sorted(opened) == sorted(per_rank[0] + per_rank[1])
+    with pytest.raises(DataError, match=r"4 shard\(s\) cannot be split over 2 processes x 3 loader worker"):
+        ds.training_stream(0, 2, seed=3, workers=3)
 
 
 def test_bad_shards_are_named_errors(tmp_path, shards):
@@ -292,6 +338,10 @@ def recording(self, batch, epoch):
     seen[epoch] += batch[2].tolist()
     return step(self, batch, epoch)
 T.DistillTask.step = recording
+import comkd.data.wds as W
+opened = []
+real_iter_shard = W.iter_shard
+W.iter_shard = lambda shard: opened.append(os.path.basename(shard)) or real_iter_shard(shard)
 
 pattern, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = load_config(sets=[
@@ -304,7 +354,7 @@ cfg = load_config(sets=[
 ])
 run_distill(cfg, out)
 with open(os.path.join(out, f"seen{rank()}.json"), "w") as f:
-    json.dump(seen, f)
+    json.dump({**seen, "opened": opened}, f)
 """
 
 
@@ -336,6 +386,8 @@ def test_distillation_streams_every_sample_once_per_epoch(tmp_path, procs, worke
             assert len(per_rank[0][epoch]) == len(per_rank[1][epoch]) == 24
     assert per_rank[0]["0"] != per_rank[0]["1"]  # shuffled anew each epoch
     assert (tmp_path / "out" / "student.safetensors").exists()
+    if procs > 1:  # each rank opened 2 of the 4 shards an epoch (every shard, before)
+        assert [len(r["opened"]) for r in per_rank] == [4, 4]
 
 
 def test_data_path_bench_on_small_shards(tmp_path):
@@ -414,3 +466,32 @@ def test_loader_options_follow_the_loader_signature(shards):
         loader_options(load_config(sets=["data.dataset=imagefolder", 'data.pools=["train=0:4"]']))
     with pytest.raises(ConfigError, match=r"data.fractions: dataset 'dtd' does not take"):
         loader_options(load_config(sets=["data.dataset=dtd", "data.fractions=[0,1,0,0]"]))
+
+
+def test_the_shard_index_is_kept_between_processes_and_rebuilt_when_stale(tmp_path, monkeypatch):
+    """The index read from the tar headers is written once (``index_dir``) and read by later
+    processes without scanning; a shard changed since, or a damaged index file, is scanned again."""
+    from comkd.data import shards as sh
+
+    monkeypatch.setenv("COMKD_CACHE_DIR", str(tmp_path / "cache"))
+    pattern = write_shards(tmp_path / "s")
+    scanned: list[str] = []
+    real = sh._scan
+    monkeypatch.setattr(sh, "_scan", lambda path, *a: scanned.append(Path(path).name) or real(path, *a))
+
+    def new_process() -> list[str]:
+        sh._indexed.cache_clear()  # what a fresh process starts with
+        return [d.path for d in load_splits("wds", pattern, pools=["train=0:48"]).split("train")]
+
+    first = new_process()
+    kept = sorted((tmp_path / "cache" / "shard-index").glob("*.json"))
+    assert len(scanned) == 4 and len(kept) == 4
+    assert new_process() == first and len(scanned) == 4  # read back, nothing scanned
+    shard0 = Path(pattern.replace("{000000..000003}", "000000"))
+    st = shard0.stat()
+    os.utime(shard0, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the shard changed since
+    shard2 = os.path.abspath(pattern.replace("{000000..000003}", "000002"))
+    Path(sh._index_file(shard2)).write_text('{"format": 1, "keys": [')  # cut short
+    assert new_process() == first
+    assert sorted(scanned[4:]) == ["s-000000.tar", "s-000002.tar"]
+    assert json.loads(Path(sh._index_file(shard2)).read_text())["path"] == shard2  # rewritten whole

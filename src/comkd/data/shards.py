@@ -1,6 +1,6 @@
 """The index of WebDataset shards, read without decoding an image: shard paths from a brace
-pattern, each shard's sample keys and labels from its tar headers and ``.cls`` members (cached per
-file size and mtime), virtual ``wds://<shard>#<key>`` item paths, and named pools of sample
+pattern, each shard's sample keys and labels from its tar headers and ``.cls`` members (kept per
+file size and mtime, in the process and in ``index_dir()`` for later processes), virtual ``wds://<shard>#<key>`` item paths, and named pools of sample
 ordinals. ``comkd.data.wds`` builds datasets and streams on top of it."""
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ def _split_name(name: str) -> tuple[str, str]:
     return (os.path.join(folder, stem) if folder else stem), (ext.lower() if dot else "")
 
 
-@functools.lru_cache(maxsize=256)
 def _scan(path: str, size: int, mtime_ns: int) -> ShardIndex:
     keys: list[str] = []
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -131,11 +130,99 @@ def _scan(path: str, size: int, mtime_ns: int) -> ShardIndex:
     return ShardIndex(path, tuple(keys), tuple(labels))
 
 
+def index_dir() -> str:
+    """Where shard indexes are kept between processes: ``$COMKD_CACHE_DIR/shard-index``, else
+    ``$XDG_CACHE_HOME/comkd/shard-index`` (``~/.cache`` by default). Not beside the shards: their
+    folder may be read-only or shared by other users."""
+    root = os.environ.get("COMKD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "comkd"
+    )
+    return os.path.join(root, "shard-index")
+
+
+def _index_file(path: str) -> str:
+    import hashlib
+
+    return os.path.join(index_dir(), hashlib.sha256(path.encode()).hexdigest()[:32] + ".json")
+
+
+def _read_index(path: str, size: int, mtime_ns: int) -> ShardIndex | None:
+    """The stored index of ``path`` when one was written for this very file (same size and
+    modification time), else None. A damaged or foreign index file is ignored (and rewritten)."""
+    import json
+
+    from ..fileio import parse_json
+
+    where = _index_file(path)
+    try:
+        with open(where, "rb") as f:
+            rec = parse_json(f.read(), where, max_chars=1 << 30, max_depth=3)
+        ok = (
+            isinstance(rec, dict)
+            and rec.get("format") == 1
+            and (rec.get("path"), rec.get("size"), rec.get("mtime_ns")) == (path, size, mtime_ns)
+            and isinstance(rec.get("keys"), list)
+            and isinstance(rec.get("labels"), list)
+            and len(rec["keys"]) == len(rec["labels"])
+            and all(isinstance(k, str) for k in rec["keys"])
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in rec["labels"])
+        )
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+    if not ok:
+        log.info("shard index %s is not for %s as it is now: rescanning the shard", where, path)
+        return None
+    return ShardIndex(path, tuple(rec["keys"]), tuple(rec["labels"]))
+
+
+def _write_index(idx: ShardIndex, size: int, mtime_ns: int) -> None:
+    """Keep ``idx`` for later processes (atomically; a folder that cannot be written is skipped)."""
+    import json
+
+    from ..fileio import atomic_write_text
+
+    rec = {
+        "format": 1,
+        "path": idx.path,
+        "size": size,
+        "mtime_ns": mtime_ns,
+        "keys": idx.keys,
+        "labels": idx.labels,
+    }
+    try:
+        atomic_write_text(_index_file(idx.path), json.dumps(rec, separators=(",", ":")))
+    except OSError as e:
+        log.info("shard index of %s not kept (%s)", idx.path, e)
+
+
+@functools.lru_cache(maxsize=256)
+def _indexed(path: str, size: int, mtime_ns: int) -> ShardIndex:
+    idx = _read_index(path, size, mtime_ns)
+    if idx is None:
+        idx = _scan(path, size, mtime_ns)
+        _write_index(idx, size, mtime_ns)
+    return idx
+
+
 def scan_shard(path: str) -> ShardIndex:
     """The index of one shard, read from its tar headers and ``.cls`` members (no image is read).
-    Cached per (path, size, modification time) for the life of the process."""
+    Kept per (path, size, modification time) for the life of the process, and on disk for later
+    processes (``index_dir``): an ImageNet-sized set is scanned once, not in every process."""
     st = os.stat(path)
-    return _scan(path, st.st_size, st.st_mtime_ns)
+    return _indexed(path, st.st_size, st.st_mtime_ns)
+
+
+def scan_shards(paths: Sequence[str]) -> list[ShardIndex]:
+    """``scan_shard`` of every path; under torchrun the ranks first scan their share of the shards
+    not yet indexed (shard ``j`` by rank ``j % W``) and keep them, then every rank reads them all."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        r, w = dist.get_rank(), dist.get_world_size()
+        for p in paths[r::w]:
+            scan_shard(p)
+        dist.barrier()
+    return [scan_shard(p) for p in paths]
 
 
 def parse_pools(pools: Sequence[str], total: int, where: str) -> dict[str, tuple[int, int]]:

@@ -18,13 +18,17 @@ Two parts (the shard index itself, keys, labels and pools from the tar headers, 
   ``ImageDataset``, ``i`` being the item's position in the pool's key list: a teacher cache keys
   its rows by it (its fingerprint hashes the keys), so replay is exact whatever the stream order.
 
-Splitting the stream: loader workers take whole shards (shard ``j`` of the epoch's shard order
-goes to worker ``j % workers``); distributed ranks take samples (the sample at position ``p`` of
-the epoch's stream goes to rank ``p % world``), so every sample is seen exactly once per epoch
-and the ranks' shares differ by at most one, whatever the shard sizes. Each rank reads every
-shard but decodes only its own samples. Training streams shuffle the shard order per epoch and
-the samples through a seeded buffer (``shuffle_buffer``); the order depends only on
-(seed, epoch, rank, worker), so a resumed run replays it.
+Splitting the stream, as open_clip does: distributed ranks take whole shards (shard ``j`` of the
+epoch's shard order goes to rank ``j % world``), then loader workers take whole shards of those
+(the rank's ``j``-th to worker ``j % workers``), so each rank opens only its own shards and the
+bytes each reads do not grow with the number of ranks. Under several ranks a training stream
+cycles through its rank's shards (reshuffled each pass) until the loop has the epoch's batches:
+with shards of equal size and a shard count the ranks divide, every sample is seen once per epoch;
+otherwise a rank with smaller shards sees some of its samples twice. Fewer shards than ranks ×
+workers is refused (``training_stream``). One process reads every shard once per epoch, exactly
+as before. Training streams shuffle the shard order per epoch and the samples through a seeded
+buffer (``shuffle_buffer``); the order depends only on (seed, epoch, rank, worker), so a resumed
+run replays it.
 
 Bad input: a missing shard, a file that is not a tar, a truncated shard, a duplicate key, a
 sample without an image or with a bad label are one-line ``DataError``s naming the shard and key.
@@ -58,7 +62,7 @@ from .shards import (
     item_path,
     parse_item_path,
     parse_pools,
-    scan_shard,
+    scan_shards,
 )
 
 log = logging.getLogger(__name__)
@@ -106,8 +110,7 @@ def load_wds(
     items: list[Datum] = []
     seen: dict[str, str] = {}
     n = len(classnames)
-    for shard in shards:
-        idx = scan_shard(shard)
+    for shard, idx in zip(shards, scan_shards(shards), strict=True):
         for key, label in zip(idx.keys, idx.labels, strict=True):
             if key in seen:
                 raise DataError(f"sample key {key!r} is in both {seen[key]} and {shard}; keys must be unique")
@@ -252,17 +255,26 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
         shards' folder may move without invalidating it)."""
         return [f"{os.path.basename(s)}#{k}" for s, k in map(parse_item_path, (d.path for d in self.data))]
 
-    def training_stream(self, rank: int, world: int, seed: int) -> WdsImageDataset:
-        """A copy that shuffles (shard order and a seeded buffer, per epoch) and keeps rank ``rank``'s
-        samples of ``world``; what ``fit`` iterates."""
+    def training_stream(self, rank: int, world: int, seed: int, workers: int = 0) -> WdsImageDataset:
+        """A copy that shuffles (shard order and a seeded buffer, per epoch) and reads rank
+        ``rank``'s shards of ``world``; what ``fit`` iterates. Under several ranks each rank and
+        loader worker needs a shard of its own: fewer shards than ranks × ``workers`` is a
+        ``DataError`` saying what to change."""
+        shards, need = len(self._by_shard), int(world) * max(1, int(workers))
+        if world > 1 and shards < need:
+            raise DataError(
+                f"{self.name or 'wds'}{self._where}: {shards} shard(s) cannot be split over {world} processes x "
+                f"{max(1, int(workers))} loader worker(s) (each reads whole shards of its own): write the pool "
+                f"into at least {need} shards, or set data.num_workers lower"
+            )
         out = copy.copy(self)
         out._train = (int(rank), int(world), int(seed))
         return out
 
     def replay_stream(self, seed: int, view: int, rank: int = 0, world: int = 1) -> WdsImageDataset:
         """A copy yielding view ``view`` of every item (``derive_view_seed(seed, view, i)``) in shard
-        order: what a teacher cache stores as its row ``i``; with ``world`` > 1 only the items at
-        positions ``rank, rank + world, ...`` of that order (the others are read, not decoded)."""
+        order: what a teacher cache stores as its row ``i``; with ``world`` > 1 only the items of
+        shards ``rank, rank + world, ...`` (each rank opens only its own shards)."""
         out = copy.copy(self)
         out._train, out.view_seed, out.view_period, out.epoch = None, int(seed), None, int(view)
         out._share = (int(rank), int(world))
@@ -278,19 +290,26 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
             return seeded_view(t, img, derive_view_seed(self.view_seed, epoch, i))
         return self.transform(img) if self.transform is not None else img
 
+    def _shard_order(self, seed: int, epoch: int) -> list[str]:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        shards = list(self._by_shard)
+        return [shards[j] for j in torch.randperm(len(shards), generator=g).tolist()]
+
     def __iter__(self) -> Iterator[tuple[Any, int, int]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        shards = list(self._by_shard)
-        rank, world, seed = self._train if self._train is not None else (*self._share, 0)
         if self._train is not None:
-            g = torch.Generator().manual_seed(seed * 100_003 + self.epoch)
-            shards = [shards[j] for j in torch.randperm(len(shards), generator=g).tolist()]
-        start, offsets = 0, {}
-        for s in shards:  # position of each shard's first sample in the epoch's stream
-            offsets[s] = start
-            start += len(self._by_shard[s])
-        mine = shards[worker::workers]
+            rank, world, seed = self._train
+            shards = self._shard_order(seed, self.epoch)
+        else:
+            (rank, world), seed = self._share, 0
+            shards = list(self._by_shard)
+        # several ranks: each opens only its own shards; a training stream then cycles through them
+        # (reshuffled each pass) until the loop has its batches, as ranks' shards may differ in size
+        endless = self._train is not None and world > 1
+        mine = shards[rank::world][worker::workers]
+        if not mine:
+            return
         rng = random.Random((seed * 1_000_003 + self.epoch) * 10_007 + rank * 101 + worker)
         buffer: list[tuple[str, str, bytes | None, int]] = []
         size = self.shuffle_buffer if self._train is not None else 0
@@ -303,36 +322,41 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
             img = self._image(decode_image(data, where), i)
             return img, (-1 if self.unlabelled else self.data[i].label), i
 
-        for shard in mine:
-            wanted, pos = self._by_shard[shard], offsets[shard]
-            for key, data in iter_shard(shard):
-                i = wanted.get(key)
-                if i is None:
-                    continue
-                if pos == offsets[shard] + len(wanted):
+        passes = 0
+        while True:
+            for shard in mine:
+                wanted, seen = self._by_shard[shard], 0
+                for key, data in iter_shard(shard):
+                    i = wanted.get(key)
+                    if i is None:
+                        continue
+                    if seen == len(wanted):
+                        raise DataError(
+                            f"shard {shard} holds sample {key!r} twice (changed since it was indexed?)"
+                        )
+                    seen += 1
+                    if size <= 1:
+                        yield emit((shard, key, data, i))
+                        continue
+                    buffer.append((shard, key, data, i))
+                    if len(buffer) >= size:
+                        j = rng.randrange(len(buffer))
+                        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                        yield emit(buffer.pop())
+                if seen < len(wanted):
                     raise DataError(
-                        f"shard {shard} holds sample {key!r} twice (changed since it was indexed?)"
+                        f"shard {shard} ended after {seen} of its {len(wanted)} samples of this pool: "
+                        "truncated, or changed since it was indexed"
                     )
-                keep = pos % world == rank
-                pos += 1
-                if not keep:
-                    continue
-                if size <= 1:
-                    yield emit((shard, key, data, i))
-                    continue
-                buffer.append((shard, key, data, i))
-                if len(buffer) >= size:
-                    j = rng.randrange(len(buffer))
-                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                    yield emit(buffer.pop())
-            if pos - offsets[shard] < len(wanted):
-                raise DataError(
-                    f"shard {shard} ended after {pos - offsets[shard]} of its {len(wanted)} samples of this pool: "
-                    "truncated, or changed since it was indexed"
-                )
-        rng.shuffle(buffer)
-        for item in buffer:
-            yield emit(item)
+            rng.shuffle(buffer)  # each pass ends with its own samples
+            for item in buffer:
+                yield emit(item)
+            buffer.clear()
+            if not endless:
+                return
+            passes += 1
+            g = torch.Generator().manual_seed(seed * 100_003 + self.epoch + passes * 7_919)
+            mine = [mine[j] for j in torch.randperm(len(mine), generator=g).tolist()]
 
     def __repr__(self) -> str:
         return (

@@ -85,7 +85,7 @@ class StreamBatches:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.per_rank = batch_size // ws
-        self.stream = dataset.training_stream(rank(), ws, seed)
+        self.stream = dataset.training_stream(rank(), ws, seed, num_workers)
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
