@@ -482,3 +482,38 @@ def test_cache_warm_start_and_evaluation_are_shared_by_the_ranks(tmp_path):
         for tower, count in phase.items():
             shares = [r[k][tower] for r in ranks]
             assert sum(shares) == count and max(shares) - min(shares) <= 64, (k, tower, shares, count)
+
+
+@pytest.mark.slow
+def test_a_batch_per_process_with_the_linear_rule_equals_one_process_with_the_global_batch(tmp_path):
+    """``batch_per: rank`` (4 images a process) with ``lr_scaling: linear`` on 2 ranks trains as one
+    process with the global batch of 8 and twice the lr: the same weights to float64 rounding."""
+    one = TOY.replace(
+        "OptimConfig(epochs=3, batch_size=8, lr=0.02)",
+        "OptimConfig(epochs=3, batch_size=8, lr=0.02, warmup_epochs=0)",
+    )
+    two = TOY.replace(
+        "OptimConfig(epochs=3, batch_size=8, lr=0.02)",
+        'OptimConfig(epochs=3, batch_size=4, batch_per="rank", lr=0.01, lr_scaling="linear", warmup_epochs=0)',
+    )
+    assert one != TOY and two != TOY
+    outs = []
+    for name, text, launch in (("one", one, [sys.executable]), ("two", two, TORCHRUN)):
+        script, out = tmp_path / f"{name}.py", tmp_path / name
+        script.write_text(text)
+        out.mkdir()
+        r = subprocess.run(
+            [*launch, str(script), str(out)], env=ENV, capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 0, r.stderr[-4000:]
+        outs.append(out)
+    w1, w2 = (torch.load(o / "final.pt") for o in outs)
+    for k, v in w1.items():
+        torch.testing.assert_close(w2[k], v, rtol=1e-12, atol=1e-12)
+    from comkd.engine.utils import read_metrics
+
+    e1, e2 = ([r for r in read_metrics(o / "m.jsonl") if r.get("type") == "epoch"] for o in outs)
+    assert [r["batch"] for r in e1] == [r["batch"] for r in e2] == [8, 8, 8]
+    assert [r["lr"] for r in read_metrics(outs[0] / "m.jsonl") if "lr" in r] == [
+        r["lr"] for r in read_metrics(outs[1] / "m.jsonl") if "lr" in r
+    ]

@@ -492,6 +492,50 @@ def test_cli_result_with_nan_is_one_line_naming_the_file_and_key(tmp_path, monke
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("per", "rule", "base", "world", "images", "factor"),
+    [
+        ("global", "none", 0, 8, 16, 1.0),  # today's meaning: the batch is global, the lr as given
+        ("rank", "none", 0, 8, 128, 1.0),
+        ("rank", "linear", 0, 8, 128, 8.0),  # lr set for 16 images (batch_size x grad_accum)
+        ("rank", "sqrt", 0, 8, 128, 8**0.5),
+        ("global", "linear", 256, 1, 16, 16 / 256),  # timm's --lr-base-size 256
+        ("rank", "sqrt", 32, 4, 64, 2**0.5),
+        ("rank", "linear", 0, 1, 16, 1.0),  # one process: nothing moves
+    ],
+)
+def test_the_global_batch_and_the_lr_rule(per, rule, base, world, images, factor):
+    """``global_batch`` and ``lr_factor`` (``config_rules``) against the rule written out here:
+    images = batch_size x grad_accum (x processes for ``batch_per: rank``), lr x (images / base)
+    or its square root, base 0 meaning batch_size x grad_accum."""
+    from comkd.config import OptimConfig
+    from comkd.config_rules import global_batch, lr_factor
+
+    o = OptimConfig(batch_size=8, grad_accum=2, batch_per=per, lr_scaling=rule, lr_base_batch=base)
+    assert global_batch(o, world) == images
+    assert lr_factor(o, world) == pytest.approx(factor, rel=1e-12)
+
+
+def test_a_batch_per_process_splits_and_one_image_a_process_with_batchnorm_is_refused():
+    from comkd.config import ConfigError, load_config
+    from comkd.config_rules import check_batches_split
+
+    cfg = load_config("demo_paper")  # the paper's reading: the projector's BatchNorm trains
+    with pytest.raises(
+        ConfigError,
+        match=r"^distill\.optim\.batch_size: 8 images a step .*optim\.batch_per=rank makes it per process",
+    ):
+        check_batches_split(cfg, ("distill",), 3)
+    cfg.distill.optim.batch_per = "rank"
+    check_batches_split(cfg, ("distill",), 3)  # 8 a process, 24 a step
+    cfg.distill.optim.batch_per = "global"
+    with pytest.raises(
+        ConfigError, match=r"^distill\.optim\.batch_size: 1 image a process .*projector_bn: train"
+    ):
+        check_batches_split(cfg, ("distill",), 8)  # the GPU preset's 8 over 8 GPUs
+    check_batches_split(load_config("demo"), ("distill",), 8)  # frozen BatchNorm: 1 image a process is fine
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_rank_waits(tmp_path, monkeypatch):
     """Under torchrun (WORLD_SIZE set) a global batch the ranks cannot share is one line naming the
     key, as soon as the config is read: before any heavy import, weights or process group. `comkd

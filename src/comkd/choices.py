@@ -17,6 +17,8 @@ Scope = Literal["prompts", "full"]  # what of the student's tower learns
 KdReduction = Literal["promptkd", "textbook"]
 IfalignStats = Literal["per_channel", "per_sample"]
 IfalignOn = Literal["features", "projected", "projected_matched"]
+BatchPer = Literal["global", "rank"]  # optim.batch_size: images a step over all processes, or per process
+LrScaling = Literal["none", "linear", "sqrt"]  # the lr as the global batch moves from optim.lr_base_batch
 
 
 def values(choice: Any) -> tuple[str, ...]:

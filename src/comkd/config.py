@@ -18,11 +18,13 @@ import yaml
 
 from .choices import (
     Attend,
+    BatchPer,
     EduMode,
     EduScale,
     IfalignOn,
     IfalignStats,
     KdReduction,
+    LrScaling,
     Projector,
     ProjectorBN,
     Scope,
@@ -148,8 +150,16 @@ class OptimConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     warmup_frac: float = 0.1  # adamw only
+    # images a step: over all processes (global, the default), or per process (rank: the global
+    # batch is batch_size x processes, what a GPU user of timm or open_clip expects)
     batch_size: int = 8
+    batch_per: BatchPer = "global"
     grad_accum: int = 1
+    # the lr rule when the global batch differs from lr_base_batch (0: batch_size x grad_accum, the
+    # batch lr was set for): none keeps lr; linear multiplies every lr of the stage by global/base,
+    # sqrt by its square root (timm's --lr-base-scale); opt-in, so the evidence reruns identically
+    lr_scaling: LrScaling = "none"
+    lr_base_batch: int = 0
     amp: Literal["auto", "on", "off"] = "auto"
     grad_clip: float | None = None
 
@@ -157,6 +167,10 @@ class OptimConfig:
         for name in ("lr", "epochs", "batch_size", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(self, name)}")
+        if self.lr_base_batch < 0:
+            raise ConfigError(
+                f"{prefix}lr_base_batch: must be >= 0 (0: batch_size x grad_accum), got {self.lr_base_batch}"
+            )
         positive_finite(self.lr, f"{prefix}lr")
         positive_finite(self.warmup_lr, f"{prefix}warmup_lr")
         positive_finite(self.weight_decay, f"{prefix}weight_decay", allow_zero=True)

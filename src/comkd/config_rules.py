@@ -112,17 +112,48 @@ def resolve_recipe(cfg: Any) -> Any:
     return c
 
 
+def global_batch(o: Any, world: int) -> int:
+    """Images one optimiser step of ``o`` (an ``OptimConfig``) takes over ``world`` processes:
+    ``batch_size × grad_accum``, times ``world`` when ``batch_per: rank``."""
+    return o.batch_size * o.grad_accum * (world if o.batch_per == "rank" else 1)
+
+
+def lr_factor(o: Any, world: int) -> float:
+    """What ``lr_scaling`` multiplies every lr of the stage by: (global batch / ``lr_base_batch``)
+    for linear, its square root for sqrt, 1 for none. ``lr_base_batch`` 0 is ``batch_size ×
+    grad_accum``, the batch the lr was set for (so one process, or ``batch_per: global``, gets 1)."""
+    if o.lr_scaling == "none":
+        return 1.0
+    ratio = global_batch(o, world) / (o.lr_base_batch or o.batch_size * o.grad_accum)
+    return ratio if o.lr_scaling == "linear" else ratio**0.5
+
+
 def check_batches_split(cfg: Any, stages: tuple[str, ...], world: int) -> None:
-    """Each of ``stages``' global batch (``optim.batch_size`` × ``grad_accum`` images a step) splits
-    evenly over the run's ``world`` processes, else a one-line ``ConfigError`` naming the key. The
-    command line checks it as soon as the config is read (torchrun's ``WORLD_SIZE``), before any
-    heavy import, weights, cache or warm start, and each stage again before its ranks meet."""
+    """Each of ``stages``' global batch (``global_batch``) splits evenly over the run's ``world``
+    processes, and stage 2 with the projector's BatchNorm in training mode gets at least 2 images a
+    process, else a one-line ``ConfigError`` naming the key. The command line checks it as soon as
+    the config is read (torchrun's ``WORLD_SIZE``), before any heavy import, weights, cache or warm
+    start, and each stage again before its ranks meet."""
     for stage in stages:
         o = getattr(cfg, stage).optim
-        if (o.batch_size * o.grad_accum) % world:
+        images = global_batch(o, world)
+        if images % world:
             raise ConfigError(
                 f"{stage}.optim.batch_size: {o.batch_size} images a step (x grad_accum {o.grad_accum}) do not "
-                f"split over the {world} processes of this run; use a multiple of {world} (the batch is global)"
+                f"split over the {world} processes of this run; use a multiple of {world} (the batch is global; "
+                f"{stage}.optim.batch_per=rank makes it per process)"
+            )
+        st = resolve_recipe(cfg).student if stage == "distill" else None
+        if (
+            st is not None
+            and st.projector == "mlp"
+            and st.projector_bn == "train"
+            and images // (world * o.grad_accum) < 2
+        ):
+            raise ConfigError(
+                f"{stage}.optim.batch_size: {images // (world * o.grad_accum)} image a process per micro-batch over "
+                f"{world} processes, but the projector's BatchNorm in training mode (student.projector_bn: train) "
+                f"needs at least 2: raise the batch, or set {stage}.optim.batch_per=rank"
             )
 
 

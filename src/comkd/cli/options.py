@@ -71,7 +71,13 @@ TeacherOpt = Annotated[
 ]
 LrOpt = Annotated[float | None, typer.Option(help="This stage's learning rate (<stage>.optim.lr).")]
 EpochsOpt = Annotated[int | None, typer.Option(help="This stage's epochs (<stage>.optim.epochs).")]
-BatchSizeOpt = Annotated[int | None, typer.Option(help="This stage's batch size (<stage>.optim.batch_size).")]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="This stage's batch size (<stage>.optim.batch_size): images a step over all processes; "
+        "per process with --set <stage>.optim.batch_per=rank (lr rule: <stage>.optim.lr_scaling)."
+    ),
+]
 StudentOpt = Annotated[
     str | None, typer.Option(help="Student open_clip model (e.g. ViT-B-16, comkd-tiny-student) or timm:NAME.")
 ]

@@ -109,12 +109,17 @@ def optim_settings(cfg: OptimConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
 
 
-def check_resume_optim(saved: dict | None, cfg: OptimConfig, path: Path) -> None:
+def check_resume_optim(saved: dict | None, cfg: OptimConfig, path: Path, run: dict | None = None) -> None:
     """Refuse to resume with optimiser or schedule settings other than the checkpoint's: the
-    resumed run would follow neither recipe while its config claimed one."""
+    resumed run would follow neither recipe while its config claimed one. ``run``: what the
+    settings came to in this run (the global batch and lr factor, which move with the number of
+    processes under ``batch_per: rank`` or an lr rule), compared where the checkpoint has them. A
+    setting newer than the checkpoint is compared with its default."""
     if saved is None:  # a checkpoint from before the settings were recorded
         return
-    now = optim_settings(cfg)
+    defaults = optim_settings(OptimConfig())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    now = {**optim_settings(cfg), **{k: v for k, v in (run or {}).items() if k in saved}}
     diff = [f"{k} {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
     if diff:
         raise CheckpointError(

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import OptimConfig
+from ..config_rules import global_batch, lr_factor
 from ..data.contract import TrainingDataset
 from .checkpoint import (
     DiskFullError,
@@ -165,11 +166,13 @@ class _Trainer:
                     if any(p.requires_grad for p in m.parameters())
                 }
             )
-        self.optimizer = build_optimizer(cfg, task.parameter_groups())
+        # the global batch of a step, and the lr rule for it (config_rules: batch_per, lr_scaling)
+        self.per_step = per_step = global_batch(cfg, world_size())
+        self.lr_factor = lr_factor(cfg, world_size())
+        self.optimizer = build_optimizer(cfg, task.parameter_groups(), self.lr_factor)
         self.autocast, use_scaler = amp_context(device, cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.streaming = dataset.streaming
-        per_step = cfg.batch_size * cfg.grad_accum
         if self.streaming:  # the dataset streams itself (WebDataset shards): shuffled and split per rank
             self.sampler: EpochBatchSampler | StreamBatches = StreamBatches(
                 dataset, per_step, seed, num_workers, device.type == "cuda"
@@ -198,7 +201,7 @@ class _Trainer:
         state = load_checkpoint(path)
         if state.get("task") != task.name:
             raise ValueError(f"{path} belongs to stage {state.get('task')!r}, not {task.name!r}")
-        check_resume_optim(state.get("optim"), self.cfg, path)
+        check_resume_optim(state.get("optim"), self.cfg, path, self._run_settings())
         check_checkpoint(state, path, self.mods)
         # the parts that can still fail first, the module weights (checked above) last
         restore_part(path, "optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"]))
@@ -257,7 +260,7 @@ class _Trainer:
             plan = plan_note()  # a whole run's part and overall time left (comkd run / demo)
             _say(
                 f"== {self.task.name}: {self.cfg.epochs} epochs of {self.steps_per_epoch} steps "
-                f"(batch {self.cfg.batch_size}){resumed} -> {self.out_dir}" + (f"\n   {plan}" if plan else "")
+                f"(batch {self._batch_note()}){resumed} -> {self.out_dir}" + (f"\n   {plan}" if plan else "")
             )
 
     def save(self, epoch: int, batch: int) -> None:
@@ -300,7 +303,7 @@ class _Trainer:
                 "batch": batch,
                 "global_step": self.global_step,
                 "history": self.result.history,
-                "optim": optim_settings(self.cfg),
+                "optim": {**optim_settings(self.cfg), **self._run_settings()},
             },
             self.ckpt_path,
         )
@@ -406,7 +409,21 @@ class _Trainer:
             )
 
     def _images_per_s(self, seconds: float) -> float:
-        return self.count * self.cfg.batch_size * self.cfg.grad_accum / max(seconds, 1e-9)
+        return self.count * self.per_step / max(seconds, 1e-9)
+
+    def _run_settings(self) -> dict[str, Any]:
+        return {"global_batch": self.per_step, "lr_factor": self.lr_factor}
+
+    def _batch_note(self) -> str:
+        """The global batch, how it splits, and the lr rule when one applies: ``64 = 8 a process x
+        8, lr x 2.83 (sqrt rule)``."""
+        cfg, w = self.cfg, world_size()
+        note = str(self.per_step)
+        if w > 1:
+            note += f" = {self.per_step // w} a process x {w}"
+        if cfg.lr_scaling != "none":
+            note += f", lr x {self.lr_factor:.3g} ({cfg.lr_scaling} rule)"
+        return note
 
     def close_bar(self) -> None:
         if self.bar is not None:
@@ -426,6 +443,7 @@ class _Trainer:
             "epoch": epoch,
             "step": self.global_step,
             "world_size": world_size(),
+            "batch": self.per_step,
         }
         for k, v in self.sums.items():
             rec[k] = float(all_reduce_sum(v.to(self.device)) / n) if self.count else float("nan")

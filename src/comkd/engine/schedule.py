@@ -34,11 +34,14 @@ def lr_at(cfg: OptimConfig, base_lr: float, epoch: int, step_in_epoch: int, step
     return 0.5 * base_lr * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
 
 
-def build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, groups: list[dict], lr_factor: float = 1.0) -> torch.optim.Optimizer:
     """SGD or AdamW over ``groups``, with the multi-tensor (``foreach``) update on every device: on
-    a CPU it equals the default per-tensor loop bit for bit and is faster over many small tensors."""
+    a CPU it equals the default per-tensor loop bit for bit and is faster over many small tensors.
+    ``lr_factor`` (``config_rules.lr_factor``: the batch rule) multiplies every group's lr."""
     for g in groups:
         g.setdefault("lr", cfg.lr * g.pop("lr_scale", 1.0))
+        if lr_factor != 1.0:
+            g["lr"] *= lr_factor
         g["base_lr"] = g["lr"]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
