@@ -517,3 +517,37 @@ def test_a_batch_per_process_with_the_linear_rule_equals_one_process_with_the_gl
     assert [r["lr"] for r in read_metrics(outs[0] / "m.jsonl") if "lr" in r] == [
         r["lr"] for r in read_metrics(outs[1] / "m.jsonl") if "lr" in r
     ]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_all_reduces_once_a_step_under_ddp(tmp_path):
+    """With grad_accum 2 the first micro-batch's backward runs under DDP's ``no_sync`` (one
+    all-reduce a step instead of two), and 2 ranks still equal 1 process to float64 rounding."""
+    accum = "OptimConfig(epochs=3, batch_size=8, lr=0.02, grad_accum=2)"
+    base = TOY.replace("OptimConfig(epochs=3, batch_size=8, lr=0.02)", accum)
+    counted = base.replace(
+        "def run(out):",
+        "from torch.nn.parallel import DistributedDataParallel as _DDP\n"
+        "_real = _DDP.no_sync\nNO_SYNC = []\n"
+        "def _counting(self):\n    NO_SYNC.append(1)\n    return _real(self)\n"
+        "_DDP.no_sync = _counting\n\n\ndef run(out):",
+    ).replace(
+        'json.dump({"rank": rank(),',
+        'json.dump({"no_sync": len(NO_SYNC), "rank": rank(),',
+    )
+    assert base != TOY and counted.count("NO_SYNC") == 3
+    outs = []
+    for name, text, launch in (("one", base, [sys.executable]), ("two", counted, TORCHRUN)):
+        script, out = tmp_path / f"{name}.py", tmp_path / name
+        script.write_text(text)
+        out.mkdir()
+        r = subprocess.run(
+            [*launch, str(script), str(out)], env=ENV, capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 0, r.stderr[-4000:]
+        outs.append(out)
+    w1, w2 = (torch.load(o / "final.pt") for o in outs)
+    for k, v in w1.items():
+        torch.testing.assert_close(w2[k], v, rtol=1e-12, atol=1e-12)
+    ranks = [json.loads((outs[1] / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [x["no_sync"] for x in ranks] == [3 * 4, 3 * 4]  # 3 epochs of 4 steps (72 / 16), one no_sync each

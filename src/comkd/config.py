@@ -162,6 +162,11 @@ class OptimConfig:
     lr_base_batch: int = 0
     amp: Literal["auto", "on", "off"] = "auto"
     grad_clip: float | None = None
+    # speed switches for a GPU, each opt-in (comkd.engine.speed): torch.compile of the trainable and
+    # frozen modules; frozen modules held in the autocast dtype during the stage; TF32 on CUDA
+    compile: bool = False
+    hold_frozen_dtype: bool = False
+    tf32: bool = False
 
     def validate(self, prefix: str) -> None:
         for name in ("lr", "epochs", "batch_size", "grad_accum"):

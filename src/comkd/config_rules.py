@@ -128,6 +128,16 @@ def lr_factor(o: Any, world: int) -> float:
     return ratio if o.lr_scaling == "linear" else ratio**0.5
 
 
+def batch_note(o: Any, world: int) -> str:
+    """What a stage's start line says of its batch: the global batch, how it splits over the
+    processes, and the lr rule where one applies (``64 = 8 a process x 8, lr x 2.83 (sqrt rule)``)."""
+    images = global_batch(o, world)
+    note = str(images) + (f" = {images // world} a process x {world}" if world > 1 else "")
+    if o.lr_scaling != "none":
+        note += f", lr x {lr_factor(o, world):.3g} ({o.lr_scaling} rule)"
+    return note
+
+
 def check_batches_split(cfg: Any, stages: tuple[str, ...], world: int) -> None:
     """Each of ``stages``' global batch (``global_batch``) splits evenly over the run's ``world``
     processes, and stage 2 with the projector's BatchNorm in training mode gets at least 2 images a

@@ -101,7 +101,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 # settings a resumed run must share with its checkpoint (amp may change with the device)
-_RESUME_FREE = ("amp",)
+_RESUME_FREE = ("amp", "compile", "hold_frozen_dtype", "tf32")  # how fast, not what is computed
 
 
 def optim_settings(cfg: OptimConfig) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import OptimConfig
-from ..config_rules import global_batch, lr_factor
+from ..config_rules import batch_note, global_batch, lr_factor
 from ..data.contract import TrainingDataset
 from .checkpoint import (
     DiskFullError,
@@ -39,8 +40,9 @@ from .checkpoint import (
     trainable_state,
 )
 from .runplan import plan_note
-from .sampling import EpochBatchSampler, StreamBatches
+from .sampling import EpochBatchSampler, StreamBatches, batch_to, split_batch
 from .schedule import build_optimizer, lr_at
+from .speed import SpeedSwitches
 from .utils import (
     all_reduce_sum,
     amp_context,
@@ -127,14 +129,18 @@ def fit(
     if resume and run.ckpt_path.exists():
         run.restore()
     run.start()
-    for epoch in range(run.start_epoch, cfg.epochs):
-        for batch in run.batches(epoch):
-            run.step(batch, epoch)
-            run.after_step(epoch, log_every, ckpt_every)
-            if stop_after_steps is not None and run.global_step >= stop_after_steps:
-                run.close_bar()
-                return run.result
-        run.end_epoch(epoch, on_epoch_end, ckpt_interval_s)
+    run.speed.apply()
+    try:
+        for epoch in range(run.start_epoch, cfg.epochs):
+            for batch in run.batches(epoch):
+                run.step(batch, epoch)
+                run.after_step(epoch, log_every, ckpt_every)
+                if stop_after_steps is not None and run.global_step >= stop_after_steps:
+                    run.close_bar()
+                    return run.result
+            run.end_epoch(epoch, on_epoch_end, ckpt_interval_s)
+    finally:
+        run.speed.restore()
     run.result.checkpoint = run.ckpt_path
     return run.result
 
@@ -155,23 +161,25 @@ class _Trainer:
             for stray in [*out_dir.glob(".checkpoint.pt.tmp*"), *out_dir.glob(".checkpoint.prev.pt.tmp*")]:
                 stray.unlink(missing_ok=True)
         self.mods = task.modules()
+        self.ddp: list[Any] = []  # the DDP wrappers (under torchrun), for no_sync
         if world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [device.index] if device.type == "cuda" else None
-            task.wrap(
-                {
-                    k: DDP(m, device_ids=ids)
-                    for k, m in self.mods.items()
-                    if any(p.requires_grad for p in m.parameters())
-                }
-            )
+            wrapped = {
+                k: DDP(m, device_ids=ids)
+                for k, m in self.mods.items()
+                if any(p.requires_grad for p in m.parameters())
+            }
+            task.wrap(wrapped)
+            self.ddp = list(wrapped.values())
         # the global batch of a step, and the lr rule for it (config_rules: batch_per, lr_scaling)
         self.per_step = per_step = global_batch(cfg, world_size())
         self.lr_factor = lr_factor(cfg, world_size())
         self.optimizer = build_optimizer(cfg, task.parameter_groups(), self.lr_factor)
         self.autocast, use_scaler = amp_context(device, cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.speed = SpeedSwitches(cfg, task, device, self.autocast)
         self.streaming = dataset.streaming
         if self.streaming:  # the dataset streams itself (WebDataset shards): shuffled and split per rank
             self.sampler: EpochBatchSampler | StreamBatches = StreamBatches(
@@ -260,7 +268,8 @@ class _Trainer:
             plan = plan_note()  # a whole run's part and overall time left (comkd run / demo)
             _say(
                 f"== {self.task.name}: {self.cfg.epochs} epochs of {self.steps_per_epoch} steps "
-                f"(batch {self._batch_note()}){resumed} -> {self.out_dir}" + (f"\n   {plan}" if plan else "")
+                f"(batch {batch_note(self.cfg, world_size())}){resumed} -> {self.out_dir}"
+                + (f"\n   {plan}" if plan else "")
             )
 
     def save(self, epoch: int, batch: int) -> None:
@@ -354,12 +363,16 @@ class _Trainer:
             g["lr"] = lr_at(cfg, g["base_lr"], epoch, self.batch_idx, self.steps_per_epoch)
         self.lr_now = opt.param_groups[0]["lr"]  # the main group's (others may be scaled)
         opt.zero_grad(set_to_none=True)
-        micro = _split(batch, cfg.grad_accum)
-        for mb in micro:
-            mb = _to_device(mb, self.device)
-            with self.autocast:
-                losses = self.task.step(mb, epoch)
-            self.scaler.scale(losses["loss"] / len(micro)).backward()
+        micro = split_batch(batch, cfg.grad_accum)
+        for j, mb in enumerate(micro):
+            mb = batch_to(mb, self.device)
+            with ExitStack() as hold:
+                if j < len(micro) - 1:  # DDP all-reduces the gradients once, after the last micro-batch
+                    for m in self.ddp:
+                        hold.enter_context(m.no_sync())
+                with self.autocast:
+                    losses = self.task.step(mb, epoch)
+                self.scaler.scale(losses["loss"] / len(micro)).backward()
             finite = torch.isfinite(losses["loss"].detach())
             self.bad_step = torch.where(
                 (~finite) & (self.bad_step < 0),
@@ -413,17 +426,6 @@ class _Trainer:
 
     def _run_settings(self) -> dict[str, Any]:
         return {"global_batch": self.per_step, "lr_factor": self.lr_factor}
-
-    def _batch_note(self) -> str:
-        """The global batch, how it splits, and the lr rule when one applies: ``64 = 8 a process x
-        8, lr x 2.83 (sqrt rule)``."""
-        cfg, w = self.cfg, world_size()
-        note = str(self.per_step)
-        if w > 1:
-            note += f" = {self.per_step // w} a process x {w}"
-        if cfg.lr_scaling != "none":
-            note += f", lr x {self.lr_factor:.3g} ({cfg.lr_scaling} rule)"
-        return note
 
     def close_bar(self) -> None:
         if self.bar is not None:
@@ -493,20 +495,3 @@ def _bad_step(bad_step: torch.Tensor) -> int:
         if float(any_bad) > 0 and step < 0:
             step = -2
     return step
-
-
-def _split(batch: Any, parts: int) -> list[Any]:
-    if parts == 1:
-        return [batch]
-    if isinstance(batch, (list, tuple)):
-        chunks = [torch.chunk(b, parts) if torch.is_tensor(b) else [b] * parts for b in batch]
-        return [type(batch)(c[i] for c in chunks) for i in range(parts)]
-    return list(torch.chunk(batch, parts))
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    return batch

@@ -125,3 +125,22 @@ class StreamBatches:
             raise RuntimeError(
                 f"the stream of {self.dataset!r} ended after {b} of {self.num_batches()} batches"
             )
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """A batch (a tensor, or a tuple of them) cut into ``parts`` micro-batches (``grad_accum``)."""
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, (list, tuple)):
+        chunks = [torch.chunk(b, parts) if torch.is_tensor(b) else [b] * parts for b in batch]
+        return [type(batch)(c[i] for c in chunks) for i in range(parts)]
+    return list(torch.chunk(batch, parts))
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """Every tensor of a batch on ``device`` (non-blocking: pinned host memory copies async)."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch_to(b, device) for b in batch)
+    return batch

@@ -90,7 +90,9 @@ RESUME_FREE = frozenset(
         "progress",
     }
 )
-RESUME_FREE_KEYS = frozenset({"data.num_workers", "data.eval_batch_size"})  # and every *.optim.amp
+RESUME_FREE_KEYS = frozenset({"data.num_workers", "data.eval_batch_size"})  # and OPTIM_SPEED_KEYS
+#: each stage's precision and speed switches: a resumed run may change them
+OPTIM_SPEED_KEYS = (".optim.amp", ".optim.compile", ".optim.hold_frozen_dtype", ".optim.tf32")
 
 
 def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
@@ -126,7 +128,9 @@ def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
             if k not in RESUME_FREE and (k in sections or (k not in stage_names and not isinstance(v, dict)))
         }
         flat = flat_keys(keep)
-        return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS and not k.endswith(".optim.amp")}
+        return {
+            k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS and not k.endswith(OPTIM_SPEED_KEYS)
+        }
 
     saved, current = compared(old), compared(now)
     for k, v in current.items():
@@ -161,7 +165,9 @@ def check_resume_run(cfg: RunConfig, path: Path) -> None:
 
     def flat(c: RunConfig) -> dict[str, Any]:
         d = flat_keys(yaml.safe_load(yaml.safe_dump(to_dict(resolve_recipe(c)), sort_keys=False)))
-        return {k: v for k, v in d.items() if k not in RUN_RESUME_FREE_KEYS and not k.endswith(".optim.amp")}
+        return {
+            k: v for k, v in d.items() if k not in RUN_RESUME_FREE_KEYS and not k.endswith(OPTIM_SPEED_KEYS)
+        }
 
     saved, current = flat(old), flat(cfg)
     for k, v in current.items():

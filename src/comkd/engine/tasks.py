@@ -301,6 +301,7 @@ class DistillTask(TaskBase):
         self.ifalign_on = ifalign_on
         self.w = text_features
         self.s_t = float(teacher_logit_scale)
+        self.sides: list[TeacherSide] = []  # every teacher's, when built by from_sides
 
     @classmethod
     def from_sides(cls, student: Student, sides: list[TeacherSide], loss: ComKDLoss, **recipe: Any):
@@ -313,6 +314,12 @@ class DistillTask(TaskBase):
 
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.student}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """The online teachers' image towers (what ``optim.compile`` and ``hold_frozen_dtype`` act
+        on besides the student); none when u_t is read from a cache."""
+        outs = [s.outputs for s in self.sides] or [self.teacher_outputs]
+        return {f"teacher{i}": o.teacher.visual for i, o in enumerate(outs) if isinstance(o, TeacherOutputs)}
 
     def parameter_groups(self) -> list[dict]:
         """The main group (prompts, projector), then EduAttention at ``edu_lr_scale`` and the tower
@@ -356,7 +363,6 @@ class DistillTask(TaskBase):
 
 
 # -- evaluation --------------------------------------------------------------------------------
-@torch.no_grad()
 @torch.no_grad()
 def predict(fn, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``fn(images) -> logits`` over a loader (under autocast on a GPU); returns (predictions,
