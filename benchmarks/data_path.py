@@ -204,7 +204,7 @@ def bench_data_path(shards: str | None, quick: bool = False, threads: int = 1) -
         return {
             "data_path": {"skipped": f"no WebDataset shards (looked for {DEFAULT_SHARDS}); pass --shards"}
         }
-    from comkd.data.wds import expand_shards, scan_shard
+    from comkd.data.shards import expand_shards, scan_shard
 
     # a whole shard (streaming reads every sample of a shard it touches; a partial pool would be
     # charged for samples it skips), or 100 samples in the smoke run

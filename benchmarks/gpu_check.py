@@ -1,19 +1,35 @@
-"""The GPU check: one command (``comkd bench --profile gpu``) that, on one GPU in a few minutes and
-without downloads (random weights), measures what a GPU user of the paper pair needs to know, and
-writes one JSON. ``--quick`` runs the same code on the tiny pair at 32 px (what the tests run on
-CPU); every key is the same in both forms and on every device.
+"""The GPU check: one command (``comkd bench --profile gpu``) that, on one GPU and without downloads
+(random weights), measures what a GPU user of the paper pair needs to know, and writes one JSON.
+``--quick`` runs the same code on the tiny pair at 32 px (what the tests run on CPU); every key is
+the same in both forms and on every device.
 
-Figures (``images_per_s`` are images per second; ``peak_memory_mb`` is the CUDA allocator's peak
-over the section, ``null`` on other devices):
+It cannot waste a GPU slot: the JSON is rewritten after every section (a run killed at its time
+limit keeps every finished section), a section that fails is recorded (``{"error": ...}``, and
+its name in ``failed``) and the check goes on, ``--no-compile`` leaves out every
+``torch.compile`` measurement, and ``--compile-budget-s`` skips the compiled measurements that
+remain once one compilation (its warm-up call) took longer than the budget (a compilation in
+progress cannot be stopped). ``section_wall_s`` says what each section cost.
+
+Sections, in order (``images_per_s`` are images per second; ``peak_memory_mb`` is the CUDA
+allocator's peak over the measurement, ``null`` on other devices):
 
 * ``matmul_peak``: the device's dense matmul peak (``benchmarks.limits``);
 * ``teacher_forward``: the prompted teacher image tower, no grad, in each precision;
-* ``distill_online`` / ``distill_cached``: stage-2 optimiser steps (ComKD, AdamW) with the teacher
-  run online or its outputs read from a table on the device (what the teacher cache gives);
-  ``fp32`` and ``bf16`` (autocast; CUDA only, ``null`` elsewhere), and ``compiled`` (the student
-  under ``torch.compile``; its error where it fails, skipped in the quick form);
+* ``distill_online`` / ``distill_cached``: bare stage-2 optimiser steps (ComKD, AdamW) at batch
+  ``batch`` with the teacher run online or its outputs read from a table on the device (what the
+  teacher cache gives): ``fp32``, ``bf16`` (autocast; CUDA only, ``null`` elsewhere),
+  ``compiled`` and ``compiled_bf16`` (the student under ``torch.compile``; skipped in the quick
+  form, with ``--no-compile`` or past the compile budget);
 * ``stage1_step_s``: one PromptSRC step (teacher prompts) over 100 and 1,000 classes;
-* each section's achieved GFLOP/s and its share of the fp32 (or bf16) peak.
+* ``fit``: stage 2 through ``engine.loop.fit`` itself (sampler, loader, autocast, bookkeeping;
+  online teacher), images/s at the GPU preset's batch (8) and at a full batch (``batch``), each
+  with and without ``optim.compile`` (the compiled ones as above);
+* each rate's achieved GFLOP/s and its share of the fp32 (or bf16) peak.
+
+Expected time of the full form on one H100/H200 (not measured here: no GPU was lent): building the
+random ViT-L/14 + ViT-B/16 pair and the matmul peak under a minute; the uncompiled sections a
+minute or two; each of the six compilations 1-3 minutes. About 3 minutes with ``--no-compile``,
+up to about 15 with compilation: give a 15-minute slot ``--compile-budget-s 120``.
 """
 
 from __future__ import annotations
@@ -39,6 +55,7 @@ class GpuSizes:
     peak_batch: int = 8
     peak_min_s: float = 0.5
     compile: bool = True
+    preset_batch: int = 8  # the GPU presets' stage-2 batch (b2n_vitl14_vitb16.yaml)
 
 
 GPU_FULL = GpuSizes()
@@ -52,9 +69,10 @@ GPU_QUICK = GpuSizes(
     peak_batch=1,
     peak_min_s=0.02,
     compile=False,
+    preset_batch=2,
 )
 
-SECTIONS = ("teacher_forward", "distill_online", "distill_cached", "stage1_step_s")
+SECTIONS = ("matmul_peak", "teacher_forward", "distill_online", "distill_cached", "stage1_step_s", "fit")
 PRECISIONS = ("fp32", "bf16")  # bf16 (autocast) on CUDA only: null elsewhere
 
 
@@ -127,103 +145,188 @@ def _distill_task(student, teacher, w, outputs):
     return task, opt
 
 
-def gpu_check(out: str | Path, *, quick: bool = False, device: str = "auto") -> dict[str, Any]:
-    """Run every section on ``device`` and write the JSON to ``out`` (see the module docstring). The
-    full form needs a CUDA device; every argument is checked first (``run.check_request``)."""
-    from .limits import matmul_peak, paper_towers
+class _Compile:
+    """Whether a compiled measurement still runs: not in the quick form or with ``--no-compile``,
+    nor once one compilation's warm-up call took longer than ``budget_s``."""
+
+    def __init__(self, enabled: bool, budget_s: float | None):
+        self.enabled, self.budget_s = enabled, budget_s
+        self.over: str | None = None
+
+    def skip(self) -> str | None:
+        if not self.enabled:
+            return "compilation off (quick form or --no-compile)"
+        return self.over
+
+    def spent(self, warmup_s: float) -> None:
+        if self.budget_s is not None and warmup_s > self.budget_s:
+            self.over = (
+                f"skipped: a compilation took {warmup_s:.0f} s, over --compile-budget-s {self.budget_s:g}"
+            )
+
+
+def gpu_check(
+    out: str | Path,
+    *,
+    quick: bool = False,
+    device: str = "auto",
+    compile: bool = True,
+    compile_budget_s: float | None = None,
+) -> dict[str, Any]:
+    """Run every section on ``device``, rewriting the JSON at ``out`` after each (see the module
+    docstring). The full form needs a CUDA device; every argument is checked first
+    (``run.check_request``). A section that raises is recorded and the check goes on."""
     from .report import machine_info, write_json
     from .run import check_request
-    from .timing import count_flops
 
     out, dev = check_request(out, device=device, profile="gpu", quick=quick)
     sz = GPU_QUICK if quick else GPU_FULL
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    peak = matmul_peak(dev, sz.peak_batch, sz.peak_min_s, paper_towers(sz.image_size))
     res: dict[str, Any] = {
         "machine": machine_info(dev),
         "quick": quick,
         "sizes": asdict(sz),
-        "matmul_peak": peak,
+        "compile": {"enabled": bool(compile and sz.compile), "budget_s": compile_budget_s},
+        "failed": [],
+        "section_wall_s": {},
     }
-    p32, pbf = peak["fp32_gflops_per_s"], peak.get("bf16_gflops_per_s")
-    teacher, student, w = _pair(sz, dev)
-    teacher.eval()
-    s = sz.image_size
-    x = torch.randn(sz.batch, 3, s, s, device=dev)
-
-    def forward(prec: str):
-        def fn():
-            with torch.no_grad(), _autocast(dev, prec):
-                teacher.encode_image(x)
-
-        return fn
-
-    f_teacher = count_flops(forward("fp32"))
-    res["teacher_forward"] = {
-        prec: _rate(forward(prec), f_teacher, sz.batch, sz, dev, pbf if prec == "bf16" else p32)
-        if prec in _precisions(dev)
-        else None
-        for prec in PRECISIONS
-    }
-    res["distill_online"], res["distill_cached"] = _distill_sections(
-        sz, dev, teacher, student, w, x, p32, pbf
-    )
-    res["stage1_step_s"] = _stage1(sz, dev, teacher)
-    res["wall_s"] = time.perf_counter() - t_start
-    write_json(out, res)
+    ctx = _Context(sz, dev, _Compile(bool(compile and sz.compile), compile_budget_s))
+    for name in SECTIONS:
+        t0 = time.perf_counter()
+        try:
+            res[name] = getattr(ctx, name)()
+        except Exception as e:  # noqa: BLE001 - recorded, not raised: the check goes on
+            res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            res["failed"].append(name)
+        res["section_wall_s"][name] = time.perf_counter() - t0
+        res["wall_s"] = time.perf_counter() - t_start
+        write_json(out, res)
     return res
 
 
-def _distill_sections(sz, dev, teacher, student, w, x, p32, pbf) -> tuple[dict, dict]:
+class _Context:
+    """What the sections share (the pair, a batch, the peak), built by the first section that
+    needs it; each public method is one section."""
+
+    def __init__(self, sz: GpuSizes, dev: torch.device, comp: _Compile):
+        self.sz, self.dev, self.comp = sz, dev, comp
+        self._pair: tuple | None = None
+        self.peak: dict[str, Any] = {}
+
+    def pair(self):
+        if self._pair is None:
+            teacher, student, w = _pair(self.sz, self.dev)
+            teacher.eval()
+            s = self.sz.image_size
+            self._pair = (teacher, student, w, torch.randn(self.sz.batch, 3, s, s, device=self.dev))
+        return self._pair
+
+    def peaks(self) -> tuple[float | None, float | None]:
+        return self.peak.get("fp32_gflops_per_s"), self.peak.get("bf16_gflops_per_s")
+
+    def matmul_peak(self) -> dict[str, Any]:
+        from .limits import matmul_peak, paper_towers
+
+        sz = self.sz
+        self.peak = matmul_peak(self.dev, sz.peak_batch, sz.peak_min_s, paper_towers(sz.image_size))
+        return self.peak
+
+    def teacher_forward(self) -> dict[str, Any]:
+        from .timing import count_flops
+
+        teacher, _, _, x = self.pair()
+        dev, sz = self.dev, self.sz
+        p32, pbf = self.peaks()
+
+        def forward(prec: str):
+            def fn():
+                with torch.no_grad(), _autocast(dev, prec):
+                    teacher.encode_image(x)
+
+            return fn
+
+        f_teacher = count_flops(forward("fp32"))
+        return {
+            prec: _rate(forward(prec), f_teacher, sz.batch, sz, dev, pbf if prec == "bf16" else p32)
+            if prec in _precisions(dev)
+            else None
+            for prec in PRECISIONS
+        }
+
+    def distill_online(self) -> dict[str, Any]:
+        return self._distill("distill_online")
+
+    def distill_cached(self) -> dict[str, Any]:
+        return self._distill("distill_cached")
+
+    def _distill(self, kind: str) -> dict[str, Any]:
+        teacher, student, w, x = self.pair()
+        p32, pbf = self.peaks()
+        return _distill_section(kind, self.sz, self.dev, teacher, student, w, x, p32, pbf, self.comp)
+
+    def stage1_step_s(self) -> dict[str, Any]:
+        return _stage1(self.sz, self.dev, self.pair()[0])
+
+    def fit(self) -> dict[str, Any]:
+        teacher, student, w, _ = self.pair()
+        from .fit_rate import fit_rates
+
+        return fit_rates(self.sz, self.dev, teacher, student, w, self.comp)
+
+
+def _distill_section(kind, sz, dev, teacher, student, w, x, p32, pbf, comp: _Compile) -> dict[str, Any]:
+    from comkd.engine.tasks import adapt_images
+
     from .timing import count_flops
 
     with torch.no_grad():
-        from comkd.engine.tasks import adapt_images
-
         u_t = teacher.encode_image(adapt_images(x, student.preprocess, teacher.preprocess))
     idx = torch.arange(sz.batch, device=dev)
     labels = torch.zeros(sz.batch, dtype=torch.long, device=dev)
     batch = (x, labels, idx)
-    out: dict[str, dict] = {"distill_online": {}, "distill_cached": {}}
-    for kind in out:
-        table = None if kind == "distill_online" else (lambda images, indices, epoch: u_t[indices])
-        task, opt = _distill_task(student, teacher, w, table)
+    table = None if kind == "distill_online" else (lambda images, indices, epoch: u_t[indices])
+    task, opt = _distill_task(student, teacher, w, table)
 
-        def step(prec: str, task=task, opt=opt):
-            def fn():
-                opt.zero_grad(set_to_none=True)
-                with _autocast(dev, prec):
-                    loss = task.step(batch, 0)["loss"]
-                loss.backward()
-                opt.step()
-
-            return fn
-
-        flops = count_flops(step("fp32"))
-        for prec in PRECISIONS:
-            run = prec in _precisions(dev)
-            out[kind][prec] = (
-                _rate(step(prec), flops, sz.batch, sz, dev, pbf if prec == "bf16" else p32) if run else None
-            )
-        out[kind]["compiled"] = _compiled(sz, dev, task, opt, batch, flops, p32)
-    return out["distill_online"], out["distill_cached"]
-
-
-def _compiled(sz, dev, task, opt, batch, flops, peak) -> dict[str, Any]:
-    """The same fp32 step with the student under ``torch.compile``; its error where it fails."""
-    if not sz.compile:
-        return {"skipped": "quick form (compilation takes minutes on a CPU)"}
-    student = task.student
-    try:
-        task.wrap({"student": torch.compile(student)})
-
+    def step(prec: str):
         def fn():
             opt.zero_grad(set_to_none=True)
-            task.step(batch, 0)["loss"].backward()
+            with _autocast(dev, prec):
+                loss = task.step(batch, 0)["loss"]
+            loss.backward()
             opt.step()
 
-        return _rate(fn, flops, sz.batch, sz, dev, peak)
+        return fn
+
+    flops = count_flops(step("fp32"))
+    out: dict[str, Any] = {}
+    for prec in PRECISIONS:
+        run = prec in _precisions(dev)
+        out[prec] = (
+            _rate(step(prec), flops, sz.batch, sz, dev, pbf if prec == "bf16" else p32) if run else None
+        )
+    for prec, key in (("fp32", "compiled"), ("bf16", "compiled_bf16")):
+        out[key] = _compiled(sz, dev, task, step(prec), flops, pbf if prec == "bf16" else p32, comp, prec)
+    return out
+
+
+def _compiled(sz, dev, task, fn, flops, peak, comp: _Compile, prec: str) -> dict[str, Any] | None:
+    """The same step with the student under ``torch.compile``; its error where it fails."""
+    if prec not in _precisions(dev):
+        return None
+    why = comp.skip()
+    if why is not None:
+        return {"skipped": why}
+    try:
+        task.wrap({"student": torch.compile(task.student)})
+        t0 = time.perf_counter()
+        fn()  # the compilation
+        from .timing import sync
+
+        sync(dev)
+        warmup = time.perf_counter() - t0
+        comp.spent(warmup)
+        return {**_rate(fn, flops, sz.batch, sz, dev, peak), "compile_s": warmup}
     except Exception as e:  # noqa: BLE001 - recorded, not raised: the check goes on
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:

@@ -166,11 +166,57 @@ def test_the_gpu_check_runs_in_its_quick_form_and_writes_every_key(tmp_path) -> 
         fp = res[sec]["fp32"]
         assert fp["images_per_s"] > 0 and fp["peak_memory_mb"] is None
         assert fp["mfu"] == pytest.approx(fp["gflops_per_s"] / peak)
-    assert "skipped" in res["distill_online"]["compiled"]
+    assert "skipped" in res["distill_online"]["compiled"] and res["distill_online"]["compiled_bf16"] is None
     assert set(res["stage1_step_s"]) == {str(n) for n in GPU_QUICK.classes}
     assert all(v["seconds"] > 0 for v in res["stage1_step_s"].values())
+    fits = res["fit"]  # the loop itself, at the preset's batch and a full one
+    assert (
+        fits["preset_batch"]["batch"] == GPU_QUICK.preset_batch
+        and fits["full_batch"]["batch"] == GPU_QUICK.batch
+    )
+    assert fits["preset_batch"]["images_per_s"] > 0 and fits["full_batch"]["steps_timed"] == GPU_QUICK.steps
+    assert "skipped" in fits["full_batch_switches"]
+    assert res["failed"] == [] and list(res["section_wall_s"]) == list(SECTIONS)
     r = CliRunner().invoke(cli.app, ["bench", "--profile", "tpu", "--out", str(out)])
     assert r.exit_code == 2 and "--profile" in r.output
+
+
+def test_the_gpu_check_writes_each_section_as_it_ends_and_records_a_failing_one(
+    tmp_path, monkeypatch
+) -> None:
+    """A section that raises is recorded and skipped, the others are in the file; the file is
+    rewritten after every section (a run killed mid-way keeps what finished); with no --out the
+    check writes into $OUT, and refuses to start without either."""
+    from typer.testing import CliRunner
+
+    import benchmarks.gpu_check as gc
+    import benchmarks.report as report
+    from comkd import cli
+
+    seen: list[set[str]] = []
+
+    real = report.write_json
+
+    def recording(path, res):
+        seen.append(set(res))
+        real(path, res)
+
+    monkeypatch.setattr(report, "write_json", recording)
+    monkeypatch.setattr(gc._Context, "teacher_forward", lambda self: 1 / 0)
+    monkeypatch.setattr(gc._Context, "fit", lambda self: {"stubbed": True})  # keep the test short
+    monkeypatch.setenv("OUT", str(tmp_path))
+    r = CliRunner().invoke(cli.app, ["bench", "--profile", "gpu", "--quick", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["failed"] == ["teacher_forward"] and res["teacher_forward"]["error"].startswith(
+        "ZeroDivisionError"
+    )
+    assert res["distill_online"]["fp32"]["images_per_s"] > 0 and res["stage1_step_s"]
+    assert len(seen) == len(gc.SECTIONS) and all(gc.SECTIONS[i] in seen[i] for i in range(len(seen)))
+    assert not any(gc.SECTIONS[i + 1] in seen[i] for i in range(len(seen) - 1))  # one section more each time
+    monkeypatch.delenv("OUT")
+    r = CliRunner().invoke(cli.app, ["bench", "--profile", "gpu", "--quick", "--device", "cpu"])
+    assert r.exit_code == 2 and "--out" in r.output and "$OUT" in r.output
 
 
 # -- bad options: one line, before any work ------------------------------------------------------

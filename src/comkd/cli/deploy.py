@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -49,8 +50,14 @@ def _benchmarks() -> None:
 @app.command()
 def bench(
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="JSON file to write (an existing folder gets bench.json).")
-    ] = Path("bench.json"),
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="JSON file to write (an existing folder gets bench.json; default bench.json). The GPU "
+            "check needs it, or $OUT (it then writes $OUT/gpu_check.json).",
+        ),
+    ] = None,
     quick: Annotated[bool, typer.Option(help="A < 1 minute smoke run.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
@@ -70,6 +77,13 @@ def bench(
             "images/s online and cached, bf16, torch.compile, stage-1 step time, peak memory, utilisation)."
         ),
     ] = "cpu",
+    no_compile: Annotated[
+        bool, typer.Option("--no-compile", help="GPU check: leave out every torch.compile measurement.")
+    ] = False,
+    compile_budget_s: Annotated[
+        float | None,
+        typer.Option(help="GPU check: skip the compiled measurements left once one compilation took longer."),
+    ] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -77,6 +91,15 @@ def bench(
     _setup_logging(verbose, quiet)
     _benchmarks()
     from benchmarks.run import check_request
+
+    if out is None:
+        if profile == "gpu" and not os.environ.get("OUT"):
+            _usage_error(
+                "--out: the GPU check needs a file to write (or $OUT, where it writes gpu_check.json)"
+            )
+        out = Path(os.environ["OUT"]) / "gpu_check.json" if profile == "gpu" else Path("bench.json")
+    if compile_budget_s is not None and not compile_budget_s > 0:
+        _usage_error(f"--compile-budget-s: must be a positive number of seconds, got {compile_budget_s}")
 
     try:  # every option, before any work starts
         check_request(
@@ -94,7 +117,9 @@ def bench(
             if threads:
                 torch.set_num_threads(int(threads))
             try:
-                return gpu_check(out, quick=quick, device=device)
+                return gpu_check(
+                    out, quick=quick, device=device, compile=not no_compile, compile_budget_s=compile_budget_s
+                )
             finally:
                 torch.set_num_threads(old)
 
