@@ -146,6 +146,20 @@ class ToyData(torch.utils.data.Dataset):
         return self.x[i], self.y[i], i
 
 
+class EpochToyData(ToyData):
+    """``ToyData`` whose items move with the epoch (``x + epoch``), as augmented views do: a loader
+    whose workers missed ``set_epoch`` would yield the wrong ones."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        x, y, i = super().__getitem__(i)
+        return x + self.epoch, y, i
+
+
 class ToyTask:
     """MSE of a linear model; ``noise`` multiplies predictions by draws from the global torch RNG
     (like dropout), so resume tests also check that the RNG stream is restored exactly;

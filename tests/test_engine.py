@@ -561,3 +561,41 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_rank_w
     from comkd.config_rules import check_batches_split
 
     check_batches_split(load_config("demo"), ("pretrain", "train_teacher", "distill"), 4)
+
+
+def test_persistent_workers_see_every_epoch_and_train_as_fresh_ones(tmp_path):
+    """``data.persistent_workers``: one loader for the stage whose 2 workers live across epochs;
+    each item carries its epoch, so the batches (which move with the epoch, like augmented views)
+    and the trained weights equal those of workers forked anew every epoch."""
+    from comkd.config import OptimConfig
+    from comkd.engine.loop import fit
+    from support import EpochToyData, ToyTask
+
+    runs = {}
+    for persistent in (False, True):
+        task = ToyTask()
+        seen: list[float] = []
+        step = task.step
+
+        def recording(batch, epoch, step=step, seen=seen):
+            seen.append(float(batch[0][:, 0].sum()))
+            return step(batch, epoch)
+
+        task.step = recording
+        optim = OptimConfig(epochs=3, batch_size=8, lr=0.01, warmup_epochs=0)
+        fit(
+            task,
+            EpochToyData(),
+            optim,
+            out_dir=tmp_path / str(persistent),
+            seed=1,
+            device=torch.device("cpu"),
+            progress=False,
+            num_workers=2,
+            persistent_workers=persistent,
+        )
+        runs[persistent] = (seen, task.model.weight.detach().clone())
+    assert runs[True][0] == runs[False][0] and torch.equal(runs[True][1], runs[False][1])
+    per_epoch = len(runs[True][0]) // 3
+    first, last = sum(runs[True][0][:per_epoch]), sum(runs[True][0][-per_epoch:])
+    assert last - first == pytest.approx(2 * 8 * per_epoch, rel=1e-6)  # the third epoch's items are x + 2

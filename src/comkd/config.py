@@ -82,6 +82,9 @@ class DataConfig:
     num_shots: int = 16
     image_size: int | None = None  # default: the student's input size
     num_workers: int = 0
+    # keep the training loader's workers across epochs (map-style data; each item carries its epoch,
+    # so the views are the ones fresh workers would draw): no re-fork of num_workers every epoch
+    persistent_workers: bool = False
     skip_bad: bool = False
     eval_batch_size: int = 256
     classes_file: str | None = None  # image folders / CSV: class names file

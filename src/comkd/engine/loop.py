@@ -40,14 +40,16 @@ from .checkpoint import (
     trainable_state,
 )
 from .runplan import plan_note
-from .sampling import EpochBatchSampler, StreamBatches, batch_to, split_batch
+from .sampling import EpochBatchSampler, StreamBatches, batch_to, epoch_loader, split_batch
 from .schedule import build_optimizer, lr_at
 from .speed import SpeedSwitches
 from .utils import (
+    all_agree,
     all_reduce_sum,
     amp_context,
     atomic_torch_save,
     barrier,
+    first_bad_step,
     is_main,
     show_progress,
     world_size,
@@ -114,6 +116,7 @@ def fit(
     ckpt_interval_s: float = 0.0,
     progress: bool = True,
     num_workers: int = 0,
+    persistent_workers: bool = False,
     on_epoch_end: Callable[[int], dict] | None = None,
     stop_after_steps: int | None = None,
 ) -> FitResult:
@@ -125,7 +128,9 @@ def fit(
     mid-epoch, and its final state equals an uninterrupted run's with the same seed. ``on_epoch_end(epoch)`` may return
     evaluation metrics, logged with the epoch record. ``stop_after_steps`` ends the run early (tests).
     """
-    run = _Trainer(task, dataset, cfg, Path(out_dir), seed, device, metrics, progress, num_workers)
+    run = _Trainer(
+        task, dataset, cfg, Path(out_dir), seed, device, metrics, progress, num_workers, persistent_workers
+    )
     if resume and run.ckpt_path.exists():
         run.restore()
     run.start()
@@ -150,11 +155,24 @@ class _Trainer:
     epoch in progress, and the checkpoint files. ``fit`` is the epoch loop over its methods."""
 
     def __init__(
-        self, task, dataset, cfg: OptimConfig, out_dir: Path, seed, device, metrics, progress, num_workers
+        self,
+        task,
+        dataset,
+        cfg: OptimConfig,
+        out_dir: Path,
+        seed,
+        device,
+        metrics,
+        progress,
+        num_workers,
+        persistent_workers: bool = False,
     ):
         self.task, self.dataset, self.cfg, self.out_dir = task, dataset, cfg, out_dir
         self.seed, self.device, self.metrics = seed, device, metrics
         self.progress, self.num_workers = progress, num_workers
+        # workers kept across epochs (map-style data only: a stream is re-split every epoch)
+        self.persistent = persistent_workers and num_workers > 0 and not dataset.streaming
+        self.loader: DataLoader | None = None
         self.ckpt_path = out_dir / "checkpoint.pt"
         self.prev_path = self.ckpt_path.with_name("checkpoint.prev.pt")
         if is_main():  # temp files of a run killed mid-save
@@ -318,7 +336,7 @@ class _Trainer:
         )
 
     def check_finite(self, epoch: int) -> None:
-        step = _bad_step(self.bad_step)
+        step = first_bad_step(self.bad_step)
         if step == -1:
             return
         kept = keep_good_checkpoint(self.ckpt_path, self.prev_path, self.saved_steps, step)
@@ -345,16 +363,17 @@ class _Trainer:
         self.batch_idx = self.sampler.start_batch
         if self.streaming:
             return self.sampler
-        return DataLoader(
-            self.dataset,
-            batch_sampler=self.sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            # own generator: creating the iterator must not draw from the global torch RNG, or a
-            # resumed run (one extra iterator per resume) would see a shifted RNG stream
-            generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch),
-        )
+        if self.loader is None or not self.persistent:  # persistent: one loader for the stage
+            self.loader = epoch_loader(
+                self.dataset,
+                self.sampler,
+                num_workers=self.num_workers,
+                pin=self.device.type == "cuda",
+                seed=self.seed,
+                epoch=epoch,
+                persistent=self.persistent,
+            )
+        return self.loader
 
     def step(self, batch, epoch: int) -> None:
         """One optimiser step: the schedule's lr, ``grad_accum`` micro-batches, clipping, the update."""
@@ -470,28 +489,8 @@ class _Trainer:
         due = (
             epoch + 1 == self.cfg.epochs
             or ckpt_interval_s <= 0
-            or _all_agree(time.perf_counter() - self.t_saved >= ckpt_interval_s, self.device)
+            or all_agree(time.perf_counter() - self.t_saved >= ckpt_interval_s, self.device)
         )
         if due:
             self.save(epoch + 1, 0)
         self.start_batch = 0
-
-
-def _all_agree(flag: bool, device: torch.device) -> bool:
-    """Rank 0's ``flag`` on every rank (one broadcast under torchrun; ``flag`` itself otherwise)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    torch.distributed.broadcast(t, src=0)
-    return bool(t.item())
-
-
-def _bad_step(bad_step: torch.Tensor) -> int:
-    """The first step (0-based) since the last check whose loss was non-finite; -1 if none, -2 if
-    only another process saw one (one sync per check)."""
-    step = int(bad_step.item())
-    if world_size() > 1:
-        any_bad = all_reduce_sum(torch.tensor(float(step >= 0), device=bad_step.device))
-        if float(any_bad) > 0 and step < 0:
-            step = -2
-    return step

@@ -67,6 +67,38 @@ class EpochBatchSampler(Sampler[list[int]]):
             )
 
 
+class EpochItems(torch.utils.data.Dataset):
+    """A map-style dataset read through ``(epoch, index)`` keys (``EpochKeys``): each item sets the
+    dataset's epoch first, so loader workers that persist across epochs (``data.persistent_workers``)
+    draw each epoch's augmented views, which a copy of the dataset made when they started would not."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        self.dataset.set_epoch(epoch)  # an attribute set: cheap beside decoding the image
+        return self.dataset[index]
+
+
+class EpochKeys(Sampler[list[tuple[int, int]]]):
+    """``sampler``'s batches with each index keyed by the sampler's epoch (for ``EpochItems``)."""
+
+    def __init__(self, sampler: EpochBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(epoch, i) for i in batch]
+
+
 class StreamBatches:
     """The batches of a streaming dataset (``streaming = True``, e.g. ``WdsImageDataset``) with the
     interface of ``EpochBatchSampler``: the dataset shuffles and splits itself over the ranks
@@ -144,3 +176,36 @@ def batch_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(batch_to(b, device) for b in batch)
     return batch
+
+
+def epoch_loader(
+    dataset: Any,
+    sampler: EpochBatchSampler,
+    *,
+    num_workers: int,
+    pin: bool,
+    seed: int,
+    epoch: int,
+    persistent: bool,
+) -> DataLoader:
+    """The loader of one epoch of a map-style dataset: a fresh one (workers forked for the epoch),
+    or with ``persistent`` one loader kept for the stage (``EpochItems``/``EpochKeys``: its
+    workers see each epoch through the keys). Its own generator: creating an iterator must not draw
+    from the global torch RNG, or a resumed run (one extra iterator) would see a shifted stream."""
+    if persistent:
+        return DataLoader(
+            EpochItems(dataset),
+            batch_sampler=EpochKeys(sampler),
+            num_workers=num_workers,
+            pin_memory=pin,
+            persistent_workers=True,
+            generator=torch.Generator().manual_seed(seed * 100_003),
+        )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
+    )

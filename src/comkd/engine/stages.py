@@ -90,7 +90,9 @@ RESUME_FREE = frozenset(
         "progress",
     }
 )
-RESUME_FREE_KEYS = frozenset({"data.num_workers", "data.eval_batch_size"})  # and OPTIM_SPEED_KEYS
+RESUME_FREE_KEYS = frozenset(
+    {"data.num_workers", "data.persistent_workers", "data.eval_batch_size"}
+)  # and OPTIM_SPEED_KEYS
 #: each stage's precision and speed switches: a resumed run may change them
 OPTIM_SPEED_KEYS = (".optim.amp", ".optim.compile", ".optim.hold_frozen_dtype", ".optim.tf32")
 
@@ -191,6 +193,7 @@ def fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: Metrics
         "ckpt_interval_s": cfg.ckpt_interval_s,
         "progress": cfg.progress,
         "num_workers": cfg.data.num_workers,
+        "persistent_workers": cfg.data.persistent_workers,
     }
 
 

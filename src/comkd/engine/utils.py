@@ -196,6 +196,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (one broadcast under torchrun; ``flag`` itself otherwise)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def first_bad_step(bad_step: torch.Tensor) -> int:
+    """The first step (0-based) since the last check whose loss was non-finite; -1 if none, -2 if
+    only another process saw one (one sync per check)."""
+    step = int(bad_step.item())
+    if world_size() > 1:
+        any_bad = all_reduce_sum(torch.tensor(float(step >= 0), device=bad_step.device))
+        if float(any_bad) > 0 and step < 0:
+            step = -2
+    return step
+
+
 class NotSharedError(RuntimeError):
     """Under torchrun, a rank cannot see the run folder rank 0 writes (no shared filesystem)."""
 
