@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 
-class _Images(torch.utils.data.Dataset):
-    """``n`` random images in host memory as ``(image, label, index)``: the dataset contract."""
+class RandomImages(torch.utils.data.Dataset):
+    """``n`` random ``size``-px images in host memory as ``(image, -1, index)``, with the members of
+    the dataset contract the loop reads (no views to draw)."""
 
     streaming = False
 
@@ -46,7 +47,11 @@ def _one(sz, dev: torch.device, teacher, student, w, batch: int, switches: bool)
 
     student.train()
     task = DistillTask(
-        student, TeacherOutputs(teacher, student.preprocess), w, float(teacher.logit_scale), build_loss("comkd")
+        student,
+        TeacherOutputs(teacher, student.preprocess),
+        w,
+        float(teacher.logit_scale),
+        build_loss("comkd"),
     )
     starts: list[float] = []
     step = task.step
@@ -70,7 +75,7 @@ def _one(sz, dev: torch.device, teacher, student, w, batch: int, switches: bool)
     with tempfile.TemporaryDirectory(prefix="comkd-gpu-fit-") as d:
         fit(
             task,
-            _Images(batch * n_steps, sz.image_size),
+            RandomImages(batch * n_steps, sz.image_size),
             optim,
             out_dir=Path(d),
             seed=0,

@@ -484,19 +484,9 @@ def test_cache_warm_start_and_evaluation_are_shared_by_the_ranks(tmp_path):
             assert sum(shares) == count and max(shares) - min(shares) <= 64, (k, tower, shares, count)
 
 
-@pytest.mark.slow
-def test_a_batch_per_process_with_the_linear_rule_equals_one_process_with_the_global_batch(tmp_path):
-    """``batch_per: rank`` (4 images a process) with ``lr_scaling: linear`` on 2 ranks trains as one
-    process with the global batch of 8 and twice the lr: the same weights to float64 rounding."""
-    one = TOY.replace(
-        "OptimConfig(epochs=3, batch_size=8, lr=0.02)",
-        "OptimConfig(epochs=3, batch_size=8, lr=0.02, warmup_epochs=0)",
-    )
-    two = TOY.replace(
-        "OptimConfig(epochs=3, batch_size=8, lr=0.02)",
-        'OptimConfig(epochs=3, batch_size=4, batch_per="rank", lr=0.01, lr_scaling="linear", warmup_epochs=0)',
-    )
-    assert one != TOY and two != TOY
+def _one_process_and_two_ranks(tmp_path, one: str, two: str) -> list:
+    """Run the toy script ``one`` in one process and ``two`` under torchrun with 2 ranks; both must
+    end with the same weights to float64 rounding. Returns their two output folders."""
     outs = []
     for name, text, launch in (("one", one, [sys.executable]), ("two", two, TORCHRUN)):
         script, out = tmp_path / f"{name}.py", tmp_path / name
@@ -510,6 +500,23 @@ def test_a_batch_per_process_with_the_linear_rule_equals_one_process_with_the_gl
     w1, w2 = (torch.load(o / "final.pt") for o in outs)
     for k, v in w1.items():
         torch.testing.assert_close(w2[k], v, rtol=1e-12, atol=1e-12)
+    return outs
+
+
+@pytest.mark.slow
+def test_a_batch_per_process_with_the_linear_rule_equals_one_process_with_the_global_batch(tmp_path):
+    """``batch_per: rank`` (4 images a process) with ``lr_scaling: linear`` on 2 ranks trains as one
+    process with the global batch of 8 and twice the lr: the same weights to float64 rounding."""
+    one = TOY.replace(
+        "OptimConfig(epochs=3, batch_size=8, lr=0.02)",
+        "OptimConfig(epochs=3, batch_size=8, lr=0.02, warmup_epochs=0)",
+    )
+    two = TOY.replace(
+        "OptimConfig(epochs=3, batch_size=8, lr=0.02)",
+        'OptimConfig(epochs=3, batch_size=4, batch_per="rank", lr=0.01, lr_scaling="linear", warmup_epochs=0)',
+    )
+    assert one != TOY and two != TOY
+    outs = _one_process_and_two_ranks(tmp_path, one, two)
     from comkd.engine.utils import read_metrics
 
     e1, e2 = ([r for r in read_metrics(o / "m.jsonl") if r.get("type") == "epoch"] for o in outs)
@@ -536,18 +543,6 @@ def test_gradient_accumulation_all_reduces_once_a_step_under_ddp(tmp_path):
         'json.dump({"no_sync": len(NO_SYNC), "rank": rank(),',
     )
     assert base != TOY and counted.count("NO_SYNC") == 3
-    outs = []
-    for name, text, launch in (("one", base, [sys.executable]), ("two", counted, TORCHRUN)):
-        script, out = tmp_path / f"{name}.py", tmp_path / name
-        script.write_text(text)
-        out.mkdir()
-        r = subprocess.run(
-            [*launch, str(script), str(out)], env=ENV, capture_output=True, text=True, timeout=300
-        )
-        assert r.returncode == 0, r.stderr[-4000:]
-        outs.append(out)
-    w1, w2 = (torch.load(o / "final.pt") for o in outs)
-    for k, v in w1.items():
-        torch.testing.assert_close(w2[k], v, rtol=1e-12, atol=1e-12)
+    outs = _one_process_and_two_ranks(tmp_path, base, counted)
     ranks = [json.loads((outs[1] / f"rank{r}.json").read_text()) for r in range(2)]
     assert [x["no_sync"] for x in ranks] == [3 * 4, 3 * 4]  # 3 epochs of 4 steps (72 / 16), one no_sync each

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.fit_rate import RandomImages
 from comkd.config import OptimConfig
 from comkd.engine.loop import fit
 from comkd.engine.tasks import DistillTask, TeacherOutputs
@@ -18,24 +19,6 @@ from comkd.models.backbones import TINY_STUDENT, TINY_TEACHER
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = ["a", "b", "c", "d"]
-
-
-class Images(torch.utils.data.Dataset):
-    """32 random 16-px images as ``(image, label, index)``: the dataset contract the loop reads."""
-
-    streaming = False
-
-    def __init__(self, n: int = 32):
-        self.x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        return self.x[i], -1, i
 
 
 def _task() -> tuple[DistillTask, nn.Module]:
@@ -67,7 +50,7 @@ def _losses(tmp_path, name: str, **switches) -> tuple[list[float], DistillTask, 
     optim = OptimConfig(epochs=1, batch_size=8, lr=0.01, warmup_epochs=0, **switches)
     fit(
         task,
-        Images(),
+        RandomImages(32, 16),
         optim,
         out_dir=out,
         seed=1,
