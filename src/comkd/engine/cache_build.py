@@ -38,7 +38,7 @@ from .cache_format import (
     view_checksums,
 )
 from .tasks import adapt_images
-from .utils import amp_context, barrier, is_main, rank, show_progress, world_size
+from .utils import amp_context, barrier, comm_device, is_main, rank, show_progress, world_size
 
 if TYPE_CHECKING:
     from ..models import Teacher
@@ -76,7 +76,7 @@ def _view_loader(
 ) -> DataLoader:
     """View ``k``'s batches of ``(images, item indices)`` that this rank runs the teacher on: of a
     map-style dataset, batches ``rank, rank + W, ...`` of the one-process order (the same batches,
-    so the same rows); of a stream, every W-th item of its replay."""
+    so the same rows); of a stream, the items of this rank's shards (``replay_stream``)."""
     pin = device.type == "cuda"
     if dataset.streaming:
         return DataLoader(
@@ -193,9 +193,7 @@ def _gather_rows(
     ``(empty, None)`` when no rank had a batch. Rows travel as float32 (exact for the storage dtypes)."""
     import torch.distributed as dist
 
-    from .utils import _comm_device
-
-    dev = _comm_device()
+    dev = comm_device()
     pad_rows = torch.zeros(batch_size, d, dtype=torch.float32, device=dev)
     pad_idx = torch.full((batch_size,), -1, dtype=torch.int64, device=dev)
     if rows is not None:

@@ -121,7 +121,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     """Where the process group's collectives run: this rank's GPU under NCCL, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -132,7 +132,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks (a copy, on ``t``'s device); ``t`` itself in one process."""
     if dist.is_initialized():
         home = t.device
-        t = t.to(_comm_device(), copy=True)
+        t = t.to(comm_device(), copy=True)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t = t.to(home)
     return t
@@ -157,7 +157,7 @@ def gather_shares(t: torch.Tensor, n: int) -> torch.Tensor:
     if w == 1:
         return t
     per = -(-n // w)
-    pad = torch.zeros((per, *t.shape[1:]), dtype=t.dtype, device=_comm_device())
+    pad = torch.zeros((per, *t.shape[1:]), dtype=t.dtype, device=comm_device())
     pad[: len(t)] = t
     parts = [torch.empty_like(pad) for _ in range(w)]
     dist.all_gather(parts, pad)
