@@ -60,22 +60,41 @@ def top1(name: str, batch: int = 50) -> tuple[float, int]:
     from PIL import Image
 
     model, transform = timm_lite(name)
+    model = model.to(memory_format=torch.channels_last)  # depthwise convolutions: ~1.6x faster on a CPU
     items = imagenet_samples()
     correct = 0
     for s in range(0, len(items), batch):
         chunk = items[s : s + batch]
         x = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in chunk])
-        with torch.no_grad():
-            pred = model(x).argmax(-1)
+        with torch.inference_mode():
+            pred = model(x.to(memory_format=torch.channels_last)).argmax(-1)
         correct += int((pred == torch.tensor([c for _, c in chunk])).sum())
     return 100.0 * correct / len(items), len(items)
 
 
 # -- EfficientNet-Lite ImageNet weights -----------------------------------------------------------
-# measured on one thread of a busy 2-core CPU: Lite0 87.2% in 88 s, Lite2 88.1% in 171 s
+# measured here: Lite0 87.2%, Lite2 88.1% (one thread, NCHW: 91 s and 179 s; two threads and
+# channels-last: Lite0 about 40 s). Lite2, the teacher's tower, runs when COMKD_LONG_CHECKS=1, so
+# the suite stays within its time
+LONG = os.environ.get("COMKD_LONG_CHECKS") == "1"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("n, size, reported", [(0, 224, 87.2), (2, 260, 88.1)])
-def test_efficientnet_lite_imagenet_top1(one_thread, n, size, reported):
+@pytest.mark.parametrize(
+    "n, size, reported",
+    [
+        (0, 224, 87.2),
+        pytest.param(
+            2,
+            260,
+            88.1,
+            marks=pytest.mark.skipif(
+                not LONG, reason="about 80 s on 2 CPU threads; COMKD_LONG_CHECKS=1 runs it"
+            ),
+        ),
+    ],
+)
+def test_efficientnet_lite_imagenet_top1(n, size, reported):
     need_lite(n)
     import timm
 
