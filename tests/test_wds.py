@@ -495,3 +495,69 @@ def test_the_shard_index_is_kept_between_processes_and_rebuilt_when_stale(tmp_pa
     assert new_process() == first
     assert sorted(scanned[4:]) == ["s-000000.tar", "s-000002.tar"]
     assert json.loads(Path(sh._index_file(shard2)).read_text())["path"] == shard2  # rewritten whole
+
+
+WARM_SCRIPT = r"""
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+import comkd.data.wds as W
+opened = []
+real_iter_shard = W.iter_shard
+W.iter_shard = lambda shard: opened.append(os.path.basename(shard)) or real_iter_shard(shard)
+from comkd.config import load_config
+from comkd.engine.builders import build_student, build_teacher, make_dataset
+from comkd.engine.distill import warm_start_projector
+from comkd.engine.tasks import TeacherOutputs
+from comkd.engine.utils import init_distributed, is_main, rank, shutdown_distributed
+
+init_distributed()
+pattern, out = sys.argv[1], sys.argv[2]
+cfg = load_config(sets=[
+    "data.dataset=wds", f"data.root={pattern}", 'data.pools=["train=0:48"]', "data.image_size=32",
+    "data.eval_batch_size=8", "teacher.model=comkd-tiny-teacher", "teacher.pretrained=none",
+    "student.model=comkd-tiny-student", "student.pretrained=none", "student.projector_bn=frozen",
+    "distill.projector_init=ridge", "progress=false", "seed=2",
+])
+torch.manual_seed(0)
+dev = torch.device("cpu")
+teacher = build_teacher(cfg, dev, prompts="")
+student = build_student(cfg, teacher.embed_dim, dev)
+ds = make_dataset(cfg, "train", student.preprocess, train=True, unlabelled=True, augment=cfg.distill.augment)
+n = warm_start_projector(student, ds, TeacherOutputs(teacher, student.preprocess), cfg, dev)
+if is_main():
+    torch.save(student.projector.state_dict(), os.path.join(out, "projector.pt"))
+with open(os.path.join(out, f"warm{rank()}.json"), "w") as f:
+    json.dump({"n": n, "opened": opened}, f)
+shutdown_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_the_warm_start_of_a_stream_is_shared_by_the_ranks(tmp_path):
+    """Under torchrun each rank warm-starts the projector on its own 2 of the 4 shards (the views
+    of epoch 0, as a cache replay reads them), and the summed fit equals one process's."""
+    pattern = write_shards(tmp_path / "s")
+    script = tmp_path / "warm.py"
+    script.write_text(WARM_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    outs = []
+    for name, launch in (("one", [sys.executable]), ("two", torchrun)):
+        out = tmp_path / name
+        out.mkdir()
+        r = subprocess.run(
+            [*launch, str(script), pattern, str(out)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(out)
+    one = json.loads((outs[0] / "warm0.json").read_text())
+    ranks = [json.loads((outs[1] / f"warm{r}.json").read_text()) for r in range(2)]
+    assert one["n"] == ranks[0]["n"] == ranks[1]["n"] == 48
+    assert len(one["opened"]) == 4 and [len(r["opened"]) for r in ranks] == [2, 2]
+    assert not set(ranks[0]["opened"]) & set(ranks[1]["opened"])
+    p1, p2 = (torch.load(o / "projector.pt") for o in outs)
+    for k, v in p1.items():
+        torch.testing.assert_close(p2[k].float(), v.float(), rtol=1e-4, atol=1e-5, msg=k)

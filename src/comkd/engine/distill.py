@@ -40,6 +40,7 @@ from .utils import (
     amp_context,
     barrier,
     is_main,
+    rank,
     world_size,
 )
 
@@ -51,20 +52,32 @@ def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: 
     """Fit the projector in closed form (ridge, no labels) from the student tower's features to the
     teacher's image features u_t over the first epoch's views of the distillation images (read
     from the teacher cache when there is one), both towers under ``distill.optim.amp``'s autocast.
-    Under torchrun each rank runs its share of a map-style pool (``eval_loader``) and the fit adds
-    up every rank's sums. Returns the number of images used (all ranks')."""
+    Under torchrun each rank runs its share of the pool (``eval_loader``'s of a map-style one; the
+    views of its own shards of a stream, as a cache replay reads them) and the fit adds up every
+    rank's sums. Returns the number of images used (all ranks')."""
+    from torch.utils.data import DataLoader
+
     from ..models.projector import fit_projector
 
     ds.set_epoch(0)
     student.eval()
     autocast, _ = amp_context(device, cfg.distill.optim.amp)
+    shared = world_size() > 1 and (not ds.streaming or ds.view_seed is not None)
+    if ds.streaming and shared:  # view 0 of this rank's shards: the views epoch 0 reads
+        loader = DataLoader(
+            ds.replay_stream(ds.view_seed, 0, rank(), world_size()),
+            batch_size=cfg.data.eval_batch_size,
+            num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+    else:
+        loader = eval_loader(cfg, ds, device)
     feats, targets = [], []
-    for images, _, idx in eval_loader(cfg, ds, device):
+    for images, _, idx in loader:
         images = images.to(device)
         with autocast:
             feats.append(student.visual(images).float().cpu())
             targets.append(outputs(images, idx, 0).float().cpu())
-    shared = world_size() > 1 and not ds.streaming  # a stream is read whole by every rank
     fit_projector(
         student.projector,
         torch.cat(feats).to(device),
