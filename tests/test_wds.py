@@ -21,6 +21,7 @@ import torch
 from comkd.data import DataError, build_dataset, build_transform, load_splits
 from comkd.data.shards import scan_shard
 from comkd.data.wds import parse_pools
+from support import subprocess_env
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 pytestmark = pytest.mark.skipif(not (CIFAR / "train_subset").is_dir(), reason="needs ../shared/data/cifar10")
@@ -364,9 +365,7 @@ def test_distillation_streams_every_sample_once_per_epoch(tmp_path, procs, worke
     pattern = write_shards(tmp_path / "s")
     script = tmp_path / "run.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env()  # one thread, no torchrun variables inherited
     launch = [sys.executable]
     if procs > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
@@ -540,9 +539,7 @@ def test_the_warm_start_of_a_stream_is_shared_by_the_ranks(tmp_path):
     pattern = write_shards(tmp_path / "s")
     script = tmp_path / "warm.py"
     script.write_text(WARM_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env()  # one thread, no torchrun variables inherited
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     outs = []
     for name, launch in (("one", [sys.executable]), ("two", torchrun)):

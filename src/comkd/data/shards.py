@@ -149,8 +149,6 @@ def _index_file(path: str) -> str:
 def _read_index(path: str, size: int, mtime_ns: int) -> ShardIndex | None:
     """The stored index of ``path`` when one was written for this very file (same size and
     modification time), else None. A damaged or foreign index file is ignored (and rewritten)."""
-    import json
-
     from ..fileio import parse_json
 
     where = _index_file(path)
@@ -167,7 +165,7 @@ def _read_index(path: str, size: int, mtime_ns: int) -> ShardIndex | None:
             and all(isinstance(k, str) for k in rec["keys"])
             and all(isinstance(v, int) and not isinstance(v, bool) for v in rec["labels"])
         )
-    except (OSError, ValueError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
     if not ok:
         log.info("shard index %s is not for %s as it is now: rescanning the shard", where, path)

@@ -165,20 +165,17 @@ def _fill_features(
         batches = iter(_view_loader(dataset, seed, k, batch_size, num_workers, device))
         while True:
             batch = next(batches, None)
+            rows = idx = None
             if batch is not None:
                 images, idx = batch
                 images = images.to(device, non_blocking=True)
                 with torch.no_grad(), autocast:
                     u = teacher.encode_image(adapt_images(images, tf_spec, teacher.preprocess))
                 rows = F.normalize(u.float(), dim=-1).to(dtype)
-            elif not shared:
+            if shared:  # every rank's batch of this round (a rank with none left sends none)
+                rows, idx = _gather_rows(rows, idx, batch_size, d)
+            if idx is None:  # no batch left (on any rank)
                 break
-            if shared:
-                rows, idx = _gather_rows(
-                    rows if batch is not None else None, idx if batch is not None else None, batch_size, d
-                )
-                if idx is None:  # no rank had a batch left
-                    break
             if features is not None:
                 features[k, idx.cpu().numpy()] = encode_rows(rows.to(dtype).cpu())
             if bar is not None:

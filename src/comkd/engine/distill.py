@@ -55,23 +55,15 @@ def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: 
     Under torchrun each rank runs its share of the pool (``eval_loader``'s of a map-style one; the
     views of its own shards of a stream, as a cache replay reads them) and the fit adds up every
     rank's sums. Returns the number of images used (all ranks')."""
-    from torch.utils.data import DataLoader
-
     from ..models.projector import fit_projector
 
     ds.set_epoch(0)
     student.eval()
     autocast, _ = amp_context(device, cfg.distill.optim.amp)
     shared = world_size() > 1 and (not ds.streaming or ds.view_seed is not None)
-    if ds.streaming and shared:  # view 0 of this rank's shards: the views epoch 0 reads
-        loader = DataLoader(
-            ds.replay_stream(ds.view_seed, 0, rank(), world_size()),
-            batch_size=cfg.data.eval_batch_size,
-            num_workers=cfg.data.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-    else:
-        loader = eval_loader(cfg, ds, device)
+    # a stream under torchrun: view 0 of this rank's shards, the views epoch 0 reads
+    source = ds.replay_stream(ds.view_seed, 0, rank(), world_size()) if ds.streaming and shared else ds
+    loader = eval_loader(cfg, source, device)
     feats, targets = [], []
     for images, _, idx in loader:
         images = images.to(device)
