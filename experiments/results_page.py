@@ -734,12 +734,12 @@ def write_results_page(
         "## Setup",
         "",
         *_setup_section(extra.get("setup", {})),
-        "Reproduce (from the repository root, since the presets' data roots are relative to it, e.g. "
+        "Reproduce (from the repository root, since the development configs (`experiments/configs/`) read data relative to it, e.g. "
         "`../shared/data/cifar10`; `--root` overrides): `bash experiments/run_wds_evidence.sh`, which runs, one "
-        "after the other with two threads, `comkd run --config cifar10_wds` (seeds 1, 2, 3; promptkd, comkd, "
-        "no-ifalign, no-eduattention in the recipe), `comkd run --config cifar10_wds_paper` (promptkd and comkd in "
-        "the paper's reading, reusing stages 0 and 1), the same pair for DTD-10 (`dtd10_tiny`, "
-        "`dtd10_tiny_paper`), then `python -m experiments.results_page collect cifar10_wds=... cifar10_wds+paper=... dtd10=... dtd10+paper=... "
+        "after the other with two threads, `comkd run --config experiments/configs/cifar10_wds.yaml` (seeds 1, 2, 3; promptkd, comkd, "
+        "no-ifalign, no-eduattention in the recipe), `comkd run --config experiments/configs/cifar10_wds_paper.yaml` (promptkd and comkd in "
+        "the paper's reading, reusing stages 0 and 1), the same pair for DTD-10 (`dtd10_tiny.yaml`, "
+        "`dtd10_tiny_paper.yaml`), then `python -m experiments.results_page collect cifar10_wds=... cifar10_wds+paper=... dtd10=... dtd10+paper=... "
         "--out docs/results.json` (a `LABEL+paper` run becomes the `(paper equations, project schedule)` rows of `LABEL`) and the "
         "`page` command above. Stage 0 runs once per dataset and is shared by the seeds, like a "
         "public pretrained CLIP; the run seed drives stage 1's shots, stage 1 and stage 2.",

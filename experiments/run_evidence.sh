@@ -35,9 +35,9 @@ PY
 }
 
 T0=$(date +%s)
-run_one cifar10 cifar10_tiny &
+run_one cifar10 experiments/configs/cifar10_tiny.yaml &
 P1=$!
-run_one dtd10 dtd10_tiny &
+run_one dtd10 experiments/configs/dtd10_tiny.yaml &
 P2=$!
 wait $P1 $P2
 echo "evidence run: $(( $(date +%s) - T0 )) s wall"

@@ -9,7 +9,7 @@ set -euo pipefail
 OUT=${1:-runs/paired_seeds}
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 SEEDS=(); for s in 1 2 3 4 5 6 7 8; do SEEDS+=(--seed "$s"); done
-comkd run --config cifar10_wds "${SEEDS[@]}" --method promptkd --method comkd --method no-eduattention \
+comkd run --config experiments/configs/cifar10_wds.yaml "${SEEDS[@]}" --method promptkd --method comkd --method no-eduattention \
   --out-dir "$OUT/cifar10_wds" --resume --set progress=false
 python -m experiments.results_page collect "cifar10_wds=$OUT/cifar10_wds" \
   --out docs/paired_seeds.json --curves docs/paired_seeds_curves.json

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evidence run of issue 10 behind docs/results.md: CIFAR-10's 50,000 training images streamed
-# from WebDataset shards (preset cifar10_wds, disjoint pools, see its header), then DTD-10, each
+# from WebDataset shards (experiments/configs/cifar10_wds.yaml, disjoint pools, see its header), then DTD-10, each
 # with stage 2 in the recommended recipe (promptkd, comkd and the two ablations) and in the paper's
 # reading (promptkd, comkd; the *_paper presets, reusing the recipe run's stages 0 and 1), 3 seeds;
 # then the results page. Run from the repository root:
@@ -43,16 +43,16 @@ PY
 
 if [[ "${SKIP_CIFAR:-0}" != 1 ]]; then
   [[ -n "${STAGE0_FROM:-}" ]] && reuse "$STAGE0_FROM" "$OUT/cifar10_wds" wds
-  timed cifar10_wds cifar10_wds "${RECIPE[@]}"
+  timed cifar10_wds experiments/configs/cifar10_wds.yaml "${RECIPE[@]}"
   reuse "$OUT/cifar10_wds" "$OUT/cifar10_wds_paper" wds
-  timed cifar10_wds_paper cifar10_wds_paper "${PAPER[@]}"
+  timed cifar10_wds_paper experiments/configs/cifar10_wds_paper.yaml "${PAPER[@]}"
 fi
 RUNS=("cifar10_wds=$OUT/cifar10_wds" "cifar10_wds+paper=$OUT/cifar10_wds_paper")
 if [[ "${SKIP_DTD:-0}" != 1 ]]; then
   [[ -n "${DTD_STAGE0_FROM:-}" ]] && reuse "$DTD_STAGE0_FROM" "$OUT/dtd10" dtd
-  timed dtd10 dtd10_tiny "${RECIPE[@]}"
+  timed dtd10 experiments/configs/dtd10_tiny.yaml "${RECIPE[@]}"
   reuse "$OUT/dtd10" "$OUT/dtd10_paper" dtd
-  timed dtd10_paper dtd10_tiny_paper "${PAPER[@]}"
+  timed dtd10_paper experiments/configs/dtd10_tiny_paper.yaml "${PAPER[@]}"
   RUNS+=("dtd10=$OUT/dtd10" "dtd10+paper=$OUT/dtd10_paper")
 fi
 python -m experiments.results_page collect "${RUNS[@]}" --out docs/results.json

@@ -244,3 +244,10 @@ def resave_student(src, dst, drop=(), meta_edit=None, keep_digest: bool = True) 
     if not keep_digest:
         meta.pop(STUDENT_DIGEST_KEY)
     save_file(sd, str(dst), metadata=meta)
+
+
+def run_model(res: dict, model: str) -> dict:
+    """A one-dataset, one-seed run's ``results.json``: what scoring ``model`` gave (``details``)."""
+    (models,) = res["details"].values()
+    (one,) = models[model]
+    return one

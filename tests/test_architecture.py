@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "comkd"
 LAYERS: list[set[str]] = [
     {"fileio", "stats", "runlock", "digests", "config_io", "choices"},
     {"methods", "config_rules"},
-    {"config"},
+    {"config", "config_sections"},
     {"losses"},
     {"data"},
     {"models"},

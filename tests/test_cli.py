@@ -223,7 +223,8 @@ def test_out_names_a_file_and_out_dir_a_folder_in_every_command() -> None:
 def test_the_old_out_of_a_folder_command_still_works_with_a_note(tmp_path, monkeypatch) -> None:
     seen: dict = {}
     monkeypatch.setattr(
-        "comkd.engine.distill.run_distill", lambda cfg, out, **kw: seen.setdefault("out", str(out)) and {}
+        "comkd.protocols.runner.distill_and_score",
+        lambda cfg, m, out, **kw: seen.setdefault("out", str(out)) and {},
     )
     r = CliRunner().invoke(cli.app, ["distill", "--no-evaluate", "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
@@ -547,3 +548,58 @@ def test_a_missing_input_path_stops_before_any_weights_are_fetched(tmp_path, mon
     r = CliRunner().invoke(cli.app, ["distill", *big, *args, "--out-dir", str(tmp_path / "d")])
     assert r.exit_code == 2 and f"config error: {key}: no such file or folder" in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "d").exists()
+
+
+def _config_flags() -> dict[str, set[str]]:
+    """Every config field that carries a flag: ``--flag`` -> the dotted keys it may set."""
+    import dataclasses
+    import typing
+
+    from comkd.config import RunConfig
+
+    found: dict[str, set[str]] = {}
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            elif "help" in f.metadata:
+                name = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+                found.setdefault(name, set()).add(prefix + f.name)
+
+    walk(RunConfig, "")
+    return found
+
+
+INFERENCE_BATCH = {("predict", "--batch-size"), ("export", "--batch-size")}
+
+
+def test_every_flag_of_a_config_key_comes_from_its_field() -> None:
+    """A command names keys; the flag, its type and help are the field's (with the key it sets), so
+    no command declares a flag of a config key by hand, and one flag means one thing everywhere."""
+    import inspect
+
+    import typer.main
+
+    from comkd.cli import train
+
+    flags = _config_flags()
+    assert {"--teacher", "--epochs", "--method", "--seed", "--device", "--root"} <= set(flags)
+    group = typer.main.get_command(cli.app)
+    seen = 0
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            # predict's and export's images per inference pass: no training stage's batch
+            for opt in (o for o in p.opts if o in flags and (name, o) not in INFERENCE_BATCH):
+                keys = [k for k in flags[opt] if f"({k})" in (p.help or "")]
+                assert keys, f"{name} {opt}: not the config field's flag ({p.help!r})"
+                seen += 1
+    assert seen > 60
+    # distill takes the config keys by name: its own parameters are the Call and --evaluate
+    assert list(inspect.signature(train.distill.__wrapped__).parameters) == ["call", "evaluate"]
+    epochs = {n: p.help for n, c in group.commands.items() for p in c.params if "--epochs" in p.opts}
+    assert epochs == {  # one flag, each command's own stage key
+        n: f"This stage's epochs ({s}.optim.epochs)."
+        for n, s in (("pretrain", "pretrain"), ("train-teacher", "train_teacher"), ("distill", "distill"))
+    }

@@ -4,6 +4,9 @@ wrong or do nothing are refused naming the key."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -11,6 +14,7 @@ from typer.testing import CliRunner
 
 from comkd import cli
 from comkd.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from comkd.config_io import nest
 from support import TINY_MODEL_ARGS, one_line_error
 
 TINY_ARGS = TINY_MODEL_ARGS
@@ -47,11 +51,13 @@ def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
 
     seen: dict = {}
 
-    def fake_run_distill(cfg, out_dir, resume=False, eval_fn=None):
+    def fake_run_distill(cfg, out_dir, resume=False, eval_fn=None, step0_fn=None):
         seen["cfg"], seen["resume"] = cfg, resume
-        return {"student": "-"}
+        return dict.fromkeys(
+            ("student", "alpha", "selected_epoch", "train_images", "trainable_params", "step0")
+        )
 
-    monkeypatch.setattr("comkd.engine.distill.run_distill", fake_run_distill)
+    monkeypatch.setattr("comkd.protocols.runner.run_distill", fake_run_distill)
     y = tmp_path / "c.yaml"
     y.write_text(
         yaml.safe_dump({"seed": 5, "distill": {"method": "promptkd", "optim": {"lr": 0.1, "epochs": 7}}})
@@ -220,7 +226,9 @@ def test_a_run_is_reproduced_from_its_config_yaml_alone(tmp_path):
     assert r.exit_code == 0, r.output
     a, b = load_file(str(first / "student.safetensors")), load_file(str(second / "student.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (first / "results.json").read_text() == (second / "results.json").read_text()
+    first_res, second_res = (json.loads((d / "results.json").read_text()) for d in (first, second))
+    assert first_res.pop("student") == str(first / "student.safetensors")  # the one difference
+    assert second_res.pop("student") == str(second / "student.safetensors") and first_res == second_res
     resaved = yaml.safe_load((second / "config.yaml").read_text())
     assert {**resaved, "output_dir": None} == {**saved, "output_dir": None}
 
@@ -245,7 +253,7 @@ def _without_recipe_name(cfg: RunConfig) -> dict:
 
 
 def test_recipe_recommended_equals_the_eight_flag_form():
-    by_name = load_config(None, cli._overrides(recipe="recommended"))  # what `--recipe recommended` passes
+    by_name = load_config(None, nest({"distill.recipe": "recommended"}))  # what `--recipe recommended` passes
     by_keys = load_config(None, sets=EIGHT_FLAGS)
     assert by_name.distill.recipe == "recommended" and by_keys.distill.recipe == "paper"
     assert _without_recipe_name(by_name) == _without_recipe_name(by_keys)
@@ -265,14 +273,14 @@ def test_the_defaults_are_the_paper_recipe():
 
 
 def test_explicit_keys_override_the_recipe_at_its_layer_and_above(tmp_path):
-    c = load_config(None, cli._overrides(recipe="recommended"), sets=["distill.optim.lr=0.003"])
+    c = load_config(None, nest({"distill.recipe": "recommended"}), sets=["distill.optim.lr=0.003"])
     assert (c.distill.optim.lr, c.student.edu_mode) == (0.003, "cosine")
     y = tmp_path / "c.yaml"  # a key beside the recipe in the same file wins over it
     y.write_text(yaml.safe_dump({"distill": {"recipe": "recommended", "edu_lr_scale": 0.1}}))
     c = load_config(y)
     assert (c.distill.edu_lr_scale, c.distill.projector_init) == (0.1, "ridge")
     # a recipe named by a later layer (the flag) overrides the file's keys, also a preset's
-    c = load_config("demo", cli._overrides(recipe="paper"))
+    c = load_config("demo", nest({"distill.recipe": "paper"}))
     assert (c.student.edu_mode, c.distill.optim.optimizer, c.distill.optim.lr) == ("paper", "sgd", 0.005)
     assert c.distill.optim.epochs == load_config("demo").distill.optim.epochs  # not a recipe key
     with pytest.raises(ConfigError, match="distill.recipe.*recommended"):
@@ -370,7 +378,10 @@ def test_a_yaml_parse_error_names_the_file_and_line(tmp_path) -> None:
 def test_select_promptkd_is_refused_without_an_evaluation_set(tmp_path) -> None:
     r = CliRunner().invoke(
         cli.app,
-        ["distill", "--config", "demo", "--set", "distill.select=promptkd", "--out-dir", str(tmp_path / "d")],
+        [
+            *("distill", "--config", "demo", "--set", "distill.select=promptkd", "--no-evaluate"),
+            *("--out-dir", str(tmp_path / "d")),
+        ],
     )
     assert r.exit_code == 1 and "distill.select" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "d").exists()  # refused before anything is written
@@ -446,3 +457,20 @@ def test_each_allowed_value_is_written_once_and_a_rule_across_sections_holds() -
         sets=["distill.recipe=recommended", "student.projector_bn=train", "student.projector=linear"]
     )
     assert linear.distill.projector_init == "ridge"  # a linear projector has no BatchNorm to undo the fit
+
+
+def test_the_development_configs_load_from_the_repository_and_ship_in_no_wheel() -> None:
+    """The configs that read ``../shared`` live in ``experiments/configs`` (a ``preset:`` there names
+    the file beside it); the package's presets hold no development path."""
+    from comkd.config import PRESET_DIR
+
+    here = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    for f in sorted(here.glob("*.yaml")):
+        cfg = load_config(str(f))
+        assert "shared" in str(cfg.data.root), f
+    paper = load_config(str(here / "cifar10_tiny_paper.yaml"))
+    base = load_config(str(here / "cifar10_tiny.yaml"))
+    assert paper.data == base.data and paper.student.scope == "prompts"
+    assert not [p.name for p in PRESET_DIR.glob("*.yaml") if "../shared" in p.read_text()]
+    package = PRESET_DIR.parent
+    assert not [str(p) for p in package.rglob("*.py") if "../shared" in p.read_text()]

@@ -225,7 +225,7 @@ def test_ddp_distill_with_evaluation(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
-    assert res["protocol"] == "base2novel" and 0 <= res["hm"] <= 100
+    assert res["method"] == "comkd" and 0 <= res["hm"] <= 100
 
 
 @pytest.mark.slow

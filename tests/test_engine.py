@@ -474,14 +474,16 @@ def test_cli_result_with_nan_is_one_line_naming_the_file_and_key(tmp_path, monke
     from typer.testing import CliRunner
 
     from comkd import cli
+    from comkd.protocols.protocol import Protocol
 
-    def fake_run_distill(cfg, out_dir, resume=False):
-        return {"student": str(tmp_path / "student.safetensors"), "history": []}
+    def fake_run_distill(cfg, out_dir, resume=False, **kw):
+        info = dict.fromkeys(("alpha", "selected_epoch", "train_images", "trainable_params", "step0"))
+        return {**info, "student": str(tmp_path / "student.safetensors")}
 
-    monkeypatch.setattr("comkd.engine.distill.run_distill", fake_run_distill)
-    monkeypatch.setattr("comkd.models.io.load_student", lambda path, device: None)
+    monkeypatch.setattr("comkd.protocols.runner.run_distill", fake_run_distill)
+    monkeypatch.setattr("comkd.protocols.runner.load_student", lambda path, device: None)
     monkeypatch.setattr(
-        "comkd.engine.evaluation.evaluate_student", lambda cfg, s: {"acc": float("nan"), "classes": 10}
+        Protocol, "score_student", lambda self, c, s, split: {"acc": float("nan"), "classes": 10}
     )
     out = tmp_path / "run"
     r = CliRunner().invoke(cli.app, ["distill", "--config", "demo", "--out-dir", str(out)])

@@ -550,7 +550,7 @@ def test_student_resnet_tower(teacher) -> None:
     for k, v in s.visual.state_dict().items():  # the frozen tower's batch norms do not move
         if k in bn_before:
             assert torch.equal(v, bn_before[k]), k
-    with pytest.raises(ModelError, match="vision_tokens"):
+    with pytest.raises(ModelError, match="student.vision_depth=2: .* is a CNN"):
         create_student(TINY_RESNET, teacher_dim=teacher.embed_dim, vision_tokens=4, vision_depth=2)
 
 
@@ -743,8 +743,12 @@ def test_resnet_clip_teacher_without_visual_prompts() -> None:
     assert set(t.prompt_state_dict()) == {"text.ctx", "text.deep"}
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(t.encode_image(x), torch.nn.functional.normalize(t.clip.visual(x), dim=-1))
-    with pytest.raises(ModelError, match="VisionTransformer"):
-        create_teacher("comkd-tiny-resnet-student", vision_tokens=4)
+    # visual prompts left unset on a CNN: none; asked for: refused, naming the key
+    assert (
+        getattr(create_teacher("comkd-tiny-resnet-student", vision_tokens=4).visual, "prompts", None) is None
+    )
+    with pytest.raises(ModelError, match="VisionTransformer.*teacher.vision_depth"):
+        create_teacher("comkd-tiny-resnet-student", vision_tokens=4, vision_depth=2)
 
 
 def test_edu_attention_inference_reuses_keys_values_until_w_or_weights_change() -> None:

@@ -12,31 +12,34 @@ from comkd.config import ConfigError, load_config
 
 
 # -- the cross-dataset / DG student ------------------------------------------------------
+def _fake_stages(monkeypatch, score) -> None:
+    """Replace every stage and scoring of the protocols by ``score(cfg)`` (an ``evaluate_*`` result)."""
+    from comkd.protocols import report, runner
+    from comkd.protocols.protocol import Protocol
+
+    monkeypatch.setattr(Protocol, "pretrain", lambda self, c, out, resume: c)
+    monkeypatch.setattr(Protocol, "teacher", lambda self, c, out, resume: (c, "prompted"))
+    monkeypatch.setattr(Protocol, "checks_teacher", lambda self, c: False)  # no teacher check (no data)
+    monkeypatch.setattr(Protocol, "score_teacher", lambda self, c, splits: [score(c) for _ in splits])
+    monkeypatch.setattr(Protocol, "score_zero_shot", lambda self, c, split: score(c))
+    monkeypatch.setattr(runner, "distill_and_score", lambda c, m, out, resume: score(c))
+    monkeypatch.setattr(runner, "read_metrics", lambda path: [])
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: None)
+
+
 def _record_protocol(monkeypatch, cfg, protocol, datasets):
     """Run ``run_protocol`` with every stage replaced by a recorder of the config it gets."""
-    from comkd.protocols import report, runner
+    from comkd.protocols import runner
 
     seen: dict[str, tuple] = {}
 
-    def distill(c, method, out, resume):
+    def score(c):
         seen[c.data.dataset] = (c.student.vision_depth, c.distill.kd_weight)
-        return (
-            {"acc": 50.0}
-            if protocol != "base2novel"
-            else {"base": {"acc": 50.0}, "novel": {"acc": 40.0}, "hm": 44.4}
-        )
+        if protocol != "base2novel":
+            return {"acc": 50.0}
+        return {"base": {"acc": 50.0}, "novel": {"acc": 40.0}, "hm": 44.4}
 
-    monkeypatch.setattr(runner, "_pretrain_if_enabled", lambda c, root, resume: c)
-    monkeypatch.setattr(runner, "_teacher_stage", lambda c, out, resume: c)
-    monkeypatch.setattr(runner, "_distill_and_eval", distill)
-    monkeypatch.setattr(runner, "read_metrics", lambda path: [])
-    monkeypatch.setattr(runner, "build_teacher", lambda c, device: None)
-    monkeypatch.setattr(runner, "has_val_split", lambda c: False)  # no teacher check (no data)
-    monkeypatch.setattr(runner, "evaluate_teacher", lambda c, t, split: distill(c, "teacher", None, False))
-    monkeypatch.setattr(
-        runner, "evaluate_clip_zero_shot", lambda c, role, split: distill(c, "zs", None, False)
-    )
-    monkeypatch.setattr(report, "write_report", lambda *a, **k: None)
+    _fake_stages(monkeypatch, score)
     cfg.protocol = protocol
     runner.run_protocol(cfg, cfg.output_dir, datasets=datasets, methods=["comkd"], source="imagenet")
     return seen
@@ -300,14 +303,15 @@ def test_a_teacher_on_other_classes_than_the_protocols_is_refused_in_one_line(
 
 
 def test_the_python_api_refuses_it_too_before_any_stage(monkeypatch, tmp_path) -> None:
-    from comkd.protocols import full, runner
+    from comkd.protocols import runner
+    from comkd.protocols.protocol import Protocol
 
     def never(*a, **k):
         raise AssertionError("a stage ran")
 
-    for name in ("_pretrain_if_enabled", "_teacher_stage", "_distill_and_eval"):
-        monkeypatch.setattr(runner, name, never)
-    monkeypatch.setattr(full, "_pretrain_stage", never)
+    for name in ("pretrain", "teacher"):
+        monkeypatch.setattr(Protocol, name, never)
+    monkeypatch.setattr(runner, "distill_and_score", never)
     cfg = load_config(sets=[f"output_dir={tmp_path}"])
     cfg.train_teacher.subsample = "all"  # set after validation: run_protocol checks again
     with pytest.raises(ConfigError, match=r"^train_teacher.subsample: 'all' contradicts protocol base2novel"):
@@ -315,7 +319,7 @@ def test_the_python_api_refuses_it_too_before_any_stage(monkeypatch, tmp_path) -
     cfg = load_config("own_tiny")
     cfg.train_teacher.subsample = "base"
     with pytest.raises(ConfigError, match=r"^train_teacher.subsample: 'base' contradicts protocol full"):
-        full.run_full(cfg, tmp_path / "full", methods=["comkd"])
+        runner.run_protocol(cfg, tmp_path / "full", methods=["comkd"])
     assert not (tmp_path / "b2n").exists() and not (tmp_path / "full").exists()
 
 
@@ -399,23 +403,18 @@ def test_the_b2n_preset_trains_the_teacher_on_base_classes_only(monkeypatch, tmp
 
 # -- each table names the chance level and the test-set size ------------------------------------
 def test_a_protocol_report_names_the_chance_level_and_test_size_of_each_part(monkeypatch, tmp_path) -> None:
-    from comkd.protocols import runner
+    from comkd.protocols import report, runner
 
-    def scored(c, *a, **k):  # an evaluate_* result: 4 base classes (40 images), 2 novel (30 images)
+    def scored(c):  # an evaluate_* result: 4 base classes (40 images), 2 novel (30 images)
         return {
             "base": {"acc": 60.0, "classes": 4, "images": 40},
             "novel": {"acc": 50.0, "classes": 2, "images": 30},
             "hm": 2 * 60 * 50 / 110,
         }
 
-    monkeypatch.setattr(runner, "_pretrain_if_enabled", lambda c, root, resume: c)
-    monkeypatch.setattr(runner, "_teacher_stage", lambda c, out, resume: c)
-    monkeypatch.setattr(runner, "_distill_and_eval", lambda c, m, out, resume: scored(c))
-    monkeypatch.setattr(runner, "read_metrics", lambda path: [])
-    monkeypatch.setattr(runner, "build_teacher", lambda c, device: None)
-    monkeypatch.setattr(runner, "has_val_split", lambda c: False)
-    monkeypatch.setattr(runner, "evaluate_teacher", scored)
-    monkeypatch.setattr(runner, "evaluate_clip_zero_shot", scored)
+    write_report = report.write_report
+    _fake_stages(monkeypatch, scored)
+    monkeypatch.setattr(report, "write_report", write_report)
     cfg = load_config(sets=[f"output_dir={tmp_path}", "data.dataset=dtd"])
     runner.run_protocol(cfg, tmp_path, datasets=["dtd"], methods=["comkd"])
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -442,3 +441,13 @@ def test_an_accuracy_table_names_chance_and_size_and_an_old_run_says_they_are_no
     assert "Chance" not in results_table(table)  # the results page's tables: unchanged
     old = write_report({"protocol": "cross", "seeds": [1], "datasets": table}, tmp_path).read_text()
     assert "Test-set size and chance level: not recorded (split `test`)." in old
+
+
+def test_every_protocol_is_one_entry_of_the_table_the_config_and_the_teacher_classes() -> None:
+    from comkd.choices import Protocol, values
+    from comkd.config_rules import TEACHER_CLASSES
+    from comkd.protocols.runner import PROTOCOLS
+
+    assert set(PROTOCOLS) == set(values(Protocol)) == set(TEACHER_CLASSES)
+    assert all(p.name == name for name, p in PROTOCOLS.items())
+    assert [n for n, p in PROTOCOLS.items() if p.halves] == ["base2novel"]  # scored on base and novel

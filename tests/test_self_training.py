@@ -11,7 +11,7 @@ from PIL import Image
 
 from comkd.config import ConfigError, load_config
 from comkd.engine.self_training import select_confident
-from comkd.protocols.full import run_full
+from comkd.protocols.runner import run_protocol
 
 
 def reference_select(probs: np.ndarray, per_class: int) -> tuple[list[int], list[int]]:
@@ -106,7 +106,7 @@ def test_own_data_run_self_trains_the_teacher_on_the_pool(tmp_path) -> None:
             "progress=false",
         ],
     )
-    run_full(cfg, tmp_path / "run", methods=["comkd"])
+    run_protocol(cfg, tmp_path / "run", methods=["comkd"])
     res = json.loads((tmp_path / "run" / "pretrain" / "results.json").read_text())
     rounds = res["teacher"]["self_training"]
     assert [r["round"] for r in rounds] == [1, 2]

@@ -201,7 +201,7 @@ def test_stage1_regularises_towards_promptsrc_templates_by_default(monkeypatch, 
 
 
 def test_cross_depth_is_capped_at_a_small_towers_layers() -> None:
-    from comkd.protocols.runner import protocol_recipe
+    from comkd.protocols.protocol import protocol_recipe
 
     tiny = protocol_recipe(load_config("demo"), "cross")  # comkd-tiny-student has 2 layers
     assert (tiny.student.vision_depth, tiny.distill.kd_weight) == (2, 1000.0)

@@ -19,6 +19,9 @@ IfalignStats = Literal["per_channel", "per_sample"]
 IfalignOn = Literal["features", "projected", "projected_matched"]
 BatchPer = Literal["global", "rank"]  # optim.batch_size: images a step over all processes, or per process
 LrScaling = Literal["none", "linear", "sqrt"]  # the lr as the global batch moves from optim.lr_base_batch
+# the protocols (comkd.protocols.runner.PROTOCOLS; the classes each teacher learns on:
+# config_rules.TEACHER_CLASSES)
+Protocol = Literal["base2novel", "cross", "dg", "full"]
 
 
 def values(choice: Any) -> tuple[str, ...]:

@@ -17,21 +17,14 @@ from typing import Any, Literal
 import yaml
 
 from .choices import (
-    Attend,
-    BatchPer,
-    EduMode,
-    EduScale,
     IfalignOn,
     IfalignStats,
     KdReduction,
-    LrScaling,
-    Projector,
-    ProjectorBN,
-    Scope,
+    Protocol,
 )
 from .config_io import (
-    NONE_IS_A_VALUE,
     ConfigError,
+    flag,
     flat_keys,
     merge,
     parse_overrides,
@@ -46,8 +39,9 @@ from .config_rules import (
     check_teacher_count,
     method_name,
 )
+from .config_sections import AugmentConfig, DataConfig, OptimConfig, StudentConfig, TeacherConfig
 from .fileio import atomic_write_text
-from .methods import RECIPES, recipe_updates
+from .methods import METHODS, RECIPE_HELP, RECIPES, recipe_updates
 
 __all__ = [
     "PRESET_DIR",
@@ -71,142 +65,7 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "digits"
-    root: str | None = None
-    split_file: str | None = None
-    subdir: str | None = None
-    num_shots: int = 16
-    image_size: int | None = None  # default: the student's input size
-    num_workers: int = 0
-    # keep the training loader's workers across epochs (map-style data; each item carries its epoch,
-    # so the views are the ones fresh workers would draw): no re-fork of num_workers every epoch
-    persistent_workers: bool = False
-    skip_bad: bool = False
-    eval_batch_size: int = 256
-    classes_file: str | None = None  # image folders / CSV: class names file
-    fractions: list[float] | None = None  # image folders / CSV / digits: pretrain, train, val, test
-    split_seed: int = 0  # seed of that per-class split (independent of the run seed)
-    # WebDataset shards (dataset: wds): named pools "name=start:stop" of sample ordinals over the
-    # shards in order (disjoint); a folder of class sub-folders as the test split; the training
-    # stream's shuffle buffer (samples)
-    pools: list[str] | None = None
-    test_folder: str | None = None
-    shuffle_buffer: int = 1000
-
-    def validate(self, prefix: str) -> None:
-        if self.num_shots <= 0:
-            raise ConfigError(f"{prefix}num_shots: must be > 0, got {self.num_shots}")
-        if self.shuffle_buffer < 0:
-            raise ConfigError(
-                f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {self.shuffle_buffer}"
-            )
-
-
-@dataclass
-class TeacherConfig:
-    model: str = "ViT-L-14"
-    pretrained: str | None = field(default=None, metadata=NONE_IS_A_VALUE)  # 'none': random weights
-    prompts: str | None = None  # learned prompts from stage 1
-    text_ctx: int = 4
-    text_depth: int | None = None  # None: min(9, layers)
-    ctx_init: str | None = "a photo of a"
-    vision_tokens: int = 4
-    vision_depth: int | None = None
-    quick_gelu: bool = False
-
-
-@dataclass
-class StudentConfig:
-    model: str = "ViT-B-16"
-    pretrained: str | None = field(default=None, metadata=NONE_IS_A_VALUE)  # 'none': random weights
-    vision_tokens: int = 4
-    vision_depth: int | None = None
-    edu_heads: int = 1
-    edu_attn_dim: int | None = None
-    edu_shared_fc: bool = False
-    attend: Attend = "all"
-    logit_scale: float | None = None  # None: the student CLIP's own (PromptKD)
-    quick_gelu: bool = False
-    # docs/method.md, "Extensions"; the first value of each is the paper's reading
-    edu_mode: EduMode = "paper"
-    edu_scale: EduScale = "sqrt_c"  # paper mode: Q·Kᵀ / √C, or / C
-    renorm_fused: bool = True  # logits from norm(f_e); False: f_e as the gate left it
-    projector: Projector = "mlp"
-    projector_bn: ProjectorBN = "train"
-    scope: Scope = "prompts"  # full: the tower's weights learn too
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser and schedule of one stage. ``sgd``: cosine per epoch after a constant warm-up
-    (PromptKD); ``adamw``: per-step one-cycle cosine with linear warm-up (stage 0)."""
-
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.005
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    epochs: int = 20
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    warmup_frac: float = 0.1  # adamw only
-    # images a step: over all processes (global, the default), or per process (rank: the global
-    # batch is batch_size x processes, what a GPU user of timm or open_clip expects)
-    batch_size: int = 8
-    batch_per: BatchPer = "global"
-    grad_accum: int = 1
-    # the lr rule when the global batch differs from lr_base_batch (0: batch_size x grad_accum, the
-    # batch lr was set for): none keeps lr; linear multiplies every lr of the stage by global/base,
-    # sqrt by its square root (timm's --lr-base-scale); opt-in, so the evidence reruns identically
-    lr_scaling: LrScaling = "none"
-    lr_base_batch: int = 0
-    amp: Literal["auto", "on", "off"] = "auto"
-    grad_clip: float | None = None
-    # speed switches for a GPU, each opt-in (comkd.engine.speed): torch.compile of the trainable and
-    # frozen modules; frozen modules held in the autocast dtype during the stage; TF32 on CUDA
-    compile: bool = False
-    hold_frozen_dtype: bool = False
-    tf32: bool = False
-
-    def validate(self, prefix: str) -> None:
-        for name in ("lr", "epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(self, name)}")
-        if self.lr_base_batch < 0:
-            raise ConfigError(
-                f"{prefix}lr_base_batch: must be >= 0 (0: batch_size x grad_accum), got {self.lr_base_batch}"
-            )
-        positive_finite(self.lr, f"{prefix}lr")
-        positive_finite(self.warmup_lr, f"{prefix}warmup_lr")
-        positive_finite(self.weight_decay, f"{prefix}weight_decay", allow_zero=True)
-        positive_finite(self.momentum, f"{prefix}momentum", allow_zero=True)
-        positive_finite(self.grad_clip, f"{prefix}grad_clip")  # None: no clipping; 0 would clip to nothing
-        # each optimiser's own warm-up: epochs for sgd (cut to epochs - 1, so a short schedule still
-        # runs one cosine epoch), a fraction of the steps for adamw
-        if self.optimizer == "sgd" and self.warmup_epochs < 0:
-            raise ConfigError(f"{prefix}warmup_epochs: must be >= 0 for sgd, got {self.warmup_epochs}")
-        if self.optimizer == "adamw" and not (math.isfinite(self.warmup_frac) and 0 <= self.warmup_frac < 1):
-            raise ConfigError(f"{prefix}warmup_frac: must be in [0, 1) for adamw, got {self.warmup_frac}")
-
-    @property
-    def sgd_warmup_epochs(self) -> int:
-        """The sgd warm-up in effect: ``warmup_epochs``, at most ``epochs - 1``."""
-        return max(0, min(self.warmup_epochs, self.epochs - 1))
-
-
-@dataclass
-class AugmentConfig:
-    """Train augmentation: RandomResizedCrop(scale=(crop_scale_min, 1)) + horizontal flip."""
-
-    crop_scale_min: float = 0.08
-    hflip: float = 0.5
-
-    def validate(self, prefix: str) -> None:
-        if not (0 < self.crop_scale_min <= 1 and 0 <= self.hflip <= 1):
-            raise ConfigError(f"{prefix}crop_scale_min must be in (0, 1] and hflip in [0, 1]")
+_RECIPE = "Stage-2 reading, every switch at once. " + "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items())
 
 
 @dataclass
@@ -240,6 +99,17 @@ class PretrainConfig:
     self_train_rounds: int = 0
     self_train_keep: float = 0.4
     self_train_epochs: int = 60
+    # LiT (Zhai et al. 2022; open_clip's lock_image_tower / lock_text_tower): the towers kept frozen,
+    # in eval mode, so that only the rest learns; "both": only the two projections and the logit
+    # scale. The projections are Linear layers after each tower's trunk (``comkd.engine.lit``).
+    lock: Literal["none", "image", "text", "both"] = "none"
+    # contrastive: gradient steps (``optim``); ridge (needs lock: both, for few labelled pairs): the
+    # image projection in closed form, ridge regression of the frozen trunk features onto each image's
+    # caption features (its class under the dataset's templates, through the text projection as it
+    # is), with λ = ridge_lambda x the mean diagonal of XᵀX (``comkd.engine.lit.fit_ridge``)
+    fit: Literal["contrastive", "ridge"] = "contrastive"
+    ridge_lambda: float = 0.1
+    logit_scale: float | None = None  # set after stage 0 (e.g. 100); null: the model's own
 
     def validate(self, prefix: str) -> None:
         for name, unset in (
@@ -259,6 +129,20 @@ class PretrainConfig:
             )
         if not (math.isfinite(self.self_train_keep) and 0 < self.self_train_keep <= 1):
             raise ConfigError(f"{prefix}self_train_keep: must be in (0, 1], got {self.self_train_keep}")
+        if self.fit == "ridge" and self.self_train_rounds:
+            raise ConfigError(
+                f"{prefix}self_train_rounds: self-training trains by steps; not with {prefix}fit: ridge"
+            )
+        if self.fit == "ridge" and self.lock != "both":
+            raise ConfigError(
+                f"{prefix}fit: ridge fits the projections of frozen towers; set {prefix}lock: both"
+            )
+        if not (math.isfinite(self.ridge_lambda) and self.ridge_lambda > 0):
+            raise ConfigError(f"{prefix}ridge_lambda: must be a finite number > 0, got {self.ridge_lambda}")
+        if self.logit_scale is not None and not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise ConfigError(
+                f"{prefix}logit_scale: must be a finite number > 0 or null, got {self.logit_scale}"
+            )
 
 
 @dataclass
@@ -315,23 +199,29 @@ class DistillConfig:
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    method: str = "comkd"  # a name in comkd.methods.METHODS (validated against the table)
+    method: str = flag("comkd", help=" | ".join(METHODS), old="methods")  # validated against the table
     # every switch of a stage-2 reading at once (comkd.methods.RECIPES); the defaults are 'paper'
-    recipe: Literal["paper", "recommended"] = "paper"
-    kd_weight: float | None = None  # None: the paper's per-dataset value (1000; 200 for aircraft/flowers/dtd)
-    temperature: float = 1.0
+    recipe: Literal["paper", "recommended"] = flag("paper", help=_RECIPE)
+    kd_weight: float | None = flag(  # the paper's per-dataset value: 1000; 200 for aircraft/flowers/dtd
+        None, help="Weight of the KD term (default: the paper's per-dataset value)"
+    )
+    temperature: float = flag(1.0, help="KD softmax temperature")
     # PromptKD's KL: sum · τ² / (B·N) times kd_weight; textbook: sum · τ² / B (per image; kd_weight = N
     # of PromptKD's)
     kd_reduction: KdReduction = "promptkd"
-    align_weight: float = 1.0
+    align_weight: float = flag(1.0, help="Weight of IFAlign")
     ifalign_stats: IfalignStats = "per_channel"
     feature_weight: float = 1.0
     # EduAttention and α learn at optim.lr × edu_lr_scale. The paper gives no value; at 1.0 the unbounded
     # gate α receives gradients scaled by w_kd · s (1000 · s) and diverges (see README, "Our readings").
     edu_lr_scale: float = 0.01
     split: str = "train"
-    select: Literal["last", "promptkd"] = "last"
-    teacher_cache: str | None = None  # a `comkd cache-teacher` file; 'auto' (comkd run): one per seed
+    select: Literal["last", "promptkd"] = flag(
+        "last", help="last | promptkd (the epoch with the best test score)"
+    )
+    teacher_cache: str | None = flag(
+        None, help="Cache from cache-teacher ('auto' in comkd run: one per seed)"
+    )
     # docs/method.md, "Extensions"; the first value of each is the paper's reading
     # u_s; P(f) before normalisation against unit u_t; or against u_t at P(f)'s mean norm
     ifalign_on: IfalignOn = "features"
@@ -383,10 +273,12 @@ class FullConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = 1
-    device: str = "auto"
+    seed: int = flag(1, help="Run seed (data order, few-shot draw, views)", old="seeds")
+    device: str = flag(
+        "auto", help="Device: auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N, mps"
+    )
     output_dir: str = "runs/comkd"
-    protocol: Literal["base2novel", "cross", "dg", "full"] = "base2novel"
+    protocol: Protocol = flag("base2novel", help="base2novel | cross | dg | full (how the student is scored)")
     eval_split: str = "test"  # the split protocol runs report; `val` to choose settings without test images
     log_every: int = 10
     ckpt_every: int = 0  # also checkpoint every N optimiser steps (0: at epoch ends only)
@@ -464,11 +356,15 @@ def _read_yaml(path: str | Path) -> dict:
 
 
 def _read_layers(path: str | Path, seen: tuple[str, ...] = ()) -> list[dict]:
-    """The layers of a config file, base first: a file that names a ``preset`` sits above it."""
+    """The layers of a config file, base first: a file that names a ``preset`` sits above it (a
+    file of that name beside it, else the built-in preset)."""
     data = _read_yaml(path)
     base = data.pop("preset", None)
     if not base:
         return [data]
+    beside = Path(path).parent / f"{base}.yaml"
+    if Path(path).is_file() and beside.is_file():
+        base = str(beside)
     if str(base) in seen or str(base) == str(path):
         raise ConfigError(f"{path}: preset {base!r} names itself through its presets")
     return [*_read_layers(base, (*seen, str(path))), data]

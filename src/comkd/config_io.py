@@ -138,16 +138,6 @@ def flat_keys(tree: dict, prefix: str = "", aliases: dict[str, str] | None = Non
     return out
 
 
-def deep_update(a: dict, b: dict) -> dict:
-    """Merge the nested mapping ``b`` into ``a`` (in place; ``b`` wins) and return ``a``."""
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(a.get(k), dict):
-            deep_update(a[k], v)
-        else:
-            a[k] = v
-    return a
-
-
 def validate_tree(obj: Any, prefix: str = "") -> None:
     """Validate a merged dataclass tree once, each section by its own ``validate(prefix)``, so a
     later layer can fix what an earlier one set."""
@@ -193,9 +183,32 @@ def read_yaml_mapping(p: Path) -> dict:
     return data
 
 
+def flag(
+    default: Any, *, help: str, name: str | None = None, old: str | None = None, none: bool = False
+) -> Any:
+    """A config field a command may expose as ``--<name>`` (default: the field's name, dashed), with
+    ``help`` (the command line adds the dotted key); ``old``: the earlier plural name of its
+    repeated form (``run --seeds``); ``none``: the string ``none`` is a value (``NONE_IS_A_VALUE``)."""
+    meta = {"help": help, "flag": name, "old": old, **(NONE_IS_A_VALUE if none else {})}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """``{"distill.optim.lr": 0.01}`` -> ``{"distill": {"optim": {"lr": 0.01}}}``: the one helper
+    from dotted keys to config layers (``--set``, the command line's flags)."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
 def parse_overrides(items: list[str]) -> dict:
     """``["distill.optim.lr=0.01", "seed=2"]`` → nested dict (values parsed as YAML scalars)."""
-    out: dict = {}
+    flat: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: must look like section.key=value")
@@ -207,9 +220,5 @@ def parse_overrides(items: list[str]) -> dict:
             where = f" at column {mark.column + 1}" if mark is not None else ""
             why = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({why}{where})") from None
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
+        flat[key.strip()] = value
+    return nest(flat)

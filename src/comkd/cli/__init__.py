@@ -1,7 +1,8 @@
 """The ``comkd`` command line (typer). Every command takes ``--config`` (a YAML file or preset
 name) and ``--set section.key=value``; named flags override both.
 
-``options`` defines every option once; ``common`` holds the app and what every command shares;
+``options`` builds every command's options (a config key's flag from its field, the shared ones
+once); ``common`` holds the app and what every command shares;
 ``train`` and ``deploy`` register the commands (in the order ``comkd --help`` lists them)."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .common import (
     setup_logging,
     shape_errors,
 )
-from .options import QuietOpt, VerboseOpt, _overrides  # noqa: F401  (tests read the flag table)
+from .options import QuietOpt, VerboseOpt
 
 __all__ = [
     "QuietOpt",

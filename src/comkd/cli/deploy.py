@@ -12,22 +12,13 @@ import typer
 from ..config import list_presets
 from . import train  # noqa: F401  (the training commands register first: comkd --help lists them first)
 from .common import (
-    _cfg,
     _check_out_file,
     _print_json,
     _run,
-    _setup_logging,
     _usage_error,
     app,
 )
-from .options import (
-    ConfigOpt,
-    DeviceOpt,
-    QuietOpt,
-    SetOpt,
-    VerboseOpt,
-    _overrides,
-)
+from .options import Call, StudentFileArg, command
 
 
 def _benchmarks() -> None:
@@ -48,7 +39,9 @@ def _benchmarks() -> None:
 
 
 @app.command()
+@command("device", options=("threads",), build=False)
 def bench(
+    call: Call,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -59,8 +52,6 @@ def bench(
         ),
     ] = None,
     quick: Annotated[bool, typer.Option(help="A < 1 minute smoke run.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
     shards: Annotated[str | None, typer.Option(help="WebDataset shards for the data-path figures.")] = None,
     only: Annotated[
         str | None,
@@ -84,11 +75,9 @@ def bench(
         float | None,
         typer.Option(help="GPU check: skip the compiled measurements left once one compilation took longer."),
     ] = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
 ) -> None:
     """Speed and memory benchmarks (JSON with machine and versions)."""
-    _setup_logging(verbose, quiet)
+    device, threads = call.flags.get("device", "auto"), call.threads
     _benchmarks()
     from benchmarks.run import check_request
 
@@ -133,9 +122,9 @@ def bench(
 
 
 @app.command()
-def presets(quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+@command(options=(), build=False)
+def presets(call: Call) -> None:
     """List the built-in config presets."""
-    _setup_logging(verbose, quiet)
     presets_ = list_presets()
     width = max(map(len, presets_))
     for name, what in presets_.items():
@@ -144,7 +133,9 @@ def presets(quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
 
 # -- using the student --------------------------------------------------------------------------
 @app.command("predict")
+@command("device", options=(), build=False)
 def predict_cmd(
+    call: Call,
     student_file: Annotated[
         Path, typer.Argument(help="student.safetensors, its .onnx export, or hf-hub:ORG/NAME.")
     ],
@@ -158,14 +149,11 @@ def predict_cmd(
     top_k: Annotated[int, typer.Option("--top-k", help="Classes per image.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     runtime: Annotated[str, typer.Option(help="auto | torch | onnx (auto: by the file's suffix).")] = "auto",
-    device: Annotated[str, typer.Option(help="torch runtime: auto, cpu, cuda, ...")] = "auto",
     progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
     skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images instead of stopping.")] = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
 ) -> None:
     """Top-k class names and probabilities for images, one row per image (CSV or JSON lines)."""
-    _setup_logging(verbose, quiet)
+    device = call.flags.get("device", "auto")
     _check_out_file(out)
     from ..data.unlabelled import collect_images
     from ..deploy.predict import load_predictor, predict_files
@@ -188,10 +176,10 @@ def predict_cmd(
 
 
 @app.command("export")
+@command(options=(), build=False)
 def export_cmd(
-    student_file: Annotated[
-        Path, typer.Argument(help="student.safetensors from distill, or hf-hub:ORG/NAME.")
-    ],
+    call: Call,
+    student_file: StudentFileArg,
     fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="File to write (default: next to the student).")
@@ -204,12 +192,9 @@ def export_cmd(
         str | None, typer.Option(help="int8: also write an int8 ONNX (dynamic quantisation).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per check batch.")] = 64,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
 ) -> None:
     """A deployable student (dynamic batch, preprocessing in the file's metadata), checked against
     PyTorch on real images: top-1 agreement and max |Δ logit|."""
-    _setup_logging(verbose, quiet)
     _check_out_file(out)  # before the export's work
     from ..data.unlabelled import collect_images
     from ..deploy.export import export_student
@@ -229,55 +214,36 @@ def export_cmd(
 
 
 @app.command("classes")
+@command("teacher.model", "teacher.pretrained", "teacher.prompts", "device", options=("config", "sets"))
 def classes_cmd(
-    student_file: Annotated[
-        Path, typer.Argument(help="student.safetensors from distill, or hf-hub:ORG/NAME.")
-    ],
+    call: Call,
+    student_file: StudentFileArg,
     names: Annotated[Path, typer.Option("--names", help="New class names, one a line.")],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="New student file (default: next to it).")
     ] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    teacher: Annotated[str | None, typer.Option(help="The teacher it was distilled from.")] = None,
-    teacher_pretrained: Annotated[str | None, typer.Option(help="That teacher's weights.")] = None,
-    teacher_prompts: Annotated[
-        str | None, typer.Option(help="That teacher's prompts (train-teacher).")
-    ] = None,
-    device: DeviceOpt = None,
     force: Annotated[
         bool, typer.Option(help="Skip the check that the teacher is the student's own.")
     ] = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
 ) -> None:
     """New class names: W recomputed by the teacher's text tower and prompts, in a new student file.
     Without --config or --teacher the teacher is rebuilt from what the student file records; a
     teacher other than the recorded one is refused, naming the digest that differs."""
-    _setup_logging(verbose, quiet)
     _check_out_file(out)
-    cfg = _cfg(
-        config,
-        sets,
-        _overrides(
-            teacher=teacher,
-            teacher_pretrained=teacher_pretrained,
-            teacher_prompts=teacher_prompts,
-            device=device,
-        ),
-        None,
-    )
+    cfg = call.cfg
     from ..deploy.classes import recompute_classes
 
     # no --config and no --teacher: the teacher the student file records
-    from_record = config is None and teacher is None
+    from_record = call.config is None and "teacher.model" not in call.flags
     _print_json(
         _run(lambda: recompute_classes(cfg, student_file, names, out, force=force, from_record=from_record))
     )
 
 
 @app.command("push")
+@command(options=(), build=False)
 def push_cmd(
+    call: Call,
     student_file: Annotated[Path, typer.Argument(help="student.safetensors from distill.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repository ORG/NAME (created if missing).")],
     onnx: Annotated[
@@ -295,12 +261,9 @@ def push_cmd(
         Path | None,
         typer.Option("--dry-run", help="Write the folder that would be uploaded here; upload nothing."),
     ] = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
 ) -> None:
     """Publish a student on the Hugging Face Hub: the student file, its ONNX export and a model card
     (scores from results.json, the teacher, the recipe); load it with hf-hub:ORG/NAME."""
-    _setup_logging(verbose, quiet)
     from ..deploy.hub import push_student
 
     _print_json(

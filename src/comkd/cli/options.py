@@ -1,157 +1,201 @@
-"""Every option of the command line, defined once (name, type, help text) and shared by the
-commands that take it, and the table from named flags to the config keys they set."""
+"""Every option of the command line, defined once. A config field that a command may set carries its
+flag's name and help (``config_io.flag``); a command names the dotted keys it exposes and
+``command`` builds their options from those fields (as Hugging Face's ``HfArgumentParser`` builds
+flags from dataclass fields), together with the options every command shares (``SHARED``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 
-from ..methods import RECIPE_HELP
+from ..config import RunConfig
+from ..config_io import nest
+from .common import _cfg, _out_dir, _plural_alias, _set_threads, _setup_logging
 
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
+
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file or preset name.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")]
-OutOpt = Annotated[
-    Path | None, typer.Option("--out-dir", help="Folder to write the run into (default: output_dir).")
-]
-# ``--out`` names a file everywhere (predict, export, classes, bench); on the folder commands it was the
-# folder's old name, still taken for now with a warning
-OldOutOpt = Annotated[Path | None, typer.Option("--out", hidden=True, help="Old name of --out-dir.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")]
-OverwriteOpt = Annotated[
-    bool,
-    typer.Option("--overwrite", help="Replace the results of a finished run in --out-dir (else refused)."),
-]
-RecipeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--recipe",
-        help="Stage-2 reading, every switch at once. "
-        + "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items())
-        + ". Explicit --set keys still win.",
-    ),
-]
-
-
-# one help text per option, shared by every command that has it
-DeviceOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Device: auto (default: cuda if available, else mps, else cpu), cpu, cuda, cuda:N, mps."
-    ),
-]
-RootOpt = Annotated[
-    Path | None,
-    typer.Option(
-        help="Dataset root: a CoOp dataset folder, an image folder, a CSV file or WebDataset shards (data.root)."
-    ),
-]
-SplitFileOpt = Annotated[
-    Path | None,
-    typer.Option(help="CoOp split_zhou_*.json file (data.split_file; default: the dataset's own)."),
-]
-SeedOpt = Annotated[int | None, typer.Option(help="Run seed (data order, few-shot draw, views).")]
-DatasetOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Dataset name (data.dataset): a CoOp dataset, imagefolder, csv, unlabelled, wds or digits."
-    ),
-]
-TeacherPretrainedOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Teacher weights: an open_clip tag, a local file, or none (random); an hf-hub:ORG/NAME "
-        "model names its own (give it as --teacher)."
-    ),
-]
-TeacherOpt = Annotated[
-    str | None, typer.Option(help="Teacher open_clip model (e.g. ViT-L-14, comkd-tiny-teacher).")
-]
-LrOpt = Annotated[float | None, typer.Option(help="This stage's learning rate (<stage>.optim.lr).")]
-EpochsOpt = Annotated[int | None, typer.Option(help="This stage's epochs (<stage>.optim.epochs).")]
-BatchSizeOpt = Annotated[
-    int | None,
-    typer.Option(
-        help="This stage's batch size (<stage>.optim.batch_size): images a step over all processes; "
-        "per process with --set <stage>.optim.batch_per=rank (lr rule: <stage>.optim.lr_scaling)."
-    ),
-]
-StudentOpt = Annotated[
-    str | None, typer.Option(help="Student open_clip model (e.g. ViT-B-16, comkd-tiny-student) or timm:NAME.")
-]
-TemperatureOpt = Annotated[float | None, typer.Option(help="KD softmax temperature (distill.temperature).")]
-TeacherPromptsOpt = Annotated[
-    str | None, typer.Option(help="Teacher prompts file from train-teacher (teacher.prompts).")
-]
-StudentPretrainedOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Student weights: an open_clip tag, a local file, or none (random); an hf-hub:ORG/NAME "
-        "model names its own (give it as --student)."
-    ),
-]
-ProtocolOpt = Annotated[
-    str | None, typer.Option(help="base2novel | cross | dg | full (how the student is scored).")
-]
-NumShotsOpt = Annotated[
-    int | None, typer.Option(help="Labelled images per class for the teacher's prompts (data.num_shots).")
-]
-KdWeightOpt = Annotated[
-    float | None,
-    typer.Option(help="Weight of the KD term (distill.kd_weight; default: the paper's per-dataset value)."),
-]
-AlignWeightOpt = Annotated[float | None, typer.Option(help="Weight of IFAlign (distill.align_weight).")]
-
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option(
-        help="CPU threads for torch (default: torch's, one per core); on a busy machine fewer run "
-        "faster (two 2-thread jobs on 2 cores ran the demo ~10x slower)."
-    ),
-]
+StudentFileArg = Annotated[Path, typer.Argument(help="student.safetensors from distill, or hf-hub:ORG/NAME.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no warnings, no progress bars.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also log each step's information.")]
 
+#: the options that are no config key, by parameter name: (annotation, default); a command takes
+#: those it names (``-q``/``-v``: every command)
+SHARED: dict[str, tuple[Any, Any]] = {
+    "config": (ConfigOpt, None),
+    "sets": (SetOpt, None),
+    "out": (
+        Annotated[
+            Path | None, typer.Option("--out-dir", help="Folder to write the run into (default: output_dir).")
+        ],
+        None,
+    ),
+    # ``--out`` names a file everywhere (predict, export, classes, bench); on the folder commands it
+    # was the folder's old name, still taken with a note
+    "old_out": (
+        Annotated[Path | None, typer.Option("--out", hidden=True, help="Old name of --out-dir.")],
+        None,
+    ),
+    "resume": (
+        Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")],
+        False,
+    ),
+    "overwrite": (
+        Annotated[
+            bool,
+            typer.Option(
+                "--overwrite", help="Replace the results of a finished run in --out-dir (else refused)."
+            ),
+        ],
+        False,
+    ),
+    "threads": (
+        Annotated[
+            int | None,
+            typer.Option(
+                help="CPU threads for torch (default: torch's, one per core); on a busy machine fewer run "
+                "faster (two 2-thread jobs on 2 cores ran the demo ~10x slower)."
+            ),
+        ],
+        None,
+    ),
+    "quiet": (QuietOpt, False),
+    "verbose": (VerboseOpt, False),
+}
+RUN_OPTIONS = ("config", "sets", "out", "old_out", "resume", "overwrite", "threads")
 
-def _overrides(**flags) -> dict:
-    """Map named flags (only those given) to nested config keys."""
-    paths = {
-        "seed": "seed",
-        "device": "device",
-        "dataset": "data.dataset",
-        "root": "data.root",
-        "split_file": "data.split_file",
-        "image_size": "data.image_size",
-        "num_shots": "data.num_shots",
-        "teacher": "teacher.model",
-        "teacher_pretrained": "teacher.pretrained",
-        "teacher_prompts": "teacher.prompts",
-        "student": "student.model",
-        "student_pretrained": "student.pretrained",
-        "method": "distill.method",
-        "recipe": "distill.recipe",
-        "kd_weight": "distill.kd_weight",
-        "align_weight": "distill.align_weight",
-        "temperature": "distill.temperature",
-        "teacher_cache": "distill.teacher_cache",
-        "select": "distill.select",
-        "protocol": "protocol",
-        "num_workers": "data.num_workers",
-    }
-    out: dict = {}
-    for name, value in flags.items():
-        if value is None:
-            continue
-        node = out
-        *parents, leaf = paths[name].split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = str(value) if isinstance(value, Path) else value
+
+@dataclass
+class Call:
+    """What a command built by ``command`` receives besides its own options: the config it runs with
+    (None for a command that builds none), the config-field flags given (dotted key -> value), the
+    repeated ones (``run``: dotted key -> values) and the shared options."""
+
+    cfg: RunConfig | None
+    flags: dict[str, Any]
+    lists: dict[str, list]
+    out: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    config: str | None = None
+    threads: int | None = None
+
+
+def _field(key: str) -> tuple[dataclasses.Field, Any]:
+    """The config field of a dotted key (``distill.optim.lr``) and its type."""
+    cls: Any = RunConfig
+    *sections, leaf = key.split(".")
+    for name in sections:
+        cls = typing.get_type_hints(cls)[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return fields[leaf], typing.get_type_hints(cls)[leaf]
+
+
+def _scalar(tp: Any) -> type:
+    """The command-line type of a config field's type: ``X | None`` -> X; a ``Literal`` -> str (its
+    values are checked with the config's, in one place)."""
+    args = (
+        [a for a in get_args(tp) if a is not type(None)]
+        if get_origin(tp) in (typing.Union, type(int | None))
+        else []
+    )
+    tp = args[0] if len(args) == 1 else tp
+    return str if get_origin(tp) is Literal else tp
+
+
+def _flag_params(key: str, repeated: bool) -> list[inspect.Parameter]:
+    """The option(s) of config key ``key``: its field's flag (``--teacher`` for ``teacher.model``),
+    with the field's help and the key; repeated: a list, and the field's old plural, hidden."""
+    f, tp = _field(key)
+    if "help" not in f.metadata:
+        raise AssertionError(f"config field {key} carries no flag (config_io.flag)")
+    name = (f.metadata.get("flag") or f.name).replace("_", "-")
+    tp = _scalar(tp)
+    help = f"{f.metadata['help']} ({key})" + ("; repeat the flag." if repeated else ".")
+    kind = list[tp] if repeated else tp  # type: ignore[valid-type]
+    out = [_param(name, Annotated[kind | None, typer.Option(f"--{name}", help=help)])]
+    if repeated and f.metadata.get("old"):
+        old = f.metadata["old"]
+        out.append(
+            _param(
+                old,
+                Annotated[kind | None, typer.Option(f"--{old}", hidden=True, help=f"Old name of --{name}.")],
+            )
+        )
     return out
 
 
-def _stage_optim(section: str, epochs: int | None, lr: float | None, batch_size: int | None) -> dict:
-    o = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
-    return {section: {"optim": o}} if o else {}
+def _param(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+    return inspect.Parameter(
+        name.replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+    )
+
+
+def command(
+    *keys: str,
+    repeated: tuple[str, ...] = (),
+    options: tuple[str, ...] = RUN_OPTIONS,
+    stages: tuple[str, ...] = (),
+    default_config: str | None = None,
+    build: bool = True,
+):
+    """Decorate a command ``fn(call: Call, **its own options)``: it also takes the flags of the
+    config ``keys`` (each from its field), the ``repeated`` keys as lists, the ``options`` of
+    ``SHARED`` and ``-q``/``-v``. Before ``fn`` runs: threads, logging, ``--out-dir`` (or its old
+    ``--out``) and, with ``build``, the config (``--config`` or ``default_config`` < flags <
+    ``--set``; ``stages``: those whose batches must split over torchrun's processes)."""
+    shared = (*options, "quiet", "verbose")
+
+    def deco(fn):
+        hints = typing.get_type_hints(fn, include_extras=True)
+        own = [
+            p.replace(annotation=hints[p.name], kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in list(inspect.signature(fn).parameters.values())[1:]
+        ]
+        made = {key: _flag_params(key, False) for key in keys}
+        lists = {key: _flag_params(key, True) for key in repeated}
+        front = [_param(n, *SHARED[n]) for n in options if n != "threads"]
+        back = [_param(n, *SHARED[n]) for n in shared if n in ("threads", "quiet", "verbose")]
+        params = front + own + [p for ps in (*made.values(), *lists.values()) for p in ps] + back
+
+        @functools.wraps(fn)
+        def wrapper(**kw: Any) -> Any:
+            got = {n: kw.pop(n) for n in shared}
+            _set_threads(got.get("threads"))
+            _setup_logging(got["verbose"], got["quiet"])
+            out = _out_dir(got.get("out"), got.get("old_out"))
+            flags = {key: v for key, (p, *_) in made.items() if (v := kw.pop(p.name)) is not None}
+            many = {}
+            for key, (p, *old) in lists.items():
+                given, was = kw.pop(p.name), kw.pop(old[0].name) if old else None
+                many[key] = _plural_alias(f"--{p.name.replace('_', '-')}", given, was) or []
+            cfg = None
+            if build:
+                cfg = _cfg(
+                    got.get("config") or default_config, got.get("sets"), nest(flags), out, stages=stages
+                )
+            call = Call(
+                cfg,
+                flags,
+                many,
+                out,
+                resume=got.get("resume", False),
+                overwrite=got.get("overwrite", False),
+                config=got.get("config"),
+                threads=got.get("threads"),
+            )
+            return fn(call, **kw)
+
+        wrapper.__signature__ = inspect.Signature(params)  # what typer reads
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return deco

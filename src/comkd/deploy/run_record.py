@@ -239,11 +239,15 @@ def _belongs(run: dict, student_dir: Path, run_dir: Path) -> bool:
     """Whether the run-level results.json of ``run_dir`` lists the student of ``student_dir``:
     ``OUT/<method>/`` of a full run, ``OUT/<dataset>/seed<k>/<method>/`` of a protocol run."""
     method = student_dir.name
-    if isinstance(run.get("methods"), dict):
+    if isinstance(run.get("methods"), dict):  # a full run's results.json before the one schema
         return student_dir.parent == run_dir and method in run["methods"]
-    table, seeds = run.get("datasets"), run.get("seeds")
+    table, seeds = run.get("details") or run.get("datasets"), run.get("seeds")
     if not isinstance(table, dict) or not isinstance(seeds, list):
         return False
+    if run.get("protocol") == "full":  # OUT/<method>/: one dataset, one seed
+        return student_dir.parent == run_dir and any(
+            isinstance(t, dict) and method in t for t in table.values()
+        )
     ds, seed_dir = student_dir.parent.parent.name, student_dir.parent.name
     return (
         student_dir.parent.parent.parent == run_dir

@@ -16,10 +16,12 @@ from ..data import DataError, WdsImageDataset, build_dataset, build_transform
 from ..data.dataset import ImageDataset
 from ..methods import get_method
 from ..models import (
+    LoadedModel,
     PreprocessSpec,
     Student,
     StudentArch,
     Teacher,
+    load_clip,
 )
 from ..models.teacher import TeacherArch
 from .utils import RankShare, world_size
@@ -53,6 +55,15 @@ def build_teacher(cfg: RunConfig, device: torch.device, prompts: str | None = No
         cfg.teacher.pretrained,
         prompts=prompts if prompts is not None else cfg.teacher.prompts,
         device=device,
+    )
+
+
+def load_role_clip(cfg: RunConfig, role: str, device: torch.device) -> LoadedModel:
+    """The plain open_clip model of the ``teacher`` or ``student`` section (its weights, the data's
+    image size), as stage 0 trains it and the zero-shot baselines score it."""
+    m = cfg.teacher if role == "teacher" else cfg.student
+    return load_clip(
+        m.model, m.pretrained, image_size=cfg.data.image_size, quick_gelu=m.quick_gelu or None, device=device
     )
 
 

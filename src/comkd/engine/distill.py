@@ -41,6 +41,7 @@ from .utils import (
     barrier,
     is_main,
     rank,
+    read_metrics,
     world_size,
 )
 
@@ -112,7 +113,13 @@ def run_distill(
         kd_reduction=d.kd_reduction,
     )
     fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
-    step0 = _start_student(student, ds, sides[0].outputs, cfg, device, step0_fn) if fresh else None
+    if fresh:
+        step0 = _start_student(student, ds, sides[0].outputs, cfg, device, step0_fn)
+        if step0 is not None:  # kept for a resumed run, which does not score its start again
+            metrics.log({"type": "step0", "stage": "distill", **step0})
+    else:
+        step0 = next((r for r in reversed(read_metrics(metrics.path)) if r.get("type") == "step0"), None)
+        step0 = {k: v for k, v in step0.items() if k not in ("type", "stage")} if step0 else None
     task = _task_maker(d.method)(
         student,
         sides,

@@ -15,10 +15,9 @@ from ..models import (
     PreprocessSpec,
     Student,
     Teacher,
-    load_clip,
 )
 from ..stats import harmonic_mean
-from .builders import eval_loader, loader_options, make_dataset
+from .builders import eval_loader, load_role_clip, loader_options, make_dataset
 from .tasks import (
     accuracy,
     predict,
@@ -104,29 +103,34 @@ def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float
     return accuracy(preds, labels)
 
 
-def _evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn) -> dict[str, Any]:
-    """``results.json`` of one model: base/novel/HM for ``protocol: base2novel`` (each half
-    relabelled from 0, logits sliced from W), else accuracy on all classes. ``acc_fn(ds)`` scores
-    one dataset."""
+def _evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn, halves: bool) -> dict[str, Any]:
+    """``results.json`` of one model: with ``halves`` base/novel/HM (each half relabelled from 0,
+    logits sliced from W; the base-to-novel protocol), else accuracy on all classes. ``acc_fn(ds)``
+    scores one dataset."""
 
     def part(subsample: str) -> dict:
         ds = make_dataset(cfg, split, spec, train=False, subsample=subsample)
         return {"acc": acc_fn(ds), "classes": len(ds.classnames), "images": len(ds)}
 
-    res: dict[str, Any] = {"protocol": cfg.protocol, "dataset": cfg.data.dataset}
-    if cfg.protocol == "base2novel":
+    res: dict[str, Any] = {"dataset": cfg.data.dataset}
+    if halves:
         res.update(base=part("base"), novel=part("novel"))
         res["hm"] = harmonic_mean(res["base"]["acc"], res["novel"]["acc"])
         return res
     return {**res, **part("all")}
 
 
-def evaluate_student(cfg: RunConfig, student: Student, split: str = "test") -> dict[str, Any]:
-    """The distilled student (its stored W; no teacher, no text encoder)."""
-    return _evaluate(cfg, student.preprocess, split, lambda ds: evaluate_subset(student, ds, cfg))
+def evaluate_student(
+    cfg: RunConfig, student: Student, split: str = "test", halves: bool = False
+) -> dict[str, Any]:
+    """The distilled student (its stored W; no teacher, no text encoder); ``halves``: base, novel
+    and their HM, else all classes."""
+    return _evaluate(cfg, student.preprocess, split, lambda ds: evaluate_subset(student, ds, cfg), halves)
 
 
-def evaluate_teacher(cfg: RunConfig, teacher: Teacher, split: str = "test") -> dict[str, Any]:
+def evaluate_teacher(
+    cfg: RunConfig, teacher: Teacher, split: str = "test", halves: bool = False
+) -> dict[str, Any]:
     """The prompted teacher, split as ``evaluate_student`` does."""
     device = next(teacher.parameters()).device
     teacher.eval()
@@ -138,20 +142,15 @@ def evaluate_teacher(cfg: RunConfig, teacher: Teacher, split: str = "test") -> d
         )
         return accuracy(preds, labels)
 
-    return _evaluate(cfg, teacher.preprocess, split, acc)
+    return _evaluate(cfg, teacher.preprocess, split, acc, halves)
 
 
-def evaluate_clip_zero_shot(cfg: RunConfig, role: str, split: str = "test") -> dict[str, Any]:
+def evaluate_clip_zero_shot(
+    cfg: RunConfig, role: str, split: str = "test", halves: bool = False
+) -> dict[str, Any]:
     """Zero-shot accuracy of the plain (undistilled) CLIP of ``role`` with its own text tower."""
-    mcfg = cfg.teacher if role == "teacher" else cfg.student
     device = resolve_device(cfg.device)
-    loaded = load_clip(
-        mcfg.model,
-        mcfg.pretrained,
-        image_size=cfg.data.image_size,
-        quick_gelu=mcfg.quick_gelu or None,
-        device=device,
-    )
+    loaded = load_role_clip(cfg, role, device)
     return _evaluate(
         cfg,
         loaded.preprocess,
@@ -159,4 +158,5 @@ def evaluate_clip_zero_shot(cfg: RunConfig, role: str, split: str = "test") -> d
         lambda ds: clip_zero_shot(
             loaded.model, loaded.tokenizer, ds, ds.templates, eval_loader(cfg, ds, device), device
         ),
+        halves,
     )

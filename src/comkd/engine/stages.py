@@ -32,6 +32,7 @@ from .builders import (
     make_dataset,
 )
 from .evaluation import clip_zero_shot, pretrain_eval_split
+from .lit import fit_ridge, lock_towers, set_logit_scale
 from .loop import fit
 from .self_training import self_train
 from .tasks import (
@@ -206,7 +207,9 @@ def run_pretrain(
     resume: bool = False,
     pool: RunConfig | None = None,
 ) -> dict[str, Any]:
-    """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split.
+    """Stage 0: contrastively train the teacher and/or student CLIP on the labelled pretrain split
+    (``pretrain.lock``: with towers frozen, LiT; ``pretrain.fit: ridge``: the image projection in
+    closed form, ``comkd.engine.lit``).
     Writes ``teacher_clip.safetensors`` / ``student_clip.safetensors`` and their zero-shot
     accuracy on ``pretrain_eval_split(cfg)``. With ``pretrain.self_train_rounds`` and ``pool`` (a
     config whose ``train`` split is unlabelled images of the same classes) the teacher then
@@ -232,21 +235,43 @@ def run_pretrain(
             cfg.pretrain.teacher_split if role == "teacher" else cfg.pretrain.student_split
         ) or cfg.pretrain.split
         shots = cfg.pretrain.teacher_shots if role == "teacher" else cfg.pretrain.student_shots
-        ds = make_dataset(
-            cfg, split, loaded.preprocess, train=True, augment=cfg.pretrain.augment, shots=shots
-        )
-        lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
-        task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr)
-        task.name = f"pretrain_{role}"
-        seed_everything(cfg.seed)
-        epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
-        optim = dataclasses.replace(cfg.pretrain.optim, epochs=epochs) if epochs else cfg.pretrain.optim
-        fit(task, ds, optim, **fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub})
+        name = f"pretrain_{role}"
+        frozen = lock_towers(loaded.model, cfg.pretrain.lock)
+        if cfg.pretrain.fit == "ridge":  # closed form: no steps, no checkpoint
+            ds = make_dataset(cfg, split, loaded.preprocess, train=False, shots=shots)
+            fitted = fit_ridge(
+                loaded.model,
+                loaded.tokenizer,
+                ds,
+                cfg.pretrain.ridge_lambda,
+                device,
+                cfg.data.eval_batch_size,
+            )
+            metrics.log({"stage": name, "type": "ridge", "lambda": cfg.pretrain.ridge_lambda, **fitted})
+        else:
+            ds = make_dataset(
+                cfg, split, loaded.preprocess, train=True, augment=cfg.pretrain.augment, shots=shots
+            )
+            lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
+            task = PretrainTask(
+                loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr, frozen=frozen
+            )
+            task.name = name
+            seed_everything(cfg.seed)
+            epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
+            optim = dataclasses.replace(cfg.pretrain.optim, epochs=epochs) if epochs else cfg.pretrain.optim
+            fit(task, ds, optim, **fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub})
+        if cfg.pretrain.logit_scale is not None:
+            set_logit_scale(loaded.model, cfg.pretrain.logit_scale)
         rounds: list[dict] = []
         if role == "teacher" and cfg.pretrain.self_train_rounds and pool is not None:
 
-            def train_round(rds, r: int, epochs: int, loaded=loaded, lr=lr, sub=sub, optim=optim) -> None:
-                rtask = PretrainTask(loaded.model, loaded.tokenizer, rds.classnames, rds.templates, lr=lr)
+            def train_round(
+                rds, r: int, epochs: int, loaded=loaded, lr=lr, sub=sub, optim=optim, frozen=frozen
+            ) -> None:
+                rtask = PretrainTask(
+                    loaded.model, loaded.tokenizer, rds.classnames, rds.templates, lr=lr, frozen=frozen
+                )
                 rtask.name = f"pretrain_teacher_self_train_{r}"
                 seed_everything(cfg.seed + r)
                 kw = fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub / f"self_train_{r}"}
@@ -270,7 +295,7 @@ def run_pretrain(
         }
         if rounds:
             results[role]["self_training"] = rounds
-        metrics.log({"stage": task.name, "type": "eval", "split": eval_split, "acc": acc})
+        metrics.log({"stage": name, "type": "eval", "split": eval_split, "acc": acc})
         log.info("pretrain %s: zero-shot %s acc %.2f%%", role, eval_split, acc)
     if is_main():
         write_json(out / "results.json", {"stage": "pretrain", **results})

@@ -105,10 +105,16 @@ class PretrainTask(TaskBase):
     name = "pretrain"
 
     def __init__(
-        self, clip: nn.Module, tokenizer, classnames: list[str], templates: list[str], lr: float | None = None
+        self,
+        clip: nn.Module,
+        tokenizer,
+        classnames: list[str],
+        templates: list[str],
+        lr: float | None = None,
+        frozen: list[nn.Module] | tuple = (),
     ):
         super().__init__()
-        self.clip, self.lr = clip, lr
+        self.clip, self.lr, self.frozen = clip, lr, list(frozen)  # frozen: locked towers, kept in eval mode
         self.tokens = torch.stack(
             [tokenizer([t.format(c) for c in classnames]) for t in templates]
         )  # [T, N, L]
@@ -132,6 +138,8 @@ class PretrainTask(TaskBase):
     def step(self, batch, epoch: int) -> dict[str, torch.Tensor]:
         images, labels, _ = batch
         clip = self._m("clip", self.clip)
+        for m in self.frozen:
+            m.eval()
         t = torch.randint(len(self.tokens), (self.tokens.shape[1],), generator=self.gen)
         tokens = self.tokens[t, torch.arange(self.tokens.shape[1])].to(images.device)
         img, txt, scale = clip(images, tokens)[:3]

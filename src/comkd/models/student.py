@@ -70,6 +70,12 @@ class StudentArch:
     needed after a warm start). ``edu_mode``: EduAttention's ``paper`` or ``cosine`` reading.
     ``scope``: ``prompts`` (the paper: the tower is frozen) or ``full`` (the tower trains too).
     ``image_size`` None: the model's own; ``quick_gelu`` None/False: as the model name says.
+
+    A CNN tower (an open_clip ResNet, or ``timm:<name>`` such as ``timm:tf_efficientnet_lite0``
+    with ``pretrained: imagenet``) takes no visual prompts (deep prompts are tokens of a ViT):
+    with ``scope: prompts`` only the projector and EduAttention (with α) train, the tower frozen;
+    with ``scope: full`` every tower weight trains too (at ``distill.tower_lr_scale``). Its
+    batch-norm statistics stay frozen either way (the tower runs in eval mode).
     """
 
     model: str
@@ -122,8 +128,8 @@ class Student(nn.Module):
         else:
             if vision_tokens and vision_depth:
                 raise ModelError(
-                    f"student '{loaded.name}' is not a ViT ({type(tower).__name__}): deep visual prompts are "
-                    "not available; set vision_tokens=0"
+                    f"student.vision_depth={vision_depth}: student '{loaded.name}' is a CNN "
+                    f"({type(tower).__name__}), deep visual prompts need a ViT; set it to 0 or leave it unset"
                 )
             self.visual = tower
             out_dim = int(getattr(tower, "output_dim", 0) or getattr(tower, "num_features", 0))
@@ -139,7 +145,7 @@ class Student(nn.Module):
         if logit_scale is None:
             if loaded.is_timm:
                 raise ModelError(
-                    "a timm student has no CLIP logit scale; pass logit_scale (e.g. the teacher's)"
+                    "a timm student has no CLIP logit scale: set student.logit_scale (e.g. the teacher's)"
                 )
             logit_scale = float(loaded.model.logit_scale.detach().exp().reshape(()))
         self.edu_attention = (
@@ -181,6 +187,11 @@ class Student(nn.Module):
         """Load ``arch.model``'s tower (``pretrained``: open_clip tag, weight file, ``none`` or None)
         and build the student on ``device``. A non-ViT tower with ``vision_depth`` None takes no
         prompts. ``logit_scale``: s; default the student CLIP's own exp(log-scale) (PromptKD's)."""
+        if arch.model.startswith("real:"):  # before its text tower is loaded for nothing
+            raise ModelError(
+                f"student.model {arch.model!r}: a student is an image tower alone; give it as "
+                "'timm:<tower>' (student.pretrained: imagenet reads the same packaged weights)"
+            )
         loaded = load_clip(
             arch.model,
             pretrained,

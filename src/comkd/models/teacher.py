@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from open_clip.hf_model import HFTextEncoder
 from torch import nn
 
 from .backbones import LoadedModel, ModelError, load_clip, weights_version
-from .prompts import PromptedTextEncoder, PromptedVisionTower
+from .prompts import PromptedHFTextEncoder, PromptedTextEncoder, PromptedVisionTower
 
 
 def _default_depth(requested: int | None, layers: int, n: int) -> int:
@@ -30,11 +31,13 @@ class TeacherArch:
     """What a teacher is: every option that shapes its modules, in one object (as open_clip's
     ``vision_cfg``).
 
-    ``model``: open_clip name, tiny config (``comkd-tiny-teacher``), config .json or ``hf-hub:``
-    id. ``text_ctx``, ``text_depth``, ``ctx_init``: learnable text context tokens, deep text prompt
-    depth (None: min(9, layers)) and the phrase that initialises the context. ``vision_tokens``,
-    ``vision_depth``: deep visual prompts (None: depth min(9, layers)). ``image_size`` None: the
-    model's own; ``quick_gelu`` None/False: as the model name says.
+    ``model``: open_clip name, tiny config (``comkd-tiny-teacher``), config .json, ``hf-hub:`` id
+    or ``real:`` towers. ``text_ctx``, ``text_depth``, ``ctx_init``: learnable text context tokens,
+    deep text prompt depth (None: min(9, layers); 1 for a Hugging Face text tower, which takes no
+    deep prompts) and the phrase that initialises the context. ``vision_tokens``, ``vision_depth``:
+    deep visual prompts (None: depth min(9, layers) on a ViT, none on a CNN tower, which refuses a
+    depth above 0). ``image_size`` None: the model's own; ``quick_gelu`` None/False: as the model
+    name says.
     """
 
     model: str
@@ -71,17 +74,19 @@ class Teacher(nn.Module):
         vlayers = (
             len(self.clip.visual.transformer.resblocks) if hasattr(self.clip.visual, "transformer") else 0
         )
-        tower = self.clip.text if hasattr(self.clip, "text") else self.clip
-        tlayers = len(tower.transformer.resblocks)
-        if vlayers or vision_tokens:
+        if vlayers or (vision_tokens and vision_depth):  # a CNN tower asked for prompts: refused there
             self.visual = PromptedVisionTower(
                 self.clip.visual, vision_tokens, _default_depth(vision_depth, vlayers, vision_tokens)
             )
-        else:  # a non-ViT tower (open_clip ResNet) without visual prompts
+        else:  # a CNN tower (open_clip ResNet, timm) without visual prompts
             self.visual = self.clip.visual
-        self.text = PromptedTextEncoder(
-            self.clip, loaded.tokenizer, text_ctx, _default_depth(text_depth, tlayers, text_ctx), ctx_init
-        )
+        tower = self.clip.text if hasattr(self.clip, "text") else self.clip
+        if isinstance(tower, HFTextEncoder):  # learned context only (no deep prompts)
+            depth = (1 if text_ctx else 0) if text_depth is None else text_depth
+            self.text = PromptedHFTextEncoder(self.clip, loaded.tokenizer, text_ctx, depth, ctx_init)
+        else:
+            depth = _default_depth(text_depth, len(tower.transformer.resblocks), text_ctx)
+            self.text = PromptedTextEncoder(self.clip, loaded.tokenizer, text_ctx, depth, ctx_init)
         self._w_cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
@@ -111,12 +116,18 @@ class Teacher(nn.Module):
     # -- sizes and scales -------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
-        return int(self.clip.visual.output_dim)
+        return int(getattr(self.clip.visual, "output_dim", 0) or self.clip.text.output_dim)  # timm: none
 
     @property
     def logit_scale(self) -> torch.Tensor:
         """s_t = exp(learned log-scale), a detached scalar."""
         return self.clip.logit_scale.detach().exp().reshape(())
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """b_t, the learned logit bias of a SigLIP-style CLIP (a detached scalar); None without one."""
+        b = getattr(self.clip, "logit_bias", None)
+        return None if b is None else b.detach().reshape(())
 
     def prompt_parameters(self) -> list[nn.Parameter]:
         prompts = (
@@ -189,9 +200,12 @@ class Teacher(nn.Module):
         return self._w_cache[1]
 
     def forward(self, images: torch.Tensor, classnames: list[str]) -> torch.Tensor:
-        """Teacher logits q_t = s_t · u_t · Wᵀ, ``[B, N]`` (no gradient)."""
+        """Teacher logits q_t = s_t · u_t · Wᵀ (+ b_t where the CLIP has a logit bias), ``[B, N]``
+        (no gradient). b_t is the same for every class, so softmaxes and argmaxes of q_t (the KD
+        target, the prompt loss, predictions) do not see it; stage 2 reads s_t and W alone."""
         with torch.no_grad():
-            return self.logit_scale * self.encode_image(images) @ self.class_text_features(classnames).t()
+            q = self.logit_scale * self.encode_image(images) @ self.class_text_features(classnames).t()
+            return q if self.logit_bias is None else q + self.logit_bias
 
     def train(self, mode: bool = True) -> Teacher:
         super().train(mode)

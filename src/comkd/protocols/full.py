@@ -20,22 +20,25 @@ Folder layout of a run ``OUT``::
     OUT/pretrain/        stage 0 (``pretrain.enabled``: both CLIPs learn on the labelled ``full.shots``)
     OUT/teacher/         stage 1 (absent when the teacher is zero-shot or its prompts were given)
     OUT/<method>/        stage 2: student.safetensors, metrics.jsonl, results.json
+
+``OwnClasses`` is this protocol in ``run_protocol``'s table (``protocols/runner.py``); ``results.json``
+has every protocol's form (``datasets``: the one dataset, one seed) plus ``classes``,
+``teacher_mode``, ``test`` and, per scored model, accuracy per class and the confusion matrix
+(``details``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from ..config import ConfigError, RunConfig, save_config
-from ..config_rules import check_teacher_classes
+from ..config import ConfigError, RunConfig
 from ..data import DataError, load_splits
 from ..engine.builders import (
     STUDENT_CLIP,
@@ -43,22 +46,20 @@ from ..engine.builders import (
     TEACHER_PROMPTS,
     build_teacher,
     eval_loader,
+    load_role_clip,
     loader_options,
     make_dataset,
 )
 from ..engine.checkpoint import prune_checkpoints
-from ..engine.distill import run_distill
-from ..engine.evaluation import clip_class_weights
-from ..engine.runplan import plan_part, run_plan
-from ..engine.stages import check_resume_run, run_pretrain, run_train_teacher
+from ..engine.evaluation import check_student_classes, clip_class_weights
+from ..engine.lit import ridge_head
+from ..engine.runplan import plan_part
+from ..engine.stages import run_pretrain, run_train_teacher
 from ..engine.tasks import accuracy, predict
-from ..engine.utils import atomic_write_text, resolve_device, write_json
-from ..methods import canonical_methods
-from ..models import load_clip
-from ..models.io import load_student
-from ..runlock import locked_run
+from ..engine.utils import atomic_write_text, resolve_device
+from .protocol import Protocol
 from .report import chance_level, size_line
-from .sanity import announce, banner, chance_warnings, random_tower_warnings
+from .sanity import banner
 
 log = logging.getLogger(__name__)
 
@@ -121,19 +122,6 @@ def eval_config(cfg: RunConfig) -> RunConfig | None:
     return None
 
 
-def scoring_config(cfg: RunConfig) -> RunConfig | None:
-    """The config whose test split scores a student of ``cfg``: an own-data run's (``protocol:
-    full``) labelled test images, None when it has none; ``cfg`` itself for the other protocols.
-    Unlabelled data to score on is refused here, in one line, before anything trains."""
-    ecfg = eval_config(cfg) if cfg.protocol == "full" else cfg
-    if ecfg is not None and ecfg.data.dataset == "unlabelled":
-        raise DataError(
-            f"data.root {ecfg.data.root}: unlabelled images have no test split to score the student on; "
-            "give labelled test images (--set protocol=full --set full.test=FOLDER_OR_CSV) or --no-evaluate"
-        )
-    return ecfg
-
-
 def zero_shot_teacher(cfg: RunConfig) -> RunConfig:
     """``cfg`` with a teacher whose prompt is exactly "a photo of a {class}." (no learned prompts)."""
     c = copy.deepcopy(cfg)
@@ -142,17 +130,22 @@ def zero_shot_teacher(cfg: RunConfig) -> RunConfig:
     return c
 
 
+def labelled_config(cfg: RunConfig, split: str) -> RunConfig | None:
+    """The config that reads the user's labelled images as ``split``: ``full.shots``, else ``data``
+    itself when it is labelled; None when there are none."""
+    if cfg.full.shots:
+        return source_config(cfg, cfg.full.shots, split, "full.shots")
+    return copy.deepcopy(cfg) if cfg.data.dataset != "unlabelled" else None
+
+
 def _pretrain_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -> RunConfig:
     """Stage 0 when ``pretrain.enabled`` (CLIPs without downloaded weights): both towers learn
     contrastively on the labelled images the user gave (``full.shots``, every image; per tower
     ``pretrain.teacher_shots`` / ``student_shots`` per class when set), scored on those images."""
     if not cfg.pretrain.enabled:
         return cfg
-    if cfg.full.shots:
-        pcfg = source_config(cfg, cfg.full.shots, "pretrain", "full.shots")
-    elif cfg.data.dataset != "unlabelled":
-        pcfg = copy.deepcopy(cfg)
-    else:
+    pcfg = labelled_config(cfg, "pretrain")
+    if pcfg is None:
         raise ConfigError(
             "pretrain.enabled: stage 0 needs labelled images; set full.shots=FOLDER_OR_CSV (a few images "
             "per class) or use towers with weights (teacher.pretrained / student.pretrained)"
@@ -162,23 +155,27 @@ def _pretrain_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -
         pcfg.pretrain.split, pcfg.pretrain.teacher_split, pcfg.pretrain.student_split = "pretrain", None, None
         pcfg.pretrain.eval_split = pcfg.pretrain.eval_split or "pretrain"  # no val: the images it fitted
     sub = out / "pretrain"
+    # an image-only student (timm:) has no CLIP to pre-train: it keeps its weights, and its
+    # undistilled score is tower_with_teacher_text's
+    roles = ("teacher",) if cfg.student.model.startswith("timm:") else ("teacher", "student")
+    files = {"teacher": TEACHER_CLIP, "student": STUDENT_CLIP}
     with plan_part("pretrain"):
-        if not (resume and (sub / STUDENT_CLIP).exists() and (sub / TEACHER_CLIP).exists()):
-            run_pretrain(pcfg, sub, resume=resume, pool=cfg if cfg.data.dataset == "unlabelled" else None)
+        if not (resume and all((sub / files[r]).exists() for r in roles)):
+            pool = cfg if cfg.data.dataset == "unlabelled" else None
+            run_pretrain(pcfg, sub, which=roles, resume=resume, pool=pool)
     prune_checkpoints(sub, keep=cfg.keep_checkpoints)
     c = copy.deepcopy(cfg)
-    c.teacher.pretrained, c.student.pretrained = str(sub / TEACHER_CLIP), str(sub / STUDENT_CLIP)
+    c.teacher.pretrained = str(sub / TEACHER_CLIP)
+    if "student" in roles:
+        c.student.pretrained = str(sub / STUDENT_CLIP)
     return c
 
 
 def _teacher_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -> tuple[RunConfig, str]:
     if cfg.teacher.prompts:
         return copy.deepcopy(cfg), "given prompts"
-    if cfg.full.shots:
-        scfg = source_config(cfg, cfg.full.shots, "train", "full.shots")
-    elif cfg.data.dataset != "unlabelled":
-        scfg = copy.deepcopy(cfg)
-    else:
+    scfg = labelled_config(cfg, "train")
+    if scfg is None:
         return zero_shot_teacher(cfg), "zero-shot"
     _check_names(scfg, names, "full.shots" if cfg.full.shots else "the labelled data")
     scfg.train_teacher.subsample = "all"
@@ -242,151 +239,143 @@ def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str) -
     plt.close(fig)
 
 
-def score(
-    logits_fn, ecfg: RunConfig, spec, names: list[str], device: torch.device, ds=None
-) -> dict[str, Any]:
-    """Accuracy overall and per class, and the confusion matrix, of ``logits_fn`` on the test
-    images (``ds``: the test dataset, already built with ``spec``)."""
-    ds = ds if ds is not None else make_dataset(ecfg, "test", spec, train=False)
-    if ds.full_classnames != names:
-        raise DataError(
-            f"test set {ecfg.data.root}: its classes differ from the model's {len(names)} class names"
-        )
+def score(logits_fn, ecfg: RunConfig, device: torch.device, ds) -> dict[str, Any]:
+    """Accuracy overall and per class, and the confusion matrix, of ``logits_fn`` on ``ds``."""
+    names = ds.full_classnames
     preds, labels = predict(logits_fn, eval_loader(ecfg, ds, device), device)
     cm = confusion_matrix(preds, labels, len(names))
     return {
         "acc": accuracy(preds, labels),
+        "classes": len(names),
         "images": len(ds),
         "per_class": per_class_accuracy(cm, names),
         "confusion": cm.tolist(),
     }
 
 
-def score_zero_shot_student(ecfg: RunConfig, names: list[str], device: torch.device) -> dict[str, Any]:
-    """The undistilled student CLIP, zero-shot with its own text tower, scored as ``score`` scores
-    the others (per class, confusion matrix): the model, prompt templates, classes and loader of
-    ``evaluate_clip_zero_shot``, so the accuracy is the one ``comkd evaluate`` would give it."""
-    m = ecfg.student
-    loaded = load_clip(
-        m.model, m.pretrained, image_size=ecfg.data.image_size, quick_gelu=m.quick_gelu or None, device=device
-    )
-    loaded.model.eval()
-    ds = make_dataset(ecfg, "test", loaded.preprocess, train=False)
-    w = clip_class_weights(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, device)
-    return score(
-        lambda x: loaded.model.encode_image(x).float() @ w.t(), ecfg, loaded.preprocess, names, device, ds=ds
-    )
-
-
-def _plot(res: dict[str, Any], names: list[str], out: Path, key: str, title: str) -> None:
-    """``out/plots/confusion_<key>.png`` of a scored model; its path goes into ``res``."""
-    plot = out / "plots" / f"confusion_{key}.png"
-    plot_confusion(torch.tensor(res["confusion"]), names, plot, f"{title}: {res['acc']:.2f}% top-1")
-    res["confusion_plot"] = str(plot.relative_to(out))
-
-
-@locked_run(results=("results.json",))  # one writer; no silent overwrite
-def run_full(
-    cfg: RunConfig, out_dir: str | Path, *, methods: list[str] | None = None, resume: bool = False
-) -> dict[str, Any]:
-    """Run the ``full`` protocol (see the module docstring); writes results.json and report.md."""
-    # the teacher learns on all classes: a config that says otherwise is refused before any stage
-    check_teacher_classes(replace(cfg, protocol="full"))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:  # before any finished stage is read back (a new full.test, classes, data...)
-        check_resume_run(cfg, out / "config.yaml")
-    save_config(cfg, out / "config.yaml")
-    methods = canonical_methods(methods) or [cfg.distill.method]
-    with run_plan(_parts(cfg, methods)):
-        return _run_full(cfg, out, methods, resume)
-
-
-def _parts(cfg: RunConfig, methods: list[str]) -> list[str]:
-    """The parts of a full run, for its overall estimate of the time left."""
-    prompted = not cfg.teacher.prompts and (cfg.full.shots or cfg.data.dataset != "unlabelled")
-    return (
-        ["pretrain"] * bool(cfg.pretrain.enabled) + ["teacher"] * bool(prompted) + ["distill"] * len(methods)
-    )
-
-
-def _run_full(cfg: RunConfig, out: Path, methods: list[str], resume: bool) -> dict[str, Any]:
-    names = class_names(cfg)
-    ecfg = eval_config(cfg)
-    if ecfg is not None and cfg.full.test:
-        _check_names(ecfg, names, "full.test")
-    cfg = _pretrain_stage(cfg, out, names, resume)
-    ecfg = eval_config(cfg)  # with the stage-0 weights, when there is a stage 0
-    warnings = announce(random_tower_warnings(cfg))  # said before the stages run, and in the results
-    tcfg, mode = _teacher_stage(cfg, out, names, resume)
-    device = resolve_device(cfg.device)
-    results: dict[str, Any] = {
-        "protocol": "full",
-        "seed": cfg.seed,
-        "classes": names,
-        "teacher_mode": mode,
-        # what stage 1 learned on (None: no stage 1, the teacher zero-shot or its prompts given)
-        "teacher_classes": "all" if mode == "prompted" else None,
-        "test": ecfg.data.root if ecfg is not None else None,
-        "methods": {},
-        "warnings": warnings,
-    }
-    if ecfg is not None:
-        teacher = build_teacher(tcfg, device)
-        teacher.eval()
-        w = teacher.class_text_features(names)
-        results["teacher"] = score(
-            lambda x: teacher.encode_image(x) @ w.t(), ecfg, teacher.preprocess, names, device
+def tower_with_teacher_text(cfg: RunConfig, loaded, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The undistilled CLIP of an image-only student, PromptKD's student without distillation: its
+    tower, a linear projection and the teacher's class text features W (what the distilled student
+    is scored against). The projection is what the labelled shots alone give: ridge through the
+    origin of the tower's features onto W of each shot's class, λ = ``pretrain.ridge_lambda``
+    (``engine.lit.ridge_head``). Returns W ``[C, E]`` and the projection ``[E, D]``."""
+    lcfg = labelled_config(cfg, "train")
+    if lcfg is None:
+        raise ConfigError(
+            f"student.model {cfg.student.model}: an image-only student's undistilled score fits its "
+            "projection on labelled images; set full.shots=FOLDER_OR_CSV"
         )
-        del teacher
-        results["student_zeroshot"] = score_zero_shot_student(ecfg, names, device)
-        _plot(results["teacher"], names, out, "teacher", f"teacher {cfg.teacher.model} ({mode})")
-        _plot(results["student_zeroshot"], names, out, "student_zeroshot", f"undistilled {cfg.student.model}")
-        # the chance level and the test-set size of the report
-        results["test_size"] = {"all": {"classes": len(names), "images": results["teacher"]["images"]}}
-    for m in methods:
-        c = copy.deepcopy(tcfg)
-        c.distill.method = m
-        mdir = out / m
-        done = mdir / "results.json"
-        if resume and done.exists():
-            res = json.loads(done.read_text())
-        else:
-            with plan_part("distill"):
-                info = run_distill(c, mdir, resume=resume)
-            res = {
-                "method": m,
-                "student": info["student"],
-                "alpha": info["alpha"],
-                "train_images": info["train_images"],
-            }
-            if ecfg is not None:
-                student = load_student(info["student"], device)
-                res.update(score(lambda x, s=student: s(x).logits, ecfg, student.preprocess, names, device))
-                _plot(res, names, out, m, m)
-            write_json(done, res)
-        prune_checkpoints(mdir, keep=c.keep_checkpoints)
-        results["methods"][m] = res
-    if ecfg is not None:
-        scored = {"teacher": results["teacher"], "student_zeroshot": results["student_zeroshot"]}
-        scored |= results["methods"]
-        who = {
-            "teacher": f"teacher {cfg.teacher.model} ({mode})",
-            "student_zeroshot": f"undistilled student {cfg.student.model}",
-        } | {m: f"student {cfg.student.model} distilled with {m}" for m in methods}
-        warnings += announce(chance_warnings(scored, {"acc": len(names)}, who, " on the test set"))
-    write_json(out / "results.json", results)
-    atomic_write_text(out / "report.md", report(results))
-    return results
+    teacher = build_teacher(cfg, device).eval()
+    with torch.no_grad():
+        w = teacher.class_text_features(class_names(cfg)).float()
+    few = None if cfg.full.shots else cfg.data.num_shots
+    ds = make_dataset(lcfg, "train", loaded.preprocess, train=False, shots=few)
+    a, _, _ = ridge_head(loaded.model, ds, w, cfg.pretrain.ridge_lambda, device, cfg.data.eval_batch_size)
+    return w, a.float()
+
+
+class OwnClasses(Protocol):
+    """``protocol: full`` (the module docstring): one dataset, one seed, the stages above."""
+
+    name = "full"
+
+    def check_run(self, cfg: RunConfig, datasets: list[str] | None, seeds: list[int]) -> None:
+        for what, given in (("seed", seeds), ("dataset", datasets or [])):
+            if len(given) > 1:
+                raise ValueError(
+                    f"the full protocol runs one {what} per run folder, got {len(given)} "
+                    f"({', '.join(map(str, given))}): run each {what} with its own --out-dir"
+                )
+
+    def default_methods(self, cfg: RunConfig) -> list[str]:
+        return [cfg.distill.method]
+
+    def folder(self, out: Path, dataset: str, seed: int | None = None) -> Path:
+        return out
+
+    def trains_teacher(self, cfg: RunConfig) -> bool:
+        return not cfg.teacher.prompts and bool(cfg.full.shots or cfg.data.dataset != "unlabelled")
+
+    def pretrain(self, cfg: RunConfig, out: Path, resume: bool) -> RunConfig:
+        names = class_names(cfg)
+        ecfg = eval_config(cfg)
+        if ecfg is not None and cfg.full.test:
+            _check_names(ecfg, names, "full.test")
+        return _pretrain_stage(cfg, out, names, resume)
+
+    def teacher(self, cfg: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, str]:
+        return _teacher_stage(cfg, out, class_names(cfg), resume)
+
+    def scoring(self, cfg: RunConfig) -> RunConfig | None:
+        ecfg = eval_config(cfg)
+        return None if ecfg is None else super().scoring(ecfg)
+
+    def checks_teacher(self, cfg: RunConfig) -> bool:
+        return False
+
+    def score_teacher(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
+        device = resolve_device(cfg.device)
+        teacher = build_teacher(cfg, device).eval()
+        out = []
+        for split in splits:
+            ds = make_dataset(cfg, split, teacher.preprocess, train=False)
+            w = teacher.class_text_features(ds.full_classnames)
+            out.append(score(lambda x, w=w: teacher.encode_image(x) @ w.t(), cfg, device, ds))
+        return out
+
+    def score_zero_shot(self, cfg: RunConfig, split: str) -> dict[str, Any]:
+        """The undistilled student CLIP, zero-shot with its own text tower: the model, prompt
+        templates, classes and loader of ``evaluate_clip_zero_shot``, so the accuracy is the one
+        ``comkd evaluate`` would give it, with the per-class scores of the others. An image-only
+        student (``timm:``) has no text tower: ``tower_with_teacher_text``."""
+        device = resolve_device(cfg.device)
+        loaded = load_role_clip(cfg, "student", device)
+        loaded.model.eval()
+        ds = make_dataset(cfg, split, loaded.preprocess, train=False)
+        if loaded.is_timm:
+            w, a = tower_with_teacher_text(cfg, loaded, device)
+            return score(
+                lambda x: F.normalize(loaded.model(x).float() @ a.t(), dim=-1) @ w.t(), cfg, device, ds
+            )
+        w = clip_class_weights(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, device)
+        return score(lambda x: loaded.model.encode_image(x).float() @ w.t(), cfg, device, ds)
+
+    def score_student(self, cfg: RunConfig, student, split: str) -> dict[str, Any]:
+        device = next(student.parameters()).device
+        ds = make_dataset(cfg, split, student.preprocess, train=False)
+        check_student_classes(student, ds)
+        return score(lambda x: student(x).logits, cfg, device, ds)
+
+    def extra_results(self, cfg: RunConfig, mode: str) -> dict[str, Any]:
+        ecfg = eval_config(cfg)
+        return {
+            "classes": class_names(cfg),
+            "teacher_mode": mode,
+            # what stage 1 learned on (None: no stage 1, the teacher zero-shot or its prompts given)
+            "teacher_classes": "all" if mode == "prompted" else None,
+            "test": ecfg.data.root if ecfg is not None else None,
+        }
+
+    def report(self, results: dict[str, Any], out: Path, curves: dict) -> None:
+        for models in results.get("details", {}).values():
+            for key, runs in models.items():
+                title = {"teacher": "teacher", "student_zeroshot": "undistilled student"}.get(key, key)
+                for res in (r for r in runs if "confusion" in r):  # scored on labelled test images
+                    plot = out / "plots" / f"confusion_{key}.png"
+                    acc = f"{res['acc']:.2f}% top-1"
+                    plot_confusion(
+                        torch.tensor(res["confusion"]), results["classes"], plot, f"{title}: {acc}"
+                    )
+                    res["confusion_plot"] = str(plot.relative_to(out))
+        atomic_write_text(out / "report.md", report(results))
 
 
 def report(results: dict[str, Any]) -> str:
     """Markdown: the accuracy table with the chance level and the test-set size, per-class
     accuracy and the confusion plots of every model."""
     names = results["classes"]
-    scored = (
-        "teacher" in results
-    )  # a labelled test set: full.test, or the data's test split (root None: digits)
+    details = next(iter(results.get("details", {}).values()), {})
+    scored = "teacher" in details  # a labelled test set: full.test, or the data's test split
     test = results["test"] or ("the data's test split" if scored else "none")
     lines = [
         "# Own classes (protocol full)",
@@ -398,19 +387,13 @@ def report(results: dict[str, Any]) -> str:
     if not scored:
         lines.append("No labelled test set was given (`full.test`), so no accuracy is reported.")
         return "\n".join(lines) + "\n"
-    rows = [
-        ("Teacher", results["teacher"]),
-        ("Student, undistilled (zero-shot)", results["student_zeroshot"]),
-    ]
-    rows += [(m, r) for m, r in results["methods"].items()]
-    sizes = results.get("test_size") or {}
-    n_classes = (sizes.get("all") or {}).get("classes") or len(names)
-    lines += ["| model | top-1 (%) |", "|---|---|"] + [f"| {who} | {r['acc']:.2f} |" for who, r in rows]
-    lines += [f"| Chance level (100 / classes) | {chance_level(n_classes):.2f} |", "", size_line(sizes), ""]
-    per = [("teacher", results["teacher"].get("per_class"))]
-    per += [("undistilled", results["student_zeroshot"].get("per_class"))]
-    per += [(m, r.get("per_class")) for m, r in results["methods"].items()]
-    per = [(m, p) for m, p in per if p is not None]  # a results.json of an older run: no undistilled column
+    who = {"teacher": "Teacher", "student_zeroshot": "Student, undistilled (zero-shot)"}
+    rows = [(who.get(m, m), runs[0]) for m, runs in details.items()]
+    sizes = next(iter(results.get("test_size", {}).values()), {})
+    lines += ["| model | top-1 (%) |", "|---|---|"] + [f"| {w} | {r['acc']:.2f} |" for w, r in rows]
+    lines += [f"| Chance level (100 / classes) | {chance_level(len(names)):.2f} |", "", size_line(sizes), ""]
+    short = {"teacher": "teacher", "student_zeroshot": "undistilled"}
+    per = [(short.get(m, m), runs[0]["per_class"]) for m, runs in details.items()]
     lines += [
         "## Accuracy per class (%)",
         "",
