@@ -550,6 +550,21 @@ def test_a_missing_input_path_stops_before_any_weights_are_fetched(tmp_path, mon
     assert "Traceback" not in r.output and not (tmp_path / "d").exists()
 
 
+def test_a_relative_split_file_is_looked_for_in_the_dataset_folder(tmp_path) -> None:
+    """``data.split_file`` relative to the dataset's folder (the DTD presets' ``split_coop_subset.json``)
+    passes the early path check; the loader then names the path it tried when it is missing."""
+    from comkd.cli.common import _check_input_paths
+    from comkd.config import RunConfig
+    from comkd.data import DataError, build_dataset
+
+    (tmp_path / "images").mkdir()
+    cfg = RunConfig()
+    cfg.data.dataset, cfg.data.root, cfg.data.split_file = "dtd", str(tmp_path), "split_mine.json"
+    _check_input_paths(cfg)  # no exit: the file is the loader's to find
+    with pytest.raises(DataError, match=r"split file not found: .*split_mine\.json"):
+        build_dataset("dtd", str(tmp_path), "train", None, split_file="split_mine.json")
+
+
 def _config_flags() -> dict[str, set[str]]:
     """Every config field that carries a flag: ``--flag`` -> the dotted keys it may set."""
     import dataclasses

@@ -144,6 +144,8 @@ def _check_input_paths(cfg: RunConfig) -> None:
     ):
         if not value or any(m in str(value) for m in _NOT_A_LOCAL_PATH):
             continue
+        if key == "data.split_file" and cfg.data.root and not os.path.isabs(value):
+            continue  # read from the dataset's folder under data.root: its loader names the path tried
         if not os.path.exists(os.path.expanduser(str(value))):
             _usage_error(f"{key} {value}: no such file or folder")
 
