@@ -451,3 +451,49 @@ def test_every_protocol_is_one_entry_of_the_table_the_config_and_the_teacher_cla
     assert set(PROTOCOLS) == set(values(Protocol)) == set(TEACHER_CLASSES)
     assert all(p.name == name for name, p in PROTOCOLS.items())
     assert [n for n, p in PROTOCOLS.items() if p.halves] == ["base2novel"]  # scored on base and novel
+
+
+def test_an_image_only_students_undistilled_head_is_ridge_on_the_teachers_shots(one_thread) -> None:
+    """Base-to-novel with a ``timm:`` student (no text tower of its own): the undistilled row is its
+    tower with the projection A that the teacher's own shots give (stage 1's: base classes,
+    ``num_shots`` each, the run seed), A = Yᵀ X (XᵀX + λ' I)⁻¹ with Y the teacher's W of each shot's
+    class and λ' = ridge_lambda x mean diag XᵀX, checked against NumPy on the same features; it is
+    then scored on base and novel against the teacher's W, as the distilled student is."""
+    import numpy as np
+    import torch
+
+    from comkd.engine.builders import load_role_clip, make_dataset
+    from comkd.protocols.protocol import Base2Novel, image_only
+
+    cfg = load_config(
+        "demo",
+        sets=[
+            "pretrain.enabled=false",
+            "teacher.model=comkd-tiny-teacher",
+            "student.model=timm:test_efficientnet",
+            "student.vision_tokens=0",
+            "data.image_size=32",
+            "data.num_shots=4",
+            "pretrain.ridge_lambda=0.5",
+            "progress=false",
+        ],
+    )
+    assert image_only(cfg)
+    proto, device = Base2Novel(), torch.device("cpu")
+    loaded = load_role_clip(cfg, "student", device)
+    teacher, a = proto.undistilled_head(cfg, loaded, device)
+
+    shots = make_dataset(cfg, "train", loaded.preprocess, train=False, subsample="base", few_shot=True)
+    assert len(shots.classnames) == 5 and len(shots) == 5 * 4  # the base half, 4 shots each
+    with torch.no_grad():
+        x = np.stack([loaded.model(img[None])[0].double().numpy() for img, _, _ in shots])
+        w = teacher.class_text_features(shots.full_classnames)[shots.class_indices].double().numpy()
+    y = w[[int(label) for _, label, _ in shots]]
+    gram = x.T @ x
+    ref = np.linalg.solve(gram + 0.5 * np.mean(np.diag(gram)) * np.eye(len(gram)), x.T @ y).T  # [E, D]
+    assert a.shape == ref.shape
+    np.testing.assert_allclose(a.double().numpy(), ref, rtol=1e-3, atol=1e-5)
+
+    res = proto.score_zero_shot(cfg, "test")
+    assert (res["base"]["classes"], res["novel"]["classes"]) == (5, 5)
+    assert all(0 <= res[h]["acc"] <= 100 for h in ("base", "novel")) and res["hm"] >= 0

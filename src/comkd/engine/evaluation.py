@@ -103,7 +103,7 @@ def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float
     return accuracy(preds, labels)
 
 
-def _evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn, halves: bool) -> dict[str, Any]:
+def evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn, halves: bool) -> dict[str, Any]:
     """``results.json`` of one model: with ``halves`` base/novel/HM (each half relabelled from 0,
     logits sliced from W; the base-to-novel protocol), else accuracy on all classes. ``acc_fn(ds)``
     scores one dataset."""
@@ -125,7 +125,7 @@ def evaluate_student(
 ) -> dict[str, Any]:
     """The distilled student (its stored W; no teacher, no text encoder); ``halves``: base, novel
     and their HM, else all classes."""
-    return _evaluate(cfg, student.preprocess, split, lambda ds: evaluate_subset(student, ds, cfg), halves)
+    return evaluate(cfg, student.preprocess, split, lambda ds: evaluate_subset(student, ds, cfg), halves)
 
 
 def evaluate_teacher(
@@ -142,7 +142,7 @@ def evaluate_teacher(
         )
         return accuracy(preds, labels)
 
-    return _evaluate(cfg, teacher.preprocess, split, acc, halves)
+    return evaluate(cfg, teacher.preprocess, split, acc, halves)
 
 
 def evaluate_clip_zero_shot(
@@ -151,7 +151,7 @@ def evaluate_clip_zero_shot(
     """Zero-shot accuracy of the plain (undistilled) CLIP of ``role`` with its own text tower."""
     device = resolve_device(cfg.device)
     loaded = load_role_clip(cfg, role, device)
-    return _evaluate(
+    return evaluate(
         cfg,
         loaded.preprocess,
         split,

@@ -52,12 +52,11 @@ from ..engine.builders import (
 )
 from ..engine.checkpoint import prune_checkpoints
 from ..engine.evaluation import check_student_classes, clip_class_weights
-from ..engine.lit import ridge_head
 from ..engine.runplan import plan_part
 from ..engine.stages import run_pretrain, run_train_teacher
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, resolve_device
-from .protocol import Protocol
+from .protocol import Protocol, image_only
 from .report import chance_level, size_line
 from .sanity import banner
 
@@ -156,8 +155,8 @@ def _pretrain_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -
         pcfg.pretrain.eval_split = pcfg.pretrain.eval_split or "pretrain"  # no val: the images it fitted
     sub = out / "pretrain"
     # an image-only student (timm:) has no CLIP to pre-train: it keeps its weights, and its
-    # undistilled score is tower_with_teacher_text's
-    roles = ("teacher",) if cfg.student.model.startswith("timm:") else ("teacher", "student")
+    # undistilled score is Protocol.undistilled_head's
+    roles = ("teacher",) if image_only(cfg) else ("teacher", "student")
     files = {"teacher": TEACHER_CLIP, "student": STUDENT_CLIP}
     with plan_part("pretrain"):
         if not (resume and all((sub / files[r]).exists() for r in roles)):
@@ -253,27 +252,6 @@ def score(logits_fn, ecfg: RunConfig, device: torch.device, ds) -> dict[str, Any
     }
 
 
-def tower_with_teacher_text(cfg: RunConfig, loaded, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The undistilled CLIP of an image-only student, PromptKD's student without distillation: its
-    tower, a linear projection and the teacher's class text features W (what the distilled student
-    is scored against). The projection is what the labelled shots alone give: ridge through the
-    origin of the tower's features onto W of each shot's class, λ = ``pretrain.ridge_lambda``
-    (``engine.lit.ridge_head``). Returns W ``[C, E]`` and the projection ``[E, D]``."""
-    lcfg = labelled_config(cfg, "train")
-    if lcfg is None:
-        raise ConfigError(
-            f"student.model {cfg.student.model}: an image-only student's undistilled score fits its "
-            "projection on labelled images; set full.shots=FOLDER_OR_CSV"
-        )
-    teacher = build_teacher(cfg, device).eval()
-    with torch.no_grad():
-        w = teacher.class_text_features(class_names(cfg)).float()
-    few = None if cfg.full.shots else cfg.data.num_shots
-    ds = make_dataset(lcfg, "train", loaded.preprocess, train=False, shots=few)
-    a, _, _ = ridge_head(loaded.model, ds, w, cfg.pretrain.ridge_lambda, device, cfg.data.eval_batch_size)
-    return w, a.float()
-
-
 class OwnClasses(Protocol):
     """``protocol: full`` (the module docstring): one dataset, one seed, the stages above."""
 
@@ -292,6 +270,17 @@ class OwnClasses(Protocol):
 
     def folder(self, out: Path, dataset: str, seed: int | None = None) -> Path:
         return out
+
+    def shots(self, cfg: RunConfig, spec) -> Any:
+        """``full.shots`` (every image), or ``num_shots`` per class of ``data``'s labelled train split."""
+        lcfg = labelled_config(cfg, "train")
+        if lcfg is None:
+            raise ConfigError(
+                f"student.model {cfg.student.model}: an image-only student's undistilled score fits its "
+                "projection on labelled images; set full.shots=FOLDER_OR_CSV"
+            )
+        few = None if cfg.full.shots else cfg.data.num_shots
+        return make_dataset(lcfg, "train", spec, train=False, shots=few)
 
     def trains_teacher(self, cfg: RunConfig) -> bool:
         return not cfg.teacher.prompts and bool(cfg.full.shots or cfg.data.dataset != "unlabelled")
@@ -327,13 +316,15 @@ class OwnClasses(Protocol):
         """The undistilled student CLIP, zero-shot with its own text tower: the model, prompt
         templates, classes and loader of ``evaluate_clip_zero_shot``, so the accuracy is the one
         ``comkd evaluate`` would give it, with the per-class scores of the others. An image-only
-        student (``timm:``) has no text tower: ``tower_with_teacher_text``."""
+        student (``timm:``) has no text tower: ``undistilled_head``."""
         device = resolve_device(cfg.device)
         loaded = load_role_clip(cfg, "student", device)
         loaded.model.eval()
         ds = make_dataset(cfg, split, loaded.preprocess, train=False)
         if loaded.is_timm:
-            w, a = tower_with_teacher_text(cfg, loaded, device)
+            teacher, a = self.undistilled_head(cfg, loaded, device)
+            with torch.no_grad():
+                w = teacher.class_text_features(ds.full_classnames).float()
             return score(
                 lambda x: F.normalize(loaded.model(x).float() @ a.t(), dim=-1) @ w.t(), cfg, device, ds
             )

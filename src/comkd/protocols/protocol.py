@@ -20,19 +20,33 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from ..config import RunConfig
 from ..data import DataError
-from ..engine.builders import STUDENT_CLIP, TEACHER_CLIP, TEACHER_PROMPTS, build_teacher, make_dataset
+from ..engine.builders import (
+    STUDENT_CLIP,
+    TEACHER_CLIP,
+    TEACHER_PROMPTS,
+    build_teacher,
+    eval_loader,
+    load_role_clip,
+    make_dataset,
+)
 from ..engine.checkpoint import prune_checkpoints
 from ..engine.evaluation import (
+    evaluate,
     evaluate_clip_zero_shot,
     evaluate_student,
     evaluate_subset,
     evaluate_teacher,
     has_val_split,
 )
+from ..engine.lit import ridge_head
 from ..engine.runplan import plan_part
 from ..engine.stages import run_pretrain, run_train_teacher
+from ..engine.tasks import accuracy, predict
 from ..engine.utils import resolve_device
 from ..methods import CROSS_KD_WEIGHT, CROSS_STUDENT_VISION_DEPTH
 
@@ -51,6 +65,11 @@ BASE2NOVEL_DATASETS = [
 ]
 CROSS_TARGETS = [d for d in BASE2NOVEL_DATASETS if d != "imagenet"]
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+
+
+def image_only(cfg: RunConfig) -> bool:
+    """Whether the student is an image tower without a text tower of its own (``timm:``)."""
+    return cfg.student.model.startswith("timm:")
 
 
 def for_dataset(cfg: RunConfig, dataset: str | None) -> RunConfig:
@@ -139,8 +158,43 @@ class Protocol:
         return [evaluate_teacher(cfg, teacher, split=s, halves=self.halves) for s in splits]
 
     def score_zero_shot(self, cfg: RunConfig, split: str) -> dict[str, Any]:
-        """The undistilled student CLIP, zero-shot with its own text tower."""
-        return evaluate_clip_zero_shot(cfg, "student", split=split, halves=self.halves)
+        """The undistilled student CLIP, zero-shot with its own text tower; an image-only student
+        (``timm:``) has none: its tower with the projection the teacher's shots give
+        (``undistilled_head``), scored against the prompted teacher's W as the distilled student is."""
+        if not image_only(cfg):
+            return evaluate_clip_zero_shot(cfg, "student", split=split, halves=self.halves)
+        device = resolve_device(cfg.device)
+        loaded = load_role_clip(cfg, "student", device)
+        teacher, a = self.undistilled_head(cfg, loaded, device)
+
+        @torch.no_grad()
+        def acc(ds) -> float:
+            w = teacher.class_text_features(ds.full_classnames)[ds.class_indices].float()
+            logits = lambda x: F.normalize(loaded.model(x).float() @ a.t(), dim=-1) @ w.t()  # noqa: E731
+            return accuracy(*predict(logits, eval_loader(cfg, ds, device), device))
+
+        return evaluate(cfg, loaded.preprocess, split, acc, self.halves)
+
+    def shots(self, cfg: RunConfig, spec) -> Any:
+        """The labelled images the teacher learnt from (stage 1's shots, evaluation transform)."""
+        return make_dataset(
+            cfg, "train", spec, train=False, subsample=cfg.train_teacher.subsample, few_shot=True
+        )
+
+    def undistilled_head(self, cfg: RunConfig, loaded, device) -> tuple[Any, torch.Tensor]:
+        """PromptKD's image-only student without distillation: its tower, a linear projection and
+        the prompted teacher's class text features W (what the distilled student is scored against).
+        The projection is what the teacher's labelled shots (``shots``) alone give: ridge through
+        the origin of the tower's features onto W of each shot's class, λ = ``pretrain.ridge_lambda``
+        (``engine.lit.ridge_head``). It depends on the seed (the shots, the prompts). Returns the
+        teacher (eval mode) and the projection ``[E, D]``."""
+        loaded.model.eval()
+        teacher = build_teacher(cfg, device).eval()
+        ds = self.shots(cfg, loaded.preprocess)
+        with torch.no_grad():
+            w = teacher.class_text_features(ds.full_classnames)[ds.class_indices].float()
+        a, _, _ = ridge_head(loaded.model, ds, w, cfg.pretrain.ridge_lambda, device, cfg.data.eval_batch_size)
+        return teacher, a.float()
 
     def score_student(self, cfg: RunConfig, student, split: str) -> dict[str, Any]:
         return evaluate_student(cfg, student, split=split, halves=self.halves)

@@ -32,7 +32,7 @@ from ..methods import canonical_methods
 from ..models.io import load_student
 from ..runlock import locked_run
 from .full import OwnClasses
-from .protocol import CROSS_TARGETS, DG_TARGETS, Base2Novel, Protocol, Transfer, for_dataset
+from .protocol import CROSS_TARGETS, DG_TARGETS, Base2Novel, Protocol, Transfer, for_dataset, image_only
 from .report import average_base2novel, hm_of_means
 from .sanity import (
     TeacherNotAheadError,
@@ -176,7 +176,7 @@ class _Tally:
     warnings: list[str] = field(default_factory=list)
     # dataset -> seed -> the val scores of the teacher check ({"teacher", "student_zeroshot", ...})
     teacher_checks: dict[str, dict[str, dict]] = field(default_factory=dict)
-    _zero_shot: dict[str, tuple[dict, float | None]] = field(default_factory=dict)  # per dataset, no seed
+    _zero_shot: dict[str, tuple[dict, float | None]] = field(default_factory=dict)  # per dataset (and seed)
 
     def warn(self, found: list[str]) -> None:
         self.warnings += [w for w in announce(found) if w not in self.warnings]
@@ -191,28 +191,30 @@ class _Tally:
             row.setdefault(k, []).append(v)
 
     def baselines(self, ds: str, cfg: RunConfig, split: str) -> None:
-        """The prompted teacher and the undistilled student (once per dataset: it has no seed) on
+        """The prompted teacher and the undistilled student (a CLIP student once per dataset: it has no seed) on
         ``split``, and the teacher's check on val before stage 2."""
         ecfg = self.proto.scoring(cfg)
         if ecfg is None:
             return
         checked = self.proto.checks_teacher(ecfg)
-        if ds not in self._zero_shot:
+        # a CLIP student's zero-shot score has no seed; an image-only one's head is fitted per seed
+        key = f"{ds}/seed{cfg.seed}" if image_only(cfg) else ds
+        if key not in self._zero_shot:
             zs = self.proto.score_zero_shot(ecfg, split)
             zs_val = self.proto.score_zero_shot(ecfg, "val") if checked and split != "val" else zs
-            self._zero_shot[ds] = (zs, self.proto.row(zs_val) if checked else None)
+            self._zero_shot[key] = (zs, self.proto.row(zs_val) if checked else None)
         # the teacher is built once for the split scored and, when checked, val
         tres, *t_val = self.proto.score_teacher(
             ecfg, (split, "val") if checked and split != "val" else (split,)
         )
         self.add(ds, "teacher", tres)
-        self.add(ds, "student_zeroshot", self._zero_shot[ds][0])
+        self.add(ds, "student_zeroshot", self._zero_shot[key][0])
         parts = {"base": tres["base"], "novel": tres["novel"]} if "base" in tres else {"all": tres}
         self.test_size[ds] = {
             k: {n: int(v[n]) for n in ("classes", "images") if n in v} for k, v in parts.items()
         }
         if checked:
-            self.check_teacher(ds, ecfg, self.proto.row((t_val or [tres])[0]), self._zero_shot[ds][1])
+            self.check_teacher(ds, ecfg, self.proto.row((t_val or [tres])[0]), self._zero_shot[key][1])
 
     def check_teacher(self, ds: str, cfg: RunConfig, teacher: dict, student: dict) -> None:
         """The teacher before it teaches: its val score (HM with halves, top-1 otherwise) against
