@@ -31,7 +31,7 @@ def _model_sizes(name: str, image_size: int | None) -> dict[str, Any]:
     return {
         "model": name,
         "params": _count_params(m),
-        "vision_params": _count_params(m.visual),
+        "vision_params": _count_params(m if loaded.is_timm else m.visual),  # timm: an image tower alone
         "vision_width": vcfg.get("width"),
         "vision_layers": vcfg.get("layers"),
         "patch_size": vcfg.get("patch_size"),

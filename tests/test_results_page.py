@@ -372,6 +372,53 @@ def test_paired_seeds_and_headroom_sections_read_their_files(tmp_path) -> None:
     assert paired_seeds_section(tmp_path / "absent.json", tmp_path / "absent2.json") == []
 
 
+def test_the_real_towers_section_reads_its_file_and_says_when_the_teacher_does_not_lead(tmp_path) -> None:
+    from experiments.results_page import real_towers_section
+
+    row = lambda b, n: {"base": b, "novel": n, "hm": [2 * x * y / (x + y) for x, y in zip(b, n, strict=True)]}  # noqa: E731
+    real = tmp_path / "results_real.json"
+    real.write_text(
+        json.dumps(
+            {
+                "cifar10_real": {
+                    "teacher": row([50.0, 52.0, 51.0], [70.0, 71.0, 72.0]),
+                    "student_zeroshot": row([70.0, 69.0, 71.0], [45.0, 47.0, 46.0]),
+                    "promptkd": row([64.0, 65.0, 63.0], [80.0, 79.0, 81.0]),
+                    "comkd": row([64.5, 65.0, 63.5], [80.0, 79.5, 81.0]),
+                },
+                "dtd10_real": {
+                    "teacher": row([35.0] * 3, [20.0] * 3),
+                    "student_zeroshot": row([60.0] * 3, [30.0] * 3),
+                    "promptkd": row([40.0] * 3, [22.0] * 3),
+                },
+            }
+        )
+    )
+    text = "\n".join(real_towers_section(real))
+    assert text.startswith("## Real pretrained towers") and "bash experiments/run_real_evidence.sh" in text
+    hm = lambda b, n: 2 * b * n / (b + n)  # noqa: E731
+    t = sum(hm(b, n) for b, n in ((50, 70), (52, 71), (51, 72))) / 3
+    u = sum(hm(b, n) for b, n in ((70, 45), (69, 47), (71, 46))) / 3
+    assert f"**cifar10_real** (test HM, mean over 3 paired seeds; teacher gap {t - u:.2f})" in text
+    assert "### dtd10_real (3 seeds)" in text  # the base/novel table, as the tiny regime's
+    dtd = text[text.index("**dtd10_real**") :]
+    assert "| — |" in dtd.split("\n\n")[1]  # the teacher does not lead: no share of a gap
+    assert "Student, undistilled (ridge on the teacher's shots)" in text and "Control" not in text
+    # the control: the teacher's own tower as the student, beside the smaller one and the teacher
+    own = {"base": [63.0, 64.0, 65.0], "novel": [80.0, 80.0, 81.0], "hm": [70.5, 71.0, 72.1]}
+    real.with_name("real_selfdistil.json").write_text(json.dumps({"cifar10_real": own}))
+    text = "\n".join(real_towers_section(real))
+    sd = (sum((x - 71.2) ** 2 for x in own["hm"]) / 2) ** 0.5
+    assert (
+        f"test HM 71.20 ± {sd:.2f} (base 64.00, novel 80.33)" in text and f"{t:.2f} for the teacher" in text
+    )
+    assert "it is self-training" in text  # 15 points over the teacher, within 2 of the smaller student
+    own["hm"] = [56.0, 56.0, 56.0]
+    real.with_name("real_selfdistil.json").write_text(json.dumps({"cifar10_real": own}))
+    assert "self-training" not in "\n".join(real_towers_section(real))
+    assert real_towers_section(tmp_path / "absent.json") == []
+
+
 @pytest.mark.parametrize(
     ("content", "words"),
     [
