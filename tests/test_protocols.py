@@ -497,3 +497,23 @@ def test_an_image_only_students_undistilled_head_is_ridge_on_the_teachers_shots(
     res = proto.score_zero_shot(cfg, "test")
     assert (res["base"]["classes"], res["novel"]["classes"]) == (5, 5)
     assert all(0 <= res[h]["acc"] <= 100 for h in ("base", "novel")) and res["hm"] >= 0
+
+
+def test_cross_and_dg_fit_an_image_only_students_undistilled_head_on_the_source_shots() -> None:
+    """Under cross/dg the teacher learnt on the source dataset: the undistilled projection of an
+    image-only student is fitted on those shots, never on a target's labels."""
+    from comkd.data import DataError
+    from comkd.models import PreprocessSpec
+    from comkd.protocols.protocol import Protocol, Transfer
+
+    spec = PreprocessSpec(16, (0.5,) * 3, (0.5,) * 3)
+    source = load_config("demo", sets=["data.num_shots=2", "progress=false"])
+    proto = Transfer("cross", ["dtd"])
+    with pytest.raises(ValueError, match="before any target"):
+        proto.shots(source, spec)
+    tcfg = proto.target(source, "dtd")
+    assert tcfg.data.dataset == "dtd"
+    shots = proto.shots(tcfg, spec)  # no DTD images needed: the shots are the source's
+    assert shots.name == "digits" and len(shots) == 2 * len(shots.classnames)
+    with pytest.raises(DataError):  # the target's own train split is another dataset
+        Protocol().shots(tcfg, spec)

@@ -244,11 +244,20 @@ class Transfer(Protocol):
 
     def __init__(self, name: str, targets: list[str]) -> None:
         self.name, self.default_datasets = name, targets
+        self.source: RunConfig | None = None  # the config the teacher learnt on (set by ``target``)
 
     def groups(self, cfg: RunConfig, datasets: list[str] | None, source: str) -> list[tuple[str, list[str]]]:
         return [(source, list(datasets or self.default_datasets))]
 
+    def shots(self, cfg: RunConfig, spec) -> Any:
+        """The source dataset's shots, which the teacher learnt from: an image-only student's
+        undistilled projection never sees a target label."""
+        if self.source is None:
+            raise ValueError(f"{self.name}: shots before any target (the source config is unknown)")
+        return super().shots(self.source, spec)
+
     def target(self, cfg: RunConfig, dataset: str) -> RunConfig:
+        self.source = cfg
         c = protocol_recipe(for_dataset(cfg, dataset), self.name)
         if self.name == "dg":
             c.distill.split = "test"
