@@ -448,3 +448,20 @@ def test_collect_on_bad_input_is_one_line_naming_the_folder(tmp_path, content, w
 
     r = CliRunner().invoke(tool.app, ["collect", f"a={tmp_path / 'run1'}", "--out", str(tmp_path / "o.json")])
     one_line_error(r, "run1", words)
+
+
+def test_the_committed_page_is_what_its_json_files_give(tmp_path) -> None:
+    """docs/results.md, regenerated from the JSON files committed beside it (and docs/analysis.md,
+    docs/history/), is the committed page to the letter: no figure on it is typed in or stale."""
+    import shutil
+    from pathlib import Path
+
+    from experiments.results_page import write_results_page
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for f in [*docs.glob("*.json"), docs / "analysis.md"]:
+        shutil.copy(f, tmp_path / f.name)
+    if (docs / "history").is_dir():
+        shutil.copytree(docs / "history", tmp_path / "history")
+    page = write_results_page(tmp_path / "results.json", tmp_path / "results.md").read_text()
+    assert page == (docs / "results.md").read_text()
