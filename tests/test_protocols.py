@@ -21,7 +21,7 @@ def _fake_stages(monkeypatch, score) -> None:
     monkeypatch.setattr(Protocol, "teacher", lambda self, c, out, resume: (c, "prompted"))
     monkeypatch.setattr(Protocol, "checks_teacher", lambda self, c: False)  # no teacher check (no data)
     monkeypatch.setattr(Protocol, "score_teacher", lambda self, c, splits: [score(c) for _ in splits])
-    monkeypatch.setattr(Protocol, "score_zero_shot", lambda self, c, split: score(c))
+    monkeypatch.setattr(Protocol, "score_zero_shot", lambda self, c, splits: [score(c) for _ in splits])
     monkeypatch.setattr(runner, "distill_and_score", lambda c, m, out, resume: score(c))
     monkeypatch.setattr(runner, "read_metrics", lambda path: [])
     monkeypatch.setattr(report, "write_report", lambda *a, **k: None)
@@ -494,7 +494,7 @@ def test_an_image_only_students_undistilled_head_is_ridge_on_the_teachers_shots(
     assert a.shape == ref.shape
     np.testing.assert_allclose(a.double().numpy(), ref, rtol=1e-3, atol=1e-5)
 
-    res = proto.score_zero_shot(cfg, "test")
+    (res,) = proto.score_zero_shot(cfg, ("test",))
     assert (res["base"]["classes"], res["novel"]["classes"]) == (5, 5)
     assert all(0 <= res[h]["acc"] <= 100 for h in ("base", "novel")) and res["hm"] >= 0
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError, RunConfig
 from ..data import DataError, load_splits
@@ -56,7 +55,7 @@ from ..engine.runplan import plan_part
 from ..engine.stages import run_pretrain, run_train_teacher
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, resolve_device
-from .protocol import Protocol, image_only
+from .protocol import Protocol, image_only, undistilled_logits
 from .report import chance_level, size_line
 from .sanity import banner
 
@@ -312,24 +311,30 @@ class OwnClasses(Protocol):
             out.append(score(lambda x, w=w: teacher.encode_image(x) @ w.t(), cfg, device, ds))
         return out
 
-    def score_zero_shot(self, cfg: RunConfig, split: str) -> dict[str, Any]:
+    def score_zero_shot(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
         """The undistilled student CLIP, zero-shot with its own text tower: the model, prompt
         templates, classes and loader of ``evaluate_clip_zero_shot``, so the accuracy is the one
         ``comkd evaluate`` would give it, with the per-class scores of the others. An image-only
-        student (``timm:``) has no text tower: ``undistilled_head``."""
+        student (``timm:``) has no text tower: ``undistilled_head``, fitted once."""
         device = resolve_device(cfg.device)
         loaded = load_role_clip(cfg, "student", device)
         loaded.model.eval()
-        ds = make_dataset(cfg, split, loaded.preprocess, train=False)
-        if loaded.is_timm:
-            teacher, a = self.undistilled_head(cfg, loaded, device)
+        teacher, a = self.undistilled_head(cfg, loaded, device) if loaded.is_timm else (None, None)
+        out = []
+        for split in splits:
+            ds = make_dataset(cfg, split, loaded.preprocess, train=False)
             with torch.no_grad():
-                w = teacher.class_text_features(ds.full_classnames).float()
-            return score(
-                lambda x: F.normalize(loaded.model(x).float() @ a.t(), dim=-1) @ w.t(), cfg, device, ds
-            )
-        w = clip_class_weights(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, device)
-        return score(lambda x: loaded.model.encode_image(x).float() @ w.t(), cfg, device, ds)
+                if teacher is not None:
+                    logits = undistilled_logits(
+                        loaded, a, teacher.class_text_features(ds.full_classnames).float()
+                    )
+                else:
+                    w = clip_class_weights(
+                        loaded.model, loaded.tokenizer, ds.classnames, ds.templates, device
+                    )
+                    logits = lambda x, w=w: loaded.model.encode_image(x).float() @ w.t()  # noqa: E731
+            out.append(score(logits, cfg, device, ds))
+        return out
 
     def score_student(self, cfg: RunConfig, student, split: str) -> dict[str, Any]:
         device = next(student.parameters()).device

@@ -72,6 +72,13 @@ def image_only(cfg: RunConfig) -> bool:
     return cfg.student.model.startswith("timm:")
 
 
+def undistilled_logits(loaded, a: torch.Tensor, w: torch.Tensor):
+    """``images -> logits`` of an image-only student's undistilled CLIP: its tower's features
+    through the projection ``a`` ``[E, D]``, normalised, against the class text features ``w``
+    ``[C, E]`` (``Protocol.undistilled_head``)."""
+    return lambda x: F.normalize(loaded.model(x).float() @ a.t(), dim=-1) @ w.t()
+
+
 def for_dataset(cfg: RunConfig, dataset: str | None) -> RunConfig:
     """A copy of ``cfg`` reading ``dataset`` (a split file belongs to one dataset: dropped)."""
     c = copy.deepcopy(cfg)
@@ -157,12 +164,13 @@ class Protocol:
         teacher = build_teacher(cfg, resolve_device(cfg.device))
         return [evaluate_teacher(cfg, teacher, split=s, halves=self.halves) for s in splits]
 
-    def score_zero_shot(self, cfg: RunConfig, split: str) -> dict[str, Any]:
-        """The undistilled student CLIP, zero-shot with its own text tower; an image-only student
-        (``timm:``) has none: its tower with the projection the teacher's shots give
-        (``undistilled_head``), scored against the prompted teacher's W as the distilled student is."""
+    def score_zero_shot(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The undistilled student CLIP, zero-shot with its own text tower, on each of ``splits``; an
+        image-only student (``timm:``) has none: its tower with the projection the teacher's shots
+        give (``undistilled_head``, fitted once for all ``splits``), scored against the prompted
+        teacher's W as the distilled student is."""
         if not image_only(cfg):
-            return evaluate_clip_zero_shot(cfg, "student", split=split, halves=self.halves)
+            return [evaluate_clip_zero_shot(cfg, "student", split=s, halves=self.halves) for s in splits]
         device = resolve_device(cfg.device)
         loaded = load_role_clip(cfg, "student", device)
         teacher, a = self.undistilled_head(cfg, loaded, device)
@@ -170,10 +178,9 @@ class Protocol:
         @torch.no_grad()
         def acc(ds) -> float:
             w = teacher.class_text_features(ds.full_classnames)[ds.class_indices].float()
-            logits = lambda x: F.normalize(loaded.model(x).float() @ a.t(), dim=-1) @ w.t()  # noqa: E731
-            return accuracy(*predict(logits, eval_loader(cfg, ds, device), device))
+            return accuracy(*predict(undistilled_logits(loaded, a, w), eval_loader(cfg, ds, device), device))
 
-        return evaluate(cfg, loaded.preprocess, split, acc, self.halves)
+        return [evaluate(cfg, loaded.preprocess, s, acc, self.halves) for s in splits]
 
     def shots(self, cfg: RunConfig, spec) -> Any:
         """The labelled images the teacher learnt from (stage 1's shots, evaluation transform)."""

@@ -191,22 +191,21 @@ class _Tally:
             row.setdefault(k, []).append(v)
 
     def baselines(self, ds: str, cfg: RunConfig, split: str) -> None:
-        """The prompted teacher and the undistilled student (a CLIP student once per dataset: it has no seed) on
-        ``split``, and the teacher's check on val before stage 2."""
+        """The prompted teacher and the undistilled student (a CLIP student once per dataset: it has
+        no seed) on ``split``, and the teacher's check on val before stage 2."""
         ecfg = self.proto.scoring(cfg)
         if ecfg is None:
             return
         checked = self.proto.checks_teacher(ecfg)
         # a CLIP student's zero-shot score has no seed; an image-only one's head is fitted per seed
         key = f"{ds}/seed{cfg.seed}" if image_only(cfg) else ds
+        # each model is built (and an image-only head fitted) once for the split scored and, when
+        # checked, val
+        splits = (split, "val") if checked and split != "val" else (split,)
         if key not in self._zero_shot:
-            zs = self.proto.score_zero_shot(ecfg, split)
-            zs_val = self.proto.score_zero_shot(ecfg, "val") if checked and split != "val" else zs
-            self._zero_shot[key] = (zs, self.proto.row(zs_val) if checked else None)
-        # the teacher is built once for the split scored and, when checked, val
-        tres, *t_val = self.proto.score_teacher(
-            ecfg, (split, "val") if checked and split != "val" else (split,)
-        )
+            zs, *zs_val = self.proto.score_zero_shot(ecfg, splits)
+            self._zero_shot[key] = (zs, self.proto.row((zs_val or [zs])[0]) if checked else None)
+        tres, *t_val = self.proto.score_teacher(ecfg, splits)
         self.add(ds, "teacher", tres)
         self.add(ds, "student_zeroshot", self._zero_shot[key][0])
         parts = {"base": tres["base"], "novel": tres["novel"]} if "base" in tres else {"all": tres}
