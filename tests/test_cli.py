@@ -303,6 +303,7 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capsys, monkey
 
     from comkd.config import OptimConfig
     from comkd.engine import loop
+    from comkd.engine.utils import progress_bar
 
     cfg = OptimConfig(epochs=3, batch_size=8, lr=0.05)
     res = loop.fit(
@@ -318,10 +319,10 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "\r" not in err and "toy 1/3" not in err  # a redirected log gets no bar redraws
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    bar = loop._progress(3, "toy", True)
+    bar = progress_bar(3, "toy", True)
     assert bar is not None
     bar.close()
-    assert loop._progress(3, "toy", False) is None
+    assert progress_bar(3, "toy", False) is None
 
 
 @pytest.mark.parametrize("progress", [False, True])
@@ -385,7 +386,7 @@ def no_models(monkeypatch):
         raise AssertionError("a model was built before the options were checked")
 
     for where in ("comkd.models.teacher", "comkd.models.student"):
-        monkeypatch.setattr(f"{where}.load_clip", build)
+        monkeypatch.setattr(f"{where}.load_arch", build)
     monkeypatch.setattr("comkd.models.io.load_student", build)
 
 

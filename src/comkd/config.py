@@ -24,6 +24,7 @@ from .choices import (
 )
 from .config_io import (
     ConfigError,
+    at_least,
     flag,
     flat_keys,
     merge,
@@ -41,7 +42,7 @@ from .config_rules import (
 )
 from .config_sections import AugmentConfig, DataConfig, OptimConfig, StudentConfig, TeacherConfig
 from .fileio import atomic_write_text
-from .methods import METHODS, RECIPE_HELP, RECIPES, recipe_updates
+from .methods import METHODS, RECIPE_HELP, recipe_updates
 
 __all__ = [
     "PRESET_DIR",
@@ -112,16 +113,10 @@ class PretrainConfig:
     logit_scale: float | None = None  # set after stage 0 (e.g. 100); null: the model's own
 
     def validate(self, prefix: str) -> None:
-        for name, unset in (
-            ("teacher_epochs", "optim.epochs"),
-            ("student_epochs", "optim.epochs"),
-            ("teacher_shots", "every image of the split"),
-            ("student_shots", "every image of the split"),
-        ):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(
-                    f"{prefix}{name}: must be >= 1 (or null: {unset}), got {getattr(self, name)}"
-                )
+        for name in ("teacher_epochs", "student_epochs"):
+            at_least(getattr(self, name), 1, f"{prefix}{name}", " (or null: optim.epochs)")
+        for name in ("teacher_shots", "student_shots"):
+            at_least(getattr(self, name), 1, f"{prefix}{name}", " (or null: every image of the split)")
         if self.self_train_rounds < 0 or self.self_train_epochs < 1:
             raise ConfigError(
                 f"{prefix}self_train_rounds must be >= 0 and {prefix}self_train_epochs >= 1, "
@@ -173,10 +168,7 @@ class TeacherTrainConfig:
 
     def validate(self, prefix: str) -> None:
         positive_finite(self.gpa_std, f"{prefix}gpa_std")
-        if self.gpa_epochs is not None and self.gpa_epochs < 1:
-            raise ConfigError(
-                f"{prefix}gpa_epochs: must be >= 1 (or null: optim.epochs), got {self.gpa_epochs}"
-            )
+        at_least(self.gpa_epochs, 1, f"{prefix}gpa_epochs", " (or null: optim.epochs)")
         ref = self.gpa_epochs or self.optim.epochs
         if self.gpa_mean is not None and not (math.isfinite(self.gpa_mean) and 0 < self.gpa_mean <= ref):
             where = "gpa_epochs" if self.gpa_epochs else "optim.epochs"
@@ -250,12 +242,10 @@ class DistillConfig:
             raise ConfigError(
                 f"{prefix}teacher_margin: must be in [-100, 100] points, got {self.teacher_margin}"
             )
-        for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale"):
+        for name in ("ridge_lambda", "tower_lr_scale", "edu_lr_scale", "kd_weight", "temperature"):
             positive_finite(getattr(self, name), f"{prefix}{name}")
-        positive_finite(self.kd_weight, f"{prefix}kd_weight")
-        positive_finite(self.temperature, f"{prefix}temperature")
-        positive_finite(self.align_weight, f"{prefix}align_weight", allow_zero=True)
-        positive_finite(self.feature_weight, f"{prefix}feature_weight", allow_zero=True)
+        for name in ("align_weight", "feature_weight"):
+            positive_finite(getattr(self, name), f"{prefix}{name}", allow_zero=True)
 
 
 @dataclass
@@ -305,16 +295,9 @@ class RunConfig:
 
     def validate(self, prefix: str) -> None:
         check_seed(self.seed, f"{prefix}seed")
-        if self.log_every < 1:
-            raise ConfigError(f"{prefix}log_every: must be >= 1, got {self.log_every}")
-        if self.ckpt_every < 0:
-            raise ConfigError(
-                f"{prefix}ckpt_every: must be >= 0 (0: at epoch ends only), got {self.ckpt_every}"
-            )
-        if not self.ckpt_interval_s >= 0:  # also refuses NaN
-            raise ConfigError(
-                f"{prefix}ckpt_interval_s: must be >= 0 seconds (0: every epoch end), got {self.ckpt_interval_s}"
-            )
+        at_least(self.log_every, 1, f"{prefix}log_every")
+        at_least(self.ckpt_every, 0, f"{prefix}ckpt_every", " (0: at epoch ends only)")
+        at_least(self.ckpt_interval_s, 0, f"{prefix}ckpt_interval_s", " seconds (0: every epoch end)")
         check_device(self.device, f"{prefix}device")
         check_teacher_classes(self, prefix)
         # rules that span sections (docs/method.md, "Extensions")
@@ -344,21 +327,13 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def _read_yaml(path: str | Path) -> dict:
-    """A config file, or the preset of that name."""
-    p = Path(path)
-    if not p.is_file():
-        cand = PRESET_DIR / f"{path}.yaml"
-        if not cand.is_file():
-            raise ConfigError(f"config file not found: {path} (presets: {', '.join(list_presets())})")
-        p = cand
-    return read_yaml_mapping(p)
-
-
 def _read_layers(path: str | Path, seen: tuple[str, ...] = ()) -> list[dict]:
-    """The layers of a config file, base first: a file that names a ``preset`` sits above it (a
-    file of that name beside it, else the built-in preset)."""
-    data = _read_yaml(path)
+    """The layers of a config file (or the preset of that name), base first: a file that names a
+    ``preset`` sits above it (a file of that name beside it, else the built-in preset)."""
+    p = Path(path) if Path(path).is_file() else PRESET_DIR / f"{path}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path} (presets: {', '.join(list_presets())})")
+    data = read_yaml_mapping(p)
     base = data.pop("preset", None)
     if not base:
         return [data]
@@ -380,10 +355,8 @@ def load_config(
         _merge_layer(cfg, layer)
     parsed = parse_overrides(sets) if sets else {}
     _refuse_flag_conflicts(overrides or {}, parsed)
-    if overrides:
-        _merge_layer(cfg, overrides)
-    if parsed:
-        _merge_layer(cfg, parsed)
+    for layer in (overrides or {}, parsed):
+        _merge_layer(cfg, layer)
     validate_tree(cfg)
     return cfg
 
@@ -404,10 +377,8 @@ def _merge_layer(cfg: RunConfig, layer: dict) -> None:
     (and later layers) override the recipe's values and earlier layers are overridden by it."""
     distill = layer.get("distill")
     if isinstance(distill, dict) and distill.get("recipe") is not None:
-        name = distill["recipe"]
-        if name not in RECIPES:
-            raise ConfigError(f"distill.recipe: {name!r} is not allowed; choose one of {', '.join(RECIPES)}")
-        merge(cfg, recipe_updates(name), aliases=SECTION_ALIASES)
+        merge(cfg.distill, {"recipe": distill["recipe"]}, "distill.")  # refuses an unknown recipe
+        merge(cfg, recipe_updates(cfg.distill.recipe), aliases=SECTION_ALIASES)
     merge(cfg, layer, aliases=SECTION_ALIASES)
 
 

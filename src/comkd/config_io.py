@@ -1,7 +1,5 @@
-"""Generic config I/O, apart from the schema in ``comkd.config``: checking a value against a type
-annotation (coercing command-line strings), merging nested mappings into dataclasses, validating
-a tree of dataclasses section by section, reading a YAML mapping, and ``--set key=value`` parsing.
-Nothing here knows a config key."""
+"""Generic config I/O, apart from the schema in ``comkd.config`` (nothing here knows a config key):
+type checks against annotations, merging mappings into dataclasses, validation, YAML, ``--set``."""
 
 from __future__ import annotations
 
@@ -19,17 +17,6 @@ class ConfigError(ValueError):
     """A config key or value that is not allowed; the message names the dotted key."""
 
 
-# a key where the word ``none`` is a value of its own (``pretrained: none``: random weights on
-# purpose), not YAML's null (the key left unset)
-NONE_IS_A_VALUE = {"none_is_a_value": True}
-
-
-def type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (coercing strings from the command line)."""
     origin = get_origin(tp)
@@ -38,25 +25,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        errors = []
+        errors = []  # a union has a member other than None: the first one's error is raised
         for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+            if a is not type(None):
+                try:
+                    return coerce(value, a, key)
+                except ConfigError as e:
+                    errors.append(str(e))
+        raise ConfigError(errors[0])
     if dataclasses.is_dataclass(tp):  # a section inside a list (distill.extra_teachers)
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(
-                f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}"
-            )
-        section = tp()
-        merge(section, value, key + ".")
-        return section
+        return value if isinstance(value, tp) else _merge_section(tp(), value, key)
     if origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -80,10 +58,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
         except (TypeError, ValueError):
@@ -97,7 +73,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
-    raise ConfigError(f"{key}: unsupported type {type_name(tp)}")
+    raise ConfigError(f"{key}: unsupported type {getattr(tp, '__name__', tp)}")
 
 
 def merge(obj: Any, updates: dict, prefix: str = "", aliases: dict[str, str] | None = None) -> None:
@@ -105,24 +81,29 @@ def merge(obj: Any, updates: dict, prefix: str = "", aliases: dict[str, str] | N
     value; ``aliases`` maps earlier spellings of ``obj``'s own keys to the current ones."""
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
-    names = set(fields)
     if aliases:
         updates = {aliases.get(k, k): v for k, v in updates.items()}
     for k, v in updates.items():
         key = f"{prefix}{k}"
-        if k not in names:
-            raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(sorted(names))}")
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{key}'; allowed keys here: {', '.join(sorted(fields))}")
         current = getattr(obj, k)
         if fields[k].metadata.get("none_is_a_value") and isinstance(v, str) and v.strip().lower() == "none":
             setattr(obj, k, "none")
         elif dataclasses.is_dataclass(current):
-            if not isinstance(v, dict):
-                raise ConfigError(
-                    f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}"
-                )
-            merge(current, v, key + ".")
+            _merge_section(current, v, key)
         else:
             setattr(obj, k, coerce(v, hints[k], key))
+
+
+def _merge_section(section: Any, value: Any, key: str) -> Any:
+    """``merge`` the mapping ``value`` into the dataclass ``section`` (the config key ``key``); returns it."""
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(section))}"
+        )
+    merge(section, value, key + ".")
+    return section
 
 
 def flat_keys(tree: dict, prefix: str = "", aliases: dict[str, str] | None = None) -> dict[str, Any]:
@@ -166,6 +147,13 @@ def positive_finite(value: float | None, key: str, allow_zero: bool = False) -> 
         raise ConfigError(f"{key}: must be {'>=' if allow_zero else '>'} 0, got {value!r}")
 
 
+def at_least(value: float | None, lo: int, key: str, note: str = "") -> None:
+    """A count or a duration of at least ``lo`` (None: unset, passes; NaN is refused); ``note``
+    follows the bound in the message (what ``lo`` or null means there)."""
+    if value is not None and not value >= lo:
+        raise ConfigError(f"{key}: must be >= {lo}{note}, got {value}")
+
+
 def read_yaml_mapping(p: Path) -> dict:
     """A YAML file whose top level is a mapping; a one-line ConfigError naming the file (and the
     line and column of a syntax error) otherwise."""
@@ -188,8 +176,9 @@ def flag(
 ) -> Any:
     """A config field a command may expose as ``--<name>`` (default: the field's name, dashed), with
     ``help`` (the command line adds the dotted key); ``old``: the earlier plural name of its
-    repeated form (``run --seeds``); ``none``: the string ``none`` is a value (``NONE_IS_A_VALUE``)."""
-    meta = {"help": help, "flag": name, "old": old, **(NONE_IS_A_VALUE if none else {})}
+    repeated form (``run --seeds``); ``none``: the word ``none`` is a value of its own
+    (``pretrained: none``: random weights on purpose), not YAML's null (the key left unset)."""
+    meta = {"help": help, "flag": name, "old": old, "none_is_a_value": none}
     return dataclasses.field(default=default, metadata=meta)
 
 

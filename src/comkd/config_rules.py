@@ -6,6 +6,7 @@ called by the config's ``validate`` and again where a run sets a value itself.""
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Literal
 
 from .config_io import ConfigError
@@ -91,12 +92,11 @@ def check_device(name: str, key: str) -> None:
 
 def resolve_recipe(cfg: Any) -> Any:
     """A copy of ``cfg`` with every recipe default left unset filled with the value in effect:
-    ``distill.kd_weight`` None -> ``comkd.methods.paper_kd_weight(data.dataset)``;
-    ``distill.method`` in the table's spelling; ``train_teacher.subsample`` None -> the protocol's
-    classes (``TEACHER_CLASSES``); each sgd stage's ``warmup_epochs`` as cut to
-    ``epochs - 1``; with Gaussian prompt averaging,
-    ``train_teacher.gpa_mean``/``gpa_std`` in the stage's own epochs (``gpa_epochs`` = its epochs).
-    The stage runners save and use this copy, so ``config.yaml`` holds real values."""
+    ``distill.kd_weight`` None -> ``comkd.methods.paper_kd_weight(data.dataset)``; ``distill.method``
+    in the table's spelling; ``train_teacher.subsample`` None -> the protocol's classes
+    (``TEACHER_CLASSES``); each sgd stage's ``warmup_epochs`` as cut to ``epochs - 1``; with Gaussian
+    prompt averaging, ``train_teacher.gpa_mean``/``gpa_std`` in the stage's own epochs (``gpa_epochs``
+    = its epochs). The stage runners save and use this copy, so ``config.yaml`` holds real values."""
     c = copy.deepcopy(cfg)
     c.distill.method = canonical_method(c.distill.method)
     for stage in (c.pretrain, c.train_teacher, c.distill):
@@ -153,15 +153,13 @@ def check_batches_split(cfg: Any, stages: tuple[str, ...], world: int) -> None:
                 f"split over the {world} processes of this run; use a multiple of {world} (the batch is global; "
                 f"{stage}.optim.batch_per=rank makes it per process)"
             )
-        st = resolve_recipe(cfg).student if stage == "distill" else None
-        if (
-            st is not None
-            and st.projector == "mlp"
-            and st.projector_bn == "train"
-            and images // (world * o.grad_accum) < 2
-        ):
+        if stage != "distill":
+            continue
+        st = resolve_recipe(cfg).student
+        per_micro_batch = images // (world * o.grad_accum)
+        if st.projector == "mlp" and st.projector_bn == "train" and per_micro_batch < 2:
             raise ConfigError(
-                f"{stage}.optim.batch_size: {images // (world * o.grad_accum)} image a process per micro-batch over "
+                f"{stage}.optim.batch_size: {per_micro_batch} image a process per micro-batch over "
                 f"{world} processes, but the projector's BatchNorm in training mode (student.projector_bn: train) "
                 f"needs at least 2: raise the batch, or set {stage}.optim.batch_per=rank"
             )
@@ -174,6 +172,4 @@ def run_stages(cfg: Any) -> tuple[str, ...]:
 
 def torchrun_world_size() -> int:
     """The processes torchrun started for this run (its ``WORLD_SIZE``; 1 outside torchrun)."""
-    import os
-
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))

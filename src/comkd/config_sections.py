@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .choices import Attend, BatchPer, EduMode, EduScale, LrScaling, Projector, ProjectorBN, Scope
-from .config_io import ConfigError, flag, positive_finite
+from .config_io import ConfigError, at_least, flag, positive_finite
 
 _WEIGHTS = (
     "{} weights: an open_clip tag, a local file, or none (random); an hf-hub:ORG/NAME model names its own"
@@ -47,10 +47,7 @@ class DataConfig:
     def validate(self, prefix: str) -> None:
         if self.num_shots <= 0:
             raise ConfigError(f"{prefix}num_shots: must be > 0, got {self.num_shots}")
-        if self.shuffle_buffer < 0:
-            raise ConfigError(
-                f"{prefix}shuffle_buffer: must be >= 0 (0: no shuffling), got {self.shuffle_buffer}"
-            )
+        at_least(self.shuffle_buffer, 0, f"{prefix}shuffle_buffer", " (0: no shuffling)")
 
 
 @dataclass
@@ -106,8 +103,7 @@ class OptimConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     warmup_frac: float = 0.1  # adamw only
-    # images a step: over all processes (global, the default), or per process (rank: the global
-    # batch is batch_size x processes, what a GPU user of timm or open_clip expects)
+    # batch_per rank: the global batch is batch_size x processes, what a GPU user of timm or open_clip expects
     batch_size: int = flag(
         8,
         help="This stage's batch size: images a step over all processes; per process with "
@@ -132,10 +128,7 @@ class OptimConfig:
         for name in ("lr", "epochs", "batch_size", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}{name}: must be > 0, got {getattr(self, name)}")
-        if self.lr_base_batch < 0:
-            raise ConfigError(
-                f"{prefix}lr_base_batch: must be >= 0 (0: batch_size x grad_accum), got {self.lr_base_batch}"
-            )
+        at_least(self.lr_base_batch, 0, f"{prefix}lr_base_batch", " (0: batch_size x grad_accum)")
         positive_finite(self.lr, f"{prefix}lr")
         positive_finite(self.warmup_lr, f"{prefix}warmup_lr")
         positive_finite(self.weight_decay, f"{prefix}weight_decay", allow_zero=True)
@@ -143,8 +136,8 @@ class OptimConfig:
         positive_finite(self.grad_clip, f"{prefix}grad_clip")  # None: no clipping; 0 would clip to nothing
         # each optimiser's own warm-up: epochs for sgd (cut to epochs - 1, so a short schedule still
         # runs one cosine epoch), a fraction of the steps for adamw
-        if self.optimizer == "sgd" and self.warmup_epochs < 0:
-            raise ConfigError(f"{prefix}warmup_epochs: must be >= 0 for sgd, got {self.warmup_epochs}")
+        if self.optimizer == "sgd":
+            at_least(self.warmup_epochs, 0, f"{prefix}warmup_epochs", " for sgd")
         if self.optimizer == "adamw" and not (math.isfinite(self.warmup_frac) and 0 <= self.warmup_frac < 1):
             raise ConfigError(f"{prefix}warmup_frac: must be in [0, 1) for adamw, got {self.warmup_frac}")
 

@@ -21,8 +21,7 @@ def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
         t = t.detach()
         h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
         if t.numel():
-            flat = t.to("cpu").contiguous().reshape(-1)
-            h.update(flat.view(torch.uint8).numpy().data)
+            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

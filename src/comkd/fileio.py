@@ -6,11 +6,8 @@ a file and a reader sees the old file or the new one. The one temp-name scheme i
 ``.<name>.tmp*``.
 
 JSON recorded in a file (a student file's metadata, a cache header, an export's metadata) is data
-to check, never trusted: ``parse_json`` bounds its size before parsing and its nesting after
-(``[[[...]]]`` deep enough to exhaust the parser's recursion is caught too), and
-``check_value`` checks one field against its annotation and range; each raises one line naming
-where the value came from. ``folder_problem`` / ``file_problem`` say why a path given as an output
-folder / file cannot be one (a file in the way, a folder where a file goes), before any work.
+to check, never trusted (``parse_json``, ``check_value``): each raises one line naming where the
+value came from. ``folder_problem`` / ``file_problem`` check an output path before any work.
 Nothing here imports torch, so any module can use it.
 """
 
@@ -24,14 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once, at import (os.umask sets it while it reads it)
+_UMASK = os.umask(0o022)  # read once, at import (os.umask sets it while it reads it: set it back)
+os.umask(_UMASK)
 
 
 def temp_path(path: str | Path) -> Path:
@@ -90,13 +81,9 @@ def json_depth(value: Any) -> int:
     deepest, stack = 0, [(value, 0)]
     while stack:
         v, d = stack.pop()
-        if isinstance(v, dict):
-            v = list(v.values())
-        elif not isinstance(v, list):
-            deepest = max(deepest, d)
-            continue
-        deepest = max(deepest, d + 1)
-        stack.extend((x, d + 1) for x in v)
+        if isinstance(v, (dict, list)):  # a scalar is no deeper than the container it sits in
+            deepest = max(deepest, d + 1)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
     return deepest
 
 
@@ -109,7 +96,8 @@ def parse_json(
     error: type[Exception] = ValueError,
 ) -> Any:
     """``text`` (JSON recorded in a file) parsed, or ``error`` with one line naming ``where`` when
-    it is longer than ``max_chars``, not valid JSON, or nested deeper than ``max_depth``."""
+    it is longer than ``max_chars``, not valid JSON, or nested deeper than ``max_depth`` (checked
+    after parsing; ``[[[...]]]`` deep enough to exhaust the parser's recursion is caught too)."""
     if len(text) > max_chars:
         raise error(f"{where} is {len(text)} characters long, more than the {max_chars} it may hold")
     try:
@@ -154,8 +142,7 @@ def check_value(
     ``str | None``, ...; a number within ``lo``..``hi``, a string of at most ``max_chars``), else
     ``error`` with one line naming ``where``, what it must be and what it is."""
     kinds = [k.strip() for k in annotation.split("|")]
-    unknown = [k for k in kinds if k not in _KINDS]
-    if unknown:
+    if unknown := [k for k in kinds if k not in _KINDS]:
         raise TypeError(f"check_value: no check for type {unknown[0]!r} ({where})")
     kind = next((k for k in kinds if _KINDS[k][1](value)), None)
     if kind in ("int", "float"):
@@ -189,6 +176,4 @@ def folder_problem(path: str | Path) -> str | None:
 def file_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be written as a file: it is a folder, or a parent is a file; else None."""
     path = Path(path)
-    if path.is_dir():
-        return f"{path} is a folder, not a file"
-    return folder_problem(path.parent)
+    return f"{path} is a folder, not a file" if path.is_dir() else folder_problem(path.parent)

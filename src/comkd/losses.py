@@ -150,11 +150,10 @@ class ComKDLoss(nn.Module):
         student features IFAlign matches instead of u_s (e.g. the projector output before
         normalisation, or the global batch gathered over ranks), with ``align_targets`` ``[B', d]``
         the teacher features of the same images (default u_t). Returns the named terms."""
-        zero = student_logits.new_zeros((), dtype=torch.float32)
         kd = (
             self.kd_weight * kd_kl(student_logits, teacher_logits, self.temperature, self.kd_reduction)
             if self.use_kd
-            else zero
+            else student_logits.new_zeros((), dtype=torch.float32)
         )
         a_s = student_features if align_features is None else align_features
         a_t = teacher_features if align_targets is None else align_targets
@@ -175,7 +174,4 @@ def build_loss(method: str, **recipe: Any) -> nn.Module:
     values (``kd_weight``, ``temperature``, ...) on top; the method's own ``make_loss`` when it
     has one, else ``ComKDLoss``."""
     m = get_method(method)
-    kwargs = {**m.loss, **recipe}
-    if m.make_loss is not None:
-        return m.make_loss(**kwargs)
-    return ComKDLoss(**kwargs)
+    return (m.make_loss or ComKDLoss)(**{**m.loss, **recipe})

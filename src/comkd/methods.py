@@ -1,15 +1,11 @@
 """The distillation recipe in one place: the methods, their switches and their defaults
 (docs/method.md, "The objective" and "Stage-2 recipes").
 
-A method is one ``Method`` entry in ``METHODS``: whether the student has EduAttention, which terms
-its loss uses, and the label reports print. The config's allowed ``distill.method`` values, the
+A method is one ``Method`` entry in ``METHODS``. The config's allowed ``distill.method`` values, the
 CLI help and the report labels are read from this table, so adding a method is one
 ``register_method`` call (plus the loss code, when ``ComKDLoss``'s switches do not cover it).
-
-``comkd.losses.build_loss`` builds a method's loss from its entry; ``comkd.config.resolve_recipe``
-fills the defaults a config leaves unset (``distill.kd_weight: null``: the paper's per-dataset
-value) before it is saved or used, so the saved ``config.yaml`` holds the values in effect.
-
+``comkd.losses.build_loss`` builds a method's loss from its entry; ``config_rules.resolve_recipe``
+fills the defaults a config leaves unset, so the saved ``config.yaml`` holds the values in effect.
 Nothing here imports torch at import time: the config system reads this table cheaply.
 """
 
@@ -18,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .config_io import nest
 
 if TYPE_CHECKING:
     from torch import nn
@@ -57,37 +55,36 @@ class Method:
     reference: bool = False
 
 
-def _entries(*methods: Method) -> dict[str, Method]:
-    return {m.name: m for m in methods}
-
-
 # Reports list the reference methods first, then the others in this order.
-METHODS: dict[str, Method] = _entries(
-    Method("comkd", "ComKD-CLIP", edu_attention=True, loss={"use_ifalign": True}),
-    Method("promptkd", "PromptKD", edu_attention=False, loss={"use_ifalign": False}, reference=True),
-    Method("no-ifalign", "ComKD w/o IFAlign", edu_attention=True, loss={"use_ifalign": False}),
-    Method("no-eduattention", "ComKD w/o EduAttention", edu_attention=False, loss={"use_ifalign": True}),
-    Method(
-        "feature-l1",
-        "Feature L1",
-        edu_attention=False,
-        loss={"use_ifalign": False, "use_kd": False, "feature_loss": "l1"},
-    ),
-    Method(
-        "feature-mse",
-        "Feature MSE",
-        edu_attention=False,
-        loss={"use_ifalign": False, "use_kd": False, "feature_loss": "mse"},
-    ),
-    Method(  # an extension: PromptKD's KL on the mean of two teachers' probabilities
-        "two-teachers",
-        "PromptKD, two teachers",
-        edu_attention=False,
-        loss={"use_ifalign": False},
-        make_task="comkd.engine.two_teachers:TwoTeachersTask.from_sides",
-        teachers=2,
-    ),
-)
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("comkd", "ComKD-CLIP", edu_attention=True, loss={"use_ifalign": True}),
+        Method("promptkd", "PromptKD", edu_attention=False, loss={"use_ifalign": False}, reference=True),
+        Method("no-ifalign", "ComKD w/o IFAlign", edu_attention=True, loss={"use_ifalign": False}),
+        Method("no-eduattention", "ComKD w/o EduAttention", edu_attention=False, loss={"use_ifalign": True}),
+        Method(
+            "feature-l1",
+            "Feature L1",
+            edu_attention=False,
+            loss={"use_ifalign": False, "use_kd": False, "feature_loss": "l1"},
+        ),
+        Method(
+            "feature-mse",
+            "Feature MSE",
+            edu_attention=False,
+            loss={"use_ifalign": False, "use_kd": False, "feature_loss": "mse"},
+        ),
+        Method(  # an extension: PromptKD's KL on the mean of two teachers' probabilities
+            "two-teachers",
+            "PromptKD, two teachers",
+            edu_attention=False,
+            loss={"use_ifalign": False},
+            make_task="comkd.engine.two_teachers:TwoTeachersTask.from_sides",
+            teachers=2,
+        ),
+    )
+}
 
 # -- per-dataset and per-protocol defaults ----------------------------------------------------
 PAPER_KD_WEIGHT = 1000.0
@@ -144,14 +141,7 @@ def recipe_updates(name: str) -> dict:
     """The nested config update of recipe ``name`` (a ``ValueError`` naming the recipes if unknown)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    out: dict = {}
-    for key, value in RECIPES[name].items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+    return nest(RECIPES[name])
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -167,9 +157,7 @@ def canonical_method(name: str) -> str:
 def canonical_methods(names: list[str] | None) -> list[str] | None:
     """Each of ``names`` in the table's spelling, duplicates dropped, order kept (None stays None);
     a ``ValueError`` naming the unknown one and the valid names. Checked once, before a run starts."""
-    if names is None:
-        return None
-    return list(dict.fromkeys(canonical_method(n) for n in names))
+    return None if names is None else list(dict.fromkeys(canonical_method(n) for n in names))
 
 
 def get_method(name: str) -> Method:
@@ -179,9 +167,7 @@ def get_method(name: str) -> Method:
 
 def report_order() -> list[str]:
     """The methods in report row order: reference methods first, then the table's order."""
-    return [m.name for m in METHODS.values() if m.reference] + [
-        m.name for m in METHODS.values() if not m.reference
-    ]
+    return sorted(METHODS, key=lambda name: not METHODS[name].reference)  # stable: table order kept
 
 
 def register_method(method: Method) -> None:

@@ -29,7 +29,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,8 +47,9 @@ class FinishedRunError(RunLockError):
     """A fresh run would overwrite a finished run's results."""
 
 
-# folder (real path) -> {"pid", "depth", "overwrite", "token"}: the locks this process holds
-_HELD: dict[str, dict[str, Any]] = {}
+# (pid, folder's real path) -> overwrite allowed: the locks this process holds (an entry inherited
+# through fork names the parent's pid, so it is never taken for the child's)
+_HELD: dict[tuple[int, str], bool] = {}
 
 
 def _is_main_process() -> bool:
@@ -58,11 +59,9 @@ def _is_main_process() -> bool:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     except PermissionError:  # another user's live process
         return True
-    except (OverflowError, ValueError):
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     return True
 
@@ -77,13 +76,11 @@ def _not_a_lock_file(path: Path) -> str | None:
         mode = os.lstat(path).st_mode
     except OSError:
         return None
-    if stat.S_ISREG(mode):
-        return None
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISLNK(mode):
         return "a symbolic link"
-    return "a special file (FIFO, socket or device)"
+    return None if stat.S_ISREG(mode) else "a special file (FIFO, socket or device)"
 
 
 def _read_holder(path: Path) -> dict[str, Any] | None:
@@ -96,9 +93,8 @@ def _read_holder(path: Path) -> dict[str, Any] | None:
             info = json.loads(f.read(_MAX_LOCK_BYTES).decode())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
-    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or not info.get("host"):
-        return None
-    return info
+    is_holder = isinstance(info, dict) and isinstance(info.get("pid"), int) and info.get("host")
+    return info if is_holder else None
 
 
 def _describe(info: dict[str, Any]) -> str:
@@ -116,10 +112,8 @@ def _take_over(path: Path, seen: dict[str, Any] | None, why: str) -> None:
         return  # someone else removed it: just try to create it again
     moved = _read_holder(aside)
     if moved != seen:
-        try:
+        with suppress(OSError):
             os.link(aside, path)  # back where it was, unless a lock exists there again
-        except OSError:
-            pass
         aside.unlink(missing_ok=True)
         holder = _describe(moved) if moved else "another process"
         raise RunLockError(f"{path.parent}: another comkd run is writing here ({holder})")
@@ -151,74 +145,49 @@ def _acquire(folder: Path) -> str:
                 f.flush()
                 os.fsync(f.fileno())
             return token
-        odd = _not_a_lock_file(path)
-        if odd:  # not left by a run: never moved or deleted here
+        if odd := _not_a_lock_file(path):  # not left by a run: never moved or deleted here
             raise RunLockError(
                 f"{path}: the run lock's path is {odd}, not a lock file; remove it or choose another --out-dir"
             )
         holder = _read_holder(path)
         if holder is None:
-            if not path.exists():
-                continue
-            now = time.monotonic()
-            first_unreadable = first_unreadable or now
-            if now - first_unreadable < _UNREADABLE_GRACE_S:
-                time.sleep(0.05)  # its writer may be between creating and writing it
-                continue
-            _take_over(path, None, "an unreadable run lock (no holder recorded)")
-            continue
-        if holder["host"] == info["host"] and not _pid_alive(holder["pid"]):
+            if path.exists():
+                now = time.monotonic()
+                first_unreadable = first_unreadable or now
+                if now - first_unreadable < _UNREADABLE_GRACE_S:
+                    time.sleep(0.05)  # its writer may be between creating and writing it
+                else:
+                    _take_over(path, None, "an unreadable run lock (no holder recorded)")
+        elif holder["host"] == info["host"] and not _pid_alive(holder["pid"]):
             _take_over(
                 path, holder, f"a stale run lock of a process that no longer exists ({_describe(holder)})"
             )
-            continue
-        raise RunLockError(
-            f"{folder}: another comkd run is writing here ({_describe(holder)}); wait for it to end or "
-            f"choose another --out-dir (if no such run exists, delete {path})"
-        )
+        else:
+            raise RunLockError(
+                f"{folder}: another comkd run is writing here ({_describe(holder)}); wait for it to end or "
+                f"choose another --out-dir (if no such run exists, delete {path})"
+            )
     raise RunLockError(f"{folder}: could not take the run lock {path}; other runs keep taking it")
-
-
-def _release(folder: Path, token: str) -> None:
-    path = folder / LOCK_NAME
-    holder = _read_holder(path)
-    if holder is not None and holder.get("token") == token:
-        path.unlink(missing_ok=True)
-    else:
-        log.warning("%s: the run lock is no longer this run's; left as it is", path)
-
-
-def _key(folder: str | os.PathLike) -> str:
-    return os.path.realpath(folder)
 
 
 @contextmanager
 def run_lock(folder: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Hold the lock of run folder ``folder`` (created when missing, and removed again if it is
-    still empty at the end) until the block ends.
-
-    Re-entrant within a process. ``overwrite``: fresh runs may replace finished results in this
-    folder and below while it is held (see ``check_fresh``). Raises ``RunLockError`` naming the
-    folder and the holder when another live process holds it. Other ranks of a torchrun job do
-    not lock (only rank 0 writes)."""
+    still empty at the end) until the block ends; re-entrant, rank 0 only (the module docstring).
+    ``overwrite``: fresh runs may replace finished results in this folder and below while it is
+    held (``check_fresh``). ``RunLockError`` names the folder and the holder."""
     folder = Path(folder)
     if not _is_main_process():
         yield folder
         return
-    key = _key(folder)
-    held = _HELD.get(key)
-    if held is not None and held["pid"] != os.getpid():  # inherited through fork: not ours
-        _HELD.clear()
-        held = None
-    if held is not None:
-        held["depth"] += 1
-        was = held["overwrite"]
-        held["overwrite"] = was or overwrite
+    key = (os.getpid(), os.path.realpath(folder))
+    if key in _HELD:  # re-entered
+        was = _HELD[key]
+        _HELD[key] = was or overwrite
         try:
             yield folder
         finally:
-            held["depth"] -= 1
-            held["overwrite"] = was
+            _HELD[key] = was
         return
     created = []  # the folders made here, deepest first: removed again if the run left them empty
     p = folder.absolute()
@@ -226,15 +195,19 @@ def run_lock(folder: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         created.append(p)
         p = p.parent
     folder.mkdir(parents=True, exist_ok=True)
+    token = None
     try:
         token = _acquire(folder)
-        _HELD[key] = {"pid": os.getpid(), "depth": 1, "overwrite": overwrite, "token": token}
-        try:
-            yield folder
-        finally:
-            del _HELD[key]
-            _release(folder, token)
+        _HELD[key] = overwrite
+        yield folder
     finally:
+        if token is not None:
+            del _HELD[key]
+            holder = _read_holder(folder / LOCK_NAME)
+            if holder is not None and holder.get("token") == token:
+                (folder / LOCK_NAME).unlink(missing_ok=True)
+            else:
+                log.warning("%s: the run lock is no longer this run's; left as it is", folder / LOCK_NAME)
         for d in created:  # a run refused before writing anything leaves no folder behind
             try:
                 d.rmdir()
@@ -244,16 +217,15 @@ def run_lock(folder: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
 
 def holds_lock(folder: str | os.PathLike) -> bool:
     """Whether this process holds ``folder``'s lock."""
-    held = _HELD.get(_key(folder))
-    return held is not None and held["pid"] == os.getpid()
+    return (os.getpid(), os.path.realpath(folder)) in _HELD
 
 
 def _overwrite_allowed(folder: Path) -> bool:
-    key = _key(folder)
-    for k, held in _HELD.items():
-        if held["overwrite"] and held["pid"] == os.getpid() and (key == k or key.startswith(k + os.sep)):
-            return True
-    return False
+    key = os.path.realpath(folder)
+    return any(
+        allowed and pid == os.getpid() and (key == k or key.startswith(k + os.sep))
+        for (pid, k), allowed in _HELD.items()
+    )
 
 
 def check_fresh(folder: str | os.PathLike, results: tuple[str, ...], *, resume: bool = False) -> None:
@@ -288,9 +260,8 @@ def locked_run(results: tuple[str, ...] = ()) -> Callable[[F], F]:
         def wrapper(*args: Any, overwrite: bool = False, **kwargs: Any) -> Any:
             bound = sig.bind(*args, **kwargs)
             out_dir = bound.arguments[folder_arg]
-            resume = bool(bound.arguments.get("resume", False))
             with run_lock(out_dir, overwrite=overwrite):
-                check_fresh(out_dir, results, resume=resume)
+                check_fresh(out_dir, results, resume=bool(bound.arguments.get("resume", False)))
                 return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

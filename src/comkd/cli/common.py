@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -109,13 +109,12 @@ def _cfg(
     """The config a command runs with; ``out`` (``--out-dir``) is checked first: a folder it can
     write. ``stages``: the stages the command trains (``("run",)``: those of a whole run), whose
     global batches must split over torchrun's processes, checked here before any heavy import."""
-    _check_out_dir(out)
+    _check_out(out, folder=True)
     try:
         cfg = load_config(config, overrides, sets)
         check_batches_split(cfg, run_stages(cfg) if stages == ("run",) else stages, torchrun_world_size())
     except ConfigError as e:
-        typer.secho(f"config error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        _usage_error(str(e))
     if out is not None:
         cfg.output_dir = str(out)
     if _QUIET:
@@ -150,25 +149,17 @@ def _check_input_paths(cfg: RunConfig) -> None:
             _usage_error(f"{key} {value}: no such file or folder")
 
 
-def _check_out_dir(out: Path | None, option: str = "--out-dir") -> None:
-    """A folder option that names a file (or a path under one) is refused before any work starts."""
-    from ..fileio import folder_problem
+def _check_out(out: Path | None, folder: bool = False) -> None:
+    """``--out`` naming a folder or, with ``folder``, ``--out-dir`` naming a file (either: a path
+    under a file) is refused before any work starts."""
+    from ..fileio import file_problem, folder_problem
 
-    problem = folder_problem(out) if out is not None else None
+    problem = (folder_problem if folder else file_problem)(out) if out is not None else None
     if problem:
-        _usage_error(f"{option} {out}: {problem}")
+        _usage_error(f"{'--out-dir' if folder else '--out'} {out}: {problem}")
 
 
-def _check_out_file(out: Path | None, option: str = "--out") -> None:
-    """A file option that names a folder (or a path under a file) is refused before any work starts."""
-    from ..fileio import file_problem
-
-    problem = file_problem(out) if out is not None else None
-    if problem:
-        _usage_error(f"{option} {out}: {problem}")
-
-
-def _usage_error(msg: str) -> None:
+def _usage_error(msg: str) -> NoReturn:
     typer.secho(f"config error: {msg}", fg="red", err=True)
     raise typer.Exit(2)
 
@@ -258,11 +249,11 @@ def _write_results(path: Path, res) -> None:
         write_json(path, res)
     except Exception as e:
         if _disk_error(e) is not None:
-            typer.echo(json.dumps(res, indent=2, default=str))
+            _print_json(res)
         raise
 
 
-def _read_json(path: Path, what: str):
+def read_json(path: Path, what: str):
     """A user-given JSON file, or a one-line error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -274,7 +265,7 @@ def _read_json(path: Path, what: str):
         raise ValueError(f"{path}: JSON nested too deeply to read") from None
 
 
-def _shape_errors(path_desc: str, fn):
+def shape_errors(path_desc: str, fn):
     """Run ``fn``; a file of the wrong shape (KeyError, TypeError, ...) becomes a ValueError naming it."""
     import yaml
 
@@ -290,9 +281,12 @@ def _print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _print_run(fn, *args, **kwargs) -> None:
+    """Run ``fn(*args, **kwargs)`` as a command body (``_run``) and print its result as JSON."""
+    _print_json(_run(lambda: fn(*args, **kwargs)))
+
+
 # public names, for tools built on this command line (experiments/): the same functions
 run_command = _run
-read_json = _read_json
 setup_logging = _setup_logging
-shape_errors = _shape_errors
 print_json = _print_json

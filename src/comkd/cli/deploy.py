@@ -12,8 +12,9 @@ import typer
 from ..config import list_presets
 from . import train  # noqa: F401  (the training commands register first: comkd --help lists them first)
 from .common import (
-    _check_out_file,
+    _check_out,
     _print_json,
+    _print_run,
     _run,
     _usage_error,
     app,
@@ -96,29 +97,21 @@ def bench(
         )
     except ValueError as e:
         _usage_error(str(e))
-    if profile == "gpu":
+    if profile == "gpu":  # --threads: set by ``command`` before this body
         from benchmarks.gpu_check import gpu_check
 
-        def gpu_body():
-            import torch
-
-            old = torch.get_num_threads()
-            if threads:
-                torch.set_num_threads(int(threads))
-            try:
-                return gpu_check(
-                    out, quick=quick, device=device, compile=not no_compile, compile_budget_s=compile_budget_s
-                )
-            finally:
-                torch.set_num_threads(old)
-
-        _print_json(_run(gpu_body))
+        _print_run(
+            gpu_check,
+            out,
+            quick=quick,
+            device=device,
+            compile=not no_compile,
+            compile_budget_s=compile_budget_s,
+        )
         return
     from benchmarks import run_bench
 
-    _print_json(
-        _run(lambda: run_bench(out, quick=quick, device=device, threads=threads, shards=shards, only=only))
-    )
+    _print_run(run_bench, out, quick=quick, device=device, threads=threads, shards=shards, only=only)
 
 
 @app.command()
@@ -154,7 +147,7 @@ def predict_cmd(
 ) -> None:
     """Top-k class names and probabilities for images, one row per image (CSV or JSON lines)."""
     device = call.flags.get("device", "auto")
-    _check_out_file(out)
+    _check_out(out)
     from ..data.unlabelled import collect_images
     from ..deploy.predict import load_predictor, predict_files
 
@@ -195,22 +188,17 @@ def export_cmd(
 ) -> None:
     """A deployable student (dynamic batch, preprocessing in the file's metadata), checked against
     PyTorch on real images: top-1 agreement and max |Δ logit|."""
-    _check_out_file(out)  # before the export's work
+    _check_out(out)  # before the export's work
     from ..data.unlabelled import collect_images
     from ..deploy.export import export_student
 
-    _print_json(
-        _run(
-            lambda: export_student(
-                student_file,
-                fmt,
-                out,
-                batch_size=batch_size,
-                quantize=quantize,
-                check_images=collect_images(check_images) if check_images else (),
-            )
+    def body():
+        images = collect_images(check_images) if check_images else ()
+        return export_student(
+            student_file, fmt, out, batch_size=batch_size, quantize=quantize, check_images=images
         )
-    )
+
+    _print_json(_run(body))
 
 
 @app.command("classes")
@@ -229,15 +217,13 @@ def classes_cmd(
     """New class names: W recomputed by the teacher's text tower and prompts, in a new student file.
     Without --config or --teacher the teacher is rebuilt from what the student file records; a
     teacher other than the recorded one is refused, naming the digest that differs."""
-    _check_out_file(out)
+    _check_out(out)
     cfg = call.cfg
     from ..deploy.classes import recompute_classes
 
     # no --config and no --teacher: the teacher the student file records
     from_record = call.config is None and "teacher.model" not in call.flags
-    _print_json(
-        _run(lambda: recompute_classes(cfg, student_file, names, out, force=force, from_record=from_record))
-    )
+    _print_run(recompute_classes, cfg, student_file, names, out, force=force, from_record=from_record)
 
 
 @app.command("push")
@@ -266,17 +252,14 @@ def push_cmd(
     (scores from results.json, the teacher, the recipe); load it with hf-hub:ORG/NAME."""
     from ..deploy.hub import push_student
 
-    _print_json(
-        _run(
-            lambda: push_student(
-                student_file,
-                repo_id,
-                onnx=onnx,
-                results=results,
-                license=license,
-                private=private,
-                token=token,
-                dry_run=dry_run,
-            )
-        )
+    _print_run(
+        push_student,
+        student_file,
+        repo_id,
+        onnx=onnx,
+        results=results,
+        license=license,
+        private=private,
+        token=token,
+        dry_run=dry_run,
     )

@@ -102,12 +102,9 @@ def _field(key: str) -> tuple[dataclasses.Field, Any]:
 def _scalar(tp: Any) -> type:
     """The command-line type of a config field's type: ``X | None`` -> X; a ``Literal`` -> str (its
     values are checked with the config's, in one place)."""
-    args = (
-        [a for a in get_args(tp) if a is not type(None)]
-        if get_origin(tp) in (typing.Union, type(int | None))
-        else []
-    )
-    tp = args[0] if len(args) == 1 else tp
+    if get_origin(tp) in (typing.Union, type(int | None)):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else tp
     return str if get_origin(tp) is Literal else tp
 
 
@@ -122,14 +119,9 @@ def _flag_params(key: str, repeated: bool) -> list[inspect.Parameter]:
     help = f"{f.metadata['help']} ({key})" + ("; repeat the flag." if repeated else ".")
     kind = list[tp] if repeated else tp  # type: ignore[valid-type]
     out = [_param(name, Annotated[kind | None, typer.Option(f"--{name}", help=help)])]
-    if repeated and f.metadata.get("old"):
-        old = f.metadata["old"]
-        out.append(
-            _param(
-                old,
-                Annotated[kind | None, typer.Option(f"--{old}", hidden=True, help=f"Old name of --{name}.")],
-            )
-        )
+    if repeated and (old := f.metadata.get("old")):
+        hidden = typer.Option(f"--{old}", hidden=True, help=f"Old name of --{name}.")
+        out.append(_param(old, Annotated[kind | None, hidden]))
     return out
 
 
@@ -177,22 +169,10 @@ def command(
             for key, (p, *old) in lists.items():
                 given, was = kw.pop(p.name), kw.pop(old[0].name) if old else None
                 many[key] = _plural_alias(f"--{p.name.replace('_', '-')}", given, was) or []
-            cfg = None
-            if build:
-                cfg = _cfg(
-                    got.get("config") or default_config, got.get("sets"), nest(flags), out, stages=stages
-                )
-            call = Call(
-                cfg,
-                flags,
-                many,
-                out,
-                resume=got.get("resume", False),
-                overwrite=got.get("overwrite", False),
-                config=got.get("config"),
-                threads=got.get("threads"),
-            )
-            return fn(call, **kw)
+            config = got.get("config") or default_config
+            cfg = _cfg(config, got.get("sets"), nest(flags), out, stages=stages) if build else None
+            rest = {k: got[k] for k in ("resume", "overwrite", "config", "threads") if k in got}
+            return fn(Call(cfg, flags, many, out, **rest), **kw)
 
         wrapper.__signature__ = inspect.Signature(params)  # what typer reads
         wrapper.__annotations__ = {p.name: p.annotation for p in params}

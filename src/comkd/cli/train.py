@@ -15,6 +15,7 @@ from .common import (
     _check_seeds,
     _note_method_spelling,
     _print_json,
+    _print_run,
     _run,
     _usage_error,
     _write_results,
@@ -46,13 +47,7 @@ def pretrain(
     roles = ("teacher", "student") if which == "both" else (which,)
     from ..engine.stages import run_pretrain
 
-    _print_json(
-        _run(
-            lambda: run_pretrain(
-                cfg, cfg.output_dir, which=roles, resume=call.resume, overwrite=call.overwrite
-            )
-        )
-    )
+    _print_run(run_pretrain, cfg, cfg.output_dir, which=roles, resume=call.resume, overwrite=call.overwrite)
 
 
 @app.command("train-teacher")
@@ -64,9 +59,7 @@ def train_teacher(call: Call) -> None:
     from ..engine.stages import run_train_teacher
 
     cfg = call.cfg
-    _print_json(
-        _run(lambda: run_train_teacher(cfg, cfg.output_dir, resume=call.resume, overwrite=call.overwrite))
-    )
+    _print_run(run_train_teacher, cfg, cfg.output_dir, resume=call.resume, overwrite=call.overwrite)
 
 
 @app.command()
@@ -251,8 +244,4 @@ def cache_teacher(
         _usage_error(f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(CACHE_DTYPES)}")
     from ..engine.stages import run_cache_teacher
 
-    _print_json(
-        _run(
-            lambda: run_cache_teacher(cfg, cfg.output_dir, views=views, dtype=dtype, overwrite=call.overwrite)
-        )
-    )
+    _print_run(run_cache_teacher, cfg, cfg.output_dir, views=views, dtype=dtype, overwrite=call.overwrite)

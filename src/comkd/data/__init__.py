@@ -13,7 +13,8 @@ add your own with ``@register_dataset("name")``. Every bad input raises ``DataEr
 
 from __future__ import annotations
 
-import logging
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from .coop import (
 from .dataset import ImageDataset, derive_view_seed
 from .errors import DataError
 from .files import read_split_file
-from .folder import FOLDER_FRACTIONS, load_csv, load_image_folder
+from .folder import load_csv, load_image_folder
 from .records import DatasetSplits, Datum
 from .splits import base_novel_split, few_shot, split_per_class, subsample_classes
 from .transforms import CLIP_MEAN, CLIP_STD, build_transform, transform_fingerprint
@@ -63,8 +64,6 @@ __all__ = [
     "transform_fingerprint",
 ]
 
-log = logging.getLogger(__name__)
-
 
 def promptsrc_templates() -> list[str]:
     """PromptSRC's 60 text templates (``{}`` = class name), shipped in ``promptsrc_templates.txt``."""
@@ -90,158 +89,46 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
     return deco
 
 
-def _no_split_file(name: str, split_file: str | None) -> None:
-    if split_file is not None:
-        raise DataError(f"dataset {name!r} does not read a split file (got split_file={split_file!r})")
+def _register_no_split_file(name: str, load: Loader) -> None:
+    """Register ``load(root, **options)`` as dataset ``name``, refusing a split file; the loader's
+    signature (read by ``loader_options``) is ``load``'s plus ``split_file`` and ``skip_bad``."""
+    params = list(inspect.signature(load).parameters.values())
+    takes_skip_bad = any(p.name == "skip_bad" for p in params)
 
-
-def _make_coop_loader(name: str) -> Loader:
-    def loader(root: str | None, *, split_file: str | None = None, skip_bad: bool = False) -> DatasetSplits:
-        return load_coop_json(COOP_SPECS[name], root, split_file)  # type: ignore[arg-type]
-
-    loader.__name__ = f"load_{name}"
-    loader.__doc__ = f"CoOp dataset {name!r} from its split file (see comkd.data.coop)."
-    return loader
-
-
-for _name in (
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-):
-    register_dataset(_name)(_make_coop_loader(_name))
-
-
-@register_dataset("imagenet")
-def _imagenet(
-    root: str, *, split_file: str | None = None, skip_bad: bool = False, classes_file: str | None = None
-) -> DatasetSplits:
-    _no_split_file("imagenet", split_file)
-    return load_imagenet(root, classes_file, skip_bad)
-
-
-@register_dataset("fgvc_aircraft")
-def _aircraft(root: str, *, split_file: str | None = None, skip_bad: bool = False) -> DatasetSplits:
-    _no_split_file("fgvc_aircraft", split_file)
-    return load_fgvc_aircraft(root)
-
-
-def _make_variant_loader(name: str) -> Loader:
     def loader(
-        root: str,
-        *,
-        split_file: str | None = None,
-        skip_bad: bool = False,
-        classes_file: str | None = None,
-        imagenet_label_space: bool = False,
+        root: str | None = None, *, split_file: str | None = None, skip_bad: bool = False, **options: Any
     ) -> DatasetSplits:
-        _no_split_file(name, split_file)
-        return load_imagenet_variant(name, root, classes_file, skip_bad, imagenet_label_space)
+        if split_file is not None:
+            raise DataError(f"dataset {name!r} does not read a split file (got split_file={split_file!r})")
+        if takes_skip_bad:
+            options["skip_bad"] = skip_bad
+        return load(root, **options)
 
-    loader.__name__ = f"load_{name}"
-    return loader
-
-
-for _name in ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
-    register_dataset(_name)(_make_variant_loader(_name))
-
-
-@register_dataset("imagefolder")
-def _imagefolder(
-    root: str,
-    *,
-    split_file: str | None = None,
-    skip_bad: bool = False,
-    subdir: str | None = None,
-    classes_file: str | None = None,
-    fractions: Sequence[float] = FOLDER_FRACTIONS,
-    split_seed: int = 0,
-    templates: Sequence[str] = ("a photo of a {}.",),
-) -> DatasetSplits:
-    return load_image_folder(
-        root,
-        subdir,
-        classes_file=classes_file,
-        split_file=split_file,
-        fractions=fractions,
-        split_seed=split_seed,
-        skip_bad=skip_bad,
-        templates=templates,
-    )
+    own = inspect.signature(loader).parameters
+    rest = [p for p in params[1:] if p.name != "skip_bad"]
+    sig = inspect.Signature([params[0].replace(name="root"), own["split_file"], own["skip_bad"], *rest])
+    loader.__signature__ = sig  # type: ignore[attr-defined]
+    register_dataset(name)(loader)
 
 
-@register_dataset("csv")
-def _csv(
-    root: str,
-    *,
-    split_file: str | None = None,
-    skip_bad: bool = False,
-    classes_file: str | None = None,
-    fractions: Sequence[float] = FOLDER_FRACTIONS,
-    split_seed: int = 0,
-    templates: Sequence[str] = ("a photo of a {}.",),
-) -> DatasetSplits:
-    _no_split_file("csv", split_file)
-    return load_csv(
-        root, classes_file=classes_file, fractions=fractions, split_seed=split_seed, templates=templates
-    )
-
-
-@register_dataset("digits")
 def _digits(
-    root: str | None = None,
-    *,
-    split_file: str | None = None,
-    skip_bad: bool = False,
-    fractions: Sequence[float] = DIGITS_FRACTIONS,
-    split_seed: int = 0,
+    root: str | None = None, *, fractions: Sequence[float] = DIGITS_FRACTIONS, split_seed: int = 0
 ) -> DatasetSplits:
-    _no_split_file("digits", split_file)
     return load_digits_splits(fractions, split_seed)
 
 
-@register_dataset("unlabelled")
-def _unlabelled(
-    root: str,
-    *,
-    split_file: str | None = None,
-    skip_bad: bool = False,
-    classes_file: str | None = None,
-    templates: Sequence[str] = ("a photo of a {}.",),
-) -> DatasetSplits:
-    _no_split_file("unlabelled", split_file)
-    return load_unlabelled_folder(root, classes_file=classes_file, templates=templates)
-
-
-@register_dataset("wds")
-def _wds(
-    root: str,
-    *,
-    split_file: str | None = None,
-    skip_bad: bool = False,
-    classes_file: str | None = None,
-    pools: Sequence[str] | None = None,
-    fractions: Sequence[float] | None = None,
-    split_seed: int = 0,
-    test_folder: str | None = None,
-    templates: Sequence[str] = ("a photo of a {}.",),
-) -> DatasetSplits:
-    _no_split_file("wds", split_file)
-    return load_wds(
-        root,
-        classes_file=classes_file,
-        pools=pools,
-        fractions=fractions,
-        split_seed=split_seed,
-        test_folder=test_folder,
-        templates=templates,
-    )
+for _spec in COOP_SPECS.values():
+    if _spec.split_file is not None:  # the CoOp datasets read from a split_zhou_*.json
+        register_dataset(_spec.name)(functools.partial(load_coop_json, _spec))
+_register_no_split_file("imagenet", load_imagenet)
+_register_no_split_file("fgvc_aircraft", load_fgvc_aircraft)
+for _name in ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
+    _register_no_split_file(_name, functools.partial(load_imagenet_variant, _name))
+register_dataset("imagefolder")(load_image_folder)
+_register_no_split_file("csv", load_csv)
+_register_no_split_file("digits", _digits)
+_register_no_split_file("unlabelled", load_unlabelled_folder)
+_register_no_split_file("wds", load_wds)
 
 
 def load_splits(name: str, root: str | None = None, **kw: Any) -> DatasetSplits:

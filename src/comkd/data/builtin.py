@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-from .records import DatasetSplits, Datum, register_virtual_images
+from .records import VIRTUAL_IMAGES, DatasetSplits, Datum
 from .splits import split_per_class
 
 SCHEME = "digits://"
@@ -48,14 +48,9 @@ def _digit_images(size: int) -> tuple[Image.Image, ...]:
     return tuple(out)
 
 
-def is_digits_path(path: str) -> bool:
-    """True for virtual paths ``digits://<index>``."""
-    return path.startswith(SCHEME)
-
-
 def load_digit(path: str, size: int = DEFAULT_SIZE) -> Image.Image:
     """Resolve ``digits://<index>`` to an RGB PIL image of ``size`` x ``size`` (a copy)."""
-    key = path[len(SCHEME) :] if is_digits_path(path) else ""
+    key = path[len(SCHEME) :] if path.startswith(SCHEME) else ""
     if not key.isdigit():
         raise DataError(f"bad digits path {path!r}: expected 'digits://<index>'")
     images = _digit_images(int(size))
@@ -65,7 +60,7 @@ def load_digit(path: str, size: int = DEFAULT_SIZE) -> Image.Image:
     return images[idx].copy()
 
 
-register_virtual_images(SCHEME, load_digit)  # ImageDataset resolves digits:// paths through this
+VIRTUAL_IMAGES[SCHEME] = load_digit  # ImageDataset resolves digits:// paths through this
 
 
 def load_digits_splits(fractions: Sequence[float] = DIGITS_FRACTIONS, seed: int = 0) -> DatasetSplits:
@@ -73,13 +68,6 @@ def load_digits_splits(fractions: Sequence[float] = DIGITS_FRACTIONS, seed: int 
     _, labels = _raw_digits()
     data = [Datum(f"{SCHEME}{i}", int(y), DIGIT_NAMES[int(y)]) for i, y in enumerate(labels)]
     parts = split_per_class(data, fractions, seed)
-    key = lambda d: int(d.path[len(SCHEME) :])  # noqa: E731
-    return DatasetSplits(
-        name="digits",
-        classnames=list(DIGIT_NAMES),
-        train=sorted(parts["train"], key=key),
-        val=sorted(parts["val"], key=key),
-        test=sorted(parts["test"], key=key),
-        pretrain=sorted(parts["pretrain"], key=key),
-        templates=[DIGITS_TEMPLATE],
-    )
+    # split_per_class shuffles within a class: each part back in index order
+    parts = {k: sorted(v, key=lambda d: int(d.path[len(SCHEME) :])) for k, v in parts.items()}
+    return DatasetSplits("digits", list(DIGIT_NAMES), **parts, templates=[DIGITS_TEMPLATE])

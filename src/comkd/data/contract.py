@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from .records import DEFAULT_TEMPLATE
+from .records import DEFAULT_TEMPLATE, Datum
 
 
 @runtime_checkable
@@ -62,10 +62,11 @@ class StreamingDataset(TrainingDataset, Protocol):
 
 
 class SplitMetadata:
-    """What every dataset class holds besides its items, set once by ``_init_metadata`` (the
-    members of ``TrainingDataset`` that are not about items): both ``ImageDataset`` and
+    """What every dataset class holds besides its items ``data``, set once by ``_init_metadata``
+    (the members of ``TrainingDataset`` that are not about single items): both ``ImageDataset`` and
     ``WdsImageDataset`` inherit it."""
 
+    data: list[Datum]
     skipped: list[tuple[str, str]]
 
     def _init_metadata(
@@ -106,6 +107,14 @@ class SplitMetadata:
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def labels(self) -> list[int]:
+        """The true labels of all items (available even when ``unlabelled``; callers decide)."""
+        return [d.label for d in self.data]
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch used to derive per-item view seeds (only matters when ``view_seed`` is set)."""

@@ -46,16 +46,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .errors import DataError
 from .files import (
     check_labels,
+    class_folder_items,
     classnames_from_items,
     clean_classname,
     list_class_dirs,
-    list_images,
     read_classes_tsv,
     read_split_file,
 )
@@ -115,13 +114,6 @@ COOP_SPECS: dict[str, CoopSpec] = {
 }
 
 
-def _relabel_names(splits: dict[str, list[Datum]], classnames: Sequence[str]) -> dict[str, list[Datum]]:
-    return {
-        k: [d if d.classname == classnames[d.label] else replace(d, classname=classnames[d.label]) for d in v]
-        for k, v in splits.items()
-    }
-
-
 # -- dataset folders -----------------------------------------------------------------------------
 def resolve_dataset_dir(spec: CoopSpec, root: str) -> str:
     """``root/<dataset folder>`` if it exists, else ``root`` itself when it holds the image folder."""
@@ -131,9 +123,7 @@ def resolve_dataset_dir(spec: CoopSpec, root: str) -> str:
     cand = os.path.join(root, spec.dataset_dir)
     if os.path.isdir(cand):
         return cand
-    if spec.image_dir and os.path.isdir(os.path.join(root, spec.image_dir)):
-        return root
-    if not spec.image_dir and os.path.isdir(root):
+    if os.path.isdir(os.path.join(root, spec.image_dir)):  # root itself when image_dir is ""
         return root
     raise DataError(
         f"dataset {spec.name!r} not found: neither {cand} nor {os.path.join(root, spec.image_dir)} exists "
@@ -156,8 +146,11 @@ def _find_split_file(spec: CoopSpec, ddir: str, split_file: str | None) -> str:
     return p
 
 
-def load_coop_json(spec: CoopSpec, root: str, split_file: str | None = None) -> DatasetSplits:
-    """Load a dataset described by a CoOp split file (all CoOp datasets except ImageNet/Aircraft/DG)."""
+def load_coop_json(
+    spec: CoopSpec, root: str, *, split_file: str | None = None, skip_bad: bool = False
+) -> DatasetSplits:
+    """Load a dataset described by a CoOp split file (all CoOp datasets except ImageNet/Aircraft/DG);
+    ``skip_bad`` is unused (missing files are ``ImageDataset``'s to drop)."""
     ddir = resolve_dataset_dir(spec, root)
     sfile = _find_split_file(spec, ddir, split_file)
     image_dir = os.path.join(ddir, spec.image_dir) if spec.image_dir else ddir
@@ -173,10 +166,8 @@ def load_coop_json(spec: CoopSpec, root: str, split_file: str | None = None) -> 
             classnames = [clean_classname(cat[str(i + 1)]) for i in range(len(classnames))]
         except KeyError as exc:
             raise DataError(f"{c2n}: no name for 1-based label {exc}") from None
-    splits = _relabel_names(splits, classnames)
-    return DatasetSplits(
-        spec.name, classnames, splits["train"], splits["val"], splits["test"], templates=[spec.template]
-    )
+    splits = {k: [replace(d, classname=classnames[d.label]) for d in v] for k, v in splits.items()}
+    return DatasetSplits(spec.name, classnames, **splits, templates=[spec.template])
 
 
 def read_imagenet_classnames(path: str) -> tuple[list[str], list[str]]:
@@ -198,54 +189,16 @@ def read_imagenet_classnames(path: str) -> tuple[list[str], list[str]]:
     return wnids, names
 
 
-def _folder_items(
-    image_dir: str,
-    folder_label: dict[str, int],
-    classnames: Sequence[str],
-    source: str,
-    skipped: list[tuple[str, str]],
-    skip_bad: bool,
-) -> list[Datum]:
-    items: list[Datum] = []
-    for folder in list_class_dirs(image_dir):
-        if folder not in folder_label:
-            raise DataError(
-                f"{source}: class folder {os.path.join(image_dir, folder)} is not in the class list"
-            )
-        files = list_images(os.path.join(image_dir, folder))
-        if not files:
-            msg = f"class folder has no images: {os.path.join(image_dir, folder)}"
-            if not skip_bad:
-                raise DataError(msg)
-            skipped.append((os.path.join(image_dir, folder), "class folder has no images"))
-            continue
-        y = folder_label[folder]
-        items.extend(Datum(p, y, classnames[y]) for p in files)
-    if not items:
-        raise DataError(f"{source}: no images found under {image_dir}")
-    return items
-
-
-def _imagenet_classnames_file(ddir: str, root: str, classnames_file: str | None) -> str:
-    if classnames_file:
-        return classnames_file
-    cands = [
-        os.path.join(ddir, "classnames.txt"),
-        os.path.join(os.path.abspath(root), "imagenet", "classnames.txt"),
-    ]
-    return next((c for c in cands if os.path.isfile(c)), cands[0])
-
-
-def load_imagenet(root: str, classnames_file: str | None = None, skip_bad: bool = False) -> DatasetSplits:
+def load_imagenet(root: str, *, skip_bad: bool = False, classes_file: str | None = None) -> DatasetSplits:
     """ImageNet-1k from ``imagenet/images/{train,val}/<wnid>/`` and ``imagenet/classnames.txt``."""
     spec = COOP_SPECS["imagenet"]
     ddir = resolve_dataset_dir(spec, root)
-    wnids, names = read_imagenet_classnames(classnames_file or os.path.join(ddir, "classnames.txt"))
+    wnids, names = read_imagenet_classnames(classes_file or os.path.join(ddir, "classnames.txt"))
     f2l = {w: i for i, w in enumerate(wnids)}
     skipped: list[tuple[str, str]] = []
     img = os.path.join(ddir, spec.image_dir)
-    train = _folder_items(os.path.join(img, "train"), f2l, names, "imagenet train", skipped, skip_bad)
-    test = _folder_items(os.path.join(img, "val"), f2l, names, "imagenet val", skipped, skip_bad)
+    train = class_folder_items(os.path.join(img, "train"), f2l, names, "imagenet train", skipped, skip_bad)
+    test = class_folder_items(os.path.join(img, "val"), f2l, names, "imagenet val", skipped, skip_bad)
     return DatasetSplits(
         "imagenet", names, train, list(test), test, templates=[spec.template], skipped=skipped
     )
@@ -277,33 +230,35 @@ def load_fgvc_aircraft(root: str) -> DatasetSplits:
                 y = c2l[parts[1]]
                 items.append(Datum(os.path.join(ddir, spec.image_dir, parts[0] + ".jpg"), y, classnames[y]))
         splits[key] = items
-    return DatasetSplits(
-        "fgvc_aircraft", classnames, splits["train"], splits["val"], splits["test"], templates=[spec.template]
-    )
+    return DatasetSplits("fgvc_aircraft", classnames, **splits, templates=[spec.template])
 
 
 def load_imagenet_variant(
     name: str,
     root: str,
-    classnames_file: str | None = None,
+    *,
     skip_bad: bool = False,
+    classes_file: str | None = None,
     imagenet_label_space: bool = False,
 ) -> DatasetSplits:
     """A domain-generalisation target (imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r); test-only."""
     spec = COOP_SPECS[name]
     ddir = resolve_dataset_dir(spec, root)
-    wnids, names = read_imagenet_classnames(_imagenet_classnames_file(ddir, root, classnames_file))
+    cands = [
+        os.path.join(d, "classnames.txt") for d in (ddir, os.path.join(os.path.abspath(root), "imagenet"))
+    ]
+    cfile = classes_file or next((c for c in cands if os.path.isfile(c)), cands[0])
+    wnids, names = read_imagenet_classnames(cfile)
     img = os.path.join(ddir, spec.image_dir)
     skipped: list[tuple[str, str]] = []
     class_indices: list[int] | None = None
+    classnames = names
+    w2i = {w: i for i, w in enumerate(wnids)}
     if name == "imagenet_v2":
         f2l = {str(i): i for i in range(len(wnids))}
-        classnames = names
     elif name == "imagenet_sketch" or imagenet_label_space:
-        f2l = {w: i for i, w in enumerate(wnids)}
-        classnames = names
+        f2l = w2i
     else:
-        w2i = {w: i for i, w in enumerate(wnids)}
         present = list_class_dirs(img)
         unknown = [w for w in present if w not in w2i]
         if unknown:
@@ -315,7 +270,7 @@ def load_imagenet_variant(
         class_indices = [w2i[w] for w in present]
         f2l = {w: i for i, w in enumerate(present)}
         classnames = [names[w2i[w]] for w in present]
-    items = _folder_items(img, f2l, classnames, name, skipped, skip_bad)
+    items = class_folder_items(img, f2l, classnames, name, skipped, skip_bad)
     return DatasetSplits(
         name,
         classnames,

@@ -67,9 +67,7 @@ def load_image_file(path: str) -> Image.Image:
 
 def seeded_view(transform: Callable[..., Any], image: Image.Image, seed: int) -> torch.Tensor:
     """``transform(image)`` drawn with a ``torch.Generator`` seeded with ``seed``: a replayable view."""
-    g = torch.Generator()
-    g.manual_seed(int(seed) & _MASK63)
-    return transform(image, generator=g)
+    return transform(image, generator=torch.Generator().manual_seed(int(seed) & _MASK63))
 
 
 def check_labels_in_range(data: Sequence[Datum], n: int, unlabelled: bool, where: str, name: str) -> None:
@@ -115,19 +113,17 @@ class ImageDataset(SplitMetadata, Dataset):
         source: str = "",
         **meta: Any,
     ) -> None:
-        # meta: SplitMetadata's keywords (unlabelled, train_transform, view_seed, name, templates,
-        # class_indices, full_classnames, parent_class_indices, digits_size)
+        # meta: SplitMetadata's keywords (``_init_metadata``: unlabelled, view_seed, name, ...)
         self._init_metadata(classnames, transform, **{"digits_size": DEFAULT_SIZE, **meta})
-        name = self.name
         where = f" ({source})" if source else ""
-        check_labels_in_range(data, len(self.classnames), self.unlabelled, where, name)
+        check_labels_in_range(data, len(self.classnames), self.unlabelled, where, self.name)
         kept = self._check_files(list(data), skip_bad, where)
         if skip_bad:
             kept = self._check_decodable(kept)
             if self.skipped:
                 log.warning(
                     "%s: skipped %d of %d items (missing or unreadable), %d remain",
-                    name or "dataset",
+                    self.name or "dataset",
                     len(self.skipped),
                     len(data),
                     len(kept),
@@ -159,13 +155,8 @@ class ImageDataset(SplitMetadata, Dataset):
 
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             reasons = list(pool.map(check, data))
-        kept = []
-        for d, r in zip(data, reasons, strict=True):
-            if r is None:
-                kept.append(d)
-            else:
-                self.skipped.append((d.path, r))
-        return kept
+        self.skipped.extend((d.path, r) for d, r in zip(data, reasons, strict=True) if r is not None)
+        return [d for d, r in zip(data, reasons, strict=True) if r is None]
 
     # -- loading -----------------------------------------------------------------------------
     def _load(self, path: str) -> Image.Image:
@@ -179,30 +170,19 @@ class ImageDataset(SplitMetadata, Dataset):
         return self._load(self.data[index].path)
 
     @property
-    def labels(self) -> list[int]:
-        """The true labels of all items (available even when ``unlabelled``; callers decide)."""
-        return [d.label for d in self.data]
-
-    @property
     def item_ids(self) -> list[str]:
         """Each item's path (a file, or a virtual image such as ``digits://<index>``)."""
         return [d.path for d in self.data]
 
-    def _view_transform(self) -> Callable[..., Any]:
+    def get_view(self, index: int, seed: int) -> torch.Tensor:
+        """The train-augmented view of item ``index`` drawn with a generator seeded with ``seed``."""
         t = self.train_transform or self.transform
         if t is None or not getattr(t, "train", False):
             raise DataError(
                 f"get_view needs a seedable train transform (from build_transform(..., train=True)); "
                 f"{self.name or 'this dataset'} has transform={self.transform!r}, train_transform={self.train_transform!r}"
             )
-        return t
-
-    def get_view(self, index: int, seed: int) -> torch.Tensor:
-        """The train-augmented view of item ``index`` drawn with a generator seeded with ``seed``."""
-        return seeded_view(self._view_transform(), self.load_image(index), seed)
-
-    def __len__(self) -> int:
-        return len(self.data)
+        return seeded_view(t, self.load_image(index), seed)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         d = self.data[index]

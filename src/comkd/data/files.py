@@ -4,14 +4,11 @@ cleaning, ``classes.tsv`` and CoOp-format split files, label checks."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 
 from .errors import DataError
 from .records import Datum
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -21,14 +18,16 @@ def clean_classname(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+def is_image_file(path: str) -> bool:
+    """True for a file name with a common image extension (case-insensitive), not hidden."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def list_images(folder: str) -> list[str]:
     """Sorted absolute paths of the image files directly inside ``folder`` (hidden files ignored)."""
     with os.scandir(folder) as it:
-        names = [
-            e.name
-            for e in it
-            if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+        names = [e.name for e in it if e.is_file() and is_image_file(e.name)]
     return [os.path.join(folder, n) for n in sorted(names)]
 
 
@@ -38,6 +37,36 @@ def list_class_dirs(folder: str) -> list[str]:
         raise DataError(f"image folder not found: {folder}")
     with os.scandir(folder) as it:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+def class_folder_items(
+    image_dir: str,
+    folder_label: dict[str, int],
+    classnames: Sequence[str],
+    source: str,
+    skipped: list[tuple[str, str]],
+    skip_bad: bool,
+    empty_ok: bool = False,
+) -> list[Datum]:
+    """The images of every class sub-folder of ``image_dir``, labelled by ``folder_label``. A folder
+    with no images is a ``DataError``, or with ``skip_bad`` is listed in ``skipped`` instead; no
+    images at all is a ``DataError`` unless ``empty_ok``."""
+    items: list[Datum] = []
+    for folder in list_class_dirs(image_dir):
+        path = os.path.join(image_dir, folder)
+        if folder not in folder_label:
+            raise DataError(f"{source}: class folder {path} is not in the class list")
+        files = list_images(path)
+        if not files:
+            if not skip_bad:
+                raise DataError(f"class folder has no images: {path}")
+            skipped.append((path, "class folder has no images"))
+            continue
+        y = folder_label[folder]
+        items.extend(Datum(p, y, classnames[y]) for p in files)
+    if not items and not empty_ok:
+        raise DataError(f"{source}: no images found under {image_dir}")
+    return items
 
 
 # -- split files ---------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from .errors import DataError
 from .files import (
     check_labels,
+    class_folder_items,
     classnames_from_items,
     clean_classname,
     list_class_dirs,
-    list_images,
     read_classes_tsv,
     read_split_file,
 )
@@ -55,10 +55,10 @@ def read_class_file(path: str) -> tuple[list[str], dict[str, int]]:
     return names, {}
 
 
-def find_class_file(*folders: str) -> str | None:
-    """The first ``classes.tsv`` or ``classnames.txt`` in ``folders``, or None."""
+def find_class_file(*folders: str, names: Sequence[str] = ("classes.tsv", "classnames.txt")) -> str | None:
+    """The first of the files ``names`` in the first of ``folders`` that has one, or None."""
     for folder in folders:
-        for fn in ("classes.tsv", "classnames.txt"):
+        for fn in names:
             p = os.path.join(folder, fn)
             if os.path.isfile(p):
                 return p
@@ -85,25 +85,6 @@ def _match_folders(folders: list[str], names: list[str], ids: dict[str, int], so
     return out
 
 
-def _assemble(
-    name: str,
-    classnames: list[str],
-    splits: dict[str, list[Datum]],
-    templates: Sequence[str],
-    skipped: list[tuple[str, str]],
-) -> DatasetSplits:
-    return DatasetSplits(
-        name,
-        classnames,
-        splits.get("train", []),
-        splits.get("val", []),
-        splits.get("test", []),
-        pretrain=splits.get("pretrain", []),
-        templates=list(templates),
-        skipped=skipped,
-    )
-
-
 def _resolve(path: str | None, base: str) -> str | None:
     """A relative file name resolves against the dataset folder first (as split files do), then
     against the working directory."""
@@ -115,15 +96,14 @@ def _resolve(path: str | None, base: str) -> str | None:
 
 def load_image_folder(
     root: str,
-    subdir: str | None = None,
     *,
-    classes_file: str | None = None,
     split_file: str | None = None,
+    skip_bad: bool = False,
+    subdir: str | None = None,
+    classes_file: str | None = None,
     fractions: Sequence[float] = FOLDER_FRACTIONS,
     split_seed: int = 0,
-    skip_bad: bool = False,
     templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-    name: str = "imagefolder",
 ) -> DatasetSplits:
     """Read ``root[/subdir]/<class>/<image>`` into splits (see the module docstring for the rules)."""
     if root is None:
@@ -141,7 +121,7 @@ def load_image_folder(
         classnames = read_class_file(cfile)[0] if cfile else classnames_from_items(splits, sfile)
         check_labels(splits, classnames, f"split file {sfile}")
         splits = {k: [Datum(d.path, d.label, classnames[d.label]) for d in v] for k, v in splits.items()}
-        return _assemble(name, classnames, splits, templates, [])
+        return DatasetSplits("imagefolder", classnames, **splits, templates=list(templates))
     folders = list_class_dirs(image_dir)
     if not folders:
         raise DataError(f"image folder {image_dir} has no class sub-folders")
@@ -151,19 +131,10 @@ def load_image_folder(
     else:
         classnames = [clean_classname(f) for f in folders]
         f2l = {f: i for i, f in enumerate(folders)}
-    items: list[Datum] = []
     skipped: list[tuple[str, str]] = []
-    for f in folders:
-        path = os.path.join(image_dir, f)
-        files = list_images(path)
-        if not files:
-            if not skip_bad:
-                raise DataError(f"class folder has no images: {path}")
-            skipped.append((path, "class folder has no images"))
-            continue
-        y = f2l[f]
-        items.extend(Datum(p, y, classnames[y]) for p in files)
-    return _assemble(name, classnames, split_per_class(items, fractions, split_seed), templates, skipped)
+    items = class_folder_items(image_dir, f2l, classnames, image_dir, skipped, skip_bad, empty_ok=True)
+    splits = split_per_class(items, fractions, split_seed)
+    return DatasetSplits("imagefolder", classnames, **splits, templates=list(templates), skipped=skipped)
 
 
 def load_csv(
@@ -173,7 +144,6 @@ def load_csv(
     fractions: Sequence[float] = FOLDER_FRACTIONS,
     split_seed: int = 0,
     templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-    name: str = "csv",
 ) -> DatasetSplits:
     """Read a CSV of ``path,label`` / ``path,classname`` rows (header required) into splits."""
     if path is None or not os.path.isfile(path):
@@ -241,11 +211,7 @@ def load_csv(
         classnames, labels = [classnames[i] for i in keep], [remap[y] for y in labels]
     items: list[Datum] = []
     explicit: dict[str, list[Datum]] = {s: [] for s in SPLIT_NAMES}
-    for n, (r, y) in enumerate(zip(rows, labels, strict=True), start=2):
-        if not 0 <= y < len(classnames):
-            raise DataError(
-                f"CSV {path}: line {n} label {y} is outside the class list (0..{len(classnames) - 1})"
-            )
+    for n, (r, y) in enumerate(zip(rows, labels, strict=True), start=2):  # labels: checked above
         p = r["path"] if os.path.isabs(r["path"]) else os.path.join(base, r["path"])
         d = Datum(os.path.normpath(p), y, classnames[y])
         if "split" in cols:
@@ -257,4 +223,4 @@ def load_csv(
         else:
             items.append(d)
     splits = explicit if "split" in cols else split_per_class(items, fractions, split_seed)
-    return _assemble(name, classnames, splits, templates, [])
+    return DatasetSplits("csv", classnames, **splits, templates=list(templates))

@@ -78,18 +78,11 @@ SPLIT_NAMES = ("pretrain", "train", "val", "test")
 
 
 #: readers of virtual image paths (images that are not files, e.g. ``digits://<index>``):
-#: ``scheme -> reader(path, size) -> RGB PIL image``; a dataset module registers its own
+#: ``scheme -> reader(path, size) -> RGB PIL image``; a dataset module adds its own, and
+#: ``ImageDataset`` resolves a path starting with ``scheme`` with ``reader(path, size)``
 VIRTUAL_IMAGES: dict[str, Callable[[str, int], Any]] = {}
-
-
-def register_virtual_images(scheme: str, reader: Callable[[str, int], Any]) -> None:
-    """Make ``ImageDataset`` resolve paths starting with ``scheme`` with ``reader(path, size)``."""
-    VIRTUAL_IMAGES[scheme] = reader
 
 
 def virtual_reader(path: str) -> Callable[[str, int], Any] | None:
     """The reader of a virtual path, or None for a file path."""
-    for scheme, reader in VIRTUAL_IMAGES.items():
-        if path.startswith(scheme):
-            return reader
-    return None
+    return next((reader for scheme, reader in VIRTUAL_IMAGES.items() if path.startswith(scheme)), None)

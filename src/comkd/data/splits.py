@@ -1,15 +1,8 @@
 """Few-shot sampling, base/novel class splits and deterministic per-class fractional splits.
 
-Conventions follow CoOp / PromptKD:
-
-* ``few_shot``: per class, ``num_shots`` items sampled without replacement with a seeded RNG; a
-  class with fewer items keeps all of them and is recorded in ``FewShotSample.short_classes``.
-* ``base_novel_split``: classes sorted by label; base = the first ``ceil(N/2)``, novel = the rest;
-  each half is relabelled from 0. ``N`` is the length of the class list (for the full CoOp datasets
-  this equals the set of labels CoOp reads from the train split).
-* ``split_per_class``: each class's items are shuffled with ``random.Random(seed)`` and cut in
-  order into ``pretrain/train/val/test`` by the given fractions, so the parts are disjoint and the
-  result depends only on the item list, the fractions and the seed.
+Conventions follow CoOp / PromptKD. Base/novel: base = the first ``ceil(N/2)`` labels, novel = the
+rest, each half relabelled from 0; ``N`` is the length of the class list (for the full CoOp
+datasets, the labels CoOp reads from the train split).
 """
 
 from __future__ import annotations
@@ -119,9 +112,8 @@ def split_per_class(
     """Split items per class into ``pretrain/train/val/test`` by ``fractions`` (4 numbers, sum <= 1).
 
     Within each class the items (sorted by path) are shuffled with a ``random.Random`` seeded from
-    ``seed`` and the label, and cut at
-    ``round(n * cumulative_fraction)``, so parts are disjoint, each class is split in the same
-    proportions, and fractions that sum to less than 1 leave the remainder unused.
+    ``seed`` and the label, and cut at ``round(n * cumulative_fraction)``, so parts are disjoint,
+    each class is split in the same proportions, and fractions summing to < 1 leave the rest unused.
     """
     fr = [float(f) for f in fractions]
     if len(fr) != len(SPLIT_NAMES) or any(f < 0 or f > 1 for f in fr) or sum(fr) > 1 + 1e-9:

@@ -33,13 +33,6 @@ _INTERP = {
 INTERPOLATIONS = tuple(_INTERP)
 
 
-def _resample(interpolation: str) -> Image.Resampling:
-    try:
-        return _INTERP[interpolation]
-    except KeyError:
-        raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(_INTERP)}") from None
-
-
 def transform_fingerprint(
     image_size: int,
     mean: Sequence[float] = CLIP_MEAN,
@@ -72,6 +65,8 @@ def transform_fingerprint(
 
 
 class _Base:
+    train: bool  # set by each subclass
+
     def __init__(
         self, image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str
     ) -> None:
@@ -83,7 +78,9 @@ class _Base:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.interpolation = interpolation
-        self.resample = _resample(interpolation)
+        if interpolation not in _INTERP:
+            raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(_INTERP)}")
+        self.resample = _INTERP[interpolation]
         self._mean_t = torch.tensor(self.mean).view(3, 1, 1)
         self._std_t = torch.tensor(self.std).view(3, 1, 1)
 
@@ -93,15 +90,21 @@ class _Base:
         t = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         return (t - self._mean_t) / self._std_t
 
+    @property
+    def fingerprint(self) -> str:
+        aug = (self.scale, self.ratio, self.hflip) if self.train else ()
+        return transform_fingerprint(
+            self.image_size, self.mean, self.std, self.interpolation, self.train, *aug
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.fingerprint})"
+
 
 class EvalTransform(_Base):
     """Resize the shorter side to ``image_size`` (keeping aspect ratio), centre crop, normalise."""
 
     train = False
-
-    @property
-    def fingerprint(self) -> str:
-        return transform_fingerprint(self.image_size, self.mean, self.std, self.interpolation, train=False)
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         s = self.image_size
@@ -116,9 +119,6 @@ class EvalTransform(_Base):
         top = int(round((nh - s) / 2.0))
         img = img.crop((left, top, left + s, top + s))
         return self.to_tensor(img)
-
-    def __repr__(self) -> str:
-        return f"EvalTransform({self.fingerprint})"
 
 
 class TrainTransform(_Base):
@@ -142,12 +142,6 @@ class TrainTransform(_Base):
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip = float(hflip)
-
-    @property
-    def fingerprint(self) -> str:
-        return transform_fingerprint(
-            self.image_size, self.mean, self.std, self.interpolation, True, self.scale, self.ratio, self.hflip
-        )
 
     def crop_params(
         self, width: int, height: int, generator: torch.Generator | None = None
@@ -182,9 +176,6 @@ class TrainTransform(_Base):
         if float(torch.rand(1, generator=generator)) < self.hflip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.to_tensor(img)
-
-    def __repr__(self) -> str:
-        return f"TrainTransform({self.fingerprint})"
 
 
 def build_transform(

@@ -19,18 +19,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
 from .errors import DataError
-from .files import IMAGE_EXTENSIONS
+from .files import IMAGE_EXTENSIONS, is_image_file
+from .folder import find_class_file, read_class_file
 from .records import DEFAULT_TEMPLATE, DatasetSplits, Datum
 
 log = logging.getLogger(__name__)
 
 UNLABELLED = -1
-
-
-def is_image_file(path: str) -> bool:
-    """True for a file name with a common image extension (case-insensitive), not hidden."""
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _identity(path: str, st: os.stat_result | None = None) -> tuple[int, int] | str:
@@ -91,8 +86,7 @@ def walk_images(folder: str) -> Iterator[tuple[tuple[str, ...], str]]:
 
 
 def list_images_recursive(folder: str) -> list[str]:
-    """Sorted absolute paths of every image file under ``folder`` (hidden entries skipped; links
-    followed, each real folder and file once: ``walk_images``)."""
+    """Sorted absolute paths of every image file under ``folder`` (the rules of ``walk_images``)."""
     return sorted(path for _, path in walk_images(folder))
 
 
@@ -140,37 +134,29 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
     An input that matches nothing raises ``DataError`` naming it."""
     seen: set[tuple[int, int] | str] = set()
     out: list[str] = []
-
-    def add(paths: Sequence[str]) -> None:
-        for p in paths:
-            key = _identity(p)
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-
     for item in inputs:
         s = os.path.expanduser(str(item))
         if os.path.isdir(s):
             found = sorted(os.path.join(s, *parts) for parts, _ in walk_images(s))
             if not found:
                 raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under folder {s}")
-            add(found)
         elif os.path.isfile(s):
-            add([s])
+            found = [s]
         elif glob.has_magic(s):
-            files = glob_images(s)
-            if not files:
+            found = glob_images(s)
+            if not found:
                 raise DataError(f"pattern {s!r} matches no image files")
-            add(files)
         else:
             raise DataError(f"no such image file or folder: {s}")
+        for p in found:
+            if (key := _identity(p)) not in seen:
+                seen.add(key)
+                out.append(p)
     return out
 
 
 def read_names_file(path: str) -> list[str]:
     """Class names from a ``classes.tsv`` or a one-name-a-line file; duplicates are refused."""
-    from .folder import read_class_file
-
     if not os.path.isfile(path):
         raise DataError(f"class-names file not found: {path}")
     names = read_class_file(path)[0]
@@ -186,7 +172,6 @@ def load_unlabelled_folder(
     *,
     classes_file: str | None = None,
     templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-    name: str = "unlabelled",
 ) -> DatasetSplits:
     """All images under ``root`` as the unlabelled ``train`` split, with the class names of
     ``classes_file`` (see the module docstring)."""
@@ -196,10 +181,7 @@ def load_unlabelled_folder(
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root}")
     if classes_file is None:
-        for fn in ("classnames.txt", "classes.tsv"):
-            if os.path.isfile(os.path.join(root, fn)):
-                classes_file = os.path.join(root, fn)
-                break
+        classes_file = find_class_file(root, names=("classnames.txt", "classes.tsv"))
     if classes_file is None:
         raise DataError(
             f"dataset 'unlabelled' ({root}) needs a class-names file: data.classes_file=FILE "
@@ -210,4 +192,4 @@ def load_unlabelled_folder(
     if not files:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     items = [Datum(p, UNLABELLED, "") for p in files]
-    return DatasetSplits(name, names, train=items, val=[], test=[], templates=list(templates))
+    return DatasetSplits("unlabelled", names, train=items, val=[], test=[], templates=list(templates))

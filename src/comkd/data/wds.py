@@ -25,8 +25,8 @@ bytes each reads do not grow with the number of ranks. Under several ranks a tra
 cycles through its rank's shards (reshuffled each pass) until the loop has the epoch's batches:
 with shards of equal size and a shard count the ranks divide, every sample is seen once per epoch;
 otherwise a rank with smaller shards sees some of its samples twice. Fewer shards than ranks ×
-workers is refused (``training_stream``). One process reads every shard once per epoch, exactly
-as before. Training streams shuffle the shard order per epoch and the samples through a seeded
+workers is refused (``training_stream``). One process reads every shard once per epoch.
+Training streams shuffle the shard order per epoch and the samples through a seeded
 buffer (``shuffle_buffer``); the order depends only on (seed, epoch, rank, worker), so a resumed
 run replays it.
 
@@ -47,12 +47,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .contract import SplitMetadata
 from .dataset import check_labels_in_range, decode_image, derive_view_seed, seeded_view
 from .errors import DataError
+from .folder import FOLDER_FRACTIONS, find_class_file, load_image_folder
 from .records import DEFAULT_TEMPLATE, DatasetSplits, Datum
 from .shards import (
     IMAGE_EXTS,
@@ -64,17 +64,10 @@ from .shards import (
     parse_pools,
     scan_shards,
 )
+from .splits import split_per_class
+from .unlabelled import read_names_file
 
 log = logging.getLogger(__name__)
-
-
-def _find_classes_file(shards: list[str]) -> str | None:
-    folder = os.path.dirname(shards[0])
-    for d in (folder, os.path.dirname(folder)):
-        for fn in ("classes.tsv", "classnames.txt"):
-            if os.path.isfile(os.path.join(d, fn)):
-                return os.path.join(d, fn)
-    return None
 
 
 def load_wds(
@@ -86,21 +79,15 @@ def load_wds(
     split_seed: int = 0,
     test_folder: str | None = None,
     templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-    name: str = "wds",
 ) -> DatasetSplits:
     """The index of the shards of ``root`` as ``DatasetSplits`` (see the module docstring).
 
     Class names: ``classes_file``, else a ``classes.tsv``/``classnames.txt`` in the shards' folder
-    or its parent. Without ``pools``, labelled shards are split per class by ``fractions``
-    (pretrain/train/val/test, default 0/0.6/0.1/0.3, seed ``split_seed``) and unlabelled ones go
-    to ``train``. ``test_folder``: a folder of class sub-folders read as the test split.
+    or its parent. ``fractions`` (pretrain/train/val/test) default to 0/0.6/0.1/0.3, seed ``split_seed``.
     """
-    from .folder import FOLDER_FRACTIONS, load_image_folder
-    from .splits import split_per_class
-    from .unlabelled import read_names_file
-
     shards = expand_shards(root)
-    cfile = classes_file or _find_classes_file(shards)
+    folder = os.path.dirname(shards[0])
+    cfile = classes_file or find_class_file(folder, os.path.dirname(folder))
     if cfile is None:
         raise DataError(
             f"dataset 'wds' ({root}) needs a class-names file: data.classes_file=FILE (one name a line, or a "
@@ -143,17 +130,10 @@ def load_wds(
         splits["test"] = load_image_folder(test_folder, classes_file=cfile, fractions=(0, 0, 0, 1)).test
     # every split and pool is streamed from the shards, but a test split read from data.test_folder
     readers = {k: "shards" for k in [*splits, *extra] if not (k == "test" and test_folder is not None)}
-    return DatasetSplits(name, classnames, templates=list(templates), pools=extra, readers=readers, **splits)
+    return DatasetSplits("wds", classnames, templates=list(templates), pools=extra, readers=readers, **splits)
 
 
 # -- streaming ---------------------------------------------------------------------------------
-def _image_bytes(sample: dict[str, Any]) -> bytes | None:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    return None
-
-
 def iter_shard(shard: str) -> Iterator[tuple[str, bytes | None]]:
     """``(key, image bytes)`` of every sample of ``shard`` in tar order, streamed with ``webdataset``;
     a shard that breaks off mid-way is a ``DataError`` naming it."""
@@ -167,7 +147,7 @@ def iter_shard(shard: str) -> Iterator[tuple[str, bytes | None]]:
     )
     try:
         for sample in stream:
-            yield sample["__key__"], _image_bytes(sample)
+            yield sample["__key__"], next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"cannot read shard {shard} (truncated or damaged): {exc}") from None
 
@@ -242,13 +222,6 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
             self._set_data([d for i, d in enumerate(self.data) if i not in bad])
 
     # -- ImageDataset's interface ----------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.data)
-
-    @property
-    def labels(self) -> list[int]:
-        return [d.label for d in self.data]
-
     @property
     def item_ids(self) -> list[str]:
         """``<shard file name>#<key>`` of every item: what a teacher cache keys its rows by (the
@@ -281,18 +254,25 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
         return out
 
     # -- iteration -----------------------------------------------------------------------------
-    def _image(self, img: Image.Image, i: int) -> Any:
+    def _sample(self, shard: str, key: str, data: bytes | None, i: int) -> tuple[Any, int, int]:
+        """Item ``i`` (sample ``key`` of ``shard``, image bytes ``data``) as ``(image, label, i)``."""
+        where = f"sample {key!r} of shard {shard}{self._where}"
+        if data is None:
+            raise DataError(f"{where} has no image")
+        img = decode_image(data, where)
         if self.view_seed is not None:
             t = self.train_transform or self.transform
             if t is None or not getattr(t, "train", False):
                 raise DataError(f"{self.name or 'wds'}: replayable views need a seedable train transform")
             epoch = self.epoch % self.view_period if self.view_period else self.epoch
-            return seeded_view(t, img, derive_view_seed(self.view_seed, epoch, i))
-        return self.transform(img) if self.transform is not None else img
+            img = seeded_view(t, img, derive_view_seed(self.view_seed, epoch, i))
+        elif self.transform is not None:
+            img = self.transform(img)
+        return img, (-1 if self.unlabelled else self.data[i].label), i
 
-    def _shard_order(self, seed: int, epoch: int) -> list[str]:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        shards = list(self._by_shard)
+    @staticmethod
+    def _shuffled(shards: list[str], seed: int) -> list[str]:
+        g = torch.Generator().manual_seed(seed)
         return [shards[j] for j in torch.randperm(len(shards), generator=g).tolist()]
 
     def __iter__(self) -> Iterator[tuple[Any, int, int]]:
@@ -300,7 +280,7 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self._train is not None:
             rank, world, seed = self._train
-            shards = self._shard_order(seed, self.epoch)
+            shards = self._shuffled(list(self._by_shard), seed * 100_003 + self.epoch)
         else:
             (rank, world), seed = self._share, 0
             shards = list(self._by_shard)
@@ -313,15 +293,6 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
         rng = random.Random((seed * 1_000_003 + self.epoch) * 10_007 + rank * 101 + worker)
         buffer: list[tuple[str, str, bytes | None, int]] = []
         size = self.shuffle_buffer if self._train is not None else 0
-
-        def emit(item: tuple[str, str, bytes | None, int]) -> tuple[Any, int, int]:
-            shard, key, data, i = item
-            where = f"sample {key!r} of shard {shard}{self._where}"
-            if data is None:
-                raise DataError(f"{where} has no image")
-            img = self._image(decode_image(data, where), i)
-            return img, (-1 if self.unlabelled else self.data[i].label), i
-
         passes = 0
         while True:
             for shard in mine:
@@ -335,14 +306,11 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
                             f"shard {shard} holds sample {key!r} twice (changed since it was indexed?)"
                         )
                     seen += 1
-                    if size <= 1:
-                        yield emit((shard, key, data, i))
-                        continue
                     buffer.append((shard, key, data, i))
-                    if len(buffer) >= size:
+                    if len(buffer) >= size:  # at once when size <= 1 (no shuffle)
                         j = rng.randrange(len(buffer))
                         buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                        yield emit(buffer.pop())
+                        yield self._sample(*buffer.pop())
                 if seen < len(wanted):
                     raise DataError(
                         f"shard {shard} ended after {seen} of its {len(wanted)} samples of this pool: "
@@ -350,13 +318,12 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
                     )
             rng.shuffle(buffer)  # each pass ends with its own samples
             for item in buffer:
-                yield emit(item)
+                yield self._sample(*item)
             buffer.clear()
             if not endless:
                 return
             passes += 1
-            g = torch.Generator().manual_seed(seed * 100_003 + self.epoch + passes * 7_919)
-            mine = [mine[j] for j in torch.randperm(len(mine), generator=g).tolist()]
+            mine = self._shuffled(mine, seed * 100_003 + self.epoch + passes * 7_919)
 
     def __repr__(self) -> str:
         return (

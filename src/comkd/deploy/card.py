@@ -1,11 +1,6 @@
 """The model card of a distilled student (``comkd push``; ``deploy.hub`` uploads it), built with
-huggingface_hub's ``ModelCard`` / ``ModelCardData``: the YAML metadata the hub indexes (license,
-library name, tags, pipeline tag, the data as the user named it, and a ``model-index`` of
-``EvalResult`` s with the student's base / novel / HM or accuracy), then its classes, the data it
-was distilled on and scored on, its scores beside the teacher's, the undistilled student's and
-chance (with the test-set size), the teacher (model and SHA-256 of its weights and prompts), the
-recipe from the run's ``config.yaml``, how to install and use it, and its limits. Scores come from
-the ``results.json`` beside the student (or ``--results FILE``), and the baselines from the
+huggingface_hub's ``ModelCard`` / ``ModelCardData`` (its sections: ``model_card``). Scores come
+from the ``results.json`` beside the student (or ``--results FILE``), and the baselines from the
 run-level ``results.json`` of the ``comkd run`` / ``comkd demo`` the student sits in.
 """
 
@@ -52,12 +47,9 @@ class _Run:
 
     def __init__(self, config: dict | None, results: dict | None, run: dict | None) -> None:
         c = config or {}
-        sec = {
-            k: c.get(k) if isinstance(c.get(k), dict) else {}
-            for k in ("data", "full", "distill", "teacher", "student")
-        }
-        self.data, self.full, self.distill = sec["data"], sec["full"], sec["distill"]
-        self.teacher_cfg, self.student_cfg = sec["teacher"], sec["student"]
+        self.data, self.full, self.distill, self.teacher_cfg = (
+            c.get(k) if isinstance(c.get(k), dict) else {} for k in ("data", "full", "distill", "teacher")
+        )
         r = results or {}
         self.protocol = _str(r.get("protocol")) or _str(c.get("protocol"))
         self.loader = _str(self.data.get("dataset")) or _str(r.get("dataset"))
@@ -111,6 +103,10 @@ def _chance(parts: dict[str, dict[str, int]], k: str, n_classes: int) -> float |
     return 100.0 / c if c else None
 
 
+def _table_row(label: str, values: list[float | None]) -> str:
+    return f"| {label} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in values) + " |"
+
+
 def _scores_section(scores: Scores, run: _Run, n_classes: int, models: tuple[str, str]) -> list[str]:
     """The student's scores beside the teacher's, the undistilled student's (the same CLIP,
     zero-shot) and chance (per part: 100 / its classes), and the test-set size."""
@@ -131,17 +127,10 @@ def _scores_section(scores: Scores, run: _Run, n_classes: int, models: tuple[str
         "|---|" + "---|" * len(keys),
     ]
     for who in ("teacher", "student_zeroshot", Scores.SELF):
-        row = scores.rows.get(who) or {}
-        if row:
-            cells = ["–" if row.get(k) is None else f"{row[k]:.2f}" for k in keys]
-            lines.append(f"| {labels[who]} | " + " | ".join(cells) + " |")
+        if row := scores.rows.get(who):
+            lines.append(_table_row(labels[who], [row.get(k) for k in keys]))
     chance = [_chance(scores.parts, k, n_classes) for k in keys]
-    lines.append(
-        "| chance level (100 / classes) | "
-        + " | ".join("–" if c is None else f"{c:.2f}" for c in chance)
-        + " |"
-    )
-    lines.append("")
+    lines += [_table_row("chance level (100 / classes)", chance), ""]
     if not scores.rows.get("teacher") and not scores.rows.get("student_zeroshot"):
         lines += [
             "The results given hold no teacher or undistilled-student scores (the run's own "
@@ -152,10 +141,9 @@ def _scores_section(scores: Scores, run: _Run, n_classes: int, models: tuple[str
     for part in ("base", "novel", "all"):
         s = scores.parts.get(part)
         if s and s.get("images"):
-            what = {"base": "base classes", "novel": "novel classes", "all": "all classes"}[part]
             n = s.get("classes")
             cls = f" of {n} class{'es' if n != 1 else ''}" if n else ""
-            sizes.append(f"{what}: {s['images']} images{cls}")
+            sizes.append(f"{part} classes: {s['images']} images{cls}")
     lines.append("Test set size: " + ("; ".join(sizes) if sizes else "not recorded in the results") + ".")
     return lines
 
@@ -216,23 +204,15 @@ def _recipe_section(distill: dict) -> list[str]:
 
 def use_snippet(repo_id: str) -> str:
     """The Python lines of the card's "Install and use" section (run verbatim by a test)."""
-    return "\n".join(
-        [
-            "import comkd",
-            "",
-            f'student = comkd.load_student("hf-hub:{repo_id}")',
-            'for p in student.predict(["photo1.jpg", "photo2.jpg"], top_k=3):',
-            "    print(p.path, p.classes, p.probs)",
-        ]
-    )
+    return f"""import comkd
+
+student = comkd.load_student("hf-hub:{repo_id}")
+for p in student.predict(["photo1.jpg", "photo2.jpg"], top_k=3):
+    print(p.path, p.classes, p.probs)"""
 
 
 def _use_section(repo_id: str, with_onnx: bool) -> list[str]:
-    onnx = (
-        f" ONNX Runtime: add `--runtime onnx` (the `{ONNX_FILENAME}` in this repository)."
-        if with_onnx
-        else ""
-    )
+    onnx = f" ONNX Runtime: add `--runtime onnx` (the `{ONNX_FILENAME}` in this repository)."
     return [
         "comkd (the ComKD-CLIP distillation project this student was made with) is not on PyPI: "
         "install it from its source (`pip install -e .` in a checkout of the project), then",
@@ -248,7 +228,7 @@ def _use_section(repo_id: str, with_onnx: bool) -> list[str]:
         "```",
         "",
         "The files come through huggingface_hub's download and cache (`HF_HUB_OFFLINE=1` works from it)."
-        + onnx,
+        + (onnx if with_onnx else ""),
     ]
 
 
@@ -271,16 +251,15 @@ def model_card(
 ) -> Any:
     """The README.md of a pushed student, a ``huggingface_hub.ModelCard``: metadata from
     ``ModelCardData`` (licence, library, tags, pipeline tag, datasets, and the distilled student's
-    scores as ``EvalResult`` s), then what it is, its classes, data, scores beside the teacher's,
-    the undistilled student's and chance, its teacher, recipe, how to install and use it, and its
-    limits. ``results``: the student's results.json (any shape comkd writes); ``run``: the
-    run-level results.json of its run (``run_results``), for the baselines."""
+    scores as ``EvalResult`` s), then what it is and the sections listed below. ``results``: the
+    student's results.json (any shape comkd writes); ``run``: the run-level results.json of its run
+    (``run_results``), for the baselines."""
     from huggingface_hub import ModelCard, ModelCardData
 
     r = _Run(config, results, run)
     scores = Scores()
-    scores.add(results, r.method, r.loader, r.seed)
-    scores.add(run, r.method, r.loader, r.seed)
+    for res in (results, run):
+        scores.add(res, r.method, r.loader, r.seed)
     name = repo_id.split("/")[1]
     evals = _eval_results(scores, r)
     datasets = list(dict.fromkeys(d for d in (r.pool, r.test) if d))

@@ -13,8 +13,7 @@ is dynamic. The file's metadata holds what a caller needs around the graph:
 * ``comkd.student_config`` (and ``comkd.teacher`` when known): copied from the student file.
 
 ONNX keeps them in the model's ``metadata_props``; TorchScript in the archive's extra file
-``comkd.json``. ``export_student`` checks the export against the PyTorch student on the given
-images (top-1 agreement and the largest |Δ logit|) and refuses a disagreeing export.
+``comkd.json``. ``export_student`` writes and checks an export.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,60 +65,55 @@ def export_metadata(student: nn.Module, extra: dict[str, str] | None = None) -> 
 
 
 def export_onnx(student: nn.Module, path: str | Path, meta: dict[str, str], opset: int = 17) -> Path:
-    """Write ``student`` as ONNX (dynamic batch) with ``meta`` in ``metadata_props``."""
+    """Write ``student`` as ONNX (dynamic batch) with ``meta`` in ``metadata_props``, checked."""
     try:
-        import onnx  # noqa: F401 - checked up front, so a missing extra is named before any work
+        import onnx  # checked up front, so a missing extra is named before any work
     except ImportError:
         raise ModelError("ONNX export needs the onnx package: pip install 'comkd[onnx]'") from None
     path = Path(path)
-    head = LogitsHead(student).eval()
-    s = student.preprocess.image_size
-    device = next(student.parameters()).device
-    dummy = torch.zeros(2, 3, s, s, device=device)
+    head, dummy = _head_and_input(student)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     with atomic_path(path) as tmp:
-        _write_onnx(head, dummy, tmp, meta, opset)
+        torch.backends.mha.set_fastpath_enabled(False)  # ONNX has no op for PyTorch's fused attention kernel
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter(
+                    "ignore"
+                )  # the tracer's notes on constant shapes of W (fixed by design)
+                torch.onnx.export(
+                    head,
+                    (dummy,),
+                    str(tmp),
+                    input_names=["images"],
+                    output_names=["logits"],
+                    dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                    opset_version=opset,
+                    dynamo=False,
+                )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+        model = onnx.load(str(tmp))
+        for k, v in meta.items():
+            model.metadata_props.add(key=k, value=v)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
     return path
 
 
-def _write_onnx(head: nn.Module, dummy: torch.Tensor, tmp: Path, meta: dict[str, str], opset: int) -> None:
-    """Trace ``head`` to ONNX at ``tmp``, add ``meta`` as metadata properties and check the model."""
-    import onnx
-
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # ONNX has no op for PyTorch's fused attention kernel
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on constant shapes of W (fixed by design)
-            torch.onnx.export(
-                head,
-                (dummy,),
-                str(tmp),
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    model = onnx.load(str(tmp))
-    for k, v in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.checker.check_model(model)
-    onnx.save(model, str(tmp))
+def _head_and_input(student: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    """The ``LogitsHead`` to trace (eval mode) and a zero batch ``[2, 3, S, S]`` on its device."""
+    s = student.preprocess.image_size
+    return LogitsHead(student).eval(), torch.zeros(2, 3, s, s, device=next(student.parameters()).device)
 
 
 def export_torchscript(student: nn.Module, path: str | Path, meta: dict[str, str]) -> tuple[Path, nn.Module]:
     """Trace ``student`` (batch-size independent: checked by the caller on another batch size) and
     save it with ``meta`` as the extra file ``comkd.json``. Returns the path and the traced module."""
     path = Path(path)
-    head = LogitsHead(student).eval()
-    s = student.preprocess.image_size
-    device = next(student.parameters()).device
+    head, dummy = _head_and_input(student)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(head, torch.zeros(2, 3, s, s, device=device), check_trace=False)
+        traced = torch.jit.trace(head, dummy, check_trace=False)
     with atomic_path(path) as tmp:
         torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(meta)})
     return path, traced
@@ -177,10 +171,6 @@ def folder_labels(paths: Sequence[str], classnames: Sequence[str]) -> list[int] 
     return None if any(y is None for y in labels) else labels  # type: ignore[return-value]
 
 
-def default_out(student_path: Path, fmt: str) -> Path:
-    return student_path.with_suffix(SUFFIX[fmt])
-
-
 def export_student(
     student_path: str | Path,
     fmt: str,
@@ -198,10 +188,10 @@ def export_student(
     named after one of the classes, the student's top-1 accuracy on them is reported too.
     ``quantize='int8'`` (ONNX only) also writes ``<out>.int8.onnx`` (ONNX Runtime dynamic
     quantisation of the weights) and reports its agreement with the float student and, with class
-    folders, its accuracy and the change from the float student's (percentage points). An export whose top-1 disagrees on any image is refused.
-    """
+    folders, its accuracy and the change from the float student's (percentage points). An export
+    whose top-1 disagrees on any image is refused."""
     from ..models.io import load_student
-    from ..models.predict import student_logits
+    from ..models.predict import iter_batches, student_logits
 
     if fmt not in FORMATS:
         raise ModelError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -216,7 +206,7 @@ def export_student(
         out = hub_local_name(student_path, SUFFIX[fmt])
     student_path = local_student(student_path)
     student = load_student(student_path, device)
-    out = Path(out) if out is not None else default_out(student_path, fmt)
+    out = Path(out) if out is not None else student_path.with_suffix(SUFFIX[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
     from safetensors import safe_open
 
@@ -226,7 +216,15 @@ def export_student(
         student, {k: v for k, v in file_meta.items() if k in ("comkd.student_config", "comkd.teacher")}
     )
     labels = folder_labels(check_images, student.classnames) if check_images else None
-    source, batches = _check_batches(student, check_images, batch_size)
+    if check_images:  # through the student's preprocess, lazily; else 16 seeded random inputs
+        source = f"{len(check_images)} images"
+        batches: Iterable[torch.Tensor] = (
+            x for x, _ in iter_batches(student, list(check_images), batch_size)
+        )
+    else:
+        source = "16 random inputs (no --check-images given)"
+        s = student.preprocess.image_size
+        batches = [torch.randn(16, 3, s, s, generator=torch.Generator().manual_seed(0))]
     report: dict[str, Any] = {
         "format": fmt,
         "file": str(out),
@@ -235,12 +233,23 @@ def export_student(
         "image_size": student.preprocess.image_size,
     }
     others = _write_and_load(student, fmt, out, meta, quantize)
-    res = compare(student_logits(student), others, batches(), labels)  # one pass over the images
+    res = compare(student_logits(student), others, batches, labels)  # one pass over the images
     report["parity"] = {k: v for k, v in res["export"].items() if k != "accuracy"}
     if labels is not None:  # class folders named after the classes: accuracy is measurable
         report["accuracy"] = res["reference"]["accuracy"]
-    if "int8" in res:
-        report["int8"] = _int8_report(res, out.with_name(out.stem + ".int8.onnx"), labels is not None)
+    if "int8" in res:  # its size and agreement with the float student (and accuracy change, labelled)
+        qpath, q = out.with_name(out.stem + ".int8.onnx"), res["int8"]
+        report["int8"] = {
+            "file": str(qpath),
+            "bytes": qpath.stat().st_size,
+            "parity": {k: v for k, v in q.items() if k != "accuracy"},
+        }
+        if labels is not None:
+            report["int8"].update(
+                accuracy=q["accuracy"],
+                float_accuracy=res["reference"]["accuracy"],
+                accuracy_change=q["accuracy"] - res["reference"]["accuracy"],
+            )
     report["bytes"] = out.stat().st_size
     p = report["parity"]
     if p["top1_agree"] != p["images"]:
@@ -260,36 +269,15 @@ def export_student(
     return report
 
 
-def _check_batches(student, check_images: Sequence[str], batch_size: int):
-    """What the export is checked on (a label for the report) and a generator of its batches: the
-    check images through the student's ``preprocess``, else 16 seeded random inputs."""
-    from ..models.predict import iter_batches
-
-    if check_images:
-
-        def batches() -> Iterator[torch.Tensor]:
-            for x, _ in iter_batches(student, list(check_images), batch_size):
-                yield x
-
-        return f"{len(check_images)} images", batches
-    s = student.preprocess.image_size
-
-    def random_batch() -> Iterator[torch.Tensor]:
-        yield torch.randn(16, 3, s, s, generator=torch.Generator().manual_seed(0))
-
-    return "16 random inputs (no --check-images given)", random_batch
-
-
 def _write_and_load(
     student, fmt: str, out: Path, meta: dict, quantize: str | None
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Write the export (and its int8 copy) and return each as ``images -> logits``."""
-    others: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     if fmt == "onnx":
         from .onnx_runtime import OnnxStudent
 
         export_onnx(student, out, meta)
-        others["export"] = OnnxStudent(out).predict_logits
+        others = {"export": OnnxStudent(out).predict_logits}
         if quantize:
             qpath = out.with_name(out.stem + ".int8.onnx")
             quantize_onnx(out, qpath)
@@ -302,25 +290,7 @@ def _write_and_load(
         with torch.no_grad():
             return traced(x.to(device))
 
-    others["export"] = run_traced
-    return others
-
-
-def _int8_report(res: dict, qpath: Path, labelled: bool) -> dict[str, Any]:
-    """The int8 file's size and agreement with the float student (and accuracy change, labelled)."""
-    q = res["int8"]
-    out = {
-        "file": str(qpath),
-        "bytes": qpath.stat().st_size,
-        "parity": {k: v for k, v in q.items() if k != "accuracy"},
-    }
-    if labelled:
-        out.update(
-            accuracy=q["accuracy"],
-            float_accuracy=res["reference"]["accuracy"],
-            accuracy_change=q["accuracy"] - res["reference"]["accuracy"],
-        )
-    return out
+    return {"export": run_traced}
 
 
 def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
@@ -334,7 +304,6 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     have = {p.key for p in q.metadata_props}
     for p in m.metadata_props:
         if p.key not in have:
-            e = q.metadata_props.add()
-            e.key, e.value = p.key, p.value
+            q.metadata_props.add(key=p.key, value=p.value)
     onnx.save(q, str(dst))
     return dst

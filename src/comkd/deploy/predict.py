@@ -19,10 +19,10 @@ import torch
 from ..data.dataset import load_image_file
 from ..data.errors import DataError
 from ..fileio import atomic_path
+from ..models.backbones import ModelError
 from ..models.predict import Prediction, iter_batches, logits_fn, topk_predictions
 
 
-# -- the `comkd predict` command ---------------------------------------------------------------
 def _writer(fmt: str, f: TextIO, k: int) -> Callable[[Prediction], None]:
     if fmt == "jsonl":
         return lambda p: f.write(json.dumps(p.to_dict()) + "\n")
@@ -30,10 +30,7 @@ def _writer(fmt: str, f: TextIO, k: int) -> Callable[[Prediction], None]:
     w.writerow(["path", *[c for r in range(1, k + 1) for c in (f"class_{r}", f"prob_{r}")]])
 
     def row(p: Prediction) -> None:
-        cells: list[Any] = [p.path]
-        for c, q in zip(p.classes, p.probs, strict=True):
-            cells += [c, f"{q:.6f}"]
-        w.writerow(cells)
+        w.writerow([p.path, *(x for c, q in zip(p.classes, p.probs, strict=True) for x in (c, f"{q:.6f}"))])
 
     return row
 
@@ -109,8 +106,6 @@ def predict_files(
             for x, batch_paths in iter_batches(model, list(paths), batch_size):
                 bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
                 if bool(bad.any()):
-                    from ..models.backbones import ModelError
-
                     raise ModelError(
                         f"{batch_paths[int(bad.nonzero()[0])]}: NaN/inf values after preprocessing; "
                         "the model's preprocessing is damaged"
@@ -118,8 +113,6 @@ def predict_files(
                 logits = fn(x)
                 finite = torch.isfinite(logits).all(dim=-1)
                 if not bool(finite.all()):
-                    from ..models.backbones import ModelError
-
                     first = batch_paths[int((~finite).nonzero()[0])]
                     raise ModelError(
                         f"{getattr(model, 'path', 'the model')} gave NaN/inf scores for {first}; "
@@ -143,7 +136,6 @@ def load_predictor(path: str | Path, runtime: str = "auto", device: str = "auto"
     """The model ``comkd predict`` runs: a student file in PyTorch (``torch``) or an ONNX export in
     ONNX Runtime (``onnx``); ``auto`` picks by the file's suffix. TorchScript files are refused:
     they are programs, and comkd only reads weights as data."""
-    from ..models.backbones import ModelError
     from ..models.hub import ONNX_FILENAME, hub_file, is_hub_ref
 
     if runtime not in ("auto", "torch", "onnx"):

@@ -35,17 +35,8 @@ def _check_types(data: dict, path: Path, want: dict[str, tuple[type, ...]], pref
         v = data.get(key)
         if v is None or (isinstance(v, types) and not isinstance(v, bool)):
             continue
-        kind = (
-            "a mapping"
-            if dict in types
-            else "a list"
-            if list in types
-            else "a number"
-            if int in types
-            else "text"
-        )
         fix = "give --results FILE or fix it" if path.suffix == ".json" else "fix or remove it"
-        raise ModelError(f"{path}: '{prefix}{key}' is {_type_name(v)}, not {kind}; {fix}")
+        raise ModelError(f"{path}: '{prefix}{key}' is {_type_name(v)}, not {_KINDS[types[0]]}; {fix}")
 
 
 _NUMBER = (int, float)
@@ -116,15 +107,11 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _count(v: Any) -> int | None:
-    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
-
-
 def _size(d: Any) -> dict[str, int]:
-    """``{"classes", "images"}`` of one scored part (those recorded)."""
+    """``{"classes", "images"}`` of one scored part (those recorded as positive integers)."""
     if not isinstance(d, dict):
         return {}
-    return {k: n for k in ("classes", "images") if (n := _count(d.get(k))) is not None}
+    return {k: n for k in ("classes", "images") if type(n := d.get(k)) is int and n > 0}
 
 
 def _row(v: Any) -> tuple[dict[str, float], dict[str, dict[str, int]]]:

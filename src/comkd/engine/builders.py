@@ -4,25 +4,20 @@ with the backbone's transforms, loaders, and the run-folder file names."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
+import os
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import AugmentConfig, ConfigError, RunConfig
+from ..config import AugmentConfig, ConfigError, DataConfig, RunConfig
 from ..config_rules import teacher_classes
-from ..data import DataError, WdsImageDataset, build_dataset, build_transform
+from ..data import DATASETS, DataError, WdsImageDataset, build_dataset, build_transform
 from ..data.dataset import ImageDataset
 from ..methods import get_method
-from ..models import (
-    LoadedModel,
-    PreprocessSpec,
-    Student,
-    StudentArch,
-    Teacher,
-    load_clip,
-)
+from ..models import LoadedModel, PreprocessSpec, Student, StudentArch, Teacher, load_clip
 from ..models.teacher import TeacherArch
 from .utils import RankShare, world_size
 
@@ -88,15 +83,10 @@ def build_student(
 
 
 def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
-    kw = {
-        "image_size": spec.image_size,
-        "mean": spec.mean,
-        "std": spec.std,
-        "interpolation": spec.interpolation,
-    }
+    args = (spec.image_size, spec.mean, spec.std, spec.interpolation)
     aug = augment or AugmentConfig()
-    train = build_transform(train=True, scale=(aug.crop_scale_min, 1.0), hflip=aug.hflip, **kw)
-    return train, build_transform(train=False, **kw)
+    train = build_transform(*args, train=True, scale=(aug.crop_scale_min, 1.0), hflip=aug.hflip)
+    return train, build_transform(*args, train=False)
 
 
 #: data-config fields handed to a dataset loader when its signature takes them (no dataset names here)
@@ -107,11 +97,6 @@ def loader_options(cfg: RunConfig) -> dict[str, Any]:
     """The keyword arguments of ``load_splits`` for ``cfg.data``: each of ``LOADER_OPTIONS`` the
     dataset's loader takes (read from its signature) and that is set; one it does not take but that
     is set to a non-default value is a one-line ``ConfigError`` naming the key."""
-    import inspect
-
-    from ..config import DataConfig
-    from ..data import DATASETS
-
     d = cfg.data
     kw: dict[str, Any] = {"skip_bad": d.skip_bad}
     loader = DATASETS.get(d.dataset)
@@ -129,11 +114,6 @@ def loader_options(cfg: RunConfig) -> dict[str, Any]:
                 f"data.{name}: dataset {d.dataset!r} does not take this setting (set to {value!r})"
             )
     return kw
-
-
-def _dataset_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """``loader_options`` plus the rendering size of the embedded digits (an ``ImageDataset`` option)."""
-    return {**loader_options(cfg), "digits_size": cfg.data.image_size or 32}
 
 
 def make_dataset(
@@ -169,7 +149,8 @@ def make_dataset(
         train_transform=train_tf if train else None,
         view_seed=cfg.seed if train else None,
         shuffle_buffer=cfg.data.shuffle_buffer,
-        **_dataset_kwargs(cfg),
+        digits_size=cfg.data.image_size or 32,  # the embedded digits' rendering size
+        **loader_options(cfg),
     )
     if ds.skipped:
         log.warning("%s/%s: %d bad images skipped (skip_bad=true)", cfg.data.dataset, split, len(ds.skipped))
@@ -204,7 +185,6 @@ def teacher_source(cfg: RunConfig) -> dict[str, Any]:
     """How to rebuild the teacher of ``cfg`` (recorded in a student file beside its identity, so
     ``comkd classes`` needs nothing else): weights and prompts as given (local files made absolute)
     and every option of its ``TeacherArch``."""
-    import os
 
     def where(v: str | None) -> str | None:
         return os.path.abspath(v) if v and v != "none" and os.path.exists(v) else v

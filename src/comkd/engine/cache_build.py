@@ -25,20 +25,23 @@ from ..data.dataset import derive_view_seed
 from ..fileio import atomic_path
 from ..models import PreprocessSpec
 from ..models.backbones import spec_json
+from ..models.identity import teacher_digests
 from .cache_format import (
-    DIGEST_BYTES,
+    CACHE_FORMAT,
     STORAGE_DTYPES,
-    cache_header,
+    CacheInfo,
+    dataset_fingerprint,
     encode_header,
     encode_rows,
     numpy_dtype,
     spec_of_transform,
     tail_digest,
+    text_features_key,
     train_transform_of,
     view_checksums,
 )
 from .tasks import adapt_images
-from .utils import amp_context, barrier, comm_device, is_main, rank, show_progress, world_size
+from .utils import amp_context, barrier, comm_device, gather_batch, is_main, progress_bar, rank, world_size
 
 if TYPE_CHECKING:
     from ..models import Teacher
@@ -59,29 +62,17 @@ class _Views(Dataset):
         return self.dataset.get_view(i, derive_view_seed(self.seed, self.k, i)), i
 
 
-class _StreamViews(torch.utils.data.IterableDataset):
-    """The same for a streaming dataset (WebDataset shards): its ``replay_stream(seed, k)`` yields
-    ``(view, label, i)`` in shard order, view k of item i drawn as ``get_view`` would."""
-
-    def __init__(self, dataset: Any, seed: int, k: int):
-        self.stream = dataset.replay_stream(seed, k, rank(), world_size())
-
-    def __iter__(self):
-        for image, _, i in self.stream:
-            yield image, i
-
-
 def _view_loader(
     dataset: Any, seed: int, k: int, batch_size: int, num_workers: int, device: torch.device
 ) -> DataLoader:
-    """View ``k``'s batches of ``(images, item indices)`` that this rank runs the teacher on: of a
-    map-style dataset, batches ``rank, rank + W, ...`` of the one-process order (the same batches,
-    so the same rows); of a stream, the items of this rank's shards (``replay_stream``)."""
+    """View ``k``'s batches of ``(images, [labels,] item indices)`` that this rank runs the teacher
+    on: of a map-style dataset, batches ``rank, rank + W, ...`` of the one-process order (the same
+    batches, so the same rows); of a stream, the items of this rank's shards in shard order, view k
+    of item i drawn as ``get_view`` would (``replay_stream``)."""
     pin = device.type == "cuda"
     if dataset.streaming:
-        return DataLoader(
-            _StreamViews(dataset, seed, k), batch_size=batch_size, num_workers=num_workers, pin_memory=pin
-        )
+        stream = dataset.replay_stream(seed, k, rank(), world_size())
+        return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin)
     n = len(dataset)
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     return DataLoader(
@@ -128,126 +119,54 @@ def _checked_transform(
     return transform, tf_spec
 
 
-def _progress_bar(progress: bool, total: int):
-    """A tqdm bar over ``total`` teacher batches, or None when progress is off."""
-    if not show_progress(progress):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="teacher cache", dynamic_ncols=True, mininterval=0.5)
-
-
-def _fill_features(
-    features: np.memmap | None,
-    teacher: Teacher,
-    dataset: Any,
-    *,
-    seed: int,
-    views: int,
-    tf_spec: PreprocessSpec,
-    dtype: torch.dtype,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    autocast: Any,
-    bar: Any,
-) -> None:
-    """Write u_t of every view into ``features`` ``[K, n_items, d]``: row i of view k is the
-    L2-normalised teacher feature of item i drawn with ``derive_view_seed(seed, k, i)``, in ``dtype``;
-    the teacher runs under ``autocast`` and ``bar`` (tqdm or None) advances once per batch.
-
-    Under torchrun every rank runs the teacher on its own batches (``_view_loader``) and sends the
-    rows to rank 0, the only writer (``features`` is None on the other ranks): one all-gather of a
-    batch of rows and their indices per rank and round, until no rank has a batch left."""
-    shared = world_size() > 1
-    d = int(teacher.embed_dim)
-    for k in range(views):
-        batches = iter(_view_loader(dataset, seed, k, batch_size, num_workers, device))
-        while True:
-            batch = next(batches, None)
-            rows = idx = None
-            if batch is not None:
-                images, idx = batch
-                images = images.to(device, non_blocking=True)
-                with torch.no_grad(), autocast:
-                    u = teacher.encode_image(adapt_images(images, tf_spec, teacher.preprocess))
-                rows = F.normalize(u.float(), dim=-1).to(dtype)
-            if shared:  # every rank's batch of this round (a rank with none left sends none)
-                rows, idx = _gather_rows(rows, idx, batch_size, d)
-            if idx is None:  # no batch left (on any rank)
-                break
-            if features is not None:
-                features[k, idx.cpu().numpy()] = encode_rows(rows.to(dtype).cpu())
-            if bar is not None:
-                bar.update(1)
-
-
 def _gather_rows(
     rows: torch.Tensor | None, idx: torch.Tensor | None, batch_size: int, d: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every rank's batch of rows ``[b, d]`` and item indices ``[b]`` (None: none left), padded to
     ``batch_size`` and gathered on every rank; returns the real rows and indices of all ranks, or
     ``(empty, None)`` when no rank had a batch. Rows travel as float32 (exact for the storage dtypes)."""
-    import torch.distributed as dist
-
     dev = comm_device()
     pad_rows = torch.zeros(batch_size, d, dtype=torch.float32, device=dev)
     pad_idx = torch.full((batch_size,), -1, dtype=torch.int64, device=dev)
     if rows is not None:
         pad_rows[: len(rows)] = rows.float()
         pad_idx[: len(idx)] = idx.to(dev)
-    w = world_size()
-    all_rows = [torch.empty_like(pad_rows) for _ in range(w)]
-    all_idx = [torch.empty_like(pad_idx) for _ in range(w)]
-    dist.all_gather(all_idx, pad_idx)
-    ids = torch.cat(all_idx)
+    ids = gather_batch(pad_idx)
     keep = ids >= 0
     if not bool(keep.any()):
         return pad_rows[:0], None
-    dist.all_gather(all_rows, pad_rows)
-    return torch.cat(all_rows)[keep], ids[keep]
+    return gather_batch(pad_rows)[keep], ids[keep]
 
 
 def _write_file(
-    path: Path,
-    header: dict[str, Any],
-    *,
-    shape: tuple[int, int, int],
-    np_dtype: np.dtype,
-    w: torch.Tensor,
-    fill: Callable[[np.memmap | None], None],
+    path: Path, header: dict[str, Any], w: torch.Tensor, fill: Callable[[np.memmap | None], None]
 ) -> int:
-    """Write a cache file atomically (a kill leaves no half cache): ``header``, then u_t
-    ``shape`` = ``[K, n_items, d]`` (stored as ``np_dtype``) filled in place by ``fill`` on the
-    memory map, then W ``[N, d]`` float32, each row's checksum and the digest of W and the
-    checksums (``cache_format``, "Integrity"). Returns the file size in bytes. Under torchrun only
-    rank 0 writes; the other ranks call ``fill(None)`` (they compute rows, rank 0 stores them)."""
+    """Write a cache file atomically (a kill leaves no half cache) in ``cache_format``'s layout, u_t
+    filled in place by ``fill`` on the memory map. Returns the file size in bytes. Under torchrun
+    only rank 0 writes; the other ranks call ``fill(None)`` (they compute rows, rank 0 stores them)."""
     head, offset = encode_header(header)
-    feat_bytes = int(np.prod(shape)) * np_dtype.itemsize
-    k, n, _ = shape
-    total = offset + feat_bytes + w.numel() * 4 + k * n * 4 + DIGEST_BYTES
+    info = CacheInfo(header, offset)
     if not is_main():
         fill(None)
         barrier()  # rank 0 has renamed the finished file
-        return total
+        return info.file_size
     with atomic_path(path, fsync=True) as tmp:
         with open(tmp, "wb") as f:
             f.write(head)
-            f.truncate(total)
-        mm = np.memmap(tmp, dtype=np_dtype, mode="r+", offset=offset, shape=shape)
+            f.truncate(info.file_size)
+        mm = np.memmap(tmp, dtype=numpy_dtype(info.dtype), mode="r+", offset=offset, shape=info.shape)
         fill(mm)
         mm.flush()
-        sums = np.stack([view_checksums(mm[v]) for v in range(k)]).reshape(k, n)
+        sum_bytes = np.stack([view_checksums(mm[v]) for v in range(len(mm))]).tobytes()  # S [K, n_items]
         del mm
-        w_bytes = np.ascontiguousarray(w.numpy(), dtype=np.float32).tobytes()
-        sum_bytes = np.ascontiguousarray(sums, dtype=np.uint32).tobytes()
+        w_bytes = w.numpy().tobytes()  # float32 (build_teacher_cache)
         with open(tmp, "r+b") as f:
-            f.seek(offset + feat_bytes)
+            f.seek(info.text_offset)
             f.write(w_bytes)
             f.write(sum_bytes)
             f.write(tail_digest(w_bytes, sum_bytes))
     barrier()
-    return total
+    return info.file_size
 
 
 def build_teacher_cache(
@@ -276,15 +195,13 @@ def build_teacher_cache(
         views: K, the number of views (epoch e of a distillation run reads view ``e % K``; use
             K = epochs for the exact online behaviour).
         seed: the distillation run's seed (= the dataset's ``view_seed`` during distillation).
-        batch_size: teacher batch size.
-        device: where the teacher runs.
+        batch_size, device: the teacher's batch size and device.
         student_spec: the student's ``PreprocessSpec``: what the dataset's tensors are normalised
             for. Default: read from the dataset's train transform (it must agree with it). Images
             are re-expressed for the teacher with ``tasks.adapt_images``, as online distillation does.
         dtype: storage dtype of u_t (float16, bfloat16 or float32).
-        num_workers: DataLoader workers for decoding/augmenting.
+        num_workers, progress: DataLoader workers (decoding, augmenting); a tqdm progress bar.
         amp: autocast for the teacher, as in ``fit`` (``auto``: on CUDA only).
-        progress: show a tqdm progress bar.
         sources: ``models.identity.teacher_sources(...)`` of the files the teacher was built from,
             recorded so a run that never loads the teacher can refuse a cache built from other files.
 
@@ -297,49 +214,58 @@ def build_teacher_cache(
     )
     path, device = Path(path), torch.device(device)
     dtype_name = STORAGE_DTYPES[dtype]
-    np_dtype = numpy_dtype(dtype_name)
     was_training = teacher.training
     teacher.eval()
     classnames = list(dataset.full_classnames)
-    header = cache_header(
-        teacher,
-        dataset,
-        transform,
-        classnames=classnames,
-        seed=seed,
-        views=views,
-        dtype_name=dtype_name,
-        sources=sources,
-    )
-    w = teacher.class_text_features(classnames).detach().float().cpu().contiguous()
     n, d = len(dataset), int(teacher.embed_dim)
+    header = {  # cache_format's docstring, "The header"; checked by cache_format.check_header
+        "format": CACHE_FORMAT,
+        "teacher": {**teacher_digests(teacher), "logit_scale": float(teacher.logit_scale), "embed_dim": d},
+        "teacher_files": sources,
+        "dataset": dataset_fingerprint(dataset),
+        "transform": transform.fingerprint,
+        "student_spec": spec_json(tf_spec),
+        "seed": int(seed),
+        "views": int(views),
+        "dtype": dtype_name,
+        "dim": d,
+        "text_features": {"key": text_features_key(teacher, classnames), "classnames": classnames},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+    }
+    w = teacher.class_text_features(classnames).detach().float().cpu().contiguous()
     autocast, _ = amp_context(device, amp)
-    rounds = (
-        math.ceil(math.ceil(n / world_size()) / batch_size) if world_size() > 1 else math.ceil(n / batch_size)
-    )
-    bar = _progress_bar(progress and is_main(), int(views) * rounds)
+    rounds = math.ceil(math.ceil(n / world_size()) / batch_size)  # teacher batches per view and rank
+    bar = progress_bar(int(views) * rounds, "teacher cache", progress and is_main())
+
+    def fill(features: np.memmap | None) -> None:
+        """Write u_t of every view into ``features`` ``[K, n_items, d]``: row i of view k is the
+        L2-normalised teacher feature of item i drawn with ``derive_view_seed(seed, k, i)``.
+
+        Under torchrun every rank runs the teacher on its own batches (``_view_loader``) and sends
+        the rows to rank 0, the only writer (``features`` is None on the other ranks): one all-gather
+        of a batch of rows and their indices per rank and round, until no rank has a batch left."""
+        for k in range(int(views)):
+            batches = iter(_view_loader(dataset, seed, k, batch_size, num_workers, device))
+            while True:
+                batch = next(batches, None)
+                rows = idx = None
+                if batch is not None:
+                    images, idx = batch[0].to(device, non_blocking=True), batch[-1]
+                    with torch.no_grad(), autocast:
+                        u = teacher.encode_image(adapt_images(images, tf_spec, teacher.preprocess))
+                    rows = F.normalize(u.float(), dim=-1).to(dtype)
+                if world_size() > 1:  # every rank's batch of this round (a rank with none left sends none)
+                    rows, idx = _gather_rows(rows, idx, batch_size, d)
+                if idx is None:  # no batch left (on any rank)
+                    break
+                if features is not None:
+                    features[k, idx.cpu().numpy()] = encode_rows(rows.to(dtype).cpu())
+                if bar is not None:
+                    bar.update(1)
+
     try:
-        total = _write_file(
-            path,
-            header,
-            shape=(int(views), n, d),
-            np_dtype=np_dtype,
-            w=w,
-            fill=lambda mm: _fill_features(
-                mm,
-                teacher,
-                dataset,
-                seed=seed,
-                views=int(views),
-                tf_spec=tf_spec,
-                dtype=dtype,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                device=device,
-                autocast=autocast,
-                bar=bar,
-            ),
-        )
+        total = _write_file(path, header, w, fill)
     finally:
         if bar is not None:
             bar.close()

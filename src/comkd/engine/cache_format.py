@@ -16,17 +16,14 @@ changes it); a reader checks W and S against the digest when it opens the file a
 reads against S (``cache_read``), so corrupted features or W are refused in one line, never
 trained on.
 
-The header (``cache_header``) holds the teacher's identity (model, weights and prompt digests,
-key, logit scale, preprocessing; ``models.identity.teacher_digests``), the files the teacher was
-built from (``models.identity.teacher_sources``), the dataset fingerprint (name, item count,
-SHA-256 of the image paths, or for WebDataset shards of the ``<shard>#<key>`` sample keys in row
-order; labels are never read), the transform fingerprint, the seed, K, the dtype, d, and the key
-and class names of W. Everything a distillation run needs from the teacher (u_t, W, s_t) is in
-the file, so a run with a cache never has to load the teacher at all.
-
-``cache_build`` writes this format, ``cache_read`` reads it. ``read_cache_info`` bounds the header
-length by the file's size before reading it, and checks every field a reader uses
-(``check_header``): a crafted or damaged header is one ``ValueError`` line naming the file and field.
+The header (written by ``cache_build.build_teacher_cache``) holds the teacher's identity (model,
+weights and prompt digests, key, logit scale, preprocessing; ``models.identity.teacher_digests``),
+the files the teacher was built from (``models.identity.teacher_sources``), the dataset
+fingerprint (name, item count, SHA-256 of the image paths, or for WebDataset shards of the
+``<shard>#<key>`` sample keys in row order; labels are never read), the transform fingerprint,
+the seed, K, the dtype, d, and the key and class names of W. Everything a distillation run needs
+from the teacher (u_t, W, s_t) is in the file, so a run with a cache never has to load the teacher.
+A crafted or damaged header is one ``ValueError`` line naming the file and field (``check_header``).
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ import hashlib
 import json
 import math
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +44,8 @@ from ..data.contract import TrainingDataset
 from ..data.records import virtual_reader
 from ..fileio import check_value, parse_json, short
 from ..models import PreprocessSpec
-from ..models.backbones import MAX_IMAGE_SIZE, spec_json
-from ..models.identity import teacher_digests, teacher_key
+from ..models.backbones import MAX_IMAGE_SIZE
+from ..models.identity import teacher_key
 
 if TYPE_CHECKING:
     from ..models import Teacher
@@ -102,11 +98,8 @@ def text_features_key(teacher: Teacher, classnames: Sequence[str]) -> str:
 
 
 def dataset_fingerprint(dataset: TrainingDataset) -> dict[str, Any]:
-    """Name, item count and SHA-256 of the ordered image paths (labels are never read).
-
-    For virtual images (``data.records.virtual_reader``, e.g. the embedded digits) the rendering size
-    is included too.
-    """
+    """Name, item count and SHA-256 of the ordered image paths (labels are never read); for virtual
+    images (``data.records.virtual_reader``, e.g. the embedded digits) the rendering size too."""
     paths = dataset.item_ids  # files: their paths; streamed shards: "<shard name>#<sample key>"
     fp: dict[str, Any] = {
         "name": dataset.name,
@@ -140,44 +133,6 @@ def spec_of_transform(transform: Any) -> PreprocessSpec:
 
 
 # -- header --------------------------------------------------------------------------------------
-def cache_header(
-    teacher: Teacher,
-    dataset: Any,
-    transform: Any,
-    *,
-    classnames: list[str],
-    seed: int,
-    views: int,
-    dtype_name: str,
-    sources: dict[str, str | None] | None,
-) -> dict[str, Any]:
-    """The JSON header of a cache of ``teacher``'s features for ``views`` views of ``dataset``
-    drawn with ``transform`` and ``seed``, stored as ``dtype_name``, with W for ``classnames``."""
-    d = int(teacher.embed_dim)
-    return {
-        "format": CACHE_FORMAT,
-        "teacher": {
-            **teacher_digests(teacher),
-            "logit_scale": float(teacher.logit_scale),
-            "embed_dim": d,
-        },
-        "teacher_files": sources,
-        "dataset": dataset_fingerprint(dataset),
-        "transform": transform.fingerprint,
-        "student_spec": spec_json(spec_of_transform(transform)),
-        "seed": int(seed),
-        "views": int(views),
-        "dtype": dtype_name,
-        "dim": d,
-        "text_features": {
-            "key": text_features_key(teacher, classnames),
-            "classnames": classnames,
-        },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "torch": torch.__version__,
-    }
-
-
 @dataclass
 class CacheInfo:
     """The header of a teacher cache file and where its data starts (see the module docstring)."""
@@ -195,13 +150,10 @@ class CacheInfo:
         return str(self.header["dtype"])
 
     @property
-    def features_bytes(self) -> int:
-        k, n, d = self.shape
-        return k * n * d * numpy_dtype(self.dtype).itemsize
-
-    @property
     def text_offset(self) -> int:
-        return self.data_offset + self.features_bytes
+        """Where W starts (after u_t)."""
+        k, n, d = self.shape
+        return self.data_offset + k * n * d * numpy_dtype(self.dtype).itemsize
 
     @property
     def text_shape(self) -> tuple[int, int]:

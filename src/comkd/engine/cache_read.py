@@ -141,13 +141,11 @@ class CachedTeacherOutputs:
             self._file, dtype=numpy_dtype(info.dtype), mode="r", offset=info.data_offset, shape=(k, n, d)
         )
         self._file.seek(info.text_offset)
-        tail = self._file.read(info.file_size - info.text_offset)
+        want = info.file_size - info.text_offset  # bytes of W, S and the digest
+        tail = self._file.read(want)
         w_len = int(np.prod(info.text_shape)) * 4
         w_bytes, sum_bytes = tail[:w_len], tail[w_len : len(tail) - DIGEST_BYTES]
-        if (
-            len(tail) != info.file_size - info.text_offset
-            or tail_digest(w_bytes, sum_bytes) != tail[-DIGEST_BYTES:]
-        ):
+        if len(tail) != want or tail_digest(w_bytes, sum_bytes) != tail[-DIGEST_BYTES:]:
             raise CorruptCacheError(
                 f"teacher cache {path}: W or the row checksums do not match the file's digest; the file "
                 "is corrupt: rebuild it with `comkd cache-teacher`"
@@ -175,19 +173,15 @@ class CachedTeacherOutputs:
         sources: dict[str, str | None] | None = None,
     ) -> CachedTeacherOutputs:
         """Open a cache for distillation on ``dataset`` (the run's ``ImageDataset``, whose
-        ``view_seed`` is the run seed) after checking that it is not stale.
-
-        Checked: the dataset (name, item count, image paths), its train transform's fingerprint,
-        its ``view_seed`` against the cache's seed, ``student_spec`` if given, and the teacher —
-        the full identity when ``teacher`` is given (model, preprocessing, weights, prompts), the
-        key when only ``teacher_key`` is given (a run that never loads the teacher), nothing
-        when neither is; ``sources`` (``models.identity.teacher_sources``) against the files the
-        cache was built from. Raises ``StaleCacheError`` naming every stale field.
+        ``view_seed`` is the run seed); a stale one raises ``StaleCacheError`` naming every stale
+        field. Checked: the dataset (name, item count, image paths), its train transform's
+        fingerprint, its ``view_seed`` against the cache's seed, ``student_spec`` if given, the
+        teacher (its full identity when ``teacher`` is given; the key when only ``teacher_key`` is,
+        as in a run that never loads the teacher; else nothing), and ``sources``
+        (``models.identity.teacher_sources``) against the files the cache was built from.
 
         ``preload_view``: keep the current epoch's view ``[n_items, d]`` on ``device`` (default: on
-        accelerators when it fits in ``DEVICE_VIEW_BUDGET``); otherwise rows are read from the
-        memory-mapped file each step.
-
+        accelerators when it fits in ``DEVICE_VIEW_BUDGET``), else read rows from the memory map.
         Side effect: the dataset replays view ``e % views`` in epoch ``e`` (``replay_cached_views``).
         """
         path = Path(path)
@@ -236,17 +230,13 @@ class CachedTeacherOutputs:
     def __call__(self, images: torch.Tensor | None, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """u_t ``[B, d]`` float32 on ``self.device`` for dataset items ``indices`` in ``epoch``."""
         view = self.view_of_epoch(epoch)
+        if images is not None and len(indices) != images.shape[0]:
+            raise ValueError(f"teacher cache: {len(indices)} indices for a batch of {images.shape[0]} images")
         if self.preload_view and torch.is_tensor(indices):
             if self._view is None or self._view[0] != view:
                 self._view = (view, self._rows(view, slice(None)).to(self.device))
-            if images is not None and indices.shape[0] != images.shape[0]:
-                raise ValueError(
-                    f"teacher cache: {indices.shape[0]} indices for a batch of {images.shape[0]} images"
-                )
             return self._view[1][indices.to(self.device, non_blocking=True)].float()
         idx = np.asarray(indices.detach().cpu() if torch.is_tensor(indices) else indices, dtype=np.int64)
-        if images is not None and idx.shape[0] != images.shape[0]:
-            raise ValueError(f"teacher cache: {idx.shape[0]} indices for a batch of {images.shape[0]} images")
         if idx.size and (idx.min() < 0 or idx.max() >= self.items):
             raise IndexError(
                 f"teacher cache {self.path}: item index {int(idx.max())} outside 0..{self.items - 1}"

@@ -5,8 +5,11 @@ keeping the last good checkpoint when a loss turns non-finite."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,7 @@ from torch import nn
 
 from ..config import OptimConfig
 from ..fileio import temp_path
-from .utils import (
-    barrier,
-    is_main,
-)
+from .utils import barrier, is_main
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ def is_disk_full(e: BaseException) -> bool:
     """Whether ``e`` from writing a file says the disk (or quota) is full: an ``OSError`` with
     ENOSPC / EDQUOT, or torch.save's zip writer failing mid-file (``[enforce fail at
     inline_container.cc:...] . unexpected pos ...``: a short write)."""
-    import errno
-
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return True
     text = str(e)
@@ -68,8 +66,6 @@ def prune_checkpoints(folder: str | Path, *, keep: bool = False) -> int:
     ``keep_checkpoints``, which leaves them): a protocol resumes a finished stage from its outputs,
     never from its checkpoint. Returns the bytes freed (0 on a non-main torchrun rank, which
     writes nothing)."""
-    from .utils import is_main
-
     if keep or not is_main():
         return 0
     freed = 0
@@ -100,13 +96,14 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-# settings a resumed run must share with its checkpoint (amp may change with the device)
-_RESUME_FREE = ("amp", "compile", "hold_frozen_dtype", "tf32")  # how fast, not what is computed
+#: the optimiser settings of how fast a stage runs, not what it computes: a resumed run may change
+#: them (amp may change with the device), every other one it must share with its checkpoint
+SPEED_SETTINGS = ("amp", "compile", "hold_frozen_dtype", "tf32")
 
 
 def optim_settings(cfg: OptimConfig) -> dict[str, Any]:
     """The optimiser and schedule settings a checkpoint records (plain values)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SPEED_SETTINGS}
 
 
 def check_resume_optim(saved: dict | None, cfg: OptimConfig, path: Path, run: dict | None = None) -> None:
@@ -232,9 +229,6 @@ def set_rng_state(st: dict) -> None:
 
 def link_previous(ckpt_path: Path, prev_path: Path) -> None:
     """Keep the current checkpoint as ``prev_path`` (a hard link, else a copy) before it is replaced."""
-    import os
-    import shutil
-
     if not ckpt_path.exists():
         return
     tmp = temp_path(prev_path)  # the one temp-name scheme (comkd.fileio)
@@ -252,14 +246,10 @@ def keep_good_checkpoint(ckpt_path: Path, prev_path: Path, saved_steps: list[int
     before step ``bad``, else the one before it (``prev_path``). With no older one, the newest stays
     in place (a resume must not silently start from scratch) and the message says what it holds.
     Returns what was kept, for the message."""
+    if not ckpt_path.exists():
+        return "no checkpoint was written yet"
     newest = saved_steps[-1] if saved_steps else None
-    if newest is None or not ckpt_path.exists():
-        return (
-            f"last good checkpoint kept at {ckpt_path}"
-            if ckpt_path.exists()
-            else "no checkpoint was written yet"
-        )
-    if bad >= 0 and newest < bad:
+    if newest is None or (bad >= 0 and newest < bad):
         return f"last good checkpoint kept at {ckpt_path}"
     older = saved_steps[-2] if len(saved_steps) > 1 else None
     if older is None and prev_path.exists():  # resumed: the one before the checkpoint resumed from

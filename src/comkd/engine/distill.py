@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,10 @@ from ..config import ConfigError, RunConfig
 from ..config_rules import check_teacher_count, resolve_recipe
 from ..losses import build_loss
 from ..methods import get_method
-from ..models import (
-    Student,
-)
-from ..models.identity import teacher_identity
+from ..models import Student
+from ..models.identity import teacher_identity, teacher_sources
 from ..models.io import save_student
+from ..models.projector import fit_projector
 from ..runlock import locked_run
 from .builders import (
     STUDENT_FILE,
@@ -28,22 +28,12 @@ from .builders import (
     make_dataset,
     teacher_source,
 )
+from .cache_format import read_cache_info
+from .cache_read import CachedTeacherOutputs
 from .loop import fit
 from .stages import fit_kwargs, start_stage
-from .tasks import (
-    DistillTask,
-    TeacherOutputs,
-    TeacherSide,
-)
-from .utils import (
-    all_reduce_sum,
-    amp_context,
-    barrier,
-    is_main,
-    rank,
-    read_metrics,
-    world_size,
-)
+from .tasks import DistillTask, TeacherOutputs, TeacherSide
+from .utils import all_reduce_sum, amp_context, barrier, is_main, rank, read_metrics, world_size
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +46,6 @@ def warm_start_projector(student: Student, ds, outputs, cfg: RunConfig, device: 
     Under torchrun each rank runs its share of the pool (``eval_loader``'s of a map-style one; the
     views of its own shards of a stream, as a cache replay reads them) and the fit adds up every
     rank's sums. Returns the number of images used (all ranks')."""
-    from ..models.projector import fit_projector
-
     ds.set_epoch(0)
     student.eval()
     autocast, _ = amp_context(device, cfg.distill.optim.amp)
@@ -102,18 +90,16 @@ def run_distill(
         n_train,
         n_train / 1e6,
     )
-    kd_weight = resolve_recipe(cfg).distill.kd_weight  # what start_stage saved in config.yaml
     loss = build_loss(
         d.method,
-        kd_weight=kd_weight,
+        kd_weight=resolve_recipe(cfg).distill.kd_weight,  # what start_stage saved in config.yaml
         temperature=d.temperature,
         align_weight=d.align_weight,
         ifalign_stats=d.ifalign_stats,
         feature_weight=d.feature_weight,
         kd_reduction=d.kd_reduction,
     )
-    fresh = not (resume and (Path(out) / "checkpoint.pt").exists())
-    if fresh:
+    if not (resume and (out / "checkpoint.pt").exists()):  # a fresh run
         step0 = _start_student(student, ds, sides[0].outputs, cfg, device, step0_fn)
         if step0 is not None:  # kept for a resumed run, which does not score its start again
             metrics.log({"type": "step0", "stage": "distill", **step0})
@@ -161,13 +147,7 @@ def _task_maker(method: str):
     if make is None:
         return DistillTask.from_sides
     if isinstance(make, str):
-        import importlib
-
-        module, _, attr = make.partition(":")
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return pkgutil.resolve_name(make)
     return make
 
 
@@ -193,10 +173,6 @@ def teacher_sides(cfg: RunConfig, device: torch.device) -> tuple[Student, Any, l
     from ``distill.teacher_cache`` without loading it), then ``distill.extra_teachers`` (online)."""
     d = cfg.distill
     if d.teacher_cache:  # the teacher is never loaded: u_t, W and s_t come from the cache
-        from ..models.identity import teacher_sources
-        from .cache_format import read_cache_info
-        from .cache_read import CachedTeacherOutputs
-
         info = read_cache_info(d.teacher_cache)
         want = Path(cfg.teacher.model).stem if cfg.teacher.model.endswith(".json") else cfg.teacher.model
         if info.header["teacher"]["model"] != want:
@@ -215,9 +191,8 @@ def teacher_sides(cfg: RunConfig, device: torch.device) -> tuple[Student, Any, l
         )
         if outputs.classnames != ds.full_classnames:
             raise ValueError(f"teacher cache {d.teacher_cache}: its W is for other class names")
-        w, s_t, recorded = outputs.text_features, float(outputs.logit_scale), info.header["teacher"]
-        first = TeacherSide(outputs, w, s_t, {**teacher_identity(recorded), "source": teacher_source(cfg)})
-        sides = [first]
+        identity = {**teacher_identity(info.header["teacher"]), "source": teacher_source(cfg)}
+        sides = [TeacherSide(outputs, outputs.text_features, outputs.logit_scale, identity)]
     else:
         teacher = build_teacher(cfg, device)
         student = build_student(cfg, teacher.embed_dim, device)

@@ -7,24 +7,16 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..config import RunConfig
 from ..data import DataError, load_splits
 from ..data.dataset import ImageDataset
-from ..models import (
-    PreprocessSpec,
-    Student,
-    Teacher,
-)
+from ..models import LoadedModel, PreprocessSpec, Student, Teacher
 from ..stats import harmonic_mean
 from .builders import eval_loader, load_role_clip, loader_options, make_dataset
-from .tasks import (
-    accuracy,
-    predict,
-)
-from .utils import (
-    resolve_device,
-)
+from .tasks import accuracy, predict
+from .utils import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +24,20 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def clip_class_weights(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
     """``[C, D]`` unit text features of an open_clip model's classes, averaged over ``templates``."""
-    feats = []
-    for t in templates:
-        tok = tokenizer([t.format(c) for c in classnames]).to(device)
-        feats.append(torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1))
-    return torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
+    tokens = [tokenizer([t.format(c) for c in classnames]).to(device) for t in templates]
+    feats = [F.normalize(model.encode_text(tok).float(), dim=-1) for tok in tokens]
+    return F.normalize(torch.stack(feats).mean(0), dim=-1)
 
 
 @torch.no_grad()
-def clip_zero_shot(model, tokenizer, ds: ImageDataset, templates: list[str], loader, device) -> float:
+def clip_zero_shot(
+    loaded: LoadedModel, cfg: RunConfig, ds: ImageDataset, templates: list[str], device
+) -> float:
     """Zero-shot accuracy of an open_clip model on ``ds`` (template-averaged class prompts)."""
-    model.eval()
-    w = clip_class_weights(model, tokenizer, ds.classnames, templates, device)
-    preds, labels = predict(lambda x: model.encode_image(x).float() @ w.t(), loader, device)
-    return accuracy(preds, labels)
+    model = loaded.model.eval()
+    w = clip_class_weights(model, loaded.tokenizer, ds.classnames, templates, device)
+    loader = eval_loader(cfg, ds, device)
+    return accuracy(*predict(lambda x: model.encode_image(x).float() @ w.t(), loader, device))
 
 
 def has_val_split(cfg: RunConfig) -> bool:
@@ -71,7 +63,6 @@ def _preview(names: list[str], k: int = 4) -> str:
 
 def check_student_classes(student: Student, ds: ImageDataset) -> None:
     """Raise a ``DataError`` when ``ds``'s classes differ from those stored in the student (its W)."""
-
     mine, theirs = list(student.classnames or []), list(ds.full_classnames)
     if not mine:  # W stored without names (Python API): only its size can be checked
         n = int(student.text_features.shape[0])
@@ -97,10 +88,9 @@ def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float
     device = next(student.parameters()).device
     student.eval()
     idx = ds.class_indices
-    preds, labels = predict(
-        lambda x: student(x, class_subset=idx).logits, eval_loader(cfg, ds, device), device
+    return accuracy(
+        *predict(lambda x: student(x, class_subset=idx).logits, eval_loader(cfg, ds, device), device)
     )
-    return accuracy(preds, labels)
 
 
 def evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn, halves: bool) -> dict[str, Any]:
@@ -137,10 +127,9 @@ def evaluate_teacher(
 
     def acc(ds: ImageDataset) -> float:
         w = teacher.class_text_features(ds.full_classnames)[ds.class_indices]
-        preds, labels = predict(
-            lambda x: teacher.encode_image(x) @ w.t(), eval_loader(cfg, ds, device), device
+        return accuracy(
+            *predict(lambda x: teacher.encode_image(x) @ w.t(), eval_loader(cfg, ds, device), device)
         )
-        return accuracy(preds, labels)
 
     return evaluate(cfg, teacher.preprocess, split, acc, halves)
 
@@ -155,8 +144,6 @@ def evaluate_clip_zero_shot(
         cfg,
         loaded.preprocess,
         split,
-        lambda ds: clip_zero_shot(
-            loaded.model, loaded.tokenizer, ds, ds.templates, eval_loader(cfg, ds, device), device
-        ),
+        lambda ds: clip_zero_shot(loaded, cfg, ds, ds.templates, device),
         halves,
     )

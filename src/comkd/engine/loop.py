@@ -51,6 +51,7 @@ from .utils import (
     barrier,
     first_bad_step,
     is_main,
+    progress_bar,
     show_progress,
     world_size,
 )
@@ -91,14 +92,6 @@ def _terms(values: dict[str, float]) -> str:
 def _elapsed(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not show_progress(enabled):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
 
 
 def fit(
@@ -198,8 +191,7 @@ class _Trainer:
         self.autocast, use_scaler = amp_context(device, cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.speed = SpeedSwitches(cfg, task, device, self.autocast)
-        self.streaming = dataset.streaming
-        if self.streaming:  # the dataset streams itself (WebDataset shards): shuffled and split per rank
+        if dataset.streaming:  # the dataset streams itself (WebDataset shards): shuffled and split per rank
             self.sampler: EpochBatchSampler | StreamBatches = StreamBatches(
                 dataset, per_step, seed, num_workers, device.type == "cuda"
             )
@@ -217,7 +209,6 @@ class _Trainer:
         # uninterrupted run's (they average every batch of the epoch, not only those after the resume)
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.lr_now = self.optimizer.param_groups[0]["lr"]
         self.bar = None
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -356,12 +347,11 @@ class _Trainer:
         if first == 0:
             self.sums, self.count = {}, 0
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self.bar = _progress(
-            len(self.sampler), f"{self.task.name} {epoch + 1}/{self.cfg.epochs}", self.progress and is_main()
-        )
+        desc = f"{self.task.name} {epoch + 1}/{self.cfg.epochs}"
+        self.bar = progress_bar(len(self.sampler), desc, self.progress and is_main(), leave=False)
         self.t0 = time.perf_counter()
         self.batch_idx = self.sampler.start_batch
-        if self.streaming:
+        if self.dataset.streaming:
             return self.sampler
         if self.loader is None or not self.persistent:  # persistent: one loader for the stage
             self.loader = epoch_loader(
@@ -393,11 +383,7 @@ class _Trainer:
                     losses = self.task.step(mb, epoch)
                 self.scaler.scale(losses["loss"] / len(micro)).backward()
             finite = torch.isfinite(losses["loss"].detach())
-            self.bad_step = torch.where(
-                (~finite) & (self.bad_step < 0),
-                torch.full_like(self.bad_step, self.global_step),
-                self.bad_step,
-            )
+            self.bad_step.masked_fill_((~finite) & (self.bad_step < 0), self.global_step)
             for k, v in losses.items():
                 self.sums[k] = self.sums.get(k, 0) + v.detach().float() / len(micro)
         if cfg.grad_clip:

@@ -4,20 +4,20 @@
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .utils import (
-    rank,
-    world_size,
-)
+from .utils import rank, world_size
 
-log = logging.getLogger(__name__)
+
+def _per_rank(batch_size: int) -> int:
+    """Each process's share of a global batch of ``batch_size`` (which they must split evenly)."""
+    if batch_size % world_size():
+        raise ValueError(f"global batch size {batch_size} is not divisible by the {world_size()} processes")
+    return batch_size // world_size()
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -28,25 +28,17 @@ class EpochBatchSampler(Sampler[list[int]]):
     (the last, short batch is dropped, as PromptKD's loader does) split evenly over the ranks.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True):
-        ws = world_size()
-        if batch_size % ws:
-            raise ValueError(f"global batch size {batch_size} is not divisible by the {ws} processes")
-        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = (
-            n,
-            batch_size,
-            seed,
-            shuffle,
-            drop_last,
-        )
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.per_rank = _per_rank(batch_size)
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.epoch, self.start_batch = 0, 0
-        self.rank, self.world = rank(), ws
+        self.rank = rank()
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def num_batches(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        return self.n // self.batch_size
 
     def __len__(self) -> int:
         return self.num_batches() - self.start_batch
@@ -57,14 +49,9 @@ class EpochBatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        per_rank = self.batch_size // self.world
         for b in range(self.start_batch, self.num_batches()):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield (
-                batch[self.rank * per_rank : (self.rank + 1) * per_rank]
-                if len(batch) == self.batch_size
-                else batch
-            )
+            yield batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
 
 
 class EpochItems(torch.utils.data.Dataset):
@@ -104,20 +91,16 @@ class StreamBatches:
     interface of ``EpochBatchSampler``: the dataset shuffles and splits itself over the ranks
     (``training_stream``); this rebatches what the loader workers yield into exact per-rank batches
     of ``batch_size / world`` and stops after ``len(dataset) // batch_size`` global batches (the
-    last, short one dropped, as ``EpochBatchSampler`` does), so every rank takes the same number of
-    steps. A resumed epoch re-reads the stream and skips ``start_batch`` batches: the stream's
-    order depends only on (seed, epoch), so it sees the batches an uninterrupted run would."""
+    last, short one dropped), so every rank takes the same number of steps. A resumed epoch re-reads
+    the stream, whose order depends only on (seed, epoch), and skips ``start_batch`` batches."""
 
     def __init__(
         self, dataset: Any, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False
     ):
-        ws = world_size()
-        if batch_size % ws:
-            raise ValueError(f"global batch size {batch_size} is not divisible by the {ws} processes")
+        self.per_rank = _per_rank(batch_size)
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.per_rank = batch_size // ws
-        self.stream = dataset.training_stream(rank(), ws, seed, num_workers)
+        self.stream = dataset.training_stream(rank(), world_size(), seed, num_workers)
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -132,11 +115,7 @@ class StreamBatches:
 
     def __iter__(self) -> Iterator[Any]:
         loader = DataLoader(
-            self.stream,
-            batch_size=self.per_rank,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
+            self.stream, batch_size=self.per_rank, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
         pending: Any = None  # samples carried over from short worker batches (a tuple of tensors)
         b = 0
@@ -192,20 +171,12 @@ def epoch_loader(
     or with ``persistent`` one loader kept for the stage (``EpochItems``/``EpochKeys``: its
     workers see each epoch through the keys). Its own generator: creating an iterator must not draw
     from the global torch RNG, or a resumed run (one extra iterator) would see a shifted stream."""
-    if persistent:
-        return DataLoader(
-            EpochItems(dataset),
-            batch_sampler=EpochKeys(sampler),
-            num_workers=num_workers,
-            pin_memory=pin,
-            persistent_workers=True,
-            generator=torch.Generator().manual_seed(seed * 100_003),
-        )
+    data, batches = (EpochItems(dataset), EpochKeys(sampler)) if persistent else (dataset, sampler)
     return DataLoader(
-        dataset,
-        batch_sampler=sampler,
+        data,
+        batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=pin,
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
+        persistent_workers=persistent,
+        generator=torch.Generator().manual_seed(seed * 100_003 + (0 if persistent else epoch)),
     )

@@ -3,14 +3,11 @@ constant warm-up then per-epoch cosine, or AdamW with a per-step one-cycle cosin
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from ..config import OptimConfig
-
-log = logging.getLogger(__name__)
 
 
 def lr_at(cfg: OptimConfig, base_lr: float, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -40,8 +37,7 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict], lr_factor: float = 1.0
     ``lr_factor`` (``config_rules.lr_factor``: the batch rule) multiplies every group's lr."""
     for g in groups:
         g.setdefault("lr", cfg.lr * g.pop("lr_scale", 1.0))
-        if lr_factor != 1.0:
-            g["lr"] *= lr_factor
+        g["lr"] *= lr_factor  # exact when 1.0
         g["base_lr"] = g["lr"]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(

@@ -42,20 +42,16 @@ def select_confident(probs: torch.Tensor, per_class: int) -> tuple[torch.Tensor,
     if probs.ndim != 2:
         raise ValueError(f"probs must be [N, C], got shape {tuple(probs.shape)}")
     conf, lab = probs.max(-1)
-    idx_out, lab_out = [], []
+    kept = []  # per class c, its images' indices
     for c in range(probs.shape[1]):
         idx = (lab == c).nonzero().flatten()
         order = torch.sort(-conf[idx], stable=True).indices  # stable: equal confidence keeps index order
-        keep = idx[order][: max(int(per_class), 0)]
-        idx_out.append(keep)
-        lab_out.append(torch.full_like(keep, c))
-    return torch.cat(idx_out), torch.cat(lab_out)
+        kept.append(idx[order][: max(int(per_class), 0)])
+    return torch.cat(kept), torch.cat([torch.full_like(keep, c) for c, keep in enumerate(kept)])
 
 
 @torch.no_grad()
-def pool_probabilities(
-    loaded, classnames: list[str], templates: list[str], pool, loader, device
-) -> torch.Tensor:
+def pool_probabilities(loaded, classnames: list[str], templates: list[str], loader, device) -> torch.Tensor:
     """``[N, C]`` zero-shot class probabilities of an open_clip model on the pool images, in order
     (under torchrun each rank scores its share of ``eval_loader``'s and the ranks exchange them)."""
     model = loaded.model.eval()
@@ -96,9 +92,7 @@ def self_train(
     per_class = max(1, round(p.self_train_keep * len(pool) / len(names)))
     records = []
     for r in range(1, p.self_train_rounds + 1):
-        probs = pool_probabilities(
-            loaded, names, shots.templates, pool, eval_loader(cfg, pool, device), device
-        )
+        probs = pool_probabilities(loaded, names, shots.templates, eval_loader(cfg, pool, device), device)
         idx, labels = select_confident(probs, per_class)
         data: Sequence[Datum] = list(shots.data) + [
             Datum(pool.item_ids[i], int(c), names[int(c)])

@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from ..config import ConfigError, RunConfig, save_config
+from ..config import SECTION_ALIASES, ConfigError, RunConfig, load_config, save_config, to_dict
 from ..config_io import flat_keys
 from ..config_rules import check_batches_split, resolve_recipe
 from ..data import promptsrc_templates
 from ..fileio import atomic_path
-from ..models import (
-    load_clip,
-    save_clip_weights,
-)
+from ..models import save_clip_weights
+from ..models.identity import teacher_sources
 from ..runlock import locked_run
 from .builders import (
     STUDENT_CLIP,
@@ -28,18 +27,15 @@ from .builders import (
     TEACHER_PROMPTS,
     build_student,
     build_teacher,
-    eval_loader,
+    load_role_clip,
     make_dataset,
 )
+from .checkpoint import SPEED_SETTINGS
 from .evaluation import clip_zero_shot, pretrain_eval_split
 from .lit import fit_ridge, lock_towers, set_logit_scale
 from .loop import fit
 from .self_training import self_train
-from .tasks import (
-    PretrainTask,
-    TeacherPromptTask,
-    gaussian_epoch_weights,
-)
+from .tasks import PretrainTask, TeacherPromptTask, gaussian_epoch_weights
 from .utils import (
     MetricsLog,
     barrier,
@@ -95,7 +91,7 @@ RESUME_FREE_KEYS = frozenset(
     {"data.num_workers", "data.persistent_workers", "data.eval_batch_size"}
 )  # and OPTIM_SPEED_KEYS
 #: each stage's precision and speed switches: a resumed run may change them
-OPTIM_SPEED_KEYS = (".optim.amp", ".optim.compile", ".optim.hold_frozen_dtype", ".optim.tf32")
+OPTIM_SPEED_KEYS = tuple(f".optim.{k}" for k in SPEED_SETTINGS)
 
 
 def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
@@ -105,10 +101,6 @@ def _check_resume_config(cfg: RunConfig, path: Path, stage: str) -> None:
     ``RESUME_FREE``, the data, teacher and student sections, and the stage's own section (its
     method, loss weights, recipe values, optimiser, augmentation); other stages' sections are not.
     The message names the first key that differs."""
-    import yaml
-
-    from ..config import SECTION_ALIASES, to_dict
-
     if not path.is_file():
         return
     try:
@@ -155,10 +147,6 @@ def check_resume_run(cfg: RunConfig, path: Path) -> None:
     method settings, recipe, every stage's section) is compared with the run's ``config.yaml``
     before any stage is skipped, so no row is read back from a run made with other settings. The
     message names the first key that differs."""
-    import yaml
-
-    from ..config import load_config, to_dict
-
     if not path.is_file():
         return
     try:
@@ -183,19 +171,11 @@ def check_resume_run(cfg: RunConfig, path: Path) -> None:
 
 
 def fit_kwargs(cfg: RunConfig, out: Path, device: torch.device, metrics: MetricsLog, resume: bool) -> dict:
-    return {
-        "out_dir": out,
-        "seed": cfg.seed,
-        "device": device,
-        "metrics": metrics,
-        "resume": resume,
-        "log_every": cfg.log_every,
-        "ckpt_every": cfg.ckpt_every,
-        "ckpt_interval_s": cfg.ckpt_interval_s,
-        "progress": cfg.progress,
-        "num_workers": cfg.data.num_workers,
-        "persistent_workers": cfg.data.persistent_workers,
-    }
+    """``fit``'s keyword arguments for a stage of ``cfg``: the settings it shares by name with the
+    config (top level and ``data``) and the stage's folder, device, metrics log and ``resume``."""
+    run = {k: getattr(cfg, k) for k in ("seed", "log_every", "ckpt_every", "ckpt_interval_s", "progress")}
+    data = {k: getattr(cfg.data, k) for k in ("num_workers", "persistent_workers")}
+    return {"out_dir": out, "device": device, "metrics": metrics, "resume": resume, **run, **data}
 
 
 @locked_run(results=("results.json", TEACHER_CLIP, STUDENT_CLIP))
@@ -217,54 +197,39 @@ def run_pretrain(
     out, device, metrics = start_stage(cfg, out_dir, resume, stage="pretrain")
     results: dict[str, Any] = {}
     eval_split = pretrain_eval_split(cfg)
-    if cfg.pretrain.self_train_rounds and pool is None and "teacher" in which:
+    p = cfg.pretrain
+    if p.self_train_rounds and pool is None and "teacher" in which:
         log.warning(
             "pretrain.self_train_rounds: no unlabelled pool given (comkd run --protocol full has one); no self-training"
         )
     for role in which:
-        mcfg = cfg.teacher if role == "teacher" else cfg.student
-        loaded = load_clip(
-            mcfg.model,
-            mcfg.pretrained,
-            image_size=cfg.data.image_size,
-            quick_gelu=mcfg.quick_gelu or None,
-            device=device,
-        )
+        loaded = load_role_clip(cfg, role, device)
         sub = out / role
-        split = (
-            cfg.pretrain.teacher_split if role == "teacher" else cfg.pretrain.student_split
-        ) or cfg.pretrain.split
-        shots = cfg.pretrain.teacher_shots if role == "teacher" else cfg.pretrain.student_shots
+        split = (p.teacher_split if role == "teacher" else p.student_split) or p.split
+        shots = p.teacher_shots if role == "teacher" else p.student_shots
         name = f"pretrain_{role}"
-        frozen = lock_towers(loaded.model, cfg.pretrain.lock)
-        if cfg.pretrain.fit == "ridge":  # closed form: no steps, no checkpoint
+        frozen = lock_towers(loaded.model, p.lock)
+        if p.fit == "ridge":  # closed form: no steps, no checkpoint
             ds = make_dataset(cfg, split, loaded.preprocess, train=False, shots=shots)
             fitted = fit_ridge(
-                loaded.model,
-                loaded.tokenizer,
-                ds,
-                cfg.pretrain.ridge_lambda,
-                device,
-                cfg.data.eval_batch_size,
+                loaded.model, loaded.tokenizer, ds, p.ridge_lambda, device, cfg.data.eval_batch_size
             )
-            metrics.log({"stage": name, "type": "ridge", "lambda": cfg.pretrain.ridge_lambda, **fitted})
+            metrics.log({"stage": name, "type": "ridge", "lambda": p.ridge_lambda, **fitted})
         else:
-            ds = make_dataset(
-                cfg, split, loaded.preprocess, train=True, augment=cfg.pretrain.augment, shots=shots
-            )
-            lr = cfg.pretrain.teacher_lr if role == "teacher" else cfg.pretrain.student_lr
+            ds = make_dataset(cfg, split, loaded.preprocess, train=True, augment=p.augment, shots=shots)
+            lr = p.teacher_lr if role == "teacher" else p.student_lr
             task = PretrainTask(
                 loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr, frozen=frozen
             )
             task.name = name
             seed_everything(cfg.seed)
-            epochs = cfg.pretrain.teacher_epochs if role == "teacher" else cfg.pretrain.student_epochs
-            optim = dataclasses.replace(cfg.pretrain.optim, epochs=epochs) if epochs else cfg.pretrain.optim
+            epochs = p.teacher_epochs if role == "teacher" else p.student_epochs
+            optim = dataclasses.replace(p.optim, epochs=epochs) if epochs else p.optim
             fit(task, ds, optim, **fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub})
-        if cfg.pretrain.logit_scale is not None:
-            set_logit_scale(loaded.model, cfg.pretrain.logit_scale)
+        if p.logit_scale is not None:
+            set_logit_scale(loaded.model, p.logit_scale)
         rounds: list[dict] = []
-        if role == "teacher" and cfg.pretrain.self_train_rounds and pool is not None:
+        if role == "teacher" and p.self_train_rounds and pool is not None:
 
             def train_round(
                 rds, r: int, epochs: int, loaded=loaded, lr=lr, sub=sub, optim=optim, frozen=frozen
@@ -283,9 +248,7 @@ def run_pretrain(
             save_clip_weights(loaded.model, path, loaded.name, loaded.config)
         barrier()
         test = make_dataset(cfg, eval_split, loaded.preprocess, train=False)
-        acc = clip_zero_shot(
-            loaded.model, loaded.tokenizer, test, ds.templates, eval_loader(cfg, test, device), device
-        )
+        acc = clip_zero_shot(loaded, cfg, test, ds.templates, device)
         results[role] = {
             "weights": str(path),
             "zero_shot_acc": acc,
@@ -322,11 +285,9 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
         augment=tt.augment,
     )
     templates = promptsrc_templates() if tt.text_templates == "promptsrc" else ds.templates
-    weights = (
-        gaussian_epoch_weights(tt.optim.epochs, *tt.resolved_gpa())
-        if tt.prompt_averaging == "gaussian"
-        else None
-    )
+    weights = None  # Gaussian prompt aggregation's epoch weights, when on
+    if tt.prompt_averaging == "gaussian":
+        weights = gaussian_epoch_weights(tt.optim.epochs, *tt.resolved_gpa())
     task = TeacherPromptTask(
         teacher, ds.classnames, templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight, weights
     )
@@ -354,8 +315,7 @@ def run_cache_teacher(
     """Store the teacher's image features for ``views`` augmented views (default: one per
     distillation epoch) of every ``distill.split`` image in ``out_dir/teacher_cache.bin``; then
     ``distill --teacher-cache`` with the same seed never runs the teacher."""
-    from ..models.identity import teacher_sources
-    from .cache_build import build_teacher_cache
+    from .cache_build import build_teacher_cache  # looked up at call time (tests replace it)
 
     k = views if views is not None else cfg.distill.optim.epochs
     if k < 1:

@@ -29,31 +29,24 @@ class Task(Protocol):
 
     def modules(self) -> dict[str, nn.Module]:
         """Modules whose trainable state is checkpointed (and wrapped by DDP when distributed)."""
-        ...
 
     def parameter_groups(self) -> list[dict]:
         """Optimiser parameter groups (``{"params": [...], "lr": ..., "lr_scale": ...}``; lr optional)."""
-        ...
 
     def step(self, batch: Any, epoch: int) -> dict[str, torch.Tensor]:
         """Named losses of one batch; ``loss`` is back-propagated."""
-        ...
 
     def wrap(self, wrapped: dict[str, nn.Module]) -> None:
         """Receive the DDP-wrapped ``modules()`` (same keys) to use in ``step`` (distributed runs)."""
-        ...
 
     def state_dict(self) -> dict | None:
         """State of the task itself (RNG draws, ...) to checkpoint; None: nothing to keep."""
-        ...
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned, on ``--resume``."""
-        ...
 
     def extra_metrics(self) -> dict[str, float]:
         """Numbers logged with every step and epoch record (e.g. the gate α)."""
-        ...
 
 
 class TaskBase:
@@ -85,10 +78,9 @@ def adapt_images(images: torch.Tensor, src: PreprocessSpec, dst: PreprocessSpec)
     """Re-express a batch normalised for ``src`` (size, mean/std) as ``dst`` expects it, so the
     teacher sees the same augmented view as the student even when their preprocessing differs."""
     if src.mean != dst.mean or src.std != dst.std:
-        m_s = images.new_tensor(src.mean).view(1, 3, 1, 1)
-        s_s = images.new_tensor(src.std).view(1, 3, 1, 1)
-        m_d = images.new_tensor(dst.mean).view(1, 3, 1, 1)
-        s_d = images.new_tensor(dst.std).view(1, 3, 1, 1)
+        m_s, s_s, m_d, s_d = (
+            images.new_tensor(v).view(1, 3, 1, 1) for v in (src.mean, src.std, dst.mean, dst.std)
+        )
         images = (images * s_s + m_s - m_d) / s_d
     if images.shape[-1] != dst.image_size or images.shape[-2] != dst.image_size:
         images = F.interpolate(
@@ -115,9 +107,8 @@ class PretrainTask(TaskBase):
     ):
         super().__init__()
         self.clip, self.lr, self.frozen = clip, lr, list(frozen)  # frozen: locked towers, kept in eval mode
-        self.tokens = torch.stack(
-            [tokenizer([t.format(c) for c in classnames]) for t in templates]
-        )  # [T, N, L]
+        # [T, N, L]: every template's caption of every class
+        self.tokens = torch.stack([tokenizer([t.format(c) for c in classnames]) for t in templates])
         self.gen = torch.Generator().manual_seed(0)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -232,18 +223,11 @@ class TeacherPromptTask(TaskBase):
         ce = F.cross_entropy(logits, labels)
         with torch.no_grad():
             frozen_img = t.encode_image(images, prompted=False)
-            zs_logits = scale * frozen_img @ self.frozen_text.t()
+            zs_log_p = F.log_softmax(scale * frozen_img @ self.frozen_text.t(), dim=-1)  # zero-shot
         l_text = F.l1_loss(text, self.frozen_text.to(text.dtype)) * self.w_text
         l_img = F.l1_loss(img, frozen_img) * self.w_img
-        kl = (
-            F.kl_div(
-                F.log_softmax(logits, dim=-1),
-                F.log_softmax(zs_logits, dim=-1),
-                reduction="sum",
-                log_target=True,
-            )
-            / logits.numel()
-        )
+        log_p = F.log_softmax(logits, dim=-1)
+        kl = F.kl_div(log_p, zs_log_p, reduction="sum", log_target=True) / logits.numel()
         loss = ce + l_text + l_img + self.w_kl * kl
         acc = (logits.argmax(-1) == labels).float().mean()
         return {"loss": loss, "ce": ce, "text_l1": l_text, "image_l1": l_img, "kl": kl, "acc": acc}

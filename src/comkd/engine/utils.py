@@ -29,6 +29,15 @@ def show_progress(enabled: bool) -> bool:
     return bool(enabled) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
+def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
+    """A tqdm bar over ``total`` steps, or None where ``show_progress(enabled)`` wants no bar."""
+    if not show_progress(enabled):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, mininterval=0.5)
+
+
 def seed_everything(seed: int) -> None:
     """One seed for Python, NumPy and torch (data order and views derive from it too)."""
     random.seed(seed)
@@ -75,8 +84,7 @@ def init_distributed() -> bool:
     """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     # A group left alive at interpreter exit races gloo's threads against their destructors: now
     # and then a rank aborts ("terminate called without an active exception") after all its work
     # is written. Commands leave it cleanly (cli.common._run); this hook covers every other exit.
@@ -130,12 +138,11 @@ def comm_device() -> torch.device:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks (a copy, on ``t``'s device); ``t`` itself in one process."""
-    if dist.is_initialized():
-        home = t.device
-        t = t.to(comm_device(), copy=True)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t = t.to(home)
-    return t
+    if not dist.is_initialized():
+        return t
+    total = t.to(comm_device(), copy=True)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(t.device)
 
 
 class RankShare(torch.utils.data.Subset):
@@ -147,30 +154,20 @@ class RankShare(torch.utils.data.Subset):
         super().__init__(dataset, range(rank(), self.total, world_size()))
 
 
-def gather_shares(t: torch.Tensor, n: int) -> torch.Tensor:
-    """The rows of every rank's ``RankShare`` result, back in item order, on every rank.
-
-    ``t`` ``[m_r, ...]``: rank r's rows for items ``r, r + W, ...`` of ``n``. Returns ``[n, ...]``
-    on ``t``'s device (``t`` itself in one process): one all-gather of ``ceil(n / W)`` rows per rank.
-    """
-    w = world_size()
-    if w == 1:
-        return t
-    per = -(-n // w)
-    pad = torch.zeros((per, *t.shape[1:]), dtype=t.dtype, device=comm_device())
-    pad[: len(t)] = t
-    parts = [torch.empty_like(pad) for _ in range(w)]
-    dist.all_gather(parts, pad)
-    # row j of rank r is item j·W + r: interleave the ranks' rows
-    return torch.stack(parts, dim=1).reshape(per * w, *t.shape[1:])[:n].to(t.device)
-
-
 def gather_loader_rows(t: torch.Tensor, loader: Any) -> torch.Tensor:
-    """``t``, rows computed in order over ``loader``, for every item of its dataset: the ranks'
-    rows gathered when the loader reads a ``RankShare`` (``t`` itself otherwise)."""
-    if isinstance(loader.dataset, RankShare):
-        return gather_shares(t, loader.dataset.total)
-    return t
+    """``t``, rows ``[m, ...]`` computed in order over ``loader``, for every item of its dataset:
+    when the loader reads a ``RankShare`` (rank r's rows are items ``r, r + W, ...`` of ``n``), the
+    ranks' rows back in item order, ``[n, ...]`` on ``t``'s device, by one all-gather of
+    ``ceil(n / W)`` rows per rank; ``t`` itself otherwise."""
+    w = world_size()
+    if not isinstance(loader.dataset, RankShare) or w == 1:
+        return t
+    n, rest = loader.dataset.total, t.shape[1:]
+    per = -(-n // w)
+    pad = torch.zeros((per, *rest), dtype=t.dtype, device=comm_device())
+    pad[: len(t)] = t
+    # row j of rank r is item j·W + r: interleave the ranks' rows
+    return gather_batch(pad).view(w, per, *rest).transpose(0, 1).reshape(per * w, *rest)[:n].to(t.device)
 
 
 def gather_batch(t: torch.Tensor, grad: bool = False) -> torch.Tensor:

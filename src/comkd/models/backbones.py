@@ -8,6 +8,7 @@ names the key and both shapes instead of a long PyTorch traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_path
-from .loaded import LoadedModel, ModelError, PreprocessSpec
+from .loaded import LoadedModel, ModelError, PreprocessSpec, timm_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ TINY_STUDENT = "comkd-tiny-student"
 RANDOM_WEIGHTS = "none"  # ``pretrained: none``: random weights, asked for in so many words
 IMAGENET_TAG = "imagenet"  # a ``timm:`` tower's packaged ImageNet weights (comkd.models.real_towers)
 
-_registered = False
-
 
 def weights_version(module: nn.Module) -> tuple:
     """A cheap key that changes when any parameter or buffer of ``module`` is replaced or changed
@@ -41,12 +40,10 @@ def weights_version(module: nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in module.state_dict(keep_vars=True).values())
 
 
+@functools.cache
 def register_tiny_configs() -> None:
     """Register the package's tiny model configs (``comkd-tiny-*``) with open_clip once."""
-    global _registered
-    if not _registered:
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
-        _registered = True
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 # -- the preprocessing spec as JSON -------------------------------------------------------------
@@ -159,6 +156,25 @@ def pickle_refusal(path: str | Path, error: BaseException) -> str | None:
     )
 
 
+def read_safetensors(path: Path, failure: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata; a truncated, empty or foreign file is a one-line
+    ``ModelError``: ``failure``, then the reader's first line."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        return load_file(str(path)), meta
+    except Exception as e:  # noqa: BLE001 - truncated, empty or not safetensors: name the file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{failure}: {first[:200]}") from None
+
+
+#: the entries of an OpenAI-style CLIP state dict that are sizes, not weights
+_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
     """Read a weight file. Returns (state_dict, metadata, is_openai_style).
 
@@ -169,19 +185,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint file not found: {path}")
-    meta: dict[str, str] = {}
-    openai_style = False
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-            sd = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - truncated, empty or not safetensors: name the file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"cannot read weight file {path} as safetensors: {first[:200]}") from None
+        sd, meta = read_safetensors(path, f"cannot read weight file {path} as safetensors")
     else:
         if _is_torchscript_archive(path):
             raise ModelError(
@@ -192,25 +197,20 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
-            refusal = pickle_refusal(path, e)
-            if refusal:
+            if refusal := pickle_refusal(path, e):
                 raise ModelError(refusal) from None
             text = str(e).split("WeightsUnpickler error:")[-1].strip()  # torch's advice is not for us
             first = text.splitlines()[0] if text else type(e).__name__
             raise ModelError(f"cannot read checkpoint {path} as weights (data only): {first[:200]}") from None
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            meta = (
-                {k: str(v) for k, v in obj.get("meta", {}).items()}
-                if isinstance(obj.get("meta"), dict)
-                else {}
-            )
+        meta: dict[str, str] = {}
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            meta = {k: str(v) for k, v in obj["meta"].items()} if isinstance(obj.get("meta"), dict) else {}
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
             raise ModelError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors") from None
         sd = obj
-    if any(k in sd for k in ("input_resolution", "context_length", "vocab_size")):
-        openai_style = True
-        sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    openai_style = any(k in sd for k in _OPENAI_KEYS)
+    sd = {k: v for k, v in sd.items() if k not in _OPENAI_KEYS}
     if sd and next(iter(sd)).startswith("module."):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd, meta, openai_style
@@ -219,15 +219,12 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Raise a ModelError naming the keys whose presence or shape disagrees with ``model``."""
     own = model.state_dict()
-    problems = []
-    for k, v in sd.items():
-        if (
-            k in own
-            and tuple(own[k].shape) != tuple(v.shape)
-            and k != "positional_embedding"
-            and not k.endswith("visual.positional_embedding")
-        ):
-            problems.append(f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}")
+    problems = [  # positional embeddings of another size are resized (load_local_weights)
+        f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and own[k].shape != v.shape and k != "positional_embedding"
+        if not k.endswith("visual.positional_embedding")
+    ]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if problems or missing or unexpected:
@@ -245,24 +242,23 @@ def load_local_weights(model: nn.Module, path: str | Path, model_cfg: dict, mode
     from open_clip.model import resize_pos_embed
 
     sd, meta, openai_style = read_state_dict(path)
-    if openai_style and not model_cfg.get("quick_gelu", False):
+    quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    if openai_style and not quick_gelu:
         raise ModelError(
             f"{path} is an OpenAI-style CLIP file (QuickGELU activations) but model '{model_name}' uses GELU; "
             "pass quick_gelu=True (flag/config `quick_gelu: true`, or an open_clip '-quickgelu' model name)"
         )
-    if "comkd.quick_gelu" in meta and (meta["comkd.quick_gelu"] == "True") != bool(
-        model_cfg.get("quick_gelu", False)
-    ):
+    if "comkd.quick_gelu" in meta and (meta["comkd.quick_gelu"] == "True") != quick_gelu:
         raise ModelError(
             f"{path} was trained with quick_gelu={meta['comkd.quick_gelu']} but model '{model_name}' has "
-            f"quick_gelu={bool(model_cfg.get('quick_gelu', False))}"
+            f"quick_gelu={quick_gelu}"
         )
-    if "comkd.embed_dim" in meta and not meta["comkd.embed_dim"].strip().isdigit():
-        raise ModelError(f"{path}: edited or corrupt metadata comkd.embed_dim={meta['comkd.embed_dim']!r}")
-    if "comkd.embed_dim" in meta and int(meta["comkd.embed_dim"]) != int(model_cfg.get("embed_dim", -1)):
+    embed_dim = meta.get("comkd.embed_dim")
+    if embed_dim is not None and not embed_dim.strip().isdigit():
+        raise ModelError(f"{path}: edited or corrupt metadata comkd.embed_dim={embed_dim!r}")
+    if embed_dim is not None and int(embed_dim) != int(model_cfg.get("embed_dim", -1)):
         raise ModelError(
-            f"{path} has embedding size {meta['comkd.embed_dim']} but model '{model_name}' has "
-            f"{model_cfg.get('embed_dim')}"
+            f"{path} has embedding size {embed_dim} but model '{model_name}' has {model_cfg.get('embed_dim')}"
         )
     sd = convert_state_dict(model, sd)
     if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
@@ -302,23 +298,20 @@ def uses_quick_gelu(module: nn.Module) -> bool:
     return any(isinstance(m, QuickGELU) for m in module.modules())
 
 
-class _NoRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
+def _no_random_init_record(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded")
 
 
 @contextlib.contextmanager
 def _quiet_random_init(quiet: bool):
     """Drop open_clip's 'No pretrained weights loaded' record while ``quiet`` (root logger)."""
-    if not quiet:
-        yield
-        return
-    f, root = _NoRandomInitWarning(), logging.getLogger()
-    root.addFilter(f)
+    root = logging.getLogger()
+    if quiet:
+        root.addFilter(_no_random_init_record)
     try:
         yield
     finally:
-        root.removeFilter(f)
+        root.removeFilter(_no_random_init_record)
 
 
 def _folder_weights(model_name: str) -> str:
@@ -393,11 +386,6 @@ def load_clip(
     if pretrained and not local and not is_hub and not quick_gelu and tag_quick_gelu(model_name, pretrained):
         quick_gelu = True  # the tag's weights were trained with QuickGELU (all 'openai' tags)
         log.info("%s/%s: QuickGELU, as the pretrained tag's config says", model_name, pretrained)
-    kwargs: dict[str, Any] = {}
-    if image_size is not None:
-        kwargs["force_image_size"] = image_size
-    if quick_gelu:
-        kwargs["force_quick_gelu"] = True
     model_cfg = dict(open_clip.get_model_config(model_name) or {}) if not is_hub else {}
     if quick_gelu:
         model_cfg["quick_gelu"] = True
@@ -406,7 +394,11 @@ def load_clip(
         # random on purpose or come from a local file next (a saved student, stage-0 weights)
         with _quiet_random_init(random_on_purpose or local):
             model = open_clip.create_model(
-                model_name, pretrained=None if local else pretrained, device=device, **kwargs
+                model_name,
+                pretrained=None if local else pretrained,
+                device=device,
+                force_quick_gelu=bool(quick_gelu),
+                force_image_size=image_size,
             )
     except RuntimeError as e:
         raise ModelError(f"cannot create '{model_name}' with pretrained={pretrained!r}: {e}") from e
@@ -419,15 +411,20 @@ def load_clip(
         load_local_weights(model, pretrained, model_cfg, model_name)
     model.eval()
     size = model.visual.image_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    tokenizer = open_clip.get_tokenizer(model_name)
     return LoadedModel(
         model=model,
         name=model_name,
         pretrained=pretrained,
-        preprocess=_preprocess_from(model, size),
-        tokenizer=tokenizer,
+        preprocess=_preprocess_from(model, int(size[0] if isinstance(size, (tuple, list)) else size)),
+        tokenizer=open_clip.get_tokenizer(model_name),
         config=model_cfg,
+    )
+
+
+def load_arch(arch: Any, pretrained: str | None, device: str | torch.device) -> LoadedModel:
+    """``load_clip`` of a ``StudentArch`` or ``TeacherArch``: its model, input size and QuickGELU."""
+    return load_clip(
+        arch.model, pretrained, image_size=arch.image_size, quick_gelu=arch.quick_gelu or None, device=device
     )
 
 
@@ -449,14 +446,7 @@ def _load_timm(model_name: str, pretrained: str | None, *, image_size: int | Non
         check_state_dict(model, sd, str(pretrained))
         model.load_state_dict(sd, strict=True)
     model.to(device).eval()
-    data_cfg = timm.data.resolve_data_config({}, model=model)
-    size = image_size or int(data_cfg["input_size"][-1])
-    spec = PreprocessSpec(
-        image_size=size,
-        mean=tuple(data_cfg["mean"]),
-        std=tuple(data_cfg["std"]),
-        interpolation=data_cfg.get("interpolation", "bicubic"),
-    )
+    spec = timm_preprocess(model, image_size)
     return LoadedModel(model=model, name=model_name, pretrained=pretrained, preprocess=spec, config={})
 
 

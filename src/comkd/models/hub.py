@@ -40,17 +40,15 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None]:
 def hub_file(ref: str, filename: str = STUDENT_FILENAME) -> Path:
     """The local path of ``filename`` in the hub repository ``ref``, downloaded into (or, offline,
     read from) huggingface_hub's cache. Errors are one line naming the repository and the file."""
+    from huggingface_hub import hf_hub_download  # a dependency of comkd (pyproject.toml)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     repo_id, revision = parse_hub_ref(ref)
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-    except ImportError:  # pragma: no cover - huggingface_hub comes with open_clip
-        raise ModelError(f"{ref} needs huggingface_hub: pip install huggingface_hub") from None
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, library_name="comkd"))
     except LocalEntryNotFoundError:

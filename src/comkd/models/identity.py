@@ -37,24 +37,19 @@ def teacher_digests(teacher: Teacher) -> dict[str, Any]:
     its prompts, and ``key`` (a SHA-256 of all of them).
 
     The prompts (small) are hashed on every call. The frozen weights (1.7 GB for ViT-L/14) are
-    hashed once and the digest reused until a weight is replaced or changed in place through
-    autograd-visible ops (``load_state_dict``, ``copy_``, optimiser steps). Edits through ``.data``
-    bypass PyTorch's version counter and are not seen.
+    hashed once and the digest reused until ``weights_version`` changes (edits through ``.data``
+    are not seen).
     """
     version = weights_version(teacher.clip)
-    hit = _WEIGHT_DIGESTS.get(teacher)
-    if hit is not None and hit[0] == version:
-        weights = hit[1]
-    else:
-        weights = tensor_digest(sorted(teacher.clip.state_dict().items()))
-        _WEIGHT_DIGESTS[teacher] = (version, weights)
+    if teacher not in _WEIGHT_DIGESTS or _WEIGHT_DIGESTS[teacher][0] != version:
+        _WEIGHT_DIGESTS[teacher] = (version, tensor_digest(sorted(teacher.clip.state_dict().items())))
     prompts = tensor_digest(sorted(teacher.prompt_state_dict().items()))
     pre = asdict(teacher.preprocess)
     pre["mean"], pre["std"] = [float(x) for x in pre["mean"]], [float(x) for x in pre["std"]]
     ident = {
         "model": teacher.model_name,
         "preprocess": pre,
-        "weights_sha256": weights,
+        "weights_sha256": _WEIGHT_DIGESTS[teacher][1],
         "prompts_sha256": prompts,
     }
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -112,11 +107,9 @@ _ARCH_RANGES = {
 def _check_mapping(value: Any, types: dict[str, str], where: str, *, required: tuple[str, ...]) -> dict:
     if not isinstance(value, dict):
         raise ModelError(f"{where} must be a JSON object, got {type(value).__name__} {short(value, 40)}")
-    extra = sorted(set(value) - set(types))
-    if extra:
+    if extra := sorted(set(value) - set(types)):
         raise ModelError(f"{where} has an unknown field {short(extra[0])}")
-    missing = [k for k in required if k not in value]
-    if missing:
+    if missing := [k for k in required if k not in value]:
         raise ModelError(f"{where} has no field {missing[0]!r}")
     return value
 
@@ -139,14 +132,12 @@ def check_teacher_record(recorded: Any, where: str) -> dict[str, Any] | None:
     if source is None:
         return recorded
     _check_mapping(source, _SOURCE_TYPES, f"{where}.source", required=("arch",))
-    for k in ("pretrained", "prompts"):
+    for k, said in (
+        ("pretrained", "an open_clip tag, 'none' or a local weight file"),
+        ("prompts", "a local prompts file"),
+    ):
         value = check_value(source.get(k), "str | None", f"{where}.source.{k}", error=ModelError)
         if isinstance(value, str) and value.startswith(("hf-hub:", "local-dir:")):
-            said = (
-                "a local prompts file"
-                if k == "prompts"
-                else "an open_clip tag, 'none' or a local weight file"
-            )
             raise ModelError(f"{where}.source.{k} must be {said}, got {short(value)}")
     types = {f.name: str(f.type) for f in fields(TeacherArch)}
     arch = _check_mapping(source["arch"], types, f"{where}.source.arch", required=("model",))
@@ -165,8 +156,7 @@ def check_teacher(recorded: dict[str, Any] | None, current: dict[str, Any], stud
             f"{student_path} does not record which teacher produced its class text features (an older file); "
             "pass --force to recompute W with the given teacher anyway"
         )
-    diffs = [k for k in IDENTITY_KEYS if recorded.get(k) != current.get(k)]
-    if diffs:
+    if diffs := [k for k in IDENTITY_KEYS if recorded.get(k) != current.get(k)]:
         said = ", ".join(
             f"{k} {str(recorded.get(k))[:12]!r} (given: {str(current.get(k))[:12]!r})" for k in diffs
         )

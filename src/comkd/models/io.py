@@ -81,10 +81,7 @@ def student_digest(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
 
 def non_finite(sd: dict[str, torch.Tensor]) -> str | None:
     """The name of the first floating-point tensor of ``sd`` holding NaN or inf, else None."""
-    for k, v in sd.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            return k
-    return None
+    return next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
 
 def check_classnames(names: Any, where: str, *, allow_empty: bool = False) -> list[str]:
@@ -92,12 +89,10 @@ def check_classnames(names: Any, where: str, *, allow_empty: bool = False) -> li
     a student file without classes yet), else a ``ModelError`` naming ``where``."""
     if not isinstance(names, list) or not (names or allow_empty):
         raise ModelError(f"{where} must be a non-empty JSON list of class names, got {type(names).__name__}")
-    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
-    if bad:
+    if bad := [n for n in names if not isinstance(n, str) or not n.strip()]:
         raise ModelError(f"{where} holds {short(bad[0])}, not a class name (a string)")
     seen: set[str] = set()
-    dup = sorted({n for n in names if n in seen or seen.add(n)})
-    if dup:
+    if dup := sorted({n for n in names if n in seen or seen.add(n)}):
         raise ModelError(f"{where} lists {short(dup[:5], 200)} more than once")
     return names
 
@@ -116,16 +111,11 @@ def arch_from_metadata(c: dict[str, Any]) -> StudentArch:
         if method not in LEGACY_METHOD_EDU_ATTENTION:
             raise ValueError(f"method {method!r} is not one a student file was ever written with")
         c["edu_attention"] = LEGACY_METHOD_EDU_ATTENTION[method]
-    types = {f.name: str(f.type) for f in dataclasses.fields(StudentArch)}
-    extra = sorted(set(c) - set(types))
-    if extra:
+    fields = dataclasses.fields(StudentArch)
+    types = {f.name: str(f.type) for f in fields}
+    if extra := sorted(set(c) - set(types)):
         raise ValueError(f"unknown field {short(extra[0])} in {STUDENT_CONFIG_KEY}")
-    missing = [
-        f.name
-        for f in dataclasses.fields(StudentArch)
-        if f.name not in c and f.default is dataclasses.MISSING
-    ]
-    if missing:
+    if missing := [f.name for f in fields if f.name not in c and f.default is dataclasses.MISSING]:
         raise ValueError(f"{STUDENT_CONFIG_KEY} has no field {missing[0]!r}")
     for k, value in c.items():
         lo, hi = _ARCH_RANGES.get(k, (None, None))
@@ -148,8 +138,7 @@ def save_student(student: Student, path: str | Path) -> None:
     if getattr(student, "teacher_identities", None):  # several teachers: each, W's first
         meta["comkd.teachers"] = json.dumps(student.teacher_identities)
     sd = {k: v.detach().contiguous().cpu().clone() for k, v in student.state_dict().items()}
-    bad = non_finite(sd)
-    if bad:  # a diverged run's weights are not a student: refuse to write them as one
+    if bad := non_finite(sd):  # a diverged run's weights are not a student: refuse to write them as one
         raise ModelError(f"not writing {path}: tensor {bad!r} holds NaN/inf")
     meta[STUDENT_DIGEST_KEY] = student_digest(sd, meta)
     with atomic_path(path) as tmp:
@@ -160,9 +149,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     """Rebuild a student saved by ``save_student`` (no teacher, no text encoder needed). ``path``: a
     student file, or ``hf-hub:ORG/NAME[@REVISION]`` (its ``student.safetensors``, through
     huggingface_hub's cache; ``comkd.models.hub``)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    from .backbones import read_safetensors
     from .hub import student_path
 
     path = student_path(path)
@@ -174,13 +161,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
             f"`comkd predict {path} IMAGES --runtime onnx`, or in Python with "
             "comkd.deploy.onnx_runtime.OnnxStudent(path).predict(images)"
         )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - truncated, empty or not safetensors at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path} is not a readable safetensors student file: {first[:200]}") from None
+    sd, meta = read_safetensors(path, f"{path} is not a readable safetensors student file")
     if STUDENT_CONFIG_KEY not in meta:
         raise ModelError(f"{path} is not a comkd student file (no {STUDENT_CONFIG_KEY} metadata)")
     if STUDENT_DIGEST_KEY not in meta:
@@ -190,45 +171,28 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
             f"{path} is corrupt or was edited: its tensors or metadata do not match the sha256 stored in it "
             f"({STUDENT_DIGEST_KEY}); re-copy or re-create the file"
         )
-    bad = non_finite(sd)
-    if bad:
+    if bad := non_finite(sd):
         raise ModelError(f"{path}: tensor {bad!r} holds NaN/inf; this file is not a usable student")
     where = f"{path}: metadata"
-    classnames = parse_json(
-        meta.get("comkd.classnames", "[]"),
-        f"{where} comkd.classnames",
-        max_chars=MAX_CLASSNAMES_CHARS,
-        error=ModelError,
-    )
+
+    def parsed(key: str, max_chars: int = MAX_RECORD_CHARS) -> Any:
+        return parse_json(meta.get(key, "[]"), f"{where} {key}", max_chars=max_chars, error=ModelError)
+
+    classnames = parsed("comkd.classnames", MAX_CLASSNAMES_CHARS)
     check_classnames(classnames, f"{where} comkd.classnames", allow_empty=True)
     if "comkd.preprocess" in meta:  # not used to rebuild (the arch says it) but checked as recorded
-        parse_json(
-            meta["comkd.preprocess"],
-            f"{where} comkd.preprocess",
-            max_chars=MAX_RECORD_CHARS,
-            error=ModelError,
-        )
+        parsed("comkd.preprocess")
         spec_from_metadata(meta, str(path))
     teacher = None
     if "comkd.teacher" in meta:  # checked before anything is built from it (comkd classes)
-        teacher = parse_json(
-            meta["comkd.teacher"], f"{where} comkd.teacher", max_chars=MAX_RECORD_CHARS, error=ModelError
-        )
-        teacher = check_teacher_record(teacher, f"{where} comkd.teacher")
+        teacher = check_teacher_record(parsed("comkd.teacher"), f"{where} comkd.teacher")
     teachers = None
     if "comkd.teachers" in meta:  # a student of several teachers: each record checked alike
-        teachers = parse_json(
-            meta["comkd.teachers"], f"{where} comkd.teachers", max_chars=MAX_RECORD_CHARS, error=ModelError
-        )
+        teachers = parsed("comkd.teachers")
         if not isinstance(teachers, list) or not 2 <= len(teachers) <= MAX_TEACHERS:
             raise ModelError(f"{where} comkd.teachers must be a list of 2..{MAX_TEACHERS} teacher records")
         teachers = [check_teacher_record(t, f"{where} comkd.teachers[{i}]") for i, t in enumerate(teachers)]
-    config = parse_json(
-        meta[STUDENT_CONFIG_KEY],
-        f"{where} {STUDENT_CONFIG_KEY}",
-        max_chars=MAX_RECORD_CHARS,
-        error=ModelError,
-    )
+    config = parsed(STUDENT_CONFIG_KEY)
     try:
         arch = arch_from_metadata(config)
         if "text_features" not in sd:

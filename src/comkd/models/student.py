@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from ..choices import Attend, EduScale, ProjectorBN, Scope, check
-from .backbones import LoadedModel, ModelError, load_clip, uses_quick_gelu
+from ..choices import Attend, EduScale, Projector, ProjectorBN, Scope, check
+from .backbones import LoadedModel, ModelError, load_arch, uses_quick_gelu
 from .edu_attention import EduAttention
 from .identity import check_teacher, teacher_identity
 from .projector import build_projector
@@ -109,6 +109,7 @@ class Student(nn.Module):
         super().__init__()
         for value, choice, what in (
             (arch.attend, Attend, "attend"),
+            (arch.projector, Projector, "projector"),
             (arch.projector_bn, ProjectorBN, "projector_bn"),
             (arch.edu_scale, EduScale, "edu_scale"),
             (arch.scope, Scope, "scope"),
@@ -118,13 +119,11 @@ class Student(nn.Module):
         self.preprocess = loaded.preprocess
         teacher_dim, vision_tokens, vision_depth = arch.teacher_dim, arch.vision_tokens, arch.vision_depth
         tower = loaded.model if loaded.is_timm else loaded.model.visual
-        for p in tower.parameters():
-            p.requires_grad_(False)
+        tower.requires_grad_(arch.scope == "full")  # frozen, unless the tower trains too
         if isinstance(tower, VisionTransformer):
             layers = len(tower.transformer.resblocks)
             depth = (min(9, layers) if vision_tokens else 0) if vision_depth is None else vision_depth
             self.visual = PromptedVisionTower(tower, vision_tokens, depth)
-            out_dim = self.visual.output_dim
         else:
             if vision_tokens and vision_depth:
                 raise ModelError(
@@ -132,16 +131,10 @@ class Student(nn.Module):
                     f"({type(tower).__name__}), deep visual prompts need a ViT; set it to 0 or leave it unset"
                 )
             self.visual = tower
-            out_dim = int(getattr(tower, "output_dim", 0) or getattr(tower, "num_features", 0))
-            if not out_dim:
-                raise ModelError(f"cannot tell the output size of student tower {type(tower).__name__}")
-        try:
-            self.projector = build_projector(arch.projector, out_dim, teacher_dim)
-        except ValueError as e:
-            raise ModelError(str(e)) from None
-        if arch.scope == "full":
-            for p in tower.parameters():
-                p.requires_grad_(True)
+        out_dim = int(getattr(tower, "output_dim", 0) or getattr(tower, "num_features", 0))
+        if not out_dim:
+            raise ModelError(f"cannot tell the output size of student tower {type(tower).__name__}")
+        self.projector = build_projector(arch.projector, out_dim, teacher_dim)
         if logit_scale is None:
             if loaded.is_timm:
                 raise ModelError(
@@ -192,17 +185,7 @@ class Student(nn.Module):
                 f"student.model {arch.model!r}: a student is an image tower alone; give it as "
                 "'timm:<tower>' (student.pretrained: imagenet reads the same packaged weights)"
             )
-        loaded = load_clip(
-            arch.model,
-            pretrained,
-            image_size=arch.image_size,
-            quick_gelu=arch.quick_gelu or None,
-            device=device,
-        )
-        tower = loaded.model if loaded.is_timm else loaded.model.visual
-        if not isinstance(tower, VisionTransformer) and arch.vision_depth is None:
-            arch = replace(arch, vision_tokens=0)
-        return cls(loaded, arch, logit_scale=logit_scale).to(device)
+        return cls(load_arch(arch, pretrained, device), arch, logit_scale=logit_scale).to(device)
 
     # -- options (views of ``arch``) --------------------------------------------------------
     @property
@@ -281,10 +264,9 @@ class Student(nn.Module):
 
     #: CPU inference (eval mode, no autograd) runs a batch in chunks of at most this many input
     #: pixels (8 images at 224 px): past that a ViT's activations leave the CPU's caches and its
-    #: memory-bound ops (GELU, copies, the attention's batched matmuls) slow down per image
-    #: (ViT-B/16 at 224 px, one thread: `comkd bench --only eager`, docs/performance.md).
-    #: Small inputs (the tiny presets' 16-32 px) are rarely chunked. Each image's outputs are the
-    #: same. 0: never chunk. Not on GPUs, nor while tracing or exporting.
+    #: memory-bound ops slow down per image (ViT-B/16, one thread: `comkd bench --only eager`,
+    #: docs/performance.md). Each image's outputs are the same. 0: never chunk. Not on GPUs, nor
+    #: while tracing or exporting.
     infer_chunk_pixels: int = 8 * 224 * 224
 
     def forward(
@@ -302,27 +284,17 @@ class Student(nn.Module):
         if n:
             parts = [self._forward(images[i : i + n], class_subset) for i in range(0, images.shape[0], n)]
             return StudentOutput(
-                **{
-                    f.name: None
-                    if getattr(parts[0], f.name) is None
-                    else torch.cat([getattr(q, f.name) for q in parts])
-                    for f in fields(StudentOutput)
-                }
+                *(torch.cat([getattr(q, f.name) for q in parts]) for f in fields(StudentOutput))
             )
         return self._forward(images, class_subset)
 
     def _chunk(self, images: torch.Tensor) -> int:
         """Images per chunk for this inference batch; 0: run it whole (small batch, GPU, autograd on,
         tracing or export)."""
-        if (
-            not self.infer_chunk_pixels
-            or images.device.type != "cpu"
-            or torch.is_grad_enabled()
-            or _exporting()
-        ):
+        if images.device.type != "cpu" or torch.is_grad_enabled() or _exporting():
             return 0
         n = max(1, self.infer_chunk_pixels // max(1, images.shape[-1] * images.shape[-2]))
-        return n if images.shape[0] > n else 0
+        return n if self.infer_chunk_pixels and images.shape[0] > n else 0
 
     def _forward(self, images: torch.Tensor, class_subset) -> StudentOutput:
         w = self.text_features
@@ -374,12 +346,10 @@ def create_student(
 
     ``model_name`` is any open_clip model (its image tower is used) or ``timm:<name>``;
     ``options`` are ``StudentArch`` fields (``vision_tokens``, ``edu_attention``, ``scope``, ...).
-    Non-ViT towers (open_clip ResNets, timm convnets) need ``vision_tokens=0``.
     ``logit_scale``: s; default the student CLIP's own exp(log-scale) (PromptKD's choice).
     """
     allowed = {f.name for f in fields(StudentArch)} - {"model", "teacher_dim"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
+    if unknown := sorted(set(options) - allowed):
         raise ModelError(
             f"create_student: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
         )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from open_clip.hf_model import HFTextEncoder
 from torch import nn
 
-from .backbones import LoadedModel, ModelError, load_clip, weights_version
+from .backbones import LoadedModel, ModelError, load_arch, read_state_dict, weights_version
 from .prompts import PromptedHFTextEncoder, PromptedTextEncoder, PromptedVisionTower
 
 
@@ -69,8 +69,7 @@ class Teacher(nn.Module):
         self.clip = loaded.model
         self.model_name = loaded.name
         self.preprocess = loaded.preprocess
-        for p in self.clip.parameters():
-            p.requires_grad_(False)
+        self.clip.requires_grad_(False)
         vlayers = (
             len(self.clip.visual.transformer.resblocks) if hasattr(self.clip.visual, "transformer") else 0
         )
@@ -101,14 +100,7 @@ class Teacher(nn.Module):
         """Load ``arch.model`` (``pretrained``: open_clip tag, local weight file, ``none`` or None
         for random weights), build the frozen prompted teacher on ``device`` and load ``prompts``
         (a file of learned prompts from ``comkd train-teacher``) when given."""
-        loaded = load_clip(
-            arch.model,
-            pretrained,
-            image_size=arch.image_size,
-            quick_gelu=arch.quick_gelu or None,
-            device=device,
-        )
-        teacher = cls(loaded, arch).to(device)
+        teacher = cls(load_arch(arch, pretrained, device), arch).to(device)
         if prompts:
             teacher.load_prompts(prompts)
         return teacher.eval()
@@ -130,9 +122,7 @@ class Teacher(nn.Module):
         return None if b is None else b.detach().reshape(())
 
     def prompt_parameters(self) -> list[nn.Parameter]:
-        prompts = (
-            getattr(self.visual, "prompts", None) if isinstance(self.visual, PromptedVisionTower) else None
-        )
+        prompts = getattr(self.visual, "prompts", None)  # None on a CNN tower without prompts
         return [p for p in (prompts, self.text.ctx, self.text.deep) if p is not None]
 
     frozen_prefixes = ("clip.", "visual.")  # checkpoints keep only what trains: the prompts
@@ -146,9 +136,7 @@ class Teacher(nn.Module):
     def load_prompts(self, state: dict[str, torch.Tensor] | str | Path) -> None:
         """Load prompts saved by ``prompt_state_dict`` (a dict or a safetensors/torch file)."""
         if not isinstance(state, dict):
-            from .backbones import read_state_dict
-
-            state, _, _ = read_state_dict(state)
+            state = read_state_dict(state)[0]
             state = {k[len("teacher.") :] if k.startswith("teacher.") else k: v for k, v in state.items()}
         own = self.prompt_state_dict()
         for k, v in state.items():
@@ -158,8 +146,7 @@ class Teacher(nn.Module):
                 raise ModelError(
                     f"prompt weights: '{k}' has shape {list(v.shape)}, teacher expects {list(own[k].shape)}"
                 )
-        missing = set(own) - set(state)
-        if missing:
+        if missing := set(own) - set(state):
             raise ModelError(f"prompt weights: missing keys {sorted(missing)}")
         self.load_state_dict(state, strict=False)
 
@@ -171,11 +158,8 @@ class Teacher(nn.Module):
 
     def encode_text(self, classnames: list[str], prompted: bool = True) -> torch.Tensor:
         """Class names → L2-normalised ``[N, d]`` text features from the learnable prompt."""
-        if prompted:
-            tokens = self.text.tokenize(self.text.prompt_texts(classnames))
-        else:
-            tokens = self.text.tokenize([f"a photo of a {c}." for c in classnames])
-        return F.normalize(self.text(tokens, prompted=prompted), dim=-1)
+        texts = self.text.prompt_texts(classnames) if prompted else [f"a photo of a {c}." for c in classnames]
+        return F.normalize(self.text(self.text.tokenize(texts), prompted=prompted), dim=-1)
 
     @torch.no_grad()
     def encode_templates(self, classnames: list[str], templates: list[str]) -> torch.Tensor:
@@ -231,8 +215,7 @@ def create_teacher(
             ``vision_depth``, ``image_size``, ``quick_gelu``).
     """
     allowed = {f.name for f in fields(TeacherArch)} - {"model"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
+    if unknown := sorted(set(options) - allowed):
         raise ModelError(
             f"create_teacher: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
         )

@@ -10,7 +10,7 @@ from ..engine.utils import write_json
 from ..runlock import locked_run
 from ..stats import mean_std
 from .report import write_report
-from .runner import run_protocol
+from .runner import epoch_records, run_protocol
 
 DEMO_METHODS = ["promptkd", "comkd"]
 
@@ -32,22 +32,8 @@ def run_demo(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     flat["warnings"] = res["warnings"]  # chance-level or random-weight models, as in report.md
     flat["teacher_check"] = res["teacher_check"].get(cfg.data.dataset, {}).get(str(cfg.seed))
     write_json(out / "results.json", flat)
-    from ..engine.utils import read_metrics
-
-    curves = {
-        cfg.data.dataset: {
-            m: [
-                [
-                    r
-                    for r in read_metrics(
-                        out / "run" / cfg.data.dataset / f"seed{cfg.seed}" / m / "metrics.jsonl"
-                    )
-                    if r.get("type") == "epoch"
-                ]
-            ]
-            for m in DEMO_METHODS
-        }
-    }
+    seed_dir = out / "run" / cfg.data.dataset / f"seed{cfg.seed}"
+    curves = {cfg.data.dataset: {m: [epoch_records(seed_dir / m)] for m in DEMO_METHODS}}
     write_report(
         res,
         out,

@@ -40,23 +40,17 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..data import DataError, load_splits
 from ..engine.builders import (
-    STUDENT_CLIP,
-    TEACHER_CLIP,
-    TEACHER_PROMPTS,
     build_teacher,
     eval_loader,
     load_role_clip,
     loader_options,
     make_dataset,
 )
-from ..engine.checkpoint import prune_checkpoints
 from ..engine.evaluation import check_student_classes, clip_class_weights
-from ..engine.runplan import plan_part
-from ..engine.stages import run_pretrain, run_train_teacher
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, resolve_device
-from .protocol import Protocol, image_only, undistilled_logits
-from .report import chance_level, size_line
+from .protocol import Protocol, image_only, pretrain_stage, teacher_stage, undistilled_logits
+from .report import chance_level, save_figure, size_line, subplots
 from .sanity import banner
 
 log = logging.getLogger(__name__)
@@ -115,9 +109,7 @@ def eval_config(cfg: RunConfig) -> RunConfig | None:
     """The config that reads the labelled test images of a ``full`` run, or None when there are none."""
     if cfg.full.test:
         return source_config(cfg, cfg.full.test, "test", "full.test")
-    if cfg.data.dataset != "unlabelled":
-        return copy.deepcopy(cfg)
-    return None
+    return copy.deepcopy(cfg) if cfg.data.dataset != "unlabelled" else None
 
 
 def zero_shot_teacher(cfg: RunConfig) -> RunConfig:
@@ -136,62 +128,9 @@ def labelled_config(cfg: RunConfig, split: str) -> RunConfig | None:
     return copy.deepcopy(cfg) if cfg.data.dataset != "unlabelled" else None
 
 
-def _pretrain_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -> RunConfig:
-    """Stage 0 when ``pretrain.enabled`` (CLIPs without downloaded weights): both towers learn
-    contrastively on the labelled images the user gave (``full.shots``, every image; per tower
-    ``pretrain.teacher_shots`` / ``student_shots`` per class when set), scored on those images."""
-    if not cfg.pretrain.enabled:
-        return cfg
-    pcfg = labelled_config(cfg, "pretrain")
-    if pcfg is None:
-        raise ConfigError(
-            "pretrain.enabled: stage 0 needs labelled images; set full.shots=FOLDER_OR_CSV (a few images "
-            "per class) or use towers with weights (teacher.pretrained / student.pretrained)"
-        )
-    _check_names(pcfg, names, "full.shots" if cfg.full.shots else "the labelled data")
-    if cfg.full.shots:
-        pcfg.pretrain.split, pcfg.pretrain.teacher_split, pcfg.pretrain.student_split = "pretrain", None, None
-        pcfg.pretrain.eval_split = pcfg.pretrain.eval_split or "pretrain"  # no val: the images it fitted
-    sub = out / "pretrain"
-    # an image-only student (timm:) has no CLIP to pre-train: it keeps its weights, and its
-    # undistilled score is Protocol.undistilled_head's
-    roles = ("teacher",) if image_only(cfg) else ("teacher", "student")
-    files = {"teacher": TEACHER_CLIP, "student": STUDENT_CLIP}
-    with plan_part("pretrain"):
-        if not (resume and all((sub / files[r]).exists() for r in roles)):
-            pool = cfg if cfg.data.dataset == "unlabelled" else None
-            run_pretrain(pcfg, sub, which=roles, resume=resume, pool=pool)
-    prune_checkpoints(sub, keep=cfg.keep_checkpoints)
-    c = copy.deepcopy(cfg)
-    c.teacher.pretrained = str(sub / TEACHER_CLIP)
-    if "student" in roles:
-        c.student.pretrained = str(sub / STUDENT_CLIP)
-    return c
-
-
-def _teacher_stage(cfg: RunConfig, out: Path, names: list[str], resume: bool) -> tuple[RunConfig, str]:
-    if cfg.teacher.prompts:
-        return copy.deepcopy(cfg), "given prompts"
-    scfg = labelled_config(cfg, "train")
-    if scfg is None:
-        return zero_shot_teacher(cfg), "zero-shot"
-    _check_names(scfg, names, "full.shots" if cfg.full.shots else "the labelled data")
-    scfg.train_teacher.subsample = "all"
-    prompts = out / "teacher" / TEACHER_PROMPTS
-    with plan_part("teacher"):
-        if not (resume and prompts.exists()):
-            run_train_teacher(scfg, out / "teacher", resume=resume)
-    prune_checkpoints(out / "teacher", keep=cfg.keep_checkpoints)
-    t = copy.deepcopy(cfg)
-    t.teacher.prompts = str(prompts)
-    return t, "prompted"
-
-
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
     """``[n, n]`` counts: row = true class, column = predicted class."""
-    cm = torch.zeros(n, n, dtype=torch.long)
-    cm.index_put_((labels.long(), preds.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True)
-    return cm
+    return torch.bincount(labels.long() * n + preds.long(), minlength=n * n).reshape(n, n)
 
 
 def per_class_accuracy(cm: torch.Tensor, names: list[str]) -> dict[str, float]:
@@ -202,14 +141,9 @@ def per_class_accuracy(cm: torch.Tensor, names: list[str]) -> dict[str, float]:
 
 
 def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(names)
     size = min(4 + 0.35 * n, 30)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig, ax = subplots(figsize=(size, size * 0.9))
     rows = cm.float() / cm.sum(1, keepdim=True).clamp_min(1)
     im = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), names, rotation=90, fontsize=7)
@@ -218,23 +152,12 @@ def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str) -
     ax.set_ylabel("true class")
     ax.set_title(title)
     if n <= 25:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        int(cm[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color="white" if rows[i, j] > 0.5 else "black",
-                    )
+        for i, j in cm.nonzero().tolist():
+            color = "white" if rows[i, j] > 0.5 else "black"
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6, color=color)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def score(logits_fn, ecfg: RunConfig, device: torch.device, ds) -> dict[str, Any]:
@@ -285,14 +208,40 @@ class OwnClasses(Protocol):
         return not cfg.teacher.prompts and bool(cfg.full.shots or cfg.data.dataset != "unlabelled")
 
     def pretrain(self, cfg: RunConfig, out: Path, resume: bool) -> RunConfig:
+        """Stage 0 when ``pretrain.enabled`` (CLIPs without downloaded weights): both towers learn
+        contrastively on the labelled images the user gave (``full.shots``, every image; per tower
+        ``pretrain.teacher_shots`` / ``student_shots`` per class when set), scored on those images."""
         names = class_names(cfg)
-        ecfg = eval_config(cfg)
-        if ecfg is not None and cfg.full.test:
-            _check_names(ecfg, names, "full.test")
-        return _pretrain_stage(cfg, out, names, resume)
+        if cfg.full.test:
+            _check_names(eval_config(cfg), names, "full.test")
+        if not cfg.pretrain.enabled:
+            return cfg
+        pcfg = labelled_config(cfg, "pretrain")
+        if pcfg is None:
+            raise ConfigError(
+                "pretrain.enabled: stage 0 needs labelled images; set full.shots=FOLDER_OR_CSV (a few images "
+                "per class) or use towers with weights (teacher.pretrained / student.pretrained)"
+            )
+        _check_names(pcfg, names, "full.shots" if cfg.full.shots else "the labelled data")
+        if cfg.full.shots:
+            pcfg.pretrain.split = "pretrain"
+            pcfg.pretrain.teacher_split = pcfg.pretrain.student_split = None
+            pcfg.pretrain.eval_split = pcfg.pretrain.eval_split or "pretrain"  # no val: the images it fitted
+        # an image-only student (timm:) has no CLIP to pre-train: it keeps its weights, and its
+        # undistilled score is Protocol.undistilled_head's
+        roles = ("teacher",) if image_only(cfg) else ("teacher", "student")
+        pool = cfg if cfg.data.dataset == "unlabelled" else None
+        return pretrain_stage(cfg, out, resume, pcfg, roles, pool)
 
     def teacher(self, cfg: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, str]:
-        return _teacher_stage(cfg, out, class_names(cfg), resume)
+        if cfg.teacher.prompts:
+            return copy.deepcopy(cfg), "given prompts"
+        scfg = labelled_config(cfg, "train")
+        if scfg is None:
+            return zero_shot_teacher(cfg), "zero-shot"
+        _check_names(scfg, class_names(cfg), "full.shots" if cfg.full.shots else "the labelled data")
+        scfg.train_teacher.subsample = "all"
+        return teacher_stage(cfg, out, resume, scfg), "prompted"
 
     def scoring(self, cfg: RunConfig) -> RunConfig | None:
         ecfg = eval_config(cfg)
@@ -358,10 +307,8 @@ class OwnClasses(Protocol):
                 title = {"teacher": "teacher", "student_zeroshot": "undistilled student"}.get(key, key)
                 for res in (r for r in runs if "confusion" in r):  # scored on labelled test images
                     plot = out / "plots" / f"confusion_{key}.png"
-                    acc = f"{res['acc']:.2f}% top-1"
-                    plot_confusion(
-                        torch.tensor(res["confusion"]), results["classes"], plot, f"{title}: {acc}"
-                    )
+                    title_acc = f"{title}: {res['acc']:.2f}% top-1"
+                    plot_confusion(torch.tensor(res["confusion"]), results["classes"], plot, title_acc)
                     res["confusion_plot"] = str(plot.relative_to(out))
         atomic_write_text(out / "report.md", report(results))
 

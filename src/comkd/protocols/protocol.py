@@ -79,6 +79,45 @@ def undistilled_logits(loaded, a: torch.Tensor, w: torch.Tensor):
     return lambda x: F.normalize(loaded.model(x).float() @ a.t(), dim=-1) @ w.t()
 
 
+CLIP_FILES = {"teacher": TEACHER_CLIP, "student": STUDENT_CLIP}
+
+
+def pretrain_stage(
+    cfg: RunConfig,
+    out: Path,
+    resume: bool,
+    data: RunConfig | None = None,
+    roles: tuple[str, ...] = ("teacher", "student"),
+    pool: RunConfig | None = None,
+) -> RunConfig:
+    """Stage 0 of ``roles`` into ``out/pretrain`` on ``data`` (default ``cfg``; ``pool``: the
+    unlabelled images of ``run_pretrain``), unless ``resume`` finds their weights there: ``cfg``
+    with those weights."""
+    out = out / "pretrain"
+    with plan_part("pretrain"):
+        if not (resume and all((out / CLIP_FILES[r]).exists() for r in roles)):
+            run_pretrain(data or cfg, out, which=roles, resume=resume, pool=pool)
+    prune_checkpoints(out, keep=cfg.keep_checkpoints)
+    cfg = copy.deepcopy(cfg)
+    for r in roles:
+        getattr(cfg, r).pretrained = str(out / CLIP_FILES[r])
+    return cfg
+
+
+def teacher_stage(cfg: RunConfig, out: Path, resume: bool, data: RunConfig | None = None) -> RunConfig:
+    """Stage 1 into ``out/teacher`` on ``data`` (default ``cfg``), unless ``resume`` finds its
+    prompts there: ``cfg`` with the learned prompts."""
+    out = out / "teacher"
+    prompts = out / TEACHER_PROMPTS
+    with plan_part("teacher"):
+        if not (resume and prompts.exists()):
+            run_train_teacher(data or cfg, out, resume=resume)
+    prune_checkpoints(out, keep=cfg.keep_checkpoints)
+    cfg = copy.deepcopy(cfg)
+    cfg.teacher.prompts = str(prompts)
+    return cfg
+
+
 def for_dataset(cfg: RunConfig, dataset: str | None) -> RunConfig:
     """A copy of ``cfg`` reading ``dataset`` (a split file belongs to one dataset: dropped)."""
     c = copy.deepcopy(cfg)
@@ -116,29 +155,12 @@ class Protocol:
 
     def pretrain(self, cfg: RunConfig, out: Path, resume: bool) -> RunConfig:
         """Stage 0 when ``pretrain.enabled`` (into ``out/pretrain``): ``cfg`` with its weights."""
-        if not cfg.pretrain.enabled:
-            return cfg
-        out = out / "pretrain"
-        with plan_part("pretrain"):
-            if not (resume and (out / STUDENT_CLIP).exists() and (out / TEACHER_CLIP).exists()):
-                run_pretrain(cfg, out, resume=resume)
-        prune_checkpoints(out, keep=cfg.keep_checkpoints)
-        cfg = copy.deepcopy(cfg)
-        cfg.teacher.pretrained, cfg.student.pretrained = str(out / TEACHER_CLIP), str(out / STUDENT_CLIP)
-        return cfg
+        return pretrain_stage(cfg, out, resume) if cfg.pretrain.enabled else cfg
 
     def teacher(self, cfg: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, str]:
         """Stage 1 into ``out/teacher``: ``cfg`` with the learned prompts, and how the teacher was
         prepared (``prompted``)."""
-        out = out / "teacher"
-        prompts = out / TEACHER_PROMPTS
-        with plan_part("teacher"):
-            if not (resume and prompts.exists()):
-                run_train_teacher(cfg, out, resume=resume)
-        prune_checkpoints(out, keep=cfg.keep_checkpoints)
-        cfg = copy.deepcopy(cfg)
-        cfg.teacher.prompts = str(prompts)
-        return cfg, "prompted"
+        return teacher_stage(cfg, out, resume), "prompted"
 
     def target(self, cfg: RunConfig, dataset: str) -> RunConfig:
         """The config that distils and scores on ``dataset`` with the teacher of ``cfg``."""

@@ -22,6 +22,25 @@ LABELS = {
 }
 
 
+def subplots(*args: Any, **kwargs: Any) -> Any:
+    """``matplotlib.pyplot.subplots`` on the file-only Agg backend: ``(fig, axes)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` to ``path`` (110 dpi; its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt(xs: list[float]) -> str:
     m, sd = mean_std(xs)
     return f"{m:.2f} ± {sd:.2f}" if len(xs) > 1 else f"{m:.2f}"
@@ -39,8 +58,6 @@ def hm_of_means(row: dict[str, list[float]]) -> float:
 
 HM_OF_MEANS = "HM of mean base, novel (paper)"
 HM_PER_SEED = "mean of per-seed HMs"
-
-
 PART_NAMES = {"base": "base classes", "novel": "novel classes", "all": "all classes"}
 
 
@@ -139,12 +156,7 @@ def legend_below(fig, ax, rows: int) -> None:
 def plot_accuracy(datasets: dict[str, dict], path: Path) -> None:
     """Bars of mean accuracy (± std over seeds) per split and method, one panel per dataset; each
     panel's y-axis spans its own values (not from 0), with 1-, 2- or 5-point gridlines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.4), squeeze=False)
+    fig, axes = subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.4), squeeze=False)
     rows = 1
     for ax, (ds, methods) in zip(axes[0], datasets.items(), strict=True):
         ms = _ordered(methods)
@@ -153,19 +165,11 @@ def plot_accuracy(datasets: dict[str, dict], path: Path) -> None:
         width = 0.8 / len(ms)
         tops, bottoms = [], []
         for i, m in enumerate(ms):
-            stats = [mean_std(methods[m][k]) for k in keys]
+            means, sds = zip(*(mean_std(methods[m][k]) for k in keys), strict=True)
             xs = [j + (i - (len(ms) - 1) / 2) * width for j in range(len(keys))]
-            ax.bar(
-                xs,
-                [s[0] for s in stats],
-                width,
-                yerr=[s[1] for s in stats],
-                capsize=2,
-                label=LABELS.get(m, m),
-                color=f"C{i % 10}",
-            )
-            tops += [s[0] + s[1] for s in stats]
-            bottoms += [s[0] - s[1] for s in stats]
+            ax.bar(xs, means, width, yerr=sds, capsize=2, label=LABELS.get(m, m), color=f"C{i % 10}")
+            tops += [a + d for a, d in zip(means, sds, strict=True)]
+            bottoms += [a - d for a, d in zip(means, sds, strict=True)]
         lo, hi = _zoomed_limits(bottoms + tops)
         ax.set_ylim(lo, hi)
         _ticks_every(ax, hi - lo)
@@ -173,9 +177,7 @@ def plot_accuracy(datasets: dict[str, dict], path: Path) -> None:
         ax.set_ylabel("accuracy (%)" + (f", axis from {lo:.0f}" if lo > 0 else ""))
         ax.set_title(ds)
     legend_below(fig, axes[0][0], rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def gap_shares(methods: dict[str, dict], key: str) -> dict[str, list[float]]:
@@ -203,22 +205,12 @@ def plot_gap_share(datasets: dict[str, dict], path: Path) -> bool:
     panels = {ds: v for ds, v in panels.items() if any(v.values())}
     if not panels:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
     for ax, (ds, shares) in zip(axes[0], panels.items(), strict=True):
         ms = [m for m, v in shares.items() if v]
-        stats = [mean_std(shares[m]) for m in ms]
-        ax.barh(
-            range(len(ms)),
-            [s[0] for s in stats],
-            xerr=[s[1] for s in stats],
-            capsize=2,
-            color=[f"C{(list(_ordered(datasets[ds])).index(m)) % 10}" for m in ms],
-        )
+        means, sds = zip(*(mean_std(shares[m]) for m in ms), strict=True)
+        colors = [f"C{_ordered(datasets[ds]).index(m) % 10}" for m in ms]
+        ax.barh(range(len(ms)), means, xerr=sds, capsize=2, color=colors)
         ax.set_yticks(range(len(ms)), [LABELS.get(m, m) for m in ms], fontsize=7)
         ax.invert_yaxis()
         for x, text in ((0, "undistilled"), (100, "teacher")):
@@ -228,9 +220,7 @@ def plot_gap_share(datasets: dict[str, dict], path: Path) -> bool:
         ax.set_title(f"{ds}: mean ± std over seeds", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -239,14 +229,8 @@ def plot_curves(curves: dict[str, dict[str, list[list[dict]]]], path: Path) -> b
     rows = [(ds, m, runs[0]) for ds, ms in curves.items() for m, runs in ms.items() if runs and runs[0]]
     if not rows:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    terms = ["kd", "align", "alpha"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, term in zip(axes, terms, strict=True):
+    fig, axes = subplots(1, 3, figsize=(13, 3.5))
+    for ax, term in zip(axes, ["kd", "align", "alpha"], strict=True):
         for i, (ds, m, recs) in enumerate(rows):
             xs = [r["epoch"] + 1 for r in recs if term in r]
             ys = [r[term] for r in recs if term in r]
@@ -255,9 +239,7 @@ def plot_curves(curves: dict[str, dict[str, list[list[dict]]]], path: Path) -> b
         ax.set_title({"kd": "KD term (w_kd · KL)", "align": "IFAlign term", "alpha": "EduAttention α"}[term])
         ax.set_xlabel("epoch")
     legend_below(fig, axes[0], (len(rows) + 3) // 4)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

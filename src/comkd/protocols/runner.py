@@ -1,8 +1,7 @@
 """The one protocol loop (docs/method.md, "Evaluation"): for each source dataset stage 0, for
 each seed the teacher, for each target dataset the teacher and the undistilled student scored, then
 every method distilled and scored (``distill_and_score``, which ``comkd distill`` also calls).
-What differs between protocols is a ``Protocol`` in ``PROTOCOLS`` (``protocols/protocol.py``,
-``protocols/full.py``); the folder layout is its ``folder``.
+What differs between protocols is a ``Protocol`` in ``PROTOCOLS`` (``protocols/protocol.py``).
 
 ``results.json``, every protocol: ``{"protocol", "selection", "split", "seeds", "teacher_classes"
 (what stage 1 learned on), "datasets": {dataset: {model: {"base": [per seed], "novel": [...],
@@ -84,12 +83,8 @@ def distill_and_score(
         step0_fn=(lambda s: proto.row(proto.score_student(ecfg, s, split))) if ecfg is not None else None,
     )
     res: dict[str, Any] = {k: info[k] for k in ("student", "alpha", "selected_epoch", "train_images")}
-    res.update(
-        method=method,
-        selection=c.distill.select,
-        trainable_params=info["trainable_params"],
-        step0=info["step0"],
-    )
+    res.update(method=method, selection=c.distill.select)
+    res.update({k: info[k] for k in ("trainable_params", "step0")})
     if ecfg is not None:
         student = load_student(info["student"], resolve_device(c.device))
         res.update(proto.score_student(ecfg, student, split), split=split)
@@ -153,13 +148,16 @@ def run_protocol(
                         with plan_part("distill"):
                             res = distill_and_score(dcfg, m, mdir, resume=resume)
                         tally.add(ds, m, res)
-                        tally.curves.setdefault(ds, {}).setdefault(m, []).append(
-                            [r for r in read_metrics(mdir / "metrics.jsonl") if r.get("type") == "epoch"]
-                        )
+                        tally.curves.setdefault(ds, {}).setdefault(m, []).append(epoch_records(mdir))
     results = tally.results(cfg, seeds)
     proto.report(results, out, tally.curves)
     write_json(out / "results.json", results)
     return results
+
+
+def epoch_records(folder: Path) -> list[dict]:
+    """The per-epoch records of a stage's ``metrics.jsonl`` (a report's training curves)."""
+    return [r for r in read_metrics(folder / "metrics.jsonl") if r.get("type") == "epoch"]
 
 
 @dataclass
