@@ -132,12 +132,10 @@ class PretrainConfig:
             raise ConfigError(
                 f"{prefix}fit: ridge fits the projections of frozen towers; set {prefix}lock: both"
             )
-        if not (math.isfinite(self.ridge_lambda) and self.ridge_lambda > 0):
-            raise ConfigError(f"{prefix}ridge_lambda: must be a finite number > 0, got {self.ridge_lambda}")
-        if self.logit_scale is not None and not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
-            raise ConfigError(
-                f"{prefix}logit_scale: must be a finite number > 0 or null, got {self.logit_scale}"
-            )
+        for name, or_null in (("ridge_lambda", ""), ("logit_scale", " or null")):
+            value = getattr(self, name)  # ridge_lambda is never None (a float field)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{prefix}{name}: must be a finite number > 0{or_null}, got {value}")
 
 
 @dataclass
@@ -177,8 +175,7 @@ class TeacherTrainConfig:
             )
 
     def resolved_gpa(self) -> tuple[float, float]:
-        """(mean, std) of the Gaussian in this stage's epochs: gpa_mean (null: 0.75 x gpa_epochs)
-        and gpa_std scaled by optim.epochs / gpa_epochs."""
+        """(mean, std) of the Gaussian in this stage's epochs (the fields' comment above)."""
         ref = self.gpa_epochs or self.optim.epochs
         scale = self.optim.epochs / ref
         mean = 0.75 * ref if self.gpa_mean is None else float(self.gpa_mean)
@@ -373,8 +370,7 @@ def _refuse_flag_conflicts(flags: dict, sets: dict) -> None:
 
 
 def _merge_layer(cfg: RunConfig, layer: dict) -> None:
-    """Merge one layer; a ``distill.recipe`` it names is applied first, so the layer's own keys
-    (and later layers) override the recipe's values and earlier layers are overridden by it."""
+    """Merge one layer, applying a ``distill.recipe`` it names first (``comkd.methods.RECIPES`` says how)."""
     distill = layer.get("distill")
     if isinstance(distill, dict) and distill.get("recipe") is not None:
         merge(cfg.distill, {"recipe": distill["recipe"]}, "distill.")  # refuses an unknown recipe

@@ -26,10 +26,8 @@ def check_teacher_count(d: Any, prefix: str = "distill.", method: str | None = N
         )
 
 
-#: the classes each protocol's teacher learns its prompts on (``train_teacher.subsample``; unset: these).
-#: PromptKD's base-to-novel teacher learns on 16 shots of the base classes only, so that the novel
-#: classes stay unseen; its cross-dataset and DG teacher on all classes of the source dataset
-#: (ImageNet); ``full`` on all of the user's classes.
+#: the classes each protocol's teacher learns its prompts on (``train_teacher.subsample``; unset: these),
+#: as in PromptKD (base2novel: 16 shots of the base classes), and why
 TEACHER_CLASSES: dict[str, Literal["base", "all"]] = {
     "base2novel": "base",
     "cross": "all",
@@ -141,9 +139,8 @@ def batch_note(o: Any, world: int) -> str:
 def check_batches_split(cfg: Any, stages: tuple[str, ...], world: int) -> None:
     """Each of ``stages``' global batch (``global_batch``) splits evenly over the run's ``world``
     processes, and stage 2 with the projector's BatchNorm in training mode gets at least 2 images a
-    process, else a one-line ``ConfigError`` naming the key. The command line checks it as soon as
-    the config is read (torchrun's ``WORLD_SIZE``), before any heavy import, weights, cache or warm
-    start, and each stage again before its ranks meet."""
+    process, else a one-line ``ConfigError`` naming the key; checked before any heavy import (with
+    torchrun's ``WORLD_SIZE``) and by each stage again."""
     for stage in stages:
         o = getattr(cfg, stage).optim
         images = global_batch(o, world)

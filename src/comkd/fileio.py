@@ -1,14 +1,9 @@
-"""Atomic file writes, and JSON read from files a user hands us.
+"""Atomic file writes, and JSON read from files a user hands us (checked as data, never trusted).
 
 Writes go to a temp file next to the target, then are renamed over it, so a kill never leaves half
 a file and a reader sees the old file or the new one. The one temp-name scheme is
 ``.<name>.tmp<pid>`` (hidden, per process); stray temps of a killed run are found with the glob
-``.<name>.tmp*``.
-
-JSON recorded in a file (a student file's metadata, a cache header, an export's metadata) is data
-to check, never trusted (``parse_json``, ``check_value``): each raises one line naming where the
-value came from. ``folder_problem`` / ``file_problem`` check an output path before any work.
-Nothing here imports torch, so any module can use it.
+``.<name>.tmp*``. Nothing here imports torch, so any module can use it.
 """
 
 from __future__ import annotations

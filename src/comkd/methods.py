@@ -1,12 +1,10 @@
 """The distillation recipe in one place: the methods, their switches and their defaults
 (docs/method.md, "The objective" and "Stage-2 recipes").
 
-A method is one ``Method`` entry in ``METHODS``. The config's allowed ``distill.method`` values, the
-CLI help and the report labels are read from this table, so adding a method is one
-``register_method`` call (plus the loss code, when ``ComKDLoss``'s switches do not cover it).
-``comkd.losses.build_loss`` builds a method's loss from its entry; ``config_rules.resolve_recipe``
-fills the defaults a config leaves unset, so the saved ``config.yaml`` holds the values in effect.
-Nothing here imports torch at import time: the config system reads this table cheaply.
+The config's allowed ``distill.method`` values, the CLI help and the report labels are read from
+``METHODS``, so adding a method is one ``register_method`` call (plus the loss code, when
+``ComKDLoss``'s switches do not cover it). Nothing here imports torch at import time: the config
+system reads this table cheaply.
 """
 
 from __future__ import annotations
@@ -88,7 +86,6 @@ METHODS: dict[str, Method] = {
 
 # -- per-dataset and per-protocol defaults ----------------------------------------------------
 PAPER_KD_WEIGHT = 1000.0
-# Datasets whose paper recipe uses w_kd = 200 (the rest use PAPER_KD_WEIGHT).
 LOW_KD_WEIGHT = 200.0
 LOW_KD_WEIGHT_DATASETS = frozenset({"fgvc_aircraft", "oxford_flowers", "dtd"})
 # PromptKD's cross-dataset / domain-generalisation student: visual prompt depth 3 and w_kd 1000

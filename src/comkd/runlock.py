@@ -6,15 +6,10 @@ run ends, however it ends short of a kill. A second run into the same folder is 
 one-line ``RunLockError`` naming the folder and the holder. A lock left by a killed run (a pid that
 no longer exists on this host) is named in a warning and taken over; anything at the lock's path
 that is not a regular file (a folder, a link, a FIFO) is refused in one line naming it, and left
-alone. The lock is re-entrant within a process: a protocol that holds ``OUT`` may run a stage that
-locks ``OUT`` again; stages in sub-folders take their own locks. Only the main process of a
-torchrun job (``RANK`` 0) locks, as only it writes.
-
-A fresh run (no ``--resume``) into a folder that holds a finished run's results is refused
-(``FinishedRunError``) unless overwriting was asked for: ``overwrite=True`` on a runner decorated
-with ``locked_run`` or on an enclosing ``run_lock``, which allows it in that folder and below.
-
-Nothing here imports torch.
+alone. The lock is re-entrant within a process (a protocol holding ``OUT`` may run a stage that
+locks it again; stages in sub-folders take their own); only the main process of a torchrun job
+(``RANK`` 0) locks, as only it writes. A fresh run over a finished run's results is refused unless
+overwriting was asked for (``check_fresh``, ``locked_run``). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -220,20 +215,17 @@ def holds_lock(folder: str | os.PathLike) -> bool:
     return (os.getpid(), os.path.realpath(folder)) in _HELD
 
 
-def _overwrite_allowed(folder: Path) -> bool:
-    key = os.path.realpath(folder)
-    return any(
-        allowed and pid == os.getpid() and (key == k or key.startswith(k + os.sep))
-        for (pid, k), allowed in _HELD.items()
-    )
-
-
 def check_fresh(folder: str | os.PathLike, results: tuple[str, ...], *, resume: bool = False) -> None:
     """Refuse a fresh run into ``folder`` when it holds any of the finished-run files ``results``
     (``FinishedRunError`` naming the folder and the file), unless ``resume`` or overwriting is
     allowed there (``run_lock(..., overwrite=True)`` held on it or a folder above)."""
     folder = Path(folder)
-    if resume or not _is_main_process() or _overwrite_allowed(folder):
+    key = os.path.realpath(folder)
+    allowed = any(
+        ok and pid == os.getpid() and (key == k or key.startswith(k + os.sep))
+        for (pid, k), ok in _HELD.items()
+    )
+    if resume or not _is_main_process() or allowed:
         return
     for name in results:
         if (folder / name).exists():

@@ -41,26 +41,14 @@ def _main(
     """Distil a large CLIP teacher into a small, fast student with ComKD-CLIP."""
 
 
-def _out_dir(out: Path | None, old_out: Path | None) -> Path | None:
-    """``--out-dir``, or the old ``--out`` of a folder command (with a warning); both is an error."""
-    if old_out is None:
-        return out
-    if out is not None:
-        _usage_error("give the folder once: --out-dir (--out is its old name here)")
-    typer.secho("note: --out is now --out-dir for commands that write a folder", fg="yellow", err=True)
-    return old_out
-
-
-def _plural_alias(name: str, given: list | None, old: list | None) -> list | None:
-    """A repeatable option of ``run`` under its old plural name (``--seeds``, ``--methods``), taken
-    with a note; the two spellings together are an error."""
+def _old_name(given, old, both: str, note: str):
+    """An option given under its old name (``old``: ``--out`` of a folder command, ``--seeds``,
+    ``--methods``), taken with the yellow ``note``; both spellings given is the usage error ``both``."""
     if not old:
         return given
     if given:
-        _usage_error(f"give {name} once: {name}s is its old name")
-    typer.secho(
-        f"note: {name}s is now {name} (repeat the flag), as in the other commands", fg="yellow", err=True
-    )
+        _usage_error(both)
+    typer.secho(f"note: {note}", fg="yellow", err=True)
     return old
 
 
@@ -128,8 +116,7 @@ _NOT_A_LOCAL_PATH = ("{", "*", "?", "::", "://", "pipe:")
 
 
 def _check_input_paths(cfg: RunConfig) -> None:
-    """The local files and folders a config names (data root, split and class files, own-data
-    shots and test set, every teacher's prompts) exist: checked before any import of the model
+    """The local files and folders a config names exist: checked before any import of the model
     stack, weights or data, so a mistyped path costs a second, not a download or a stage."""
     extra = cfg.distill.extra_teachers
     for key, value in (
@@ -187,24 +174,13 @@ def _run(fn):
     from ..engine.utils import NotSharedError
     from ..models import ModelError
 
+    expected = (ConfigError, DataError, DiskFullError, ModelError, NonFiniteLossError, NotSharedError)
     try:
         result = fn()
         _leave_process_group()
         return result
-    except (
-        ConfigError,
-        DataError,
-        DiskFullError,
-        ModelError,
-        NonFiniteLossError,
-        NotSharedError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(1) from None
-    except Exception as e:  # noqa: BLE001 - only disk errors are turned into a line; the rest re-raise
-        msg = _disk_error(e)
+    except Exception as e:  # noqa: BLE001 - expected and disk errors become a line; the rest re-raise
+        msg = str(e) if isinstance(e, (*expected, FileNotFoundError, ValueError)) else _disk_error(e)
         if msg is None:
             raise
         typer.secho(f"error: {msg}", fg="red", err=True)

@@ -23,9 +23,8 @@ from .options import Call, StudentFileArg, command
 
 
 def _benchmarks() -> None:
-    """Make the repository's ``benchmarks`` package importable: it is not installed with comkd (a
-    user's wheel holds no benchmark code), so ``comkd bench`` runs from a source checkout: the one
-    an editable install points at, or the working folder. Elsewhere: one line, exit 2."""
+    """Make the repository's ``benchmarks`` package (not in a user's wheel) importable from a source
+    checkout: the one an editable install points at, or the working folder; elsewhere one line, exit 2."""
     import sys
 
     for root in (Path(__file__).resolve().parents[3], Path.cwd()):  # src/comkd/cli/deploy.py -> repo
@@ -164,8 +163,7 @@ def predict_cmd(
             skip_bad=skip_bad,
         )
 
-    summary = _run(body)
-    typer.echo(json.dumps(summary, default=str), err=out is None)
+    typer.echo(json.dumps(_run(body), default=str), err=out is None)
 
 
 @app.command("export")
@@ -221,7 +219,6 @@ def classes_cmd(
     cfg = call.cfg
     from ..deploy.classes import recompute_classes
 
-    # no --config and no --teacher: the teacher the student file records
     from_record = call.config is None and "teacher.model" not in call.flags
     _print_run(recompute_classes, cfg, student_file, names, out, force=force, from_record=from_record)
 

@@ -1,7 +1,6 @@
-"""Every option of the command line, defined once. A config field that a command may set carries its
-flag's name and help (``config_io.flag``); a command names the dotted keys it exposes and
-``command`` builds their options from those fields (as Hugging Face's ``HfArgumentParser`` builds
-flags from dataclass fields), together with the options every command shares (``SHARED``)."""
+"""Every option of the command line, defined once: a config field carries its flag's name and help
+(``config_io.flag``), and ``command`` builds a command's options from the keys it names (as
+Hugging Face's ``HfArgumentParser`` does from dataclass fields) and ``SHARED``."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import typer
 
 from ..config import RunConfig
 from ..config_io import nest
-from .common import _cfg, _out_dir, _plural_alias, _set_threads, _setup_logging
+from .common import _cfg, _old_name, _set_threads, _setup_logging
 
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -38,8 +37,7 @@ SHARED: dict[str, tuple[Any, Any]] = {
         ],
         None,
     ),
-    # ``--out`` names a file everywhere (predict, export, classes, bench); on the folder commands it
-    # was the folder's old name, still taken with a note
+    # ``--out`` names a file elsewhere (predict, export, ...); here it is --out-dir's old name
     "old_out": (
         Annotated[Path | None, typer.Option("--out", hidden=True, help="Old name of --out-dir.")],
         None,
@@ -75,9 +73,8 @@ RUN_OPTIONS = ("config", "sets", "out", "old_out", "resume", "overwrite", "threa
 
 @dataclass
 class Call:
-    """What a command built by ``command`` receives besides its own options: the config it runs with
-    (None for a command that builds none), the config-field flags given (dotted key -> value), the
-    repeated ones (``run``: dotted key -> values) and the shared options."""
+    """What a ``command`` receives besides its own options: its config (None: it builds none), the
+    config-field flags given (dotted key -> value or, repeated, values) and the shared options."""
 
     cfg: RunConfig | None
     flags: dict[str, Any]
@@ -163,12 +160,19 @@ def command(
             got = {n: kw.pop(n) for n in shared}
             _set_threads(got.get("threads"))
             _setup_logging(got["verbose"], got["quiet"])
-            out = _out_dir(got.get("out"), got.get("old_out"))
+            out = _old_name(
+                got.get("out"),
+                got.get("old_out"),
+                "give the folder once: --out-dir (--out is its old name here)",
+                "--out is now --out-dir for commands that write a folder",
+            )
             flags = {key: v for key, (p, *_) in made.items() if (v := kw.pop(p.name)) is not None}
             many = {}
             for key, (p, *old) in lists.items():
                 given, was = kw.pop(p.name), kw.pop(old[0].name) if old else None
-                many[key] = _plural_alias(f"--{p.name.replace('_', '-')}", given, was) or []
+                name = f"--{p.name.replace('_', '-')}"
+                note = f"{name}s is now {name} (repeat the flag), as in the other commands"
+                many[key] = _old_name(given, was, f"give {name} once: {name}s is its old name", note) or []
             config = got.get("config") or default_config
             cfg = _cfg(config, got.get("sets"), nest(flags), out, stages=stages) if build else None
             rest = {k: got[k] for k in ("resume", "overwrite", "config", "threads") if k in got}

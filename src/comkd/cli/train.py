@@ -1,6 +1,5 @@
 """The training commands: the three stages, evaluate, run (every stage for a protocol), demo and
-cache-teacher. Each names the config keys it exposes (``options.command``); the flags, their
-help and types come from the config's fields."""
+cache-teacher, each with the config keys it exposes (``options.command``)."""
 
 from __future__ import annotations
 
@@ -90,12 +89,11 @@ def distill(
     _note_method_spelling(call.flags.get("distill.method"))
 
     def body():
-        from ..protocols.runner import distill_and_score, protocol_of
+        from ..protocols.runner import PROTOCOLS, distill_and_score
         from ..runlock import run_lock
 
-        # what the student will be scored on, known before it trains (a stage config of an own-data
-        # run scores on its full.test; one with no labelled test set is not scored, as the run did)
-        if evaluate and protocol_of(cfg).scoring(cfg) is None:
+        # known before it trains: an own-data stage config scores on its full.test, if any (as the run)
+        if evaluate and PROTOCOLS[cfg.protocol].scoring(cfg) is None:
             typer.secho(
                 f"note: {cfg.data.dataset} data has no labelled test set (full.test unset), so the student "
                 "is not scored; set full.test=FOLDER_OR_CSV to score it",
@@ -125,12 +123,12 @@ def evaluate(
     from ..models.io import load_student
 
     def body():
-        from ..protocols.runner import protocol_of
+        from ..protocols.runner import PROTOCOLS
 
         if out is not None:  # a cheap refusal before the student is scored
             _check_not_a_runs_results(Path(cfg.output_dir) / "results.json", call.overwrite)
         student = load_student(student_file, resolve_device(cfg.device))
-        proto = protocol_of(cfg)
+        proto = PROTOCOLS[cfg.protocol]
         ecfg = proto.scoring(cfg)  # an own-data run's labelled test images (full.test)
         if ecfg is None:
             raise ConfigError("protocol full: no labelled test images; set full.test=FOLDER_OR_CSV")

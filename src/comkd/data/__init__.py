@@ -1,24 +1,21 @@
-"""Datasets for ComKD-CLIP: CoOp datasets, image folders, CSV files and the embedded digits.
+"""Datasets for ComKD-CLIP: CoOp datasets, image folders, CSV files, WebDataset shards and the
+embedded digits.
 
-Entry points:
-
-* ``load_splits(name, root, **options) -> DatasetSplits``: every split and the class list.
-* ``build_dataset(name, root, split, transform, ...) -> ImageDataset``: one split, optionally
-  few-shot (``num_shots``) and base/novel (``subsample``), ready for a DataLoader; a
-  ``WdsImageDataset`` (an ``IterableDataset`` streaming WebDataset shards) for ``wds`` splits.
-
-``DATASETS`` maps each registered name to its loader ``(root, *, split_file, skip_bad, **options)``;
-add your own with ``@register_dataset("name")``. Every bad input raises ``DataError``.
+``load_splits`` gives every split and the class list; ``build_dataset`` one split (few-shot,
+base/novel) ready for a DataLoader. ``DATASETS`` maps each registered name to its loader
+``(root, *, split_file, skip_bad, **options)``; add your own with ``@register_dataset("name")``.
+Every bad input raises ``DataError``.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from .builtin import DEFAULT_SIZE, DIGITS_FRACTIONS, load_digits_splits
+from .builtin import DEFAULT_SIZE, load_digits_splits
 from .contract import StreamingDataset, TrainingDataset
 from .coop import (
     COOP_SPECS,
@@ -67,8 +64,6 @@ __all__ = [
 
 def promptsrc_templates() -> list[str]:
     """PromptSRC's 60 text templates (``{}`` = class name), shipped in ``promptsrc_templates.txt``."""
-    from pathlib import Path
-
     text = (Path(__file__).parent / "promptsrc_templates.txt").read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
@@ -111,12 +106,6 @@ def _register_no_split_file(name: str, load: Loader) -> None:
     register_dataset(name)(loader)
 
 
-def _digits(
-    root: str | None = None, *, fractions: Sequence[float] = DIGITS_FRACTIONS, split_seed: int = 0
-) -> DatasetSplits:
-    return load_digits_splits(fractions, split_seed)
-
-
 for _spec in COOP_SPECS.values():
     if _spec.split_file is not None:  # the CoOp datasets read from a split_zhou_*.json
         register_dataset(_spec.name)(functools.partial(load_coop_json, _spec))
@@ -126,7 +115,7 @@ for _name in ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
     _register_no_split_file(_name, functools.partial(load_imagenet_variant, _name))
 register_dataset("imagefolder")(load_image_folder)
 _register_no_split_file("csv", load_csv)
-_register_no_split_file("digits", _digits)
+_register_no_split_file("digits", load_digits_splits)
 _register_no_split_file("unlabelled", load_unlabelled_folder)
 _register_no_split_file("wds", load_wds)
 
@@ -194,7 +183,6 @@ def build_dataset(
         raise DataError(
             f"split {split!r} of dataset {name!r} is empty (subsample={subsample!r}, num_shots={num_shots})"
         )
-    # the class that reads the items is the one the split's loader names (DatasetSplits.readers)
     if splits.reader(split) not in READERS:
         raise DataError(
             f"dataset {name!r}, split {split!r}: reader {splits.reader(split)!r} is not one of {', '.join(READERS)}"

@@ -4,9 +4,6 @@
 They become RGB PIL images in memory: values scaled to 0..255, upsampled with bicubic
 interpolation to ``size`` (default 32), grey copied to 3 channels. Items have virtual paths
 ``digits://<index>`` (index into ``load_digits()``), resolved by ``load_digit``.
-
-Splits are made per class with ``split_per_class`` (seed 0 by default), fractions
-pretrain/train/val/test = 0.4/0.3/0.05/0.25, so the parts are disjoint and class-balanced.
 """
 
 from __future__ import annotations
@@ -63,11 +60,14 @@ def load_digit(path: str, size: int = DEFAULT_SIZE) -> Image.Image:
 VIRTUAL_IMAGES[SCHEME] = load_digit  # ImageDataset resolves digits:// paths through this
 
 
-def load_digits_splits(fractions: Sequence[float] = DIGITS_FRACTIONS, seed: int = 0) -> DatasetSplits:
-    """All 1797 digits as ``DatasetSplits`` with disjoint per-class pretrain/train/val/test parts."""
+def load_digits_splits(
+    root: str | None = None, *, fractions: Sequence[float] = DIGITS_FRACTIONS, split_seed: int = 0
+) -> DatasetSplits:
+    """All 1797 digits as ``DatasetSplits`` with disjoint per-class pretrain/train/val/test parts
+    (the loader of dataset ``digits``; ``root`` is ignored: the digits are embedded)."""
     _, labels = _raw_digits()
     data = [Datum(f"{SCHEME}{i}", int(y), DIGIT_NAMES[int(y)]) for i, y in enumerate(labels)]
-    parts = split_per_class(data, fractions, seed)
+    parts = split_per_class(data, fractions, split_seed)
     # split_per_class shuffles within a class: each part back in index order
     parts = {k: sorted(v, key=lambda d: int(d.path[len(SCHEME) :])) for k, v in parts.items()}
     return DatasetSplits("digits", list(DIGIT_NAMES), **parts, templates=[DIGITS_TEMPLATE])

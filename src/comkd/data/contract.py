@@ -90,16 +90,11 @@ class SplitMetadata:
         self.train_transform = train_transform
         self.unlabelled = bool(unlabelled)
         self.view_seed = view_seed
-        #: teacher-output cache of K views: epoch e draws the view of epoch e % K (None: no cycling)
         self.view_period: int | None = None
         self.epoch = 0
         self.templates = list(templates)
-        #: original label of each class in ``full_classnames`` (identity unless base/novel subsampled)
-        self.class_indices = (
-            list(class_indices) if class_indices is not None else list(range(len(self.classnames)))
-        )
+        self.class_indices = list(range(len(self.classnames)) if class_indices is None else class_indices)
         self.full_classnames = list(full_classnames) if full_classnames is not None else list(self.classnames)
-        #: label of each class in a parent label space (ImageNet-1k for ImageNet-A/-R), else None
         self.parent_class_indices = list(parent_class_indices) if parent_class_indices is not None else None
         self.digits_size = int(digits_size)
         self.skipped = []

@@ -1,28 +1,10 @@
 """Readers for the CoOp dataset layout and its ``split_zhou_*.json`` split files.
 
-Layout under ``root`` (CoOp's DATASETS.md; ``root`` may also *be* the dataset folder, e.g. a
-folder holding ``images/`` and a split file passed as ``split_file=``):
-
-==================  ======================  =================================  ==================================
-name                dataset folder          image folder                       split
-==================  ======================  =================================  ==================================
-imagenet            imagenet                images/{train,val}/<wnid>/          folders + classnames.txt
-caltech101          caltech-101             101_ObjectCategories               split_zhou_Caltech101.json
-oxford_pets         oxford_pets             images                             split_zhou_OxfordPets.json
-stanford_cars       stanford_cars           (the dataset folder)               split_zhou_StanfordCars.json
-oxford_flowers      oxford_flowers          jpg                                split_zhou_OxfordFlowers.json
-food101             food-101                images                             split_zhou_Food101.json
-fgvc_aircraft       fgvc_aircraft           images                             images_variant_{split}.txt
-sun397              sun397                  SUN397                             split_zhou_SUN397.json
-dtd                 dtd                     images                             split_zhou_DescribableTextures.json
-eurosat             eurosat                 2750                               split_zhou_EuroSAT.json
-ucf101              ucf101                  UCF-101-midframes                  split_zhou_UCF101.json
-imagenet_v2         imagenetv2              imagenetv2-matched-frequency-      folders 0..999 + classnames.txt
-                                            format-val
-imagenet_sketch     imagenet-sketch         images                             folders <wnid> + classnames.txt
-imagenet_a          imagenet-adversarial    imagenet-a                         200 folders <wnid> + classnames.txt
-imagenet_r          imagenet-rendition      imagenet-r                         200 folders <wnid> + classnames.txt
-==================  ======================  =================================  ==================================
+Layout: ``root/<dataset_dir>/<image_dir>`` plus the split file, per ``COOP_SPECS`` (CoOp's
+DATASETS.md); ``root`` may also *be* the dataset folder (e.g. one holding ``images/`` and a split
+file passed as ``split_file=``). ImageNet reads ``images/{train,val}/<wnid>/`` and
+``classnames.txt``; FGVC-Aircraft ``variants.txt`` and ``images_variant_{split}.txt``; the DG
+targets class folders (``<wnid>``, or ``0..999`` for ImageNet-V2) and ``classnames.txt``.
 
 Conventions:
 
@@ -132,18 +114,16 @@ def resolve_dataset_dir(spec: CoopSpec, root: str) -> str:
 
 
 def _find_split_file(spec: CoopSpec, ddir: str, split_file: str | None) -> str:
-    if split_file is not None:
-        p = split_file if os.path.isabs(split_file) else os.path.join(ddir, split_file)
-        if not os.path.isfile(p):
-            raise DataError(f"split file not found: {p} (given as split_file={split_file!r})")
+    # os.path.join keeps an absolute split_file as it is
+    p = os.path.join(ddir, (spec.split_file or "") if split_file is None else split_file)
+    if os.path.isfile(p):
         return p
-    p = os.path.join(ddir, spec.split_file or "")
-    if not os.path.isfile(p):
-        raise DataError(
-            f"split file not found: {p} (dataset {spec.name!r} expects {spec.split_file} in its folder; "
-            "pass split_file= to use another)"
-        )
-    return p
+    if split_file is not None:
+        raise DataError(f"split file not found: {p} (given as split_file={split_file!r})")
+    raise DataError(
+        f"split file not found: {p} (dataset {spec.name!r} expects {spec.split_file} in its folder; "
+        "pass split_file= to use another)"
+    )
 
 
 def load_coop_json(

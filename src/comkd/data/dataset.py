@@ -95,8 +95,7 @@ class ImageDataset(SplitMetadata, Dataset):
     files are dropped at construction instead (every image is decoded once up front) and listed in
     ``skipped`` as ``(path, reason)``.
 
-    Reproducible views: ``get_view(i, seed)`` applies the train transform with a
-    ``torch.Generator`` seeded with ``seed``. With ``view_seed`` set, ``__getitem__`` itself uses
+    Reproducible views: with ``view_seed`` set, ``__getitem__`` returns
     ``get_view(i, derive_view_seed(view_seed, epoch, i))`` (call ``set_epoch`` each epoch), so a
     teacher-output cache can replay any view later.
     """
@@ -113,7 +112,6 @@ class ImageDataset(SplitMetadata, Dataset):
         source: str = "",
         **meta: Any,
     ) -> None:
-        # meta: SplitMetadata's keywords (``_init_metadata``: unlabelled, view_seed, name, ...)
         self._init_metadata(classnames, transform, **{"digits_size": DEFAULT_SIZE, **meta})
         where = f" ({source})" if source else ""
         check_labels_in_range(data, len(self.classnames), self.unlabelled, where, self.name)
@@ -161,9 +159,7 @@ class ImageDataset(SplitMetadata, Dataset):
     # -- loading -----------------------------------------------------------------------------
     def _load(self, path: str) -> Image.Image:
         reader = virtual_reader(path)  # a virtual image (e.g. the embedded digits), rendered at digits_size
-        if reader is not None:
-            return reader(path, self.digits_size)
-        return load_image_file(path)
+        return load_image_file(path) if reader is None else reader(path, self.digits_size)
 
     def load_image(self, index: int) -> Image.Image:
         """The decoded RGB PIL image of item ``index`` (raises ``DataError`` naming the file)."""

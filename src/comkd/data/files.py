@@ -89,8 +89,7 @@ def read_split_file(path: str, image_dir: str) -> dict[str, list[Datum]]:
         raise DataError(
             f"split file {path}: expected an object with keys train/val/test, got {type(raw).__name__}"
         )
-    unknown = sorted(set(raw) - {"train", "val", "test"})
-    if unknown:
+    if unknown := sorted(set(raw) - {"train", "val", "test"}):
         raise DataError(f"split file {path}: unknown key(s) {unknown}; expected train, val, test")
     image_dir = os.path.abspath(image_dir)
     names: dict[int, str] = {}
@@ -183,8 +182,7 @@ def classnames_from_items(splits: dict[str, list[Datum]], source: str) -> list[s
             names.setdefault(d.label, d.classname)
     if not names:
         raise DataError(f"{source}: no items in any split")
-    missing = sorted(set(range(max(names) + 1)) - set(names))
-    if missing:
+    if missing := sorted(set(range(max(names) + 1)) - set(names)):
         raise DataError(
             f"{source}: labels {missing[:10]}{'...' if len(missing) > 10 else ''} never appear, so their class "
             "names are unknown (put a classes.tsv next to the images to give the full class list)"

@@ -57,12 +57,8 @@ def read_class_file(path: str) -> tuple[list[str], dict[str, int]]:
 
 def find_class_file(*folders: str, names: Sequence[str] = ("classes.tsv", "classnames.txt")) -> str | None:
     """The first of the files ``names`` in the first of ``folders`` that has one, or None."""
-    for folder in folders:
-        for fn in names:
-            p = os.path.join(folder, fn)
-            if os.path.isfile(p):
-                return p
-    return None
+    paths = (os.path.join(folder, fn) for folder in folders for fn in names)
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def _match_folders(folders: list[str], names: list[str], ids: dict[str, int], source: str) -> dict[str, int]:
@@ -170,13 +166,11 @@ def load_csv(
                 raise DataError(f"CSV {path}: line {n} has non-integer label {r['label']!r}") from None
         if names_from_file is not None:
             classnames = names_from_file
-        elif "classname" in cols:
+        else:  # a label's name: its first row's classname, else the label itself (rows: not empty)
             pairs: dict[int, str] = {}
             for y, r in zip(labels, rows, strict=True):
-                pairs.setdefault(y, clean_classname(r["classname"]))
-            classnames = [pairs.get(i, str(i)) for i in range(max(labels) + 1)] if labels else []
-        else:
-            classnames = [str(i) for i in range(max(max(labels) + 1, 0))]
+                pairs.setdefault(y, clean_classname(r.get("classname", str(y))))
+            classnames = [pairs.get(i, str(i)) for i in range(max(labels) + 1)]
     else:
         classnames = names_from_file or sorted({clean_classname(r["classname"]) for r in rows})
         lookup = {c: i for i, c in enumerate(classnames)}

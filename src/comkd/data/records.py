@@ -68,18 +68,12 @@ class DatasetSplits:
             )
         return getattr(self, name)
 
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (length of ``classnames``)."""
-        return len(self.classnames)
-
 
 SPLIT_NAMES = ("pretrain", "train", "val", "test")
 
 
-#: readers of virtual image paths (images that are not files, e.g. ``digits://<index>``):
-#: ``scheme -> reader(path, size) -> RGB PIL image``; a dataset module adds its own, and
-#: ``ImageDataset`` resolves a path starting with ``scheme`` with ``reader(path, size)``
+#: readers of virtual image paths (images that are not files, e.g. ``digits://<index>``), which
+#: ``ImageDataset`` resolves: ``scheme -> reader(path, size) -> RGB PIL image``; a dataset module adds its own
 VIRTUAL_IMAGES: dict[str, Callable[[str, int], Any]] = {}
 
 

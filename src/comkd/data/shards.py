@@ -1,17 +1,20 @@
 """The index of WebDataset shards, read without decoding an image: shard paths from a brace
 pattern, each shard's sample keys and labels from its tar headers and ``.cls`` members (kept per
-file size and mtime, in the process and in ``index_dir()`` for later processes), virtual ``wds://<shard>#<key>`` item paths, and named pools of sample
-ordinals. ``comkd.data.wds`` builds datasets and streams on top of it."""
+file size and mtime, in the process and in ``index_dir()`` for later processes), virtual
+``wds://<shard>#<key>`` item paths, and named pools of sample ordinals."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..fileio import atomic_write_text, parse_json
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ def _split_name(name: str) -> tuple[str, str]:
     return (os.path.join(folder, stem) if folder else stem), (ext.lower() if dot else "")
 
 
-def _scan(path: str, size: int, mtime_ns: int) -> ShardIndex:
+def _scan(path: str, size: int) -> ShardIndex:
     keys: list[str] = []
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
@@ -141,16 +144,12 @@ def index_dir() -> str:
 
 
 def _index_file(path: str) -> str:
-    import hashlib
-
     return os.path.join(index_dir(), hashlib.sha256(path.encode()).hexdigest()[:32] + ".json")
 
 
 def _read_index(path: str, size: int, mtime_ns: int) -> ShardIndex | None:
     """The stored index of ``path`` when one was written for this very file (same size and
     modification time), else None. A damaged or foreign index file is ignored (and rewritten)."""
-    from ..fileio import parse_json
-
     where = _index_file(path)
     try:
         with open(where, "rb") as f:
@@ -175,10 +174,6 @@ def _read_index(path: str, size: int, mtime_ns: int) -> ShardIndex | None:
 
 def _write_index(idx: ShardIndex, size: int, mtime_ns: int) -> None:
     """Keep ``idx`` for later processes (atomically; a folder that cannot be written is skipped)."""
-    import json
-
-    from ..fileio import atomic_write_text
-
     rec = {
         "format": 1,
         "path": idx.path,
@@ -197,7 +192,7 @@ def _write_index(idx: ShardIndex, size: int, mtime_ns: int) -> None:
 def _indexed(path: str, size: int, mtime_ns: int) -> ShardIndex:
     idx = _read_index(path, size, mtime_ns)
     if idx is None:
-        idx = _scan(path, size, mtime_ns)
+        idx = _scan(path, size)
         _write_index(idx, size, mtime_ns)
     return idx
 

@@ -1,12 +1,11 @@
-"""Few-shot sampling, base/novel class splits and deterministic per-class fractional splits.
-
-Conventions follow CoOp / PromptKD. Base/novel: base = the first ``ceil(N/2)`` labels, novel = the
-rest, each half relabelled from 0; ``N`` is the length of the class list (for the full CoOp
-datasets, the labels CoOp reads from the train split).
+"""Few-shot sampling, base/novel class splits and deterministic per-class fractional splits, as in
+CoOp / PromptKD. The base/novel halves (``subsample_classes``) are cut from the class list (for the
+full CoOp datasets, the labels CoOp reads from the train split), each relabelled from 0.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -125,11 +124,7 @@ def split_per_class(
         items = sorted(items, key=lambda d: d.path)
         random.Random(seed * 100003 + label).shuffle(items)
         n = len(items)
-        cum = 0.0
-        start = 0
-        for name, f in zip(SPLIT_NAMES, fr, strict=True):
-            cum += f
-            stop = min(n, round(n * cum + 1e-9))
+        cuts = [0, *(min(n, round(n * cum + 1e-9)) for cum in itertools.accumulate(fr))]
+        for name, start, stop in zip(SPLIT_NAMES, cuts[:-1], cuts[1:], strict=True):
             out[name].extend(items[start:stop])
-            start = stop
     return out

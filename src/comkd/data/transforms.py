@@ -1,12 +1,7 @@
-"""Image transforms with explicit random generators, so an augmented view can be replayed exactly.
-
-Train: RandomResizedCrop (area scale 0.08-1, aspect ratio 3/4-4/3, the torchvision sampling rule)
-+ horizontal flip (p=0.5) + to-tensor + normalise. Test: resize the shorter side to ``image_size``
-+ centre crop + to-tensor + normalise. Both work on PIL images and return float tensors
-``[3, image_size, image_size]``.
-
-A train transform called with ``generator=torch.Generator().manual_seed(s)`` draws every random
-number from that generator, so the same seed on the same image gives the same tensor.
+"""Image transforms with explicit random generators, so an augmented view can be replayed exactly:
+a train transform (RandomResizedCrop as torchvision samples it, horizontal flip) called with
+``generator=torch.Generator().manual_seed(s)`` draws every random number from that generator, so
+the same seed on the same image gives the same tensor.
 """
 
 from __future__ import annotations
@@ -117,8 +112,7 @@ class EvalTransform(_Base):
             img = img.resize((nw, nh), self.resample)
         left = int(round((nw - s) / 2.0))
         top = int(round((nh - s) / 2.0))
-        img = img.crop((left, top, left + s, top + s))
-        return self.to_tensor(img)
+        return self.to_tensor(img.crop((left, top, left + s, top + s)))
 
 
 class TrainTransform(_Base):

@@ -1,9 +1,8 @@
 """Own data without labels: a folder of images (searched recursively) plus a class-names file.
 
-This is the distillation source of ``--protocol full``: the student learns from the teacher's
-outputs on these images, so no labels are needed. Every image goes to the ``train`` split (the
-split distillation reads); there is nothing to evaluate on, so the other splits are empty.
-Items carry the label ``-1`` (unknown); ``ImageDataset`` accepts it for unlabelled datasets only.
+The distillation pool of ``--protocol full`` (the student learns from the teacher's outputs, so no
+labels are needed): every image goes to the ``train`` split, the other splits are empty. Items
+carry the label ``-1`` (unknown); ``ImageDataset`` accepts it for unlabelled datasets only.
 
 Class names: ``classes_file`` (one name a line, or a ``classes.tsv``), else a ``classnames.txt`` /
 ``classes.tsv`` inside the folder. The file itself and hidden files/folders are never images.
@@ -160,9 +159,8 @@ def read_names_file(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f"class-names file not found: {path}")
     names = read_class_file(path)[0]
-    counts = Counter(names)  # linear: 100,000 names are checked in well under a second
-    dup = sorted(n for n, c in counts.items() if c > 1)
-    if dup:
+    # Counter: linear, 100,000 names are checked in well under a second
+    if dup := sorted(n for n, c in Counter(names).items() if c > 1):
         raise DataError(f"class-names file {path} lists {dup[:5]} more than once")
     return names
 

@@ -5,30 +5,20 @@ to the first dot of its file name): ``<key>.jpg`` (or .jpeg/.png/.webp) and, opt
 ``<key>.cls`` (the label index as ASCII digits, in the order of the class-names file). Shards are
 given as one brace pattern, ``DIR/name-{000000..000004}.tar`` (several joined with ``::``).
 
-Two parts (the shard index itself, keys, labels and pools from the tar headers, is ``comkd.data.shards``):
+``load_wds`` indexes the shards from their tar headers and ``.cls`` members (never the images;
+``comkd.data.shards``): items are ``Datum``s with the virtual path ``wds://<shard>#<key>``, split
+into named ``pools`` (ranges of sample ordinals over the shards in order, e.g.
+``["pretrain=0:30000", "val=30000:32000"]``), per class by ``fractions`` like an image folder, or
+all into ``train`` when unlabelled. ``WdsImageDataset`` streams one pool with ``webdataset``.
 
-* ``load_wds(root, ...)``: the *index* of the shards: every sample's key and label, read from the
-  tar headers and the tiny ``.cls`` members, never the images. Items are ``Datum``s with the
-  virtual path ``wds://<shard>#<key>``, split into named pools (``pools``: ranges of sample
-  ordinals over the shards in order, e.g. ``["pretrain=0:30000", "val=30000:32000"]``), or per
-  class by ``fractions`` like an image folder, or all into ``train`` when the shards carry no
-  labels. ``test_folder`` adds an image folder of class sub-folders as the test split.
-* ``WdsImageDataset``: a torch ``IterableDataset`` over one pool that streams the shards with the
-  ``webdataset`` library (never extracting them) and yields ``(image, label, i)`` like
-  ``ImageDataset``, ``i`` being the item's position in the pool's key list: a teacher cache keys
-  its rows by it (its fingerprint hashes the keys), so replay is exact whatever the stream order.
-
-Splitting the stream, as open_clip does: distributed ranks take whole shards (shard ``j`` of the
-epoch's shard order goes to rank ``j % world``), then loader workers take whole shards of those
-(the rank's ``j``-th to worker ``j % workers``), so each rank opens only its own shards and the
-bytes each reads do not grow with the number of ranks. Under several ranks a training stream
-cycles through its rank's shards (reshuffled each pass) until the loop has the epoch's batches:
-with shards of equal size and a shard count the ranks divide, every sample is seen once per epoch;
-otherwise a rank with smaller shards sees some of its samples twice. Fewer shards than ranks ×
-workers is refused (``training_stream``). One process reads every shard once per epoch.
-Training streams shuffle the shard order per epoch and the samples through a seeded
-buffer (``shuffle_buffer``); the order depends only on (seed, epoch, rank, worker), so a resumed
-run replays it.
+Splitting the stream, as open_clip does: ranks take whole shards (shard ``j`` of the epoch's
+order goes to rank ``j % world``), then loader workers whole shards of those (the rank's ``j``-th
+to worker ``j % workers``), so each rank opens only its own shards. Under several ranks a training
+stream cycles through its rank's shards (reshuffled each pass) until the loop has the epoch's
+batches: with shards of equal size and a shard count the ranks divide, every sample is seen once
+per epoch; otherwise a rank with smaller shards sees some of its samples twice. Training streams
+shuffle the shard order per epoch and the samples through a seeded buffer (``shuffle_buffer``);
+the order depends only on (seed, epoch, rank, worker), so a resumed run replays it.
 
 Bad input: a missing shard, a file that is not a tar, a truncated shard, a duplicate key, a
 sample without an image or with a bad label are one-line ``DataError``s naming the shard and key.
@@ -84,6 +74,7 @@ def load_wds(
 
     Class names: ``classes_file``, else a ``classes.tsv``/``classnames.txt`` in the shards' folder
     or its parent. ``fractions`` (pretrain/train/val/test) default to 0/0.6/0.1/0.3, seed ``split_seed``.
+    ``test_folder``: an image folder of class sub-folders, read as the test split.
     """
     shards = expand_shards(root)
     folder = os.path.dirname(shards[0])
@@ -116,11 +107,9 @@ def load_wds(
             (splits if pool in splits else extra)[pool] = items[a:b]
     elif all(d.label >= 0 for d in items):
         splits.update(split_per_class(items, tuple(fractions or FOLDER_FRACTIONS), split_seed))
+    elif fractions is not None:
+        raise DataError(f"{where}: data.fractions needs labels, but some samples have no .{LABEL_EXT} member")
     else:
-        if fractions is not None:
-            raise DataError(
-                f"{where}: data.fractions needs labels, but some samples have no .{LABEL_EXT} member"
-            )
         splits["train"] = items
     if test_folder is not None:
         if splits["test"]:
@@ -158,7 +147,8 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
     ``image`` is ``transform(pil_image)`` (or, with ``view_seed`` set, the train transform drawn with
     ``derive_view_seed(view_seed, epoch, i)``, the epoch taken modulo ``view_period`` when a teacher
     cache replays K views); ``label`` is -1 when ``unlabelled``; ``i`` indexes ``data`` (the pool's
-    items in shard order). Iterating yields every item once, in shard order, unless the stream was
+    items in shard order; a teacher cache keys its rows by it, so replay is exact whatever the
+    stream order). Iterating yields every item once, in shard order, unless the stream was
     made with ``training_stream`` (shuffled, split over ranks; see the module docstring). Loader
     workers always split the shards.
     """
@@ -201,8 +191,7 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
         bad: set[int] = set()
         for shard, wanted in self._by_shard.items():
             for key, data in iter_shard(shard):
-                i = wanted.get(key)
-                if i is None:
+                if (i := wanted.get(key)) is None:
                     continue
                 try:
                     if data is None:
@@ -284,8 +273,6 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
         else:
             (rank, world), seed = self._share, 0
             shards = list(self._by_shard)
-        # several ranks: each opens only its own shards; a training stream then cycles through them
-        # (reshuffled each pass) until the loop has its batches, as ranks' shards may differ in size
         endless = self._train is not None and world > 1
         mine = shards[rank::world][worker::workers]
         if not mine:
@@ -298,8 +285,7 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
             for shard in mine:
                 wanted, seen = self._by_shard[shard], 0
                 for key, data in iter_shard(shard):
-                    i = wanted.get(key)
-                    if i is None:
+                    if (i := wanted.get(key)) is None:
                         continue
                     if seen == len(wanted):
                         raise DataError(

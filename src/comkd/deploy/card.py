@@ -1,8 +1,6 @@
-"""The model card of a distilled student (``comkd push``; ``deploy.hub`` uploads it), built with
-huggingface_hub's ``ModelCard`` / ``ModelCardData`` (its sections: ``model_card``). Scores come
-from the ``results.json`` beside the student (or ``--results FILE``), and the baselines from the
-run-level ``results.json`` of the ``comkd run`` / ``comkd demo`` the student sits in.
-"""
+"""The model card of a distilled student (``comkd push``), a huggingface_hub ``ModelCard``: scores
+from the ``results.json`` beside the student (or ``--results FILE``), the baselines from the
+run-level one of the ``comkd run`` / ``comkd demo`` it sits in (``deploy.run_record``)."""
 
 from __future__ import annotations
 
@@ -249,11 +247,9 @@ def model_card(
     license: str | None = "other",
     with_onnx: bool = False,
 ) -> Any:
-    """The README.md of a pushed student, a ``huggingface_hub.ModelCard``: metadata from
-    ``ModelCardData`` (licence, library, tags, pipeline tag, datasets, and the distilled student's
-    scores as ``EvalResult`` s), then what it is and the sections listed below. ``results``: the
-    student's results.json (any shape comkd writes); ``run``: the run-level results.json of its run
-    (``run_results``), for the baselines."""
+    """The README.md of a pushed student, a ``huggingface_hub.ModelCard`` (metadata, the student's
+    scores as ``EvalResult`` s, the sections below). ``results``: the student's results.json (any
+    shape comkd writes); ``run``: the run-level one (``run_results``), for the baselines."""
     from huggingface_hub import ModelCard, ModelCardData
 
     r = _Run(config, results, run)

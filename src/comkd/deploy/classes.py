@@ -1,10 +1,7 @@
-"""New class names after distillation: recompute the student's stored W with the teacher's text
-tower and prompts, and write a new student file (``comkd classes``).
-
-The student never runs a text encoder, so new names need the teacher that produced its W: the
-student file records that teacher (``comkd.teacher``: model name, input size, SHA-256 of its frozen
-weights and of its prompts), and a teacher that differs in any of them is refused, since its text
-features live in another space than the one the student was distilled into.
+"""New class names after distillation (``comkd classes``): the student's W recomputed by the
+teacher that produced it, the one its file records (``comkd.teacher``: model, input size, SHA-256
+of its weights and prompts); any other teacher is refused, its text features living in another
+space than the one the student was distilled into.
 """
 
 from __future__ import annotations
@@ -75,13 +72,10 @@ def recompute_classes(
     or ``cfg.teacher`` (see ``teacher_config``), at the recorded input size; its identity is checked."""
     from ..engine.builders import build_teacher, teacher_source
     from ..engine.utils import resolve_device, seed_everything
-    from ..models.hub import hub_local_name, is_hub_ref
-    from ..models.hub import student_path as local_student
+    from ..models.hub import student_and_out
     from ..models.io import load_student, save_student
 
-    if out is None and is_hub_ref(student_path):
-        out = hub_local_name(student_path, ".safetensors")
-    student_path = local_student(student_path)
+    student_path, out = student_and_out(student_path, out, ".safetensors")
     names = read_names_file(str(names_file))
     device = resolve_device(cfg.device)
     student = load_student(student_path, device)
@@ -99,14 +93,9 @@ def recompute_classes(
     current = teacher_identity(teacher)
     if not force:
         check_teacher(recorded, current, student_path)
-    w = teacher.class_text_features(names)
-    student.set_text_features(w, names)
+    student.set_text_features(teacher.class_text_features(names), names)
     student.teacher_identity = {**current, "source": teacher_source(tcfg)}
-    out = (
-        Path(out)
-        if out is not None
-        else student_path.with_name(f"{student_path.stem}-{Path(names_file).stem}.safetensors")
-    )
+    out = out or student_path.with_name(f"{student_path.stem}-{Path(names_file).stem}.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_student(student, out)  # the same StudentArch, the new W and names
     log.info("wrote %s: %d classes", out, len(names))

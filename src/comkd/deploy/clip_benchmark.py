@@ -1,30 +1,17 @@
-"""A comkd student as a model of CLIP_benchmark (the ``clip_benchmark`` package on PyPI).
+"""A comkd student as a model of CLIP_benchmark (the ``clip_benchmark`` package on PyPI), which
+loads ``(model, transform, tokenizer)`` and calls ``model.encode_image`` and
+``model.encode_text(tokenizer(texts))``. ``model_name`` is the student file, ``transform`` its
+``preprocess``, ``encode_image`` its fused features f_e (so its logits rank classes as the
+student's own do); the text side (``pretrained``):
 
-CLIP_benchmark loads a model as ``(model, transform, tokenizer)`` and needs ``model.encode_image``
-and ``model.encode_text(tokenizer(texts))``. Here:
+* ``"stored"`` (default): each prompt maps to the stored class name it contains (the longest;
+  case-insensitive) and its row of W; a class the student does not store is an error.
+* ``"teacher:CONFIG.yaml"``: the student's own teacher (the ``teacher`` section of a run's config,
+  checked against the student file's record) runs its prompted text tower on the prompts: with the
+  template "a photo of a {c}." it gives W itself, and any class name works. EduAttention still
+  attends over the stored W.
 
-* ``model_name``: the student file; ``transform``: its ``preprocess``; ``encode_image(images
-  [B, 3, S, S]) -> [B, d]``: the student's fused features f_e (normalised by the benchmark), so
-  its logits rank classes exactly as the student's own do.
-* ``pretrained="stored"`` (default): the text side is the stored W. The tokenizer maps each
-  prompt (any template) to the stored class name it contains (the longest one; case-insensitive)
-  and ``encode_text`` returns that row of W; a class the student does not store is an error.
-* ``pretrained="teacher:CONFIG.yaml"``: the text side is the student's own teacher (the
-  ``teacher`` section of a run's config: model, weights, prompts; checked against the student
-  file's record) running its prompted text tower on the benchmark's prompts: the learned context
-  replaces the prompt's first tokens, so with the template "a photo of a {c}." it gives W itself,
-  and any other class names work. EduAttention still attends over the stored W.
-
-Use: ``register()`` adds the model type ``comkd`` to CLIP_benchmark, then
-``clip_benchmark.models.load_clip("comkd", "student.safetensors", "stored", None, device)`` and
-its ``zeroshot_classification`` functions take the student, ``evaluate`` included.
-
-CLIP_benchmark 1.6.2 (the newest release) computes top-k accuracy as ``float()`` of a 1-element
-NumPy array, which NumPy >= 2.4 refuses (``TypeError: only 0-dimensional arrays can be converted
-to Python scalars``), so its ``zeroshot_classification.evaluate`` (and its ``clip_benchmark eval``)
-crash after classifying every image. ``register()`` therefore replaces that module's ``accuracy``
-with the same computation taken as a Python scalar (``accuracy_numpy2``), and only where the
-installed one fails: a CLIP_benchmark that works under the installed NumPy is left as it is.
+``register()`` adds the model type ``comkd`` (``load_clip("comkd", "student.safetensors", ...)``).
 """
 
 from __future__ import annotations
@@ -138,7 +125,9 @@ def accuracy_numpy2(output: torch.Tensor, target: torch.Tensor, topk: tuple[int,
 
 def _fix_accuracy() -> None:
     """Put ``accuracy_numpy2`` in CLIP_benchmark's zero-shot module when its own ``accuracy``
-    raises the NumPy >= 2.4 error on a 2-image check (see the module docstring)."""
+    raises the NumPy >= 2.4 error on a 2-image check: CLIP_benchmark 1.6.2 (the newest release)
+    takes ``float()`` of a 1-element array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays
+    ..."), so its ``evaluate`` crashed after classifying every image. One that works is kept."""
     import clip_benchmark.metrics.zeroshot_classification as zs
 
     if zs.accuracy is accuracy_numpy2:

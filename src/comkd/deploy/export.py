@@ -1,8 +1,7 @@
-"""Export a distilled student as one deployable file: ONNX or TorchScript, images in, logits out.
-
-The exported graph maps ``images`` ``[batch, 3, S, S]`` (float32, already preprocessed) to
-``logits`` ``[batch, N]`` (q_s = s · norm(f_e) · Wᵀ over the stored class names); the batch size
-is dynamic. The file's metadata holds what a caller needs around the graph:
+"""Export a distilled student as one deployable file (ONNX or TorchScript), written and checked by
+``export_student``. The graph maps ``images`` ``[batch, 3, S, S]`` (float32, preprocessed) to
+``logits`` ``[batch, N]`` (q_s = s · norm(f_e) · Wᵀ over the stored class names), dynamic batch.
+The file's metadata holds what a caller needs around the graph:
 
 * ``comkd.preprocess``: ``{"image_size", "mean", "std", "interpolation", "resize", "crop"}``:
   RGB, resize the shorter side to ``image_size`` with ``interpolation``, centre crop
@@ -13,7 +12,7 @@ is dynamic. The file's metadata holds what a caller needs around the graph:
 * ``comkd.student_config`` (and ``comkd.teacher`` when known): copied from the student file.
 
 ONNX keeps them in the model's ``metadata_props``; TorchScript in the archive's extra file
-``comkd.json``. ``export_student`` writes and checks an export.
+``comkd.json``.
 """
 
 from __future__ import annotations
@@ -53,15 +52,14 @@ def export_metadata(student: nn.Module, extra: dict[str, str] | None = None) -> 
     """The metadata written into an export (see the module docstring)."""
     s = student.preprocess.image_size
     n = len(student.classnames)
-    meta = {
+    return {
         "comkd.format_version": "1",
         "comkd.preprocess": json.dumps({**spec_json(student.preprocess), **PREPROCESS_STEPS}),
         "comkd.classnames": json.dumps(list(student.classnames)),
         "comkd.input": f"images: float32 [batch, 3, {s}, {s}], RGB, preprocessed as comkd.preprocess says",
         "comkd.output": f"logits: float32 [batch, {n}] in comkd.classnames order; softmax gives probabilities",
+        **(extra or {}),
     }
-    meta.update(extra or {})
-    return meta
 
 
 def export_onnx(student: nn.Module, path: str | Path, meta: dict[str, str], opset: int = 17) -> Path:
@@ -77,9 +75,8 @@ def export_onnx(student: nn.Module, path: str | Path, meta: dict[str, str], opse
         torch.backends.mha.set_fastpath_enabled(False)  # ONNX has no op for PyTorch's fused attention kernel
         try:
             with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter(
-                    "ignore"
-                )  # the tracer's notes on constant shapes of W (fixed by design)
+                # the tracer's notes on constant shapes of W (fixed by design)
+                warnings.simplefilter("ignore")
                 torch.onnx.export(
                     head,
                     (dummy,),
@@ -183,13 +180,11 @@ def export_student(
 ) -> dict[str, Any]:
     """Export the student file ``student_path`` to ``fmt`` (``onnx`` or ``torchscript``) and check it.
 
-    ``check_images``: image files checked against the PyTorch student (its ``preprocess``); with
-    none, 16 random inputs are used and the report says so. When every check image sits in a folder
-    named after one of the classes, the student's top-1 accuracy on them is reported too.
-    ``quantize='int8'`` (ONNX only) also writes ``<out>.int8.onnx`` (ONNX Runtime dynamic
-    quantisation of the weights) and reports its agreement with the float student and, with class
-    folders, its accuracy and the change from the float student's (percentage points). An export
-    whose top-1 disagrees on any image is refused."""
+    ``check_images``: image files checked against the PyTorch student (else 16 random inputs, as the
+    report says); in folders named after the classes, the top-1 accuracy is reported too.
+    ``quantize='int8'`` (ONNX only) also writes ``<out>.int8.onnx`` (ONNX Runtime dynamic weight
+    quantisation) with its agreement with the float student (and, with class folders, its accuracy
+    and the change in points). An export whose top-1 disagrees on any image is refused."""
     from ..models.io import load_student
     from ..models.predict import iter_batches, student_logits
 
@@ -199,14 +194,11 @@ def export_student(
         raise ModelError(f"--quantize must be int8, got {quantize!r}")
     if quantize and fmt != "onnx":
         raise ModelError("--quantize int8 is for --format onnx")
-    from ..models.hub import hub_local_name, is_hub_ref
-    from ..models.hub import student_path as local_student
+    from ..models.hub import student_and_out
 
-    if out is None and is_hub_ref(student_path):
-        out = hub_local_name(student_path, SUFFIX[fmt])
-    student_path = local_student(student_path)
+    student_path, out = student_and_out(student_path, out, SUFFIX[fmt])
     student = load_student(student_path, device)
-    out = Path(out) if out is not None else student_path.with_suffix(SUFFIX[fmt])
+    out = out or student_path.with_suffix(SUFFIX[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
     from safetensors import safe_open
 

@@ -1,9 +1,6 @@
-"""Publishing a distilled student on the Hugging Face Hub (``comkd push STUDENT ORG/NAME``).
-
-The repository gets ``student.safetensors`` (the student file, data only), ``student.onnx`` when
-an ONNX export is given or sits beside the student file, and ``README.md``: the model card of
-``deploy.card``. Fetching is ``comkd.load_student("hf-hub:ORG/NAME")`` (``comkd.models.hub``).
-"""
+"""Publishing a distilled student on the Hugging Face Hub (``comkd push STUDENT ORG/NAME``): the
+repository gets ``student.safetensors``, ``student.onnx`` when an ONNX export is given or sits
+beside the student file, and ``README.md`` (``deploy.card``). Fetching is ``comkd.models.hub``."""
 
 from __future__ import annotations
 

@@ -17,11 +17,8 @@ from ..models.student import check_finite_images
 
 
 class OnnxStudent:
-    """A comkd ONNX export (``comkd export --format onnx``) in an ONNX Runtime session.
-
-    ``providers``: ONNX Runtime execution providers (default: CPU). ``threads``: intra-op threads
-    (default: ONNX Runtime's).
-    """
+    """A comkd ONNX export in an ONNX Runtime session. ``providers``: ONNX Runtime execution
+    providers (default: CPU); ``threads``: intra-op threads (default: ONNX Runtime's)."""
 
     def __init__(
         self, path: str | Path, providers: list[str] | None = None, threads: int | None = None

@@ -1,8 +1,5 @@
-"""The ``comkd predict`` command: top-k class names and probabilities for image files, written as
-CSV or JSON lines, from a student file (PyTorch) or its ONNX export (ONNX Runtime). The
-prediction itself is ``comkd.models.predict`` (any object with ``preprocess``, ``classnames`` and
-logits).
-"""
+"""``comkd predict``: top-k class names and probabilities of image files as CSV or JSON lines,
+from a student file (PyTorch) or its ONNX export (ONNX Runtime), through ``comkd.models.predict``."""
 
 from __future__ import annotations
 
@@ -58,10 +55,7 @@ def predict_files(
     """Predict every image of ``paths`` and write one row per image to ``out`` (stdout if None)
     as CSV (``path,class_1,prob_1,...``) or JSON lines. Unreadable files raise ``DataError``
     naming the file, or with ``skip_bad`` are left out and listed in the returned summary."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    from ..engine.utils import show_progress
+    from ..engine.utils import progress_bar
 
     if out is not None and out.is_dir():  # checked before anything is written
         raise ValueError(f"--out {out} is a folder; give the file to write (e.g. {out / 'predictions.csv'})")
@@ -83,8 +77,7 @@ def predict_files(
                 skipped.append((p, str(e)))
         paths = good
     counts: dict[str, int] = {}
-    # a file is written whole or not at all: an error on image 900 of 1,000 leaves no half table
-    # (and an earlier file of that name as it was)
+    # written whole or not at all: an error on image 900 of 1,000 leaves no half table (nor a changed old one)
     with contextlib.ExitStack() as stack:
         if out is not None:
             tmp = stack.enter_context(atomic_path(out))
@@ -92,36 +85,29 @@ def predict_files(
         else:
             f = sys.stdout
         write = _writer(fmt, f, k)
-        bar = Progress(
-            "predict",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not show_progress(progress),
-            transient=True,
-        )
-        with bar:
-            task = bar.add_task("predict", total=len(paths))
-            for x, batch_paths in iter_batches(model, list(paths), batch_size):
-                bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-                if bool(bad.any()):
-                    raise ModelError(
-                        f"{batch_paths[int(bad.nonzero()[0])]}: NaN/inf values after preprocessing; "
-                        "the model's preprocessing is damaged"
-                    )
-                logits = fn(x)
-                finite = torch.isfinite(logits).all(dim=-1)
-                if not bool(finite.all()):
-                    first = batch_paths[int((~finite).nonzero()[0])]
-                    raise ModelError(
-                        f"{getattr(model, 'path', 'the model')} gave NaN/inf scores for {first}; "
-                        "its weights or preprocessing are damaged"
-                    )
-                for p in topk_predictions(logits, model.classnames, k, batch_paths):
-                    write(p)
-                    counts[p.top1] = counts.get(p.top1, 0) + 1
-                bar.advance(task, len(batch_paths))
+        bar = progress_bar(len(paths), "predict", progress, leave=False)
+        if bar is not None:
+            stack.enter_context(bar)
+        for x, batch_paths in iter_batches(model, list(paths), batch_size):
+            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                raise ModelError(
+                    f"{batch_paths[int(bad.nonzero()[0])]}: NaN/inf values after preprocessing; "
+                    "the model's preprocessing is damaged"
+                )
+            logits = fn(x)
+            finite = torch.isfinite(logits).all(dim=-1)
+            if not bool(finite.all()):
+                first = batch_paths[int((~finite).nonzero()[0])]
+                raise ModelError(
+                    f"{getattr(model, 'path', 'the model')} gave NaN/inf scores for {first}; "
+                    "its weights or preprocessing are damaged"
+                )
+            for p in topk_predictions(logits, model.classnames, k, batch_paths):
+                write(p)
+                counts[p.top1] = counts.get(p.top1, 0) + 1
+            if bar is not None:
+                bar.update(len(batch_paths))
     return {
         "images": len(paths),
         "out": str(out) if out is not None else None,
@@ -136,13 +122,12 @@ def load_predictor(path: str | Path, runtime: str = "auto", device: str = "auto"
     """The model ``comkd predict`` runs: a student file in PyTorch (``torch``) or an ONNX export in
     ONNX Runtime (``onnx``); ``auto`` picks by the file's suffix. TorchScript files are refused:
     they are programs, and comkd only reads weights as data."""
-    from ..models.hub import ONNX_FILENAME, hub_file, is_hub_ref
+    from ..models.hub import ONNX_FILENAME, STUDENT_FILENAME, student_path
 
     if runtime not in ("auto", "torch", "onnx"):
         raise ModelError(f"--runtime must be auto, torch or onnx, got {runtime!r}")
-    if is_hub_ref(path):  # hf-hub:ORG/NAME: its student file, or its ONNX export with --runtime onnx
-        path = hub_file(str(path), ONNX_FILENAME) if runtime == "onnx" else hub_file(str(path))
-    path = Path(path)
+    # hf-hub:ORG/NAME: its student file, or its ONNX export with --runtime onnx
+    path = student_path(path, ONNX_FILENAME if runtime == "onnx" else STUDENT_FILENAME)
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth", ".jit", ".ts"):
         raise ModelError(

@@ -1,7 +1,5 @@
 """What a run recorded, read for the model card (``deploy.card``): its ``results.json`` and
-``config.yaml`` checked for the types the card reads (a wrong type names the file and the key), the
-student's scores and the baselines (teacher, undistilled student) of the ``comkd run`` /
-``comkd demo`` the student sits in."""
+``config.yaml``, checked for the types the card reads (a wrong type names the file and the key)."""
 
 from __future__ import annotations
 

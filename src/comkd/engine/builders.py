@@ -1,5 +1,4 @@
-"""Builders from a ``RunConfig``: the teacher and student from their config sections, datasets
-with the backbone's transforms, loaders, and the run-folder file names."""
+"""Builders from a ``RunConfig``: teacher, student, datasets, loaders, and the run-folder file names."""
 
 from __future__ import annotations
 
@@ -29,7 +28,6 @@ TEACHER_PROMPTS = "teacher_prompts.safetensors"
 STUDENT_FILE = "student.safetensors"
 
 
-# -- builders ----------------------------------------------------------------------------------
 def _shared_options(arch_type: type, section: Any) -> dict[str, Any]:
     """The options a config section (``StudentConfig``, ``TeacherConfig``) shares by name with an
     architecture dataclass: each is written once, in the config, and read here."""
@@ -62,10 +60,10 @@ def load_role_clip(cfg: RunConfig, role: str, device: torch.device) -> LoadedMod
     )
 
 
-def student_arch(cfg: RunConfig, teacher_dim: int, method: str | None = None) -> StudentArch:
+def student_arch(cfg: RunConfig, teacher_dim: int) -> StudentArch:
     """The ``StudentArch`` of ``cfg``: every option ``StudentConfig`` shares with it by name, d of
     the teacher, EduAttention as the method's recipe says, and ``data.image_size``."""
-    edu = get_method(method or cfg.distill.method).edu_attention
+    edu = get_method(cfg.distill.method).edu_attention
     return StudentArch(
         **_shared_options(StudentArch, cfg.student),
         teacher_dim=teacher_dim,
@@ -74,19 +72,10 @@ def student_arch(cfg: RunConfig, teacher_dim: int, method: str | None = None) ->
     )
 
 
-def build_student(
-    cfg: RunConfig, teacher_dim: int, device: torch.device, method: str | None = None
-) -> Student:
+def build_student(cfg: RunConfig, teacher_dim: int, device: torch.device) -> Student:
     """The student of ``cfg`` (``student_arch``) with ``student.pretrained`` weights on ``device``."""
-    arch = student_arch(cfg, teacher_dim, method)
+    arch = student_arch(cfg, teacher_dim)
     return Student.build(arch, cfg.student.pretrained, logit_scale=cfg.student.logit_scale, device=device)
-
-
-def _transforms(spec: PreprocessSpec, augment: AugmentConfig | None = None):
-    args = (spec.image_size, spec.mean, spec.std, spec.interpolation)
-    aug = augment or AugmentConfig()
-    train = build_transform(*args, train=True, scale=(aug.crop_scale_min, 1.0), hflip=aug.hflip)
-    return train, build_transform(*args, train=False)
 
 
 #: data-config fields handed to a dataset loader when its signature takes them (no dataset names here)
@@ -134,7 +123,10 @@ def make_dataset(
     None: the teacher's classes (``train_teacher.subsample`` unset: the protocol's)."""
     if subsample is None:
         subsample = teacher_classes(cfg)
-    train_tf, test_tf = _transforms(spec, augment)
+    args = (spec.image_size, spec.mean, spec.std, spec.interpolation)
+    aug = augment or AugmentConfig()
+    train_tf = build_transform(*args, train=True, scale=(aug.crop_scale_min, 1.0), hflip=aug.hflip)
+    test_tf = build_transform(*args, train=False)
     if shots is None and few_shot:
         shots = cfg.data.num_shots
     ds = build_dataset(

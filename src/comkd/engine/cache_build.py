@@ -1,10 +1,8 @@
-"""Building a teacher cache: the teacher's image features u_t for K augmented views of every
-training image, in one file (``cache_format``), so distillation can run without the teacher.
+"""Building a teacher cache (``cache_format``): u_t for K augmented views of every training image.
 
-View k of item i is the train transform drawn with ``derive_view_seed(seed, k, i)``, exactly the
-view an ``ImageDataset`` with ``view_seed=seed`` yields in epoch k. So the cache's ``seed`` must
-equal the distillation run's seed (``cfg.seed``, the dataset's ``view_seed``);
-``cache_read.CachedTeacherOutputs.open`` checks it.
+View k of item i is drawn with ``derive_view_seed(seed, k, i)``, exactly the view an ``ImageDataset``
+with ``view_seed=seed`` yields in epoch k, so the cache's ``seed`` must be the distillation run's
+(``cache_read.CachedTeacherOutputs.open`` checks it).
 """
 
 from __future__ import annotations
@@ -85,7 +83,6 @@ def _view_loader(
 
 def _checked_transform(
     dataset: Any,
-    *,
     views: int,
     seed: int,
     batch_size: int,
@@ -146,26 +143,25 @@ def _write_file(
     only rank 0 writes; the other ranks call ``fill(None)`` (they compute rows, rank 0 stores them)."""
     head, offset = encode_header(header)
     info = CacheInfo(header, offset)
-    if not is_main():
+    if is_main():
+        with atomic_path(path, fsync=True) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(head)
+                f.truncate(info.file_size)
+            mm = np.memmap(tmp, dtype=numpy_dtype(info.dtype), mode="r+", offset=offset, shape=info.shape)
+            fill(mm)
+            mm.flush()
+            sum_bytes = np.stack([view_checksums(mm[v]) for v in range(len(mm))]).tobytes()  # S [K, n_items]
+            del mm
+            w_bytes = w.numpy().tobytes()  # float32 (build_teacher_cache)
+            with open(tmp, "r+b") as f:
+                f.seek(info.text_offset)
+                f.write(w_bytes)
+                f.write(sum_bytes)
+                f.write(tail_digest(w_bytes, sum_bytes))
+    else:
         fill(None)
-        barrier()  # rank 0 has renamed the finished file
-        return info.file_size
-    with atomic_path(path, fsync=True) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            f.truncate(info.file_size)
-        mm = np.memmap(tmp, dtype=numpy_dtype(info.dtype), mode="r+", offset=offset, shape=info.shape)
-        fill(mm)
-        mm.flush()
-        sum_bytes = np.stack([view_checksums(mm[v]) for v in range(len(mm))]).tobytes()  # S [K, n_items]
-        del mm
-        w_bytes = w.numpy().tobytes()  # float32 (build_teacher_cache)
-        with open(tmp, "r+b") as f:
-            f.seek(info.text_offset)
-            f.write(w_bytes)
-            f.write(sum_bytes)
-            f.write(tail_digest(w_bytes, sum_bytes))
-    barrier()
+    barrier()  # the other ranks wait until rank 0 has renamed the finished file
     return info.file_size
 
 
@@ -205,13 +201,10 @@ def build_teacher_cache(
         sources: ``models.identity.teacher_sources(...)`` of the files the teacher was built from,
             recorded so a run that never loads the teacher can refuse a cache built from other files.
 
-    Returns the path written. The file also embeds W ``[N, d]`` for ``dataset.full_classnames`` and
-    the teacher's logit scale, so distillation from it needs no teacher.
+    Returns the path written (with W ``[N, d]`` for ``dataset.full_classnames`` and s_t in it).
     """
     t0 = time.perf_counter()
-    transform, tf_spec = _checked_transform(
-        dataset, views=views, seed=seed, batch_size=batch_size, dtype=dtype, student_spec=student_spec
-    )
+    transform, tf_spec = _checked_transform(dataset, views, seed, batch_size, dtype, student_spec)
     path, device = Path(path), torch.device(device)
     dtype_name = STORAGE_DTYPES[dtype]
     was_training = teacher.training
@@ -239,12 +232,9 @@ def build_teacher_cache(
     bar = progress_bar(int(views) * rounds, "teacher cache", progress and is_main())
 
     def fill(features: np.memmap | None) -> None:
-        """Write u_t of every view into ``features`` ``[K, n_items, d]``: row i of view k is the
-        L2-normalised teacher feature of item i drawn with ``derive_view_seed(seed, k, i)``.
-
-        Under torchrun every rank runs the teacher on its own batches (``_view_loader``) and sends
-        the rows to rank 0, the only writer (``features`` is None on the other ranks): one all-gather
-        of a batch of rows and their indices per rank and round, until no rank has a batch left."""
+        """Write u_t of every view into ``features`` ``[K, n_items, d]`` (None off rank 0). Under
+        torchrun each rank runs the teacher on its own batches (``_view_loader``), and one all-gather
+        per round sends every rank's rows and indices to rank 0, until no rank has a batch left."""
         for k in range(int(views)):
             batches = iter(_view_loader(dataset, seed, k, batch_size, num_workers, device))
             while True:

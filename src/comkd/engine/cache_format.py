@@ -54,6 +54,7 @@ CACHE_FORMAT = "comkd-teacher-cache/2"  # /2: row checksums and a digest (/1 had
 #: the format tag hashed into W's key (``text_features_key``); part of the header, so it stays
 TEXT_FORMAT = "comkd-text-features/1"
 MAGIC = b"COMKDTC1"
+_PREAMBLE = len(MAGIC) + 8  # the magic and the uint64 header length
 _ALIGN = 64
 #: the storage dtypes a cache may hold u_t in, by their header name
 STORAGE_DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -208,9 +209,8 @@ def tail_digest(w_bytes: bytes, checksum_bytes: bytes) -> bytes:
 def encode_header(header: dict[str, Any]) -> tuple[bytes, int]:
     """The bytes before the data (magic, length, padded JSON) and the data offset (a multiple of 64)."""
     body = json.dumps(header, indent=1, sort_keys=True).encode()
-    start = len(MAGIC) + 8
-    total = math.ceil((start + len(body)) / _ALIGN) * _ALIGN
-    body += b" " * (total - start - len(body))
+    total = math.ceil((_PREAMBLE + len(body)) / _ALIGN) * _ALIGN
+    body += b" " * (total - _PREAMBLE - len(body))
     return MAGIC + struct.pack("<Q", len(body)) + body, total
 
 
@@ -282,8 +282,7 @@ def check_header(header: Any, path: Path) -> dict[str, Any]:
     bad = next((n for n in names if not isinstance(n, str)), None)
     if bad is not None:
         raise ValueError(f"{where} field text_features.classnames holds {short(bad)}, not a class name")
-    files = header["teacher_files"]
-    for key, value in (files or {}).items():
+    for key, value in (header["teacher_files"] or {}).items():
         check_value(value, "str | None", f"{where} field teacher_files.{key}", max_chars=4096)
     return header
 
@@ -295,7 +294,6 @@ def read_cache_info(path: str | Path) -> CacheInfo:
     if not path.is_file():
         raise FileNotFoundError(f"teacher cache not found: {path} (build it with `comkd cache-teacher`)")
     size = path.stat().st_size
-    start = len(MAGIC) + 8
     with open(path, "rb") as f:
         magic = f.read(len(MAGIC))
         if magic != MAGIC:
@@ -304,7 +302,7 @@ def read_cache_info(path: str | Path) -> CacheInfo:
         if len(raw) < 8:
             raise ValueError(f"{path}: teacher cache ends inside its header length; the file is truncated")
         (n,) = struct.unpack("<Q", raw)
-        room = size - start  # a header longer than the rest of the file is refused before reading
+        room = size - _PREAMBLE  # a header longer than the rest of the file is refused before reading
         if n > min(room, MAX_HEADER_BYTES):
             limit = (
                 f"the {room} bytes the file holds after it" if n > room else f"the {MAX_HEADER_BYTES} allowed"
@@ -313,7 +311,7 @@ def read_cache_info(path: str | Path) -> CacheInfo:
                 f"{path}: teacher-cache header length {n} is more than {limit}; the file is truncated or corrupt"
             )
         header = parse_json(f.read(n), f"{path}: teacher-cache header", max_chars=MAX_HEADER_BYTES)
-    info = CacheInfo(header=check_header(header, path), data_offset=start + n)
+    info = CacheInfo(header=check_header(header, path), data_offset=_PREAMBLE + n)
     want = info.file_size
     if size != want:
         raise ValueError(

@@ -1,13 +1,10 @@
-"""Reading a teacher cache (``cache_format``, written by ``cache_build``) during distillation:
-``CachedTeacherOutputs`` is a drop-in for ``tasks.TeacherOutputs`` that never runs the teacher.
+"""Reading a teacher cache during distillation: ``CachedTeacherOutputs``, a drop-in for
+``tasks.TeacherOutputs`` that never runs the teacher (epoch e reads view ``e % K``).
 
-Epoch e reads view ``e % K``, and ``CachedTeacherOutputs.open`` makes the dataset replay that same
-view (for e >= K); it refuses a cache built for another teacher, data, transform or seed
-(``StaleCacheError``). Integrity (``cache_format``, "Integrity"): W and the row checksums are
-checked against the file's digest when it is opened, every row read against its checksum, and the
-file's size before every read of the memory map, so a corrupted cache, or one that shrinks under
-a running job, ends in one ``CorruptCacheError`` line naming the file (not a wrong student, not
-SIGBUS).
+Integrity (``cache_format``, "Integrity"): W and the row checksums are checked against the file's
+digest when it is opened, every row read against its checksum, and the file's size before every
+read of the memory map, so a corrupted cache, or one that shrinks under a running job, ends in one
+``CorruptCacheError`` line naming the file (not a wrong student, not SIGBUS).
 """
 
 from __future__ import annotations
@@ -64,8 +61,7 @@ def _stale_teacher(
     teacher_key: str | None,
     sources: dict[str, str | None] | None,
 ) -> list[str]:
-    """The teacher fields of ``header`` that differ from ``teacher`` (its full identity), else from
-    ``teacher_key``, and from ``sources`` (the files it was built from), each as one message."""
+    """One message per teacher field of ``header`` that differs (``open`` says what is compared)."""
     stale: list[str] = []
     if teacher is not None:
         ident, ct = teacher_digests(teacher), header["teacher"]
@@ -88,8 +84,7 @@ def _stale_teacher(
 
 
 def _stale_data(header: dict[str, Any], dataset: Any, student_spec: PreprocessSpec | None) -> list[str]:
-    """The data fields of ``header`` (dataset fingerprint, transform, student preprocessing, seed)
-    that differ from ``dataset`` and ``student_spec``, each as one message."""
+    """One message per data field of ``header`` that differs (``open`` says what is compared)."""
     stale: list[str] = []
     fp, cd = dataset_fingerprint(dataset), header["dataset"]
     for field in sorted(set(cd) | set(fp)):
@@ -113,13 +108,10 @@ def _stale_data(header: dict[str, Any], dataset: Any, student_spec: PreprocessSp
 
 
 class CachedTeacherOutputs:
-    """Teacher image features u_t read from a cache built by ``cache_build.build_teacher_cache``.
-
-    Callable like ``tasks.TeacherOutputs``: ``(images [B,3,H,W], indices [B], epoch) -> u_t [B, d]``
-    (float32, on ``device``), the rows ``indices`` of view ``epoch % views``. Also carries what the
-    distillation needs from the teacher besides u_t: ``text_features`` (W ``[N, d]`` for
-    ``classnames``) and ``logit_scale`` (s_t). Open it with ``CachedTeacherOutputs.open``.
-    """
+    """u_t read from a cache (open it with ``open``), callable like ``tasks.TeacherOutputs``: ``(images
+    [B,3,H,W], indices [B], epoch) -> u_t [B, d]`` (float32, on ``device``), the rows ``indices`` of view
+    ``epoch % views``; with the rest distillation needs of the teacher: ``text_features`` (W ``[N, d]``
+    for ``classnames``) and ``logit_scale`` (s_t)."""
 
     #: largest view (bytes) kept whole on an accelerator by default
     DEVICE_VIEW_BUDGET = 2 * 2**30
@@ -198,9 +190,6 @@ class CachedTeacherOutputs:
         replay_cached_views(dataset, out.views)
         return out
 
-    def view_of_epoch(self, epoch: int) -> int:
-        return int(epoch) % self.views
-
     def _rows(self, view: int, idx: np.ndarray | slice) -> torch.Tensor:
         size = os.fstat(self._file.fileno()).st_size
         if size < self.info.file_size:  # reading the map past the file's end would be SIGBUS
@@ -229,7 +218,7 @@ class CachedTeacherOutputs:
 
     def __call__(self, images: torch.Tensor | None, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """u_t ``[B, d]`` float32 on ``self.device`` for dataset items ``indices`` in ``epoch``."""
-        view = self.view_of_epoch(epoch)
+        view = int(epoch) % self.views
         if images is not None and len(indices) != images.shape[0]:
             raise ValueError(f"teacher cache: {len(indices)} indices for a batch of {images.shape[0]} images")
         if self.preload_view and torch.is_tensor(indices):

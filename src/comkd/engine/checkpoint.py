@@ -1,6 +1,5 @@
-"""Checkpoints of ``fit``: reading one safely (every key checked before it is restored), the
-optimiser settings a resume must keep, the trainable state of a module, the RNG states, and
-keeping the last good checkpoint when a loss turns non-finite."""
+"""Checkpoints of ``fit``: safe reading and resume checks, trainable state, RNG states, and keeping
+the last good checkpoint when a loss turns non-finite."""
 
 from __future__ import annotations
 

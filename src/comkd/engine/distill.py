@@ -1,5 +1,4 @@
-"""Stage 2 (``run_distill``): the method's teacher sides, the student's warm start, the task of its
-method and the loop; writes ``student.safetensors``."""
+"""Stage 2 (``run_distill``): teacher sides, the student's warm start, the method's task, the loop."""
 
 from __future__ import annotations
 
@@ -20,14 +19,7 @@ from ..models.identity import teacher_identity, teacher_sources
 from ..models.io import save_student
 from ..models.projector import fit_projector
 from ..runlock import locked_run
-from .builders import (
-    STUDENT_FILE,
-    build_student,
-    build_teacher,
-    eval_loader,
-    make_dataset,
-    teacher_source,
-)
+from .builders import STUDENT_FILE, build_student, build_teacher, eval_loader, make_dataset, teacher_source
 from .cache_format import read_cache_info
 from .cache_read import CachedTeacherOutputs
 from .loop import fit
@@ -146,9 +138,7 @@ def _task_maker(method: str):
     make = get_method(method).make_task
     if make is None:
         return DistillTask.from_sides
-    if isinstance(make, str):
-        return pkgutil.resolve_name(make)
-    return make
+    return pkgutil.resolve_name(make) if isinstance(make, str) else make
 
 
 def _check_distill_settings(cfg: RunConfig, eval_fn) -> None:
@@ -227,8 +217,7 @@ def _online_side(cfg: RunConfig, teacher, student: Student, ds, key: str = "teac
 
 
 def _start_student(student, ds, outputs, cfg: RunConfig, device, step0_fn) -> dict | None:
-    """A fresh run's start: the score before the first step (``step0_fn``), and the ridge warm start
-    of the projector (``distill.projector_init: ridge``; a resumed run restores it instead)."""
+    """A fresh run's ``step0`` (``run_distill``) and ridge warm start (a resumed run restores it)."""
     step0 = step0_fn(student) if step0_fn is not None else None
     if cfg.distill.projector_init == "ridge":
         n_fit = warm_start_projector(student, ds, outputs, cfg, device)

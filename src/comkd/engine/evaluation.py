@@ -1,5 +1,4 @@
-"""Evaluation: zero-shot CLIP accuracy, the teacher's and the student's accuracy on a split
-(base / novel / HM for base-to-novel), class checks."""
+"""Evaluation: zero-shot CLIP, teacher and student accuracy on a split (base / novel / HM), class checks."""
 
 from __future__ import annotations
 
@@ -56,7 +55,6 @@ def pretrain_eval_split(cfg: RunConfig) -> str:
     return "test"
 
 
-# -- evaluation --------------------------------------------------------------------------------
 def _preview(names: list[str], k: int = 4) -> str:
     return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
 

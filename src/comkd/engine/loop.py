@@ -1,16 +1,12 @@
-"""One training loop for every stage (pre-training, teacher prompts, distillation).
-
-A stage is a ``Task`` (``engine.tasks``): it owns its modules and turns a batch into named losses.
-``fit`` adds what every stage needs: deterministic data order and augmented views from one seed
-(``engine.sampling``), SGD/AdamW with the schedule of docs/method.md, "The optimisation recipe"
-(``engine.schedule``), AMP where it works, gradient accumulation, DDP under torchrun, JSONL
-metrics, progress bars, atomic checkpoints with exact mid-epoch resume (``engine.checkpoint``),
-and a stop on a non-finite loss that keeps the last good checkpoint.
-"""
+"""One training loop for every stage: a ``Task`` (``engine.tasks``) turns a batch into named losses;
+``fit`` adds the seeded data order (``engine.sampling``), the schedule of docs/method.md, "The
+optimisation recipe" (``engine.schedule``), AMP, accumulation, DDP, metrics, checkpoints with exact
+mid-epoch resume (``engine.checkpoint``) and the stop on a non-finite loss."""
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -78,8 +74,6 @@ LINE_EVERY_S = 60.0  # a log line at least this often inside a long epoch
 
 def _say(line: str) -> None:
     """One progress line on stderr (a redirected run's log)."""
-    import sys
-
     print(line, file=sys.stderr, flush=True)
 
 
@@ -144,8 +138,7 @@ def fit(
 
 
 class _Trainer:
-    """The state of one ``fit``: modules, optimiser, sampler, step counters, the running sums of the
-    epoch in progress, and the checkpoint files. ``fit`` is the epoch loop over its methods."""
+    """The state of one ``fit`` (modules, optimiser, sampler, counters, epoch sums, checkpoint files)."""
 
     def __init__(
         self,
@@ -158,7 +151,7 @@ class _Trainer:
         metrics,
         progress,
         num_workers,
-        persistent_workers: bool = False,
+        persistent_workers: bool,
     ):
         self.task, self.dataset, self.cfg, self.out_dir = task, dataset, cfg, out_dir
         self.seed, self.device, self.metrics = seed, device, metrics
@@ -205,8 +198,8 @@ class _Trainer:
             )
         self.result = FitResult()
         self.start_epoch, self.start_batch, self.global_step = 0, 0, 0
-        # running sums of the epoch in progress: checkpointed so a resumed epoch's metrics equal an
-        # uninterrupted run's (they average every batch of the epoch, not only those after the resume)
+        # running sums of the epoch in progress: checkpointed (summed over the ranks) so a resumed epoch's
+        # metrics equal an uninterrupted run's (they average every batch of the epoch, not only those after)
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.bar = None
@@ -234,11 +227,7 @@ class _Trainer:
         self.start_epoch, self.start_batch = state["epoch"], state["batch"]
         self.global_step = state["global_step"]
         self.result.history = state["history"]
-        self.result.resumed_from = {
-            "epoch": self.start_epoch,
-            "batch": self.start_batch,
-            "global_step": self.global_step,
-        }
+        self.result.resumed_from = {k: state[k] for k in ("epoch", "batch", "global_step")}
         if self.metrics is not None:
             self.metrics.truncate_after(task.name, self.global_step)
         if self.start_batch >= self.steps_per_epoch:
@@ -283,11 +272,28 @@ class _Trainer:
 
     def save(self, epoch: int, batch: int) -> None:
         # mid-epoch: the epoch's running sums over every rank (a collective: every rank saves)
-        totals = self._epoch_totals() if batch else ({}, 0)
+        sums, count = self._totals() if batch else ({}, 0)
         if is_main():
-            had_previous = self.ckpt_path.exists()
+            had_previous, task = self.ckpt_path.exists(), self.task
             try:
-                self._write_checkpoint(epoch, batch, totals)
+                if self.saved_steps:  # the current file is this run's: keep it as the previous one
+                    link_previous(self.ckpt_path, self.prev_path)
+                state = {
+                    "task": task.name,
+                    "modules": {k: trainable_state(m) for k, m in self.mods.items()},
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rng_state(),
+                    "task_state": task.state_dict() if hasattr(task, "state_dict") else None,
+                    "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                    "count": int(count),
+                    "epoch": epoch,
+                    "batch": batch,
+                    "global_step": self.global_step,
+                    "history": self.result.history,
+                    "optim": {**optim_settings(self.cfg), **self._run_settings()},
+                }
+                atomic_torch_save(state, self.ckpt_path)
             except Exception as e:  # a full disk: one line; the atomic write left the old file in place
                 if not is_disk_full(e):
                     raise
@@ -296,35 +302,10 @@ class _Trainer:
         self.saved_steps[:] = [*self.saved_steps[-1:], self.global_step]
         barrier()
 
-    def _epoch_totals(self) -> tuple[dict[str, torch.Tensor], int]:
-        """The running sums and step count of the epoch in progress, summed over the ranks: what a
-        checkpoint keeps, so a resumed epoch's record equals the uninterrupted one's under DDP too
-        (rank 0 restores the totals, the other ranks start from zero)."""
-        sums = {k: all_reduce_sum(v.to(self.device)).detach().cpu() for k, v in self.sums.items()}
-        return sums, int(all_reduce_sum(torch.tensor(float(self.count), device=self.device)).item())
-
-    def _write_checkpoint(self, epoch: int, batch: int, totals: tuple[dict[str, torch.Tensor], int]) -> None:
-        if self.saved_steps:  # the current file is this run's: keep it as the previous one
-            link_previous(self.ckpt_path, self.prev_path)
-        task = self.task
-        atomic_torch_save(
-            {
-                "task": task.name,
-                "modules": {k: trainable_state(m) for k, m in self.mods.items()},
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng_state(),
-                "task_state": task.state_dict() if hasattr(task, "state_dict") else None,
-                "sums": totals[0],  # the epoch so far, over every rank (none at an epoch's end)
-                "count": totals[1],
-                "epoch": epoch,
-                "batch": batch,
-                "global_step": self.global_step,
-                "history": self.result.history,
-                "optim": {**optim_settings(self.cfg), **self._run_settings()},
-            },
-            self.ckpt_path,
-        )
+    def _totals(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The running sums and step count of the epoch in progress, summed over the ranks (a collective)."""
+        sums = {k: all_reduce_sum(v.to(self.device)) for k, v in self.sums.items()}
+        return sums, all_reduce_sum(torch.tensor(float(self.count), device=self.device))
 
     def check_finite(self, epoch: int) -> None:
         step = first_bad_step(self.bad_step)
@@ -405,9 +386,8 @@ class _Trainer:
         if at_log or at_ckpt or not inside:
             self.check_finite(epoch)
         if at_log:
-            # running means of the epoch so far, averaged over the ranks (all ranks take part)
-            n = float(all_reduce_sum(torch.tensor(float(self.count), device=self.device)))  # steps, all ranks
-            means = {k: float(all_reduce_sum(v.to(self.device))) / n for k, v in self.sums.items()}
+            sums, n = self._totals()  # running means of the epoch so far, over the ranks
+            means = {k: float(v) / float(n) for k, v in sums.items()}
             if self.metrics is not None and is_main():
                 rec = {"stage": self.task.name, "epoch": epoch, "step": self.global_step, "lr": self.lr_now}
                 rec.update(means)
@@ -437,13 +417,13 @@ class _Trainer:
             self.bar.close()
 
     def end_epoch(
-        self, epoch: int, on_epoch_end: Callable[[int], dict] | None, ckpt_interval_s: float = 0.0
+        self, epoch: int, on_epoch_end: Callable[[int], dict] | None, ckpt_interval_s: float
     ) -> None:
         """The epoch record (means over the ranks, the task's metrics, ``on_epoch_end``'s), its
         log line, and the epoch-end checkpoint when due (the last epoch's always)."""
         self.close_bar()
         task = self.task
-        n = all_reduce_sum(torch.tensor(float(self.count), device=self.device))
+        sums, n = self._totals()
         rec = {
             "stage": task.name,
             "type": "epoch",
@@ -452,8 +432,7 @@ class _Trainer:
             "world_size": world_size(),
             "batch": self.per_step,
         }
-        for k, v in self.sums.items():
-            rec[k] = float(all_reduce_sum(v.to(self.device)) / n) if self.count else float("nan")
+        rec.update({k: float(v / n) if self.count else float("nan") for k, v in sums.items()})
         rec["time_s"] = time.perf_counter() - self.t0
         rec.update(task.extra_metrics() if hasattr(task, "extra_metrics") else {})
         if on_epoch_end is not None:

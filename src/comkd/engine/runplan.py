@@ -1,6 +1,4 @@
-"""A whole run's plan (``comkd run`` / ``demo``): the parts it goes through in order (stage 0, the
-teacher's prompts, one distillation per method, per dataset and seed) and its overall estimate of
-the time left, which each stage's header line shows.
+"""A whole run's plan (``comkd run`` / ``demo``): its parts in order and the time left, in each header.
 
 The estimate prices each later part at the mean time of the parts of the same kind that trained in
 this process (every distillation is of kind ``distill``, so a second method or seed is priced by the
@@ -11,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 
 def _clock(seconds: float) -> str:
@@ -79,10 +77,7 @@ def run_plan(kinds: list[str]) -> Iterator[RunPlan]:
 @contextmanager
 def plan_part(kind: str) -> Iterator[None]:
     """The next part of the active plan (nothing when no plan is active)."""
-    if _ACTIVE is None:
-        yield
-        return
-    with _ACTIVE.part(kind):
+    with _ACTIVE.part(kind) if _ACTIVE is not None else nullcontext():
         yield
 
 

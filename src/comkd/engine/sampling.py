@@ -1,6 +1,4 @@
-"""The order of training data: seeded per-epoch batches of a map-style dataset, sliced per rank
-(``EpochBatchSampler``), and exact per-rank batches re-cut from a streaming dataset's workers
-(``StreamBatches``)."""
+"""The order of training data: seeded per-epoch, per-rank batches of a map-style or a streaming dataset."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The training loop's opt-in speed switches (``OptimConfig``: ``compile``, ``hold_frozen_dtype``,
-``tf32``), set up when ``fit`` starts and undone when it ends, so a stage leaves its models and the
-process as it found them.
+"""The loop's opt-in speed switches (``OptimConfig``), undone when ``fit`` ends: a stage leaves its
+models and the process as it found them.
 
 * ``compile``: ``nn.Module.compile`` (``torch.compile`` in place: state-dict keys unchanged) of the
   task's trainable modules and of its frozen ones (``frozen_modules``: the online teacher's image
@@ -39,12 +38,10 @@ class SpeedSwitches:
         if cfg.tf32 and self.device.type == "cuda":
             self._tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if cfg.hold_frozen_dtype:
-            if self.dtype is None:
-                log.info(
-                    "optim.hold_frozen_dtype: no autocast in this stage; the frozen modules stay float32"
-                )
-            for k, m in self.frozen.items() if self.dtype is not None else ():
+        if cfg.hold_frozen_dtype and self.dtype is None:
+            log.info("optim.hold_frozen_dtype: no autocast in this stage; the frozen modules stay float32")
+        elif cfg.hold_frozen_dtype:
+            for k, m in self.frozen.items():
                 self._kept[k] = {n: t.detach().to("cpu", copy=True) for n, t in _tensors(m)}
                 m.to(self.dtype)
         if cfg.compile:

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from ..config import SECTION_ALIASES, ConfigError, RunConfig, load_config, save_config, to_dict
-from ..config_io import flat_keys
+from ..config_io import at_least, flat_keys
 from ..config_rules import check_batches_split, resolve_recipe
 from ..data import promptsrc_templates
 from ..fileio import atomic_path
@@ -202,6 +202,13 @@ def run_pretrain(
         log.warning(
             "pretrain.self_train_rounds: no unlabelled pool given (comkd run --protocol full has one); no self-training"
         )
+
+    def train(loaded, ds, name: str, lr: float | None, frozen, optim, seed: int, sub: Path) -> None:
+        task = PretrainTask(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr, frozen=frozen)
+        task.name = name
+        seed_everything(seed)
+        fit(task, ds, optim, **fit_kwargs(cfg, sub, device, metrics, resume))
+
     for role in which:
         loaded = load_role_clip(cfg, role, device)
         sub = out / role
@@ -218,14 +225,9 @@ def run_pretrain(
         else:
             ds = make_dataset(cfg, split, loaded.preprocess, train=True, augment=p.augment, shots=shots)
             lr = p.teacher_lr if role == "teacher" else p.student_lr
-            task = PretrainTask(
-                loaded.model, loaded.tokenizer, ds.classnames, ds.templates, lr=lr, frozen=frozen
-            )
-            task.name = name
-            seed_everything(cfg.seed)
             epochs = p.teacher_epochs if role == "teacher" else p.student_epochs
             optim = dataclasses.replace(p.optim, epochs=epochs) if epochs else p.optim
-            fit(task, ds, optim, **fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub})
+            train(loaded, ds, name, lr, frozen, optim, cfg.seed, sub)
         if p.logit_scale is not None:
             set_logit_scale(loaded.model, p.logit_scale)
         rounds: list[dict] = []
@@ -234,13 +236,9 @@ def run_pretrain(
             def train_round(
                 rds, r: int, epochs: int, loaded=loaded, lr=lr, sub=sub, optim=optim, frozen=frozen
             ) -> None:
-                rtask = PretrainTask(
-                    loaded.model, loaded.tokenizer, rds.classnames, rds.templates, lr=lr, frozen=frozen
-                )
-                rtask.name = f"pretrain_teacher_self_train_{r}"
-                seed_everything(cfg.seed + r)
-                kw = fit_kwargs(cfg, out, device, metrics, resume) | {"out_dir": sub / f"self_train_{r}"}
-                fit(rtask, rds, dataclasses.replace(optim, epochs=epochs), **kw)
+                name = f"pretrain_teacher_self_train_{r}"
+                optim = dataclasses.replace(optim, epochs=epochs)
+                train(loaded, rds, name, lr, frozen, optim, cfg.seed + r, sub / f"self_train_{r}")
 
             rounds = self_train(cfg, pool, loaded, ds, train_round, device)
         path = out / (TEACHER_CLIP if role == "teacher" else STUDENT_CLIP)
@@ -285,9 +283,8 @@ def run_train_teacher(cfg: RunConfig, out_dir: str | Path, *, resume: bool = Fal
         augment=tt.augment,
     )
     templates = promptsrc_templates() if tt.text_templates == "promptsrc" else ds.templates
-    weights = None  # Gaussian prompt aggregation's epoch weights, when on
-    if tt.prompt_averaging == "gaussian":
-        weights = gaussian_epoch_weights(tt.optim.epochs, *tt.resolved_gpa())
+    gaussian = tt.prompt_averaging == "gaussian"  # Gaussian prompt aggregation's epoch weights, when on
+    weights = gaussian_epoch_weights(tt.optim.epochs, *tt.resolved_gpa()) if gaussian else None
     task = TeacherPromptTask(
         teacher, ds.classnames, templates, tt.text_l1_weight, tt.image_l1_weight, tt.kl_weight, weights
     )
@@ -318,8 +315,7 @@ def run_cache_teacher(
     from .cache_build import build_teacher_cache  # looked up at call time (tests replace it)
 
     k = views if views is not None else cfg.distill.optim.epochs
-    if k < 1:
-        raise ConfigError(f"views: must be >= 1, got {k}")
+    at_least(k, 1, "views")
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"dtype: {dtype!r} is not allowed; choose one of float16, bfloat16, float32")
     out, device, _ = start_stage(cfg, out_dir, resume=False)

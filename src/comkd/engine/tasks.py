@@ -1,5 +1,4 @@
-"""The ``Task`` protocol, the three training stages as ``Task``s for ``engine.loop.fit``, and
-evaluation helpers."""
+"""The ``Task`` protocol, the three training stages as ``Task``s, and ``predict``/``accuracy``."""
 
 from __future__ import annotations
 

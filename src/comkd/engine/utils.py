@@ -8,6 +8,8 @@ import logging
 import math
 import os
 import random
+import secrets
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config_rules import torchrun_world_size
 from ..fileio import atomic_path, atomic_write_text  # the one atomic-write helper (comkd.fileio)
 
 log = logging.getLogger(__name__)
@@ -24,8 +27,6 @@ log = logging.getLogger(__name__)
 def show_progress(enabled: bool) -> bool:
     """Progress bars only when asked for and stderr is a terminal (a redirected run's log gets no
     carriage-return redraws)."""
-    import sys
-
     return bool(enabled) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
@@ -50,7 +51,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -61,9 +62,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"device {name!r} requested but CUDA is not available (no GPU found)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
-    if dev.type == "mps" and not (
-        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    ):
+    if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r} requested but MPS is not available")
     return dev
 
@@ -120,8 +119,6 @@ def world_size() -> int:
 def launched_world_size() -> int:
     """The processes of this run: the group's size, or before it is joined the ``WORLD_SIZE``
     torchrun set (1 outside torchrun), so checks can run before any rank waits for the others."""
-    from ..config_rules import torchrun_world_size
-
     return dist.get_world_size() if dist.is_initialized() else torchrun_world_size()
 
 
@@ -147,7 +144,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 class RankShare(torch.utils.data.Subset):
     """This rank's strided share of a map-style dataset: items ``rank, rank + W, ...`` of ``n``
-    (every item of it in one process). ``gather_shares`` puts the ranks' results back in order."""
+    (every item of it in one process). ``gather_loader_rows`` puts the ranks' results back in order."""
 
     def __init__(self, dataset: Any):
         self.total = len(dataset)
@@ -177,13 +174,13 @@ def gather_batch(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
     sums each rank's gradient into the owner's share, which, with DDP's gradient average, gives
     exactly the gradient of a loss computed once on the global batch. A single process returns ``t``.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if world_size() == 1:
         return t
     if grad:
         import torch.distributed.nn as dist_nn
 
         return torch.cat(dist_nn.all_gather(t), dim=0)
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=0)
 
@@ -218,15 +215,12 @@ class NotSharedError(RuntimeError):
 
 
 def check_shared_folder(folder: str | Path) -> None:
-    """Under torchrun, every rank must see the run folder rank 0 writes (the other ranks read its
-    prompts, checkpoints and student from it). Rank 0 writes a file with a fresh token there, every
-    rank looks for it, and all learn the result together: where any rank cannot see it, every rank
-    raises ``NotSharedError`` in one line at once, instead of one failing late (student file not
-    found) or ``--resume`` hanging (one rank restoring, another starting fresh). One process: no-op."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    """Under torchrun, every rank must see the run folder rank 0 writes (the others read its prompts,
+    checkpoints and student): where any rank cannot, every rank raises ``NotSharedError`` at once,
+    instead of one failing late (student file not found) or ``--resume`` hanging (one rank restoring,
+    another starting fresh). One process: no-op."""
+    if world_size() == 1:
         return
-    import secrets
-
     folder = Path(folder)
     token = [secrets.token_hex(8) if is_main() else None]
     dist.broadcast_object_list(token, src=0)
@@ -315,12 +309,10 @@ class MetricsLog:
     def truncate_after(self, stage: str, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            rec = _parse_line(line, self.path)
-            if rec is None or (rec.get("stage") == stage and rec.get("step", -1) > step):
-                continue
-            keep.append(line)
+        recs = [(x, _parse_line(x, self.path)) for x in self.path.read_text().splitlines()]
+        keep = [
+            x for x, r in recs if r is not None and not (r.get("stage") == stage and r.get("step", -1) > step)
+        ]
         atomic_write_text(self.path, "".join(x + "\n" for x in keep))
 
 

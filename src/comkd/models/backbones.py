@@ -8,6 +8,7 @@ names the key and both shapes instead of a long PyTorch traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -195,7 +196,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 f"to '{path.stem}-state.pt' (or use open_clip's 'openai' tag, which loads the same weights)"
             )
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
             if refusal := pickle_refusal(path, e):
                 raise ModelError(refusal) from None
@@ -203,12 +204,11 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             first = text.splitlines()[0] if text else type(e).__name__
             raise ModelError(f"cannot read checkpoint {path} as weights (data only): {first[:200]}") from None
         meta: dict[str, str] = {}
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            meta = {k: str(v) for k, v in obj["meta"].items()} if isinstance(obj.get("meta"), dict) else {}
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-            raise ModelError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors") from None
-        sd = obj
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            meta = {k: str(v) for k, v in sd["meta"].items()} if isinstance(sd.get("meta"), dict) else {}
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise ModelError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors") from None
     openai_style = any(k in sd for k in _OPENAI_KEYS)
     sd = {k: v for k, v in sd.items() if k not in _OPENAI_KEYS}
     if sd and next(iter(sd)).startswith("module."):
@@ -272,8 +272,6 @@ def save_clip_weights(model: nn.Module, path: str | Path, model_name: str, model
     """Save open_clip weights as safetensors with the metadata ``load_clip`` checks (atomic write)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "comkd.model_name": model_name,
         "comkd.embed_dim": str(model_cfg.get("embed_dim")),
@@ -340,11 +338,10 @@ def load_clip(
             ``timm:<name>`` for an image-only timm backbone (student only), or ``real:<timm
             tower>+all-MiniLM-L6-v2``, packaged towers (``comkd.models.real_towers``).
         pretrained: an open_clip tag (``openai``, ``laion2b_s34b_b88k``), a local weight file
-            (``.pt``/``.bin``/``.safetensors``, OpenAI-style or open_clip state dict), or
-            ``"none"`` for random weights. None (not given) is refused for an architecture that
-            open_clip has pretrained weights for; models without tags (``comkd-tiny-*``) start
-            from random weights; ``real:`` models their packaged towers. ``imagenet``: a
-            ``timm:tf_efficientnet_lite0``/``lite2`` tower's packaged ImageNet weights.
+            (``.pt``/``.bin``/``.safetensors``, OpenAI-style or open_clip state dict), ``"none"``
+            for random weights, or ``imagenet`` (a ``timm:tf_efficientnet_lite0/2`` tower's packaged
+            weights). None is refused for an architecture with open_clip tags; models without tags
+            start from random weights, ``real:`` models from their packaged towers.
         image_size: override the config's image size. quick_gelu: force QuickGELU (needed for
             OpenAI-style weight files); a tag whose config says QuickGELU gets it without asking.
     """
@@ -403,8 +400,7 @@ def load_clip(
     except RuntimeError as e:
         raise ModelError(f"cannot create '{model_name}' with pretrained={pretrained!r}: {e}") from e
     except Exception as e:  # a pickled weight file in a hub or local-dir folder: one line, nothing run
-        refusal = pickle_refusal(_folder_weights(model_name), e)
-        if refusal is None:
+        if (refusal := pickle_refusal(_folder_weights(model_name), e)) is None:
             raise
         raise ModelError(refusal) from None
     if local:
@@ -428,6 +424,15 @@ def load_arch(arch: Any, pretrained: str | None, device: str | torch.device) -> 
     )
 
 
+def arch_from_options(cls: type, caller: str, options: dict[str, Any], **given: Any) -> Any:
+    """``cls(**given, **options)`` for a ``StudentArch`` or ``TeacherArch``; an option that is not
+    one of its other fields is a ``ModelError`` naming ``caller`` and the allowed ones."""
+    allowed = {f.name for f in dataclasses.fields(cls)} - set(given)
+    if unknown := sorted(set(options) - allowed):
+        raise ModelError(f"{caller}: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    return cls(**given, **options)
+
+
 def _load_timm(model_name: str, pretrained: str | None, *, image_size: int | None, device) -> LoadedModel:
     import timm
 
@@ -446,8 +451,7 @@ def _load_timm(model_name: str, pretrained: str | None, *, image_size: int | Non
         check_state_dict(model, sd, str(pretrained))
         model.load_state_dict(sd, strict=True)
     model.to(device).eval()
-    spec = timm_preprocess(model, image_size)
-    return LoadedModel(model=model, name=model_name, pretrained=pretrained, preprocess=spec, config={})
+    return LoadedModel(model, model_name, pretrained, preprocess=timm_preprocess(model, image_size))
 
 
 def load_real_clip(

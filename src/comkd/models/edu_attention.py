@@ -70,10 +70,9 @@ class EduAttention(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(()))
         if mode == "cosine":
             self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
-            for fc in {id(m): m for m in (self.fc_q, self.fc_k, self.fc_v)}.values():
-                _identity_(fc)
-            if isinstance(self.fc_o, nn.Linear):
-                _identity_(self.fc_o)
+            for fc in (self.fc_q, self.fc_k, self.fc_v, self.fc_o):  # a shared one twice: still the identity
+                if isinstance(fc, nn.Linear):
+                    _identity_(fc)
         self._kv_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _keys_values(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,9 +108,7 @@ class EduAttention(nn.Module):
         b, n, h = image_features.shape[0], text_features.shape[0], self.heads
         hd = self.attn_dim // h
         q = self.fc_q(image_features).view(b, h, hd).transpose(0, 1)  # [h, B, hd]
-        k, v = self._keys_values(text_features)
-        k = k.view(n, h, hd).transpose(0, 1)  # [h, N, hd]
-        v = v.view(n, h, hd).transpose(0, 1)  # [h, N, hd]
+        k, v = (t.view(n, h, hd).transpose(0, 1) for t in self._keys_values(text_features))  # [h, N, hd]
         if self.mode == "cosine":
             scores = (
                 self.log_temperature.exp() * F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(1, 2)
@@ -136,9 +133,6 @@ class EduAttention(nn.Module):
 
 def _identity_(fc: nn.Linear) -> None:
     """Weight = identity (on the leading block when not square), bias = 0."""
-    with torch.no_grad():
-        fc.weight.zero_()
-        n = min(fc.weight.shape)
-        fc.weight[:n, :n] = torch.eye(n)
-        if fc.bias is not None:
-            fc.bias.zero_()
+    nn.init.eye_(fc.weight)
+    if fc.bias is not None:
+        nn.init.zeros_(fc.bias)

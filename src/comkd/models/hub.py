@@ -1,10 +1,7 @@
 """Students on the Hugging Face Hub: ``hf-hub:ORG/NAME`` (optionally ``@REVISION``) names the
 student file of a hub repository, fetched through huggingface_hub's download and cache (so
-``HF_HUB_OFFLINE=1`` reads the local cache, as every huggingface_hub user expects).
-
-A repository written by ``comkd push`` holds ``student.safetensors`` (the student file, data
-only), ``student.onnx`` when it was exported, and a model card. Publishing is
-``comkd.deploy.hub.push_student``.
+``HF_HUB_OFFLINE=1`` reads the local cache, as every huggingface_hub user expects). Publishing
+(what a repository holds) is ``comkd.deploy.hub``.
 """
 
 from __future__ import annotations
@@ -72,10 +69,13 @@ def hub_file(ref: str, filename: str = STUDENT_FILENAME) -> Path:
         ) from None
 
 
-def hub_local_name(ref: str | Path, suffix: str) -> Path:
-    """Where a command writes what it makes from ``hf-hub:ORG/NAME`` by default: ``NAME<suffix>``
-    in the current folder (never inside huggingface_hub's cache)."""
-    return Path(parse_hub_ref(str(ref))[0].split("/")[1] + suffix)
+def student_and_out(ref: str | Path, out: str | Path | None, suffix: str) -> tuple[Path, Path | None]:
+    """The local student file for ``ref`` (``student_path``) and where a command writes what it
+    makes from it: ``out``, or for ``hf-hub:ORG/NAME`` by default ``NAME<suffix>`` in the current
+    folder (never inside huggingface_hub's cache); None when the caller picks the default."""
+    if out is None and is_hub_ref(ref):
+        out = parse_hub_ref(str(ref))[0].split("/")[1] + suffix
+    return student_path(ref), None if out is None else Path(out)
 
 
 def student_path(ref: str | Path, filename: str = STUDENT_FILENAME) -> Path:

@@ -1,11 +1,7 @@
-"""Which teacher produced a student's class text features W, and new class names from it.
-
-A student file records its teacher (``comkd.teacher``: model name, input size, SHA-256 of its
-frozen weights and of its prompts). New class names need that same teacher: its text features
-live in the space the student was distilled into, and a teacher that differs in any recorded
-field is refused. A teacher cache (``engine.cache_format``) records the same digests
-(``teacher_digests``, ``teacher_key``) and the files the teacher was built from
-(``teacher_sources``).
+"""Which teacher produced a student's class text features W (a student file's ``comkd.teacher``; a
+teacher cache's ``teacher_digests`` and ``teacher_sources``). New class names need that same
+teacher: its text features live in the space the student was distilled into, so a teacher that
+differs in any recorded field is refused.
 """
 
 from __future__ import annotations
@@ -43,14 +39,13 @@ def teacher_digests(teacher: Teacher) -> dict[str, Any]:
     version = weights_version(teacher.clip)
     if teacher not in _WEIGHT_DIGESTS or _WEIGHT_DIGESTS[teacher][0] != version:
         _WEIGHT_DIGESTS[teacher] = (version, tensor_digest(sorted(teacher.clip.state_dict().items())))
-    prompts = tensor_digest(sorted(teacher.prompt_state_dict().items()))
     pre = asdict(teacher.preprocess)
     pre["mean"], pre["std"] = [float(x) for x in pre["mean"]], [float(x) for x in pre["std"]]
     ident = {
         "model": teacher.model_name,
         "preprocess": pre,
         "weights_sha256": _WEIGHT_DIGESTS[teacher][1],
-        "prompts_sha256": prompts,
+        "prompts_sha256": tensor_digest(sorted(teacher.prompt_state_dict().items())),
     }
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return ident

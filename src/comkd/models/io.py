@@ -1,21 +1,17 @@
 """Student files: save and load a deployable student (one safetensors file).
 
-A student file holds every weight (the image tower included), the stored W and its class names,
-and in its metadata what the student is:
+A student file holds every weight (the image tower included), the stored W, and metadata:
 
-* ``comkd.student_config``: ``dataclasses.asdict(student.arch)`` (``StudentArch``: the model,
-  d, prompt tokens/depth, whether it has EduAttention and its options, projector, scope, input
-  size, QuickGELU). Files written before ``StudentArch`` record a distillation ``method`` name
-  instead of ``edu_attention``; they still load (``LEGACY_METHOD_EDU_ATTENTION``).
-* ``comkd.classnames``, ``comkd.preprocess``; ``comkd.teacher`` when the teacher that produced W
-  is known (``comkd classes`` checks it); ``comkd.teachers``, a list of such records (W's first),
-  when the student was distilled from several teachers (one teacher: absent, the format as before).
+* ``comkd.student_config``: ``dataclasses.asdict(student.arch)`` (older files record a distillation
+  ``method`` name instead of ``edu_attention``: ``LEGACY_METHOD_EDU_ATTENTION``).
+* ``comkd.classnames``, ``comkd.preprocess``; ``comkd.teacher``, the teacher that produced W, when
+  known (``comkd classes`` checks it); ``comkd.teachers``, every such record (W's first), only for
+  a student of several teachers.
 * ``comkd.sha256``: a digest over the tensors and the metadata above, checked at load.
 
 Loading needs neither the teacher, a text encoder, the training engine nor the config system. The
 metadata is data from the user: each string is bounded in size and nesting before it is parsed
-(``fileio.parse_json``) and each field checked for type and range (``StudentArch``'s, the teacher
-record's: ``identity.check_teacher_record``) before anything is built from it; a bad one is a
+and each field checked for type and range before anything is built from it; a bad one is a
 one-line ``ModelError`` naming the file and the key.
 """
 
@@ -57,9 +53,7 @@ _ARCH_RANGES = {
     "image_size": (1, MAX_IMAGE_SIZE),
 }
 
-# Files written before ``StudentArch`` name the distillation method instead of saying whether the
-# student has EduAttention; these are the only names such files can hold (frozen: new methods
-# write ``edu_attention`` itself).
+#: the only method names an older file can hold, and whether they mean EduAttention (frozen)
 LEGACY_METHOD_EDU_ATTENTION = {
     "comkd": True,
     "no-ifalign": True,

@@ -1,6 +1,5 @@
-"""What loading a backbone gives (``LoadedModel``: the module, its ``PreprocessSpec``, tokenizer
-and config) and ``ModelError``; below ``backbones`` (loading by name and weight file) and
-``real_towers`` (the packaged towers), which both build them."""
+"""What loading a backbone gives (``LoadedModel``, ``PreprocessSpec``) and ``ModelError``; below
+``backbones`` and ``real_towers``, which both build them."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""The prediction core: top-k class names and probabilities for images, for any model that has
-``preprocess`` (PIL image -> ``[3, S, S]`` tensor), ``classnames`` and either
-``predict_logits(batch [B, 3, S, S]) -> [B, N]`` (``OnnxStudent``) or a ``forward`` whose output
-has ``.logits`` (the PyTorch ``Student``). Probabilities are the softmax of the logits
-q = s · cos(f_e, W) over the stored class names. ``comkd predict`` (``comkd.deploy.predict``) writes
-these as tables.
+"""The prediction core: top-k class names and probabilities (the softmax of q = s · cos(f_e, W)
+over the stored class names) for any model with ``preprocess`` (PIL image -> ``[3, S, S]``),
+``classnames`` and either ``predict_logits(batch [B, 3, S, S]) -> [B, N]`` (``OnnxStudent``) or a
+``forward`` whose output has ``.logits`` (``Student``).
 """
 
 from __future__ import annotations
@@ -60,8 +58,7 @@ def student_logits(student: torch.nn.Module) -> Callable[[torch.Tensor], torch.T
 
 def logits_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model.predict_logits`` when it has one (``OnnxStudent``), else ``student_logits(model)``."""
-    fn = getattr(model, "predict_logits", None)
-    return fn if fn is not None else student_logits(model)
+    return getattr(model, "predict_logits", None) or student_logits(model)
 
 
 def topk_predictions(
@@ -117,7 +114,5 @@ def predict_images(
         return topk_predictions(fn(images), model.classnames, top_k)
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
-    out: list[Prediction] = []
-    for x, paths in iter_batches(model, list(images), batch_size):
-        out.extend(topk_predictions(fn(x), model.classnames, top_k, paths))
-    return out
+    batches = iter_batches(model, list(images), batch_size)
+    return [p for x, paths in batches for p in topk_predictions(fn(x), model.classnames, top_k, paths)]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from ..choices import Projector as ProjectorKind
-from ..choices import check
 
 
 class Projector(nn.Sequential):
@@ -29,7 +27,7 @@ class LinearProjector(nn.Sequential):
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Sequential:
-    check(kind, ProjectorKind, "projector")
+    """``mlp`` (``Projector``) or ``linear``; ``Student`` has checked ``kind`` (``choices.Projector``)."""
     return Projector(in_dim, out_dim) if kind == "mlp" else LinearProjector(in_dim, out_dim)
 
 
@@ -82,16 +80,6 @@ def _summed(all_reduce, rows: torch.Tensor, *sums: torch.Tensor) -> list[torch.T
     return [s.reshape(t.shape) for s, t in zip(total.split([t.numel() for t in parts]), parts, strict=True)]
 
 
-def _summed_ridge(
-    x: torch.Tensor, y: torch.Tensor, lam: float, all_reduce
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ridge`` over every process's rows: this process's ``x`` ``[m, p]``, ``y`` ``[m, q]``; one
-    all-reduce of the packed float64 sums."""
-    x, y = x.double(), y.double()
-    n, sx, sy, sxx, sxy = _summed(all_reduce, x, x.sum(0), y.sum(0), x.t() @ x, x.t() @ y)
-    return ridge_from_sums(float(n), sx, sy, sxx, sxy, lam)
-
-
 @torch.no_grad()
 def fit_projector(
     projector: nn.Sequential,
@@ -108,10 +96,9 @@ def fit_projector(
     over ``features`` (it must then stay frozen, in eval mode), and the last Linear is fitted on
     the hidden activations.
 
-    ``all_reduce`` (a sum over processes, e.g. ``engine.utils.all_reduce_sum``): ``features`` and
-    ``targets`` are this process's share of the rows, and the BatchNorm statistics and the ridge
-    fit are those of every process's rows (float64 sums, all-reduced: ``ridge_from_sums``). Without
-    it (one process) the fit is ``ridge`` on the rows themselves.
+    ``all_reduce`` (a sum over processes, e.g. ``engine.utils.all_reduce_sum``): the rows are this
+    process's share, and the BatchNorm statistics and the fit (``ridge_from_sums``) are those of
+    every process's rows. Without it the fit is ``ridge`` on the rows themselves.
     """
     layers = list(projector)
     head = layers[-1]
@@ -127,14 +114,15 @@ def fit_projector(
             n, mean = float(n), s1 / float(n)
             bn.running_mean.copy_(mean)
             bn.running_var.copy_((s2 - n * mean * mean) / max(n - 1.0, 1.0))
-        was = bn.training
-        bn.eval()
-        hidden = nn.Sequential(*layers[:-1])(features.to(first.weight.dtype))
-        bn.train(was)
+        normed = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
+        hidden = nn.Sequential(*layers[2:-1])(normed)  # the layers before the head, BatchNorm in eval mode
     else:
         hidden = features
-    a, b = (
-        ridge(hidden, targets, lam) if all_reduce is None else _summed_ridge(hidden, targets, lam, all_reduce)
-    )
+    if all_reduce is None:
+        a, b = ridge(hidden, targets, lam)
+    else:  # one all-reduce of the packed float64 sums
+        x, y = hidden.double(), targets.double()
+        n, sx, sy, sxx, sxy = _summed(all_reduce, x, x.sum(0), y.sum(0), x.t() @ x, x.t() @ y)
+        a, b = ridge_from_sums(float(n), sx, sy, sxx, sxy, lam)
     head.weight.copy_(a.to(head.weight.dtype))
     head.bias.copy_(b.to(head.bias.dtype))

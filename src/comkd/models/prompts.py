@@ -1,14 +1,7 @@
-"""Deep prompts around open_clip towers, without editing open_clip.
-
-* ``PromptedVisionTower``: ``n_tokens`` learnable visual prompt tokens appended after the patch
-  tokens at the input; before each of the next ``depth - 1`` transformer blocks the previous
-  prompt tokens are replaced by that layer's own (VPT-deep / IVLP / PromptSRC). ``depth = 0``
-  or ``n_tokens = 0`` switches prompts off and reproduces ``visual(x)`` exactly.
-* ``PromptedTextEncoder``: the class prompt ``"X X X X {class}."`` whose ``n_ctx`` placeholder
-  embeddings are learnable context vectors (initialised from ``ctx_init``), plus deep text prompts
-  that replace the same positions before each of the next ``depth - 1`` blocks.
-* ``PromptedHFTextEncoder``: the same learnable context (no deep prompts) in an open_clip
-  ``HFTextEncoder`` (a Hugging Face text tower, e.g. the ``real:`` models' MiniLM).
+"""Deep prompts around open_clip towers, without editing open_clip (VPT-deep / IVLP / PromptSRC):
+``PromptedVisionTower``, ``PromptedTextEncoder`` and, for a Hugging Face text tower (the ``real:``
+models' MiniLM), ``PromptedHFTextEncoder``. Depth 0 or no tokens switches prompts off and
+reproduces the tower exactly.
 """
 
 from __future__ import annotations
@@ -43,8 +36,15 @@ def _run_blocks(
     return x
 
 
+def _splice(x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[N, L, width]`` with the tokens at positions ``1..n`` replaced by ``ctx`` ``[n, width]``."""
+    return torch.cat([x[:, :1], ctx.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + len(ctx) :]], dim=1)
+
+
 class PromptedVisionTower(nn.Module):
-    """An open_clip ViT image tower with deep visual prompts.
+    """An open_clip ViT image tower with deep visual prompts: ``n_tokens`` prompt tokens appended
+    after the patch tokens at the input, replaced by that layer's own before each of the next
+    ``depth - 1`` blocks.
 
     Input ``[B, 3, H, W]`` images; output ``[B, D]`` un-normalised image embeddings (``D`` the
     tower's output size). Only ``prompts`` (``[depth, n_tokens, width]``) is meant to be trained.
@@ -115,7 +115,10 @@ class _TextParts:
 
 
 class PromptedTextEncoder(nn.Module):
-    """An open_clip text tower with learnable context and deep text prompts.
+    """An open_clip text tower with learnable context and deep text prompts: the class prompt
+    ``"X X X X {class}."`` whose ``n_ctx`` placeholder embeddings are learnable context vectors
+    (initialised from ``ctx_init``), and deep prompts that replace the same positions before each
+    of the next ``depth - 1`` blocks.
 
     ``forward(tokens)`` maps ``[N, L]`` token ids to ``[N, D]`` un-normalised text embeddings;
     ``prompted=False`` runs the plain tower (equal to ``clip.encode_text``).
@@ -185,17 +188,14 @@ class PromptedTextEncoder(nn.Module):
         x = o.token_embedding(tokens).to(dtype)
         n = self.n_ctx if prompted else 0
         if n:
-            x = torch.cat([x[:, :1], self.ctx.to(dtype).expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
+            x = _splice(x, self.ctx)
         x = x + o.positional_embedding[: x.shape[1]].to(dtype)
         attn_mask = getattr(o, "attn_mask", None)
         if attn_mask is not None:
             attn_mask = attn_mask[: x.shape[1], : x.shape[1]]
 
         def inject(i: int, t: torch.Tensor) -> torch.Tensor:
-            if n and 0 < i < self.depth:
-                deep = self.deep[i - 1].to(t.dtype).expand(t.shape[0], -1, -1)
-                t = torch.cat([t[:, :1], deep, t[:, 1 + n :]], dim=1)
-            return t
+            return _splice(t, self.deep[i - 1]) if n and 0 < i < self.depth else t
 
         x = _run_blocks(o.transformer, x, inject, attn_mask=attn_mask)
         x = o.ln_final(x)
@@ -207,18 +207,13 @@ class PromptedTextEncoder(nn.Module):
 
 
 class PromptedHFTextEncoder(PromptedTextEncoder):
-    """Learned context (CoOp) in an open_clip ``HFTextEncoder``: ``forward(tokens)`` maps ``[N, L]``
-    token ids of ``"X X X X {class}."`` (``[CLS] x x x x ... [SEP]`` and padding) to ``[N, D]``
-    un-normalised text embeddings. The word embeddings at positions ``1..n_ctx`` are replaced by
-    ``ctx`` (``[n_ctx, width]``, initialised from ``ctx_init``'s word embeddings when it has
-    ``n_ctx`` tokens), and the sequence runs through the HF model as ``inputs_embeds`` with the
-    padding mask (its embedding layer adds positions and token types and normalises, as for ids);
-    the tower's pooler and projection follow. ``prompted=False`` is the tower's own forward
-    (``clip.encode_text``).
-
-    Depth 1 only (shallow prompts). PromptSRC-style deep prompts would rewrite the hidden states at
-    the context positions before each of the next ``depth - 1`` encoder layers (the HF encoder run
-    layer by layer with its extended attention mask, or a forward pre-hook on each layer).
+    """Learned context (CoOp) in an open_clip ``HFTextEncoder``, depth 1 only (no deep prompts):
+    ``forward(tokens)`` maps ``[N, L]`` token ids of ``"X X X X {class}."`` (``[CLS] x x x x ...
+    [SEP]`` and padding) to ``[N, D]`` un-normalised text embeddings. The word embeddings at
+    positions ``1..n_ctx`` are replaced by ``ctx`` (``[n_ctx, width]``) and the sequence runs
+    through the HF model as ``inputs_embeds`` with the padding mask (its embedding layer adds
+    positions and token types and normalises, as for ids); the tower's pooler and projection
+    follow. ``prompted=False`` is the tower's own forward (``clip.encode_text``).
     """
 
     def __init__(
@@ -253,8 +248,6 @@ class PromptedHFTextEncoder(PromptedTextEncoder):
         if not (prompted and self.n_ctx):
             return o(tokens)
         mask = (tokens != o.config.pad_token_id).long()
-        x = o.transformer.get_input_embeddings()(tokens)
-        n = self.n_ctx
-        x = torch.cat([x[:, :1], self.ctx.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
+        x = _splice(o.transformer.get_input_embeddings()(tokens), self.ctx)
         out = o.transformer(inputs_embeds=x, attention_mask=mask)
         return o.proj(o.pooler(out, mask))

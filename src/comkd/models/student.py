@@ -17,7 +17,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from ..choices import Attend, EduScale, Projector, ProjectorBN, Scope, check
-from .backbones import LoadedModel, ModelError, load_arch, uses_quick_gelu
+from .backbones import LoadedModel, ModelError, arch_from_options, load_arch, uses_quick_gelu
 from .edu_attention import EduAttention
 from .identity import check_teacher, teacher_identity
 from .projector import build_projector
@@ -64,18 +64,16 @@ class StudentArch:
 
     ``model`` is any open_clip model (its image tower) or ``timm:<name>``; ``teacher_dim`` the
     teacher's joint embedding size d. ``vision_depth`` None: min(9, layers) for a ViT (0 without
-    tokens); non-ViT towers take no prompts. ``edu_attention``: whether EduAttention (and α) is
-    part of the student. ``projector``: ``mlp`` (the paper's) or ``linear``. ``projector_bn``:
-    ``train`` (the paper's: batch statistics in training) or ``frozen`` (running statistics always,
-    needed after a warm start). ``edu_mode``: EduAttention's ``paper`` or ``cosine`` reading.
-    ``scope``: ``prompts`` (the paper: the tower is frozen) or ``full`` (the tower trains too).
-    ``image_size`` None: the model's own; ``quick_gelu`` None/False: as the model name says.
+    tokens). ``edu_attention``: whether EduAttention (and α) is part of the student. ``projector``:
+    ``mlp`` (the paper's) or ``linear``. ``projector_bn``: ``train`` (the paper's: batch statistics
+    in training) or ``frozen`` (running statistics always, needed after a warm start). ``edu_mode``:
+    EduAttention's ``paper`` or ``cosine`` reading. ``scope``: ``prompts`` (the paper: the tower is
+    frozen) or ``full`` (the tower trains too, at ``distill.tower_lr_scale``). ``image_size`` None:
+    the model's own; ``quick_gelu`` None/False: as the model name says.
 
-    A CNN tower (an open_clip ResNet, or ``timm:<name>`` such as ``timm:tf_efficientnet_lite0``
-    with ``pretrained: imagenet``) takes no visual prompts (deep prompts are tokens of a ViT):
-    with ``scope: prompts`` only the projector and EduAttention (with α) train, the tower frozen;
-    with ``scope: full`` every tower weight trains too (at ``distill.tower_lr_scale``). Its
-    batch-norm statistics stay frozen either way (the tower runs in eval mode).
+    A CNN tower (an open_clip ResNet, or ``timm:<name>``) takes no visual prompts (deep prompts are
+    tokens of a ViT), and its batch-norm statistics stay frozen whatever the scope (the tower runs
+    in eval mode).
     """
 
     model: str
@@ -178,8 +176,7 @@ class Student(nn.Module):
         device: str | torch.device = "cpu",
     ) -> Student:
         """Load ``arch.model``'s tower (``pretrained``: open_clip tag, weight file, ``none`` or None)
-        and build the student on ``device``. A non-ViT tower with ``vision_depth`` None takes no
-        prompts. ``logit_scale``: s; default the student CLIP's own exp(log-scale) (PromptKD's)."""
+        and build the student on ``device``. ``logit_scale``: as for ``create_student``."""
         if arch.model.startswith("real:"):  # before its text tower is loaded for nothing
             raise ModelError(
                 f"student.model {arch.model!r}: a student is an image tower alone; give it as "
@@ -265,8 +262,7 @@ class Student(nn.Module):
     #: CPU inference (eval mode, no autograd) runs a batch in chunks of at most this many input
     #: pixels (8 images at 224 px): past that a ViT's activations leave the CPU's caches and its
     #: memory-bound ops slow down per image (ViT-B/16, one thread: `comkd bench --only eager`,
-    #: docs/performance.md). Each image's outputs are the same. 0: never chunk. Not on GPUs, nor
-    #: while tracing or exporting.
+    #: docs/performance.md). Each image's outputs are the same. 0: never chunk (see ``_chunk``).
     infer_chunk_pixels: int = 8 * 224 * 224
 
     def forward(
@@ -316,9 +312,8 @@ class Student(nn.Module):
         return StudentOutput(features=u_s, fused=f_e, logits=logits, projected=projected)
 
     def predict(self, images, top_k: int = 5, batch_size: int = 64) -> list:
-        """Top-k class names and probabilities (``comkd.models.predict.Prediction``, best first)
-        for PIL images or image files (one or a list), or a batch ``[B, 3, S, S]`` already mapped
-        by ``self.preprocess`` (PIL image -> ``[3, S, S]``)."""
+        """``comkd.models.predict.predict_images`` of this student: top-k ``Prediction``s (best first)
+        for PIL images or image files (one or a list), or a batch ``[B, 3, S, S]`` already preprocessed."""
         from .predict import predict_images
 
         return predict_images(self, images, top_k=top_k, batch_size=batch_size)
@@ -348,10 +343,7 @@ def create_student(
     ``options`` are ``StudentArch`` fields (``vision_tokens``, ``edu_attention``, ``scope``, ...).
     ``logit_scale``: s; default the student CLIP's own exp(log-scale) (PromptKD's choice).
     """
-    allowed = {f.name for f in fields(StudentArch)} - {"model", "teacher_dim"}
-    if unknown := sorted(set(options) - allowed):
-        raise ModelError(
-            f"create_student: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
-        )
-    arch = StudentArch(model=model_name, teacher_dim=teacher_dim, **options)
+    arch = arch_from_options(
+        StudentArch, "create_student", options, model=model_name, teacher_dim=teacher_dim
+    )
     return Student.build(arch, pretrained, logit_scale=logit_scale, device=device)

@@ -1,13 +1,9 @@
-"""The teacher: a frozen CLIP with deep prompts in both towers (PromptSRC/IVLP style).
-
-Its class text features W (``[N, d]``, L2-normalised) are computed once per class list and
-cached; the cache is keyed on the class names and on the version of every weight, so loading new
-prompt weights (or anything else) after W was computed invalidates the stale W.
-"""
+"""The teacher: a frozen CLIP with deep prompts in both towers (PromptSRC/IVLP style), and its class
+text features W (``[N, d]``, L2-normalised; ``Teacher.class_text_features``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +12,7 @@ import torch.nn.functional as F
 from open_clip.hf_model import HFTextEncoder
 from torch import nn
 
-from .backbones import LoadedModel, ModelError, load_arch, read_state_dict, weights_version
+from .backbones import LoadedModel, ModelError, arch_from_options, load_arch, read_state_dict, weights_version
 from .prompts import PromptedHFTextEncoder, PromptedTextEncoder, PromptedVisionTower
 
 
@@ -28,16 +24,14 @@ def _default_depth(requested: int | None, layers: int, n: int) -> int:
 
 @dataclass
 class TeacherArch:
-    """What a teacher is: every option that shapes its modules, in one object (as open_clip's
-    ``vision_cfg``).
+    """What a teacher is: every option that shapes its modules, in one object (as ``StudentArch``).
 
     ``model``: open_clip name, tiny config (``comkd-tiny-teacher``), config .json, ``hf-hub:`` id
     or ``real:`` towers. ``text_ctx``, ``text_depth``, ``ctx_init``: learnable text context tokens,
     deep text prompt depth (None: min(9, layers); 1 for a Hugging Face text tower, which takes no
     deep prompts) and the phrase that initialises the context. ``vision_tokens``, ``vision_depth``:
     deep visual prompts (None: depth min(9, layers) on a ViT, none on a CNN tower, which refuses a
-    depth above 0). ``image_size`` None: the model's own; ``quick_gelu`` None/False: as the model
-    name says.
+    depth above 0). ``image_size``, ``quick_gelu``: as in ``StudentArch``.
     """
 
     model: str
@@ -62,8 +56,6 @@ class Teacher(nn.Module):
     def __init__(self, loaded: LoadedModel, arch: TeacherArch):
         super().__init__()
         self.arch = arch
-        text_ctx, text_depth, ctx_init = arch.text_ctx, arch.text_depth, arch.ctx_init
-        vision_tokens, vision_depth = arch.vision_tokens, arch.vision_depth
         if loaded.is_timm:
             raise ModelError(f"the teacher must be a CLIP with a text tower; '{loaded.name}' is image-only")
         self.clip = loaded.model
@@ -73,19 +65,19 @@ class Teacher(nn.Module):
         vlayers = (
             len(self.clip.visual.transformer.resblocks) if hasattr(self.clip.visual, "transformer") else 0
         )
-        if vlayers or (vision_tokens and vision_depth):  # a CNN tower asked for prompts: refused there
-            self.visual = PromptedVisionTower(
-                self.clip.visual, vision_tokens, _default_depth(vision_depth, vlayers, vision_tokens)
-            )
+        if vlayers or (arch.vision_tokens and arch.vision_depth):  # a CNN asked for prompts: refused there
+            depth = _default_depth(arch.vision_depth, vlayers, arch.vision_tokens)
+            self.visual = PromptedVisionTower(self.clip.visual, arch.vision_tokens, depth)
         else:  # a CNN tower (open_clip ResNet, timm) without visual prompts
             self.visual = self.clip.visual
         tower = self.clip.text if hasattr(self.clip, "text") else self.clip
         if isinstance(tower, HFTextEncoder):  # learned context only (no deep prompts)
-            depth = (1 if text_ctx else 0) if text_depth is None else text_depth
-            self.text = PromptedHFTextEncoder(self.clip, loaded.tokenizer, text_ctx, depth, ctx_init)
+            depth = (1 if arch.text_ctx else 0) if arch.text_depth is None else arch.text_depth
+            encoder = PromptedHFTextEncoder
         else:
-            depth = _default_depth(text_depth, len(tower.transformer.resblocks), text_ctx)
-            self.text = PromptedTextEncoder(self.clip, loaded.tokenizer, text_ctx, depth, ctx_init)
+            depth = _default_depth(arch.text_depth, len(tower.transformer.resblocks), arch.text_ctx)
+            encoder = PromptedTextEncoder
+        self.text = encoder(self.clip, loaded.tokenizer, arch.text_ctx, depth, arch.ctx_init)
         self._w_cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
@@ -136,8 +128,7 @@ class Teacher(nn.Module):
     def load_prompts(self, state: dict[str, torch.Tensor] | str | Path) -> None:
         """Load prompts saved by ``prompt_state_dict`` (a dict or a safetensors/torch file)."""
         if not isinstance(state, dict):
-            state = read_state_dict(state)[0]
-            state = {k[len("teacher.") :] if k.startswith("teacher.") else k: v for k, v in state.items()}
+            state = {k.removeprefix("teacher."): v for k, v in read_state_dict(state)[0].items()}
         own = self.prompt_state_dict()
         for k, v in state.items():
             if k not in own:
@@ -173,7 +164,8 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def class_text_features(self, classnames: list[str]) -> torch.Tensor:
-        """W ``[N, d]`` for ``classnames``: computed once, reused until the weights change."""
+        """W ``[N, d]`` for ``classnames``: computed once, reused until the weights change (the cache
+        is keyed on the class names and the version of every weight: new prompts invalidate it)."""
         key = (tuple(classnames), weights_version(self))
         if self._w_cache is None or self._w_cache[0] != key:
             was_training = self.training
@@ -208,15 +200,10 @@ def create_teacher(
     """Build a frozen, prompted teacher CLIP.
 
     Args:
-        model_name: open_clip name, tiny config (``comkd-tiny-teacher``), config .json or ``hf-hub:`` id.
+        model_name: ``TeacherArch.model``.
         pretrained: open_clip tag, local weight file, or None (random weights).
         prompts: a file of learned prompts (from ``comkd train-teacher``) to load.
-        options: ``TeacherArch`` fields (``text_ctx``, ``text_depth``, ``ctx_init``, ``vision_tokens``,
-            ``vision_depth``, ``image_size``, ``quick_gelu``).
+        options: the other ``TeacherArch`` fields (``text_ctx``, ``vision_depth``, ...).
     """
-    allowed = {f.name for f in fields(TeacherArch)} - {"model"}
-    if unknown := sorted(set(options) - allowed):
-        raise ModelError(
-            f"create_teacher: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
-        )
-    return Teacher.build(TeacherArch(model=model_name, **options), pretrained, prompts=prompts, device=device)
+    arch = arch_from_options(TeacherArch, "create_teacher", options, model=model_name)
+    return Teacher.build(arch, pretrained, prompts=prompts, device=device)

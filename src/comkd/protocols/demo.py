@@ -18,9 +18,8 @@ DEMO_METHODS = ["promptkd", "comkd"]
 @locked_run(results=("results.json",))
 def run_demo(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Base-to-novel on digits with one seed; writes ``out/results.json`` as
-    ``{"teacher"|"student_zeroshot"|"promptkd"|"comkd": {"base", "novel", "hm"}}`` (percent) and
-    ``"warnings"`` (lines on models near chance or with random weights),
-    ``out/report.md`` and ``out/plots/``; the stage folders live under ``out/run/``."""
+    ``{"teacher"|"student_zeroshot"|"promptkd"|"comkd": {"base", "novel", "hm"}}`` (percent),
+    ``"warnings"`` and ``"teacher_check"``, ``out/report.md`` and ``out/plots/``; stages in ``out/run/``."""
     res = run_protocol(
         cfg, out / "run", datasets=[cfg.data.dataset], seeds=[cfg.seed], methods=DEMO_METHODS, resume=resume
     )

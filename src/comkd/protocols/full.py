@@ -1,30 +1,21 @@
-"""``--protocol full``: the user's own classes and images, no base/novel split.
+"""``--protocol full`` (``OwnClasses``): the user's own classes and images, no base/novel split.
 
-0. Stage 0, when ``pretrain.enabled`` (the CPU preset ``own_tiny``: tiny CLIPs without downloaded
-   weights): both CLIPs are pre-trained contrastively on the labelled ``full.shots``; with
-   ``pretrain.self_train_rounds`` the teacher then self-trains on the unlabelled pool.
-1. Teacher: prompt learning on ``num_shots`` labelled images of *all* classes (``full.shots``, or
-   the train split of ``data`` when it is labelled); with no labels at all the teacher is used
-   zero-shot, its text prompt being "a photo of a {class}." (no learned context, no visual prompts);
-   ``teacher.prompts`` given: those prompts, no training.
-2. Student: distilled on the unlabelled pool ``data`` (``distill.split``, default ``train``: every
-   image of an ``unlabelled`` folder) for each method.
-3. Evaluation (when there is a labelled test set: ``full.test``, or ``data``'s test split): overall
-   accuracy (the same number ``comkd evaluate`` gives), accuracy per class and a confusion matrix
-   plot, for the teacher, the undistilled student CLIP (zero-shot) and each distilled student.
+Stage 1 prompt-tunes the teacher on labelled images of *all* classes (``full.shots``, or
+``data``'s labelled train split; with none it is zero-shot); stage 2 distils on the unlabelled pool
+``data``. With labelled test images (``full.test``, or ``data``'s test split) every model is scored:
+overall accuracy (as ``comkd evaluate`` gives it), accuracy per class and a confusion matrix.
 
 Folder layout of a run ``OUT``::
 
     OUT/config.yaml, results.json, report.md
     OUT/plots/confusion_<model>.png  the teacher, student_zeroshot (undistilled) and each method
-    OUT/pretrain/        stage 0 (``pretrain.enabled``: both CLIPs learn on the labelled ``full.shots``)
+    OUT/pretrain/        stage 0
     OUT/teacher/         stage 1 (absent when the teacher is zero-shot or its prompts were given)
     OUT/<method>/        stage 2: student.safetensors, metrics.jsonl, results.json
 
-``OwnClasses`` is this protocol in ``run_protocol``'s table (``protocols/runner.py``); ``results.json``
-has every protocol's form (``datasets``: the one dataset, one seed) plus ``classes``,
-``teacher_mode``, ``test`` and, per scored model, accuracy per class and the confusion matrix
-(``details``).
+``results.json`` has every protocol's form (``datasets``: the one dataset, one seed) plus
+``classes``, ``teacher_mode``, ``test`` and, per scored model, accuracy per class and the
+confusion matrix (``details``).
 """
 
 from __future__ import annotations
@@ -49,7 +40,7 @@ from ..engine.builders import (
 from ..engine.evaluation import check_student_classes, clip_class_weights
 from ..engine.tasks import accuracy, predict
 from ..engine.utils import atomic_write_text, resolve_device
-from .protocol import Protocol, image_only, pretrain_stage, teacher_stage, undistilled_logits
+from .protocol import Protocol, image_only, pretrain_stage, teacher_stage
 from .report import chance_level, save_figure, size_line, subplots
 from .sanity import banner
 
@@ -107,9 +98,7 @@ def _check_names(cfg: RunConfig, names: list[str], what: str) -> None:
 
 def eval_config(cfg: RunConfig) -> RunConfig | None:
     """The config that reads the labelled test images of a ``full`` run, or None when there are none."""
-    if cfg.full.test:
-        return source_config(cfg, cfg.full.test, "test", "full.test")
-    return copy.deepcopy(cfg) if cfg.data.dataset != "unlabelled" else None
+    return labelled_config(cfg, "test", "test")
 
 
 def zero_shot_teacher(cfg: RunConfig) -> RunConfig:
@@ -120,11 +109,11 @@ def zero_shot_teacher(cfg: RunConfig) -> RunConfig:
     return c
 
 
-def labelled_config(cfg: RunConfig, split: str) -> RunConfig | None:
-    """The config that reads the user's labelled images as ``split``: ``full.shots``, else ``data``
-    itself when it is labelled; None when there are none."""
-    if cfg.full.shots:
-        return source_config(cfg, cfg.full.shots, split, "full.shots")
+def labelled_config(cfg: RunConfig, split: str, key: str = "shots") -> RunConfig | None:
+    """The config that reads the user's labelled images ``full.<key>`` (``shots``, or ``test``) as
+    ``split``, else ``data`` itself when it is labelled; None when there are none."""
+    if path := getattr(cfg.full, key):
+        return source_config(cfg, path, split, f"full.{key}")
     return copy.deepcopy(cfg) if cfg.data.dataset != "unlabelled" else None
 
 
@@ -158,20 +147,6 @@ def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str) -
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def score(logits_fn, ecfg: RunConfig, device: torch.device, ds) -> dict[str, Any]:
-    """Accuracy overall and per class, and the confusion matrix, of ``logits_fn`` on ``ds``."""
-    names = ds.full_classnames
-    preds, labels = predict(logits_fn, eval_loader(ecfg, ds, device), device)
-    cm = confusion_matrix(preds, labels, len(names))
-    return {
-        "acc": accuracy(preds, labels),
-        "classes": len(names),
-        "images": len(ds),
-        "per_class": per_class_accuracy(cm, names),
-        "confusion": cm.tolist(),
-    }
 
 
 class OwnClasses(Protocol):
@@ -227,8 +202,7 @@ class OwnClasses(Protocol):
             pcfg.pretrain.split = "pretrain"
             pcfg.pretrain.teacher_split = pcfg.pretrain.student_split = None
             pcfg.pretrain.eval_split = pcfg.pretrain.eval_split or "pretrain"  # no val: the images it fitted
-        # an image-only student (timm:) has no CLIP to pre-train: it keeps its weights, and its
-        # undistilled score is Protocol.undistilled_head's
+        # an image-only student (timm:) has no CLIP to pre-train: it keeps its weights
         roles = ("teacher",) if image_only(cfg) else ("teacher", "student")
         pool = cfg if cfg.data.dataset == "unlabelled" else None
         return pretrain_stage(cfg, out, resume, pcfg, roles, pool)
@@ -250,46 +224,52 @@ class OwnClasses(Protocol):
     def checks_teacher(self, cfg: RunConfig) -> bool:
         return False
 
+    @torch.no_grad()
+    def measure(self, cfg: RunConfig, spec, split: str, logits_for, device) -> dict[str, Any]:
+        """Accuracy overall and per class, and the confusion matrix, on every class of ``split``."""
+        ds = make_dataset(cfg, split, spec, train=False)
+        names = ds.full_classnames
+        preds, labels = predict(logits_for(ds), eval_loader(cfg, ds, device), device)
+        cm = confusion_matrix(preds, labels, len(names))
+        return {
+            "acc": accuracy(preds, labels),
+            "classes": len(names),
+            "images": len(ds),
+            "per_class": per_class_accuracy(cm, names),
+            "confusion": cm.tolist(),
+        }
+
     def score_teacher(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
         device = resolve_device(cfg.device)
         teacher = build_teacher(cfg, device).eval()
-        out = []
-        for split in splits:
-            ds = make_dataset(cfg, split, teacher.preprocess, train=False)
+
+        def logits_for(ds):
             w = teacher.class_text_features(ds.full_classnames)
-            out.append(score(lambda x, w=w: teacher.encode_image(x) @ w.t(), cfg, device, ds))
-        return out
+            return lambda x: teacher.encode_image(x) @ w.t()
+
+        return [self.measure(cfg, teacher.preprocess, s, logits_for, device) for s in splits]
 
     def score_zero_shot(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
-        """The undistilled student CLIP, zero-shot with its own text tower: the model, prompt
-        templates, classes and loader of ``evaluate_clip_zero_shot``, so the accuracy is the one
-        ``comkd evaluate`` would give it, with the per-class scores of the others. An image-only
-        student (``timm:``) has no text tower: ``undistilled_head``, fitted once."""
+        """As ``evaluate_clip_zero_shot`` scores the undistilled student CLIP (the same accuracy), with
+        the per-class scores; an image-only student (``timm:``) as ``Protocol.score_zero_shot``."""
+        if image_only(cfg):
+            return super().score_zero_shot(cfg, splits)
         device = resolve_device(cfg.device)
         loaded = load_role_clip(cfg, "student", device)
         loaded.model.eval()
-        teacher, a = self.undistilled_head(cfg, loaded, device) if loaded.is_timm else (None, None)
-        out = []
-        for split in splits:
-            ds = make_dataset(cfg, split, loaded.preprocess, train=False)
-            with torch.no_grad():
-                if teacher is not None:
-                    logits = undistilled_logits(
-                        loaded, a, teacher.class_text_features(ds.full_classnames).float()
-                    )
-                else:
-                    w = clip_class_weights(
-                        loaded.model, loaded.tokenizer, ds.classnames, ds.templates, device
-                    )
-                    logits = lambda x, w=w: loaded.model.encode_image(x).float() @ w.t()  # noqa: E731
-            out.append(score(logits, cfg, device, ds))
-        return out
+
+        def logits_for(ds):
+            w = clip_class_weights(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, device)
+            return lambda x: loaded.model.encode_image(x).float() @ w.t()
+
+        return [self.measure(cfg, loaded.preprocess, s, logits_for, device) for s in splits]
 
     def score_student(self, cfg: RunConfig, student, split: str) -> dict[str, Any]:
-        device = next(student.parameters()).device
-        ds = make_dataset(cfg, split, student.preprocess, train=False)
-        check_student_classes(student, ds)
-        return score(lambda x: student(x).logits, cfg, device, ds)
+        def logits_for(ds):
+            check_student_classes(student, ds)
+            return lambda x: student(x).logits
+
+        return self.measure(cfg, student.preprocess, split, logits_for, next(student.parameters()).device)
 
     def extra_results(self, cfg: RunConfig, mode: str) -> dict[str, Any]:
         ecfg = eval_config(cfg)

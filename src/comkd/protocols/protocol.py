@@ -1,12 +1,8 @@
 """What a protocol is: which datasets a run reads, how its teacher is prepared, what the students
-are scored on and what row each scored model writes (docs/architecture.md, "A protocol").
+are scored on and what row each scored model writes (docs/architecture.md, "A protocol"). The
+paper's three are here: ``base2novel`` and ``cross`` / ``dg``; ``full`` is in ``full.py``.
 
-``run_protocol`` (``protocols/runner.py``) is the one loop over every protocol; a protocol is one
-``Protocol`` subclass in its ``PROTOCOLS`` table. The paper's three are here: ``base2novel``
-(``Base2Novel``) and ``cross`` / ``dg`` (``Transfer``); the user's own classes (``full``) are in
-``protocols/full.py``.
-
-Folder layout of a run ``OUT`` (``Protocol.folders``)::
+Folder layout of a run ``OUT`` (``Protocol.folder``)::
 
     OUT/config.yaml, results.json, report.md, plots/
     OUT/<source>/pretrain/              stage 0 (offline presets only; once per source dataset)
@@ -70,13 +66,6 @@ DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 def image_only(cfg: RunConfig) -> bool:
     """Whether the student is an image tower without a text tower of its own (``timm:``)."""
     return cfg.student.model.startswith("timm:")
-
-
-def undistilled_logits(loaded, a: torch.Tensor, w: torch.Tensor):
-    """``images -> logits`` of an image-only student's undistilled CLIP: its tower's features
-    through the projection ``a`` ``[E, D]``, normalised, against the class text features ``w``
-    ``[C, E]`` (``Protocol.undistilled_head``)."""
-    return lambda x: F.normalize(loaded.model(x).float() @ a.t(), dim=-1) @ w.t()
 
 
 CLIP_FILES = {"teacher": TEACHER_CLIP, "student": STUDENT_CLIP}
@@ -188,21 +177,28 @@ class Protocol:
 
     def score_zero_shot(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
         """The undistilled student CLIP, zero-shot with its own text tower, on each of ``splits``; an
-        image-only student (``timm:``) has none: its tower with the projection the teacher's shots
-        give (``undistilled_head``, fitted once for all ``splits``), scored against the prompted
-        teacher's W as the distilled student is."""
+        image-only student (``timm:``): ``undistilled_head``, fitted once for all ``splits``."""
         if not image_only(cfg):
             return [evaluate_clip_zero_shot(cfg, "student", split=s, halves=self.halves) for s in splits]
         device = resolve_device(cfg.device)
         loaded = load_role_clip(cfg, "student", device)
         teacher, a = self.undistilled_head(cfg, loaded, device)
 
-        @torch.no_grad()
-        def acc(ds) -> float:
+        def logits_for(ds):  # the tower's features through a [E, D], normalised, against W [C, E]
             w = teacher.class_text_features(ds.full_classnames)[ds.class_indices].float()
-            return accuracy(*predict(undistilled_logits(loaded, a, w), eval_loader(cfg, ds, device), device))
+            return lambda x: F.normalize(loaded.model(x).float() @ a.t(), dim=-1) @ w.t()
 
-        return [evaluate(cfg, loaded.preprocess, s, acc, self.halves) for s in splits]
+        return [self.measure(cfg, loaded.preprocess, s, logits_for, device) for s in splits]
+
+    @torch.no_grad()
+    def measure(self, cfg: RunConfig, spec, split: str, logits_for, device) -> dict[str, Any]:
+        """The ``results.json`` entry (``evaluate``'s) on ``split`` of the model whose
+        ``images -> logits`` on a dataset ``ds`` is ``logits_for(ds)``."""
+
+        def acc(ds) -> float:
+            return accuracy(*predict(logits_for(ds), eval_loader(cfg, ds, device), device))
+
+        return evaluate(cfg, spec, split, acc, self.halves)
 
     def shots(self, cfg: RunConfig, spec) -> Any:
         """The labelled images the teacher learnt from (stage 1's shots, evaluation transform)."""
@@ -213,10 +209,9 @@ class Protocol:
     def undistilled_head(self, cfg: RunConfig, loaded, device) -> tuple[Any, torch.Tensor]:
         """PromptKD's image-only student without distillation: its tower, a linear projection and
         the prompted teacher's class text features W (what the distilled student is scored against).
-        The projection is what the teacher's labelled shots (``shots``) alone give: ridge through
-        the origin of the tower's features onto W of each shot's class, λ = ``pretrain.ridge_lambda``
-        (``engine.lit.ridge_head``). It depends on the seed (the shots, the prompts). Returns the
-        teacher (eval mode) and the projection ``[E, D]``."""
+        The projection is ridge (``engine.lit.ridge_head``, λ = ``pretrain.ridge_lambda``) of the
+        tower's features of the teacher's labelled ``shots`` onto W of each shot's class, so it depends
+        on the seed. Returns the teacher (eval mode) and the projection ``[E, D]``."""
         loaded.model.eval()
         teacher = build_teacher(cfg, device).eval()
         ds = self.shots(cfg, loaded.preprocess)

@@ -97,10 +97,9 @@ def _chance_cells(keys: list[str], sizes: dict[str, dict[str, int]], both: bool)
 def results_table(
     datasets: dict[str, dict], test_size: dict[str, dict] | None = None, split: str = "test"
 ) -> str:
-    """Markdown table, one block per dataset; columns base/novel and both HMs, labelled (the
-    paper's HM of the means and the mean of per-seed HMs), or accuracy. With ``test_size``
-    (dataset -> part -> ``{"classes", "images"}``, a run's results.json) each block also has a
-    chance-level row and a line naming the images scored per part."""
+    """Markdown table, one block per dataset: base/novel and both HMs (labelled), or accuracy. With
+    ``test_size`` (dataset -> part -> ``{"classes", "images"}``, a run's results.json) each block
+    also has a chance-level row and a line naming the images scored per part."""
     lines = []
     for ds, methods in datasets.items():
         keys = [k for k in ("base", "novel", "hm", "acc") if k in next(iter(methods.values()))]
@@ -185,13 +184,11 @@ def gap_shares(methods: dict[str, dict], key: str) -> dict[str, list[float]]:
     ``100 (m - undistilled) / (teacher - undistilled)`` on ``key`` (a seed whose gap is not
     positive is left out: there is nothing to close)."""
     t, u = methods["teacher"][key], methods["student_zeroshot"][key]
-    out: dict[str, list[float]] = {}
-    for m in _ordered(methods):
-        if m in _BASELINES:
-            continue
-        vals = methods[m][key]
-        out[m] = [100.0 * (v - b) / (a - b) for v, a, b in zip(vals, t, u, strict=True) if a - b > 0]
-    return out
+    return {
+        m: [100.0 * (v - b) / (a - b) for v, a, b in zip(methods[m][key], t, u, strict=True) if a - b > 0]
+        for m in _ordered(methods)
+        if m not in _BASELINES
+    }
 
 
 def plot_gap_share(datasets: dict[str, dict], path: Path) -> bool:
@@ -302,8 +299,8 @@ def average_base2novel(table: dict) -> dict:
     out: dict[str, dict] = {}
     methods = set.intersection(*(set(v) for v in table.values()))
     for m in sorted(methods):
-        base = sum(mean_std(table[d][m]["base"])[0] for d in table) / len(table)
-        novel = sum(mean_std(table[d][m]["novel"])[0] for d in table) / len(table)
-        per_seed = sum(mean_std(table[d][m]["hm"])[0] for d in table) / len(table)
+        base, novel, per_seed = (
+            sum(mean_std(table[d][m][k])[0] for d in table) / len(table) for k in ("base", "novel", "hm")
+        )
         out[m] = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel), "hm_per_seed": per_seed}
     return out

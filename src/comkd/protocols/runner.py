@@ -1,7 +1,5 @@
-"""The one protocol loop (docs/method.md, "Evaluation"): for each source dataset stage 0, for
-each seed the teacher, for each target dataset the teacher and the undistilled student scored, then
-every method distilled and scored (``distill_and_score``, which ``comkd distill`` also calls).
-What differs between protocols is a ``Protocol`` in ``PROTOCOLS`` (``protocols/protocol.py``).
+"""The one protocol loop (docs/method.md, "Evaluation"); what differs between protocols is a
+``Protocol`` in ``PROTOCOLS`` (``protocols/protocol.py``).
 
 ``results.json``, every protocol: ``{"protocol", "selection", "split", "seeds", "teacher_classes"
 (what stage 1 learned on), "datasets": {dataset: {model: {"base": [per seed], "novel": [...],
@@ -52,17 +50,13 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
-def protocol_of(cfg: RunConfig) -> Protocol:
-    return PROTOCOLS[cfg.protocol]
-
-
 def distill_and_score(
     cfg: RunConfig, method: str, out: str | Path, *, resume: bool = False, score: bool = True
 ) -> dict[str, Any]:
     """Stage 2 of ``method`` into ``out``, the student scored as its protocol scores it (on
     ``eval_split``; ``score`` False or nothing to score on: not scored), written to
     ``out/results.json``; with ``resume``, a finished one is read back."""
-    proto, out = protocol_of(cfg), Path(out)
+    proto, out = PROTOCOLS[cfg.protocol], Path(out)
     c = copy.deepcopy(cfg)
     c.distill.method = method
     done = out / "results.json"
@@ -108,7 +102,7 @@ def run_protocol(
     """Run ``cfg.protocol`` for datasets × seeds × methods; write results.json and report.md.
     Everything a run can be refused for (methods, teacher counts, batches, teacher classes, the
     protocol's own rules) is checked before any stage runs."""
-    proto = protocol_of(cfg)
+    proto = PROTOCOLS[cfg.protocol]
     methods = canonical_methods(methods) or proto.default_methods(cfg)
     for m in methods:  # a method of several teachers has them, before any stage
         check_teacher_count(cfg.distill, method=m)
@@ -195,10 +189,8 @@ class _Tally:
         if ecfg is None:
             return
         checked = self.proto.checks_teacher(ecfg)
-        # a CLIP student's zero-shot score has no seed; an image-only one's head is fitted per seed
-        key = f"{ds}/seed{cfg.seed}" if image_only(cfg) else ds
-        # each model is built (and an image-only head fitted) once for the split scored and, when
-        # checked, val
+        key = f"{ds}/seed{cfg.seed}" if image_only(cfg) else ds  # an image-only head is fitted per seed
+        # each model is built once for the split scored and, when checked, val
         splits = (split, "val") if checked and split != "val" else (split,)
         if key not in self._zero_shot:
             zs, *zs_val = self.proto.score_zero_shot(ecfg, splits)

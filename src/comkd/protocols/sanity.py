@@ -1,6 +1,5 @@
-"""Results that say nothing: a model within a few points of chance, a tower with random weights, or
-a teacher no better than its student on val, named in a run's log, at the top of its
-``report.md`` and in its ``results.json`` (``warnings``)."""
+"""Results that say nothing (a model near chance, a tower with random weights, a teacher no better
+than its student on val), named in a run's log, ``report.md`` and ``results.json`` (``warnings``)."""
 
 from __future__ import annotations
 
