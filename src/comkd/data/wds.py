@@ -292,8 +292,11 @@ class WdsImageDataset(SplitMetadata, IterableDataset):
                             f"shard {shard} holds sample {key!r} twice (changed since it was indexed?)"
                         )
                     seen += 1
+                    if size <= 1:  # no shuffle (evaluation, replay): no buffer, no random draw
+                        yield self._sample(shard, key, data, i)
+                        continue
                     buffer.append((shard, key, data, i))
-                    if len(buffer) >= size:  # at once when size <= 1 (no shuffle)
+                    if len(buffer) >= size:
                         j = rng.randrange(len(buffer))
                         buffer[j], buffer[-1] = buffer[-1], buffer[j]
                         yield self._sample(*buffer.pop())

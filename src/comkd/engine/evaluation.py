@@ -28,15 +28,38 @@ def clip_class_weights(model, tokenizer, classnames: list[str], templates: list[
     return F.normalize(torch.stack(feats).mean(0), dim=-1)
 
 
+def clip_logits(loaded: LoadedModel, ds: ImageDataset, templates: list[str], device):
+    """``images -> logits`` of an open_clip model (eval mode) on ``ds``'s classes, zero-shot with
+    template-averaged class prompts."""
+    model = loaded.model.eval()
+    w = clip_class_weights(model, loaded.tokenizer, ds.classnames, templates, device)
+    return lambda x: model.encode_image(x).float() @ w.t()
+
+
 @torch.no_grad()
 def clip_zero_shot(
     loaded: LoadedModel, cfg: RunConfig, ds: ImageDataset, templates: list[str], device
 ) -> float:
     """Zero-shot accuracy of an open_clip model on ``ds`` (template-averaged class prompts)."""
-    model = loaded.model.eval()
-    w = clip_class_weights(model, loaded.tokenizer, ds.classnames, templates, device)
-    loader = eval_loader(cfg, ds, device)
-    return accuracy(*predict(lambda x: model.encode_image(x).float() @ w.t(), loader, device))
+    return accuracy(
+        *predict(clip_logits(loaded, ds, templates, device), eval_loader(cfg, ds, device), device)
+    )
+
+
+def teacher_logits(teacher: Teacher, ds: ImageDataset):
+    """``images -> logits`` of the prompted teacher on ``ds``'s classes (W sliced to them)."""
+    w = teacher.class_text_features(ds.full_classnames)[ds.class_indices]
+    return lambda x: teacher.encode_image(x) @ w.t()
+
+
+def student_logits_on(student: Student, ds: ImageDataset):
+    """``images -> logits`` of the distilled student (eval mode) on ``ds``'s classes (its stored W
+    sliced to them). A dataset whose classes are not the ones stored in the student is refused,
+    naming both."""
+    check_student_classes(student, ds)
+    student.eval()
+    idx = ds.class_indices
+    return lambda x: student(x, class_subset=idx).logits
 
 
 def has_val_split(cfg: RunConfig) -> bool:
@@ -80,15 +103,9 @@ def check_student_classes(student: Student, ds: ImageDataset) -> None:
 
 
 def evaluate_subset(student: Student, ds: ImageDataset, cfg: RunConfig) -> float:
-    """Student accuracy on ``ds``, logits sliced from W to the dataset's classes. A dataset whose
-    classes are not the ones stored in the student is refused, naming both."""
-    check_student_classes(student, ds)
+    """Student accuracy on ``ds`` (``student_logits_on``)."""
     device = next(student.parameters()).device
-    student.eval()
-    idx = ds.class_indices
-    return accuracy(
-        *predict(lambda x: student(x, class_subset=idx).logits, eval_loader(cfg, ds, device), device)
-    )
+    return accuracy(*predict(student_logits_on(student, ds), eval_loader(cfg, ds, device), device))
 
 
 def evaluate(cfg: RunConfig, spec: PreprocessSpec, split: str, acc_fn, halves: bool) -> dict[str, Any]:
@@ -124,10 +141,7 @@ def evaluate_teacher(
     teacher.eval()
 
     def acc(ds: ImageDataset) -> float:
-        w = teacher.class_text_features(ds.full_classnames)[ds.class_indices]
-        return accuracy(
-            *predict(lambda x: teacher.encode_image(x) @ w.t(), eval_loader(cfg, ds, device), device)
-        )
+        return accuracy(*predict(teacher_logits(teacher, ds), eval_loader(cfg, ds, device), device))
 
     return evaluate(cfg, teacher.preprocess, split, acc, halves)
 

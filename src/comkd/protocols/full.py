@@ -31,15 +31,12 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..data import DataError, load_splits
 from ..engine.builders import (
-    build_teacher,
     eval_loader,
-    load_role_clip,
     loader_options,
     make_dataset,
 )
-from ..engine.evaluation import check_student_classes, clip_class_weights
 from ..engine.tasks import accuracy, predict
-from ..engine.utils import atomic_write_text, resolve_device
+from ..engine.utils import atomic_write_text
 from .protocol import Protocol, image_only, pretrain_stage, teacher_stage
 from .report import chance_level, save_figure, size_line, subplots
 from .sanity import banner
@@ -238,38 +235,6 @@ class OwnClasses(Protocol):
             "per_class": per_class_accuracy(cm, names),
             "confusion": cm.tolist(),
         }
-
-    def score_teacher(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
-        device = resolve_device(cfg.device)
-        teacher = build_teacher(cfg, device).eval()
-
-        def logits_for(ds):
-            w = teacher.class_text_features(ds.full_classnames)
-            return lambda x: teacher.encode_image(x) @ w.t()
-
-        return [self.measure(cfg, teacher.preprocess, s, logits_for, device) for s in splits]
-
-    def score_zero_shot(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
-        """As ``evaluate_clip_zero_shot`` scores the undistilled student CLIP (the same accuracy), with
-        the per-class scores; an image-only student (``timm:``) as ``Protocol.score_zero_shot``."""
-        if image_only(cfg):
-            return super().score_zero_shot(cfg, splits)
-        device = resolve_device(cfg.device)
-        loaded = load_role_clip(cfg, "student", device)
-        loaded.model.eval()
-
-        def logits_for(ds):
-            w = clip_class_weights(loaded.model, loaded.tokenizer, ds.classnames, ds.templates, device)
-            return lambda x: loaded.model.encode_image(x).float() @ w.t()
-
-        return [self.measure(cfg, loaded.preprocess, s, logits_for, device) for s in splits]
-
-    def score_student(self, cfg: RunConfig, student, split: str) -> dict[str, Any]:
-        def logits_for(ds):
-            check_student_classes(student, ds)
-            return lambda x: student(x).logits
-
-        return self.measure(cfg, student.preprocess, split, logits_for, next(student.parameters()).device)
 
     def extra_results(self, cfg: RunConfig, mode: str) -> dict[str, Any]:
         ecfg = eval_config(cfg)

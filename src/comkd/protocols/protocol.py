@@ -32,12 +32,13 @@ from ..engine.builders import (
 )
 from ..engine.checkpoint import prune_checkpoints
 from ..engine.evaluation import (
+    clip_logits,
     evaluate,
-    evaluate_clip_zero_shot,
     evaluate_student,
     evaluate_subset,
-    evaluate_teacher,
     has_val_split,
+    student_logits_on,
+    teacher_logits,
 )
 from ..engine.lit import ridge_head
 from ..engine.runplan import plan_part
@@ -171,17 +172,32 @@ class Protocol:
         return has_val_split(cfg)
 
     def score_teacher(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
-        """The prompted teacher, built once, scored on each of ``splits``."""
-        teacher = build_teacher(cfg, resolve_device(cfg.device))
-        return [evaluate_teacher(cfg, teacher, split=s, halves=self.halves) for s in splits]
+        """The prompted teacher, built once, scored on each of ``splits`` (``evaluate_teacher``'s
+        accuracy)."""
+        device = resolve_device(cfg.device)
+        teacher = build_teacher(cfg, device).eval()
+        return [
+            self.measure(cfg, teacher.preprocess, s, lambda ds: teacher_logits(teacher, ds), device)
+            for s in splits
+        ]
 
     def score_zero_shot(self, cfg: RunConfig, splits: tuple[str, ...]) -> list[dict[str, Any]]:
-        """The undistilled student CLIP, zero-shot with its own text tower, on each of ``splits``; an
-        image-only student (``timm:``): ``undistilled_head``, fitted once for all ``splits``."""
-        if not image_only(cfg):
-            return [evaluate_clip_zero_shot(cfg, "student", split=s, halves=self.halves) for s in splits]
+        """The undistilled student CLIP, zero-shot with its own text tower, on each of ``splits``
+        (``evaluate_clip_zero_shot``'s accuracy); an image-only student (``timm:``):
+        ``undistilled_head``, fitted once for all ``splits``."""
         device = resolve_device(cfg.device)
         loaded = load_role_clip(cfg, "student", device)
+        if not image_only(cfg):
+            return [
+                self.measure(
+                    cfg,
+                    loaded.preprocess,
+                    s,
+                    lambda ds: clip_logits(loaded, ds, ds.templates, device),
+                    device,
+                )
+                for s in splits
+            ]
         teacher, a = self.undistilled_head(cfg, loaded, device)
 
         def logits_for(ds):  # the tower's features through a [E, D], normalised, against W [C, E]
@@ -221,7 +237,9 @@ class Protocol:
         return teacher, a.float()
 
     def score_student(self, cfg: RunConfig, student, split: str) -> dict[str, Any]:
-        return evaluate_student(cfg, student, split=split, halves=self.halves)
+        """The distilled student on ``split`` (``evaluate_student``'s accuracy)."""
+        device = next(student.parameters()).device
+        return self.measure(cfg, student.preprocess, split, lambda ds: student_logits_on(student, ds), device)
 
     def select_score(self, cfg: RunConfig):
         """``distill.select: promptkd``: the score each epoch's student is picked by (PromptKD's:
