@@ -33,7 +33,7 @@ from comkd.engine.builders import build_student, build_teacher, make_dataset
 from comkd.engine.distill import warm_start_projector
 from comkd.engine.evaluation import evaluate_student, evaluate_teacher
 from comkd.engine.tasks import TeacherOutputs
-from comkd.engine.utils import barrier, init_distributed, is_main, shutdown_distributed
+from comkd.engine.utils import barrier, exit_process, init_distributed, is_main
 
 torch.set_num_threads(int(sys.argv[2]))
 init_distributed()
@@ -60,7 +60,7 @@ for name, fn in (
 if is_main():
     with open(sys.argv[1], "w") as f:
         json.dump(times, f)
-shutdown_distributed()
+exit_process(0)  # how a comkd command ends (cli.main)
 """
 
 _BUILD_S = re.compile(r"teacher cache: .* in ([0-9.]+) s on (\d+) process")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from comkd.config import OptimConfig
 from comkd.engine.loop import fit
-from comkd.engine.utils import MetricsLog, init_distributed, is_main, rank, shutdown_distributed, world_size
+from comkd.engine.utils import MetricsLog, exit_process, init_distributed, is_main, rank, world_size
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -83,7 +83,7 @@ def run(out):
 
 if __name__ == "__main__":
     run(sys.argv[1])
-    shutdown_distributed()  # what a finished comkd command does (cli.common._run)
+    exit_process(0)  # how a comkd command ends (cli.main)
 """
 
 
@@ -287,24 +287,57 @@ def test_ddp_ifalign_uses_global_batch_statistics(tmp_path):
         torch.testing.assert_close(s2[k], s1[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_a_finished_command_leaves_the_process_group(tmp_path):
-    """A rank that exits with its gloo group alive can abort in thread teardown after its work is
-    written (seen in CI); a command that finishes meets the other ranks and destroys the group."""
-    import torch.distributed as dist
+EXIT = r"""
+import atexit, os, sys
+import torch
+from comkd.engine.utils import exit_process, init_distributed, rank, world_size
 
-    from comkd.cli.common import _run
-    from comkd.engine.utils import shutdown_distributed
+init_distributed()
+r, n = rank(), world_size()
+# DDP imports torch._dynamo, after which destroy_process_group leaves gloo's threads running
+torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))(torch.ones(2, 3)).sum().backward()
+left = lambda: not torch.distributed.is_initialized()
+atexit.register(lambda: open(os.path.join(sys.argv[1], f"hook{r}"), "w").write(f"world {n} left {left()}"))
+print(f"rank {r} finished", end="")  # no newline, no flush: stdout is a pipe, so this is buffered
+exit_process(int(sys.argv[2]))
+"""
 
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_rank_ends_with_its_code_its_exit_hooks_run_and_its_output_kept(tmp_path, code):
+    """exit_process ends a rank that joined a group with os._exit (skipping the C++ teardown that
+    now and then aborted a finished rank): the exit code is the one asked for, the exit hooks ran
+    after the group was left, and buffered output reached the pipe, on both ranks."""
+    import socket
+
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = subprocess_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.pop("PYTHONUNBUFFERED", None)  # stdout buffered, as a pipe makes it by default
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), str(code)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     try:
-        assert _run(lambda: 7) == 7
-        assert not dist.is_initialized()
-        shutdown_distributed()  # idempotent: nothing left to leave
-        shutdown_distributed(wait=False)
+        for r, p in enumerate(ranks):
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == code, err[-2000:]
+            assert out == f"rank {r} finished"
+            # the hook ran in a 2-rank group, after the rank had left it
+            assert (tmp_path / f"hook{r}").read_text() == "world 2 left True"
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        for p in ranks:
+            p.kill()
 
 
 NODES = """
@@ -411,7 +444,7 @@ from comkd.engine.cache_build import build_teacher_cache
 from comkd.engine.distill import warm_start_projector
 from comkd.engine.evaluation import evaluate_student, evaluate_teacher
 from comkd.engine.tasks import TeacherOutputs
-from comkd.engine.utils import init_distributed, is_main, shutdown_distributed
+from comkd.engine.utils import exit_process, init_distributed, is_main
 
 init_distributed()
 out = sys.argv[1]
@@ -444,7 +477,7 @@ if is_main():
         json.dump(res, f)
 with open(os.path.join(out, f"items{os.environ.get('RANK', '0')}.json"), "w") as f:
     json.dump(work, f)
-shutdown_distributed()
+exit_process(0)  # how a comkd command ends (cli.main)
 """
 
 

@@ -508,7 +508,7 @@ from comkd.config import load_config
 from comkd.engine.builders import build_student, build_teacher, make_dataset
 from comkd.engine.distill import warm_start_projector
 from comkd.engine.tasks import TeacherOutputs
-from comkd.engine.utils import init_distributed, is_main, rank, shutdown_distributed
+from comkd.engine.utils import exit_process, init_distributed, is_main, rank
 
 init_distributed()
 pattern, out = sys.argv[1], sys.argv[2]
@@ -528,7 +528,7 @@ if is_main():
     torch.save(student.projector.state_dict(), os.path.join(out, "projector.pt"))
 with open(os.path.join(out, f"warm{rank()}.json"), "w") as f:
     json.dump({"n": n, "opened": opened}, f)
-shutdown_distributed()
+exit_process(0)  # how a comkd command ends (cli.main)
 """
 
 

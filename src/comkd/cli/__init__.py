@@ -33,5 +33,13 @@ __all__ = [
 ]
 
 
-def main() -> None:  # pragma: no cover
-    app(sys.argv[1:])
+def main() -> None:
+    """The ``comkd`` command (console script, ``python -m comkd``, ``torchrun -m comkd.cli``):
+    typer's app, ended by ``engine.utils.exit_process`` with its exit code."""
+    from ..engine.utils import exit_process
+
+    try:
+        app(sys.argv[1:])
+    except SystemExit as e:
+        exit_process(e.code)
+    exit_process(0)

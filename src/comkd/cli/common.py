@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -176,25 +175,13 @@ def _run(fn):
 
     expected = (ConfigError, DataError, DiskFullError, ModelError, NonFiniteLossError, NotSharedError)
     try:
-        result = fn()
-        _leave_process_group()
-        return result
+        return fn()
     except Exception as e:  # noqa: BLE001 - expected and disk errors become a line; the rest re-raise
         msg = str(e) if isinstance(e, (*expected, FileNotFoundError, ValueError)) else _disk_error(e)
         if msg is None:
             raise
         typer.secho(f"error: {msg}", fg="red", err=True)
         raise typer.Exit(1) from None
-
-
-def _leave_process_group() -> None:
-    """After a command finished under torchrun, meet the other ranks and destroy the group (a rank
-    that exits with the group alive can abort in gloo's thread teardown, failing a finished run)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        from ..engine.utils import shutdown_distributed
-
-        shutdown_distributed()
 
 
 def _disk_error(e: BaseException) -> str | None:

@@ -12,7 +12,7 @@ import secrets
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -79,14 +79,17 @@ def amp_context(device: torch.device, mode: str):
 
 
 # -- distributed -------------------------------------------------------------------------------
+_joined = False  # this process joined a torchrun group (exit_process then skips C++ teardown)
+
+
 def init_distributed() -> bool:
     """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    global _joined
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    # A group left alive at interpreter exit races gloo's threads against their destructors: now
-    # and then a rank aborts ("terminate called without an active exception") after all its work
-    # is written. Commands leave it cleanly (cli.common._run); this hook covers every other exit.
+    _joined = True
+    # Leave the group on any exit; a finished command leaves it earlier, in exit_process.
     atexit.register(shutdown_distributed, wait=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -106,6 +109,32 @@ def shutdown_distributed(wait: bool = True) -> None:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def exit_process(code: int | str | None = 0) -> NoReturn:
+    """End this process with ``code`` (``sys.exit``'s meaning): how every comkd command ends.
+
+    A process that joined a torchrun group leaves it (meeting the other ranks first when ``code``
+    is a success), runs the exit hooks, flushes its streams and ends with ``os._exit``, skipping the
+    interpreter's C++ teardown. Why: DDP imports ``torch._dynamo``, and after that import
+    ``destroy_process_group`` no longer frees gloo's group (torch 2.14: its threads keep running),
+    so they meet the static destructors at teardown, and now and then a rank aborted ("terminate
+    called without an active exception", SIGABRT) after all its work was written, failing a
+    finished run. Any other process ends with ``sys.exit(code)``.
+    """
+    if not _joined:
+        sys.exit(code)
+    shutdown_distributed(wait=code in (0, None))
+    if isinstance(code, str):  # sys.exit prints a message and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to keep
+            pass
+    os._exit(code or 0)
 
 
 def rank() -> int:
