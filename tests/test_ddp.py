@@ -287,6 +287,26 @@ def test_ddp_ifalign_uses_global_batch_statistics(tmp_path):
         torch.testing.assert_close(s2[k], s1[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_a_finished_command_leaves_the_process_group(tmp_path):
+    """A command body that finishes meets the other ranks and destroys the group before the command
+    reads what rank 0 wrote (report.md) and ends through exit_process."""
+    import torch.distributed as dist
+
+    from comkd.cli.common import _run
+    from comkd.engine.utils import shutdown_distributed
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert _run(lambda: 7) == 7
+        assert not dist.is_initialized()
+        shutdown_distributed()  # idempotent: nothing left to leave
+        shutdown_distributed(wait=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 EXIT = r"""
 import atexit, os, sys
 import torch

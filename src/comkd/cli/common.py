@@ -170,12 +170,16 @@ def _run(fn):
     from ..data import DataError
     from ..engine.checkpoint import DiskFullError
     from ..engine.loop import NonFiniteLossError
-    from ..engine.utils import NotSharedError
+    from ..engine.utils import NotSharedError, shutdown_distributed
     from ..models import ModelError
 
     expected = (ConfigError, DataError, DiskFullError, ModelError, NonFiniteLossError, NotSharedError)
     try:
-        return fn()
+        result = fn()
+        # under torchrun: meet the other ranks and leave the group, so no rank reads what rank 0
+        # is still writing (report.md) and none exits while a peer still talks to it
+        shutdown_distributed()
+        return result
     except Exception as e:  # noqa: BLE001 - expected and disk errors become a line; the rest re-raise
         msg = str(e) if isinstance(e, (*expected, FileNotFoundError, ValueError)) else _disk_error(e)
         if msg is None:

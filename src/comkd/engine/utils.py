@@ -89,7 +89,7 @@ def init_distributed() -> bool:
         return dist.is_initialized()
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     _joined = True
-    # Leave the group on any exit; a finished command leaves it earlier, in exit_process.
+    # Leave the group on any exit; a finished command leaves it earlier (cli.common._run).
     atexit.register(shutdown_distributed, wait=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
